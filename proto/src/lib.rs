@@ -1,0 +1,26 @@
+//! mesh-proto: meshd's deterministic core.
+//!
+//! Everything here is pure: no sockets, no files, no clock reads, no async runtime. Time comes
+//! in as an argument. The daemon (`meshd`) does the I/O and calls into this crate to decide.
+
+pub mod config;
+pub mod control;
+pub mod device;
+pub mod key;
+pub mod plan;
+pub mod uapi;
+
+pub use device::{DeviceSpec, ObservedDevice, ObservedPeer, PeerSpec};
+pub use key::{KeyError, PrivateKey, PublicKey};
+pub use plan::{plan, Op};
+
+/// Default WireGuard interface name for the mesh (distinct from flannel-wg, wg0, ...).
+pub const DEFAULT_INTERFACE: &str = "wgmesh0";
+/// Default UDP listen port (not 51820/51821 used by flannel-wg and Kilo, not 8472 used by vxlan).
+pub const DEFAULT_LISTEN_PORT: u16 = 51871;
+/// Default tunnel MTU (1500 underlay minus 80 bytes of WireGuard overhead).
+pub const DEFAULT_MTU: u16 = 1420;
+/// Default control socket path.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/meshd/meshd.sock";
+/// Default configuration file path.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/meshd/meshd.toml";
