@@ -1,0 +1,214 @@
+//! The `meshd-wg` command line: create the interface, serve the UAPI until the interface is
+//! deleted or a signal arrives. Without `-f` it detaches once the interface is up (like
+//! wireguard-go), so `WG_QUICK_USERSPACE_IMPLEMENTATION=meshd-wg wg-quick up CONF` works.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+
+use crate::device::{Device, EngineOptions};
+use crate::uapi::UapiServer;
+
+const USAGE: &str = "usage: meshd-wg [-f|--foreground] INTERFACE-NAME
+
+Creates the TUN interface INTERFACE-NAME and serves the WireGuard configuration protocol on
+/var/run/wireguard/INTERFACE-NAME.sock until the interface is deleted or the process is
+signalled. Configure it with wg(8) or wg-quick(8).
+
+Environment:
+  LOG_LEVEL=error|info|debug   log level (default error; logs go to stderr)
+  MESHD_WG_LOG_FILE=PATH       when detaching, append logs here instead of discarding them
+  MESHD_WG_MTU=N               initial MTU (default 1420)
+  MESHD_WG_OFFLOAD=0           do not use TUN offloads";
+
+/// The file descriptor through which a detached child reports readiness to its parent.
+const READY_FD_ENV: &str = "MESHD_WG_READY_FD";
+
+pub fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut foreground = false;
+    let mut iface = None;
+    for a in &args {
+        match a.as_str() {
+            "-f" | "--foreground" => foreground = true,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            "--version" => {
+                println!("meshd-wg {}", env!("CARGO_PKG_VERSION"));
+                return ExitCode::SUCCESS;
+            }
+            s if s.starts_with('-') => {
+                eprintln!("meshd-wg: unknown option {s}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+            s if iface.is_none() => iface = Some(s.to_string()),
+            _ => {
+                eprintln!("{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(iface) = iface else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    init_logging();
+    let result = if foreground || std::env::var_os(READY_FD_ENV).is_some() {
+        run(&iface)
+    } else {
+        detach(&iface)
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshd-wg: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let level = match std::env::var("LOG_LEVEL").as_deref() {
+        Ok("debug") | Ok("verbose") => "debug",
+        Ok("info") => "info",
+        Ok("trace") => "trace",
+        _ => "error",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHD_WG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn options() -> EngineOptions {
+    let mut o = EngineOptions::default();
+    if let Some(mtu) = std::env::var("MESHD_WG_MTU")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        o.mtu = mtu;
+    }
+    if std::env::var("MESHD_WG_OFFLOAD").as_deref() == Ok("0") {
+        o.offload = false;
+    }
+    o
+}
+
+/// Run the engine in this process until the interface is deleted or a signal arrives.
+pub fn run(iface: &str) -> anyhow::Result<()> {
+    if iface.is_empty() || iface.len() > 15 || iface.contains('/') {
+        bail!("invalid interface name {iface:?} (1 to 15 characters, no '/')");
+    }
+    // Signals are blocked before any thread starts, so every thread inherits the mask and
+    // only the wait below receives them.
+    let mut mask = nix::sys::signal::SigSet::empty();
+    for s in [
+        nix::sys::signal::SIGTERM,
+        nix::sys::signal::SIGINT,
+        nix::sys::signal::SIGHUP,
+    ] {
+        mask.add(s);
+    }
+    mask.thread_block().context("blocking signals")?;
+    // Refuse before touching anything if another engine serves this interface.
+    let server = UapiServer::bind(iface)?;
+    let device = Device::create(iface, &options())?;
+    tracing::info!(
+        interface = iface,
+        ifindex = device.ifindex(),
+        offload = device.offload(),
+        "engine up"
+    );
+    let _threads = device.start().context("starting engine threads")?;
+    let server = Arc::new(server);
+    {
+        let (d, s) = (Arc::clone(&device), Arc::clone(&server));
+        std::thread::Builder::new()
+            .name("uapi-accept".into())
+            .spawn(move || s.serve(d))?;
+    }
+    report_ready();
+    // Wait for a signal, or for the device to stop by itself (interface deleted).
+    let d = Arc::clone(&device);
+    std::thread::Builder::new()
+        .name("watch".into())
+        .spawn(move || {
+            while !d.is_stopping() {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            // Wake the signal wait below.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::SIGTERM);
+        })?;
+    let sig = mask.wait().context("waiting for signals")?;
+    tracing::info!(signal = ?sig, "stopping");
+    device.stop();
+    server.wake();
+    drop(server); // removes the socket file
+                  // The TUN interface goes away with our file descriptor when the process exits.
+    std::process::exit(0)
+}
+
+fn report_ready() {
+    if let Some(fd) = std::env::var(READY_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    {
+        // SAFETY: the parent passed us this descriptor for exactly this use; we own it now.
+        let mut f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let _ = f.write_all(b"1");
+    }
+}
+
+/// Start a detached copy of ourselves and wait until it reports the interface up.
+fn detach(iface: &str) -> anyhow::Result<()> {
+    let (read_end, write_end) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
+    let exe = std::env::current_exe().context("finding our own executable")?;
+    let log = match std::env::var_os("MESHD_WG_LOG_FILE") {
+        Some(p) => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .with_context(|| format!("opening {}", p.to_string_lossy()))?,
+        ),
+        None => Stdio::null(),
+    };
+    let write_raw = std::os::fd::AsRawFd::as_raw_fd(&write_end);
+    let mut cmd = Command::new(exe);
+    cmd.arg("--foreground")
+        .arg(iface)
+        .env(READY_FD_ENV, write_raw.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    // SAFETY: only async-signal-safe calls (setsid, fcntl) run between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            // Keep the ready pipe open across exec.
+            let flags = libc::fcntl(write_raw, libc::F_GETFD);
+            libc::fcntl(write_raw, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the engine process")?;
+    drop(write_end);
+    let mut answer = Vec::new();
+    let _ = std::fs::File::from(read_end).read_to_end(&mut answer);
+    if answer == b"1" {
+        return Ok(());
+    }
+    let status = child.wait().context("waiting for the engine process")?;
+    bail!(
+        "the engine process exited before the interface came up ({status}); run with -f to see why"
+    )
+}

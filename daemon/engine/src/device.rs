@@ -1,0 +1,767 @@
+//! The engine's device: peers, cryptokey routing, the data-plane threads and the timers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::{PublicKey as XPublic, StaticSecret};
+use ipnet::IpNet;
+use mesh_proto::uapi::{GetDevice, GetPeer, SetDevice, SetPeer, UapiError};
+use parking_lot::{Mutex, RwLock};
+use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
+use crate::allowed_ips::AllowedIps;
+use crate::udp::{canonical, RecvBatch, SendBatch, UdpSocket};
+
+/// Handshakes per second before cookies are required (as boringtun's device).
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// Largest datagram or IP packet we handle.
+const MAX_PACKET: usize = 65535;
+/// WireGuard data overhead: 16 header + 16 tag.
+const WG_OVERHEAD: usize = 32;
+/// Datagrams read per `recvmmsg`.
+const UDP_BATCH: usize = 64;
+
+/// How the engine is set up at start.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub mtu: u16,
+    /// Try TUN offloads (virtio-net header, TSO/GSO, GRO); falls back when refused.
+    pub offload: bool,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            mtu: mesh_proto::DEFAULT_MTU,
+            offload: true,
+        }
+    }
+}
+
+/// One peer: its noise state and what the UAPI reports about it.
+pub struct Peer {
+    pub public_key: [u8; 32],
+    index: u32,
+    tunn: Mutex<Tunn>,
+    endpoint: Mutex<Option<SocketAddr>>,
+    preshared_key: Mutex<Option<[u8; 32]>>,
+    keepalive: AtomicU16,
+    rx_bytes: AtomicU64,
+    tx_bytes: AtomicU64,
+    /// Engine-clock milliseconds of the last datagram sent to this peer (for keepalive).
+    last_tx_ms: AtomicU64,
+}
+
+impl Peer {
+    fn endpoint(&self) -> Option<SocketAddr> {
+        *self.endpoint.lock()
+    }
+}
+
+struct Keys {
+    secret: StaticSecret,
+    public: XPublic,
+}
+
+struct State {
+    keys: Option<Keys>,
+    fwmark: u32,
+    peers: BTreeMap<[u8; 32], Arc<Peer>>,
+    by_index: HashMap<u32, Arc<Peer>>,
+    routes: AllowedIps<PeerRef>,
+    next_index: u32,
+    rate_limiter: Arc<RateLimiter>,
+}
+
+/// A peer compared by identity, for the routing table.
+#[derive(Clone)]
+struct PeerRef(Arc<Peer>);
+
+impl PartialEq for PeerRef {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// The running engine for one interface.
+pub struct Device {
+    pub name: String,
+    ifindex: u32,
+    tun: SyncDevice,
+    offload: bool,
+    state: RwLock<State>,
+    socket: RwLock<Arc<UdpSocket>>,
+    epoch: Instant,
+    stopping: AtomicBool,
+    /// Counters of packets dropped by cryptokey routing (for tests and diagnostics).
+    pub dropped_no_route: AtomicU64,
+    pub dropped_bad_source: AtomicU64,
+}
+
+fn placeholder_keys() -> Keys {
+    let secret = StaticSecret::from([0x42u8; 32]);
+    let public = XPublic::from(&secret);
+    Keys { secret, public }
+}
+
+impl Device {
+    /// Create the TUN interface `name` and bind a UDP socket on a random port (until the UAPI
+    /// sets `listen_port`). The interface is left down, as wireguard-go does.
+    pub fn create(name: &str, opts: &EngineOptions) -> anyhow::Result<Arc<Device>> {
+        use anyhow::Context;
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new()
+                .name(name)
+                .mtu(opts.mtu)
+                .offload(offload)
+                .enable(false)
+                .build_sync()
+        };
+        let (tun, offload) = match build(opts.offload) {
+            Ok(t) => (t, opts.offload),
+            Err(e) if opts.offload => {
+                tracing::warn!(error = %e, "TUN offloads refused; running without them");
+                (
+                    build(false).with_context(|| format!("creating TUN interface {name}"))?,
+                    false,
+                )
+            }
+            Err(e) => return Err(e).with_context(|| format!("creating TUN interface {name}")),
+        };
+        let ifindex = tun
+            .if_index()
+            .context("reading the new interface's index")?;
+        let socket = UdpSocket::bind(0, 0).context("binding the UDP socket")?;
+        let rate_limiter = Arc::new(RateLimiter::new(
+            &placeholder_keys().public,
+            HANDSHAKE_RATE_LIMIT,
+        ));
+        Ok(Arc::new(Device {
+            name: name.to_string(),
+            ifindex,
+            tun,
+            offload,
+            state: RwLock::new(State {
+                keys: None,
+                fwmark: 0,
+                peers: BTreeMap::new(),
+                by_index: HashMap::new(),
+                routes: AllowedIps::default(),
+                next_index: rand_index(),
+                rate_limiter,
+            }),
+            socket: RwLock::new(Arc::new(socket)),
+            epoch: Instant::now(),
+            stopping: AtomicBool::new(false),
+            dropped_no_route: AtomicU64::new(0),
+            dropped_bad_source: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn offload(&self) -> bool {
+        self.offload
+    }
+
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.socket.read().shutdown();
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Start the data-plane and timer threads.
+    pub fn start(self: &Arc<Self>) -> io::Result<Vec<std::thread::JoinHandle<()>>> {
+        let mut handles = Vec::new();
+        let d = Arc::clone(self);
+        handles.push(
+            std::thread::Builder::new()
+                .name("tun-rx".into())
+                .spawn(move || d.outbound_loop())?,
+        );
+        let d = Arc::clone(self);
+        handles.push(
+            std::thread::Builder::new()
+                .name("udp-rx".into())
+                .spawn(move || d.inbound_loop())?,
+        );
+        let d = Arc::clone(self);
+        handles.push(
+            std::thread::Builder::new()
+                .name("timers".into())
+                .spawn(move || d.timer_loop())?,
+        );
+        Ok(handles)
+    }
+
+    // ------------------------------------------------------------------ outbound
+
+    fn outbound_loop(self: Arc<Self>) {
+        let batch = IDEAL_BATCH_SIZE;
+        let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
+        let seg_size = if self.offload { 4096 } else { MAX_PACKET };
+        let mut bufs: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; seg_size]).collect();
+        let mut sizes = vec![0usize; batch];
+        let mut out = SendBatch::new(batch, (seg_size + WG_OVERHEAD).max(148));
+        let mut targets: Vec<Option<Arc<Peer>>> = Vec::with_capacity(batch);
+        while !self.is_stopping() {
+            let n = match self
+                .tun
+                .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EBADFD) | Some(libc::EIO) | Some(libc::ENODEV)
+                    ) {
+                        tracing::info!(error = %e, "TUN interface is gone; stopping");
+                        self.stop();
+                        return;
+                    }
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        tracing::debug!(error = %e, "TUN read failed");
+                    }
+                    continue;
+                }
+            };
+            targets.clear();
+            {
+                let st = self.state.read();
+                if st.keys.is_none() {
+                    continue;
+                }
+                for i in 0..n {
+                    let pkt = &bufs[i][..sizes[i]];
+                    let peer = Tunn::dst_address(pkt)
+                        .and_then(|dst| st.routes.lookup(dst))
+                        .map(|p| Arc::clone(&p.0));
+                    if peer.is_none() {
+                        self.dropped_no_route.fetch_add(1, Ordering::Relaxed);
+                    }
+                    targets.push(peer);
+                }
+            }
+            let now_ms = self.now_ms();
+            let mut i = 0;
+            while i < n {
+                let Some(peer) = targets[i].clone() else {
+                    i += 1;
+                    continue;
+                };
+                let endpoint = peer.endpoint();
+                let mut tunn = peer.tunn.lock();
+                // Encrypt this peer's consecutive packets under one lock.
+                while i < n && targets[i].as_ref().is_some_and(|p| Arc::ptr_eq(p, &peer)) {
+                    if out.is_full() {
+                        drop(tunn);
+                        self.flush(&mut out);
+                        tunn = peer.tunn.lock();
+                    }
+                    let pkt = &bufs[i][..sizes[i]];
+                    match tunn.encapsulate(pkt, out.next_buf()) {
+                        TunnResult::WriteToNetwork(d) => {
+                            let len = d.len();
+                            if let Some(ep) = endpoint {
+                                peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                                peer.last_tx_ms.store(now_ms, Ordering::Relaxed);
+                                out.commit(len, ep);
+                            }
+                        }
+                        TunnResult::Err(e) => tracing::trace!(error = ?e, "encapsulate failed"),
+                        _ => {}
+                    }
+                    i += 1;
+                }
+            }
+            self.flush(&mut out);
+        }
+    }
+
+    fn flush(&self, out: &mut SendBatch) {
+        if out.len > 0 {
+            let sock = Arc::clone(&self.socket.read());
+            sock.send_batch(out);
+        }
+    }
+
+    // ------------------------------------------------------------------ inbound
+
+    fn inbound_loop(self: Arc<Self>) {
+        let mut rx = RecvBatch::new(UDP_BATCH, MAX_PACKET);
+        let mut scratch = vec![0u8; MAX_PACKET];
+        let mut tun_bufs: Vec<Vec<u8>> = (0..UDP_BATCH)
+            .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET))
+            .collect();
+        let mut gro = GROTable::default();
+        let offset = if self.offload { VIRTIO_NET_HDR_LEN } else { 0 };
+        let mut peers: Vec<Option<Arc<Peer>>> = Vec::with_capacity(UDP_BATCH);
+        while !self.is_stopping() {
+            let sock = Arc::clone(&self.socket.read());
+            let n = match sock.recv_batch(&mut rx) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!(error = %e, "UDP receive failed");
+                    // A shut-down (replaced) socket returns errors or zero-length reads: re-read.
+                    if Arc::ptr_eq(&sock, &self.socket.read()) {
+                        std::thread::yield_now();
+                    }
+                    continue;
+                }
+            };
+            if n == 0 {
+                continue;
+            }
+            peers.clear();
+            {
+                let st = self.state.read();
+                for i in 0..n {
+                    peers.push(self.demux(
+                        &st,
+                        &sock,
+                        &rx.bufs[i][..rx.lens[i]],
+                        rx.addrs[i],
+                        &mut scratch,
+                    ));
+                }
+            }
+            let mut ready = 0;
+            for i in 0..n {
+                let Some(peer) = peers[i].take() else {
+                    continue;
+                };
+                let from = rx.addrs[i];
+                let datagram = &rx.bufs[i][..rx.lens[i]];
+                let mut tunn = peer.tunn.lock();
+                let mut authenticated = false;
+                match tunn.decapsulate(Some(from.ip()), datagram, &mut scratch) {
+                    TunnResult::WriteToNetwork(reply) => {
+                        authenticated = true;
+                        let _ = sock.send_to(reply, from);
+                        peer.tx_bytes
+                            .fetch_add(reply.len() as u64, Ordering::Relaxed);
+                        // Flush packets queued while the handshake was pending.
+                        loop {
+                            match tunn.decapsulate(None, &[], &mut scratch) {
+                                TunnResult::WriteToNetwork(p) => {
+                                    let _ = sock.send_to(p, from);
+                                    peer.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
+                                }
+                                _ => break,
+                            }
+                        }
+                        peer.last_tx_ms.store(self.now_ms(), Ordering::Relaxed);
+                    }
+                    TunnResult::WriteToTunnelV4(p, src) => {
+                        authenticated = true;
+                        if self.source_allowed(&peer, IpAddr::V4(src)) {
+                            let buf = &mut tun_bufs[ready];
+                            buf.clear();
+                            buf.resize(offset, 0);
+                            buf.extend_from_slice(p);
+                            ready += 1;
+                        }
+                    }
+                    TunnResult::WriteToTunnelV6(p, src) => {
+                        authenticated = true;
+                        if self.source_allowed(&peer, IpAddr::V6(src)) {
+                            let buf = &mut tun_bufs[ready];
+                            buf.clear();
+                            buf.resize(offset, 0);
+                            buf.extend_from_slice(p);
+                            ready += 1;
+                        }
+                    }
+                    TunnResult::Done => authenticated = true, // keepalive or handshake consumed
+                    TunnResult::Err(e) => tracing::trace!(error = ?e, %from, "decapsulate failed"),
+                }
+                drop(tunn);
+                if authenticated {
+                    peer.rx_bytes
+                        .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+                    // Roaming: the endpoint follows authenticated packets.
+                    let mut ep = peer.endpoint.lock();
+                    if *ep != Some(from) {
+                        *ep = Some(from);
+                    }
+                }
+            }
+            if ready > 0 {
+                if let Err(e) = self
+                    .tun
+                    .send_multiple(&mut gro, &mut tun_bufs[..ready], offset)
+                {
+                    tracing::debug!(error = %e, "TUN write failed");
+                }
+            }
+        }
+    }
+
+    /// Find the peer a datagram belongs to. Handshake initiations are matched by the sender's
+    /// static key (after the rate limiter's cookie check); everything else by receiver index.
+    fn demux(
+        &self,
+        st: &State,
+        sock: &UdpSocket,
+        datagram: &[u8],
+        from: SocketAddr,
+        scratch: &mut [u8],
+    ) -> Option<Arc<Peer>> {
+        let keys = st.keys.as_ref()?;
+        match Tunn::parse_incoming_packet(datagram) {
+            Ok(Packet::HandshakeInit(_)) => {
+                let packet = match st
+                    .rate_limiter
+                    .verify_packet(Some(from.ip()), datagram, scratch)
+                {
+                    Ok(p) => p,
+                    Err(TunnResult::WriteToNetwork(cookie)) => {
+                        let _ = sock.send_to(cookie, from);
+                        return None;
+                    }
+                    Err(_) => return None,
+                };
+                let Packet::HandshakeInit(init) = packet else {
+                    return None;
+                };
+                let half = parse_handshake_anon(&keys.secret, &keys.public, &init).ok()?;
+                st.peers.get(&half.peer_static_public).cloned()
+            }
+            Ok(Packet::HandshakeResponse(p)) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+            Ok(Packet::PacketCookieReply(p)) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+            Ok(Packet::PacketData(p)) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+            Err(_) => None,
+        }
+    }
+
+    /// Cryptokey routing on the way in: the inner source must route back to the same peer.
+    fn source_allowed(&self, peer: &Arc<Peer>, src: IpAddr) -> bool {
+        let ok = self
+            .state
+            .read()
+            .routes
+            .lookup(src)
+            .is_some_and(|p| Arc::ptr_eq(&p.0, peer));
+        if !ok {
+            self.dropped_bad_source.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%src, "dropped a packet whose inner source is not in the peer's allowed IPs");
+        }
+        ok
+    }
+
+    // ------------------------------------------------------------------ timers
+
+    fn timer_loop(self: Arc<Self>) {
+        let mut buf = vec![0u8; MAX_PACKET];
+        let mut last_reset = Instant::now();
+        let mut last_iface_check = Instant::now();
+        while !self.is_stopping() {
+            std::thread::sleep(Duration::from_millis(250));
+            if last_reset.elapsed() >= Duration::from_secs(1) {
+                last_reset = Instant::now();
+                self.state.read().rate_limiter.reset_count();
+            }
+            if last_iface_check.elapsed() >= Duration::from_secs(1) {
+                last_iface_check = Instant::now();
+                if !interface_exists(&self.name, self.ifindex) {
+                    tracing::info!(interface = %self.name, "interface was deleted; stopping");
+                    self.stop();
+                    return;
+                }
+            }
+            let peers: Vec<Arc<Peer>> = {
+                let st = self.state.read();
+                if st.keys.is_none() {
+                    continue;
+                }
+                st.peers.values().cloned().collect()
+            };
+            let sock = Arc::clone(&self.socket.read());
+            let now_ms = self.now_ms();
+            for peer in peers {
+                let endpoint = peer.endpoint();
+                let mut tunn = peer.tunn.lock();
+                let mut sent = false;
+                match tunn.update_timers(&mut buf) {
+                    TunnResult::WriteToNetwork(p) => {
+                        if let Some(ep) = endpoint {
+                            let _ = sock.send_to(p, ep);
+                            peer.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
+                            sent = true;
+                        }
+                    }
+                    TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+                    TunnResult::Err(e) => tracing::trace!(error = ?e, "timer error"),
+                    _ => {}
+                }
+                // Persistent keepalive, kept here so it can change without resetting the session.
+                let ka = u64::from(peer.keepalive.load(Ordering::Relaxed));
+                if !sent && ka > 0 {
+                    if let Some(ep) = endpoint {
+                        let last = peer.last_tx_ms.load(Ordering::Relaxed);
+                        if last == 0 || now_ms.saturating_sub(last) >= ka * 1000 {
+                            if let TunnResult::WriteToNetwork(p) = tunn.encapsulate(&[], &mut buf) {
+                                let _ = sock.send_to(p, ep);
+                                peer.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
+                            }
+                            sent = true;
+                        }
+                    }
+                }
+                if sent {
+                    peer.last_tx_ms.store(now_ms.max(1), Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ configuration
+
+    /// The UAPI `get=1` view.
+    pub fn get(&self) -> GetDevice {
+        let st = self.state.read();
+        let now = SystemTime::now();
+        let peers = st
+            .peers
+            .values()
+            .map(|p| {
+                let since = p.tunn.lock().time_since_last_handshake();
+                let (sec, nsec) = match since.and_then(|d| now.checked_sub(d)) {
+                    Some(t) => {
+                        let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+                        (d.as_secs(), d.subsec_nanos())
+                    }
+                    None => (0, 0),
+                };
+                GetPeer {
+                    public_key: p.public_key,
+                    preshared_key: *p.preshared_key.lock(),
+                    endpoint: p.endpoint(),
+                    persistent_keepalive_interval: p.keepalive.load(Ordering::Relaxed),
+                    allowed_ips: st.routes.prefixes_of(&PeerRef(Arc::clone(p))),
+                    last_handshake_time_sec: sec,
+                    last_handshake_time_nsec: nsec,
+                    rx_bytes: p.rx_bytes.load(Ordering::Relaxed),
+                    tx_bytes: p.tx_bytes.load(Ordering::Relaxed),
+                    protocol_version: 1,
+                }
+            })
+            .collect();
+        GetDevice {
+            private_key: st.keys.as_ref().map(|k| k.secret.to_bytes()),
+            listen_port: self.socket.read().port(),
+            fwmark: (st.fwmark != 0).then_some(st.fwmark),
+            peers,
+        }
+    }
+
+    /// Apply a UAPI `set=1` request. Values were validated by the parser; what remains can
+    /// fail is binding the port.
+    pub fn set(&self, set: SetDevice) -> Result<(), UapiError> {
+        let mut st = self.state.write();
+        if let Some(key) = set.private_key {
+            if key == [0u8; 32] {
+                st.keys = None;
+            } else {
+                let secret = StaticSecret::from(key);
+                let public = XPublic::from(&secret);
+                st.rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+                // A peer with our own public key is removed, as the kernel does.
+                if let Some(p) = st.peers.get(public.as_bytes()).cloned() {
+                    remove_peer(&mut st, &p);
+                }
+                for p in st.peers.values() {
+                    p.tunn.lock().set_static_private(
+                        secret.clone(),
+                        public,
+                        Some(Arc::clone(&st.rate_limiter)),
+                    );
+                }
+                st.keys = Some(Keys { secret, public });
+            }
+        }
+        if let Some(fwmark) = set.fwmark {
+            st.fwmark = fwmark;
+            let _ = self.socket.read().set_fwmark(fwmark);
+        }
+        if let Some(port) = set.listen_port {
+            let current = self.socket.read().port();
+            if port == 0 || port != current {
+                let sock = UdpSocket::bind(port, st.fwmark).map_err(|e| {
+                    tracing::warn!(port, error = %e, "cannot bind listen port");
+                    UapiError::Errno(libc::EADDRINUSE)
+                })?;
+                let old = std::mem::replace(&mut *self.socket.write(), Arc::new(sock));
+                old.shutdown();
+            }
+        }
+        if set.replace_peers {
+            for p in st.peers.values().cloned().collect::<Vec<_>>() {
+                remove_peer(&mut st, &p);
+            }
+        }
+        for peer in set.peers {
+            self.set_peer(&mut st, peer);
+        }
+        Ok(())
+    }
+
+    fn set_peer(&self, st: &mut State, sp: SetPeer) {
+        if let Some(keys) = &st.keys {
+            if keys.public.as_bytes() == &sp.public_key {
+                return; // our own key: ignored, as the kernel does
+            }
+        }
+        let existing = st.peers.get(&sp.public_key).cloned();
+        if sp.remove {
+            if let Some(p) = existing {
+                remove_peer(st, &p);
+            }
+            return;
+        }
+        if existing.is_none() && sp.update_only {
+            return;
+        }
+        let psk_change = sp
+            .preshared_key
+            .map(|k| if k == [0u8; 32] { None } else { Some(k) });
+        let peer = match existing {
+            Some(p) if psk_change.is_none_or(|k| k == *p.preshared_key.lock()) => p,
+            Some(old) => {
+                // A new preshared key needs a new noise state: same index, same counters.
+                let psk = psk_change.flatten();
+                let fresh = Arc::new(Peer {
+                    public_key: old.public_key,
+                    index: old.index,
+                    tunn: Mutex::new(new_tunn(st, old.public_key, psk, old.index)),
+                    endpoint: Mutex::new(old.endpoint()),
+                    preshared_key: Mutex::new(psk),
+                    keepalive: AtomicU16::new(old.keepalive.load(Ordering::Relaxed)),
+                    rx_bytes: AtomicU64::new(old.rx_bytes.load(Ordering::Relaxed)),
+                    tx_bytes: AtomicU64::new(old.tx_bytes.load(Ordering::Relaxed)),
+                    last_tx_ms: AtomicU64::new(0),
+                });
+                let prefixes = st.routes.prefixes_of(&PeerRef(Arc::clone(&old)));
+                remove_peer(st, &old);
+                insert_peer(st, &fresh);
+                for net in prefixes {
+                    st.routes.insert(net, PeerRef(Arc::clone(&fresh)));
+                }
+                fresh
+            }
+            None => {
+                let index = alloc_index(st);
+                let psk = psk_change.flatten();
+                let p = Arc::new(Peer {
+                    public_key: sp.public_key,
+                    index,
+                    tunn: Mutex::new(new_tunn(st, sp.public_key, psk, index)),
+                    endpoint: Mutex::new(None),
+                    preshared_key: Mutex::new(psk),
+                    keepalive: AtomicU16::new(0),
+                    rx_bytes: AtomicU64::new(0),
+                    tx_bytes: AtomicU64::new(0),
+                    last_tx_ms: AtomicU64::new(0),
+                });
+                insert_peer(st, &p);
+                p
+            }
+        };
+        if let Some(ep) = sp.endpoint {
+            *peer.endpoint.lock() = Some(canonical(ep));
+        }
+        if let Some(ka) = sp.persistent_keepalive_interval {
+            peer.keepalive.store(ka, Ordering::Relaxed);
+            // Send the first keepalive right away, as the kernel does.
+            peer.last_tx_ms.store(0, Ordering::Relaxed);
+        }
+        if sp.replace_allowed_ips {
+            st.routes.remove_value(&PeerRef(Arc::clone(&peer)));
+        }
+        for net in sp.allowed_ips {
+            st.routes.insert(net, PeerRef(Arc::clone(&peer)));
+        }
+    }
+}
+
+fn new_tunn(st: &State, peer_public: [u8; 32], psk: Option<[u8; 32]>, index: u32) -> Tunn {
+    let keys = st
+        .keys
+        .as_ref()
+        .map(|k| (k.secret.clone(), k.public))
+        .unwrap_or_else(|| {
+            let k = placeholder_keys();
+            (k.secret, k.public)
+        });
+    let _ = keys.1;
+    Tunn::new(
+        keys.0,
+        XPublic::from(peer_public),
+        psk,
+        None,
+        index,
+        Some(Arc::clone(&st.rate_limiter)),
+    )
+}
+
+fn insert_peer(st: &mut State, p: &Arc<Peer>) {
+    st.peers.insert(p.public_key, Arc::clone(p));
+    st.by_index.insert(p.index, Arc::clone(p));
+}
+
+fn remove_peer(st: &mut State, p: &Arc<Peer>) {
+    st.routes.remove_value(&PeerRef(Arc::clone(p)));
+    st.peers.remove(&p.public_key);
+    st.by_index.remove(&p.index);
+}
+
+fn rand_index() -> u32 {
+    let mut b = [0u8; 4];
+    let _ = getrandom_fill(&mut b);
+    u32::from_le_bytes(b) & 0x00ff_ffff
+}
+
+fn getrandom_fill(b: &mut [u8]) -> Result<(), rand_core::Error> {
+    use rand_core::RngCore;
+    rand_core::OsRng.try_fill_bytes(b)
+}
+
+fn alloc_index(st: &mut State) -> u32 {
+    loop {
+        let i = st.next_index & 0x00ff_ffff;
+        st.next_index = st.next_index.wrapping_add(1);
+        if !st.by_index.contains_key(&i) {
+            return i;
+        }
+    }
+}
+
+/// Whether the interface still exists with the index we created (in our network namespace).
+pub fn interface_exists(name: &str, ifindex: u32) -> bool {
+    match nix::net::if_::if_nametoindex(name) {
+        Ok(i) => i == ifindex,
+        Err(_) => false,
+    }
+}
+
+/// Parse helper for tests and callers that need an `IpNet` list.
+pub fn nets(list: &[&str]) -> Vec<IpNet> {
+    list.iter().filter_map(|s| s.parse().ok()).collect()
+}
