@@ -1,1 +1,20 @@
+//! meshd: the I/O shell around mesh-proto. Backends (userspace engine over UAPI, in-memory
+//! fake), interface addressing over netlink, the agent loop, the control socket.
 
+pub mod agent;
+pub mod backend;
+pub mod control;
+pub mod daemon;
+pub mod error;
+pub mod keyfile;
+pub mod link;
+pub mod lock;
+pub mod protocol;
+pub mod settings;
+pub mod uapi;
+
+pub use agent::{Agent, AgentStatus, PassReport, PeerView};
+pub use backend::{FakeBackend, FakeLink, LinkBackend, LinkReport, LinkSpec, WgBackend};
+pub use error::{Error, Result};
+pub use settings::{PeerSettings, Settings};
+pub mod shim;

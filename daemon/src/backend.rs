@@ -1,0 +1,137 @@
+//! Small traits, one per outside system, speaking mesh-proto's types, plus in-memory fakes.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+
+use ipnet::IpNet;
+use mesh_proto::{ObservedDevice, Op, PublicKey};
+
+use crate::error::{Error, Result};
+
+/// A WireGuard device: our userspace engine over UAPI, the kernel, or the in-memory fake.
+pub trait WgBackend {
+    /// Make sure the device exists and answers. Adopts a running device; never recreates one.
+    fn ensure_device(&mut self) -> impl Future<Output = Result<()>> + Send;
+    /// Read the device as it really is.
+    fn observe(&mut self) -> impl Future<Output = Result<ObservedDevice>> + Send;
+    /// Apply a batch of ops. A failure may leave part of the batch applied (as UAPI does); the
+    /// caller retries op by op.
+    fn apply(&mut self, ops: &[Op]) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// What we want on the network interface besides WireGuard itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkSpec {
+    pub interface: String,
+    pub mtu: u16,
+    /// The mesh address with its prefix (host bits kept), e.g. 10.99.99.1/24.
+    pub address: IpNet,
+}
+
+/// What we found on (and did to) the interface.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkReport {
+    pub ifindex: u32,
+    /// Human-readable changes made in this pass (empty when nothing changed).
+    pub changes: Vec<String>,
+}
+
+/// Interface addressing: MTU, our mesh address, link state.
+pub trait LinkBackend {
+    /// Converge the interface to `spec`. Never flushes addresses; removes `previous` only if it
+    /// was ours (the previous config's address) and differs from `spec.address`.
+    fn configure(
+        &mut self,
+        spec: &LinkSpec,
+        previous: Option<IpNet>,
+    ) -> impl Future<Output = Result<LinkReport>> + Send;
+}
+
+/// In-memory WireGuard device following WireGuard's rules (via `mesh_proto::plan::apply`:
+/// an allowed IP belongs to exactly one peer). Failures can be injected per peer key.
+#[derive(Debug, Default, Clone)]
+pub struct FakeBackend {
+    pub device: ObservedDevice,
+    /// A batch containing any op on one of these peers fails as a whole, after applying
+    /// nothing; single ops on them fail.
+    pub fail_peers: BTreeSet<PublicKey>,
+    /// When set, `observe` fails (engine unreachable).
+    pub fail_observe: bool,
+    /// Number of `apply` calls, and of `ensure_device` calls.
+    pub apply_calls: usize,
+    pub ensure_calls: usize,
+}
+
+fn op_peer(op: &Op) -> Option<PublicKey> {
+    match op {
+        Op::AddPeer(p) => Some(p.public_key),
+        Op::UpdatePeer { public_key, .. } => Some(*public_key),
+        Op::RemovePeer(k) => Some(*k),
+        _ => None,
+    }
+}
+
+impl WgBackend for FakeBackend {
+    async fn ensure_device(&mut self) -> Result<()> {
+        self.ensure_calls += 1;
+        Ok(())
+    }
+
+    async fn observe(&mut self) -> Result<ObservedDevice> {
+        if self.fail_observe {
+            return Err(Error::Injected("device unreachable".into()));
+        }
+        Ok(self.device.clone())
+    }
+
+    async fn apply(&mut self, ops: &[Op]) -> Result<()> {
+        self.apply_calls += 1;
+        if let Some(k) = ops
+            .iter()
+            .filter_map(op_peer)
+            .find(|k| self.fail_peers.contains(k))
+        {
+            return Err(Error::Injected(format!("op on peer {k} refused")));
+        }
+        mesh_proto::plan::apply(&mut self.device, ops);
+        Ok(())
+    }
+}
+
+/// In-memory interface: records the address set and MTU.
+#[derive(Debug, Default, Clone)]
+pub struct FakeLink {
+    pub ifindex: u32,
+    pub mtu: u16,
+    pub addresses: BTreeSet<IpNet>,
+    pub up: bool,
+}
+
+impl LinkBackend for FakeLink {
+    async fn configure(&mut self, spec: &LinkSpec, previous: Option<IpNet>) -> Result<LinkReport> {
+        let mut changes = Vec::new();
+        if self.ifindex == 0 {
+            self.ifindex = 7;
+        }
+        if self.mtu != spec.mtu {
+            self.mtu = spec.mtu;
+            changes.push(format!("mtu {}", spec.mtu));
+        }
+        if self.addresses.insert(spec.address) {
+            changes.push(format!("add address {}", spec.address));
+        }
+        if let Some(prev) = previous {
+            if prev != spec.address && self.addresses.remove(&prev) {
+                changes.push(format!("remove address {prev}"));
+            }
+        }
+        if !self.up {
+            self.up = true;
+            changes.push("up".into());
+        }
+        Ok(LinkReport {
+            ifindex: self.ifindex,
+            changes,
+        })
+    }
+}

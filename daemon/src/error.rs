@@ -1,0 +1,48 @@
+//! The daemon library's error type. Every variant tells the operator what was refused and why.
+
+use std::path::PathBuf;
+
+/// Errors of the meshd library. Binaries wrap these with `anyhow` context.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration file could not be read or is invalid.
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    /// The private key file is unusable (bad permissions, bad content, cannot be written).
+    #[error("private key file {path}: {message}")]
+    KeyFile { path: PathBuf, message: String },
+    /// Another meshd already holds this interface or control socket.
+    #[error("{what} is already managed by another meshd (lock {path} is held); refusing to start and changing nothing")]
+    AlreadyRunning { what: String, path: PathBuf },
+    /// The WireGuard engine could not be started or reached.
+    #[error("engine for {interface}: {message}")]
+    Engine { interface: String, message: String },
+    /// A UAPI exchange failed.
+    #[error("UAPI {socket}: {message}")]
+    Uapi { socket: PathBuf, message: String },
+    /// A netlink operation failed.
+    #[error("netlink: {0}")]
+    Netlink(String),
+    /// An operation on the in-memory fake was made to fail (tests).
+    #[error("injected failure: {0}")]
+    Injected(String),
+    /// Any other I/O error, with what we were doing.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Result alias for the meshd library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

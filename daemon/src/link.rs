@@ -1,0 +1,170 @@
+//! Interface addressing over real netlink (rtnetlink): MTU, our mesh address, link up.
+//! Never flushes addresses: only the address we configured (now or in the previous config) is
+//! ever removed.
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::{Handle, LinkUnspec};
+
+use crate::backend::{LinkBackend, LinkReport, LinkSpec};
+use crate::error::{Error, Result};
+
+/// The real interface, through a netlink connection owned by this value.
+#[derive(Debug, Clone)]
+pub struct NetlinkLink {
+    handle: Handle,
+}
+
+fn nl(what: &str, e: rtnetlink::Error) -> Error {
+    Error::Netlink(format!("{what}: {e}"))
+}
+
+fn address_of(msg: &AddressMessage) -> Option<IpAddr> {
+    // IPv4 puts the interface's own address in IFA_LOCAL; IPv6 only has IFA_ADDRESS.
+    let mut address = None;
+    for attr in &msg.attributes {
+        match attr {
+            AddressAttribute::Local(ip) => return Some(*ip),
+            AddressAttribute::Address(ip) => address = Some(*ip),
+            _ => {}
+        }
+    }
+    address
+}
+
+impl NetlinkLink {
+    /// Open a netlink connection; its driver runs as a tokio task. Must be called inside a
+    /// tokio runtime.
+    pub fn connect() -> Result<Self> {
+        let (connection, handle, _) = rtnetlink::new_connection()
+            .map_err(|e| Error::io("cannot open a netlink socket", e))?;
+        tokio::spawn(connection);
+        Ok(NetlinkLink { handle })
+    }
+
+    async fn link(&self, name: &str) -> Result<LinkMessage> {
+        let mut links = self
+            .handle
+            .clone()
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(link),
+            Ok(None) => Err(Error::Netlink(format!("interface {name} does not exist"))),
+            Err(e) => Err(nl(&format!("cannot read interface {name}"), e)),
+        }
+    }
+
+    async fn addresses(&self, index: u32) -> Result<Vec<(IpNet, AddressMessage)>> {
+        let mut out = Vec::new();
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(|e| nl("cannot list addresses", e))?
+        {
+            if let Some(ip) = address_of(&msg) {
+                if let Ok(net) = IpNet::new(ip, msg.header.prefix_len) {
+                    out.push((net, msg));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The interface index of `name`.
+    pub async fn ifindex(&self, name: &str) -> Result<u32> {
+        Ok(self.link(name).await?.header.index)
+    }
+}
+
+impl LinkBackend for NetlinkLink {
+    async fn configure(&mut self, spec: &LinkSpec, previous: Option<IpNet>) -> Result<LinkReport> {
+        let link = self.link(&spec.interface).await?;
+        let index = link.header.index;
+        let mut changes = Vec::new();
+
+        let mtu = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        });
+        if mtu != Some(u32::from(spec.mtu)) {
+            self.handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .mtu(u32::from(spec.mtu))
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| {
+                    nl(
+                        &format!("cannot set MTU {} on {}", spec.mtu, spec.interface),
+                        e,
+                    )
+                })?;
+            changes.push(format!("set mtu {} (was {:?})", spec.mtu, mtu));
+        }
+
+        let present = self.addresses(index).await?;
+        if !present.iter().any(|(net, _)| *net == spec.address) {
+            self.handle
+                .address()
+                .add(index, spec.address.addr(), spec.address.prefix_len())
+                .execute()
+                .await
+                .map_err(|e| {
+                    nl(
+                        &format!("cannot add address {} to {}", spec.address, spec.interface),
+                        e,
+                    )
+                })?;
+            changes.push(format!("add address {}", spec.address));
+        }
+        if let Some(prev) = previous.filter(|p| *p != spec.address) {
+            if let Some((_, msg)) = present.into_iter().find(|(net, _)| *net == prev) {
+                self.handle
+                    .address()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| {
+                        nl(
+                            &format!(
+                                "cannot remove our previous address {prev} from {}",
+                                spec.interface
+                            ),
+                            e,
+                        )
+                    })?;
+                changes.push(format!("remove previous address {prev}"));
+            }
+        }
+
+        if !link.header.flags.contains(LinkFlags::Up) {
+            self.handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).up().build())
+                .execute()
+                .await
+                .map_err(|e| nl(&format!("cannot set {} up", spec.interface), e))?;
+            changes.push("set link up".to_owned());
+        }
+        Ok(LinkReport {
+            ifindex: index,
+            changes,
+        })
+    }
+}

@@ -1,0 +1,102 @@
+//! The daemon's view of its configuration: the file parsed by `mesh_proto::config`, with
+//! defaults resolved, turned into the desired device. Reading files happens here; parsing and
+//! validation are mesh-proto's.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use mesh_proto::{DeviceSpec, PeerSpec, PrivateKey};
+
+use crate::error::{Error, Result};
+
+/// A configured peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSettings {
+    pub name: String,
+    pub spec: PeerSpec,
+}
+
+/// Everything meshd needs from its configuration file, defaults resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub config_path: PathBuf,
+    pub host_name: String,
+    pub interface: String,
+    /// Our mesh address with its prefix, host bits kept (10.99.99.1/24).
+    pub address: IpNet,
+    pub listen_port: u16,
+    pub mtu: u16,
+    pub private_key_file: PathBuf,
+    pub control_socket: PathBuf,
+    /// `None`: `meshd-wg` next to meshd, else from PATH.
+    pub engine_command: Option<PathBuf>,
+    pub reconcile_interval: Duration,
+    pub peers: Vec<PeerSettings>,
+}
+
+impl Settings {
+    /// Read and validate the configuration file. Errors name the file (and, through
+    /// mesh-proto, the key).
+    pub fn load(path: &Path) -> Result<Settings> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse configuration text that came from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Settings> {
+        let config = crate::shim::config::parse(text, path).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok(Self::from_config(config, path))
+    }
+
+    fn from_config(config: crate::shim::config::Config, path: &Path) -> Settings {
+        let host = config.host;
+        let daemon = config.daemon;
+        Settings {
+            config_path: path.to_path_buf(),
+            host_name: host.name,
+            interface: host.interface,
+            address: host.address,
+            listen_port: host.listen_port,
+            mtu: host.mtu,
+            private_key_file: host.private_key_file,
+            control_socket: daemon.control_socket,
+            engine_command: daemon.engine_command,
+            reconcile_interval: Duration::from_secs(daemon.reconcile_interval_secs.max(1)),
+            peers: config
+                .peers
+                .into_iter()
+                .map(|p| PeerSettings {
+                    name: p.name,
+                    spec: PeerSpec {
+                        public_key: p.public_key,
+                        preshared_key: None,
+                        endpoint: p.endpoint,
+                        allowed_ips: p.allowed_ips,
+                        persistent_keepalive: p.persistent_keepalive.filter(|k| *k != 0),
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    /// The device we want, with this private key.
+    pub fn desired(&self, key: &PrivateKey) -> DeviceSpec {
+        DeviceSpec {
+            private_key: key.clone(),
+            listen_port: self.listen_port,
+            fwmark: None,
+            peers: self
+                .peers
+                .iter()
+                .map(|p| (p.spec.public_key, p.spec.clone()))
+                .collect(),
+        }
+    }
+}
