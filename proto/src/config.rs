@@ -1,3 +1,1110 @@
 //! meshd's TOML configuration (`/etc/meshd/meshd.toml`): types, parsing and validation.
 //! Pure: the daemon reads the file and hands the text and its path here.
-//! TO BE IMPLEMENTED by helper.
+//!
+//! ```toml
+//! [host]
+//! name = "dock-load"                 # required; [a-z0-9-], 1..=63, no leading/trailing '-'
+//! address = "10.99.99.1/24"          # required; own mesh address and the mesh prefix
+//! interface = "wgmesh0"              # default wgmesh0
+//! listen_port = 51871                # default 51871
+//! private_key_file = "/etc/meshd/private.key"
+//! mtu = 1420                         # 1280..=9000
+//!
+//! [daemon]                           # optional
+//! control_socket = "/run/meshd/meshd.sock"
+//! engine = "userspace"
+//! engine_command = "/usr/bin/meshd-wg"
+//! reconcile_interval_secs = 10       # 1..=3600
+//!
+//! [[peer]]
+//! name = "dock-prod"
+//! public_key = "base64..."
+//! endpoint = "198.51.100.2:51871"    # optional, IP:port only
+//! allowed_ips = ["10.99.99.2/32"]    # host bits must be zero; no overlap between peers
+//! persistent_keepalive = 25          # optional, 0 = off
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::device::{DeviceSpec, PeerSpec};
+use crate::key::{PrivateKey, PublicKey};
+use crate::{DEFAULT_CONTROL_SOCKET, DEFAULT_INTERFACE, DEFAULT_LISTEN_PORT, DEFAULT_MTU};
+
+/// Default path of the private key file.
+pub const DEFAULT_PRIVATE_KEY_FILE: &str = "/etc/meshd/private.key";
+/// Default reconcile interval in seconds.
+pub const DEFAULT_RECONCILE_INTERVAL_SECS: u64 = 10;
+
+/// A validated configuration. Build it with [`parse`]; `Serialize` writes the same TOML format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Config {
+    pub host: HostConfig,
+    pub daemon: DaemonConfig,
+    #[serde(rename = "peer")]
+    pub peers: Vec<PeerConfig>,
+}
+
+/// `[host]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HostConfig {
+    pub name: String,
+    /// This host's mesh address with the mesh prefix length (host bits kept: `10.99.99.1/24`).
+    pub address: IpNet,
+    pub interface: String,
+    pub listen_port: u16,
+    pub private_key_file: PathBuf,
+    pub mtu: u16,
+}
+
+/// `[daemon]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DaemonConfig {
+    pub control_socket: PathBuf,
+    pub engine: EngineKind,
+    /// `None`: the daemon picks its default engine binary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine_command: Option<PathBuf>,
+    pub reconcile_interval_secs: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            engine: EngineKind::Userspace,
+            engine_command: None,
+            reconcile_interval_secs: DEFAULT_RECONCILE_INTERVAL_SECS,
+        }
+    }
+}
+
+impl DaemonConfig {
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_secs(self.reconcile_interval_secs)
+    }
+}
+
+/// Which WireGuard implementation drives the interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// Our userspace engine (`meshd-wg`), driven over UAPI.
+    #[default]
+    Userspace,
+}
+
+impl EngineKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EngineKind::Userspace => "userspace",
+        }
+    }
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[[peer]]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerConfig {
+    pub name: String,
+    pub public_key: PublicKey,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<SocketAddr>,
+    /// Host bits are zero (validated); in file order.
+    pub allowed_ips: Vec<IpNet>,
+    /// Seconds; `Some(0)` means off, as in the file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// A refused configuration: which file, which key (`peer[2].public_key`, `host.address`) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.key {
+            Some(key) => write!(f, "{}: {}: {}", self.file, key, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// The peers as the reconciler wants them (allowed IPs sorted and de-duplicated, keepalive
+    /// 0 normalised to `None`, no preshared key).
+    pub fn peer_specs(&self) -> BTreeMap<PublicKey, PeerSpec> {
+        self.peers
+            .iter()
+            .map(|p| {
+                let mut allowed_ips: Vec<IpNet> = p.allowed_ips.iter().map(IpNet::trunc).collect();
+                allowed_ips.sort();
+                allowed_ips.dedup();
+                (
+                    p.public_key,
+                    PeerSpec {
+                        public_key: p.public_key,
+                        preshared_key: None,
+                        endpoint: p.endpoint,
+                        allowed_ips,
+                        persistent_keepalive: p.persistent_keepalive.filter(|k| *k != 0),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The whole device spec, given the private key the daemon read from `private_key_file`.
+    pub fn device_spec(&self, private_key: PrivateKey) -> DeviceSpec {
+        DeviceSpec {
+            private_key,
+            listen_port: self.host.listen_port,
+            fwmark: None,
+            peers: self.peer_specs(),
+        }
+    }
+
+    /// This host's mesh address (without prefix length).
+    pub fn mesh_address(&self) -> IpAddr {
+        self.host.address.addr()
+    }
+
+    /// The mesh prefix (`10.99.99.0/24`).
+    pub fn mesh_prefix(&self) -> IpNet {
+        self.host.address.trunc()
+    }
+
+    /// The configured name of a peer.
+    pub fn peer_name(&self, key: &PublicKey) -> Option<&str> {
+        self.peers
+            .iter()
+            .find(|p| p.public_key == *key)
+            .map(|p| p.name.as_str())
+    }
+
+    /// The configured peer with this public key.
+    pub fn peer(&self, key: &PublicKey) -> Option<&PeerConfig> {
+        self.peers.iter().find(|p| p.public_key == *key)
+    }
+}
+
+// ---- raw file format ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    host: RawHost,
+    #[serde(default)]
+    daemon: Option<RawDaemon>,
+    #[serde(default, rename = "peer")]
+    peers: Vec<RawPeer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    name: String,
+    address: String,
+    interface: Option<String>,
+    listen_port: Option<i64>,
+    private_key_file: Option<String>,
+    mtu: Option<i64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    control_socket: Option<String>,
+    engine: Option<String>,
+    engine_command: Option<String>,
+    reconcile_interval_secs: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: String,
+    public_key: String,
+    endpoint: Option<String>,
+    allowed_ips: Vec<String>,
+    persistent_keepalive: Option<i64>,
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_string(),
+            key: Some(key.into()),
+            message: message.into(),
+        }
+    }
+}
+
+/// Parse and validate a configuration. `origin` names the file in error messages.
+pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(text, origin, &e))?;
+    let cx = Ctx { file: origin };
+
+    let host = validate_host(&cx, raw.host)?;
+    let daemon = validate_daemon(&cx, raw.daemon.unwrap_or_default())?;
+    let mut peers = Vec::with_capacity(raw.peers.len());
+    for (i, p) in raw.peers.into_iter().enumerate() {
+        peers.push(validate_peer(&cx, i, p)?);
+    }
+    check_peers(&cx, &host, &peers)?;
+    Ok(Config {
+        host,
+        daemon,
+        peers,
+    })
+}
+
+fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err(format!(
+            "{name:?} must be 1 to 63 characters long (it is {})",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(format!(
+            "{name:?} contains {c:?}; use lowercase letters, digits and '-' only (a DNS label)"
+        ));
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Err(format!("{name:?} must not start or end with '-'"));
+    }
+    Ok(())
+}
+
+fn validate_interface(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!(
+            "{name:?} must be 1 to 15 characters long (Linux IFNAMSIZ), it is {}",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} is not a valid interface name"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!(
+            "{name:?} contains {c:?}; use letters, digits, '_', '.' and '-' only"
+        ));
+    }
+    Ok(())
+}
+
+fn ranged<T: TryFrom<i64>>(
+    cx: &Ctx<'_>,
+    key: &str,
+    value: i64,
+    lo: i64,
+    hi: i64,
+    hint: &str,
+) -> Result<T, ConfigError> {
+    if value < lo || value > hi {
+        return Err(cx.err(key, format!("{value} is out of range {lo}..={hi}{hint}")));
+    }
+    T::try_from(value).map_err(|_| cx.err(key, format!("{value} is out of range {lo}..={hi}")))
+}
+
+fn non_empty_path(cx: &Ctx<'_>, key: &str, value: String) -> Result<PathBuf, ConfigError> {
+    if value.trim().is_empty() {
+        return Err(cx.err(key, "must not be empty"));
+    }
+    Ok(PathBuf::from(value))
+}
+
+fn validate_host(cx: &Ctx<'_>, raw: RawHost) -> Result<HostConfig, ConfigError> {
+    validate_name(&raw.name).map_err(|m| cx.err("host.name", m))?;
+    let address: IpNet = raw.address.parse().map_err(|_| {
+        cx.err(
+            "host.address",
+            format!(
+                "{:?} is not an address with prefix length; write this host's mesh address \
+                 and the mesh prefix, e.g. \"10.99.99.1/24\"",
+                raw.address
+            ),
+        )
+    })?;
+    if let IpNet::V4(v4) = address {
+        if v4.prefix_len() < 31 && (v4.addr() == v4.network() || v4.addr() == v4.broadcast()) {
+            return Err(cx.err(
+                "host.address",
+                format!(
+                    "{address} is the network or broadcast address of {}; use a host address \
+                     inside the mesh prefix, e.g. \"10.99.99.1/24\"",
+                    address.trunc()
+                ),
+            ));
+        }
+    }
+    let interface = raw
+        .interface
+        .unwrap_or_else(|| DEFAULT_INTERFACE.to_string());
+    validate_interface(&interface).map_err(|m| cx.err("host.interface", m))?;
+    let listen_port = match raw.listen_port {
+        None => DEFAULT_LISTEN_PORT,
+        Some(p) => ranged(
+            cx,
+            "host.listen_port",
+            p,
+            1,
+            65535,
+            " (0 would pick a random port; peers need a fixed one)",
+        )?,
+    };
+    let private_key_file = non_empty_path(
+        cx,
+        "host.private_key_file",
+        raw.private_key_file
+            .unwrap_or_else(|| DEFAULT_PRIVATE_KEY_FILE.to_string()),
+    )?;
+    let mtu = match raw.mtu {
+        None => DEFAULT_MTU,
+        Some(m) => ranged(
+            cx,
+            "host.mtu",
+            m,
+            1280,
+            9000,
+            " (IPv6 needs at least 1280; WireGuard over a 1500 underlay is 1420)",
+        )?,
+    };
+    Ok(HostConfig {
+        name: raw.name,
+        address,
+        interface,
+        listen_port,
+        private_key_file,
+        mtu,
+    })
+}
+
+fn validate_daemon(cx: &Ctx<'_>, raw: RawDaemon) -> Result<DaemonConfig, ConfigError> {
+    let d = DaemonConfig::default();
+    let control_socket = match raw.control_socket {
+        None => d.control_socket,
+        Some(s) => non_empty_path(cx, "daemon.control_socket", s)?,
+    };
+    let engine = match raw.engine.as_deref() {
+        None | Some("userspace") => EngineKind::Userspace,
+        Some(other) => {
+            return Err(cx.err(
+                "daemon.engine",
+                format!("{other:?} is not supported; the only engine for now is \"userspace\""),
+            ))
+        }
+    };
+    let engine_command = match raw.engine_command {
+        None => None,
+        Some(s) => Some(non_empty_path(cx, "daemon.engine_command", s)?),
+    };
+    let reconcile_interval_secs = match raw.reconcile_interval_secs {
+        None => d.reconcile_interval_secs,
+        Some(s) => ranged(cx, "daemon.reconcile_interval_secs", s, 1, 3600, "")?,
+    };
+    Ok(DaemonConfig {
+        control_socket,
+        engine,
+        engine_command,
+        reconcile_interval_secs,
+    })
+}
+
+fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
+    const ONLY: &str = "only IP:port is accepted (hostnames are not resolved), e.g. \
+                        \"198.51.100.2:51871\" or \"[2001:db8::1]:51871\"";
+    match s.parse::<SocketAddr>() {
+        Ok(a) if a.port() == 0 => Err(format!("{s:?} has port 0; give the peer's listen port")),
+        Ok(a) => Ok(a),
+        Err(_) => {
+            if s.parse::<IpAddr>().is_ok() {
+                Err(format!("{s:?} has no port; {ONLY}"))
+            } else {
+                Err(format!("{s:?} is not an IP:port; {ONLY}"))
+            }
+        }
+    }
+}
+
+fn parse_allowed_ip(s: &str) -> Result<IpNet, String> {
+    let net: IpNet = match s.parse() {
+        Ok(n) => n,
+        Err(_) => {
+            return Err(match s.parse::<IpAddr>() {
+                Ok(IpAddr::V4(_)) => {
+                    format!("{s:?} has no prefix length; did you mean \"{s}/32\"?")
+                }
+                Ok(IpAddr::V6(_)) => {
+                    format!("{s:?} has no prefix length; did you mean \"{s}/128\"?")
+                }
+                Err(_) => format!("{s:?} is not a prefix like \"10.99.99.2/32\""),
+            })
+        }
+    };
+    if net != net.trunc() {
+        let host = match net.addr() {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
+        };
+        return Err(format!(
+            "{net} has host bits set; did you mean \"{}/{host}\" (one host) or \"{}\" (the \
+             whole network)?",
+            net.addr(),
+            net.trunc()
+        ));
+    }
+    Ok(net)
+}
+
+fn validate_peer(cx: &Ctx<'_>, i: usize, raw: RawPeer) -> Result<PeerConfig, ConfigError> {
+    let key = |field: &str| format!("peer[{i}].{field}");
+    validate_name(&raw.name).map_err(|m| cx.err(key("name"), m))?;
+    let public_key: PublicKey = raw.public_key.parse().map_err(|e| {
+        cx.err(
+            key("public_key"),
+            format!(
+                "{:?} is not a WireGuard public key ({e}); expected 44 characters of base64 as \
+                 printed by `wg pubkey`",
+                raw.public_key
+            ),
+        )
+    })?;
+    let endpoint = match raw.endpoint {
+        None => None,
+        Some(s) => Some(parse_endpoint(&s).map_err(|m| cx.err(key("endpoint"), m))?),
+    };
+    if raw.allowed_ips.is_empty() {
+        return Err(cx.err(
+            key("allowed_ips"),
+            "must list at least one prefix, e.g. [\"10.99.99.2/32\"]",
+        ));
+    }
+    let mut allowed_ips = Vec::with_capacity(raw.allowed_ips.len());
+    for (j, s) in raw.allowed_ips.iter().enumerate() {
+        let net =
+            parse_allowed_ip(s).map_err(|m| cx.err(format!("peer[{i}].allowed_ips[{j}]"), m))?;
+        allowed_ips.push(net);
+    }
+    let persistent_keepalive = match raw.persistent_keepalive {
+        None => None,
+        Some(k) => Some(ranged(
+            cx,
+            &key("persistent_keepalive"),
+            k,
+            0,
+            65535,
+            " (seconds; 0 = off, 25 is usual behind NAT)",
+        )?),
+    };
+    Ok(PeerConfig {
+        name: raw.name,
+        public_key,
+        endpoint,
+        allowed_ips,
+        persistent_keepalive,
+    })
+}
+
+fn check_peers(cx: &Ctx<'_>, host: &HostConfig, peers: &[PeerConfig]) -> Result<(), ConfigError> {
+    let own = host.address.addr();
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut keys: BTreeMap<PublicKey, usize> = BTreeMap::new();
+    for (i, p) in peers.iter().enumerate() {
+        if p.name == host.name {
+            return Err(cx.err(
+                format!("peer[{i}].name"),
+                format!("{:?} is this host's own name (host.name)", p.name),
+            ));
+        }
+        if let Some(j) = names.insert(&p.name, i) {
+            return Err(cx.err(
+                format!("peer[{i}].name"),
+                format!("{:?} is already the name of peer[{j}]", p.name),
+            ));
+        }
+        if let Some(j) = keys.insert(p.public_key, i) {
+            return Err(cx.err(
+                format!("peer[{i}].public_key"),
+                format!(
+                    "{} is already the key of peer[{j}] ({:?}); each peer needs its own key",
+                    p.public_key, peers[j].name
+                ),
+            ));
+        }
+        for (k, net) in p.allowed_ips.iter().enumerate() {
+            if net.contains(&own) {
+                return Err(cx.err(
+                    format!("peer[{i}].allowed_ips[{k}]"),
+                    format!(
+                        "{net} contains this host's own address {own} (host.address); traffic \
+                         to ourselves would be sent to peer {:?}",
+                        p.name
+                    ),
+                ));
+            }
+        }
+    }
+    // Overlaps between peers: WireGuard maps an allowed IP to exactly one peer.
+    for (i, p) in peers.iter().enumerate() {
+        let mut seen = BTreeSet::new();
+        for (j, q) in peers.iter().enumerate().take(i) {
+            for a in &q.allowed_ips {
+                for (k, b) in p.allowed_ips.iter().enumerate() {
+                    if (a.contains(b) || b.contains(a)) && seen.insert(k) {
+                        return Err(cx.err(
+                            format!("peer[{i}].allowed_ips[{k}]"),
+                            format!(
+                                "{b} of peer {:?} overlaps {a} of peer {:?} (peer[{j}]); an \
+                                 address can route to one peer only",
+                                p.name, q.name
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---- locating TOML errors ----
+
+fn toml_error(text: &str, origin: &str, e: &toml::de::Error) -> ConfigError {
+    let msg = e.message().trim().to_string();
+    let Some(span) = e.span() else {
+        let key = backticked_field(&msg, "missing field");
+        return ConfigError {
+            file: origin.to_string(),
+            key,
+            message: msg,
+        };
+    };
+    let pos = span.start.min(text.len());
+    let line_no = text
+        .get(..pos)
+        .map(|t| t.matches('\n').count() + 1)
+        .unwrap_or(1);
+    let mut key = locate_key(text, line_no);
+    if let Some(field) = backticked_field(&msg, "missing field") {
+        key = Some(match key {
+            Some(k) if k.contains('.') || k.contains('[') && !k.ends_with(']') => {
+                // The span was a key=value line: name the table instead.
+                format!("{}.{field}", table_of(&k))
+            }
+            Some(k) => format!("{k}.{field}"),
+            None => field,
+        });
+    }
+    ConfigError {
+        file: origin.to_string(),
+        key,
+        message: format!("line {line_no}: {msg}"),
+    }
+}
+
+/// `missing field `name`` -> `name`.
+fn backticked_field(msg: &str, prefix: &str) -> Option<String> {
+    let rest = msg.strip_prefix(prefix)?.trim_start();
+    let rest = rest.strip_prefix('`')?;
+    let end = rest.find('`')?;
+    Some(rest[..end].to_string())
+}
+
+fn table_of(key: &str) -> &str {
+    match key.rfind('.') {
+        Some(i) => &key[..i],
+        None => key,
+    }
+}
+
+fn strip_comment(line: &str) -> &str {
+    // Good enough for locating keys: '#' inside strings is rare in this format.
+    match line.find('#') {
+        Some(i) => &line[..i],
+        None => line,
+    }
+}
+
+fn bare_key(s: &str) -> Option<String> {
+    let k = s.trim().trim_matches('"').trim_matches('\'');
+    if !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        Some(k.to_string())
+    } else {
+        None
+    }
+}
+
+/// The dotted key path (`peer[1].endpoint`, `host`) of the line `line_no` (1-based).
+fn locate_key(text: &str, line_no: usize) -> Option<String> {
+    let mut table: Option<String> = None;
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut last_key: Option<String> = None;
+    for (n, raw) in text.lines().enumerate() {
+        let line = strip_comment(raw).trim();
+        let is_target = n + 1 == line_no;
+        if let Some(inner) = line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]")) {
+            let name = inner.trim().to_string();
+            let c = counts.entry(name.clone()).or_insert(0);
+            table = Some(format!("{name}[{c}]"));
+            *c += 1;
+            last_key = None;
+        } else if let Some(inner) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            table = Some(inner.trim().to_string());
+            last_key = None;
+        } else if let Some((k, _)) = line.split_once('=') {
+            if let Some(k) = bare_key(k) {
+                last_key = Some(k);
+            }
+        }
+        if is_target {
+            return match (&table, &last_key) {
+                (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+                (Some(t), None) => Some(t.clone()),
+                (None, Some(k)) => Some(k.clone()),
+                (None, None) => None,
+            };
+        }
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "/etc/meshd/meshd.toml";
+
+    fn key(i: u8) -> String {
+        PublicKey([i; 32]).to_string()
+    }
+
+    fn base() -> String {
+        format!(
+            r#"# test config
+[host]
+name = "dock-load"
+address = "10.99.99.1/24"
+
+[[peer]]
+name = "dock-prod"
+public_key = "{}"
+endpoint = "198.51.100.2:51871"
+allowed_ips = ["10.99.99.2/32"]
+
+[[peer]]
+name = "dock-mirror"
+public_key = "{}"
+allowed_ips = ["10.99.99.3/32"]
+persistent_keepalive = 25
+"#,
+            key(2),
+            key(3)
+        )
+    }
+
+    fn refuse(text: &str, want_key: &str, want_in_message: &str) -> ConfigError {
+        let err = parse(text, FILE).expect_err(text);
+        let shown = err.to_string();
+        assert_eq!(err.file, FILE);
+        assert!(shown.starts_with(&format!("{FILE}: ")), "{shown}");
+        assert_eq!(err.key.as_deref(), Some(want_key), "{shown}");
+        assert!(
+            shown.contains(want_in_message),
+            "{shown:?} should contain {want_in_message:?}"
+        );
+        err
+    }
+
+    #[test]
+    fn parses_with_defaults() {
+        let c = parse(&base(), FILE).unwrap();
+        assert_eq!(c.host.name, "dock-load");
+        assert_eq!(c.host.interface, "wgmesh0");
+        assert_eq!(c.host.listen_port, 51871);
+        assert_eq!(c.host.mtu, 1420);
+        assert_eq!(
+            c.host.private_key_file,
+            PathBuf::from("/etc/meshd/private.key")
+        );
+        assert_eq!(c.daemon, DaemonConfig::default());
+        assert_eq!(c.daemon.reconcile_interval(), Duration::from_secs(10));
+        assert_eq!(c.mesh_address(), "10.99.99.1".parse::<IpAddr>().unwrap());
+        assert_eq!(c.mesh_prefix(), "10.99.99.0/24".parse::<IpNet>().unwrap());
+        assert_eq!(c.peers.len(), 2);
+        assert_eq!(c.peer_name(&PublicKey([3; 32])), Some("dock-mirror"));
+        assert_eq!(c.peer_name(&PublicKey([9; 32])), None);
+        let specs = c.peer_specs();
+        assert_eq!(specs.len(), 2);
+        let prod = &specs[&PublicKey([2; 32])];
+        assert_eq!(prod.endpoint, Some("198.51.100.2:51871".parse().unwrap()));
+        assert_eq!(prod.persistent_keepalive, None);
+        assert_eq!(specs[&PublicKey([3; 32])].persistent_keepalive, Some(25));
+        let spec = c.device_spec(PrivateKey::from_bytes([1; 32]));
+        assert_eq!(spec.listen_port, 51871);
+        assert_eq!(spec.peers, specs);
+    }
+
+    #[test]
+    fn parses_everything_explicit() {
+        let text = format!(
+            r#"
+[host]
+name = "dock-edge"
+address = "10.99.99.4/24"
+interface = "wg.mesh_1"
+listen_port = 51999
+private_key_file = "/var/lib/meshd/key"
+mtu = 1380
+
+[daemon]
+control_socket = "/tmp/x/meshd.sock"
+engine = "userspace"
+engine_command = "/usr/local/bin/meshd-wg"
+reconcile_interval_secs = 3
+
+[[peer]]
+name = "nas"
+public_key = "{}"
+endpoint = "[2001:db8::20]:51820"
+allowed_ips = ["10.99.99.20/32", "fd00::/64"]
+persistent_keepalive = 0
+"#,
+            key(7)
+        );
+        let c = parse(&text, FILE).unwrap();
+        assert_eq!(c.host.interface, "wg.mesh_1");
+        assert_eq!(c.host.mtu, 1380);
+        assert_eq!(c.daemon.engine, EngineKind::Userspace);
+        assert_eq!(
+            c.daemon.engine_command,
+            Some(PathBuf::from("/usr/local/bin/meshd-wg"))
+        );
+        assert_eq!(c.daemon.reconcile_interval_secs, 3);
+        assert_eq!(c.peers[0].persistent_keepalive, Some(0));
+        assert_eq!(
+            c.peer_specs()[&PublicKey([7; 32])].persistent_keepalive,
+            None
+        );
+        // Serialize writes the same format back.
+        let again = toml::to_string(&c).unwrap();
+        assert_eq!(parse(&again, FILE).unwrap(), c);
+    }
+
+    #[test]
+    fn no_peers_is_fine() {
+        let c = parse("[host]\nname = \"a\"\naddress = \"10.0.0.1/24\"\n", FILE).unwrap();
+        assert!(c.peers.is_empty());
+    }
+
+    #[test]
+    fn refuses_unknown_keys_with_line() {
+        let t = base().replace("mtu", "x").replace(
+            "address = \"10.99.99.1/24\"",
+            "address = \"10.99.99.1/24\"\nlisten_prot = 1",
+        );
+        let e = refuse(&t, "host.listen_prot", "unknown field `listen_prot`");
+        assert!(e.message.contains("line 5"), "{e}");
+
+        let t = base().replace(
+            "persistent_keepalive = 25",
+            "persistent_keepalive = 25\nkeepalive = 3",
+        );
+        refuse(&t, "peer[1].keepalive", "line 17");
+
+        let t = format!("{}\n[deamon]\nengine = \"userspace\"\n", base());
+        refuse(&t, "deamon", "unknown field `deamon`");
+
+        let t = base().replace("[host]", "[host]\n[daemon]\nsocket = \"/x\"\n[host]");
+        assert!(parse(&t, FILE).is_err());
+        let t = format!("{}\n[daemon]\nsocket = \"/x\"\n", base());
+        refuse(&t, "daemon.socket", "unknown field");
+    }
+
+    #[test]
+    fn refuses_syntax_errors_with_line() {
+        let t = base().replace("name = \"dock-prod\"", "name = dock-prod");
+        let e = refuse(&t, "peer[0].name", "line 7");
+        assert!(e.to_string().contains(FILE));
+        let t = base().replace("listen", "").replace(
+            "[[peer]]\nname = \"dock-mirror\"",
+            "[[peer]\nname = \"dock-mirror\"",
+        );
+        let e = parse(&t, FILE).unwrap_err();
+        assert!(e.message.contains("line 12"), "{e}");
+    }
+
+    #[test]
+    fn refuses_wrong_types_and_missing_fields() {
+        let t = base().replace("persistent_keepalive = 25", "persistent_keepalive = \"25\"");
+        refuse(&t, "peer[1].persistent_keepalive", "line 16");
+        let t = base().replace("name = \"dock-load\"\n", "");
+        refuse(&t, "host.name", "missing field `name`");
+        let t = base().replace("allowed_ips = [\"10.99.99.3/32\"]\n", "");
+        refuse(&t, "peer[1].allowed_ips", "missing field `allowed_ips`");
+        let e = parse("", FILE).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("host"), "{e}");
+    }
+
+    #[test]
+    fn refuses_bad_host_values() {
+        let b = base();
+        refuse(
+            &b.replace("\"dock-load\"", "\"Dock-Load\""),
+            "host.name",
+            "lowercase",
+        );
+        refuse(
+            &b.replace("\"dock-load\"", "\"-dock\""),
+            "host.name",
+            "start or end",
+        );
+        refuse(&b.replace("\"dock-load\"", "\"\""), "host.name", "1 to 63");
+        refuse(
+            &b.replace("\"dock-load\"", &format!("\"{}\"", "a".repeat(64))),
+            "host.name",
+            "1 to 63",
+        );
+        refuse(
+            &b.replace("10.99.99.1/24", "10.99.99.1"),
+            "host.address",
+            "prefix length",
+        );
+        refuse(
+            &b.replace("10.99.99.1/24", "10.99.99.0/24"),
+            "host.address",
+            "network or broadcast",
+        );
+        let with = |k: &str| {
+            b.replace(
+                "address = \"10.99.99.1/24\"",
+                &format!("address = \"10.99.99.1/24\"\n{k}"),
+            )
+        };
+        refuse(&with("listen_port = 0"), "host.listen_port", "1..=65535");
+        refuse(
+            &with("listen_port = 65536"),
+            "host.listen_port",
+            "1..=65535",
+        );
+        refuse(&with("mtu = 1279"), "host.mtu", "1280..=9000");
+        refuse(&with("mtu = 9001"), "host.mtu", "1280..=9000");
+        refuse(
+            &with("interface = \"a-very-long-name0\""),
+            "host.interface",
+            "1 to 15",
+        );
+        refuse(
+            &with("interface = \"wg 0\""),
+            "host.interface",
+            "contains ' '",
+        );
+        refuse(&with("interface = \"..\""), "host.interface", "not a valid");
+        refuse(&with("interface = \"\""), "host.interface", "1 to 15");
+        refuse(
+            &with("private_key_file = \"\""),
+            "host.private_key_file",
+            "empty",
+        );
+    }
+
+    #[test]
+    fn refuses_bad_daemon_values() {
+        let b = base();
+        refuse(
+            &format!("{b}\n[daemon]\nengine = \"kernel\"\n"),
+            "daemon.engine",
+            "only engine",
+        );
+        refuse(
+            &format!("{b}\n[daemon]\nreconcile_interval_secs = 0\n"),
+            "daemon.reconcile_interval_secs",
+            "1..=3600",
+        );
+        refuse(
+            &format!("{b}\n[daemon]\nreconcile_interval_secs = 3601\n"),
+            "daemon.reconcile_interval_secs",
+            "1..=3600",
+        );
+        refuse(
+            &format!("{b}\n[daemon]\ncontrol_socket = \"\"\n"),
+            "daemon.control_socket",
+            "empty",
+        );
+        refuse(
+            &format!("{b}\n[daemon]\nengine_command = \" \"\n"),
+            "daemon.engine_command",
+            "empty",
+        );
+    }
+
+    #[test]
+    fn refuses_bad_peer_values() {
+        let b = base();
+        refuse(
+            &b.replace(&key(3), "not-a-key"),
+            "peer[1].public_key",
+            "wg pubkey",
+        );
+        refuse(
+            &b.replace(&key(3), &key(3)[..43]),
+            "peer[1].public_key",
+            "base64",
+        );
+        refuse(
+            &b.replace(&key(3), &format!("{}A", key(3))),
+            "peer[1].public_key",
+            "base64",
+        );
+        refuse(
+            &b.replace("198.51.100.2:51871", "dock-prod.example.com:51871"),
+            "peer[0].endpoint",
+            "only IP:port is accepted",
+        );
+        refuse(
+            &b.replace("198.51.100.2:51871", "198.51.100.2"),
+            "peer[0].endpoint",
+            "no port",
+        );
+        refuse(
+            &b.replace("198.51.100.2:51871", "198.51.100.2:0"),
+            "peer[0].endpoint",
+            "port 0",
+        );
+        refuse(
+            &b.replace("198.51.100.2:51871", "2001:db8::1:51871"),
+            "peer[0].endpoint",
+            "[2001:db8::1]:51871",
+        );
+        refuse(
+            &b.replace("[\"10.99.99.2/32\"]", "[]"),
+            "peer[0].allowed_ips",
+            "at least one",
+        );
+        refuse(
+            &b.replace("10.99.99.2/32", "10.99.99.2/24"),
+            "peer[0].allowed_ips[0]",
+            "host bits set; did you mean \"10.99.99.2/32\"",
+        );
+        refuse(
+            &b.replace("10.99.99.2/32", "10.99.99.2"),
+            "peer[0].allowed_ips[0]",
+            "10.99.99.2/32",
+        );
+        refuse(
+            &b.replace("10.99.99.2/32", "nope"),
+            "peer[0].allowed_ips[0]",
+            "not a prefix",
+        );
+        refuse(
+            &b.replace("persistent_keepalive = 25", "persistent_keepalive = -1"),
+            "peer[1].persistent_keepalive",
+            "0..=65535",
+        );
+        refuse(
+            &b.replace("persistent_keepalive = 25", "persistent_keepalive = 65536"),
+            "peer[1].persistent_keepalive",
+            "0..=65535",
+        );
+        refuse(
+            &b.replace("\"dock-prod\"", "\"dock_prod\""),
+            "peer[0].name",
+            "lowercase",
+        );
+    }
+
+    #[test]
+    fn refuses_duplicates_and_overlaps() {
+        let b = base();
+        refuse(
+            &b.replace("\"dock-mirror\"", "\"dock-prod\""),
+            "peer[1].name",
+            "already the name of peer[0]",
+        );
+        refuse(
+            &b.replace("\"dock-mirror\"", "\"dock-load\""),
+            "peer[1].name",
+            "own name",
+        );
+        refuse(
+            &b.replace(&key(3), &key(2)),
+            "peer[1].public_key",
+            "already the key of peer[0]",
+        );
+        let e = refuse(
+            &b.replace("10.99.99.3/32", "10.99.99.0/25"),
+            "peer[1].allowed_ips[0]",
+            "contains this host's own address 10.99.99.1",
+        );
+        assert!(e.message.contains("dock-mirror"));
+        let e = refuse(
+            &b.replace(
+                "[\"10.99.99.3/32\"]",
+                "[\"10.99.99.3/32\", \"10.99.99.2/31\"]",
+            ),
+            "peer[1].allowed_ips[1]",
+            "overlaps",
+        );
+        for part in [
+            "10.99.99.2/31",
+            "10.99.99.2/32",
+            "\"dock-prod\"",
+            "\"dock-mirror\"",
+        ] {
+            assert!(e.message.contains(part), "{e} should name {part}");
+        }
+        refuse(
+            &b.replace("10.99.99.3/32", "10.99.99.2/32"),
+            "peer[1].allowed_ips[0]",
+            "overlaps",
+        );
+    }
+
+    #[test]
+    fn display_format() {
+        let e = ConfigError {
+            file: "f.toml".into(),
+            key: Some("host.address".into()),
+            message: "bad".into(),
+        };
+        assert_eq!(e.to_string(), "f.toml: host.address: bad");
+        let e = ConfigError {
+            file: "f.toml".into(),
+            key: None,
+            message: "bad".into(),
+        };
+        assert_eq!(e.to_string(), "f.toml: bad");
+    }
+}
