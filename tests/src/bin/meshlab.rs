@@ -1,1 +1,233 @@
-fn main() {}
+//! `meshlab`: build the fleet lab and leave it running, step into its hosts, tear it down.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use meshlab::{state, topology, Fleet, Lab, LabOpts};
+
+#[derive(Parser)]
+#[command(
+    name = "meshlab",
+    about = "The meshd fleet, rehearsed on one machine out of namespaces"
+)]
+struct Cli {
+    /// Where labs are recorded (default $MESHLAB_STATE or /tmp/meshlab).
+    #[arg(long, global = true)]
+    state: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the lab, start meshd on the five daemon hosts, wait until the mesh pings, leave it running.
+    Up {
+        /// Build the network only; do not write configs or start meshd.
+        #[arg(long)]
+        no_daemons: bool,
+        /// Seconds to wait for every pair of daemon hosts to ping over the mesh.
+        #[arg(long, default_value_t = 90)]
+        timeout: u64,
+        /// Leave the lab running even if the mesh does not come up (to inspect it).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Run a command inside a host (its network, mount and UTS namespaces), stdio inherited.
+    Exec {
+        /// Lab id (default: the one `meshlab up` left running).
+        #[arg(long)]
+        lab: Option<String>,
+        host: String,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
+    /// Remove a lab: its processes, namespaces and state directory.
+    Down {
+        #[arg(long)]
+        lab: Option<String>,
+    },
+    /// Remove what crashed runs left behind (labs whose builder died, stray mlab-* netns).
+    Cleanup {
+        /// Also remove labs left running on purpose by `meshlab up`.
+        #[arg(long)]
+        all: bool,
+    },
+    /// List labs and their hosts.
+    Status,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshlab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let root = cli.state.unwrap_or_else(state::state_root);
+    let pick = |lab: Option<String>| -> Result<String> {
+        match lab.or_else(|| std::env::var("MESHLAB_LAB").ok()) {
+            Some(id) => Ok(id),
+            None => state::current(&root),
+        }
+    };
+    match cli.cmd {
+        Cmd::Up {
+            no_daemons,
+            timeout,
+            keep,
+        } => up(&root, no_daemons, Duration::from_secs(timeout), keep),
+        Cmd::Exec { lab, host, cmd } => {
+            let lab = Lab::attach(&root, &pick(lab)?)?;
+            Err(meshlab::lab::exec_replace(&lab, &host, &cmd))
+        }
+        Cmd::Down { lab } => {
+            let id = pick(lab)?;
+            Lab::attach(&root, &id)?.down()?;
+            println!("lab {id} removed");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Cleanup { all } => {
+            let removed = meshlab::cleanup(&root, all)?;
+            if removed.is_empty() {
+                println!("nothing to clean up");
+            }
+            for r in removed {
+                println!("removed {r}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status => status(&root),
+    }
+}
+
+fn up(root: &std::path::Path, no_daemons: bool, timeout: Duration, keep: bool) -> Result<ExitCode> {
+    let opts = LabOpts {
+        state_root: root.to_path_buf(),
+        persistent: false,
+        ..LabOpts::default()
+    };
+    let mut lab = Lab::build(opts).context("building the lab")?;
+    let id = lab.id().to_owned();
+    println!("lab {id} built under {}", lab.dir().display());
+    let mut ok = true;
+    if !no_daemons {
+        let fleet = Fleet::standard(lab.bin_dir())?;
+        lab.install_fleet(&fleet)?;
+        for h in fleet.names() {
+            let p = lab.start_meshd(h)?;
+            println!(
+                "meshd on {h}: pid {} (log {})",
+                p.pid,
+                lab.meshd_log(h).display()
+            );
+        }
+        println!(
+            "waiting up to {timeout:?} for every pair of {} to ping over the mesh...",
+            fleet.names().join(", ")
+        );
+        match lab.wait_mesh_pings(&fleet.names(), timeout) {
+            Ok(()) => {
+                let n = fleet.hosts.len();
+                println!("mesh is up: all {} ordered pairs ping", n * (n - 1));
+                match lab.meshctl("dock-load", &["peers"]) {
+                    Ok(out) => println!("\n$ meshlab exec dock-load meshctl peers\n{out}"),
+                    Err(e) => println!("\nmeshctl peers on dock-load failed: {e:#}"),
+                }
+            }
+            Err(e) => {
+                ok = false;
+                eprintln!("meshlab: {e:#}");
+                for h in fleet.names() {
+                    eprintln!("  log of {h}: {}", lab.meshd_log(h).display());
+                }
+                if !keep {
+                    eprintln!("tearing the lab down (pass --keep to inspect it)");
+                    lab.down()?;
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+    }
+    lab.persist()?;
+    state::set_current(root, &id)?;
+    println!(
+        "\nlab {id} is running.\n  meshlab exec dock-prod wg show wgmesh0\n  meshlab exec dock-prod meshctl peers\n  meshlab status\n  meshlab down          # removes it"
+    );
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn status(root: &std::path::Path) -> Result<ExitCode> {
+    let current = state::current(root).ok();
+    let labs = state::list_labs(root);
+    if labs.is_empty() {
+        println!("no labs under {}", root.display());
+    }
+    for (id, st) in labs {
+        let st = match st {
+            Ok(st) => st,
+            Err(e) => {
+                println!("lab {id}: unreadable ({e:#})");
+                continue;
+            }
+        };
+        let mark = if current.as_deref() == Some(id.as_str()) {
+            " (current)"
+        } else {
+            ""
+        };
+        let kind = if st.persistent {
+            "left running by meshlab up"
+        } else if st.owner.is_alive() {
+            "owned by a running process"
+        } else {
+            "ORPHANED: meshlab cleanup removes it"
+        };
+        println!("lab {id}{mark}: {} - {kind}", st.dir.display());
+        for (name, h) in &st.hosts {
+            let alive = if h.holder.is_alive() { "up" } else { "GONE" };
+            let addr = h.addr.map(|a| a.to_string()).unwrap_or_default();
+            let mesh = topology::mesh_addr(name)
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let procs = st
+                .spawned
+                .iter()
+                .filter(|s| &s.host == name && s.proc.is_alive())
+                .map(|s| {
+                    format!(
+                        "{}[{}]",
+                        s.cmd
+                            .first()
+                            .map(|c| c.rsplit('/').next().unwrap_or(c))
+                            .unwrap_or(""),
+                        s.proc.pid
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            println!(
+                "  {name:<12} {alive:<4} {:<8?} {addr:<16} {mesh:<12} netns {} {procs}",
+                h.role, h.netns
+            );
+        }
+    }
+    for n in state::our_netns_names() {
+        if let Some(id) = state::id_of_netns(&n) {
+            if !root.join(id).exists() {
+                println!("stray netns {n} (no lab record): meshlab cleanup removes it");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,323 @@
+//! The static fleet: keys and `/etc/meshd/meshd.toml` for the five daemon hosts, starting
+//! meshd in them, and checking the mesh.
+//!
+//! Endpoints follow what a real operator would write: public hosts know each other's internet
+//! addresses; home hosts know the public hosts' internet addresses and each other's LAN
+//! address; public hosts know no endpoint for home hosts (those sit behind NAT and call in,
+//! with a persistent keepalive that keeps the NAT mapping open).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::Engine as _;
+
+use crate::lab::Lab;
+use crate::poll::poll_until;
+use crate::procs::ProcId;
+use crate::topology::{self, Role};
+
+/// Where each host finds its config and key (inside the host).
+pub const CONFIG_PATH: &str = "/etc/meshd/meshd.toml";
+pub const KEY_PATH: &str = "/etc/meshd/private.key";
+/// Keepalive home hosts send to every peer.
+pub const KEEPALIVE_SECS: u16 = 25;
+/// The daemon's reconcile interval in the lab.
+pub const RECONCILE_SECS: u32 = 2;
+
+/// One daemon host of the fleet.
+#[derive(Clone)]
+pub struct FleetHost {
+    pub name: String,
+    pub role: Role,
+    pub underlay: Ipv4Addr,
+    pub mesh: Ipv4Addr,
+    private_key: String,
+    pub public_key: String,
+}
+
+impl std::fmt::Debug for FleetHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetHost")
+            .field("name", &self.name)
+            .field("mesh", &self.mesh)
+            .field("public_key", &self.public_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FleetHost {
+    /// The private key, base64 (only for writing the key file).
+    pub fn private_key_base64(&self) -> &str {
+        &self.private_key
+    }
+}
+
+/// A generated fleet: keys for each host, and the engine each daemon should start.
+#[derive(Debug, Clone)]
+pub struct Fleet {
+    pub hosts: Vec<FleetHost>,
+    pub engine_command: String,
+}
+
+/// A fresh WireGuard key pair, base64 (standard, 44 chars): (private, public).
+pub fn generate_keypair() -> (String, String) {
+    let secret = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
+    let public = x25519_dalek::PublicKey::from(&secret);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    (b64.encode(secret.to_bytes()), b64.encode(public.as_bytes()))
+}
+
+/// The engine meshd should run: `$MESHLAB_ENGINE` (a path, or a name looked up on PATH, e.g.
+/// `wireguard-go`), else `meshd-wg` from `bin_dir`.
+pub fn engine_command(bin_dir: &Path) -> String {
+    match std::env::var("MESHLAB_ENGINE") {
+        Ok(e) if !e.is_empty() => {
+            if e.contains('/') {
+                e
+            } else {
+                which(&e)
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or(e)
+            }
+        }
+        _ => bin_dir.join("meshd-wg").to_string_lossy().into_owned(),
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn toml_str(s: &str) -> String {
+    // serde_json's string escaping is valid TOML basic-string escaping for what we write.
+    serde_json::to_string(s).unwrap_or_else(|_| format!("\"{s}\""))
+}
+
+impl Fleet {
+    /// Keys for the named daemon hosts (each must have a mesh address in the topology).
+    pub fn generate(names: &[&str], engine_command: &str) -> Result<Fleet> {
+        let mut hosts = Vec::new();
+        for name in names {
+            let def = topology::host(name).ok_or_else(|| anyhow!("unknown host {name}"))?;
+            let (Some(mesh), Some(underlay)) = (def.mesh, def.addr) else {
+                bail!("host {name} has no mesh or underlay address");
+            };
+            if !matches!(def.role, Role::Public | Role::Home) {
+                bail!("host {name} cannot run meshd");
+            }
+            let (private_key, public_key) = generate_keypair();
+            hosts.push(FleetHost {
+                name: name.to_string(),
+                role: def.role,
+                underlay,
+                mesh,
+                private_key,
+                public_key,
+            });
+        }
+        Ok(Fleet {
+            hosts,
+            engine_command: engine_command.to_owned(),
+        })
+    }
+
+    /// The five daemon hosts, with the engine from [`engine_command`].
+    pub fn standard(bin_dir: &Path) -> Result<Fleet> {
+        Fleet::generate(&topology::DAEMON_HOSTS, &engine_command(bin_dir))
+    }
+
+    pub fn host(&self, name: &str) -> Result<&FleetHost> {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .ok_or_else(|| anyhow!("host {name} is not in the fleet"))
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.hosts.iter().map(|h| h.name.as_str()).collect()
+    }
+
+    /// `name`'s public key, base64.
+    pub fn public_key(&self, name: &str) -> Result<&str> {
+        Ok(&self.host(name)?.public_key)
+    }
+
+    /// The endpoint `from` is configured with for `to`, if any.
+    pub fn endpoint(&self, from: &FleetHost, to: &FleetHost) -> Option<String> {
+        match (from.role, to.role) {
+            (_, Role::Public) => Some(format!("{}:{}", to.underlay, topology::MESH_PORT)),
+            (Role::Home, Role::Home) => Some(format!("{}:{}", to.underlay, topology::MESH_PORT)),
+            _ => None,
+        }
+    }
+
+    /// The `meshd.toml` of one host.
+    pub fn render(&self, name: &str) -> Result<String> {
+        let me = self.host(name)?;
+        let mut s = String::new();
+        s.push_str("[host]\n");
+        s.push_str(&format!("name = {}\n", toml_str(&me.name)));
+        s.push_str(&format!(
+            "address = \"{}/{}\"\n",
+            me.mesh,
+            topology::MESH_PREFIX
+        ));
+        s.push_str(&format!("interface = \"{}\"\n", topology::MESH_IFACE));
+        s.push_str(&format!("listen_port = {}\n", topology::MESH_PORT));
+        s.push_str(&format!("private_key_file = \"{KEY_PATH}\"\n"));
+        s.push_str("\n[daemon]\n");
+        s.push_str(&format!(
+            "engine_command = {}\n",
+            toml_str(&self.engine_command)
+        ));
+        s.push_str(&format!("reconcile_interval_secs = {RECONCILE_SECS}\n"));
+        for peer in self.hosts.iter().filter(|h| h.name != me.name) {
+            s.push_str("\n[[peer]]\n");
+            s.push_str(&format!("name = {}\n", toml_str(&peer.name)));
+            s.push_str(&format!("public_key = \"{}\"\n", peer.public_key));
+            if let Some(ep) = self.endpoint(me, peer) {
+                s.push_str(&format!("endpoint = \"{ep}\"\n"));
+            }
+            s.push_str(&format!("allowed_ips = [\"{}/32\"]\n", peer.mesh));
+            if me.role == Role::Home {
+                s.push_str(&format!("persistent_keepalive = {KEEPALIVE_SECS}\n"));
+            }
+        }
+        Ok(s)
+    }
+}
+
+impl Lab {
+    /// Write every fleet host's private key (0600) and meshd.toml into its /etc/meshd.
+    pub fn install_fleet(&self, fleet: &Fleet) -> Result<()> {
+        for h in &fleet.hosts {
+            self.write_file_mode(
+                &h.name,
+                KEY_PATH,
+                format!("{}\n", h.private_key).as_bytes(),
+                0o600,
+            )?;
+            self.write_file_mode(
+                &h.name,
+                CONFIG_PATH,
+                fleet.render(&h.name)?.as_bytes(),
+                0o644,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Path of a host's meshd log (in its state directory).
+    pub fn meshd_log(&self, host: &str) -> PathBuf {
+        self.host_dir(host).join("meshd.log")
+    }
+
+    /// Start `meshd --config /etc/meshd/meshd.toml` in `host`, logging to `meshd.log`.
+    pub fn start_meshd(&self, host: &str) -> Result<ProcId> {
+        let meshd = self.bin_dir().join("meshd");
+        if !meshd.is_file() {
+            bail!(
+                "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+                meshd.display()
+            );
+        }
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        let meshd_s = meshd.to_string_lossy().into_owned();
+        self.spawn_env(
+            host,
+            &[meshd_s.as_str(), "--config", CONFIG_PATH],
+            &[
+                ("RUST_LOG", rust_log.as_str()),
+                // wireguard-go refuses to run on Linux without it (MESHLAB_ENGINE=wireguard-go).
+                ("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1"),
+            ],
+            Some(&self.meshd_log(host)),
+        )
+    }
+
+    /// Run `meshctl ARGS...` in `host`; stdout, or an error.
+    pub fn meshctl(&self, host: &str, args: &[&str]) -> Result<String> {
+        let mut argv = vec!["meshctl"];
+        argv.extend_from_slice(args);
+        self.exec_ok(host, &argv)
+    }
+
+    /// Wait until every ordered pair of `hosts` pings over the mesh.
+    pub fn wait_mesh_pings(&self, hosts: &[&str], timeout: Duration) -> Result<()> {
+        let mut pairs = Vec::new();
+        for a in hosts {
+            for b in hosts {
+                if a != b {
+                    pairs.push((a.to_string(), b.to_string(), self.mesh_addr(b)?));
+                }
+            }
+        }
+        std::thread::scope(|s| {
+            let handles: Vec<_> = pairs
+                .iter()
+                .map(|(a, b, addr)| {
+                    s.spawn(move || {
+                        poll_until(
+                            timeout,
+                            &format!("{a} to ping {b} ({addr}) over the mesh"),
+                            || self.ping(a, *addr),
+                        )
+                    })
+                })
+                .collect();
+            let mut failed = Vec::new();
+            for h in handles {
+                match h.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => failed.push(format!("{e:#}")),
+                    Err(_) => failed.push("a ping thread panicked".into()),
+                }
+            }
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                bail!(
+                    "{} of {} mesh pairs failed:\n  {}",
+                    failed.len(),
+                    pairs.len(),
+                    failed.join("\n  ")
+                )
+            }
+        })
+    }
+
+    /// `wg show wgmesh0 peers` in `host`, as a sorted list (duplicates kept).
+    pub fn wg_peers(&self, host: &str) -> Result<Vec<String>> {
+        let out = self.exec_ok(host, &["wg", "show", topology::MESH_IFACE, "peers"])?;
+        let mut v: Vec<String> = out.split_whitespace().map(str::to_owned).collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// `wg show wgmesh0 endpoints` in `host`: public key -> endpoint (`(none)` if unset).
+    pub fn wg_endpoints(&self, host: &str) -> Result<Vec<(String, String)>> {
+        let out = self.exec_ok(host, &["wg", "show", topology::MESH_IFACE, "endpoints"])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.split_whitespace();
+                Some((it.next()?.to_owned(), it.next()?.to_owned()))
+            })
+            .collect())
+    }
+
+    /// The ifindex of `iface` in `host` (from `ip -j link show`).
+    pub fn ifindex(&self, host: &str, iface: &str) -> Result<u64> {
+        let out = self.exec_ok(host, &["ip", "-j", "link", "show", iface])?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("parsing ip -j link")?;
+        v.get(0)
+            .and_then(|l| l.get("ifindex"))
+            .and_then(|i| i.as_u64())
+            .ok_or_else(|| anyhow!("[{host}] no ifindex for {iface} in {out}"))
+    }
+}
