@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
+#[cfg(test)]
+use mesh_proto::Op;
 use mesh_proto::{plan, DeviceSpec, ObservedPeer, PrivateKey, PublicKey};
 
 use crate::backend::{LinkBackend, LinkSpec, WgBackend};
@@ -293,4 +295,287 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
 /// Current wall-clock time as the reconciler wants it.
 pub fn now() -> Duration {
     now_since_epoch()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{FakeBackend, FakeLink};
+    use crate::settings::PeerSettings;
+    use mesh_proto::PeerSpec;
+    use proptest::prelude::*;
+
+    pub(crate) fn peer(i: u8, keepalive: Option<u16>) -> PeerSettings {
+        let key = PrivateKey::from_bytes([i.wrapping_add(1); 32]).public_key();
+        PeerSettings {
+            name: format!("peer-{i}"),
+            spec: PeerSpec {
+                public_key: key,
+                preshared_key: None,
+                endpoint: Some(format!("198.51.100.{i}:51871").parse().expect("endpoint")),
+                allowed_ips: vec![format!("10.99.99.{}/32", 10 + u16::from(i))
+                    .parse()
+                    .expect("net")],
+                persistent_keepalive: keepalive,
+            },
+        }
+    }
+
+    pub(crate) fn settings(peers: Vec<PeerSettings>) -> Settings {
+        Settings {
+            config_path: PathBuf::from("/nonexistent/meshd.toml"),
+            host_name: "dock-load".into(),
+            interface: "wgtest0".into(),
+            address: "10.99.99.1/24".parse().expect("address"),
+            listen_port: 51871,
+            mtu: 1420,
+            private_key_file: PathBuf::from("/nonexistent/private.key"),
+            control_socket: PathBuf::from("/nonexistent/meshd.sock"),
+            engine_command: None,
+            reconcile_interval: Duration::from_secs(10),
+            peers,
+        }
+    }
+
+    fn agent(
+        peers: Vec<PeerSettings>,
+        device: mesh_proto::ObservedDevice,
+    ) -> Agent<FakeBackend, FakeLink> {
+        let wg = FakeBackend {
+            device,
+            ..FakeBackend::default()
+        };
+        Agent::new(
+            wg,
+            FakeLink::default(),
+            settings(peers),
+            PrivateKey::from_bytes([200; 32]),
+        )
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    const NOW: Duration = Duration::from_secs(1_700_000_000);
+
+    #[test]
+    fn first_pass_converges_and_second_is_a_no_op() {
+        block_on(async {
+            let mut a = agent(vec![peer(1, Some(25)), peer(2, None)], Default::default());
+            let r = a.reconcile(NOW).await;
+            assert!(r.error.is_none(), "{r:?}");
+            assert!(!r.ops.is_empty());
+            assert_eq!(a.wg.device.peers.len(), 2);
+            assert_eq!(a.wg.device.listen_port, 51871);
+            assert_eq!(a.link.mtu, 1420);
+            assert!(a.link.up);
+            let st = a.status();
+            assert_eq!(st.ifindex, Some(7));
+            assert_eq!(st.passes, 1);
+            let r2 = a.reconcile(NOW).await;
+            assert!(r2.ops.is_empty(), "second pass must be a no-op: {r2:?}");
+            let peers = a.peers().await.expect("peers");
+            assert_eq!(peers.len(), 2);
+            assert_eq!(peers[0].name, "peer-1");
+            assert_eq!(
+                peers[0].mesh_address,
+                Some("10.99.99.11/32".parse().expect("net"))
+            );
+            assert!(peers.iter().all(|p| p.observed.is_some()));
+        });
+    }
+
+    #[test]
+    fn a_failing_op_does_not_abort_the_others() {
+        block_on(async {
+            let mut a = agent(
+                vec![peer(1, None), peer(2, None), peer(3, None)],
+                Default::default(),
+            );
+            let bad = peer(2, None).spec.public_key;
+            a.wg.fail_peers.insert(bad);
+            let r = a.reconcile(NOW).await;
+            assert_eq!(r.failed.len(), 1, "{r:?}");
+            assert!(
+                r.error.as_deref().is_some_and(|e| e.contains("1 of")),
+                "{r:?}"
+            );
+            assert_eq!(a.wg.device.peers.len(), 2);
+            assert!(!a.wg.device.peers.contains_key(&bad));
+            assert!(a.status().last_error.is_some());
+            // The fault clears: the next pass (level-triggered) adds the missing peer.
+            a.wg.fail_peers.clear();
+            let r = a.reconcile(NOW).await;
+            assert!(r.error.is_none() && r.failed.is_empty(), "{r:?}");
+            assert_eq!(a.wg.device.peers.len(), 3);
+            assert!(a.status().last_error.is_none());
+        });
+    }
+
+    #[test]
+    fn unreachable_device_fails_the_pass_not_the_agent() {
+        block_on(async {
+            let mut a = agent(vec![peer(1, None)], Default::default());
+            a.wg.fail_observe = true;
+            let r = a.reconcile(NOW).await;
+            assert!(r.error.is_some());
+            assert_eq!(a.wg.ensure_calls, 1, "must try to (re)start the device");
+            a.wg.fail_observe = false;
+            let r = a.reconcile(NOW).await;
+            assert!(r.error.is_none(), "{r:?}");
+            assert_eq!(a.wg.device.peers.len(), 1);
+        });
+    }
+
+    #[test]
+    fn foreign_peers_on_our_interface_are_removed() {
+        block_on(async {
+            let mut a = agent(vec![peer(1, None)], Default::default());
+            a.reconcile(NOW).await;
+            // Someone adds a peer by hand, stealing peer 1's allowed IP.
+            let mut thief = peer(9, None).spec;
+            thief.allowed_ips = peer(1, None).spec.allowed_ips;
+            mesh_proto::plan::apply(&mut a.wg.device, &[Op::AddPeer(thief)]);
+            a.reconcile(NOW).await;
+            let p1 = peer(1, None).spec;
+            assert_eq!(a.wg.device.peers.len(), 1);
+            assert_eq!(
+                a.wg.device.peers[&p1.public_key].allowed_ips,
+                p1.allowed_ips
+            );
+        });
+    }
+
+    fn config_text(dir: &Path, address: &str, peers: &[PeerSettings]) -> String {
+        let mut t = format!(
+            "[host]\nname = \"dock-load\"\naddress = \"{address}\"\ninterface = \"wgtest0\"\n\
+             listen_port = 51871\nprivate_key_file = \"{}\"\nmtu = 1420\n",
+            dir.join("private.key").display()
+        );
+        for p in peers {
+            t.push_str(&format!(
+                "\n[[peer]]\nname = \"{}\"\npublic_key = \"{}\"\nallowed_ips = [\"{}\"]\n",
+                p.name, p.spec.public_key, p.spec.allowed_ips[0]
+            ));
+        }
+        t
+    }
+
+    #[test]
+    fn reload_with_bad_config_keeps_the_old_one_and_reports_it() {
+        block_on(async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("meshd.toml");
+            std::fs::write(
+                &path,
+                config_text(dir.path(), "10.99.99.1/24", &[peer(1, None)]),
+            )
+            .expect("write");
+            let settings = Settings::load(&path).expect("valid config");
+            let key = crate::keyfile::load_or_generate(&settings.private_key_file).expect("key");
+            let mut a = Agent::new(FakeBackend::default(), FakeLink::default(), settings, key);
+            a.reconcile(NOW).await;
+            assert_eq!(a.wg.device.peers.len(), 1);
+
+            // A broken edit: reload refused, old config kept, error names file and key.
+            let mut bad = config_text(dir.path(), "10.99.99.1/24", &[peer(1, None), peer(2, None)]);
+            bad = bad.replace("listen_port = 51871", "listen_port = \"many\"");
+            std::fs::write(&path, bad).expect("write");
+            let err = a.handle_reload().expect_err("bad config must be refused");
+            let msg = a.status().last_error.expect("reported in status");
+            assert!(
+                msg.contains("meshd.toml") && msg.contains("listen_port"),
+                "{msg} / {err}"
+            );
+            let r = a.reconcile(NOW).await;
+            assert!(r.ops.is_empty(), "old config still in force: {r:?}");
+            assert_eq!(a.wg.device.peers.len(), 1);
+            assert!(
+                a.status().last_error.is_some(),
+                "still reported after a good pass"
+            );
+
+            // Fixed, with a new peer and a new address: applied, old address removed.
+            std::fs::write(
+                &path,
+                config_text(dir.path(), "10.99.99.7/24", &[peer(1, None), peer(2, None)]),
+            )
+            .expect("write");
+            a.handle_reload().expect("good config");
+            let r = a.reconcile(NOW).await;
+            assert!(r.error.is_none(), "{r:?}");
+            assert_eq!(a.wg.device.peers.len(), 2);
+            assert!(a.status().last_error.is_none());
+            let addrs: Vec<String> = a.link.addresses.iter().map(|n| n.to_string()).collect();
+            assert_eq!(addrs, vec!["10.99.99.7/24".to_string()]);
+        });
+    }
+
+    #[test]
+    fn reload_refuses_an_interface_change() {
+        block_on(async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("meshd.toml");
+            let text = config_text(dir.path(), "10.99.99.1/24", &[peer(1, None)]);
+            std::fs::write(&path, &text).expect("write");
+            let settings = Settings::load(&path).expect("valid config");
+            let key = crate::keyfile::load_or_generate(&settings.private_key_file).expect("key");
+            let mut a = Agent::new(FakeBackend::default(), FakeLink::default(), settings, key);
+            std::fs::write(&path, text.replace("wgtest0", "wgother0")).expect("write");
+            let err = a
+                .handle_reload()
+                .expect_err("interface change needs a restart");
+            assert!(err.to_string().contains("needs a restart"), "{err}");
+            assert_eq!(a.settings().interface, "wgtest0");
+        });
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// From any starting device (random peers, some overlapping with the config), one pass
+        /// converges to the config and the next pass plans nothing, even with injected
+        /// failures on some peers (those are retried once the fault clears).
+        #[test]
+        fn converges_from_any_start(
+            wanted in proptest::collection::btree_set(0u8..12, 0..6),
+            present in proptest::collection::btree_set(0u8..12, 0..6),
+            failing in proptest::collection::btree_set(0u8..12, 0..3),
+            ka in proptest::option::of(1u16..60),
+        ) {
+            block_on(async {
+                let mut start = mesh_proto::ObservedDevice::default();
+                let ops: Vec<Op> = present.iter().map(|i| {
+                    let mut s = peer(*i, None).spec;
+                    s.endpoint = None;
+                    Op::AddPeer(s)
+                }).collect();
+                mesh_proto::plan::apply(&mut start, &ops);
+                let peers: Vec<_> = wanted.iter().map(|i| peer(*i, ka)).collect();
+                let mut a = agent(peers, start);
+                a.wg.fail_peers = failing.iter().map(|i| peer(*i, None).spec.public_key).collect();
+                let r = a.reconcile(NOW).await;
+                let expected_failures = wanted.union(&present).filter(|i| failing.contains(i)).count();
+                // Every op on a failing peer fails, and nothing else does.
+                prop_assert!(r.failed.len() <= expected_failures, "{:?}", r);
+                for (k, p) in &a.wg.device.peers {
+                    if !a.wg.fail_peers.contains(k) {
+                        prop_assert_eq!(a.desired().peers.get(k).map(|d| &d.allowed_ips), Some(&p.allowed_ips));
+                    }
+                }
+                a.wg.fail_peers.clear();
+                a.reconcile(NOW).await;
+                let r = a.reconcile(NOW).await;
+                prop_assert!(r.ops.is_empty(), "not converged: {:?}", r);
+                let keys: Vec<_> = a.wg.device.peers.keys().copied().collect();
+                let want: Vec<_> = a.desired().peers.keys().copied().collect();
+                prop_assert_eq!(keys, want);
+                Ok(())
+            })?;
+        }
+    }
 }

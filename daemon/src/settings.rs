@@ -48,14 +48,12 @@ impl Settings {
 
     /// Parse configuration text that came from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Settings> {
-        let config = crate::shim::config::parse(text, path).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let config = mesh_proto::config::parse(text, &path.display().to_string())?;
         Ok(Self::from_config(config, path))
     }
 
-    fn from_config(config: crate::shim::config::Config, path: &Path) -> Settings {
+    fn from_config(config: mesh_proto::config::Config, path: &Path) -> Settings {
+        let mut specs = config.peer_specs();
         let host = config.host;
         let daemon = config.daemon;
         Settings {
@@ -72,15 +70,11 @@ impl Settings {
             peers: config
                 .peers
                 .into_iter()
-                .map(|p| PeerSettings {
-                    name: p.name,
-                    spec: PeerSpec {
-                        public_key: p.public_key,
-                        preshared_key: None,
-                        endpoint: p.endpoint,
-                        allowed_ips: p.allowed_ips,
-                        persistent_keepalive: p.persistent_keepalive.filter(|k| *k != 0),
-                    },
+                .filter_map(|p| {
+                    Some(PeerSettings {
+                        spec: specs.remove(&p.public_key)?,
+                        name: p.name,
+                    })
                 })
                 .collect(),
         }
