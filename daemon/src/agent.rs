@@ -29,13 +29,15 @@ pub struct PeerView {
 }
 
 /// The agent's own state, for `meshctl status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentStatus {
     pub host_name: String,
     pub interface: String,
-    pub address: Option<IpNet>,
-    pub public_key: Option<PublicKey>,
+    pub address: IpNet,
+    pub public_key: PublicKey,
     pub listen_port: u16,
+    /// Which engine drives the interface (for people).
+    pub backend: String,
     pub config_path: PathBuf,
     pub ifindex: Option<u32>,
     pub configured_peers: usize,
@@ -71,6 +73,7 @@ pub struct Agent<W, L> {
     last_pass: Option<Duration>,
     last_report: PassReport,
     reload_error: Option<String>,
+    backend: String,
 }
 
 fn now_since_epoch() -> Duration {
@@ -103,7 +106,13 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
             last_pass: None,
             last_report: PassReport::default(),
             reload_error: None,
+            backend: "in-memory".to_string(),
         }
+    }
+
+    /// Describe the engine for `meshctl status` (e.g. `userspace: /usr/bin/meshd-wg`).
+    pub fn set_backend_label(&mut self, label: impl Into<String>) {
+        self.backend = label.into();
     }
 
     pub fn settings(&self) -> &Settings {
@@ -274,8 +283,9 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
         AgentStatus {
             host_name: self.settings.host_name.clone(),
             interface: self.settings.interface.clone(),
-            address: Some(self.settings.address),
-            public_key: Some(self.key.public_key()),
+            address: self.settings.address,
+            public_key: self.key.public_key(),
+            backend: self.backend.clone(),
             listen_port: self.settings.listen_port,
             config_path: self.settings.config_path.clone(),
             ifindex: self.ifindex,

@@ -6,7 +6,7 @@ use std::fs::{self, DirBuilder};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::shim::control::{Request, Response};
+use mesh_proto::control::{Request, Response};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
@@ -104,9 +104,7 @@ async fn write_response(
     stream: &mut (impl AsyncWriteExt + Unpin),
     response: &Response,
 ) -> std::io::Result<()> {
-    let mut line = serde_json::to_string(response).map_err(std::io::Error::other)?;
-    line.push('\n');
-    stream.write_all(line.as_bytes()).await?;
+    stream.write_all(response.to_line().as_bytes()).await?;
     stream.flush().await
 }
 
@@ -122,7 +120,7 @@ async fn handle_connection(
         let n = match n {
             Ok(n) => n,
             Err(e) => {
-                let resp = Response::Error(format!("unreadable request: {e}"));
+                let resp = Response::error(format!("unreadable request: {e}"));
                 return write_response(&mut write, &resp).await;
             }
         };
@@ -130,27 +128,27 @@ async fn handle_connection(
             return Ok(());
         }
         if !line.ends_with('\n') && n as u64 >= MAX_REQUEST {
-            let resp = Response::Error(format!("request longer than {MAX_REQUEST} bytes"));
+            let resp = Response::error(format!("request longer than {MAX_REQUEST} bytes"));
             return write_response(&mut write, &resp).await;
         }
         if line.trim().is_empty() {
             continue;
         }
-        let request: Request = match serde_json::from_str(line.trim()) {
+        let request = match Request::from_line(&line) {
             Ok(r) => r,
             Err(e) => {
-                let resp = Response::Error(format!("malformed request: {e}"));
+                let resp = Response::error(format!("malformed request: {e}"));
                 return write_response(&mut write, &resp).await;
             }
         };
         let (reply, rx) = oneshot::channel();
         if commands.send(Command { request, reply }).await.is_err() {
-            let resp = Response::Error("meshd is shutting down".into());
+            let resp = Response::error("meshd is shutting down");
             return write_response(&mut write, &resp).await;
         }
         let resp = rx
             .await
-            .unwrap_or_else(|_| Response::Error("meshd is shutting down".into()));
+            .unwrap_or_else(|_| Response::error("meshd is shutting down"));
         write_response(&mut write, &resp).await?;
     }
 }

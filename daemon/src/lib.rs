@@ -17,4 +17,3 @@ pub use agent::{Agent, AgentStatus, PassReport, PeerView};
 pub use backend::{FakeBackend, FakeLink, LinkBackend, LinkReport, LinkSpec, WgBackend};
 pub use error::{Error, Result};
 pub use settings::{PeerSettings, Settings};
-pub mod shim;

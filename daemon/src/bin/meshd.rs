@@ -53,7 +53,6 @@ async fn serve(settings: Settings) -> Result<()> {
         .engine_command
         .clone()
         .unwrap_or_else(default_engine_command);
-    let wg = UapiBackend::new(&settings.interface, engine, Path::new(DEFAULT_WG_RUN_DIR));
     let link = NetlinkLink::connect()?;
     let socket = ControlSocket::bind(&settings.control_socket)?;
     tracing::info!(
@@ -64,7 +63,10 @@ async fn serve(settings: Settings) -> Result<()> {
         locks = ?lock.paths(),
         "meshd started"
     );
-    let agent = Agent::new(wg, link, settings, key);
+    let label = format!("userspace: {}", engine.display());
+    let wg = UapiBackend::new(&settings.interface, engine, Path::new(DEFAULT_WG_RUN_DIR));
+    let mut agent = Agent::new(wg, link, settings, key);
+    agent.set_backend_label(label);
     meshd::daemon::run(agent, &socket.listener, shutdown).await?;
     drop(socket);
     drop(lock);
