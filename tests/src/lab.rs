@@ -1050,10 +1050,12 @@ fn dump_logs(st: &LabState) {
     }
 }
 
-/// What `meshlab cleanup` removes: labs whose builder died without a teardown (or all labs
-/// with `all`), and netns registered under our prefix that no recorded lab accounts for.
+/// What `meshlab cleanup` removes: labs recorded under `state_root` whose builder died without
+/// a teardown (or all of them with `all`), and empty namespaces still registered under our
+/// prefix that no record accounts for.
 pub fn cleanup(state_root: &Path, all: bool) -> Result<Vec<String>> {
     let mut removed = Vec::new();
+    let mut skipped = Vec::new();
     let mut errors = Vec::new();
     let mut live_ids = Vec::new();
     for (id, st) in state::list_labs(state_root) {
@@ -1076,6 +1078,9 @@ pub fn cleanup(state_root: &Path, all: bool) -> Result<Vec<String>> {
             }
         }
     }
+    // Registered names of ours that no record under this root accounts for. They may belong
+    // to a run recorded under another state root, so only a name pinning an *empty* namespace
+    // (its holder and everything else gone: a crashed run) is removed; nothing is killed.
     for name in state::our_netns_names() {
         let Some(id) = state::id_of_netns(&name) else {
             continue;
@@ -1083,18 +1088,29 @@ pub fn cleanup(state_root: &Path, all: bool) -> Result<Vec<String>> {
         if live_ids.iter().any(|l| l == id) {
             continue;
         }
-        // Kill what still lives in that namespace (ours: we made it), then drop the name.
         let path = Path::new("/run/netns").join(&name);
         use std::os::unix::fs::MetadataExt;
-        if let Ok(m) = std::fs::metadata(&path) {
-            let ident = format!("net:[{}]", m.ino());
-            let victims = procs::procs_in_netns(&ident);
-            terminate_all(&victims, TERM_GRACE, &mut errors);
+        let Ok(m) = std::fs::metadata(&path) else {
+            continue;
+        };
+        let ident = format!("net:[{}]", m.ino());
+        let inside = procs::procs_in_netns(&ident);
+        if !inside.is_empty() {
+            let pids: Vec<String> = inside.iter().map(|p| p.pid.to_string()).collect();
+            skipped.push(format!(
+                "netns {name} has no record under {} but processes {} live in it: left alone",
+                state_root.display(),
+                pids.join(",")
+            ));
+            continue;
         }
         match run_root(&["ip", "netns", "delete", &name]) {
             Ok(_) => removed.push(format!("netns {name}")),
             Err(e) => errors.push(format!("{e:#}")),
         }
+    }
+    for s in &skipped {
+        eprintln!("meshlab cleanup: {s}");
     }
     if errors.is_empty() {
         Ok(removed)

@@ -24,6 +24,7 @@ pub mod fleet;
 pub mod lab;
 pub mod poll;
 pub mod procs;
+pub mod root;
 pub mod state;
 pub mod topology;
 
@@ -31,5 +32,6 @@ pub use fleet::{engine_command, generate_keypair, Fleet, FleetHost};
 pub use lab::{bin_dir, check_output, cleanup, Lab, LabOpts};
 pub use poll::{poll_for, poll_until};
 pub use procs::ProcId;
+pub use root::RootSnapshot;
 pub use state::{state_root, LabState};
 pub use topology::{DAEMON_HOSTS, MESH_IFACE, MESH_PORT};

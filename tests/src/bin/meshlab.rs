@@ -57,6 +57,14 @@ enum Cmd {
     },
     /// List labs and their hosts.
     Status,
+    /// Build a network-only lab owned by this process, print its id, hold it until stdin
+    /// closes, then remove it (used by the suites to rehearse a crashed run).
+    #[command(hide = true)]
+    Hold {
+        /// Hosts to build (default: all).
+        #[arg(long, value_delimiter = ',')]
+        hosts: Option<Vec<String>>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -104,6 +112,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status => status(&root),
+        Cmd::Hold { hosts } => {
+            let lab = Lab::build(LabOpts {
+                hosts,
+                state_root: root.clone(),
+                ..LabOpts::default()
+            })?;
+            println!("{}", lab.id());
+            std::io::Write::flush(&mut std::io::stdout())?;
+            let mut sink = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink)?;
+            lab.down()?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
