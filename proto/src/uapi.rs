@@ -429,6 +429,24 @@ pub fn format_errno(errno: i32) -> String {
     format!("errno={wire}\n\n")
 }
 
+/// Parse the reply to a `set=1` request (`errno=N` and a blank line). `errno=0` is success;
+/// anything else is `UapiError::Errno(n)` as sent (wireguard-go sends it negative: use
+/// [`UapiError::errno`] for the positive number). Never panics.
+pub fn parse_errno_reply(text: &str) -> Result<(), UapiError> {
+    let Some(line) = body_lines(text).next() else {
+        return Err(UapiError::MalformedLine {
+            line: "(reply ended without errno=)".to_string(),
+        });
+    };
+    match split_line(line)? {
+        ("errno", value) => match parse_errno(value)? {
+            0 => Ok(()),
+            n => Err(UapiError::Errno(n)),
+        },
+        (key, _) => Err(UapiError::unexpected(key)),
+    }
+}
+
 /// Translate reconciler ops into one `set=1` request.
 ///
 /// - `SetPrivateKey`, `SetListenPort` set those fields; `SetFwmark(None)` sends `fwmark=0`.
@@ -710,6 +728,22 @@ mod tests {
     }
 
     #[test]
+    fn errno_replies() {
+        assert_eq!(parse_errno_reply("errno=0\n\n"), Ok(()));
+        assert_eq!(parse_errno_reply(&format_errno(0)), Ok(()));
+        let e = parse_errno_reply(&format_errno(EINVAL)).unwrap_err();
+        assert_eq!(e, UapiError::Errno(-22));
+        assert_eq!(e.errno(), EINVAL);
+        assert_eq!(
+            parse_errno_reply("errno=71\n\n").unwrap_err().errno(),
+            EPROTO
+        );
+        assert!(parse_errno_reply("").is_err());
+        assert!(parse_errno_reply("errno=x\n\n").is_err());
+        assert!(parse_errno_reply("listen_port=1\nerrno=0\n\n").is_err());
+    }
+
+    #[test]
     fn errno_wire_form() {
         assert_eq!(format_errno(0), "errno=0\n\n");
         assert_eq!(format_errno(EINVAL), "errno=-22\n\n");
@@ -868,6 +902,7 @@ mod tests {
         fn fuzz_arbitrary_strings(s in ".*") {
             let _ = parse_set(&s);
             let _ = parse_get(&s);
+            let _ = parse_errno_reply(&s);
         }
 
         #[test]
