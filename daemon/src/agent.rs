@@ -308,7 +308,7 @@ pub fn now() -> Duration {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::backend::{FakeBackend, FakeLink};
     use crate::settings::PeerSettings;

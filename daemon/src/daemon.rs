@@ -36,6 +36,9 @@ pub async fn run<W: WgBackend, L: LinkBackend>(
     tokio::pin!(shutdown);
     let mut period = agent.settings().reconcile_interval;
     let mut timer = ticker(period);
+    // The first pass runs before any control request is answered.
+    timer.tick().await;
+    agent.reconcile(now()).await;
     loop {
         tokio::select! {
             biased;
@@ -76,4 +79,105 @@ pub fn shutdown_signal() -> Result<impl Future<Output = ()>> {
             _ = int.recv() => tracing::info!("SIGINT"),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{FakeBackend, FakeLink};
+    use crate::control::ControlSocket;
+    use mesh_proto::control::{Request, Response};
+    use mesh_proto::PrivateKey;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::UnixStream;
+
+    async fn exchange(path: &std::path::Path, line: &str) -> Option<String> {
+        let mut s = UnixStream::connect(path).await.expect("connect");
+        s.write_all(line.as_bytes()).await.expect("write");
+        let mut r = BufReader::new(s);
+        let mut out = String::new();
+        let n = r.read_line(&mut out).await.expect("read");
+        // After an error the server closes the connection.
+        (n > 0).then_some(out)
+    }
+
+    #[tokio::test]
+    async fn control_socket_survives_malformed_requests() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("run/meshd.sock");
+        let socket = ControlSocket::bind(&path).expect("bind");
+        let peers = vec![crate::agent::tests::peer(1, Some(25))];
+        let agent = Agent::new(
+            FakeBackend::default(),
+            FakeLink::default(),
+            crate::agent::tests::settings(peers),
+            PrivateKey::from_bytes([3; 32]),
+        );
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stop_rx.await;
+        };
+        let client = async {
+            let bad = exchange(&path, "this is not json\n").await.expect("reply");
+            assert!(
+                matches!(Response::from_line(&bad), Ok(Response::Error { .. })),
+                "{bad}"
+            );
+            let bad = exchange(&path, "{\"request\":\"format_disk\"}\n")
+                .await
+                .expect("reply");
+            assert!(matches!(
+                Response::from_line(&bad),
+                Ok(Response::Error { .. })
+            ));
+            let ok = exchange(&path, &Request::Peers.to_line())
+                .await
+                .expect("reply");
+            match Response::from_line(&ok).expect("decode") {
+                Response::Peers { peers } => {
+                    assert_eq!(peers.len(), 1);
+                    assert_eq!(peers[0].name.as_deref(), Some("peer-1"));
+                    assert_eq!(
+                        peers[0].mesh_address,
+                        Some("10.99.99.11".parse().expect("ip"))
+                    );
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            let st = exchange(&path, &Request::Status.to_line())
+                .await
+                .expect("reply");
+            match Response::from_line(&st).expect("decode") {
+                Response::Status(s) => {
+                    assert_eq!(s.peers_total, 1);
+                    assert!(s.backend.contains("ifindex 7"), "{}", s.backend);
+                    assert!(s.last_reconcile_unix.is_some());
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            // Reload of a config file that does not exist: refused, daemon keeps serving.
+            let rl = exchange(&path, &Request::Reload.to_line())
+                .await
+                .expect("reply");
+            assert!(
+                matches!(Response::from_line(&rl), Ok(Response::Error { .. })),
+                "{rl}"
+            );
+            let st = exchange(&path, &Request::Status.to_line())
+                .await
+                .expect("reply");
+            match Response::from_line(&st).expect("decode") {
+                Response::Status(s) => {
+                    assert!(s.last_error.is_some_and(|e| e.contains("reload refused")));
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            let _ = stop_tx.send(());
+        };
+        let (agent, ()) = tokio::join!(run(agent, &socket.listener, shutdown), client);
+        let agent = agent.expect("run");
+        assert_eq!(agent.wg.device.peers.len(), 1);
+        drop(socket);
+        assert!(!path.exists(), "control socket removed on shutdown");
+    }
 }

@@ -317,6 +317,27 @@ fn meshd_adopts_engine_across_restart_and_sigkill() {
         "check-config must not create the interface"
     );
 
+    // A bad config at startup: exit non-zero, nothing applied.
+    let good = fs::read_to_string(lab.config_path()).expect("config");
+    fs::write(
+        lab.config_path(),
+        good.replace("mtu = 1420", "mtu = \"big\""),
+    )
+    .expect("write");
+    let bad = lab.run(&[
+        bin("meshd").to_str().expect("path"),
+        "--config",
+        lab.config_path().to_str().expect("path"),
+    ]);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("meshd.toml") && stderr.contains("mtu"),
+        "{stderr}"
+    );
+    assert!(lab.ifindex().is_none(), "a bad config must apply nothing");
+    fs::write(lab.config_path(), &good).expect("write");
+
     // First start: the engine is started, peers configured, address and MTU set.
     let pid = lab.spawn_meshd();
     let names = poll("meshctl peers --json to list the peers", || {
@@ -361,6 +382,38 @@ fn meshd_adopts_engine_across_restart_and_sigkill() {
         lab.meshctl(&["status"]).status.success(),
         "first meshd still serves"
     );
+
+    // SIGHUP with a broken config: refused, reported, old config kept, daemon alive.
+    fs::write(
+        lab.config_path(),
+        good.replace("listen_port = 51871", "listen_port = 0x"),
+    )
+    .expect("write");
+    lab.signal(pid, nix::sys::signal::Signal::SIGHUP);
+    let err = poll("status to report the refused reload", || {
+        let out = lab.meshctl(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.get("last_error")?.as_str().map(str::to_owned)
+    });
+    assert!(err.contains("meshd.toml"), "{err}");
+    assert_eq!(lab.wg_peers().map(|k| k.len()), Some(peers.len()));
+    // meshctl reload with a fixed config that adds a peer: applied at once.
+    let mut more = peers.clone();
+    more.push((
+        "dock-9".into(),
+        PrivateKey::generate().public_key().to_string(),
+        "10.99.99.9".into(),
+    ));
+    lab.write_config(&more);
+    let rl = lab.meshctl(&["reload"]);
+    assert!(rl.status.success(), "{rl:?}");
+    assert_eq!(lab.wg_peers().map(|k| k.len()), Some(more.len()));
+    let st = lab.meshctl(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status json");
+    assert!(v.get("last_error").is_some_and(|e| e.is_null()), "{v}");
+    lab.write_config(&peers);
+    assert!(lab.meshctl(&["reload"]).status.success());
+    assert_eq!(lab.wg_peers().map(|k| k.len()), Some(peers.len()));
 
     // SIGTERM: the control socket goes, the interface and engine stay.
     lab.signal(pid, nix::sys::signal::Signal::SIGTERM);
