@@ -343,8 +343,8 @@ impl Device {
                 }
             }
             let mut ready = 0;
-            for i in 0..n {
-                let Some(peer) = peers[i].take() else {
+            for (i, slot) in peers.iter_mut().enumerate().take(n) {
+                let Some(peer) = slot.take() else {
                     continue;
                 };
                 let from = rx.addrs[i];
@@ -358,14 +358,11 @@ impl Device {
                         peer.tx_bytes
                             .fetch_add(reply.len() as u64, Ordering::Relaxed);
                         // Flush packets queued while the handshake was pending.
-                        loop {
-                            match tunn.decapsulate(None, &[], &mut scratch) {
-                                TunnResult::WriteToNetwork(p) => {
-                                    let _ = sock.send_to(p, from);
-                                    peer.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
-                                }
-                                _ => break,
-                            }
+                        while let TunnResult::WriteToNetwork(p) =
+                            tunn.decapsulate(None, &[], &mut scratch)
+                        {
+                            let _ = sock.send_to(p, from);
+                            peer.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
                         }
                         peer.last_tx_ms.store(self.now_ms(), Ordering::Relaxed);
                     }
