@@ -122,6 +122,14 @@ impl UapiBackend {
             "no engine answers on {}; starting one",
             self.socket.display()
         );
+        // A socket file nobody listens on was left by a dead engine; engines refuse to start
+        // while it exists (it would look like a live one), so remove it.
+        if let Err(e) = std::os::unix::net::UnixStream::connect(&self.socket) {
+            if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                tracing::info!(socket = %self.socket.display(), "removing stale UAPI socket");
+                let _ = std::fs::remove_file(&self.socket);
+            }
+        }
         let mut cmd = Command::new(&self.engine_command);
         cmd.arg(&self.interface)
             .stdin(Stdio::null())

@@ -9,6 +9,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mesh_proto::PrivateKey;
@@ -31,9 +32,13 @@ fn bin(name: &str) -> PathBuf {
     let meshd = PathBuf::from(env!("CARGO_BIN_EXE_meshd"));
     let path = meshd.with_file_name(name);
     if !path.exists() {
+        let package = match name {
+            "meshd-wg" => "meshd-engine",
+            other => other,
+        };
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "-p", name])
+            .args(["build", "-p", package])
             .status()
             .expect("run cargo build");
         assert!(status.success(), "cargo build -p {name} failed");
@@ -46,11 +51,14 @@ struct Lab {
     holder: Child,
     dir: tempfile::TempDir,
     daemons: Vec<Child>,
+    engine: PathBuf,
 }
 
 impl Lab {
-    fn new() -> Lab {
-        let netns = format!("meshd-it-{}", std::process::id());
+    fn new(engine: PathBuf) -> Lab {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let netns = format!("meshd-it-{}-{n}", std::process::id());
         let ok = Command::new("ip")
             .args(["netns", "add", &netns])
             .status()
@@ -74,6 +82,7 @@ impl Lab {
             holder,
             dir,
             daemons: Vec::new(),
+            engine,
         };
         let pid = lab.holder.id();
         poll("private /run in the lab namespace", || {
@@ -103,6 +112,7 @@ impl Lab {
     }
 
     fn write_config(&self, peers: &[(String, String, String)]) {
+        let engine = self.engine.display();
         let key_file = self.dir.path().join("etc/private.key");
         let mut text = format!(
             r#"[host]
@@ -115,10 +125,10 @@ mtu = 1420
 
 [daemon]
 engine = "userspace"
-engine_command = "/usr/bin/wireguard-go"
+engine_command = "{engine}"
 reconcile_interval_secs = 1
 "#,
-            key_file.display()
+            key_file.display(),
         );
         for (name, key, ip) in peers {
             text.push_str(&format!(
@@ -285,11 +295,23 @@ fn environment_ready() -> bool {
 }
 
 #[test]
-fn meshd_adopts_engine_across_restart_and_sigkill() {
+fn meshd_with_wireguard_go_adopts_engine_across_restart_and_sigkill() {
     if !environment_ready() {
         return;
     }
-    let mut lab = Lab::new();
+    scenario(PathBuf::from("/usr/bin/wireguard-go"));
+}
+
+#[test]
+fn meshd_with_meshd_wg_adopts_engine_across_restart_and_sigkill() {
+    if !environment_ready() {
+        return;
+    }
+    scenario(bin("meshd-wg"));
+}
+
+fn scenario(engine: PathBuf) {
+    let mut lab = Lab::new(engine);
     let peers: Vec<(String, String, String)> = (2..4)
         .map(|i| {
             (
@@ -457,4 +479,36 @@ fn meshd_adopts_engine_across_restart_and_sigkill() {
     assert_eq!(lab.wg_peers().map(|k| k.len()), Some(peers.len()));
     let info = lab.link_info();
     assert_eq!(info.matches("inet 10.99.99.1/24").count(), 1, "{info}");
+
+    // The engine dies (crash, OOM kill): the next pass starts a new one and re-applies peers.
+    let engine_name = lab
+        .engine
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("name")
+        .to_owned();
+    let engines: Vec<i32> = lab
+        .processes_in_our_mount_ns()
+        .into_iter()
+        .filter(|p| {
+            fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == engine_name)
+        })
+        .collect();
+    assert_eq!(engines.len(), 1, "one engine running: {engines:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(engines[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the engine we caused to start");
+    poll("the interface to go away with its engine", || {
+        (lab.ifindex() != Some(ifindex)).then_some(())
+    });
+    poll("meshd to restart the engine and restore the peers", || {
+        lab.wg_peers().filter(|k| k.len() == peers.len())
+    });
+    let info = poll("the address to be restored", || {
+        let info = lab.link_info();
+        info.contains("inet 10.99.99.1/24").then_some(info)
+    });
+    assert!(info.contains("mtu 1420"), "{info}");
 }
