@@ -1,0 +1,40 @@
+# shellcheck shell=bash
+# Installs what the lab and the test suite need, only where missing. Sourced by tests/run.sh
+# and tests/lab.sh. Debian 12, as root.
+
+meshd_need_root() {
+  if [[ $EUID -ne 0 ]]; then
+    echo "this needs root (network namespaces, TUN devices): run it with sudo" >&2
+    exit 1
+  fi
+}
+
+meshd_install_deps() {
+  # command -> Debian package
+  local -A pkgs=(
+    [wg]=wireguard-tools [wg-quick]=wireguard-tools [wireguard-go]=wireguard-go [iperf3]=iperf3
+    [nft]=nftables [ip]=iproute2 [ping]=iputils-ping [jq]=jq [python3]=python3
+    [unshare]=util-linux [nsenter]=util-linux [pgrep]=procps [cc]=gcc
+  )
+  local missing=() cmd
+  for cmd in "${!pkgs[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkgs[$cmd]}")
+  done
+  if ((${#missing[@]})); then
+    mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+    echo "installing missing packages: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  if ! command -v cargo >/dev/null 2>&1; then
+    if [[ -x $HOME/.cargo/bin/cargo ]]; then
+      export PATH="$HOME/.cargo/bin:$PATH"
+    else
+      echo "cargo is missing: install the Rust toolchain (rustup) first" >&2
+      exit 1
+    fi
+  fi
+  [[ -c /dev/net/tun ]] || { mkdir -p /dev/net && mknod /dev/net/tun c 10 200; }
+  return 0
+}
