@@ -321,3 +321,115 @@ impl Lab {
             .ok_or_else(|| anyhow!("[{host}] no ifindex for {iface} in {out}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers(doc: &toml::Value) -> Vec<toml::Value> {
+        doc.get("peer")
+            .and_then(|p| p.as_array())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn peer<'a>(peers: &'a [toml::Value], name: &str) -> &'a toml::Value {
+        peers
+            .iter()
+            .find(|p| p.get("name").and_then(|n| n.as_str()) == Some(name))
+            .unwrap_or_else(|| panic!("no peer {name}"))
+    }
+
+    #[test]
+    fn keys_are_44_char_base64_and_distinct() {
+        let (a, pa) = generate_keypair();
+        let (b, _) = generate_keypair();
+        for k in [&a, &pa, &b] {
+            assert_eq!(k.len(), 44);
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(k)
+                .expect("base64");
+            assert_eq!(raw.len(), 32);
+        }
+        assert_ne!(a, b);
+        assert_ne!(a, pa);
+    }
+
+    #[test]
+    fn configs_follow_the_fleet_rules() {
+        let fleet = Fleet::generate(&topology::DAEMON_HOSTS, "/x/meshd-wg").expect("fleet");
+        for h in &fleet.hosts {
+            let text = fleet.render(&h.name).expect("render");
+            assert!(
+                !text.contains(h.private_key_base64()),
+                "private key in the config"
+            );
+            let doc: toml::Value = toml::from_str(&text).expect("valid TOML");
+            assert_eq!(doc["host"]["name"].as_str(), Some(h.name.as_str()));
+            assert_eq!(
+                doc["host"]["address"].as_str(),
+                Some(format!("{}/24", h.mesh).as_str())
+            );
+            assert_eq!(doc["host"]["interface"].as_str(), Some("wgmesh0"));
+            assert_eq!(doc["host"]["listen_port"].as_integer(), Some(51871));
+            assert_eq!(doc["host"]["private_key_file"].as_str(), Some(KEY_PATH));
+            assert_eq!(
+                doc["daemon"]["engine_command"].as_str(),
+                Some("/x/meshd-wg")
+            );
+            assert_eq!(
+                doc["daemon"]["reconcile_interval_secs"].as_integer(),
+                Some(2)
+            );
+            let ps = peers(&doc);
+            assert_eq!(ps.len(), 4);
+            for p in &ps {
+                let other = fleet
+                    .host(p["name"].as_str().expect("name"))
+                    .expect("known");
+                assert_eq!(p["public_key"].as_str(), Some(other.public_key.as_str()));
+                let allowed = p["allowed_ips"].as_array().expect("allowed_ips");
+                assert_eq!(allowed.len(), 1);
+                assert_eq!(
+                    allowed[0].as_str(),
+                    Some(format!("{}/32", other.mesh).as_str())
+                );
+                let keepalive = p.get("persistent_keepalive").and_then(|k| k.as_integer());
+                assert_eq!(
+                    keepalive,
+                    (h.role == Role::Home).then_some(25),
+                    "{} -> {}",
+                    h.name,
+                    other.name
+                );
+            }
+        }
+        let load = fleet.render("dock-load").expect("render");
+        let load: toml::Value = toml::from_str(&load).expect("toml");
+        let lp = peers(&load);
+        assert_eq!(
+            peer(&lp, "dock-prod")["endpoint"].as_str(),
+            Some("198.51.100.2:51871")
+        );
+        assert!(
+            peer(&lp, "dock-mirror").get("endpoint").is_none(),
+            "public host with a NATed endpoint"
+        );
+        assert!(peer(&lp, "dock-edge").get("endpoint").is_none());
+        let mirror = fleet.render("dock-mirror").expect("render");
+        let mirror: toml::Value = toml::from_str(&mirror).expect("toml");
+        let mp = peers(&mirror);
+        assert_eq!(
+            peer(&mp, "dock-edge")["endpoint"].as_str(),
+            Some("192.168.1.4:51871")
+        );
+        assert_eq!(
+            peer(&mp, "dock-load")["endpoint"].as_str(),
+            Some("198.51.100.1:51871")
+        );
+        assert_eq!(
+            peer(&mp, "dock-dash")["endpoint"].as_str(),
+            Some("198.51.100.5:51871")
+        );
+    }
+}
