@@ -150,9 +150,10 @@ pub fn run(iface: &str) -> anyhow::Result<()> {
     let sig = mask.wait().context("waiting for signals")?;
     tracing::info!(signal = ?sig, "stopping");
     device.stop();
+    // The acceptor thread holds a reference too, so remove the socket file explicitly.
+    let _ = std::fs::remove_file(server.path());
     server.wake();
-    drop(server); // removes the socket file
-                  // The TUN interface goes away with our file descriptor when the process exits.
+    // The TUN interface goes away with our file descriptor when the process exits.
     std::process::exit(0)
 }
 

@@ -435,3 +435,100 @@ fn wg_quick_up_with_meshd_wg_as_userspace_implementation() {
     );
     let _ = Command::new("true").status();
 }
+
+#[test]
+fn ipv6_underlay_fwmark_and_preshared_key() {
+    let p = Pair::new();
+    let mut p = p;
+    p.start_engine('a', Impl::Ours);
+    p.start_engine('b', Impl::Ours);
+    // Underlay over IPv6 this time.
+    for (w, dev, addr) in [('a', "vt0", "2001:db8::1"), ('b', "vt1", "2001:db8::2")] {
+        ok(p.ns(
+            w,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ],
+        ));
+    }
+    let psk_file = p.dir.path().join("psk");
+    std::fs::write(
+        &psk_file,
+        ok(std::process::Command::new("wg").arg("genpsk")).trim(),
+    )
+    .expect("psk");
+    let psk_file = psk_file.to_string_lossy().into_owned();
+    for (me, other, other6) in [('a', 'b', "2001:db8::2"), ('b', 'a', "2001:db8::1")] {
+        let (s, o) = (p.side(me), p.side(other));
+        let key = p.key_file(me);
+        ok(p.ns(
+            me,
+            &[
+                "wg",
+                "set",
+                &s.iface,
+                "listen-port",
+                &s.port.to_string(),
+                "private-key",
+                &key,
+                "fwmark",
+                "0x1234",
+                "peer",
+                &o.public_key,
+                "preshared-key",
+                &psk_file,
+                "endpoint",
+                &format!("[{other6}]:{}", o.port),
+                "allowed-ips",
+                &format!("{}/32", o.mesh4),
+            ],
+        ));
+        ok(p.ns(
+            me,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", s.mesh4),
+                "dev",
+                &s.iface,
+            ],
+        ));
+        ok(p.ns(me, &["ip", "link", "set", &s.iface, "up"]));
+    }
+    p.wait_ping('a', p.b.mesh4);
+    assert!(p.ping('b', p.a.mesh4, 2));
+    let dump = p.wg_dump('a');
+    assert_eq!(dump[0][3], "0x1234", "{dump:?}");
+    assert_eq!(
+        dump[1][1],
+        std::fs::read_to_string(&psk_file).expect("psk").trim()
+    );
+    assert_eq!(dump[1][2], format!("[2001:db8::2]:{}", p.b.port));
+    // Removing the fwmark shows "off" again.
+    ok(p.ns('a', &["wg", "set", &p.a.iface, "fwmark", "0"]));
+    assert_eq!(p.wg_dump('a')[0][3], "off");
+}
+
+#[test]
+fn the_engine_exits_when_its_interface_is_deleted() {
+    let mut p = Pair::new();
+    let pid = p.start_engine('a', Impl::Ours);
+    ok(p.ns('a', &["ip", "link", "del", &p.a.iface]));
+    let sock = format!("/var/run/wireguard/{}.sock", p.a.iface);
+    poll_until("the engine to exit", Duration::from_secs(10), || {
+        !std::path::Path::new(&format!("/proc/{pid}/status")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .is_ok_and(|s| s.contains("State:\tZ"))
+    });
+    assert!(
+        !std::path::Path::new(&sock).exists(),
+        "the UAPI socket was left behind"
+    );
+}
