@@ -169,6 +169,7 @@ fn run_root(argv: &[&str]) -> Result<String> {
 impl Lab {
     /// Build the lab described by `opts`. On any error everything made so far is removed.
     pub fn build(opts: LabOpts) -> Result<Lab> {
+        preflight()?;
         let names = resolve_hosts(opts.hosts.as_deref())?;
         std::fs::create_dir_all(&opts.state_root)
             .with_context(|| format!("creating {}", opts.state_root.display()))?;
@@ -911,6 +912,39 @@ impl Drop for Lab {
             eprintln!("meshlab: {e:#}");
         }
     }
+}
+
+/// The tools the lab drives, and the Debian package that has each.
+const TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
+    ("unshare", "util-linux"),
+    ("nsenter", "util-linux"),
+    ("ping", "iputils-ping"),
+    ("wg", "wireguard-tools"),
+    ("sysctl", "procps"),
+];
+
+/// Refuse to start without root or without the tools, naming what to install.
+fn preflight() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the lab creates namespaces and mounts: run it as root");
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let missing: Vec<String> = TOOLS
+        .iter()
+        .filter(|(tool, _)| {
+            !std::env::split_paths(&path)
+                .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+                .any(|d| d.join(tool).is_file())
+        })
+        .map(|(tool, pkg)| format!("{tool} (Debian package {pkg})"))
+        .collect();
+    if !missing.is_empty() {
+        bail!("the lab needs {}: apt-get install them", missing.join(", "));
+    }
+    Ok(())
 }
 
 /// Put a child in its own session, away from the caller's terminal and process group.

@@ -237,9 +237,10 @@ fn status(root: &std::path::Path) -> Result<ExitCode> {
                 })
                 .collect::<Vec<_>>()
                 .join(" ");
+            let role = format!("{:?}", h.role).to_lowercase();
             println!(
-                "  {name:<12} {alive:<4} {:<8?} {addr:<16} {mesh:<12} netns {} {procs}",
-                h.role, h.netns
+                "  {name:<12} {alive:<4} {role:<7} {addr:<16} {mesh:<12} netns {} {procs}",
+                h.netns
             );
         }
     }
