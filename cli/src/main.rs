@@ -77,11 +77,22 @@ fn main() -> std::process::ExitCode {
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).context("cannot encode JSON")?
-    );
-    Ok(())
+    let mut text = serde_json::to_string_pretty(value).context("cannot encode JSON")?;
+    text.push('\n');
+    out(&text)
+}
+
+/// Write to stdout; a reader that went away (`meshctl peers | head`) is not an error.
+fn out(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
+        _ => Ok(()),
+    }
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -95,18 +106,13 @@ fn run(cli: Cli) -> Result<()> {
         (_, Response::Error { message }) => bail!("meshd refused: {message}"),
         (Cmd::Peers { json: true }, Response::Peers { peers }) => print_json(&peers),
         (Cmd::Peers { json: false }, Response::Peers { peers }) => {
-            print!("{}", render_peers_table(&peers, now()));
-            Ok(())
+            out(&render_peers_table(&peers, now()))
         }
         (Cmd::Status { json: true }, Response::Status(status)) => print_json(&status),
         (Cmd::Status { json: false }, Response::Status(status)) => {
-            print!("{}", render_status(&status, now()));
-            Ok(())
+            out(&render_status(&status, now()))
         }
-        (Cmd::Reload, Response::Ok { message }) => {
-            println!("{message}");
-            Ok(())
-        }
+        (Cmd::Reload, Response::Ok { message }) => out(&format!("{message}\n")),
         (_, other) => bail!("unexpected reply from meshd: {other:?}"),
     }
 }
