@@ -46,6 +46,65 @@ impl Default for EngineOptions {
     }
 }
 
+/// Data-plane worker threads; each serves both directions.
+const DATA_WORKERS: usize = 2;
+
+/// A worker's buffers for the outbound direction (TUN to UDP).
+struct OutBufs {
+    original: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    out: SendBatch,
+    targets: Vec<Option<Arc<Peer>>>,
+}
+
+impl OutBufs {
+    fn new(offload: bool) -> Self {
+        let batch = IDEAL_BATCH_SIZE;
+        // With offloads a read is split into MTU-sized segments; without, one packet of any size.
+        let seg_size = if offload { 9216 } else { MAX_PACKET };
+        OutBufs {
+            original: vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET],
+            bufs: (0..batch).map(|_| vec![0u8; seg_size]).collect(),
+            sizes: vec![0usize; batch],
+            out: SendBatch::new(batch, (seg_size + WG_OVERHEAD).max(148)),
+            targets: Vec::with_capacity(batch),
+        }
+    }
+}
+
+/// A worker's buffers for the inbound direction (UDP to TUN).
+struct InBufs {
+    rx: RecvBatch,
+    scratch: Vec<u8>,
+    tun_bufs: Vec<Vec<u8>>,
+    gro: GROTable,
+    peers: Vec<Option<Arc<Peer>>>,
+}
+
+impl InBufs {
+    fn new() -> Self {
+        InBufs {
+            rx: RecvBatch::new(UDP_BATCH, MAX_PACKET),
+            scratch: vec![0u8; MAX_PACKET],
+            tun_bufs: (0..UDP_BATCH)
+                .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET))
+                .collect(),
+            gro: GROTable::default(),
+            peers: Vec::with_capacity(UDP_BATCH),
+        }
+    }
+}
+
+fn set_nonblocking(fd: std::os::fd::RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// One peer: its noise state and what the UAPI reports about it.
 pub struct Peer {
     pub public_key: [u8; 32],
@@ -97,6 +156,8 @@ pub struct Device {
     ifindex: u32,
     tun: SyncDevice,
     offload: bool,
+    tun_lock: Mutex<()>,
+    udp_lock: Mutex<()>,
     state: RwLock<State>,
     socket: RwLock<Arc<UdpSocket>>,
     epoch: Instant,
@@ -149,6 +210,8 @@ impl Device {
             ifindex,
             tun,
             offload,
+            tun_lock: Mutex::new(()),
+            udp_lock: Mutex::new(()),
             state: RwLock::new(State {
                 keys: None,
                 fwmark: 0,
@@ -187,21 +250,18 @@ impl Device {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    /// Start the data-plane and timer threads.
+    /// Start the data-plane workers and the timer thread.
     pub fn start(self: &Arc<Self>) -> io::Result<Vec<std::thread::JoinHandle<()>>> {
+        set_nonblocking(std::os::fd::AsRawFd::as_raw_fd(&self.tun))?;
         let mut handles = Vec::new();
-        let d = Arc::clone(self);
-        handles.push(
-            std::thread::Builder::new()
-                .name("tun-rx".into())
-                .spawn(move || d.outbound_loop())?,
-        );
-        let d = Arc::clone(self);
-        handles.push(
-            std::thread::Builder::new()
-                .name("udp-rx".into())
-                .spawn(move || d.inbound_loop())?,
-        );
+        for i in 0..DATA_WORKERS {
+            let d = Arc::clone(self);
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("data-{i}"))
+                    .spawn(move || d.worker_loop())?,
+            );
+        }
         let d = Arc::clone(self);
         handles.push(
             std::thread::Builder::new()
@@ -211,88 +271,133 @@ impl Device {
         Ok(handles)
     }
 
-    // ------------------------------------------------------------------ outbound
+    // ------------------------------------------------------------------ data plane
 
-    fn outbound_loop(self: Arc<Self>) {
-        let batch = IDEAL_BATCH_SIZE;
-        let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
-        let seg_size = if self.offload { 4096 } else { MAX_PACKET };
-        let mut bufs: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; seg_size]).collect();
-        let mut sizes = vec![0usize; batch];
-        let mut out = SendBatch::new(batch, (seg_size + WG_OVERHEAD).max(148));
-        let mut targets: Vec<Option<Arc<Peer>>> = Vec::with_capacity(batch);
+    /// A data-plane worker. Every worker waits on both the TUN and the UDP descriptor and
+    /// serves whichever is ready; one lock per direction keeps each direction in order. The
+    /// worker that writes a packet into the TUN finds the kernel's answer (an echo reply, an
+    /// ACK) ready on its next poll and sends it on without sleeping in between.
+    fn worker_loop(self: Arc<Self>) {
+        let mut out = OutBufs::new(self.offload);
+        let mut inb = InBufs::new();
+        let tun_fd = std::os::fd::AsRawFd::as_raw_fd(&self.tun);
         while !self.is_stopping() {
-            let n = match self
-                .tun
-                .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
-            {
-                Ok(n) => n,
-                Err(e) => {
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EBADFD) | Some(libc::EIO) | Some(libc::ENODEV)
-                    ) {
+            let sock = Arc::clone(&self.socket.read());
+            let mut fds = [
+                libc::pollfd {
+                    fd: tun_fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: sock.raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds; the socket is kept alive by `sock` during the call.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+            if r <= 0 {
+                continue;
+            }
+            let tun_ready = fds[0].revents != 0;
+            let udp_ready = fds[1].revents != 0;
+            let mut served = false;
+            if tun_ready {
+                if let Some(_guard) = self.tun_lock.try_lock() {
+                    self.outbound_batch(&mut out);
+                    served = true;
+                }
+            }
+            if udp_ready {
+                if let Some(_guard) = self.udp_lock.try_lock() {
+                    self.inbound_batch(&sock, &mut inb);
+                    served = true;
+                }
+            }
+            if !served {
+                // The other worker holds what is ready: wait for it rather than spin.
+                if tun_ready {
+                    let _guard = self.tun_lock.lock();
+                    self.outbound_batch(&mut out);
+                } else {
+                    let _guard = self.udp_lock.lock();
+                    self.inbound_batch(&sock, &mut inb);
+                }
+            }
+        }
+    }
+
+    /// Read what the TUN has (a TSO super-packet is split into segments), route, encrypt and
+    /// send it in one `sendmmsg`.
+    fn outbound_batch(&self, b: &mut OutBufs) {
+        let n = match self
+            .tun
+            .recv_multiple(&mut b.original, &mut b.bufs, &mut b.sizes, 0)
+        {
+            Ok(n) => n,
+            Err(e) => {
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) | Some(libc::EINTR) => {}
+                    Some(libc::EBADFD) | Some(libc::EIO) | Some(libc::ENODEV) => {
                         tracing::info!(error = %e, "TUN interface is gone; stopping");
                         self.stop();
-                        return;
                     }
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        tracing::debug!(error = %e, "TUN read failed");
-                    }
-                    continue;
+                    _ => tracing::debug!(error = %e, "TUN read failed"),
                 }
-            };
-            targets.clear();
-            {
-                let st = self.state.read();
-                if st.keys.is_none() {
-                    continue;
-                }
-                for i in 0..n {
-                    let pkt = &bufs[i][..sizes[i]];
-                    let peer = Tunn::dst_address(pkt)
-                        .and_then(|dst| st.routes.lookup(dst))
-                        .map(|p| Arc::clone(&p.0));
-                    if peer.is_none() {
-                        self.dropped_no_route.fetch_add(1, Ordering::Relaxed);
-                    }
-                    targets.push(peer);
-                }
+                return;
             }
-            let now_ms = self.now_ms();
-            let mut i = 0;
-            while i < n {
-                let Some(peer) = targets[i].clone() else {
-                    i += 1;
-                    continue;
-                };
-                let endpoint = peer.endpoint();
-                let mut tunn = peer.tunn.lock();
-                // Encrypt this peer's consecutive packets under one lock.
-                while i < n && targets[i].as_ref().is_some_and(|p| Arc::ptr_eq(p, &peer)) {
-                    if out.is_full() {
-                        drop(tunn);
-                        self.flush(&mut out);
-                        tunn = peer.tunn.lock();
-                    }
-                    let pkt = &bufs[i][..sizes[i]];
-                    match tunn.encapsulate(pkt, out.next_buf()) {
-                        TunnResult::WriteToNetwork(d) => {
-                            let len = d.len();
-                            if let Some(ep) = endpoint {
-                                peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                                peer.last_tx_ms.store(now_ms, Ordering::Relaxed);
-                                out.commit(len, ep);
-                            }
-                        }
-                        TunnResult::Err(e) => tracing::trace!(error = ?e, "encapsulate failed"),
-                        _ => {}
-                    }
-                    i += 1;
-                }
+        };
+        b.targets.clear();
+        {
+            let st = self.state.read();
+            if st.keys.is_none() {
+                return;
             }
-            self.flush(&mut out);
+            for i in 0..n {
+                let pkt = &b.bufs[i][..b.sizes[i]];
+                let peer = Tunn::dst_address(pkt)
+                    .and_then(|dst| st.routes.lookup(dst))
+                    .map(|p| Arc::clone(&p.0));
+                if peer.is_none() {
+                    self.dropped_no_route.fetch_add(1, Ordering::Relaxed);
+                }
+                b.targets.push(peer);
+            }
         }
+        let now_ms = self.now_ms();
+        let mut i = 0;
+        while i < n {
+            let Some(peer) = b.targets[i].clone() else {
+                i += 1;
+                continue;
+            };
+            let endpoint = peer.endpoint();
+            let mut tunn = peer.tunn.lock();
+            // Encrypt this peer's consecutive packets under one lock.
+            while i < n && b.targets[i].as_ref().is_some_and(|p| Arc::ptr_eq(p, &peer)) {
+                if b.out.is_full() {
+                    drop(tunn);
+                    self.flush(&mut b.out);
+                    tunn = peer.tunn.lock();
+                }
+                let pkt = &b.bufs[i][..b.sizes[i]];
+                match tunn.encapsulate(pkt, b.out.next_buf()) {
+                    TunnResult::WriteToNetwork(d) => {
+                        let len = d.len();
+                        if let Some(ep) = endpoint {
+                            peer.tx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+                            peer.last_tx_ms.store(now_ms, Ordering::Relaxed);
+                            b.out.commit(len, ep);
+                        }
+                    }
+                    TunnResult::Err(e) => tracing::trace!(error = ?e, "encapsulate failed"),
+                    _ => {}
+                }
+                i += 1;
+            }
+        }
+        self.flush(&mut b.out);
     }
 
     fn flush(&self, out: &mut SendBatch) {
@@ -302,111 +407,97 @@ impl Device {
         }
     }
 
-    // ------------------------------------------------------------------ inbound
-
-    fn inbound_loop(self: Arc<Self>) {
-        let mut rx = RecvBatch::new(UDP_BATCH, MAX_PACKET);
-        let mut scratch = vec![0u8; MAX_PACKET];
-        let mut tun_bufs: Vec<Vec<u8>> = (0..UDP_BATCH)
-            .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET))
-            .collect();
-        let mut gro = GROTable::default();
+    /// Receive a batch of datagrams, decrypt, check the inner source, and write the packets
+    /// to the TUN (GRO-coalesced where offloads are on).
+    fn inbound_batch(&self, sock: &Arc<UdpSocket>, b: &mut InBufs) {
+        let n = match sock.recv_batch(&mut b.rx) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "UDP receive failed");
+                return;
+            }
+        };
+        if n == 0 {
+            return;
+        }
         let offset = if self.offload { VIRTIO_NET_HDR_LEN } else { 0 };
-        let mut peers: Vec<Option<Arc<Peer>>> = Vec::with_capacity(UDP_BATCH);
-        while !self.is_stopping() {
-            let sock = Arc::clone(&self.socket.read());
-            let n = match sock.recv_batch(&mut rx) {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::debug!(error = %e, "UDP receive failed");
-                    // A shut-down (replaced) socket returns errors or zero-length reads: re-read.
-                    if Arc::ptr_eq(&sock, &self.socket.read()) {
-                        std::thread::yield_now();
-                    }
-                    continue;
-                }
-            };
-            if n == 0 {
+        b.peers.clear();
+        {
+            let st = self.state.read();
+            for i in 0..n {
+                b.peers.push(self.demux(
+                    &st,
+                    sock,
+                    &b.rx.bufs[i][..b.rx.lens[i]],
+                    b.rx.addrs[i],
+                    &mut b.scratch,
+                ));
+            }
+        }
+        let mut ready = 0;
+        for (i, slot) in b.peers.iter_mut().enumerate().take(n) {
+            let Some(peer) = slot.take() else {
                 continue;
+            };
+            let from = b.rx.addrs[i];
+            let datagram = &b.rx.bufs[i][..b.rx.lens[i]];
+            let mut tunn = peer.tunn.lock();
+            let mut authenticated = false;
+            match tunn.decapsulate(Some(from.ip()), datagram, &mut b.scratch) {
+                TunnResult::WriteToNetwork(reply) => {
+                    authenticated = true;
+                    let _ = sock.send_to(reply, from);
+                    peer.tx_bytes
+                        .fetch_add(reply.len() as u64, Ordering::Relaxed);
+                    // Flush packets queued while the handshake was pending.
+                    while let TunnResult::WriteToNetwork(p) =
+                        tunn.decapsulate(None, &[], &mut b.scratch)
+                    {
+                        let _ = sock.send_to(p, from);
+                        peer.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
+                    }
+                    peer.last_tx_ms.store(self.now_ms(), Ordering::Relaxed);
+                }
+                TunnResult::WriteToTunnelV4(p, src) => {
+                    authenticated = true;
+                    if self.source_allowed(&peer, IpAddr::V4(src)) {
+                        let buf = &mut b.tun_bufs[ready];
+                        buf.clear();
+                        buf.resize(offset, 0);
+                        buf.extend_from_slice(p);
+                        ready += 1;
+                    }
+                }
+                TunnResult::WriteToTunnelV6(p, src) => {
+                    authenticated = true;
+                    if self.source_allowed(&peer, IpAddr::V6(src)) {
+                        let buf = &mut b.tun_bufs[ready];
+                        buf.clear();
+                        buf.resize(offset, 0);
+                        buf.extend_from_slice(p);
+                        ready += 1;
+                    }
+                }
+                TunnResult::Done => authenticated = true, // keepalive or handshake consumed
+                TunnResult::Err(e) => tracing::trace!(error = ?e, %from, "decapsulate failed"),
             }
-            peers.clear();
+            drop(tunn);
+            if authenticated {
+                peer.rx_bytes
+                    .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+                // Roaming: the endpoint follows authenticated packets.
+                let mut ep = peer.endpoint.lock();
+                if *ep != Some(from) {
+                    *ep = Some(from);
+                }
+            }
+        }
+        if ready > 0 {
+            if let Err(e) = self
+                .tun
+                .send_multiple(&mut b.gro, &mut b.tun_bufs[..ready], offset)
             {
-                let st = self.state.read();
-                for i in 0..n {
-                    peers.push(self.demux(
-                        &st,
-                        &sock,
-                        &rx.bufs[i][..rx.lens[i]],
-                        rx.addrs[i],
-                        &mut scratch,
-                    ));
-                }
-            }
-            let mut ready = 0;
-            for (i, slot) in peers.iter_mut().enumerate().take(n) {
-                let Some(peer) = slot.take() else {
-                    continue;
-                };
-                let from = rx.addrs[i];
-                let datagram = &rx.bufs[i][..rx.lens[i]];
-                let mut tunn = peer.tunn.lock();
-                let mut authenticated = false;
-                match tunn.decapsulate(Some(from.ip()), datagram, &mut scratch) {
-                    TunnResult::WriteToNetwork(reply) => {
-                        authenticated = true;
-                        let _ = sock.send_to(reply, from);
-                        peer.tx_bytes
-                            .fetch_add(reply.len() as u64, Ordering::Relaxed);
-                        // Flush packets queued while the handshake was pending.
-                        while let TunnResult::WriteToNetwork(p) =
-                            tunn.decapsulate(None, &[], &mut scratch)
-                        {
-                            let _ = sock.send_to(p, from);
-                            peer.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
-                        }
-                        peer.last_tx_ms.store(self.now_ms(), Ordering::Relaxed);
-                    }
-                    TunnResult::WriteToTunnelV4(p, src) => {
-                        authenticated = true;
-                        if self.source_allowed(&peer, IpAddr::V4(src)) {
-                            let buf = &mut tun_bufs[ready];
-                            buf.clear();
-                            buf.resize(offset, 0);
-                            buf.extend_from_slice(p);
-                            ready += 1;
-                        }
-                    }
-                    TunnResult::WriteToTunnelV6(p, src) => {
-                        authenticated = true;
-                        if self.source_allowed(&peer, IpAddr::V6(src)) {
-                            let buf = &mut tun_bufs[ready];
-                            buf.clear();
-                            buf.resize(offset, 0);
-                            buf.extend_from_slice(p);
-                            ready += 1;
-                        }
-                    }
-                    TunnResult::Done => authenticated = true, // keepalive or handshake consumed
-                    TunnResult::Err(e) => tracing::trace!(error = ?e, %from, "decapsulate failed"),
-                }
-                drop(tunn);
-                if authenticated {
-                    peer.rx_bytes
-                        .fetch_add(datagram.len() as u64, Ordering::Relaxed);
-                    // Roaming: the endpoint follows authenticated packets.
-                    let mut ep = peer.endpoint.lock();
-                    if *ep != Some(from) {
-                        *ep = Some(from);
-                    }
-                }
-            }
-            if ready > 0 {
-                if let Err(e) = self
-                    .tun
-                    .send_multiple(&mut gro, &mut tun_bufs[..ready], offset)
-                {
-                    tracing::debug!(error = %e, "TUN write failed");
-                }
+                tracing::debug!(error = %e, "TUN write failed");
             }
         }
     }

@@ -104,6 +104,10 @@ impl UdpSocket {
         Ok(UdpSocket { fd, v6, port })
     }
 
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -193,8 +197,8 @@ impl UdpSocket {
         n
     }
 
-    /// Receive up to `batch.capacity()` datagrams; blocks for the first (at most the socket's
-    /// receive timeout). Returns the number received (0 on timeout).
+    /// Receive up to `batch.capacity()` datagrams without blocking. Returns the number
+    /// received (0 if none were waiting).
     pub fn recv_batch(&self, batch: &mut RecvBatch) -> io::Result<usize> {
         let cap = batch.bufs.len();
         for i in 0..cap {
@@ -217,7 +221,7 @@ impl UdpSocket {
                 self.fd.as_raw_fd(),
                 batch.hdrs.as_mut_ptr(),
                 cap as libc::c_uint,
-                libc::MSG_WAITFORONE,
+                libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )
         };
