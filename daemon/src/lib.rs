@@ -10,6 +10,7 @@ pub mod keyfile;
 pub mod link;
 pub mod lock;
 pub mod protocol;
+pub mod service;
 pub mod settings;
 pub mod uapi;
 

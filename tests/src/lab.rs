@@ -1028,9 +1028,13 @@ pub fn teardown_state(st: &LabState) -> Vec<String> {
     terminate_all(&holders, Duration::from_secs(5), &mut errors);
     // 3. The registered names (this frees the namespaces, and with them veths and bridges).
     for h in st.hosts.values() {
-        if Path::new("/run/netns").join(&h.netns).exists() {
+        let path = Path::new("/run/netns").join(&h.netns);
+        if path.exists() {
+            // A concurrent `meshlab cleanup` may delete it between the check and the call.
             if let Err(e) = run_root(&["ip", "netns", "delete", &h.netns]) {
-                errors.push(format!("{e:#}"));
+                if path.exists() {
+                    errors.push(format!("{e:#}"));
+                }
             }
         }
     }
@@ -1140,6 +1144,8 @@ pub fn cleanup(state_root: &Path, all: bool) -> Result<Vec<String>> {
         }
         match run_root(&["ip", "netns", "delete", &name]) {
             Ok(_) => removed.push(format!("netns {name}")),
+            // Its own lab, tearing down concurrently, deleted it first: nothing left to do.
+            Err(_) if !path.exists() => {}
             Err(e) => errors.push(format!("{e:#}")),
         }
     }
