@@ -10,8 +10,11 @@ use proptest::prelude::*;
 const FILE: &str = "/etc/meshd/meshd.toml";
 
 fn valid_config() -> String {
-    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/dock-mirror.toml"))
-        .expect("configs/dock-mirror.toml")
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/dock-mirror.toml"
+    ))
+    .expect("configs/dock-mirror.toml")
 }
 
 proptest! {
