@@ -532,3 +532,30 @@ fn the_engine_exits_when_its_interface_is_deleted() {
         "the UAPI socket was left behind"
     );
 }
+
+#[test]
+fn the_endpoint_follows_a_roaming_peer() {
+    let p = tunnel(Impl::Ours, Impl::Ours);
+    p.wait_ping('a', p.b.mesh4);
+    assert_eq!(
+        p.wg_dump('a')[1][2],
+        format!("{}:{}", p.b.underlay, p.b.port)
+    );
+    // B moves to another underlay address; A was never told.
+    ok(p.ns(
+        'b',
+        &[
+            "ip",
+            "addr",
+            "del",
+            &format!("{}/24", p.b.underlay),
+            "dev",
+            "vt1",
+        ],
+    ));
+    ok(p.ns('b', &["ip", "addr", "add", "192.0.2.3/24", "dev", "vt1"]));
+    // B's next authenticated packets come from the new address; A follows them.
+    p.wait_ping('b', p.a.mesh4);
+    assert_eq!(p.wg_dump('a')[1][2], format!("192.0.2.3:{}", p.b.port));
+    assert!(p.ping('a', p.b.mesh4, 2), "A reaches B at its new address");
+}
