@@ -32,6 +32,14 @@ pub enum Request {
     Peers,
     Status,
     Reload,
+    /// Join a mesh with an invitation token (`meshctl join TOKEN`).
+    Join { token: String },
+    /// Coordinator admin calls (served on the coordinator host, or relayed from admin hosts).
+    Invite(crate::api::InviteRequest),
+    Invites,
+    RevokeInvite { name: String },
+    Hosts,
+    Remove { name: String },
 }
 
 /// One response line from meshd.
@@ -43,6 +51,9 @@ pub enum Response {
     Status(Status),
     Ok { message: String },
     Error { message: String },
+    Invite(crate::api::InviteResponse),
+    Invites { invites: Vec<crate::api::InviteInfo> },
+    Hosts { hosts: Vec<crate::api::HostInfo> },
 }
 
 /// One peer as `meshctl peers` shows it.

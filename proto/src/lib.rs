@@ -3,11 +3,15 @@
 //! Everything here is pure: no sockets, no files, no clock reads, no async runtime. Time comes
 //! in as an argument. The daemon (`meshd`) does the I/O and calls into this crate to decide.
 
+pub mod alloc;
+pub mod api;
 pub mod config;
 pub mod control;
 pub mod device;
 pub mod key;
+pub mod netmap;
 pub mod plan;
+pub mod token;
 pub mod uapi;
 
 pub use device::{DeviceSpec, ObservedDevice, ObservedPeer, PeerSpec};

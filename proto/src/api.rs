@@ -1,0 +1,105 @@
+//! The coordinator's HTTP/JSON API, which listens on the coordinator's mesh address only, on a
+//! socket bound to the mesh interface: the caller's mesh source address is its identity.
+//! Paths are versioned (`/v1/...`). Bodies are JSON; bodies over `MAX_BODY` get 413.
+//!
+//! ```text
+//! POST /v1/join             JoinRequest    -> JoinResponse      (caller = the invited address)
+//! POST /v1/endpoints        EndpointReport -> 204
+//! GET  /v1/netmap?since=V   (long-poll up to LONG_POLL_SECS; 200 Netmap when version > V,
+//!                            304 when nothing changed in time)
+//! POST /v1/admin/invite     InviteRequest  -> InviteResponse   (admin hosts only)
+//! GET  /v1/admin/invites                   -> Vec<InviteInfo>
+//! DELETE /v1/admin/invites/NAME            -> 204
+//! GET  /v1/admin/hosts                     -> Vec<HostInfo>
+//! DELETE /v1/admin/hosts/NAME              -> 204
+//! errors: ApiError JSON with a 4xx/5xx status
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::key::PublicKey;
+
+pub const API_VERSION: &str = "v1";
+pub const DEFAULT_API_PORT: u16 = 51872;
+pub const MAX_BODY: usize = 64 * 1024;
+pub const LONG_POLL_SECS: u64 = 25;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The whole token, so the coordinator can check its MAC and that it was not altered.
+    pub token: String,
+    /// The key generated on the host; its private half never leaves the host.
+    pub public_key: PublicKey,
+    pub listen_port: u16,
+    /// The host's interface addresses (underlay), for endpoint candidates.
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub netmap: crate::netmap::Netmap,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointReport {
+    pub listen_port: u16,
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InviteRequest {
+    pub name: String,
+    pub address: Option<IpAddr>,
+    /// Seconds; default 24 h.
+    pub ttl_secs: Option<u64>,
+    #[serde(default)]
+    pub admin: bool,
+    /// A device that cannot run meshd: the response carries a wg-quick config instead of a token.
+    #[serde(default)]
+    pub static_peer: bool,
+    /// For static peers: use this public key instead of generating a key pair.
+    pub public_key: Option<PublicKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteResponse {
+    pub name: String,
+    pub address: IpAddr,
+    /// `meshd1....` for daemon hosts.
+    pub token: Option<String>,
+    /// A complete wg-quick configuration for static peers.
+    pub wg_quick_config: Option<String>,
+    pub expires_unix: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteInfo {
+    pub name: String,
+    pub address: IpAddr,
+    pub created_unix: u64,
+    pub expires_unix: u64,
+    pub admin: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub name: String,
+    pub address: IpAddr,
+    pub public_key: PublicKey,
+    pub admin: bool,
+    pub static_peer: bool,
+    pub removed: bool,
+    pub created_unix: u64,
+    pub last_seen_unix: Option<u64>,
+    pub observed: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+}
