@@ -85,5 +85,13 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
             }
             Err(e) => Response::error(format!("{e}")),
         },
+        Request::Join { .. }
+        | Request::Invite(_)
+        | Request::Invites
+        | Request::RevokeInvite { .. }
+        | Request::Hosts
+        | Request::Remove { .. } => Response::error(
+            "this meshd has no coordinator: it runs from a static configuration".to_string(),
+        ),
     }
 }

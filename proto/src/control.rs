@@ -33,13 +33,19 @@ pub enum Request {
     Status,
     Reload,
     /// Join a mesh with an invitation token (`meshctl join TOKEN`).
-    Join { token: String },
+    Join {
+        token: String,
+    },
     /// Coordinator admin calls (served on the coordinator host, or relayed from admin hosts).
     Invite(crate::api::InviteRequest),
     Invites,
-    RevokeInvite { name: String },
+    RevokeInvite {
+        name: String,
+    },
     Hosts,
-    Remove { name: String },
+    Remove {
+        name: String,
+    },
 }
 
 /// One response line from meshd.
@@ -47,13 +53,23 @@ pub enum Request {
 #[serde(tag = "response", rename_all = "snake_case")]
 #[allow(clippy::large_enum_variant)] // one per connection; the shape is the wire contract
 pub enum Response {
-    Peers { peers: Vec<PeerStatus> },
+    Peers {
+        peers: Vec<PeerStatus>,
+    },
     Status(Status),
-    Ok { message: String },
-    Error { message: String },
+    Ok {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
     Invite(crate::api::InviteResponse),
-    Invites { invites: Vec<crate::api::InviteInfo> },
-    Hosts { hosts: Vec<crate::api::HostInfo> },
+    Invites {
+        invites: Vec<crate::api::InviteInfo>,
+    },
+    Hosts {
+        hosts: Vec<crate::api::HostInfo>,
+    },
 }
 
 /// One peer as `meshctl peers` shows it.
@@ -109,12 +125,9 @@ pub fn decode_line<T: DeserializeOwned>(line: &str) -> Result<T, ControlError> {
 impl Request {
     /// The JSON line for this request (with `\n`).
     pub fn to_line(&self) -> String {
-        match self {
-            Request::Peers => "{\"request\":\"peers\"}\n",
-            Request::Status => "{\"request\":\"status\"}\n",
-            Request::Reload => "{\"request\":\"reload\"}\n",
-        }
-        .to_string()
+        // Requests hold only strings, numbers and addresses: serialising cannot fail; should it
+        // ever, the daemon answers the empty object with an error naming the request.
+        encode_line(self).unwrap_or_else(|_| "{}\n".to_string())
     }
 
     pub fn from_line(line: &str) -> Result<Self, ControlError> {
