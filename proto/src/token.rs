@@ -2,18 +2,34 @@
 //! new host needs to reach the coordinator through the tunnel, plus a throwaway private key
 //! that the coordinator has already registered as that host's key (dead after the join).
 //!
-//! Wire form: `meshd1.` followed by base64url (no padding) of the JSON of `TokenBody` and a
-//! 32-byte MAC (HMAC-SHA256 under a secret only the coordinator holds) over that JSON; the
-//! coordinator checks the MAC at join time, so a tampered token is refused by name.
+//! Wire form: `meshd1.` followed by base64url without padding (RFC 4648 §5) of
 //!
-//! TO BE IMPLEMENTED (issue 3).
+//! ```text
+//! json_len: u32 big-endian || json: json_len bytes (the JSON of TokenBody) || mac: 32 bytes
+//! ```
+//!
+//! where `mac` is HMAC-SHA256, under a 32-byte secret only the coordinator holds, over exactly
+//! those `json` bytes. The coordinator checks the MAC (in constant time) at join time, so a
+//! tampered token is refused by name. Surrounding whitespace is ignored when decoding; anything
+//! else that does not frame exactly (wrong length, trailing bytes, non-canonical base64) is
+//! `Malformed`.
 
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use hmac::{Hmac, Mac as _};
+use sha2::Sha256;
+
 use crate::key::{PrivateKey, PublicKey};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Tokens longer than this (characters after the prefix) are refused before decoding.
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 
 pub const TOKEN_PREFIX: &str = "meshd1.";
 
@@ -57,30 +73,235 @@ pub enum TokenError {
     Expired,
 }
 
+fn hmac(secret: &[u8; 32]) -> Option<HmacSha256> {
+    // HMAC accepts keys of any length: this never fails.
+    HmacSha256::new_from_slice(secret).ok()
+}
+
 impl Token {
     /// Sign `body` with `secret` (coordinator side).
     pub fn sign(body: TokenBody, secret: &[u8; 32]) -> Token {
-        let _ = (body, secret);
-        todo!("issue 3")
+        // Serializing a struct of strings, numbers and addresses cannot fail.
+        let signed = serde_json::to_vec(&body).unwrap_or_default();
+        let mut mac = [0u8; 32];
+        if let Some(mut m) = hmac(secret) {
+            m.update(&signed);
+            mac.copy_from_slice(&m.finalize().into_bytes());
+        }
+        Token { body, signed, mac }
     }
+
     /// The one-line wire form.
     pub fn encode(&self) -> String {
-        todo!("issue 3")
+        let len = u32::try_from(self.signed.len()).unwrap_or(u32::MAX);
+        let mut raw = Vec::with_capacity(4 + self.signed.len() + 32);
+        raw.extend_from_slice(&len.to_be_bytes());
+        raw.extend_from_slice(&self.signed);
+        raw.extend_from_slice(&self.mac);
+        format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(raw))
     }
+
     /// Parse the wire form (joining side; the MAC is not checked here). Never panics.
     pub fn decode(s: &str) -> Result<Token, TokenError> {
-        let _ = s;
-        todo!("issue 3")
+        let s = s.trim();
+        let Some(rest) = s.strip_prefix(TOKEN_PREFIX) else {
+            return Err(TokenError::Prefix);
+        };
+        if rest.len() > MAX_TOKEN_LEN {
+            return Err(TokenError::Malformed(format!(
+                "{} characters, at most {MAX_TOKEN_LEN} expected",
+                rest.len()
+            )));
+        }
+        let raw = URL_SAFE_NO_PAD
+            .decode(rest)
+            .map_err(|e| TokenError::Malformed(format!("not base64url: {e}")))?;
+        let Some((len, rest)) = raw.split_first_chunk::<4>() else {
+            return Err(TokenError::Malformed("too short".into()));
+        };
+        let len = usize::try_from(u32::from_be_bytes(*len)).unwrap_or(usize::MAX);
+        if rest.len().checked_sub(32) != Some(len) {
+            return Err(TokenError::Malformed(format!(
+                "length field says {len} bytes of JSON, {} bytes follow",
+                rest.len().saturating_sub(32)
+            )));
+        }
+        let (signed, mac) = rest.split_at(len);
+        let mac: [u8; 32] = mac
+            .try_into()
+            .map_err(|_| TokenError::Malformed("bad MAC length".into()))?;
+        let body: TokenBody = serde_json::from_slice(signed)
+            .map_err(|e| TokenError::Malformed(format!("bad contents: {e}")))?;
+        Ok(Token {
+            body,
+            signed: signed.to_vec(),
+            mac,
+        })
     }
+
     /// Check the MAC and expiry (coordinator side, `now` in seconds since the UNIX epoch).
+    /// The MAC is checked first (in constant time), then that `body` is what `signed` says,
+    /// then expiry: a token is expired from `expires_unix` on.
     pub fn verify(&self, secret: &[u8; 32], now_unix: u64) -> Result<(), TokenError> {
-        let _ = (secret, now_unix);
-        todo!("issue 3")
+        let Some(mut m) = hmac(secret) else {
+            return Err(TokenError::Tampered);
+        };
+        m.update(&self.signed);
+        m.verify_slice(&self.mac)
+            .map_err(|_| TokenError::Tampered)?;
+        match serde_json::from_slice::<TokenBody>(&self.signed) {
+            Ok(body) if body == self.body => {}
+            _ => return Err(TokenError::Tampered),
+        }
+        if now_unix >= self.body.expires_unix {
+            return Err(TokenError::Expired);
+        }
+        Ok(())
     }
+
     pub fn throwaway_key(&self) -> Result<PrivateKey, TokenError> {
-        todo!("issue 3")
+        PrivateKey::from_base64(&self.body.throwaway_private_key)
+            .map_err(|e| TokenError::Malformed(format!("throwaway key: {e}")))
     }
+
     pub fn throwaway_public_key(&self) -> Result<PublicKey, TokenError> {
-        todo!("issue 3")
+        Ok(self.throwaway_key()?.public_key())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: [u8; 32] = [7u8; 32];
+
+    fn body() -> TokenBody {
+        let throwaway = PrivateKey::from_bytes([3u8; 32]);
+        TokenBody {
+            invite_id: "0123456789abcdef".into(),
+            coordinator_public_key: PrivateKey::from_bytes([9u8; 32]).public_key(),
+            coordinator_endpoints: vec!["192.168.1.10:51871".parse().unwrap()],
+            coordinator_address: "10.99.99.1".parse().unwrap(),
+            api_port: 51872,
+            mesh_cidr: "10.99.99.0/24".parse().unwrap(),
+            host_name: "dock-mirror".into(),
+            host_address: "10.99.99.3".parse().unwrap(),
+            throwaway_private_key: throwaway.to_base64(),
+            expires_unix: 1_000_000,
+            admin: false,
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let t = Token::sign(body(), &SECRET);
+        let s = t.encode();
+        assert!(s.starts_with(TOKEN_PREFIX));
+        assert!(!s.contains(char::is_whitespace));
+        let d = Token::decode(&s).unwrap();
+        assert_eq!(d, t);
+        assert_eq!(Token::decode(&format!("  {s}\n")).unwrap(), t);
+        assert_eq!(d.verify(&SECRET, 999_999), Ok(()));
+        assert_eq!(
+            d.throwaway_public_key().unwrap(),
+            PrivateKey::from_bytes([3u8; 32]).public_key()
+        );
+        assert_eq!(d.throwaway_key().unwrap().as_bytes(), &[3u8; 32]);
+    }
+
+    #[test]
+    fn expired_and_foreign() {
+        let t = Token::decode(&Token::sign(body(), &SECRET).encode()).unwrap();
+        assert_eq!(t.verify(&SECRET, 1_000_000), Err(TokenError::Expired));
+        assert_eq!(t.verify(&SECRET, u64::MAX), Err(TokenError::Expired));
+        assert_eq!(t.verify(&[8u8; 32], 0), Err(TokenError::Tampered));
+        // A foreign token that is also expired is refused as foreign.
+        assert_eq!(t.verify(&[8u8; 32], u64::MAX), Err(TokenError::Tampered));
+    }
+
+    #[test]
+    fn body_swapped_under_a_valid_mac_is_tampered() {
+        let mut t = Token::sign(body(), &SECRET);
+        t.body.admin = true;
+        assert_eq!(t.verify(&SECRET, 0), Err(TokenError::Tampered));
+    }
+
+    #[test]
+    fn wrong_prefix_and_garbage() {
+        let s = Token::sign(body(), &SECRET).encode();
+        assert_eq!(
+            Token::decode(&s.replacen("meshd1", "meshd2", 1)),
+            Err(TokenError::Prefix)
+        );
+        assert_eq!(Token::decode(""), Err(TokenError::Prefix));
+        for bad in [
+            "meshd1.",
+            "meshd1.AAAA",
+            "meshd1.!!!!",
+            "meshd1.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            assert!(
+                matches!(Token::decode(bad), Err(TokenError::Malformed(_))),
+                "{bad}"
+            );
+        }
+        // Trailing bytes after the MAC.
+        let t = Token::sign(body(), &SECRET);
+        let mut raw = URL_SAFE_NO_PAD.decode(&s[TOKEN_PREFIX.len()..]).unwrap();
+        raw.push(0);
+        let long = format!("{TOKEN_PREFIX}{}", URL_SAFE_NO_PAD.encode(&raw));
+        assert!(matches!(
+            Token::decode(&long),
+            Err(TokenError::Malformed(_))
+        ));
+        // A bad throwaway key.
+        let mut b = body();
+        b.throwaway_private_key = "nope".into();
+        let t2 = Token::sign(b, &SECRET);
+        assert!(matches!(t2.throwaway_key(), Err(TokenError::Malformed(_))));
+        assert_eq!(t.verify(&SECRET, 0), Ok(()));
+    }
+
+    #[test]
+    fn every_single_byte_change_is_refused() {
+        let s = Token::sign(body(), &SECRET).encode();
+        let alphabet: Vec<u8> =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=+/ ".to_vec();
+        let mut checked = 0;
+        for i in 0..s.len() {
+            for &c in &alphabet {
+                let mut b = s.clone().into_bytes();
+                if b[i] == c {
+                    continue;
+                }
+                b[i] = c;
+                let m = String::from_utf8(b).unwrap();
+                // A space at either end is trimmed away, so that is not a change at all.
+                if m.trim() != m {
+                    continue;
+                }
+                checked += 1;
+                match Token::decode(&m) {
+                    Err(TokenError::Prefix) => assert!(i < TOKEN_PREFIX.len(), "{i}"),
+                    Err(TokenError::Malformed(_)) => {}
+                    Err(e) => panic!("decode gave {e} at {i}"),
+                    Ok(t) => match t.verify(&SECRET, 0) {
+                        Err(TokenError::Tampered) => {}
+                        other => panic!("byte {i} changed to {c}: verify gave {other:?}"),
+                    },
+                }
+            }
+        }
+        assert!(checked > 1000);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_never_panics(s in "(meshd1\\.)?[A-Za-z0-9_=+/.-]{0,200}") {
+            if let Ok(t) = Token::decode(&s) {
+                let _ = t.verify(&SECRET, 0);
+                let _ = t.throwaway_public_key();
+            }
+        }
     }
 }
