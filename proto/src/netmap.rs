@@ -1,9 +1,24 @@
 //! The netmap: what one host must know about every other host, computed by the coordinator
 //! from its registry by a pure function, and pushed to every daemon.
 //!
-//! TO BE IMPLEMENTED (issue 3): `compute_netmap`, endpoint ordering, property tests
-//! (deterministic; symmetric: A lists B exactly when B lists A, with consistent keys and
-//! addresses; removed hosts appear in no netmap).
+//! `compute_netmap` gives host H every other non-removed host P as a peer, sorted by name.
+//!
+//! Endpoint candidates of P as seen from H (deduplicated by address, first kind wins):
+//! - H and P are *behind the same NAT* when the coordinator observed both at the same IP. Then
+//!   P's private reported addresses come first (`Lan`), then its publicly routable reported
+//!   ones (`Public`), then its observed address if P is behind NAT (`Observed`, a hairpin).
+//! - Otherwise: P's publicly routable reported addresses (`Public`), then P's observed address
+//!   if P is behind NAT (`Observed`), then its remaining reported addresses (`Lan`).
+//!
+//! A host is *behind NAT* when its observed IP is not among its reported IPs. "Publicly
+//! routable" means anything but RFC 1918, CGNAT (100.64/10), loopback, link-local, unique local
+//! (fc00::/7) and unspecified addresses (documentation ranges count as public: the lab uses
+//! them as its internet). Unusable addresses (unspecified, loopback, multicast, port 0, or
+//! inside the mesh CIDR) are dropped. Static peers send no reports: their `reported` list is
+//! used as given (it may be empty).
+//!
+//! Persistent keepalive toward P is `keepalive_secs` when H is behind NAT, or when P is a
+//! static peer behind the same NAT as H; otherwise none.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -92,8 +107,443 @@ pub struct Netmap {
     pub peers: Vec<NetmapPeer>,
 }
 
+/// Whether `h` is behind NAT: the coordinator observed it at an IP it did not report.
+pub fn behind_nat(h: &HostRecord) -> bool {
+    match h.observed {
+        Some(o) => !h.reported.iter().any(|r| r.ip() == o.ip()),
+        None => false,
+    }
+}
+
+/// Whether `a` and `b` sit behind the same NAT (observed at the same IP).
+pub fn same_nat(a: &HostRecord, b: &HostRecord) -> bool {
+    match (a.observed, b.observed) {
+        (Some(x), Some(y)) => x.ip() == y.ip(),
+        _ => false,
+    }
+}
+
+/// Whether `ip` is publicly routable (see the module documentation).
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            let cgnat = o[0] == 100 && (o[1] & 0xc0) == 64;
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || cgnat)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let seg0 = v6.segments()[0];
+            let ula = (seg0 & 0xfe00) == 0xfc00;
+            let link_local = (seg0 & 0xffc0) == 0xfe80;
+            !(v6.is_loopback() || v6.is_unspecified() || v6.is_multicast() || ula || link_local)
+        }
+    }
+}
+
+/// Whether `addr` can be an endpoint at all.
+fn usable(addr: &SocketAddr, mesh: IpNet) -> bool {
+    let ip = addr.ip();
+    addr.port() != 0
+        && !ip.is_unspecified()
+        && !ip.is_loopback()
+        && !ip.is_multicast()
+        && !mesh.contains(&ip)
+}
+
+/// Endpoint candidates of `p` as seen from `h`, best first.
+pub fn endpoint_candidates(h: &HostRecord, p: &HostRecord, mesh: IpNet) -> Vec<EndpointCandidate> {
+    let reported: Vec<SocketAddr> = p
+        .reported
+        .iter()
+        .copied()
+        .filter(|a| usable(a, mesh))
+        .collect();
+    let public = reported.iter().filter(|a| is_public(a.ip()));
+    let private = reported.iter().filter(|a| !is_public(a.ip()));
+    let observed = p.observed.filter(|o| behind_nat(p) && usable(o, mesh));
+    let mut out: Vec<EndpointCandidate> = Vec::new();
+    let mut push = |addr: SocketAddr, kind: EndpointKind| {
+        if !out.iter().any(|c| c.addr == addr) {
+            out.push(EndpointCandidate { addr, kind });
+        }
+    };
+    if same_nat(h, p) {
+        for a in private {
+            push(*a, EndpointKind::Lan);
+        }
+        for a in public {
+            push(*a, EndpointKind::Public);
+        }
+        if let Some(o) = observed {
+            push(o, EndpointKind::Observed);
+        }
+    } else {
+        for a in public {
+            push(*a, EndpointKind::Public);
+        }
+        if let Some(o) = observed {
+            push(o, EndpointKind::Observed);
+        }
+        for a in private {
+            push(*a, EndpointKind::Lan);
+        }
+    }
+    out
+}
+
+fn host_prefix(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
+fn peer_of(reg: &RegistrySnapshot, h: &HostRecord, p: &HostRecord) -> NetmapPeer {
+    let mut allowed_ips = vec![host_prefix(p.address)];
+    allowed_ips.extend(p.extra_allowed_ips.iter().copied());
+    allowed_ips.sort();
+    allowed_ips.dedup();
+    let keepalive = behind_nat(h) || (p.static_peer && same_nat(h, p));
+    NetmapPeer {
+        name: p.name.clone(),
+        address: p.address,
+        public_key: p.public_key,
+        allowed_ips,
+        endpoints: endpoint_candidates(h, p, reg.mesh_cidr),
+        persistent_keepalive: keepalive.then_some(reg.keepalive_secs),
+        static_peer: p.static_peer,
+        admin: p.admin,
+        key_created_unix: p.key_created_unix,
+    }
+}
+
 /// The netmap for host `name`, or `None` if there is no such (non-removed) host.
 pub fn compute_netmap(reg: &RegistrySnapshot, name: &str) -> Option<Netmap> {
-    let _ = (reg, name);
-    todo!("issue 3")
+    let (me_idx, me) = reg
+        .hosts
+        .iter()
+        .enumerate()
+        .find(|(_, h)| !h.removed && h.name == name)?;
+    let mut peers: Vec<NetmapPeer> = reg
+        .hosts
+        .iter()
+        .enumerate()
+        .filter(|(i, p)| *i != me_idx && !p.removed)
+        .map(|(_, p)| peer_of(reg, me, p))
+        .collect();
+    peers.sort_by(|a, b| {
+        (&a.name, a.address, a.public_key).cmp(&(&b.name, b.address, b.public_key))
+    });
+    Some(Netmap {
+        version: reg.version,
+        mesh_cidr: reg.mesh_cidr,
+        name: me.name.clone(),
+        address: me.address,
+        public_key: me.public_key,
+        peers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(n: u8) -> PublicKey {
+        PublicKey([n; 32])
+    }
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn host(name: &str, n: u8, reported: &[&str], observed: Option<&str>) -> HostRecord {
+        HostRecord {
+            name: name.into(),
+            address: IpAddr::from([10, 99, 99, n]),
+            public_key: key(n),
+            admin: false,
+            static_peer: false,
+            removed: false,
+            reported: reported.iter().map(|s| sa(s)).collect(),
+            observed: observed.map(sa),
+            extra_allowed_ips: vec![],
+            key_created_unix: 100 + u64::from(n),
+        }
+    }
+
+    /// The lab: dock-load on the internet, dock-mirror and dock-edge behind one NAT, the NAS
+    /// (static) on their LAN.
+    fn lab() -> RegistrySnapshot {
+        let mut nas = host("nas", 9, &["192.168.1.20:51820"], None);
+        nas.static_peer = true;
+        let mut removed = host(
+            "old",
+            7,
+            &["198.51.100.7:51871"],
+            Some("198.51.100.7:51871"),
+        );
+        removed.removed = true;
+        RegistrySnapshot {
+            mesh_cidr: "10.99.99.0/24".parse().unwrap(),
+            version: 42,
+            keepalive_secs: 25,
+            hosts: vec![
+                host(
+                    "dock-mirror",
+                    3,
+                    &["192.168.1.3:51871", "10.99.99.3:51871"],
+                    Some("198.51.100.1:40001"),
+                ),
+                host(
+                    "dock-load",
+                    1,
+                    &["198.51.100.5:51871"],
+                    Some("198.51.100.5:51871"),
+                ),
+                host(
+                    "dock-edge",
+                    4,
+                    &["192.168.1.4:51871"],
+                    Some("198.51.100.1:40002"),
+                ),
+                nas,
+                removed,
+            ],
+        }
+    }
+
+    fn peer<'a>(m: &'a Netmap, name: &str) -> &'a NetmapPeer {
+        m.peers.iter().find(|p| p.name == name).unwrap()
+    }
+
+    #[test]
+    fn same_nat_uses_lan_first() {
+        let reg = lab();
+        let m = compute_netmap(&reg, "dock-mirror").unwrap();
+        assert_eq!(m.version, 42);
+        assert_eq!(
+            m.peers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["dock-edge", "dock-load", "nas"]
+        );
+        let edge = peer(&m, "dock-edge");
+        assert_eq!(
+            edge.endpoints,
+            vec![
+                EndpointCandidate {
+                    addr: sa("192.168.1.4:51871"),
+                    kind: EndpointKind::Lan
+                },
+                EndpointCandidate {
+                    addr: sa("198.51.100.1:40002"),
+                    kind: EndpointKind::Observed
+                },
+            ]
+        );
+        assert_eq!(edge.persistent_keepalive, Some(25));
+        assert_eq!(
+            edge.allowed_ips,
+            vec!["10.99.99.4/32".parse::<IpNet>().unwrap()]
+        );
+        let load = peer(&m, "dock-load");
+        assert_eq!(
+            load.endpoints,
+            vec![EndpointCandidate {
+                addr: sa("198.51.100.5:51871"),
+                kind: EndpointKind::Public
+            }]
+        );
+        let nas = peer(&m, "nas");
+        assert!(nas.static_peer);
+        assert_eq!(
+            nas.endpoints,
+            vec![EndpointCandidate {
+                addr: sa("192.168.1.20:51820"),
+                kind: EndpointKind::Lan
+            }]
+        );
+    }
+
+    #[test]
+    fn from_the_internet_nat_hosts_are_reached_at_their_observed_address() {
+        let reg = lab();
+        let m = compute_netmap(&reg, "dock-load").unwrap();
+        let mirror = peer(&m, "dock-mirror");
+        // The mesh address it reported is dropped; the observed one comes before the LAN one.
+        assert_eq!(
+            mirror.endpoints,
+            vec![
+                EndpointCandidate {
+                    addr: sa("198.51.100.1:40001"),
+                    kind: EndpointKind::Observed
+                },
+                EndpointCandidate {
+                    addr: sa("192.168.1.3:51871"),
+                    kind: EndpointKind::Lan
+                },
+            ]
+        );
+        // dock-load is not behind NAT: no keepalive.
+        assert!(m.peers.iter().all(|p| p.persistent_keepalive.is_none()));
+        assert!(m.peers.iter().all(|p| p.name != "old"));
+        assert_eq!(compute_netmap(&reg, "old"), None);
+        assert_eq!(compute_netmap(&reg, "nobody"), None);
+    }
+
+    #[test]
+    fn static_peer_behind_the_same_nat_gets_keepalive() {
+        let mut reg = lab();
+        // The NAS observed at the NAT too (set by the admin); dock-mirror reaches the
+        // coordinator directly (observed = reported).
+        reg.hosts[3].observed = Some(sa("198.51.100.1:51820"));
+        reg.hosts[0].observed = Some(sa("198.51.100.1:40001"));
+        reg.hosts[0].reported.push(sa("198.51.100.1:40001"));
+        let m = compute_netmap(&reg, "dock-mirror").unwrap();
+        assert_eq!(peer(&m, "nas").persistent_keepalive, Some(25));
+        assert_eq!(peer(&m, "dock-load").persistent_keepalive, None);
+    }
+
+    #[test]
+    fn classification() {
+        for ip in [
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.0.1",
+            "100.64.0.1",
+            "127.0.0.1",
+            "169.254.1.1",
+            "fd00::1",
+            "fe80::1",
+            "::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!is_public(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "198.51.100.1",
+            "8.8.8.8",
+            "2001:db8::1",
+            "2a01::1",
+            "::ffff:8.8.8.8",
+        ] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    fn arb_sockaddr() -> impl Strategy<Value = SocketAddr> {
+        let ips = prop_oneof![
+            (0u8..4).prop_map(|d| IpAddr::from([192, 168, 1, d])),
+            (0u8..4).prop_map(|d| IpAddr::from([198, 51, 100, d])),
+            (0u8..4).prop_map(|d| IpAddr::from([10, 99, 99, d])),
+            (0u8..2).prop_map(|d| IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, u16::from(d)])),
+        ];
+        (ips, prop_oneof![Just(0u16), Just(51871u16), Just(40000u16)])
+            .prop_map(|(ip, port)| SocketAddr::new(ip, port))
+    }
+
+    fn arb_registry() -> impl Strategy<Value = RegistrySnapshot> {
+        let host = (
+            "[a-e]{1,2}",
+            any::<u8>(),
+            any::<[bool; 3]>(),
+            prop::collection::vec(arb_sockaddr(), 0..4),
+            prop::option::of(arb_sockaddr()),
+            prop::collection::vec(
+                (any::<u8>(), 24u8..=32).prop_map(|(a, p)| {
+                    IpNet::from(
+                        ipnet::Ipv4Net::new([172, 20, a, 0].into(), p)
+                            .unwrap()
+                            .trunc(),
+                    )
+                }),
+                0..3,
+            ),
+        )
+            .prop_map(
+                |(name, n, [admin, static_peer, removed], reported, observed, extra)| HostRecord {
+                    name,
+                    address: IpAddr::from([10, 99, 99, n]),
+                    public_key: key(n),
+                    admin,
+                    static_peer,
+                    removed,
+                    reported,
+                    observed,
+                    extra_allowed_ips: extra,
+                    key_created_unix: u64::from(n),
+                },
+            );
+        (any::<u64>(), 1u16..100, prop::collection::vec(host, 0..8)).prop_map(
+            |(version, ka, mut hosts)| {
+                // The registry holds unique names.
+                let mut seen = std::collections::BTreeSet::new();
+                hosts.retain(|h| seen.insert(h.name.clone()));
+                RegistrySnapshot {
+                    mesh_cidr: "10.99.99.0/24".parse().unwrap(),
+                    version,
+                    keepalive_secs: ka,
+                    hosts,
+                }
+            },
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn deterministic_symmetric_and_without_removed(reg in arb_registry()) {
+            for h in &reg.hosts {
+                let m = compute_netmap(&reg, &h.name);
+                prop_assert_eq!(&m, &compute_netmap(&reg, &h.name));
+                // Host order in the registry does not matter either.
+                let mut rev = reg.clone();
+                rev.hosts.reverse();
+                prop_assert_eq!(&m, &compute_netmap(&rev, &h.name));
+                if h.removed {
+                    prop_assert!(m.is_none());
+                    continue;
+                }
+                let Some(m) = m else { return Err(TestCaseError::fail("missing netmap")) };
+                prop_assert_eq!(m.version, reg.version);
+                prop_assert_eq!(m.address, h.address);
+                prop_assert_eq!(m.public_key, h.public_key);
+                let names: Vec<&str> = m.peers.iter().map(|p| p.name.as_str()).collect();
+                let mut sorted = names.clone();
+                sorted.sort();
+                prop_assert_eq!(&names, &sorted);
+                for other in &reg.hosts {
+                    let listed = m.peers.iter().find(|p| p.name == other.name);
+                    if other.removed || other.name == h.name {
+                        prop_assert!(listed.is_none());
+                        continue;
+                    }
+                    let Some(p) = listed else { return Err(TestCaseError::fail("peer missing")) };
+                    prop_assert_eq!(p.public_key, other.public_key);
+                    prop_assert_eq!(p.address, other.address);
+                    prop_assert!(p.allowed_ips.contains(&IpNet::from(other.address)));
+                    prop_assert!(p.allowed_ips.windows(2).all(|w| w[0] < w[1]));
+                    // Symmetric: the other host lists this one, with its registry key and address.
+                    let back = compute_netmap(&reg, &other.name)
+                        .and_then(|o| o.peers.into_iter().find(|q| q.name == h.name));
+                    let Some(back) = back else { return Err(TestCaseError::fail("not symmetric")) };
+                    prop_assert_eq!(back.public_key, h.public_key);
+                    prop_assert_eq!(back.address, h.address);
+                    // Endpoints: no duplicates, all usable.
+                    for (i, c) in p.endpoints.iter().enumerate() {
+                        prop_assert!(c.addr.port() != 0);
+                        prop_assert!(!reg.mesh_cidr.contains(&c.addr.ip()));
+                        prop_assert!(p.endpoints[..i].iter().all(|d| d.addr != c.addr));
+                    }
+                    prop_assert_eq!(
+                        p.persistent_keepalive.is_some(),
+                        behind_nat(h) || (other.static_peer && same_nat(h, other))
+                    );
+                }
+            }
+        }
+    }
 }
