@@ -14,7 +14,7 @@ meshd_install_deps() {
   local -A pkgs=(
     [wg]=wireguard-tools [wg-quick]=wireguard-tools [wireguard-go]=wireguard-go [iperf3]=iperf3
     [nft]=nftables [ip]=iproute2 [ping]=iputils-ping [jq]=jq [python3]=python3
-    [unshare]=util-linux [nsenter]=util-linux [pgrep]=procps [cc]=gcc
+    [unshare]=util-linux [nsenter]=util-linux [pgrep]=procps [cc]=gcc [curl]=curl
   )
   local missing=() cmd
   for cmd in "${!pkgs[@]}"; do

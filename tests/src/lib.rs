@@ -20,6 +20,7 @@
 //! directly into the hosts'); processes are only ever signalled by recorded PID + start time,
 //! or because they live in a namespace this lab created; waiting is polling with a deadline.
 
+pub mod coord;
 pub mod fleet;
 pub mod lab;
 pub mod poll;
@@ -28,6 +29,7 @@ pub mod root;
 pub mod state;
 pub mod topology;
 
+pub use coord::{HostEntry, JoinMode, ManagedFleet, COORDINATOR, NAS};
 pub use fleet::{engine_command, generate_keypair, Fleet, FleetHost};
 pub use lab::{bin_dir, check_output, cleanup, Lab, LabOpts};
 pub use poll::{poll_for, poll_until};

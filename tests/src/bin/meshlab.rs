@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use meshlab::{state, topology, Fleet, Lab, LabOpts};
+use meshlab::{state, topology, Fleet, JoinMode, Lab, LabOpts, COORDINATOR, DAEMON_HOSTS, NAS};
 
 #[derive(Parser)]
 #[command(
@@ -23,11 +23,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Build the lab, start meshd on the five daemon hosts, wait until the mesh pings, leave it running.
+    /// Build the lab and form the fleet from invitations (dock-load coordinates, the other
+    /// daemon hosts join with tokens, the NAS joins as a static peer with wg-quick), wait
+    /// until every pair pings over the mesh, leave it running.
     Up {
         /// Build the network only; do not write configs or start meshd.
         #[arg(long)]
         no_daemons: bool,
+        /// The static fleet instead: generated keys and [[peer]] configs, no coordinator, no NAS.
+        #[arg(long = "static")]
+        static_fleet: bool,
+        /// Joining hosts read their token from join_token_file at first start instead of
+        /// `meshctl join TOKEN` after meshd started.
+        #[arg(long, conflicts_with = "static_fleet")]
+        token_file: bool,
         /// Seconds to wait for every pair of daemon hosts to ping over the mesh.
         #[arg(long, default_value_t = 90)]
         timeout: u64,
@@ -88,9 +97,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Up {
             no_daemons,
+            static_fleet,
+            token_file,
             timeout,
             keep,
-        } => up(&root, no_daemons, Duration::from_secs(timeout), keep),
+        } => {
+            let mode = if no_daemons {
+                UpMode::NoDaemons
+            } else if static_fleet {
+                UpMode::Static
+            } else if token_file {
+                UpMode::Managed(JoinMode::TokenFile)
+            } else {
+                UpMode::Managed(JoinMode::Command)
+            };
+            up(&root, mode, Duration::from_secs(timeout), keep)
+        }
         Cmd::Exec { lab, host, cmd } => {
             let lab = Lab::attach(&root, &pick(lab)?)?;
             Err(meshlab::lab::exec_replace(&lab, &host, &cmd))
@@ -128,7 +150,65 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn up(root: &std::path::Path, no_daemons: bool, timeout: Duration, keep: bool) -> Result<ExitCode> {
+#[derive(Clone, Copy)]
+enum UpMode {
+    NoDaemons,
+    Static,
+    Managed(JoinMode),
+}
+
+/// Start the static fleet; the hosts that must ping each other.
+fn start_static(lab: &Lab) -> Result<Vec<String>> {
+    let fleet = Fleet::standard(lab.bin_dir())?;
+    lab.install_fleet(&fleet)?;
+    for h in fleet.names() {
+        let p = lab.start_meshd(h)?;
+        println!(
+            "meshd on {h}: pid {} (log {})",
+            p.pid,
+            lab.meshd_log(h).display()
+        );
+    }
+    Ok(fleet.names().iter().map(|s| s.to_string()).collect())
+}
+
+/// Form the fleet from invitations; the hosts that must ping each other.
+fn start_managed(lab: &Lab, mode: JoinMode) -> Result<Vec<String>> {
+    let engine = meshlab::engine_command(lab.bin_dir());
+    let p = lab.start_coordinator(&engine)?;
+    println!(
+        "coordinator on {COORDINATOR}: meshd pid {} (log {})",
+        p.pid,
+        lab.meshd_log(COORDINATOR).display()
+    );
+    let mut hosts = vec![COORDINATOR.to_string()];
+    for h in DAEMON_HOSTS.iter().filter(|h| **h != COORDINATOR) {
+        let token = lab.invite(h, &[])?;
+        println!(
+            "$ meshctl invite {h}   -> {}...",
+            &token[..token.len().min(24)]
+        );
+        let p = lab.join_host(h, &token, mode)?;
+        let how = match mode {
+            JoinMode::TokenFile => "join_token_file",
+            JoinMode::Command => "meshctl join",
+        };
+        println!(
+            "{h} joined ({how}): meshd pid {} (log {})",
+            p.pid,
+            lab.meshd_log(h).display()
+        );
+        hosts.push(h.to_string());
+    }
+    let conf = lab.invite_static(NAS)?;
+    println!("$ meshctl invite {NAS} --static   -> wg-quick config");
+    lab.start_static_peer(NAS, &conf)?;
+    println!("{NAS}: wg-quick up (wireguard-go)");
+    hosts.push(NAS.to_string());
+    Ok(hosts)
+}
+
+fn up(root: &std::path::Path, mode: UpMode, timeout: Duration, keep: bool) -> Result<ExitCode> {
     let opts = LabOpts {
         state_root: root.to_path_buf(),
         persistent: false,
@@ -138,48 +218,45 @@ fn up(root: &std::path::Path, no_daemons: bool, timeout: Duration, keep: bool) -
     let id = lab.id().to_owned();
     println!("lab {id} built under {}", lab.dir().display());
     let mut ok = true;
-    if !no_daemons {
-        let fleet = Fleet::standard(lab.bin_dir())?;
-        lab.install_fleet(&fleet)?;
-        for h in fleet.names() {
-            let p = lab.start_meshd(h)?;
-            println!(
-                "meshd on {h}: pid {} (log {})",
-                p.pid,
-                lab.meshd_log(h).display()
-            );
+    let started = match mode {
+        UpMode::NoDaemons => Ok(Vec::new()),
+        UpMode::Static => start_static(&lab),
+        UpMode::Managed(m) => start_managed(&lab, m),
+    };
+    let result = started.and_then(|hosts| {
+        if hosts.is_empty() {
+            return Ok(());
         }
+        let names: Vec<&str> = hosts.iter().map(String::as_str).collect();
         println!(
             "waiting up to {timeout:?} for every pair of {} to ping over the mesh...",
-            fleet.names().join(", ")
+            names.join(", ")
         );
-        match lab.wait_mesh_pings(&fleet.names(), timeout) {
-            Ok(()) => {
-                let n = fleet.hosts.len();
-                println!("mesh is up: all {} ordered pairs ping", n * (n - 1));
-                match lab.meshctl("dock-load", &["peers"]) {
-                    Ok(out) => println!("\n$ meshlab exec dock-load meshctl peers\n{out}"),
-                    Err(e) => println!("\nmeshctl peers on dock-load failed: {e:#}"),
-                }
-            }
-            Err(e) => {
-                ok = false;
-                eprintln!("meshlab: {e:#}");
-                for h in fleet.names() {
-                    eprintln!("  log of {h}: {}", lab.meshd_log(h).display());
-                }
-                if !keep {
-                    eprintln!("tearing the lab down (pass --keep to inspect it)");
-                    lab.down()?;
-                    return Ok(ExitCode::FAILURE);
-                }
-            }
+        lab.wait_mesh_pings(&names, timeout)?;
+        let n = names.len();
+        println!("mesh is up: all {} ordered pairs ping", n * (n - 1));
+        match lab.meshctl(COORDINATOR, &["peers"]) {
+            Ok(out) => println!("\n$ meshlab exec {COORDINATOR} meshctl peers\n{out}"),
+            Err(e) => println!("\nmeshctl peers on {COORDINATOR} failed: {e:#}"),
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        ok = false;
+        eprintln!("meshlab: {e:#}");
+        for h in DAEMON_HOSTS {
+            eprintln!("  log of {h}: {}", lab.meshd_log(h).display());
+        }
+        if !keep {
+            eprintln!("tearing the lab down (pass --keep to inspect it)");
+            lab.down()?;
+            return Ok(ExitCode::FAILURE);
         }
     }
     lab.persist()?;
     state::set_current(root, &id)?;
     println!(
-        "\nlab {id} is running.\n  meshlab exec dock-prod wg show wgmesh0\n  meshlab exec dock-prod meshctl peers\n  meshlab status\n  meshlab down          # removes it"
+        "\nlab {id} is running.\n  meshlab exec dock-prod wg show wgmesh0\n  meshlab exec dock-prod meshctl peers\n  meshlab exec dock-load meshctl hosts\n  meshlab status\n  meshlab down          # removes it"
     );
     Ok(if ok {
         ExitCode::SUCCESS
