@@ -407,9 +407,12 @@ fn mesh_survives_the_coordinator_and_restores_from_cache() -> Result<()> {
     Ok(())
 }
 
-/// `expires_unix` of a token (wire form: base64url of u32 length || JSON || 32-byte MAC).
-fn token_expiry(token: &str) -> Result<u64> {
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+/// A token's body JSON and MAC (wire form: `meshd1.` + base64url of u32 BE length || JSON ||
+/// 32-byte MAC).
+fn token_parts(token: &str) -> Result<(Value, Vec<u8>)> {
+    let raw = B64
         .decode(token.trim().trim_start_matches("meshd1."))
         .context("token base64")?;
     if raw.len() < 4 {
@@ -417,17 +420,38 @@ fn token_expiry(token: &str) -> Result<u64> {
     }
     let n = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize;
     let json = raw.get(4..4 + n).ok_or_else(|| anyhow!("token framing"))?;
-    let v: Value = serde_json::from_slice(json)?;
+    Ok((serde_json::from_slice(json)?, raw[4 + n..].to_vec()))
+}
+
+/// `expires_unix` of a token.
+fn token_expiry(token: &str) -> Result<u64> {
+    let (v, _) = token_parts(token)?;
     v.get("expires_unix")
         .and_then(Value::as_u64)
         .ok_or_else(|| anyhow!("no expires_unix in {v}"))
 }
 
-/// A token with one character in its middle replaced by another valid base64url character.
-fn tamper(token: &str) -> String {
+/// The token with its `admin` flag raised, framed again with the original MAC: a well-formed
+/// token that only the MAC check can catch.
+fn escalate(token: &str) -> Result<String> {
+    let (mut v, mac) = token_parts(token)?;
+    v["admin"] = Value::Bool(true);
+    let json = serde_json::to_vec(&v)?;
+    let mut raw = (json.len() as u32).to_be_bytes().to_vec();
+    raw.extend_from_slice(&json);
+    raw.extend_from_slice(&mac);
+    Ok(format!("meshd1.{}", B64.encode(raw)))
+}
+
+/// The token with one character in its middle flipped. The character chosen is the first of
+/// a base64 quantum and becomes `_` (all six bits set), so the byte it starts is >= 0xFC:
+/// never valid in the JSON, whatever field the middle falls in.
+fn corrupt(token: &str) -> String {
+    let prefix = "meshd1.".len();
     let mut chars: Vec<char> = token.chars().collect();
-    let i = "meshd1.".len() + (chars.len() - "meshd1.".len()) / 2;
-    chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
+    let mut i = prefix + (chars.len() - prefix) / 2;
+    i -= (i - prefix) % 4;
+    chars[i] = if chars[i] == '_' { '-' } else { '_' };
     chars.into_iter().collect()
 }
 
@@ -480,8 +504,10 @@ fn reused_expired_tampered_and_foreign_tokens_are_refused() -> Result<()> {
     lab.wait_mesh_pings(&["dock-load", "dock-prod"], MESH_TIMEOUT)?;
     let expired = lab.invite("late-host", &["--ttl", "1s"])?;
     let genuine = lab.invite("bent-host", &[])?;
-    let tampered = tamper(&genuine);
-    assert_ne!(tampered, genuine);
+    let corrupted = corrupt(&genuine);
+    let escalated = escalate(&genuine)?;
+    assert_ne!(corrupted, genuine);
+    assert_ne!(escalated, genuine);
 
     // Past the expiry, by the clock.
     let exp = token_expiry(&expired)?;
@@ -494,18 +520,27 @@ fn reused_expired_tampered_and_foreign_tokens_are_refused() -> Result<()> {
     let joiner = "dock-dash";
     lab.start_unjoined(joiner)?;
     let before = lab.registry()?;
-    let cases: [(&str, &str, &[&str]); 4] = [
+    let cases: [(&str, &str, &[&str]); 5] = [
         (
             "reused",
             &used,
-            &["used", "already", "no longer valid", "unknown invitation"],
+            &[
+                "used",
+                "already",
+                "no longer valid",
+                "unknown invitation",
+                "revoked",
+            ],
         ),
         ("expired", &expired, &["expired"]),
+        // One character flipped in the middle: it no longer decodes.
         (
-            "tampered",
-            &tampered,
+            "corrupted",
+            &corrupted,
             &["tamper", "damaged", "signature", "malformed", "invalid"],
         ),
+        // Admin flag raised, old MAC kept: well-formed, only the signature can tell.
+        ("tampered", &escalated, &["tamper", "signature"]),
         (
             "foreign",
             &foreign,
@@ -776,5 +811,42 @@ fn malformed_and_oversized_bodies_get_4xx() -> Result<()> {
         .meshctl(COORDINATOR, &["invites", "--json"])?
         .contains("fine-host"));
     lab.wait_mesh_pings(&all, Duration::from_secs(10))?;
+    Ok(())
+}
+
+/// The token manglers themselves (no lab): a corrupted token never decodes, an escalated one
+/// decodes with `admin` raised and the MAC unchanged.
+#[test]
+fn token_manglers_do_what_they_say() -> Result<()> {
+    for name_len in 1..12 {
+        let body = serde_json::json!({
+            "invite_id": "0123456789abcdef0123456789abcdef",
+            "coordinator_public_key": "yza86B/iPRJw9rSksy1EuKHNqojbQ2mIAwWjm173Fns=",
+            "coordinator_endpoints": ["198.51.100.1:51871"],
+            "coordinator_address": "10.99.99.1",
+            "api_port": 51872,
+            "mesh_cidr": "10.99.99.0/24",
+            "host_name": "h".repeat(name_len),
+            "host_address": "10.99.99.6",
+            "throwaway_private_key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            "expires_unix": 1764470000u64,
+            "admin": false,
+        });
+        let json = serde_json::to_vec(&body)?;
+        let mut raw = (json.len() as u32).to_be_bytes().to_vec();
+        raw.extend_from_slice(&json);
+        raw.extend_from_slice(&[7u8; 32]);
+        let token = format!("meshd1.{}", B64.encode(&raw));
+        let (v, mac) = token_parts(&token)?;
+        assert_eq!(v, body);
+        assert_eq!(mac, vec![7u8; 32]);
+        assert_eq!(token_expiry(&token)?, 1764470000);
+        assert!(token_parts(&corrupt(&token)).is_err(), "{name_len}");
+        assert_eq!(corrupt(&token).len(), token.len());
+        let (e, emac) = token_parts(&escalate(&token)?)?;
+        assert_eq!(e["admin"], Value::Bool(true));
+        assert_eq!(e["host_name"], body["host_name"]);
+        assert_eq!(emac, mac);
+    }
     Ok(())
 }
