@@ -49,6 +49,13 @@ impl Settings {
     /// Parse configuration text that came from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Settings> {
         let config = mesh_proto::config::parse(text, &path.display().to_string())?;
+        if config.host.name.is_none() || config.host.address.is_none() {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                message: "host.name and host.address are required (joining is not supported yet)"
+                    .to_string(),
+            });
+        }
         Ok(Self::from_config(config, path))
     }
 
@@ -58,9 +65,9 @@ impl Settings {
         let daemon = config.daemon;
         Settings {
             config_path: path.to_path_buf(),
-            host_name: host.name,
+            host_name: host.name.unwrap_or_default(),
             interface: host.interface,
-            address: host.address,
+            address: host.address.unwrap_or_default(),
             listen_port: host.listen_port,
             mtu: host.mtu,
             private_key_file: host.private_key_file,

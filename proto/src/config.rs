@@ -2,9 +2,9 @@
 //! Pure: the daemon reads the file and hands the text and its path here.
 //!
 //! ```toml
-//! [host]
-//! name = "dock-load"                 # required; [a-z0-9-], 1..=63, no leading/trailing '-'
-//! address = "10.99.99.1/24"          # required; own mesh address and the mesh prefix
+//! [host]                             # optional as a whole (all defaults)
+//! name = "dock-load"                 # [a-z0-9-], 1..=63, no leading/trailing '-'
+//! address = "10.99.99.1/24"          # own mesh address and the mesh prefix
 //! interface = "wgmesh0"              # default wgmesh0
 //! listen_port = 51871                # default 51871
 //! private_key_file = "/etc/meshd/private.key"
@@ -15,6 +15,19 @@
 //! engine = "userspace"
 //! engine_command = "/usr/bin/meshd-wg"
 //! reconcile_interval_secs = 10       # 1..=3600
+//! state_dir = "/var/lib/meshd"       # membership, cached netmap
+//! join_token_file = "/etc/meshd/join.token"  # optional: join with this token at first start
+//!
+//! [coordinator]                      # optional: this host runs the coordinator
+//! mesh_cidr = "10.99.99.0/24"        # required; host bits zero; must contain host.address
+//! api_port = 51872                   # default mesh_proto::api::DEFAULT_API_PORT
+//! public_endpoints = ["198.51.100.1:51871"]  # required, non-empty: what tokens carry
+//! reserved = ["10.99.99.0/28"]       # default []: never handed out automatically
+//! keepalive_secs = 25                # 1..=65535, default 25: toward peers from NATed hosts
+//! database = "/var/lib/meshd/coordinator.db"
+//!
+//! [coordinator.static_assignments]   # name -> address, inside mesh_cidr, not reserved, unique
+//! dock-prod = "10.99.99.2"
 //!
 //! [[peer]]
 //! name = "dock-prod"
@@ -23,6 +36,12 @@
 //! allowed_ips = ["10.99.99.2/32"]    # host bits must be zero; no overlap between peers
 //! persistent_keepalive = 25          # optional, 0 = off
 //! ```
+//!
+//! `host.name` and `host.address` are required on the coordinator (`[coordinator]` present)
+//! and when static `[[peer]]` entries are configured; otherwise they may be left out: a host
+//! that joins with a token (`meshctl join`, or `daemon.join_token_file`) learns them from the
+//! token. Whether a host without them may start (it needs a token or an existing membership)
+//! is the daemon's decision.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -41,12 +60,21 @@ use crate::{DEFAULT_CONTROL_SOCKET, DEFAULT_INTERFACE, DEFAULT_LISTEN_PORT, DEFA
 pub const DEFAULT_PRIVATE_KEY_FILE: &str = "/etc/meshd/private.key";
 /// Default reconcile interval in seconds.
 pub const DEFAULT_RECONCILE_INTERVAL_SECS: u64 = 10;
+/// Default state directory (membership, cached netmap).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshd";
+/// Default path of the coordinator's registry.
+pub const DEFAULT_DATABASE: &str = "/var/lib/meshd/coordinator.db";
+/// Default persistent keepalive (seconds) from hosts behind NAT.
+pub const DEFAULT_KEEPALIVE_SECS: u16 = 25;
 
 /// A validated configuration. Build it with [`parse`]; `Serialize` writes the same TOML format.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
     pub host: HostConfig,
     pub daemon: DaemonConfig,
+    /// `[coordinator]`: present only on the coordinator host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<CoordinatorConfig>,
     #[serde(rename = "peer")]
     pub peers: Vec<PeerConfig>,
 }
@@ -54,9 +82,13 @@ pub struct Config {
 /// `[host]`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HostConfig {
-    pub name: String,
-    /// This host's mesh address with the mesh prefix length (host bits kept: `10.99.99.1/24`).
-    pub address: IpNet,
+    /// `None` on a host that learns its name when it joins.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// This host's mesh address with the mesh prefix length (host bits kept: `10.99.99.1/24`);
+    /// `None` on a host that learns its address when it joins.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<IpNet>,
     pub interface: String,
     pub listen_port: u16,
     pub private_key_file: PathBuf,
@@ -72,6 +104,11 @@ pub struct DaemonConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine_command: Option<PathBuf>,
     pub reconcile_interval_secs: u64,
+    /// Membership and cached netmap live here.
+    pub state_dir: PathBuf,
+    /// Join with the token in this file at first start (unattended installs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join_token_file: Option<PathBuf>,
 }
 
 impl Default for DaemonConfig {
@@ -81,8 +118,29 @@ impl Default for DaemonConfig {
             engine: EngineKind::Userspace,
             engine_command: None,
             reconcile_interval_secs: DEFAULT_RECONCILE_INTERVAL_SECS,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            join_token_file: None,
         }
     }
+}
+
+/// `[coordinator]`: this host runs the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CoordinatorConfig {
+    /// The mesh addresses are handed out of (host bits zero; contains `host.address`).
+    pub mesh_cidr: IpNet,
+    /// TCP port of the API on the coordinator's mesh address.
+    pub api_port: u16,
+    /// The coordinator's underlay endpoints, as invitation tokens carry them (non-empty).
+    pub public_endpoints: Vec<SocketAddr>,
+    /// Never handed out automatically (nor by request).
+    pub reserved: Vec<IpNet>,
+    /// Persistent keepalive (seconds) used toward peers from hosts behind NAT.
+    pub keepalive_secs: u16,
+    /// Host name -> address; each inside `mesh_cidr`, not reserved, unique.
+    pub static_assignments: BTreeMap<String, IpAddr>,
+    /// The registry (SQLite).
+    pub database: PathBuf,
 }
 
 impl DaemonConfig {
@@ -181,14 +239,27 @@ impl Config {
         }
     }
 
-    /// This host's mesh address (without prefix length).
-    pub fn mesh_address(&self) -> IpAddr {
-        self.host.address.addr()
+    /// This host's name, when configured (`None` on a host that learns it when it joins).
+    pub fn host_name(&self) -> Option<&str> {
+        self.host.name.as_deref()
     }
 
-    /// The mesh prefix (`10.99.99.0/24`).
-    pub fn mesh_prefix(&self) -> IpNet {
-        self.host.address.trunc()
+    /// This host's mesh address (without prefix length), when configured.
+    pub fn mesh_address(&self) -> Option<IpAddr> {
+        self.host.address.map(|a| a.addr())
+    }
+
+    /// The mesh prefix (`10.99.99.0/24`): from `host.address`, else `[coordinator] mesh_cidr`.
+    pub fn mesh_prefix(&self) -> Option<IpNet> {
+        self.host
+            .address
+            .map(|a| a.trunc())
+            .or_else(|| self.coordinator.as_ref().map(|c| c.mesh_cidr))
+    }
+
+    /// Whether this host runs the coordinator.
+    pub fn is_coordinator(&self) -> bool {
+        self.coordinator.is_some()
     }
 
     /// The configured name of a peer.
@@ -210,18 +281,21 @@ impl Config {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    host: RawHost,
+    #[serde(default)]
+    host: Option<RawHost>,
     #[serde(default)]
     daemon: Option<RawDaemon>,
+    #[serde(default)]
+    coordinator: Option<RawCoordinator>,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawHost {
-    name: String,
-    address: String,
+    name: Option<String>,
+    address: Option<String>,
     interface: Option<String>,
     listen_port: Option<i64>,
     private_key_file: Option<String>,
@@ -235,6 +309,22 @@ struct RawDaemon {
     engine: Option<String>,
     engine_command: Option<String>,
     reconcile_interval_secs: Option<i64>,
+    state_dir: Option<String>,
+    join_token_file: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCoordinator {
+    mesh_cidr: String,
+    api_port: Option<i64>,
+    public_endpoints: Vec<String>,
+    #[serde(default)]
+    reserved: Vec<String>,
+    keepalive_secs: Option<i64>,
+    #[serde(default)]
+    static_assignments: BTreeMap<String, String>,
+    database: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -266,16 +356,51 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(text, origin, &e))?;
     let cx = Ctx { file: origin };
 
-    let host = validate_host(&cx, raw.host)?;
+    let host = validate_host(&cx, raw.host.unwrap_or_default())?;
     let daemon = validate_daemon(&cx, raw.daemon.unwrap_or_default())?;
     let mut peers = Vec::with_capacity(raw.peers.len());
     for (i, p) in raw.peers.into_iter().enumerate() {
         peers.push(validate_peer(&cx, i, p)?);
     }
+    let coordinator = match raw.coordinator {
+        None => None,
+        Some(c) => Some(validate_coordinator(&cx, c)?),
+    };
+    let why = if coordinator.is_some() {
+        Some("on the coordinator ([coordinator] is present)")
+    } else if !peers.is_empty() {
+        Some("with static [[peer]] entries")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        if host.name.is_none() {
+            return Err(cx.err(
+                "host.name",
+                format!(
+                    "missing field `name`: this host's name is required {why}; only a host \
+                     that joins with a token may leave it out"
+                ),
+            ));
+        }
+        if host.address.is_none() {
+            return Err(cx.err(
+                "host.address",
+                format!(
+                    "missing field `address`: this host's mesh address is required {why}, \
+                     e.g. \"10.99.99.1/24\"; only a host that joins with a token may leave it out"
+                ),
+            ));
+        }
+    }
+    if let Some(c) = &coordinator {
+        check_coordinator(&cx, &host, c)?;
+    }
     check_peers(&cx, &host, &peers)?;
     Ok(Config {
         host,
         daemon,
+        coordinator,
         peers,
     })
 }
@@ -343,15 +468,13 @@ fn non_empty_path(cx: &Ctx<'_>, key: &str, value: String) -> Result<PathBuf, Con
     Ok(PathBuf::from(value))
 }
 
-fn validate_host(cx: &Ctx<'_>, raw: RawHost) -> Result<HostConfig, ConfigError> {
-    validate_name(&raw.name).map_err(|m| cx.err("host.name", m))?;
-    let address: IpNet = raw.address.parse().map_err(|_| {
+fn validate_host_address(cx: &Ctx<'_>, text: &str) -> Result<IpNet, ConfigError> {
+    let address: IpNet = text.parse().map_err(|_| {
         cx.err(
             "host.address",
             format!(
-                "{:?} is not an address with prefix length; write this host's mesh address \
-                 and the mesh prefix, e.g. \"10.99.99.1/24\"",
-                raw.address
+                "{text:?} is not an address with prefix length; write this host's mesh address \
+                 and the mesh prefix, e.g. \"10.99.99.1/24\""
             ),
         )
     })?;
@@ -367,6 +490,17 @@ fn validate_host(cx: &Ctx<'_>, raw: RawHost) -> Result<HostConfig, ConfigError> 
             ));
         }
     }
+    Ok(address)
+}
+
+fn validate_host(cx: &Ctx<'_>, raw: RawHost) -> Result<HostConfig, ConfigError> {
+    if let Some(name) = &raw.name {
+        validate_name(name).map_err(|m| cx.err("host.name", m))?;
+    }
+    let address = match &raw.address {
+        None => None,
+        Some(a) => Some(validate_host_address(cx, a)?),
+    };
     let interface = raw
         .interface
         .unwrap_or_else(|| DEFAULT_INTERFACE.to_string());
@@ -432,12 +566,145 @@ fn validate_daemon(cx: &Ctx<'_>, raw: RawDaemon) -> Result<DaemonConfig, ConfigE
         None => d.reconcile_interval_secs,
         Some(s) => ranged(cx, "daemon.reconcile_interval_secs", s, 1, 3600, "")?,
     };
+    let state_dir = match raw.state_dir {
+        None => d.state_dir,
+        Some(s) => non_empty_path(cx, "daemon.state_dir", s)?,
+    };
+    let join_token_file = match raw.join_token_file {
+        None => None,
+        Some(s) => Some(non_empty_path(cx, "daemon.join_token_file", s)?),
+    };
     Ok(DaemonConfig {
         control_socket,
         engine,
         engine_command,
         reconcile_interval_secs,
+        state_dir,
+        join_token_file,
     })
+}
+
+fn validate_coordinator(
+    cx: &Ctx<'_>,
+    raw: RawCoordinator,
+) -> Result<CoordinatorConfig, ConfigError> {
+    let mesh_cidr = parse_allowed_ip(&raw.mesh_cidr).map_err(|m| {
+        cx.err(
+            "coordinator.mesh_cidr",
+            m.replace("10.99.99.2/32", "10.99.99.0/24"),
+        )
+    })?;
+    let api_port = match raw.api_port {
+        None => crate::api::DEFAULT_API_PORT,
+        Some(p) => ranged(cx, "coordinator.api_port", p, 1, 65535, "")?,
+    };
+    if raw.public_endpoints.is_empty() {
+        return Err(cx.err(
+            "coordinator.public_endpoints",
+            "must list at least one IP:port where joining hosts reach this host, e.g. \
+             [\"198.51.100.1:51871\"]",
+        ));
+    }
+    let mut public_endpoints = Vec::with_capacity(raw.public_endpoints.len());
+    for (i, e) in raw.public_endpoints.iter().enumerate() {
+        let a = parse_endpoint(e)
+            .map_err(|m| cx.err(format!("coordinator.public_endpoints[{i}]"), m))?;
+        if public_endpoints.contains(&a) {
+            return Err(cx.err(
+                format!("coordinator.public_endpoints[{i}]"),
+                format!("{a} is listed twice"),
+            ));
+        }
+        public_endpoints.push(a);
+    }
+    let mut reserved = Vec::with_capacity(raw.reserved.len());
+    for (i, r) in raw.reserved.iter().enumerate() {
+        reserved.push(
+            parse_allowed_ip(r).map_err(|m| cx.err(format!("coordinator.reserved[{i}]"), m))?,
+        );
+    }
+    let keepalive_secs = match raw.keepalive_secs {
+        None => DEFAULT_KEEPALIVE_SECS,
+        Some(k) => ranged(
+            cx,
+            "coordinator.keepalive_secs",
+            k,
+            1,
+            65535,
+            " (seconds; 25 is usual behind NAT)",
+        )?,
+    };
+    let mut static_assignments = BTreeMap::new();
+    let mut by_address: BTreeMap<IpAddr, String> = BTreeMap::new();
+    for (name, addr) in raw.static_assignments {
+        let key = format!("coordinator.static_assignments.{name}");
+        validate_name(&name).map_err(|m| cx.err(key.clone(), m))?;
+        let ip: IpAddr = addr.parse().map_err(|_| {
+            cx.err(
+                key.clone(),
+                format!("{addr:?} is not an address (no prefix length), e.g. \"10.99.99.2\""),
+            )
+        })?;
+        crate::alloc::check_address(mesh_cidr, &reserved, ip)
+            .map_err(|e| cx.err(key.clone(), e.to_string()))?;
+        if let Some(other) = by_address.insert(ip, name.clone()) {
+            return Err(cx.err(
+                key,
+                format!("{ip} is already assigned to {other:?}; each host needs its own address"),
+            ));
+        }
+        static_assignments.insert(name, ip);
+    }
+    let database = match raw.database {
+        None => PathBuf::from(DEFAULT_DATABASE),
+        Some(s) => non_empty_path(cx, "coordinator.database", s)?,
+    };
+    Ok(CoordinatorConfig {
+        mesh_cidr,
+        api_port,
+        public_endpoints,
+        reserved,
+        keepalive_secs,
+        static_assignments,
+        database,
+    })
+}
+
+/// The coordinator's own address must be inside the mesh and agree with the assignments.
+fn check_coordinator(
+    cx: &Ctx<'_>,
+    host: &HostConfig,
+    c: &CoordinatorConfig,
+) -> Result<(), ConfigError> {
+    let Some(address) = host.address else {
+        return Ok(());
+    };
+    let own = address.addr();
+    if !c.mesh_cidr.contains(&own) {
+        return Err(cx.err(
+            "host.address",
+            format!(
+                "{own} is not inside the mesh {} (coordinator.mesh_cidr)",
+                c.mesh_cidr
+            ),
+        ));
+    }
+    for (name, ip) in &c.static_assignments {
+        let ours = host.name.as_deref() == Some(name.as_str());
+        if ours && *ip != own {
+            return Err(cx.err(
+                format!("coordinator.static_assignments.{name}"),
+                format!("{ip} is not this host's own address {own} (host.address)"),
+            ));
+        }
+        if !ours && *ip == own {
+            return Err(cx.err(
+                format!("coordinator.static_assignments.{name}"),
+                format!("{ip} is this host's own address (host.address)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
@@ -536,11 +803,11 @@ fn validate_peer(cx: &Ctx<'_>, i: usize, raw: RawPeer) -> Result<PeerConfig, Con
 }
 
 fn check_peers(cx: &Ctx<'_>, host: &HostConfig, peers: &[PeerConfig]) -> Result<(), ConfigError> {
-    let own = host.address.addr();
+    let own = host.address.map(|a| a.addr());
     let mut names: BTreeMap<&str, usize> = BTreeMap::new();
     let mut keys: BTreeMap<PublicKey, usize> = BTreeMap::new();
     for (i, p) in peers.iter().enumerate() {
-        if p.name == host.name {
+        if host.name.as_deref() == Some(p.name.as_str()) {
             return Err(cx.err(
                 format!("peer[{i}].name"),
                 format!("{:?} is this host's own name (host.name)", p.name),
@@ -562,7 +829,7 @@ fn check_peers(cx: &Ctx<'_>, host: &HostConfig, peers: &[PeerConfig]) -> Result<
             ));
         }
         for (k, net) in p.allowed_ips.iter().enumerate() {
-            if net.contains(&own) {
+            if let Some(own) = own.filter(|own| net.contains(own)) {
                 return Err(cx.err(
                     format!("peer[{i}].allowed_ips[{k}]"),
                     format!(
@@ -751,7 +1018,10 @@ persistent_keepalive = 25
     #[test]
     fn parses_with_defaults() {
         let c = parse(&base(), FILE).unwrap();
-        assert_eq!(c.host.name, "dock-load");
+        assert_eq!(c.host.name.as_deref(), Some("dock-load"));
+        assert_eq!(c.host_name(), Some("dock-load"));
+        assert!(c.coordinator.is_none());
+        assert!(!c.is_coordinator());
         assert_eq!(c.host.interface, "wgmesh0");
         assert_eq!(c.host.listen_port, 51871);
         assert_eq!(c.host.mtu, 1420);
@@ -761,8 +1031,14 @@ persistent_keepalive = 25
         );
         assert_eq!(c.daemon, DaemonConfig::default());
         assert_eq!(c.daemon.reconcile_interval(), Duration::from_secs(10));
-        assert_eq!(c.mesh_address(), "10.99.99.1".parse::<IpAddr>().unwrap());
-        assert_eq!(c.mesh_prefix(), "10.99.99.0/24".parse::<IpNet>().unwrap());
+        assert_eq!(
+            c.mesh_address(),
+            Some("10.99.99.1".parse::<IpAddr>().unwrap())
+        );
+        assert_eq!(
+            c.mesh_prefix(),
+            Some("10.99.99.0/24".parse::<IpNet>().unwrap())
+        );
         assert_eq!(c.peers.len(), 2);
         assert_eq!(c.peer_name(&PublicKey([3; 32])), Some("dock-mirror"));
         assert_eq!(c.peer_name(&PublicKey([9; 32])), None);
@@ -874,8 +1150,14 @@ persistent_keepalive = 0
         refuse(&t, "host.name", "missing field `name`");
         let t = base().replace("allowed_ips = [\"10.99.99.3/32\"]\n", "");
         refuse(&t, "peer[1].allowed_ips", "missing field `allowed_ips`");
-        let e = parse("", FILE).unwrap_err();
-        assert_eq!(e.key.as_deref(), Some("host"), "{e}");
+        let t = base().replace("address = \"10.99.99.1/24\"\n", "");
+        refuse(&t, "host.address", "missing field `address`");
+        // Without static peers or [coordinator], a host may get everything from a join.
+        let c = parse("", FILE).unwrap();
+        assert_eq!(c.host.name, None);
+        assert_eq!(c.mesh_address(), None);
+        assert_eq!(c.mesh_prefix(), None);
+        assert_eq!(c.daemon, DaemonConfig::default());
     }
 
     #[test]
@@ -1106,5 +1388,206 @@ persistent_keepalive = 0
             message: "bad".into(),
         };
         assert_eq!(e.to_string(), "f.toml: bad");
+    }
+
+    fn coordinator_base() -> String {
+        r#"
+[host]
+name = "dock-load"
+address = "10.99.99.1/24"
+
+[coordinator]
+mesh_cidr = "10.99.99.0/24"
+public_endpoints = ["198.51.100.1:51871"]
+"#
+        .to_string()
+    }
+
+    #[test]
+    fn joining_host_config() {
+        let c = parse(
+            "[daemon]\njoin_token_file = \"/etc/meshd/join.token\"\nstate_dir = \"/srv/meshd\"\n",
+            FILE,
+        )
+        .unwrap();
+        assert_eq!(c.host_name(), None);
+        assert_eq!(c.host.address, None);
+        assert_eq!(c.host.interface, "wgmesh0");
+        assert_eq!(
+            c.daemon.join_token_file,
+            Some(PathBuf::from("/etc/meshd/join.token"))
+        );
+        assert_eq!(c.daemon.state_dir, PathBuf::from("/srv/meshd"));
+        let again = toml::to_string(&c).unwrap();
+        assert_eq!(parse(&again, FILE).unwrap(), c);
+        // [host] without name and address, as the lab writes it.
+        let c = parse("[host]\nlisten_port = 51871\n\n[daemon]\n", FILE).unwrap();
+        assert_eq!(c.daemon.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.daemon.join_token_file, None);
+        refuse(
+            "[daemon]\njoin_token_file = \"\"\n",
+            "daemon.join_token_file",
+            "empty",
+        );
+        refuse("[daemon]\nstate_dir = \"\"\n", "daemon.state_dir", "empty");
+    }
+
+    #[test]
+    fn coordinator_defaults_and_full() {
+        let c = parse(&coordinator_base(), FILE).unwrap();
+        let co = c.coordinator.clone().unwrap();
+        assert!(c.is_coordinator());
+        assert_eq!(co.mesh_cidr, "10.99.99.0/24".parse::<IpNet>().unwrap());
+        assert_eq!(co.api_port, crate::api::DEFAULT_API_PORT);
+        assert_eq!(co.keepalive_secs, 25);
+        assert!(co.reserved.is_empty());
+        assert!(co.static_assignments.is_empty());
+        assert_eq!(co.database, PathBuf::from(DEFAULT_DATABASE));
+        let text = format!(
+            "{}api_port = 4000\nreserved = [\"10.99.99.0/28\"]\nkeepalive_secs = 15\n\
+             database = \"/srv/c.db\"\n\n[coordinator.static_assignments]\ndock-prod = \
+             \"10.99.99.20\"\nnas = \"10.99.99.30\"\ndock-load = \"10.99.99.1\"\n",
+            coordinator_base().replace("reserved", "x")
+        );
+        // The assignment of the coordinator itself must match its address: 10.99.99.1 is
+        // reserved here, so it is refused.
+        refuse(
+            &text,
+            "coordinator.static_assignments.dock-load",
+            "reserved",
+        );
+        let text = text.replace("dock-load = \"10.99.99.1\"\n", "");
+        let c = parse(&text, FILE).unwrap();
+        let co = c.coordinator.clone().unwrap();
+        assert_eq!(co.api_port, 4000);
+        assert_eq!(co.keepalive_secs, 15);
+        assert_eq!(co.reserved, vec!["10.99.99.0/28".parse::<IpNet>().unwrap()]);
+        assert_eq!(co.database, PathBuf::from("/srv/c.db"));
+        assert_eq!(
+            co.static_assignments.get("nas"),
+            Some(&"10.99.99.30".parse::<IpAddr>().unwrap())
+        );
+        let again = toml::to_string(&c).unwrap();
+        assert_eq!(parse(&again, FILE).unwrap(), c);
+    }
+
+    #[test]
+    fn refuses_bad_coordinator_values() {
+        let b = coordinator_base();
+        refuse(
+            &b.replace("name = \"dock-load\"\n", ""),
+            "host.name",
+            "coordinator",
+        );
+        refuse(
+            &b.replace("address = \"10.99.99.1/24\"\n", ""),
+            "host.address",
+            "coordinator",
+        );
+        refuse(
+            &b.replace("10.99.99.1/24", "10.98.0.1/24"),
+            "host.address",
+            "not inside the mesh",
+        );
+        refuse(
+            &b.replace("mesh_cidr = \"10.99.99.0/24\"\n", ""),
+            "coordinator.mesh_cidr",
+            "missing field",
+        );
+        refuse(
+            &b.replace("\"10.99.99.0/24\"", "\"10.99.99.1/24\""),
+            "coordinator.mesh_cidr",
+            "host bits",
+        );
+        refuse(
+            &b.replace("[\"198.51.100.1:51871\"]", "[]"),
+            "coordinator.public_endpoints",
+            "at least one",
+        );
+        refuse(
+            &b.replace("[\"198.51.100.1:51871\"]", "[\"vps.example.com:51871\"]"),
+            "coordinator.public_endpoints[0]",
+            "IP:port",
+        );
+        refuse(
+            &b.replace("public_endpoints = [\"198.51.100.1:51871\"]\n", ""),
+            "coordinator.public_endpoints",
+            "missing field",
+        );
+        refuse(
+            &format!("{b}api_port = 0\n"),
+            "coordinator.api_port",
+            "1..=65535",
+        );
+        refuse(
+            &format!("{b}keepalive_secs = 0\n"),
+            "coordinator.keepalive_secs",
+            "1..=65535",
+        );
+        refuse(
+            &format!("{b}reserved = [\"10.99.99.1\"]\n"),
+            "coordinator.reserved[0]",
+            "prefix length",
+        );
+        refuse(
+            &format!("{b}database = \"\"\n"),
+            "coordinator.database",
+            "empty",
+        );
+        refuse(
+            &format!("{b}bogus = 1\n"),
+            "coordinator.bogus",
+            "unknown field",
+        );
+        let sa = |body: &str| {
+            format!(
+                "{b}reserved = [\"10.99.99.240/28\"]\n\n[coordinator.static_assignments]\n{body}"
+            )
+        };
+        refuse(
+            &sa("nas = \"10.98.0.2\"\n"),
+            "coordinator.static_assignments.nas",
+            "not inside the mesh",
+        );
+        refuse(
+            &sa("nas = \"10.99.99.241\"\n"),
+            "coordinator.static_assignments.nas",
+            "reserved",
+        );
+        refuse(
+            &sa("nas = \"10.99.99.0\"\n"),
+            "coordinator.static_assignments.nas",
+            "network or broadcast",
+        );
+        refuse(
+            &sa("nas = \"10.99.99.2/32\"\n"),
+            "coordinator.static_assignments.nas",
+            "not an address",
+        );
+        refuse(
+            &sa("nas = \"10.99.99.2\"\nbox = \"10.99.99.2\"\n"),
+            "coordinator.static_assignments.nas",
+            "already assigned to \"box\"",
+        );
+        refuse(
+            &sa("nas = \"10.99.99.1\"\n"),
+            "coordinator.static_assignments.nas",
+            "own address",
+        );
+        refuse(
+            &sa("dock-load = \"10.99.99.9\"\n"),
+            "coordinator.static_assignments.dock-load",
+            "own address",
+        );
+        refuse(
+            &sa("Bad_Name = \"10.99.99.9\"\n"),
+            "coordinator.static_assignments.Bad_Name",
+            "lowercase",
+        );
+        parse(
+            &sa("dock-load = \"10.99.99.1\"\nnas = \"10.99.99.20\"\n"),
+            FILE,
+        )
+        .unwrap();
     }
 }

@@ -1,4 +1,5 @@
-//! Every example in `configs/` must parse, and together they must describe one consistent fleet.
+//! Every example in `configs/` must parse, and together the static ones (no `[coordinator]`,
+//! a fixed name) must describe one consistent fleet.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -35,10 +36,48 @@ fn load_all() -> Vec<(PathBuf, Config)> {
 fn every_example_config_parses() {
     for (path, cfg) in load_all() {
         let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        match cfg.host_name() {
+            // dock-load-coordinator.toml is dock-load's coordinator variant.
+            Some(name) => assert!(
+                stem == name || stem.starts_with(&format!("{name}-")),
+                "{}: host.name should match the file name",
+                path.display()
+            ),
+            // A joining host learns its name from its token.
+            None => assert!(
+                cfg.daemon.join_token_file.is_some() && cfg.peers.is_empty(),
+                "{}: a config without host.name should join with a token",
+                path.display()
+            ),
+        }
+        if let Some(c) = &cfg.coordinator {
+            let own = cfg.mesh_address().expect("the coordinator has an address");
+            assert!(c.mesh_cidr.contains(&own), "{}", path.display());
+            assert_eq!(cfg.mesh_prefix(), Some(c.mesh_cidr), "{}", path.display());
+        }
+    }
+}
+
+/// The coordinator's address plan agrees with the static fleet's addresses.
+#[test]
+fn coordinator_plan_matches_the_static_fleet() {
+    let all = load_all();
+    let Some((path, coord)) = all.iter().find(|(_, c)| c.coordinator.is_some()) else {
+        panic!("no example coordinator config");
+    };
+    let plan = &coord
+        .coordinator
+        .as_ref()
+        .expect("coordinator")
+        .static_assignments;
+    for (_, cfg) in all.iter().filter(|(_, c)| c.coordinator.is_none()) {
+        let (Some(name), Some(addr)) = (cfg.host_name(), cfg.mesh_address()) else {
+            continue;
+        };
         assert_eq!(
-            cfg.host.name,
-            stem,
-            "{}: host.name should match the file name",
+            plan.get(name),
+            Some(&addr),
+            "{}: static assignment of {name}",
             path.display()
         );
     }
@@ -46,7 +85,10 @@ fn every_example_config_parses() {
 
 #[test]
 fn example_fleet_is_consistent() {
-    let all = load_all();
+    let all: Vec<(PathBuf, Config)> = load_all()
+        .into_iter()
+        .filter(|(_, c)| c.coordinator.is_none() && c.host_name().is_some())
+        .collect();
     // Every host names every peer with the same key and the same allowed IPs.
     let mut key_of: BTreeMap<String, (PublicKey, String)> = BTreeMap::new();
     let mut ips_of: BTreeMap<String, (Vec<ipnet::IpNet>, String)> = BTreeMap::new();
@@ -75,21 +117,23 @@ fn example_fleet_is_consistent() {
     let prefix = all[0].1.mesh_prefix();
     for (path, cfg) in &all {
         assert_eq!(cfg.mesh_prefix(), prefix, "{}", path.display());
-        if let Some((ips, _)) = ips_of.get(&cfg.host.name) {
+        let name = cfg.host_name().unwrap_or_default();
+        let own = cfg.mesh_address().expect("static hosts have an address");
+        if let Some((ips, _)) = ips_of.get(name) {
             assert!(
-                ips.iter().any(|n| n.contains(&cfg.mesh_address())),
-                "{}: peers do not route {} to {}",
+                ips.iter().any(|n| n.contains(&own)),
+                "{}: peers do not route {own} to {name}",
                 path.display(),
-                cfg.mesh_address(),
-                cfg.host.name
             );
         }
         // Every other example host is a peer of this one.
         for (_, other) in &all {
             if other.host.name != cfg.host.name {
                 assert!(
-                    cfg.peers.iter().any(|p| p.name == other.host.name),
-                    "{}: missing peer {}",
+                    cfg.peers
+                        .iter()
+                        .any(|p| Some(p.name.as_str()) == other.host_name()),
+                    "{}: missing peer {:?}",
                     path.display(),
                     other.host.name
                 );
