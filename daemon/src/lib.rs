@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod backend;
 pub mod control;
+pub mod coordinator;
 pub mod daemon;
 pub mod error;
 pub mod keyfile;

@@ -1,0 +1,386 @@
+//! The HTTP/JSON API (axum), served on the coordinator's mesh address from a socket bound to
+//! the mesh interface (SO_BINDTODEVICE): a request's TCP source address is the caller's mesh
+//! identity, which WireGuard's cryptokey routing guarantees. Paths and bodies: see
+//! `mesh_proto::api`. Every error is `{"error": "..."}` with a 4xx/5xx status.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use mesh_proto::api::{
+    ApiError, EndpointReport, InviteRequest, JoinRequest, LONG_POLL_SECS, MAX_BODY,
+};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use super::{CoordError, Coordinator};
+
+/// Where the coordinator's WireGuard sees a mesh address's packets come from (the peer's
+/// underlay endpoint, e.g. from `wg show endpoints`). Through the tunnel the TCP peer is the
+/// mesh address, so the observed underlay address must come from here.
+pub type ObservedFn = Arc<dyn Fn(IpAddr) -> Option<SocketAddr> + Send + Sync>;
+
+/// Response header carrying the netmap version (also in the body), for cheap clients.
+pub const VERSION_HEADER: &str = "x-meshd-netmap-version";
+
+#[derive(Clone)]
+struct AppState {
+    coord: Coordinator,
+    observed: ObservedFn,
+    stopping: watch::Receiver<bool>,
+}
+
+struct Failure(CoordError);
+
+impl From<CoordError> for Failure {
+    fn from(e: CoordError) -> Self {
+        Failure(e)
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let code = self.0.http_status();
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if code >= 500 {
+            tracing::warn!(error = %self.0, "API request failed");
+        } else {
+            tracing::debug!(error = %self.0, status = code, "API request refused");
+        }
+        (
+            status,
+            Json(ApiError {
+                error: self.0.to_string(),
+            }),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, Failure>;
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn caller_ip(peer: SocketAddr) -> IpAddr {
+    peer.ip().to_canonical()
+}
+
+fn parse_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, CoordError> {
+    let bytes = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            CoordError::TooLarge(MAX_BODY)
+        } else {
+            CoordError::Malformed(r.body_text())
+        }
+    })?;
+    if bytes.len() > MAX_BODY {
+        return Err(CoordError::TooLarge(MAX_BODY));
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| CoordError::Malformed(format!("invalid JSON body: {e}")))
+}
+
+/// Run a registry call off the async workers (SQLite writes fsync).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CoordError> + Send + 'static,
+) -> Result<T, CoordError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CoordError::Internal(format!("registry task failed: {e}")))?
+}
+
+async fn require_admin(coord: &Coordinator, caller: IpAddr) -> Result<(), CoordError> {
+    let c = coord.clone();
+    let admin = tokio::task::spawn_blocking(move || c.is_admin(caller))
+        .await
+        .unwrap_or(false);
+    if admin {
+        Ok(())
+    } else {
+        Err(CoordError::NotAdmin(caller))
+    }
+}
+
+async fn join(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let req: JoinRequest = parse_json(body)?;
+    let caller = caller_ip(peer);
+    let coord = st.coord.clone();
+    let resp = blocking(move || coord.join(caller, req, now_unix())).await?;
+    Ok(Json(resp).into_response())
+}
+
+async fn endpoints(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<StatusCode> {
+    let report: EndpointReport = parse_json(body)?;
+    let caller = caller_ip(peer);
+    let observed = (st.observed)(caller);
+    let coord = st.coord.clone();
+    blocking(move || coord.report_endpoints_observed(caller, observed, report, now_unix())).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+struct NetmapQuery {
+    since: Option<u64>,
+}
+
+async fn netmap(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    query: Result<Query<NetmapQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let since = query
+        .map_err(|r| CoordError::Malformed(r.body_text()))?
+        .0
+        .since
+        .unwrap_or(0);
+    let caller = caller_ip(peer);
+    let coord = &st.coord;
+    let mut rx = coord.subscribe();
+    let current = *rx.borrow_and_update();
+    let known = coord
+        .snapshot_arc()?
+        .hosts
+        .iter()
+        .any(|h| h.address == caller && !h.removed);
+    if !known {
+        return Err(CoordError::NotAHost(caller).into());
+    }
+    if current == since {
+        let mut stopping = st.stopping.clone();
+        let wait = tokio::time::timeout(
+            Duration::from_secs(LONG_POLL_SECS),
+            rx.wait_for(|v| *v > since),
+        );
+        tokio::select! {
+            r = wait => match r {
+                Err(_) => return Ok(StatusCode::NOT_MODIFIED.into_response()),
+                Ok(Err(_)) => {
+                    return Err(CoordError::Internal("the coordinator is shutting down".into()).into())
+                }
+                Ok(Ok(_)) => {}
+            },
+            _ = stopping.wait_for(|s| *s) => {
+                return Ok(StatusCode::NOT_MODIFIED.into_response());
+            }
+        }
+    }
+    let Some(nm) = coord.netmap_for_address(caller)? else {
+        return Err(CoordError::NotAHost(caller).into());
+    };
+    let version = nm.version;
+    let mut resp = Json(nm).into_response();
+    if let Ok(v) = HeaderValue::from_str(&version.to_string()) {
+        resp.headers_mut().insert(VERSION_HEADER, v);
+    }
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+async fn admin_invite(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let caller = caller_ip(peer);
+    require_admin(&st.coord, caller).await?;
+    let req: InviteRequest = parse_json(body)?;
+    let coord = st.coord.clone();
+    tracing::info!(caller = %caller, name = %req.name, "invite requested over the API");
+    let resp = blocking(move || coord.invite(req, now_unix())).await?;
+    Ok(Json(resp).into_response())
+}
+
+async fn admin_invites(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> ApiResult<Response> {
+    require_admin(&st.coord, caller_ip(peer)).await?;
+    let coord = st.coord.clone();
+    let list = blocking(move || coord.invites(now_unix())).await?;
+    Ok(Json(list).into_response())
+}
+
+fn path_name(p: Result<Path<String>, PathRejection>) -> Result<String, CoordError> {
+    p.map(|Path(n)| n)
+        .map_err(|r| CoordError::Malformed(r.body_text()))
+}
+
+async fn admin_revoke(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    name: Result<Path<String>, PathRejection>,
+) -> ApiResult<StatusCode> {
+    let caller = caller_ip(peer);
+    require_admin(&st.coord, caller).await?;
+    let name = path_name(name)?;
+    let coord = st.coord.clone();
+    tracing::info!(caller = %caller, name = %name, "revoke requested over the API");
+    blocking(move || coord.revoke_invite(&name, now_unix())).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn admin_hosts(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> ApiResult<Response> {
+    require_admin(&st.coord, caller_ip(peer)).await?;
+    let coord = st.coord.clone();
+    let list = blocking(move || coord.hosts()).await?;
+    Ok(Json(list).into_response())
+}
+
+async fn admin_remove(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    name: Result<Path<String>, PathRejection>,
+) -> ApiResult<StatusCode> {
+    let caller = caller_ip(peer);
+    require_admin(&st.coord, caller).await?;
+    let name = path_name(name)?;
+    let coord = st.coord.clone();
+    tracing::info!(caller = %caller, name = %name, "removal requested over the API");
+    blocking(move || coord.remove(&name, now_unix())).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn not_found(uri: Uri) -> Failure {
+    Failure(CoordError::NotFound(uri.path().to_string()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Failure {
+    Failure(CoordError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    })
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/join", post(join))
+        .route("/v1/endpoints", post(endpoints))
+        .route("/v1/netmap", get(netmap))
+        .route("/v1/admin/invite", post(admin_invite))
+        .route("/v1/admin/invites", get(admin_invites))
+        .route("/v1/admin/invites/{name}", delete(admin_revoke))
+        .route("/v1/admin/hosts", get(admin_hosts))
+        .route("/v1/admin/hosts/{name}", delete(admin_remove))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+/// Bind the API's TCP listener on `bind`; with `bind_device`, SO_BINDTODEVICE to that
+/// interface (needs CAP_NET_RAW) so packets that arrive on any other interface (a spoofed
+/// mesh source sent to the underlay address) are never served. IP_FREEBIND lets the socket
+/// bind before the mesh address is on the interface.
+pub fn bind_api_listener(
+    bind: SocketAddr,
+    bind_device: Option<&str>,
+) -> Result<tokio::net::TcpListener, CoordError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let ctx = |what: &str| format!("API socket on {bind}: {what}");
+    let socket = Socket::new(Domain::for_address(bind), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| CoordError::io(ctx("creating"), e))?;
+    socket
+        .set_reuse_address(true)
+        .map_err(|e| CoordError::io(ctx("SO_REUSEADDR"), e))?;
+    if let Some(dev) = bind_device {
+        socket
+            .bind_device(Some(dev.as_bytes()))
+            .map_err(|e| CoordError::io(ctx(&format!("binding to the interface {dev}")), e))?;
+    }
+    match bind {
+        SocketAddr::V4(_) => socket
+            .set_freebind_v4(true)
+            .map_err(|e| CoordError::io(ctx("IP_FREEBIND"), e))?,
+        SocketAddr::V6(_) => {
+            socket
+                .set_only_v6(true)
+                .map_err(|e| CoordError::io(ctx("IPV6_V6ONLY"), e))?;
+            socket
+                .set_freebind_v6(true)
+                .map_err(|e| CoordError::io(ctx("IPV6_FREEBIND"), e))?
+        }
+    }
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| CoordError::io(ctx("non-blocking"), e))?;
+    socket
+        .bind(&bind.into())
+        .map_err(|e| CoordError::io(ctx("bind"), e))?;
+    socket
+        .listen(4096)
+        .map_err(|e| CoordError::io(ctx("listen"), e))?;
+    let std_listener: std::net::TcpListener = socket.into();
+    tokio::net::TcpListener::from_std(std_listener)
+        .map_err(|e| CoordError::io(ctx("registering with the runtime"), e))
+}
+
+/// Serve the API on `bind` (the coordinator's mesh address and API port) until `shutdown`
+/// completes; see `bind_api_listener` for `bind_device`.
+pub async fn serve_api(
+    coord: Coordinator,
+    bind: SocketAddr,
+    bind_device: Option<String>,
+    observed: ObservedFn,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordError> {
+    let listener = bind_api_listener(bind, bind_device.as_deref())?;
+    serve_api_on(coord, listener, observed, shutdown).await
+}
+
+/// Serve the API on an already bound listener (tests and benchmarks bind port 0).
+pub async fn serve_api_on(
+    coord: Coordinator,
+    listener: tokio::net::TcpListener,
+    observed: ObservedFn,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordError> {
+    let local = listener
+        .local_addr()
+        .map_err(|e| CoordError::io("API listener address", e))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let state = AppState {
+        coord,
+        observed,
+        stopping: stop_rx,
+    };
+    tracing::info!(address = %local, "coordinator API listening");
+    let graceful = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(graceful)
+    .await
+    .map_err(|e| CoordError::io(format!("serving the API on {local}"), e))?;
+    tracing::info!(address = %local, "coordinator API stopped");
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! The coordinator role: the registry (hosts, invitations, endpoint reports, audit log) in
+//! SQLite, the netmap version that long-polls wait on, and the HTTP/JSON API served inside the
+//! tunnel (DESIGN §4).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use mesh_proto::PublicKey;
+
+mod api;
+mod error;
+mod schema;
+mod store;
+mod wgquick;
+
+#[cfg(test)]
+mod tests;
+
+pub use api::{bind_api_listener, serve_api, serve_api_on, ObservedFn, VERSION_HEADER};
+pub use error::CoordError;
+pub use store::{
+    validate_name, Coordinator, DEFAULT_INVITE_TTL_SECS, MAX_INVITE_TTL_SECS,
+    MAX_REPORTED_ADDRESSES,
+};
+
+/// What the coordinator needs to know from the configuration.
+#[derive(Debug, Clone)]
+pub struct CoordinatorSettings {
+    /// The mesh, e.g. 10.99.99.0/24.
+    pub mesh_cidr: IpNet,
+    /// Where the API listens on the coordinator's mesh address.
+    pub api_port: u16,
+    /// The coordinator's underlay endpoints (IP:listen port), put into tokens and netmaps.
+    pub public_endpoints: Vec<SocketAddr>,
+    /// Ranges automatic assignment never hands out.
+    pub reserved: Vec<IpNet>,
+    /// Name to address, used when that name is invited.
+    pub static_assignments: BTreeMap<String, IpAddr>,
+    /// Persistent keepalive toward peers for hosts behind NAT (and in static peers' configs).
+    pub keepalive_secs: u16,
+    /// The registry file (SQLite), in the state directory.
+    pub database: PathBuf,
+    /// The coordinator host's own name, mesh address and public key.
+    pub own_name: String,
+    pub own_address: IpAddr,
+    pub own_public_key: PublicKey,
+}

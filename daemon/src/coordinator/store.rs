@@ -1,0 +1,1135 @@
+//! The registry: hosts, invitations, endpoint reports and the audit log in SQLite, plus the
+//! persisted netmap version and the token secret.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ipnet::IpNet;
+use mesh_proto::api::{
+    EndpointReport, HostInfo, InviteInfo, InviteRequest, InviteResponse, JoinRequest, JoinResponse,
+};
+use mesh_proto::netmap::{compute_netmap, HostRecord, Netmap, RegistrySnapshot};
+use mesh_proto::token::{Token, TokenBody, TokenError};
+use mesh_proto::{PrivateKey, PublicKey};
+use rand_core::RngCore as _;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use tokio::sync::watch;
+
+use super::{schema, wgquick, CoordError, CoordinatorSettings};
+
+/// Default invitation lifetime: 24 h.
+pub const DEFAULT_INVITE_TTL_SECS: u64 = 24 * 3600;
+/// Longest invitation lifetime accepted: 30 days.
+pub const MAX_INVITE_TTL_SECS: u64 = 30 * 24 * 3600;
+/// Most endpoint addresses one host may report.
+pub const MAX_REPORTED_ADDRESSES: usize = 32;
+
+const META_VERSION: &str = "netmap_version";
+const META_SECRET: &str = "token_secret";
+
+struct Inner {
+    conn: Connection,
+    /// The snapshot of the current version, built on first use after a change.
+    snapshot: Option<Arc<RegistrySnapshot>>,
+}
+
+/// The coordinator: the registry behind a mutex, and a watch channel carrying the netmap
+/// version to long-polls. Cheap to clone.
+#[derive(Clone)]
+pub struct Coordinator {
+    inner: Arc<Mutex<Inner>>,
+    settings: Arc<CoordinatorSettings>,
+    secret: Arc<[u8; 32]>,
+    version_tx: Arc<watch::Sender<u64>>,
+}
+
+/// One host row.
+#[derive(Debug, Clone)]
+struct HostRow {
+    id: i64,
+    name: String,
+    address: IpAddr,
+    public_key: PublicKey,
+    admin: bool,
+    static_peer: bool,
+    pending: bool,
+    removed: bool,
+    created_unix: u64,
+    last_seen_unix: Option<u64>,
+    key_created_unix: u64,
+    observed: Option<SocketAddr>,
+}
+
+const HOST_COLUMNS: &str = "id, name, address, public_key, admin, static_peer, pending, removed, \
+     created_unix, last_seen_unix, key_created_unix, observed";
+
+fn parse_col<T: std::str::FromStr>(idx: usize, s: String) -> rusqlite::Result<T> {
+    s.parse::<T>().map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            idx,
+            rusqlite::types::Type::Text,
+            format!("unparsable value {s:?}").into(),
+        )
+    })
+}
+
+fn key_col(idx: usize, bytes: Vec<u8>) -> rusqlite::Result<PublicKey> {
+    let arr: [u8; 32] = bytes.try_into().map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            idx,
+            rusqlite::types::Type::Blob,
+            "public key is not 32 bytes".into(),
+        )
+    })?;
+    Ok(PublicKey(arr))
+}
+
+fn host_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostRow> {
+    let observed: Option<String> = r.get(11)?;
+    Ok(HostRow {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        address: parse_col(2, r.get::<_, String>(2)?)?,
+        public_key: key_col(3, r.get(3)?)?,
+        admin: r.get(4)?,
+        static_peer: r.get(5)?,
+        pending: r.get(6)?,
+        removed: r.get(7)?,
+        created_unix: r.get::<_, i64>(8)? as u64,
+        last_seen_unix: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
+        key_created_unix: r.get::<_, i64>(10)? as u64,
+        observed: observed.map(|s| parse_col(11, s)).transpose()?,
+    })
+}
+
+fn live_host_by_name(tx: &Connection, name: &str) -> Result<Option<HostRow>, CoordError> {
+    Ok(tx
+        .query_row(
+            &format!("SELECT {HOST_COLUMNS} FROM hosts WHERE name = ?1 AND removed = 0"),
+            [name],
+            host_from_row,
+        )
+        .optional()?)
+}
+
+fn live_host_by_address(tx: &Connection, address: IpAddr) -> Result<Option<HostRow>, CoordError> {
+    Ok(tx
+        .query_row(
+            &format!("SELECT {HOST_COLUMNS} FROM hosts WHERE address = ?1 AND removed = 0"),
+            [address.to_string()],
+            host_from_row,
+        )
+        .optional()?)
+}
+
+fn host_by_id(tx: &Connection, id: i64) -> Result<HostRow, CoordError> {
+    Ok(tx.query_row(
+        &format!("SELECT {HOST_COLUMNS} FROM hosts WHERE id = ?1"),
+        [id],
+        host_from_row,
+    )?)
+}
+
+/// The host (any state) that holds `key`, if any.
+fn key_holder(tx: &Connection, key: &PublicKey) -> Result<Option<(String, bool)>, CoordError> {
+    Ok(tx
+        .query_row(
+            "SELECT name, removed FROM hosts WHERE public_key = ?1 LIMIT 1",
+            [key.0.as_slice()],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)),
+        )
+        .optional()?)
+}
+
+fn ensure_key_unused(tx: &Connection, key: &PublicKey) -> Result<(), CoordError> {
+    match key_holder(tx, key)? {
+        None => Ok(()),
+        Some((name, true)) => Err(CoordError::Conflict(format!(
+            "public key {} belonged to the removed host {name} and is refused",
+            key.short()
+        ))),
+        Some((name, false)) => Err(CoordError::Conflict(format!(
+            "public key {} is already registered to host {name}",
+            key.short()
+        ))),
+    }
+}
+
+fn audit(
+    tx: &Connection,
+    now_unix: u64,
+    action: &str,
+    subject: &str,
+    detail: &str,
+) -> Result<(), CoordError> {
+    tx.execute(
+        "INSERT INTO audit (at_unix, action, subject, detail) VALUES (?1, ?2, ?3, ?4)",
+        params![now_unix as i64, action, subject, detail],
+    )?;
+    Ok(())
+}
+
+fn reported_endpoints(tx: &Connection, host_id: i64) -> Result<Vec<SocketAddr>, CoordError> {
+    let mut stmt =
+        tx.prepare_cached("SELECT addr FROM endpoint_reports WHERE host_id = ?1 ORDER BY seq")?;
+    let rows = stmt.query_map([host_id], |r| parse_col(0, r.get::<_, String>(0)?))?;
+    Ok(rows.collect::<Result<Vec<SocketAddr>, _>>()?)
+}
+
+fn set_reported(tx: &Connection, host_id: i64, addrs: &[SocketAddr]) -> Result<bool, CoordError> {
+    if reported_endpoints(tx, host_id)? == addrs {
+        return Ok(false);
+    }
+    tx.execute("DELETE FROM endpoint_reports WHERE host_id = ?1", [host_id])?;
+    for (seq, addr) in addrs.iter().enumerate() {
+        tx.execute(
+            "INSERT OR IGNORE INTO endpoint_reports (host_id, seq, addr) VALUES (?1, ?2, ?3)",
+            params![host_id, seq as i64, addr.to_string()],
+        )?;
+    }
+    Ok(true)
+}
+
+fn meta_get_u64(tx: &Connection, key: &str) -> Result<Option<u64>, CoordError> {
+    Ok(tx
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+            r.get::<_, i64>(0)
+        })
+        .optional()?
+        .map(|v| v as u64))
+}
+
+fn bump_version(tx: &Connection) -> Result<u64, CoordError> {
+    let next = meta_get_u64(tx, META_VERSION)?.unwrap_or(0) + 1;
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![META_VERSION, next as i64],
+    )?;
+    Ok(next)
+}
+
+fn ever_used(tx: &Connection) -> Result<BTreeSet<IpAddr>, CoordError> {
+    let mut stmt = tx.prepare("SELECT address FROM hosts UNION SELECT address FROM invitations")?;
+    let rows = stmt.query_map([], |r| parse_col(0, r.get::<_, String>(0)?))?;
+    Ok(rows.collect::<Result<BTreeSet<IpAddr>, _>>()?)
+}
+
+fn random_hex(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    rand_core::OsRng.fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Host names are DNS labels: 1 to 63 of `a-z0-9-`, not starting or ending with `-`.
+pub fn validate_name(name: &str) -> Result<(), CoordError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(CoordError::Malformed(format!(
+            "host name {name:?} is not valid (1 to 63 characters of a-z, 0-9 and '-', not starting or ending with '-')"
+        )))
+    }
+}
+
+/// Underlay endpoint candidates from reported interface addresses: drops addresses that
+/// cannot be endpoints (unspecified, loopback, multicast, IPv6 link-local, inside the mesh).
+fn candidate_endpoints(mesh: IpNet, addresses: &[IpAddr], port: u16) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for a in addresses {
+        let a = a.to_canonical();
+        let unusable = a.is_unspecified()
+            || a.is_loopback()
+            || a.is_multicast()
+            || mesh.contains(&a)
+            || matches!(a, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
+            || matches!(a, IpAddr::V4(v4) if v4.is_broadcast() || v4.is_link_local());
+        let sa = SocketAddr::new(a, port);
+        if !unusable && !out.contains(&sa) {
+            out.push(sa);
+        }
+    }
+    out
+}
+
+fn check_report(listen_port: u16, addresses: &[IpAddr]) -> Result<(), CoordError> {
+    if listen_port == 0 {
+        return Err(CoordError::Malformed("listen_port must not be 0".into()));
+    }
+    if addresses.len() > MAX_REPORTED_ADDRESSES {
+        return Err(CoordError::Malformed(format!(
+            "{} addresses reported; at most {MAX_REPORTED_ADDRESSES} are accepted",
+            addresses.len()
+        )));
+    }
+    Ok(())
+}
+
+impl Coordinator {
+    /// Open (create or migrate) the registry at `settings.database`, load or generate the
+    /// token secret, and register or update the coordinator host itself (admin, own key,
+    /// `public_endpoints` as its reported endpoints).
+    pub fn open(settings: CoordinatorSettings, now_unix: u64) -> Result<Coordinator, CoordError> {
+        if !settings.mesh_cidr.contains(&settings.own_address) {
+            return Err(CoordError::Malformed(format!(
+                "the coordinator's address {} is not inside the mesh {}",
+                settings.own_address, settings.mesh_cidr
+            )));
+        }
+        validate_name(&settings.own_name)?;
+        if let Some(dir) = settings.database.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    CoordError::io(format!("creating the state directory {}", dir.display()), e)
+                })?;
+            }
+        }
+        let mut conn = Connection::open(&settings.database)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        schema::migrate(&mut conn)?;
+        restrict_permissions(&settings.database);
+
+        let tx = conn.transaction()?;
+        let secret: Option<Vec<u8>> = tx
+            .query_row(
+                "SELECT value FROM meta WHERE key = ?1",
+                [META_SECRET],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let secret: [u8; 32] = match secret {
+            Some(bytes) => bytes.try_into().map_err(|_| {
+                CoordError::Internal("the stored token secret is not 32 bytes".into())
+            })?,
+            None => {
+                let mut s = [0u8; 32];
+                rand_core::OsRng.fill_bytes(&mut s);
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                    params![META_SECRET, s.as_slice()],
+                )?;
+                tracing::info!("generated the invitation token secret");
+                s
+            }
+        };
+        let changed = register_self(&tx, &settings, now_unix)?;
+        let mut version = meta_get_u64(&tx, META_VERSION)?.unwrap_or(0);
+        if changed || version == 0 {
+            version = bump_version(&tx)?;
+        }
+        tx.commit()?;
+        tracing::info!(
+            version,
+            name = %settings.own_name,
+            address = %settings.own_address,
+            database = %settings.database.display(),
+            "coordinator registry open"
+        );
+        let (version_tx, _) = watch::channel(version);
+        Ok(Coordinator {
+            inner: Arc::new(Mutex::new(Inner {
+                conn,
+                snapshot: None,
+            })),
+            settings: Arc::new(settings),
+            secret: Arc::new(secret),
+            version_tx: Arc::new(version_tx),
+        })
+    }
+
+    pub fn settings(&self) -> &CoordinatorSettings {
+        &self.settings
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>, CoordError> {
+        self.inner
+            .lock()
+            .map_err(|_| CoordError::Internal("the registry lock is poisoned".into()))
+    }
+
+    /// Run `f` in one transaction; when it reports a change, bump and persist the version,
+    /// commit, and wake the long-polls.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<(T, bool), CoordError>,
+    ) -> Result<T, CoordError> {
+        let mut guard = self.lock()?;
+        let inner = &mut *guard;
+        let tx = inner.conn.transaction()?;
+        let (value, changed) = f(&tx)?;
+        let version = if changed {
+            Some(bump_version(&tx)?)
+        } else {
+            None
+        };
+        tx.commit()?;
+        if let Some(v) = version {
+            inner.snapshot = None;
+            self.version_tx.send_replace(v);
+        }
+        Ok(value)
+    }
+
+    /// Invite a host. Daemon hosts get a signed one-line token (and a pending host row with
+    /// the token's throwaway public key, so the coordinator's WireGuard accepts it and every
+    /// netmap lists it); static peers are registered at once and get a complete wg-quick
+    /// configuration. Other hosts learn about a static peer through their netmap.
+    pub fn invite(&self, req: InviteRequest, now_unix: u64) -> Result<InviteResponse, CoordError> {
+        validate_name(&req.name)?;
+        let ttl = req.ttl_secs.unwrap_or(DEFAULT_INVITE_TTL_SECS);
+        if ttl == 0 || ttl > MAX_INVITE_TTL_SECS {
+            return Err(CoordError::Malformed(format!(
+                "ttl of {ttl} s is out of range (1 s to {MAX_INVITE_TTL_SECS} s)"
+            )));
+        }
+        if req.static_peer && req.admin {
+            return Err(CoordError::Malformed(
+                "a static peer cannot be an admin host (it cannot call the API)".into(),
+            ));
+        }
+        if !req.static_peer && req.public_key.is_some() {
+            return Err(CoordError::Malformed(
+                "public_key is only for static peers (a daemon host generates its own key)".into(),
+            ));
+        }
+        let settings = &self.settings;
+        let requested = match (settings.static_assignments.get(&req.name), req.address) {
+            (Some(s), Some(a)) if *s != a => {
+                return Err(CoordError::Conflict(format!(
+                    "{} has the static assignment {s}, not {a}",
+                    req.name
+                )))
+            }
+            (Some(s), _) => Some(*s),
+            (None, a) => a,
+        };
+        // Other names' static assignments are never handed to this one.
+        let mut reserved = settings.reserved.clone();
+        for (other, addr) in &settings.static_assignments {
+            if *other != req.name {
+                reserved.push(IpNet::from(*addr));
+            }
+        }
+        self.expire_invites(now_unix)?;
+
+        let mut generated: Option<PrivateKey> = None;
+        let resp = self.write(|tx| {
+            if let Some(h) = live_host_by_name(tx, &req.name)? {
+                return Err(CoordError::Conflict(format!(
+                    "the name {} is already taken by {} host {}",
+                    req.name,
+                    if h.pending { "the invited" } else { "the" },
+                    h.address
+                )));
+            }
+            let used = ever_used(tx)?;
+            let address =
+                mesh_proto::alloc::allocate(settings.mesh_cidr, &reserved, &used, requested)?;
+            if req.static_peer {
+                let public_key = match req.public_key {
+                    Some(k) => k,
+                    None => {
+                        let k = PrivateKey::generate();
+                        let p = k.public_key();
+                        generated = Some(k);
+                        p
+                    }
+                };
+                ensure_key_unused(tx, &public_key)?;
+                tx.execute(
+                    "INSERT INTO hosts (name, address, public_key, admin, static_peer, pending,
+                        removed, created_unix, key_created_unix)
+                     VALUES (?1, ?2, ?3, 0, 1, 0, 0, ?4, ?4)",
+                    params![
+                        req.name,
+                        address.to_string(),
+                        public_key.0.as_slice(),
+                        now_unix as i64
+                    ],
+                )?;
+                audit(
+                    tx,
+                    now_unix,
+                    "static_peer",
+                    &req.name,
+                    &format!("address {address}, key {}", public_key.short()),
+                )?;
+                Ok((
+                    InviteResponse {
+                        name: req.name.clone(),
+                        address,
+                        token: None,
+                        wg_quick_config: None,
+                        expires_unix: None,
+                    },
+                    true,
+                ))
+            } else {
+                let throwaway = PrivateKey::generate();
+                let throwaway_pub = throwaway.public_key();
+                ensure_key_unused(tx, &throwaway_pub)?;
+                let invite_id = random_hex(16);
+                let expires = now_unix.saturating_add(ttl);
+                tx.execute(
+                    "INSERT INTO hosts (name, address, public_key, admin, static_peer, pending,
+                        removed, created_unix, key_created_unix, invite_id)
+                     VALUES (?1, ?2, ?3, ?4, 0, 1, 0, ?5, ?5, ?6)",
+                    params![
+                        req.name,
+                        address.to_string(),
+                        throwaway_pub.0.as_slice(),
+                        req.admin,
+                        now_unix as i64,
+                        invite_id
+                    ],
+                )?;
+                let host_id = tx.last_insert_rowid();
+                tx.execute(
+                    "INSERT INTO invitations (id, name, address, host_id, admin, created_unix,
+                        expires_unix, state)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending')",
+                    params![
+                        invite_id,
+                        req.name,
+                        address.to_string(),
+                        host_id,
+                        req.admin,
+                        now_unix as i64,
+                        expires as i64
+                    ],
+                )?;
+                let body = TokenBody {
+                    invite_id: invite_id.clone(),
+                    coordinator_public_key: settings.own_public_key,
+                    coordinator_endpoints: settings.public_endpoints.clone(),
+                    coordinator_address: settings.own_address,
+                    api_port: settings.api_port,
+                    mesh_cidr: settings.mesh_cidr,
+                    host_name: req.name.clone(),
+                    host_address: address,
+                    throwaway_private_key: throwaway.to_base64(),
+                    expires_unix: expires,
+                    admin: req.admin,
+                };
+                let token = Token::sign(body, &self.secret).encode();
+                audit(
+                    tx,
+                    now_unix,
+                    "invite",
+                    &req.name,
+                    &format!(
+                        "address {address}, expires {expires}, admin {}, invitation {invite_id}",
+                        req.admin
+                    ),
+                )?;
+                Ok((
+                    InviteResponse {
+                        name: req.name.clone(),
+                        address,
+                        token: Some(token),
+                        wg_quick_config: None,
+                        expires_unix: Some(expires),
+                    },
+                    true,
+                ))
+            }
+        })?;
+        tracing::info!(name = %resp.name, address = %resp.address, static_peer = req.static_peer, "invited");
+        if req.static_peer {
+            let netmap = self.netmap_for_name(&req.name)?.ok_or_else(|| {
+                CoordError::Internal(format!("no netmap for the new static peer {}", req.name))
+            })?;
+            let config = wgquick::render(
+                &netmap,
+                generated.as_ref(),
+                settings.keepalive_secs,
+                &settings.own_name,
+            );
+            return Ok(InviteResponse {
+                wg_quick_config: Some(config),
+                ..resp
+            });
+        }
+        Ok(resp)
+    }
+
+    /// Mark pending invitations past their expiry as expired and take their pending hosts
+    /// out of the netmaps (the addresses stay reserved). Returns how many expired.
+    pub fn expire_invites(&self, now_unix: u64) -> Result<usize, CoordError> {
+        self.write(|tx| {
+            let expired: Vec<(String, String, i64)> = {
+                let mut stmt = tx.prepare(
+                    "SELECT id, name, host_id FROM invitations
+                     WHERE state = 'pending' AND expires_unix <= ?1",
+                )?;
+                let rows =
+                    stmt.query_map([now_unix as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            for (id, name, host_id) in &expired {
+                tx.execute(
+                    "UPDATE invitations SET state = 'expired', closed_unix = ?2 WHERE id = ?1",
+                    params![id, now_unix as i64],
+                )?;
+                tx.execute(
+                    "UPDATE hosts SET removed = 1 WHERE id = ?1 AND pending = 1",
+                    [host_id],
+                )?;
+                audit(
+                    tx,
+                    now_unix,
+                    "invite_expired",
+                    name,
+                    &format!("invitation {id}"),
+                )?;
+            }
+            Ok((expired.len(), !expired.is_empty()))
+        })
+    }
+
+    /// Pending invitations: not used, not revoked, not expired.
+    pub fn invites(&self, now_unix: u64) -> Result<Vec<InviteInfo>, CoordError> {
+        let guard = self.lock()?;
+        let mut stmt = guard.conn.prepare(
+            "SELECT name, address, created_unix, expires_unix, admin FROM invitations
+             WHERE state = 'pending' AND expires_unix > ?1 ORDER BY name",
+        )?;
+        let rows = stmt.query_map([now_unix as i64], |r| {
+            Ok(InviteInfo {
+                name: r.get(0)?,
+                address: parse_col(1, r.get::<_, String>(1)?)?,
+                created_unix: r.get::<_, i64>(2)? as u64,
+                expires_unix: r.get::<_, i64>(3)? as u64,
+                admin: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Revoke the pending invitation for `name`: its pending host leaves every netmap; the
+    /// address stays reserved.
+    pub fn revoke_invite(&self, name: &str, now_unix: u64) -> Result<(), CoordError> {
+        self.write(|tx| {
+            let found: Option<(String, i64)> = tx
+                .query_row(
+                    "SELECT id, host_id FROM invitations WHERE name = ?1 AND state = 'pending'",
+                    [name],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((id, host_id)) = found else {
+                return Err(CoordError::NoSuchInvite(name.to_string()));
+            };
+            tx.execute(
+                "UPDATE invitations SET state = 'revoked', closed_unix = ?2 WHERE id = ?1",
+                params![id, now_unix as i64],
+            )?;
+            tx.execute(
+                "UPDATE hosts SET removed = 1 WHERE id = ?1 AND pending = 1",
+                [host_id],
+            )?;
+            audit(
+                tx,
+                now_unix,
+                "revoke_invite",
+                name,
+                &format!("invitation {id}"),
+            )?;
+            Ok(((), true))
+        })?;
+        tracing::info!(name, "invitation revoked");
+        Ok(())
+    }
+
+    /// A host joins with its token from its invited address: its throwaway key is replaced by
+    /// `req.public_key` (the throwaway key is dead from then on), its reported endpoints are
+    /// recorded, the invitation is used up. Returns the host's netmap.
+    pub fn join(
+        &self,
+        caller: IpAddr,
+        req: JoinRequest,
+        now_unix: u64,
+    ) -> Result<JoinResponse, CoordError> {
+        let caller = caller.to_canonical();
+        let token = Token::decode(req.token.trim()).map_err(|e| match e {
+            TokenError::Tampered => CoordError::Tampered,
+            other => CoordError::BadToken(other.to_string()),
+        })?;
+        let name = token.body.host_name.clone();
+        token.verify(&self.secret, now_unix).map_err(|e| match e {
+            TokenError::Tampered => CoordError::Tampered,
+            TokenError::Expired => CoordError::Expired(name.clone()),
+            other => CoordError::BadToken(other.to_string()),
+        })?;
+        check_report(req.listen_port, &req.addresses)?;
+        let mesh = self.settings.mesh_cidr;
+        self.write(|tx| {
+            let inv: Option<(String, String, i64, i64, String)> = tx
+                .query_row(
+                    "SELECT name, address, host_id, expires_unix, state FROM invitations
+                     WHERE id = ?1",
+                    [&token.body.invite_id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .optional()?;
+            let Some((inv_name, inv_address, host_id, expires, state)) = inv else {
+                // Signed by us but unknown: the registry was replaced; treat as foreign.
+                return Err(CoordError::Tampered);
+            };
+            match state.as_str() {
+                "pending" => {}
+                "used" => return Err(CoordError::AlreadyUsed(inv_name)),
+                "expired" => return Err(CoordError::Expired(inv_name)),
+                _ => return Err(CoordError::Revoked(inv_name)),
+            }
+            if (expires as u64) <= now_unix {
+                return Err(CoordError::Expired(inv_name));
+            }
+            let invited: IpAddr = inv_address
+                .parse()
+                .map_err(|_| CoordError::Internal(format!("bad stored address {inv_address}")))?;
+            if inv_name != token.body.host_name || invited != token.body.host_address {
+                return Err(CoordError::Tampered);
+            }
+            if caller != invited {
+                return Err(CoordError::WrongCaller {
+                    name: inv_name,
+                    expected: invited,
+                    caller,
+                });
+            }
+            let host = host_by_id(tx, host_id)?;
+            if host.removed {
+                return Err(CoordError::Removed(inv_name));
+            }
+            ensure_key_unused(tx, &req.public_key)?;
+            tx.execute(
+                "UPDATE hosts SET public_key = ?2, key_created_unix = ?3, pending = 0,
+                    last_seen_unix = ?3
+                 WHERE id = ?1",
+                params![host_id, req.public_key.0.as_slice(), now_unix as i64],
+            )?;
+            set_reported(
+                tx,
+                host_id,
+                &candidate_endpoints(mesh, &req.addresses, req.listen_port),
+            )?;
+            tx.execute(
+                "UPDATE invitations SET state = 'used', closed_unix = ?2 WHERE id = ?1",
+                params![token.body.invite_id, now_unix as i64],
+            )?;
+            audit(
+                tx,
+                now_unix,
+                "join",
+                &inv_name,
+                &format!("address {invited}, key {}", req.public_key.short()),
+            )?;
+            Ok(((), true))
+        })?;
+        tracing::info!(name = %name, caller = %caller, "host joined");
+        let netmap = self
+            .netmap_for_name(&name)?
+            .ok_or_else(|| CoordError::Internal(format!("no netmap for the new host {name}")))?;
+        Ok(JoinResponse { netmap })
+    }
+
+    /// A host reports its interface addresses and listen port; `observed` is where the
+    /// coordinator sees its WireGuard packets come from. The version moves only when the
+    /// endpoints changed; `last_seen` is always updated.
+    pub fn report_endpoints(
+        &self,
+        caller: IpAddr,
+        observed: SocketAddr,
+        report: EndpointReport,
+        now_unix: u64,
+    ) -> Result<(), CoordError> {
+        self.report_endpoints_observed(caller, Some(observed), report, now_unix)
+    }
+
+    /// As `report_endpoints`, when the observed address may be unknown (no handshake yet):
+    /// `None` keeps the last observed address.
+    pub fn report_endpoints_observed(
+        &self,
+        caller: IpAddr,
+        observed: Option<SocketAddr>,
+        report: EndpointReport,
+        now_unix: u64,
+    ) -> Result<(), CoordError> {
+        let caller = caller.to_canonical();
+        check_report(report.listen_port, &report.addresses)?;
+        let mesh = self.settings.mesh_cidr;
+        let changed = self.write(|tx| {
+            let host = match live_host_by_address(tx, caller)? {
+                Some(h) if !h.pending => h,
+                _ => return Err(CoordError::NotAHost(caller)),
+            };
+            let mut changed = set_reported(
+                tx,
+                host.id,
+                &candidate_endpoints(mesh, &report.addresses, report.listen_port),
+            )?;
+            let observed = observed.map(|o| SocketAddr::new(o.ip().to_canonical(), o.port()));
+            if observed.is_some() && observed != host.observed {
+                tx.execute(
+                    "UPDATE hosts SET observed = ?2 WHERE id = ?1",
+                    params![host.id, observed.map(|o| o.to_string())],
+                )?;
+                changed = true;
+            }
+            tx.execute(
+                "UPDATE hosts SET last_seen_unix = ?2 WHERE id = ?1",
+                params![host.id, now_unix as i64],
+            )?;
+            if changed {
+                audit(
+                    tx,
+                    now_unix,
+                    "endpoints",
+                    &host.name,
+                    &format!(
+                        "port {}, {} addresses, observed {}",
+                        report.listen_port,
+                        report.addresses.len(),
+                        observed.map_or_else(|| "-".to_string(), |o| o.to_string())
+                    ),
+                )?;
+            }
+            Ok((changed, changed))
+        })?;
+        if changed {
+            tracing::debug!(caller = %caller, "endpoints changed");
+        }
+        Ok(())
+    }
+
+    /// Remove a host: it leaves every netmap, its key is refused from then on, its address
+    /// stays reserved. A pending host's invitation is revoked with it.
+    pub fn remove(&self, name: &str, now_unix: u64) -> Result<(), CoordError> {
+        if name == self.settings.own_name {
+            return Err(CoordError::Conflict(format!(
+                "{name} is the coordinator itself and cannot be removed"
+            )));
+        }
+        self.write(|tx| {
+            let Some(host) = live_host_by_name(tx, name)? else {
+                return Err(CoordError::NoSuchHost(name.to_string()));
+            };
+            tx.execute("UPDATE hosts SET removed = 1 WHERE id = ?1", [host.id])?;
+            tx.execute(
+                "UPDATE invitations SET state = 'revoked', closed_unix = ?2
+                 WHERE host_id = ?1 AND state = 'pending'",
+                params![host.id, now_unix as i64],
+            )?;
+            audit(
+                tx,
+                now_unix,
+                "remove",
+                name,
+                &format!("address {}, key {}", host.address, host.public_key.short()),
+            )?;
+            Ok(((), true))
+        })?;
+        tracing::info!(name, "host removed");
+        Ok(())
+    }
+
+    /// Every host ever registered (removed ones included, marked).
+    pub fn hosts(&self) -> Result<Vec<HostInfo>, CoordError> {
+        let guard = self.lock()?;
+        let mut stmt = guard.conn.prepare(&format!(
+            "SELECT {HOST_COLUMNS} FROM hosts ORDER BY name, id"
+        ))?;
+        let rows = stmt.query_map([], host_from_row)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let h = row?;
+            out.push(HostInfo {
+                name: h.name,
+                address: h.address,
+                public_key: h.public_key,
+                admin: h.admin,
+                static_peer: h.static_peer,
+                removed: h.removed,
+                created_unix: h.created_unix,
+                last_seen_unix: h.last_seen_unix,
+                observed: h.observed,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether `caller` may make admin calls: the coordinator itself, or a joined, live host
+    /// flagged admin.
+    pub fn is_admin(&self, caller: IpAddr) -> bool {
+        let caller = caller.to_canonical();
+        if caller == self.settings.own_address {
+            return true;
+        }
+        let Ok(guard) = self.lock() else {
+            return false;
+        };
+        matches!(
+            live_host_by_address(&guard.conn, caller),
+            Ok(Some(h)) if h.admin && !h.pending
+        )
+    }
+
+    /// The registry as the netmap computation sees it: live hosts only (removed hosts, and
+    /// pending hosts of revoked or expired invitations, are left out entirely).
+    pub fn snapshot(&self) -> Result<RegistrySnapshot, CoordError> {
+        Ok((*self.snapshot_arc()?).clone())
+    }
+
+    /// The current snapshot, shared (built once per version).
+    pub fn snapshot_arc(&self) -> Result<Arc<RegistrySnapshot>, CoordError> {
+        let mut guard = self.lock()?;
+        if let Some(s) = &guard.snapshot {
+            return Ok(s.clone());
+        }
+        let snap = Arc::new(build_snapshot(&guard.conn, &self.settings)?);
+        guard.snapshot = Some(snap.clone());
+        Ok(snap)
+    }
+
+    /// The netmap of the live host at `caller`, if there is one.
+    pub fn netmap_for_address(&self, caller: IpAddr) -> Result<Option<Netmap>, CoordError> {
+        let caller = caller.to_canonical();
+        let snap = self.snapshot_arc()?;
+        let Some(host) = snap
+            .hosts
+            .iter()
+            .find(|h| h.address == caller && !h.removed)
+        else {
+            return Ok(None);
+        };
+        Ok(compute_netmap(&snap, &host.name))
+    }
+
+    /// The netmap of the live host `name`, if there is one.
+    pub fn netmap_for_name(&self, name: &str) -> Result<Option<Netmap>, CoordError> {
+        let snap = self.snapshot_arc()?;
+        Ok(compute_netmap(&snap, name))
+    }
+
+    /// The current netmap version.
+    pub fn version(&self) -> u64 {
+        *self.version_tx.borrow()
+    }
+
+    /// A receiver that sees every version bump.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version_tx.subscribe()
+    }
+
+    /// Replace the coordinator's own public key (key rotation).
+    pub fn set_own_public_key(&self, key: PublicKey, now_unix: u64) -> Result<(), CoordError> {
+        let own = self.settings.own_name.clone();
+        self.write(|tx| {
+            let host = live_host_by_name(tx, &own)?.ok_or_else(|| {
+                CoordError::Internal(format!("the coordinator host {own} is missing"))
+            })?;
+            if host.public_key == key {
+                return Ok(((), false));
+            }
+            ensure_key_unused(tx, &key)?;
+            tx.execute(
+                "UPDATE hosts SET public_key = ?2, key_created_unix = ?3 WHERE id = ?1",
+                params![host.id, key.0.as_slice(), now_unix as i64],
+            )?;
+            audit(
+                tx,
+                now_unix,
+                "rotate_key",
+                &own,
+                &format!("key {}", key.short()),
+            )?;
+            Ok(((), true))
+        })
+    }
+
+    /// The audit log, oldest first: (at_unix, action, subject, detail).
+    pub fn audit_log(&self) -> Result<Vec<(u64, String, String, String)>, CoordError> {
+        let guard = self.lock()?;
+        let mut stmt = guard
+            .conn
+            .prepare("SELECT at_unix, action, subject, detail FROM audit ORDER BY id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+fn build_snapshot(
+    conn: &Connection,
+    settings: &CoordinatorSettings,
+) -> Result<RegistrySnapshot, CoordError> {
+    let version = meta_get_u64(conn, META_VERSION)?.unwrap_or(0);
+    let mut reported: std::collections::HashMap<i64, Vec<SocketAddr>> = Default::default();
+    {
+        let mut stmt = conn.prepare(
+            "SELECT e.host_id, e.addr FROM endpoint_reports e JOIN hosts h ON h.id = e.host_id
+             WHERE h.removed = 0 ORDER BY e.host_id, e.seq",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)?, parse_col::<SocketAddr>(1, r.get(1)?)?))
+        })?;
+        for row in rows {
+            let (id, addr) = row?;
+            reported.entry(id).or_default().push(addr);
+        }
+    }
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {HOST_COLUMNS} FROM hosts WHERE removed = 0 ORDER BY name"
+    ))?;
+    let rows = stmt.query_map([], host_from_row)?;
+    let mut hosts = Vec::new();
+    for row in rows {
+        let h = row?;
+        hosts.push(HostRecord {
+            reported: reported.remove(&h.id).unwrap_or_default(),
+            name: h.name,
+            address: h.address,
+            public_key: h.public_key,
+            admin: h.admin,
+            static_peer: h.static_peer,
+            removed: h.removed,
+            observed: h.observed,
+            extra_allowed_ips: Vec::new(),
+            key_created_unix: h.key_created_unix,
+        });
+    }
+    Ok(RegistrySnapshot {
+        mesh_cidr: settings.mesh_cidr,
+        version,
+        keepalive_secs: settings.keepalive_secs,
+        hosts,
+    })
+}
+
+/// Register or update the coordinator's own host row. Returns whether anything changed.
+fn register_self(
+    tx: &Transaction<'_>,
+    settings: &CoordinatorSettings,
+    now_unix: u64,
+) -> Result<bool, CoordError> {
+    let own_endpoints = settings.public_endpoints.clone();
+    match live_host_by_name(tx, &settings.own_name)? {
+        Some(h) => {
+            let mut changed = false;
+            if h.address != settings.own_address {
+                if ever_used(tx)?.contains(&settings.own_address) {
+                    return Err(CoordError::Conflict(format!(
+                        "the coordinator's new address {} was already given to another host",
+                        settings.own_address
+                    )));
+                }
+                tx.execute(
+                    "UPDATE hosts SET address = ?2 WHERE id = ?1",
+                    params![h.id, settings.own_address.to_string()],
+                )?;
+                audit(
+                    tx,
+                    now_unix,
+                    "coordinator_address",
+                    &h.name,
+                    &settings.own_address.to_string(),
+                )?;
+                changed = true;
+            }
+            if h.public_key != settings.own_public_key {
+                ensure_key_unused(tx, &settings.own_public_key)?;
+                tx.execute(
+                    "UPDATE hosts SET public_key = ?2, key_created_unix = ?3 WHERE id = ?1",
+                    params![h.id, settings.own_public_key.0.as_slice(), now_unix as i64],
+                )?;
+                audit(
+                    tx,
+                    now_unix,
+                    "coordinator_key",
+                    &h.name,
+                    &settings.own_public_key.short(),
+                )?;
+                changed = true;
+            }
+            if !h.admin || h.pending || h.static_peer {
+                tx.execute(
+                    "UPDATE hosts SET admin = 1, pending = 0, static_peer = 0 WHERE id = ?1",
+                    [h.id],
+                )?;
+                changed = true;
+            }
+            if set_reported(tx, h.id, &own_endpoints)? {
+                audit(
+                    tx,
+                    now_unix,
+                    "coordinator_endpoints",
+                    &h.name,
+                    &format!("{own_endpoints:?}"),
+                )?;
+                changed = true;
+            }
+            Ok(changed)
+        }
+        None => {
+            if let Some(other) = live_host_by_address(tx, settings.own_address)? {
+                return Err(CoordError::Conflict(format!(
+                    "the coordinator's address {} belongs to host {}",
+                    settings.own_address, other.name
+                )));
+            }
+            if ever_used(tx)?.contains(&settings.own_address) {
+                return Err(CoordError::Conflict(format!(
+                    "the coordinator's address {} was already given to another host",
+                    settings.own_address
+                )));
+            }
+            ensure_key_unused(tx, &settings.own_public_key)?;
+            tx.execute(
+                "INSERT INTO hosts (name, address, public_key, admin, static_peer, pending,
+                    removed, created_unix, key_created_unix, last_seen_unix)
+                 VALUES (?1, ?2, ?3, 1, 0, 0, 0, ?4, ?4, ?4)",
+                params![
+                    settings.own_name,
+                    settings.own_address.to_string(),
+                    settings.own_public_key.0.as_slice(),
+                    now_unix as i64
+                ],
+            )?;
+            let id = tx.last_insert_rowid();
+            set_reported(tx, id, &own_endpoints)?;
+            audit(
+                tx,
+                now_unix,
+                "coordinator",
+                &settings.own_name,
+                &format!(
+                    "address {}, key {}",
+                    settings.own_address,
+                    settings.own_public_key.short()
+                ),
+            )?;
+            Ok(true)
+        }
+    }
+}
+
+/// The registry holds the token secret: owner-only.
+fn restrict_permissions(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot restrict the registry's permissions");
+    }
+}

@@ -1,0 +1,927 @@
+//! Registry and API tests. The API tests run a real server on loopback: the mesh is
+//! 127.16.0.0/16, so each simulated host connects from its own 127.16.x.y source address.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mesh_proto::api::{EndpointReport, InviteRequest, JoinRequest, MAX_BODY};
+use mesh_proto::token::Token;
+use mesh_proto::{PrivateKey, PublicKey};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::*;
+
+const NOW: u64 = 1_800_000_000;
+
+fn settings(dir: &std::path::Path, cidr: &str, own: &str) -> CoordinatorSettings {
+    CoordinatorSettings {
+        mesh_cidr: cidr.parse().unwrap(),
+        api_port: mesh_proto::api::DEFAULT_API_PORT,
+        public_endpoints: vec!["192.0.2.1:51871".parse().unwrap()],
+        reserved: vec![],
+        static_assignments: BTreeMap::new(),
+        keepalive_secs: 25,
+        database: dir.join("registry.sqlite"),
+        own_name: "dock-load".into(),
+        own_address: own.parse().unwrap(),
+        own_public_key: PrivateKey::from_bytes([1; 32]).public_key(),
+    }
+}
+
+fn open(dir: &std::path::Path) -> Coordinator {
+    Coordinator::open(settings(dir, "10.99.99.0/24", "10.99.99.1"), NOW).unwrap()
+}
+
+fn invite(c: &Coordinator, name: &str) -> mesh_proto::api::InviteResponse {
+    c.invite(
+        InviteRequest {
+            name: name.into(),
+            address: None,
+            ttl_secs: None,
+            admin: false,
+            static_peer: false,
+            public_key: None,
+        },
+        NOW,
+    )
+    .unwrap()
+}
+
+fn join_req(token: &str, key: PublicKey) -> JoinRequest {
+    JoinRequest {
+        token: token.into(),
+        public_key: key,
+        listen_port: 51871,
+        addresses: vec!["192.168.1.20".parse().unwrap()],
+    }
+}
+
+/// Invite and join `name`; returns its address and key.
+fn invite_join(c: &Coordinator, name: &str) -> (IpAddr, PrivateKey) {
+    let inv = invite(c, name);
+    let key = PrivateKey::generate();
+    c.join(
+        inv.address,
+        join_req(inv.token.as_deref().unwrap(), key.public_key()),
+        NOW + 1,
+    )
+    .unwrap();
+    (inv.address, key)
+}
+
+fn addr(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn fresh_database_migrates_and_reopen_keeps_data_and_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    assert!(c.version() >= 1);
+    let (a, key) = invite_join(&c, "dock-mirror");
+    let v = c.version();
+    let hosts = c.hosts().unwrap();
+    drop(c);
+
+    let c = open(dir.path());
+    assert_eq!(c.version(), v, "re-open without changes keeps the version");
+    assert_eq!(c.hosts().unwrap(), hosts);
+    let nm = c.netmap_for_address(a).unwrap().unwrap();
+    assert_eq!(nm.public_key, key.public_key());
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("registry.sqlite")).unwrap();
+        let sv: u32 = conn
+            .query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(sv as usize, super::schema::MIGRATIONS.len());
+    }
+    // A changed own key bumps the version, persisted across another re-open.
+    let mut s = settings(dir.path(), "10.99.99.0/24", "10.99.99.1");
+    s.own_public_key = PrivateKey::from_bytes([2; 32]).public_key();
+    let c = Coordinator::open(s.clone(), NOW + 5).unwrap();
+    assert_eq!(c.version(), v + 1);
+    drop(c);
+    let c = Coordinator::open(s, NOW + 6).unwrap();
+    assert_eq!(c.version(), v + 1);
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
+    let conn = rusqlite::Connection::open(dir.path().join("registry.sqlite")).unwrap();
+    conn.execute("INSERT INTO schema_version (version) VALUES (999)", [])
+        .unwrap();
+    drop(conn);
+    let err = Coordinator::open(settings(dir.path(), "10.99.99.0/24", "10.99.99.1"), NOW)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("newer"), "{err}");
+}
+
+#[test]
+fn allocation_never_reuses_after_remove_or_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let (a, _) = invite_join(&c, "a");
+    assert_eq!(a, addr("10.99.99.2"));
+    c.remove("a", NOW + 2).unwrap();
+    let b = invite(&c, "b");
+    assert_eq!(b.address, addr("10.99.99.3"));
+    c.revoke_invite("b", NOW + 3).unwrap();
+    let a2 = invite(&c, "a");
+    assert_eq!(
+        a2.address,
+        addr("10.99.99.4"),
+        "removed and revoked addresses stay reserved"
+    );
+    // Asking for a used address explicitly is refused.
+    let err = c
+        .invite(
+            InviteRequest {
+                name: "x".into(),
+                address: Some(addr("10.99.99.2")),
+                ttl_secs: None,
+                admin: false,
+                static_peer: false,
+                public_key: None,
+            },
+            NOW,
+        )
+        .unwrap_err();
+    assert_eq!(err.http_status(), 409, "{err}");
+}
+
+#[test]
+fn static_assignments_and_reserved_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), "10.99.99.0/24", "10.99.99.1");
+    s.reserved = vec!["10.99.99.2/31".parse().unwrap()];
+    s.static_assignments
+        .insert("nas".into(), addr("10.99.99.4"));
+    let c = Coordinator::open(s, NOW).unwrap();
+    assert_eq!(invite(&c, "one").address, addr("10.99.99.5"));
+    assert_eq!(invite(&c, "nas").address, addr("10.99.99.4"));
+}
+
+#[test]
+fn invite_join_happy_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let v0 = c.version();
+    let inv = invite(&c, "dock-mirror");
+    assert!(c.version() > v0);
+    let token = Token::decode(inv.token.as_deref().unwrap()).unwrap();
+    let throwaway = token.throwaway_public_key().unwrap();
+    assert_eq!(token.body.host_address, inv.address);
+    assert_eq!(token.body.coordinator_address, addr("10.99.99.1"));
+    // Pending: in the netmaps with the throwaway key, listed as a pending invitation.
+    let snap = c.snapshot().unwrap();
+    let pending = snap.hosts.iter().find(|h| h.name == "dock-mirror").unwrap();
+    assert_eq!(pending.public_key, throwaway);
+    assert_eq!(c.invites(NOW).unwrap().len(), 1);
+    assert!(!c.is_admin(inv.address));
+
+    let key = PrivateKey::generate();
+    let resp = c
+        .join(
+            inv.address,
+            join_req(inv.token.as_deref().unwrap(), key.public_key()),
+            NOW + 10,
+        )
+        .unwrap();
+    assert_eq!(resp.netmap.name, "dock-mirror");
+    assert_eq!(resp.netmap.public_key, key.public_key());
+    assert!(resp.netmap.peers.iter().any(|p| p.name == "dock-load"));
+    let snap = c.snapshot().unwrap();
+    assert!(
+        snap.hosts.iter().all(|h| h.public_key != throwaway),
+        "throwaway key is dead"
+    );
+    let host = snap.hosts.iter().find(|h| h.name == "dock-mirror").unwrap();
+    assert_eq!(
+        host.reported,
+        vec!["192.168.1.20:51871".parse::<SocketAddr>().unwrap()]
+    );
+    let coord_nm = c.netmap_for_name("dock-load").unwrap().unwrap();
+    let peer = coord_nm
+        .peers
+        .iter()
+        .find(|p| p.name == "dock-mirror")
+        .unwrap();
+    assert_eq!(peer.public_key, key.public_key());
+    assert!(c.invites(NOW + 10).unwrap().is_empty());
+    let actions: Vec<String> = c.audit_log().unwrap().into_iter().map(|a| a.1).collect();
+    assert_eq!(actions, vec!["coordinator", "invite", "join"]);
+    // The name is now taken.
+    let err = c
+        .invite(
+            InviteRequest {
+                name: "dock-mirror".into(),
+                address: None,
+                ttl_secs: None,
+                admin: false,
+                static_peer: false,
+                public_key: None,
+            },
+            NOW,
+        )
+        .unwrap_err();
+    assert_eq!(err.http_status(), 409);
+}
+
+/// Assert that `f` fails with `status` and a message containing `text`, and that the
+/// registry and version did not change.
+fn refused(c: &Coordinator, status: u16, text: &str, f: impl FnOnce() -> Result<(), CoordError>) {
+    let before = c.snapshot().unwrap();
+    let hosts_before = c.hosts().unwrap();
+    let err = f().unwrap_err();
+    assert_eq!(err.http_status(), status, "{err}");
+    assert!(err.to_string().contains(text), "{err:?} lacks {text:?}");
+    assert_eq!(c.snapshot().unwrap(), before);
+    assert_eq!(c.hosts().unwrap(), hosts_before);
+}
+
+#[test]
+fn bad_tokens_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let key = PrivateKey::generate().public_key();
+
+    // Reused.
+    let inv = invite(&c, "dock-mirror");
+    let tok = inv.token.clone().unwrap();
+    c.join(inv.address, join_req(&tok, key), NOW + 1).unwrap();
+    let other = PrivateKey::generate().public_key();
+    refused(
+        &c,
+        410,
+        "invitation for dock-mirror was already used",
+        || {
+            c.join(inv.address, join_req(&tok, other), NOW + 2)
+                .map(|_| ())
+        },
+    );
+
+    // Expired.
+    let inv = c
+        .invite(
+            InviteRequest {
+                name: "late".into(),
+                address: None,
+                ttl_secs: Some(60),
+                admin: false,
+                static_peer: false,
+                public_key: None,
+            },
+            NOW,
+        )
+        .unwrap();
+    let tok = inv.token.clone().unwrap();
+    refused(&c, 410, "invitation for late has expired", || {
+        c.join(inv.address, join_req(&tok, other), NOW + 61)
+            .map(|_| ())
+    });
+
+    // Tampered: another address in the body, the original MAC.
+    let inv = invite(&c, "edge");
+    let t = Token::decode(inv.token.as_deref().unwrap()).unwrap();
+    let mut body = t.body.clone();
+    body.host_address = addr("10.99.99.200");
+    body.admin = true;
+    let forged = Token {
+        signed: serde_json::to_vec(&body).unwrap(),
+        body,
+        mac: t.mac,
+    }
+    .encode();
+    refused(&c, 403, "tampered", || {
+        c.join(addr("10.99.99.200"), join_req(&forged, other), NOW + 1)
+            .map(|_| ())
+    });
+
+    // Foreign: signed by another coordinator's secret.
+    let foreign = Token::sign(t.body.clone(), &[42u8; 32]).encode();
+    refused(&c, 403, "tampered", || {
+        c.join(inv.address, join_req(&foreign, other), NOW + 1)
+            .map(|_| ())
+    });
+
+    // Garbage.
+    refused(&c, 400, "not a meshd invitation token", || {
+        c.join(inv.address, join_req("hello", other), NOW + 1)
+            .map(|_| ())
+    });
+
+    // From the wrong address.
+    refused(&c, 403, "must come from its invited address", || {
+        c.join(
+            addr("10.99.99.1"),
+            join_req(inv.token.as_deref().unwrap(), other),
+            NOW + 1,
+        )
+        .map(|_| ())
+    });
+
+    // With a key another host holds.
+    refused(&c, 409, "already registered", || {
+        c.join(
+            inv.address,
+            join_req(inv.token.as_deref().unwrap(), key),
+            NOW + 1,
+        )
+        .map(|_| ())
+    });
+
+    // Revoked: the revoke itself changes the registry, the join after it does not.
+    c.revoke_invite("edge", NOW + 2).unwrap();
+    assert!(c.snapshot().unwrap().hosts.iter().all(|h| h.name != "edge"));
+    refused(&c, 410, "invitation for edge was revoked", || {
+        c.join(
+            inv.address,
+            join_req(inv.token.as_deref().unwrap(), other),
+            NOW + 3,
+        )
+        .map(|_| ())
+    });
+    refused(&c, 404, "no pending invitation for edge", || {
+        c.revoke_invite("edge", NOW + 3)
+    });
+}
+
+#[test]
+fn expired_invitations_leave_the_netmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let inv = c
+        .invite(
+            InviteRequest {
+                name: "late".into(),
+                address: None,
+                ttl_secs: Some(60),
+                admin: false,
+                static_peer: false,
+                public_key: None,
+            },
+            NOW,
+        )
+        .unwrap();
+    assert!(c.invites(NOW + 59).unwrap().len() == 1);
+    assert!(c.invites(NOW + 60).unwrap().is_empty());
+    assert_eq!(c.expire_invites(NOW + 60).unwrap(), 1);
+    assert!(c.snapshot().unwrap().hosts.iter().all(|h| h.name != "late"));
+    // The name is free again, the address is not.
+    assert_ne!(invite(&c, "late").address, inv.address);
+}
+
+#[test]
+fn remove_hides_the_host_and_refuses_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let (a, key) = invite_join(&c, "dock-mirror");
+    let (_b, _) = invite_join(&c, "dock-edge");
+    let v = c.version();
+    c.remove("dock-mirror", NOW + 5).unwrap();
+    assert!(c.version() > v);
+    let snap = c.snapshot().unwrap();
+    assert!(snap
+        .hosts
+        .iter()
+        .all(|h| h.address != a && h.public_key != key.public_key()));
+    assert!(c.netmap_for_name("dock-mirror").unwrap().is_none());
+    assert!(c.netmap_for_address(a).unwrap().is_none());
+    for name in ["dock-load", "dock-edge"] {
+        let nm = c.netmap_for_name(name).unwrap().unwrap();
+        assert!(nm
+            .peers
+            .iter()
+            .all(|p| p.address != a && p.public_key != key.public_key()));
+    }
+    assert_eq!(c.remove("dock-mirror", NOW).unwrap_err().http_status(), 404);
+    assert_eq!(c.remove("dock-load", NOW).unwrap_err().http_status(), 409);
+    assert!(c
+        .hosts()
+        .unwrap()
+        .iter()
+        .any(|h| h.name == "dock-mirror" && h.removed));
+    // Its key is refused for a new host.
+    let inv = invite(&c, "again");
+    refused(&c, 409, "removed host dock-mirror", || {
+        c.join(
+            inv.address,
+            join_req(inv.token.as_deref().unwrap(), key.public_key()),
+            NOW + 6,
+        )
+        .map(|_| ())
+    });
+    // It cannot report endpoints any more.
+    let err = c
+        .report_endpoints(
+            a,
+            "198.51.100.1:1".parse().unwrap(),
+            EndpointReport {
+                listen_port: 51871,
+                addresses: vec![],
+            },
+            NOW,
+        )
+        .unwrap_err();
+    assert_eq!(err.http_status(), 403);
+}
+
+#[test]
+fn removing_a_pending_host_kills_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let inv = invite(&c, "dock-mirror");
+    c.remove("dock-mirror", NOW + 1).unwrap();
+    let key = PrivateKey::generate().public_key();
+    refused(&c, 410, "revoked", || {
+        c.join(
+            inv.address,
+            join_req(inv.token.as_deref().unwrap(), key),
+            NOW + 2,
+        )
+        .map(|_| ())
+    });
+}
+
+#[test]
+fn endpoint_reports_bump_only_on_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let (a, _) = invite_join(&c, "dock-mirror");
+    let report = EndpointReport {
+        listen_port: 51871,
+        addresses: vec![addr("192.168.1.20"), addr("127.0.0.1"), addr("10.99.99.2")],
+    };
+    let obs: SocketAddr = "203.0.113.5:40000".parse().unwrap();
+    let v = c.version();
+    c.report_endpoints(a, obs, report.clone(), NOW + 2).unwrap();
+    assert_eq!(c.version(), v + 1, "observed address is new");
+    c.report_endpoints(a, obs, report.clone(), NOW + 3).unwrap();
+    assert_eq!(c.version(), v + 1, "nothing changed");
+    let h = c
+        .hosts()
+        .unwrap()
+        .into_iter()
+        .find(|h| h.name == "dock-mirror")
+        .unwrap();
+    assert_eq!(h.last_seen_unix, Some(NOW + 3));
+    assert_eq!(h.observed, Some(obs));
+    let snap = c.snapshot().unwrap();
+    let rec = snap.hosts.iter().find(|h| h.name == "dock-mirror").unwrap();
+    assert_eq!(
+        rec.reported,
+        vec!["192.168.1.20:51871".parse::<SocketAddr>().unwrap()],
+        "loopback and mesh addresses are no endpoints"
+    );
+    let mut moved = report.clone();
+    moved.addresses = vec![addr("192.168.7.7")];
+    c.report_endpoints(a, obs, moved, NOW + 4).unwrap();
+    assert_eq!(c.version(), v + 2);
+    let err = c
+        .report_endpoints(addr("10.99.99.77"), obs, report, NOW)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "10.99.99.77 is not a joined host of this mesh"
+    );
+}
+
+#[test]
+fn static_peer_gets_a_wg_quick_config_and_appears_in_netmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    invite_join(&c, "dock-mirror");
+    let resp = c
+        .invite(
+            InviteRequest {
+                name: "nas".into(),
+                address: None,
+                ttl_secs: None,
+                admin: false,
+                static_peer: true,
+                public_key: None,
+            },
+            NOW,
+        )
+        .unwrap();
+    assert!(resp.token.is_none());
+    let conf = resp.wg_quick_config.unwrap();
+    assert!(
+        conf.contains(&format!("Address = {}/24", resp.address)),
+        "{conf}"
+    );
+    assert!(conf.contains("PrivateKey = "), "{conf}");
+    assert_eq!(conf.matches("[Peer]").count(), 2, "{conf}");
+    assert!(conf.contains("Endpoint = 192.0.2.1:51871"), "{conf}");
+    assert!(conf.contains("AllowedIPs = 10.99.99.1/32"), "{conf}");
+    assert!(conf.contains("PersistentKeepalive = 25"), "{conf}");
+    let nm = c.netmap_for_name("dock-mirror").unwrap().unwrap();
+    assert!(nm.peers.iter().any(|p| p.name == "nas" && p.static_peer));
+
+    // With a supplied key: no private key in the config.
+    let k = PrivateKey::generate().public_key();
+    let resp = c
+        .invite(
+            InviteRequest {
+                name: "printer".into(),
+                address: None,
+                ttl_secs: None,
+                admin: false,
+                static_peer: true,
+                public_key: Some(k),
+            },
+            NOW,
+        )
+        .unwrap();
+    let conf = resp.wg_quick_config.unwrap();
+    assert!(!conf.contains("\nPrivateKey = "), "{conf}");
+    assert_eq!(
+        c.netmap_for_address(resp.address)
+            .unwrap()
+            .unwrap()
+            .public_key,
+        k
+    );
+}
+
+#[test]
+fn admin_flag_and_own_key_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    assert!(c.is_admin(addr("10.99.99.1")));
+    let inv = c
+        .invite(
+            InviteRequest {
+                name: "laptop".into(),
+                address: None,
+                ttl_secs: None,
+                admin: true,
+                static_peer: false,
+                public_key: None,
+            },
+            NOW,
+        )
+        .unwrap();
+    assert!(!c.is_admin(inv.address), "not before the join");
+    c.join(
+        inv.address,
+        join_req(
+            inv.token.as_deref().unwrap(),
+            PrivateKey::generate().public_key(),
+        ),
+        NOW + 1,
+    )
+    .unwrap();
+    assert!(c.is_admin(inv.address));
+    let (plain, _) = invite_join(&c, "plain");
+    assert!(!c.is_admin(plain));
+    let v = c.version();
+    let k = PrivateKey::generate().public_key();
+    c.set_own_public_key(k, NOW + 2).unwrap();
+    assert_eq!(c.version(), v + 1);
+    c.set_own_public_key(k, NOW + 3).unwrap();
+    assert_eq!(c.version(), v + 1);
+    assert_eq!(
+        c.netmap_for_name("dock-load").unwrap().unwrap().public_key,
+        k
+    );
+}
+
+#[test]
+fn bad_invites_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    for (name, ttl, status) in [
+        ("Bad_Name", None, 400),
+        ("ok", Some(0), 400),
+        ("-x", None, 400),
+    ] {
+        let err = c
+            .invite(
+                InviteRequest {
+                    name: name.into(),
+                    address: None,
+                    ttl_secs: ttl,
+                    admin: false,
+                    static_peer: false,
+                    public_key: None,
+                },
+                NOW,
+            )
+            .unwrap_err();
+        assert_eq!(err.http_status(), status, "{err}");
+    }
+    let err = c
+        .invite(
+            InviteRequest {
+                name: "far".into(),
+                address: Some(addr("10.1.1.1")),
+                ttl_secs: None,
+                admin: false,
+                static_peer: false,
+                public_key: None,
+            },
+            NOW,
+        )
+        .unwrap_err();
+    assert_eq!(err.http_status(), 400, "{err}");
+}
+
+// ---------------------------------------------------------------- API over loopback
+
+struct Reply {
+    status: u16,
+    body: String,
+}
+
+async fn http(src: IpAddr, dst: SocketAddr, method: &str, path: &str, body: &[u8]) -> Reply {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(src, 0)).unwrap();
+    let mut s = sock.connect(dst).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: coord\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // The server may answer (413) before reading the whole body.
+    let _ = s.write_all(body).await;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf).await;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Reply { status, body }
+}
+
+fn error_text(r: &Reply) -> String {
+    let v: mesh_proto::api::ApiError = serde_json::from_str(&r.body)
+        .unwrap_or_else(|e| panic!("not an ApiError ({e}): {:?}", r.body));
+    v.error
+}
+
+struct Server {
+    coord: Coordinator,
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), CoordError>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn server() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let coord =
+        Coordinator::open(settings(dir.path(), "127.16.0.0/16", "127.16.0.1"), NOW).unwrap();
+    let listener = bind_api_listener("127.16.0.1:0".parse().unwrap(), None).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let observed: ObservedFn = Arc::new(|ip| Some(SocketAddr::new(ip, 51871)));
+    let task = tokio::spawn(serve_api_on(coord.clone(), listener, observed, async {
+        let _ = rx.await;
+    }));
+    Server {
+        coord,
+        addr,
+        stop: Some(tx),
+        task,
+        _dir: dir,
+    }
+}
+
+impl Server {
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("server stops promptly")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn now_real() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_join_netmap_and_admin_checks() {
+    let s = server().await;
+    let admin = addr("127.16.0.1");
+    let inv = s
+        .coord
+        .invite(
+            InviteRequest {
+                name: "dock-mirror".into(),
+                address: None,
+                ttl_secs: None,
+                admin: false,
+                static_peer: false,
+                public_key: None,
+            },
+            now_real(),
+        )
+        .unwrap();
+    let key = PrivateKey::generate().public_key();
+    let body = serde_json::to_vec(&join_req(inv.token.as_deref().unwrap(), key)).unwrap();
+
+    // From the wrong source address.
+    let r = http(addr("127.16.0.99"), s.addr, "POST", "/v1/join", &body).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(error_text(&r).contains("must come from"));
+
+    let r = http(inv.address, s.addr, "POST", "/v1/join", &body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let jr: mesh_proto::api::JoinResponse = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(jr.netmap.public_key, key);
+
+    // Again: used.
+    let r = http(inv.address, s.addr, "POST", "/v1/join", &body).await;
+    assert_eq!(r.status, 410);
+    assert_eq!(
+        error_text(&r),
+        "invitation for dock-mirror was already used"
+    );
+
+    // Netmap with since=0 answers at once.
+    let r = http(inv.address, s.addr, "GET", "/v1/netmap?since=0", b"").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let nm: mesh_proto::netmap::Netmap = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(nm.version, s.coord.version());
+    // A stranger gets no netmap.
+    let r = http(
+        addr("127.16.0.99"),
+        s.addr,
+        "GET",
+        "/v1/netmap?since=0",
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 403);
+
+    // Endpoint report: 204, observed from the provider.
+    let rep = serde_json::to_vec(&EndpointReport {
+        listen_port: 51871,
+        addresses: vec![addr("192.168.1.20")],
+    })
+    .unwrap();
+    let r = http(inv.address, s.addr, "POST", "/v1/endpoints", &rep).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let h = s
+        .coord
+        .hosts()
+        .unwrap()
+        .into_iter()
+        .find(|h| h.name == "dock-mirror")
+        .unwrap();
+    assert_eq!(h.observed, Some(SocketAddr::new(inv.address, 51871)));
+
+    // Admin calls: refused to the plain host, served to the coordinator.
+    for (method, path) in [
+        ("GET", "/v1/admin/hosts"),
+        ("GET", "/v1/admin/invites"),
+        ("DELETE", "/v1/admin/hosts/dock-mirror"),
+        ("DELETE", "/v1/admin/invites/x"),
+    ] {
+        let r = http(inv.address, s.addr, method, path, b"").await;
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.body);
+        assert_eq!(
+            error_text(&r),
+            format!("{} is not an admin host", inv.address)
+        );
+    }
+    let inv_body = br#"{"name":"dock-edge","address":null,"ttl_secs":600}"#;
+    let r = http(inv.address, s.addr, "POST", "/v1/admin/invite", inv_body).await;
+    assert_eq!(r.status, 403);
+    let r = http(admin, s.addr, "POST", "/v1/admin/invite", inv_body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ir: mesh_proto::api::InviteResponse = serde_json::from_str(&r.body).unwrap();
+    assert!(ir.token.unwrap().starts_with("meshd1."));
+    let r = http(admin, s.addr, "GET", "/v1/admin/invites", b"").await;
+    assert_eq!(r.status, 200);
+    let list: Vec<mesh_proto::api::InviteInfo> = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(list.len(), 1);
+    let r = http(admin, s.addr, "DELETE", "/v1/admin/invites/dock-edge", b"").await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = http(admin, s.addr, "DELETE", "/v1/admin/invites/dock-edge", b"").await;
+    assert_eq!(r.status, 404);
+    let r = http(admin, s.addr, "DELETE", "/v1/admin/hosts/dock-mirror", b"").await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = http(admin, s.addr, "GET", "/v1/admin/hosts", b"").await;
+    let hosts: Vec<mesh_proto::api::HostInfo> = serde_json::from_str(&r.body).unwrap();
+    assert!(hosts.iter().any(|h| h.name == "dock-mirror" && h.removed));
+    // The removed host is no longer served.
+    let r = http(inv.address, s.addr, "GET", "/v1/netmap?since=0", b"").await;
+    assert_eq!(r.status, 403);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_malformed_oversized_and_unknown_requests() {
+    let s = server().await;
+    let admin = addr("127.16.0.1");
+    let before = s.coord.snapshot().unwrap();
+    let cases: Vec<(&str, &str, Vec<u8>, u16)> = vec![
+        ("POST", "/v1/join", b"{not json".to_vec(), 400),
+        ("POST", "/v1/join", br#"{"token":"meshd1.x"}"#.to_vec(), 400),
+        ("POST", "/v1/join", vec![b'x'; MAX_BODY + 1], 413),
+        ("POST", "/v1/admin/invite", vec![b' '; 4 * MAX_BODY], 413),
+        (
+            "POST",
+            "/v1/admin/invite",
+            br#"{"name":"a","bogus":1}"#.to_vec(),
+            400,
+        ),
+        ("POST", "/v1/endpoints", b"[]".to_vec(), 400),
+        ("GET", "/v1/netmap?since=minus-one", vec![], 400),
+        ("GET", "/v2/netmap", vec![], 404),
+        ("GET", "/", vec![], 404),
+        ("GET", "/v1/join", vec![], 405),
+    ];
+    for (method, path, body, status) in cases {
+        let r = http(admin, s.addr, method, path, &body).await;
+        assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+        assert!(!error_text(&r).is_empty());
+    }
+    assert_eq!(s.coord.snapshot().unwrap(), before, "nothing changed");
+    // Still serving.
+    let r = http(admin, s.addr, "GET", "/v1/netmap?since=0", b"").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_long_poll_returns_within_a_second_of_a_change() {
+    let s = server().await;
+    let admin = addr("127.16.0.1");
+    let v = s.coord.version();
+    let coord = s.coord.clone();
+    let poll = tokio::spawn({
+        let dst = s.addr;
+        async move {
+            let r = http(admin, dst, "GET", &format!("/v1/netmap?since={v}"), b"").await;
+            (r, Instant::now())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !poll.is_finished(),
+        "the long-poll waits while nothing changes"
+    );
+    let changed_at = Instant::now();
+    tokio::task::spawn_blocking(move || {
+        coord
+            .invite(
+                InviteRequest {
+                    name: "new-host".into(),
+                    address: None,
+                    ttl_secs: None,
+                    admin: false,
+                    static_peer: false,
+                    public_key: None,
+                },
+                now_real(),
+            )
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let (r, at) = tokio::time::timeout(Duration::from_secs(5), poll)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let nm: mesh_proto::netmap::Netmap = serde_json::from_str(&r.body).unwrap();
+    assert!(nm.version > v);
+    assert!(nm.peers.iter().any(|p| p.name == "new-host"));
+    assert!(at.duration_since(changed_at) < Duration::from_secs(1));
+    // Shutdown ends a pending long-poll promptly.
+    let v = s.coord.version();
+    let dst = s.addr;
+    let pending = tokio::spawn(async move {
+        http(admin, dst, "GET", &format!("/v1/netmap?since={v}"), b"").await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.stop().await;
+    let r = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 304);
+}
