@@ -20,6 +20,10 @@ pub fn peer_status(view: &PeerView) -> PeerStatus {
             rx_bytes: 0,
             tx_bytes: 0,
             persistent_keepalive: view.configured_keepalive,
+            endpoint_kind: None,
+            direct: None,
+            key_age_secs: None,
+            static_peer: false,
         },
     }
 }
@@ -46,6 +50,9 @@ pub fn status(st: &AgentStatus, peers: &[PeerStatus], now_unix: u64) -> Status {
         last_reconcile_unix: st.last_pass.map(|d| d.as_secs()),
         last_error: st.last_error.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        ifindex: None,
+        netmap_version: None,
+        coordinator: None,
     }
 }
 

@@ -10,6 +10,9 @@
 //! <- {"response":"ok","message":"reloaded: 2 peers updated"}
 //! <- {"response":"error","message":"..."}
 //! ```
+//!
+//! Fields added after the first release carry `#[serde(default)]`, so an older meshctl or
+//! meshd (which does not send them) still interoperates: they read as `None`/`false`.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -18,8 +21,10 @@ use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::api::{HostInfo, InviteInfo, InviteResponse};
 use crate::device::ObservedPeer;
 use crate::key::PublicKey;
+use crate::netmap::{EndpointCandidate, EndpointKind, NetmapPeer};
 
 /// A handshake younger than this counts as "recent" (WireGuard's REJECT_AFTER_TIME: a session
 /// older than this cannot carry data any more).
@@ -86,7 +91,41 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub persistent_keepalive: Option<u16>,
+    /// Which netmap candidate the current endpoint is (`None`: no netmap, no endpoint, or an
+    /// endpoint that is none of the candidates, e.g. one learned from a roaming peer).
+    #[serde(default)]
+    pub endpoint_kind: Option<EndpointKind>,
+    /// Whether the path to the peer is direct: `Some(true)` when the current endpoint is one
+    /// of the peer's own interface addresses (a `Lan` or `Public` candidate), `Some(false)`
+    /// when it is the address observed in front of the peer (`Observed`: through its NAT);
+    /// `None` when unknown (see `endpoint_kind`). See [`endpoint_path`].
+    #[serde(default)]
+    pub direct: Option<bool>,
+    /// Age of the peer's current public key in seconds (from the netmap).
+    #[serde(default)]
+    pub key_age_secs: Option<u64>,
+    /// A device that cannot run meshd (configured from a wg-quick file).
+    #[serde(default)]
+    pub static_peer: bool,
 }
+
+/// The coordinator as the daemon sees it (`meshctl status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorStatus {
+    /// The coordinator's API address (its mesh address and API port).
+    pub address: SocketAddr,
+    /// Whether the last call to the coordinator succeeded.
+    pub reachable: bool,
+    /// Last successful contact, seconds since the UNIX epoch.
+    pub last_contact_unix: Option<u64>,
+    /// [`ROLE_COORDINATOR`] on the coordinator host itself, [`ROLE_MEMBER`] elsewhere.
+    pub role: String,
+}
+
+/// `CoordinatorStatus::role` of the coordinator host.
+pub const ROLE_COORDINATOR: &str = "coordinator";
+/// `CoordinatorStatus::role` of every other host of a managed mesh.
+pub const ROLE_MEMBER: &str = "member";
 
 /// What `meshctl status` shows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +142,15 @@ pub struct Status {
     pub last_reconcile_unix: Option<u64>,
     pub last_error: Option<String>,
     pub version: String,
+    /// Kernel index of the mesh interface, when it is up.
+    #[serde(default)]
+    pub ifindex: Option<u32>,
+    /// Version of the netmap this host holds (`None`: static configuration, or none yet).
+    #[serde(default)]
+    pub netmap_version: Option<u64>,
+    /// `None` for a host running from a static configuration.
+    #[serde(default)]
+    pub coordinator: Option<CoordinatorStatus>,
 }
 
 /// A control line that could not be decoded.
@@ -179,7 +227,28 @@ impl PeerStatus {
             rx_bytes: peer.rx_bytes,
             tx_bytes: peer.tx_bytes,
             persistent_keepalive: peer.persistent_keepalive.filter(|k| *k != 0),
+            endpoint_kind: None,
+            direct: None,
+            key_age_secs: None,
+            static_peer: false,
         }
+    }
+
+    /// Fill in what the netmap knows about this peer: its name and mesh address (when not
+    /// known yet), which candidate the current endpoint is, key age and the static flag.
+    pub fn with_netmap(mut self, peer: &NetmapPeer, now_unix: u64) -> Self {
+        if self.name.is_none() {
+            self.name = Some(peer.name.clone());
+        }
+        if self.mesh_address.is_none() {
+            self.mesh_address = Some(peer.address);
+        }
+        let (kind, direct) = endpoint_path(self.endpoint, &peer.endpoints);
+        self.endpoint_kind = kind;
+        self.direct = direct;
+        self.key_age_secs = Some(now_unix.saturating_sub(peer.key_created_unix));
+        self.static_peer = peer.static_peer;
+        self
     }
 
     /// Whether the latest handshake is younger than [`RECENT_HANDSHAKE_SECS`] at `now_unix`.
@@ -194,6 +263,74 @@ impl PeerStatus {
             Some(n) => n.clone(),
             None => format!("({})", self.public_key.short()),
         }
+    }
+}
+
+/// Which candidate `endpoint` is, and whether that path is direct (see
+/// [`PeerStatus::direct`]): `Lan`/`Public` are direct, `Observed` is not; an endpoint that
+/// is none of the candidates (or none at all) is unknown on both counts.
+pub fn endpoint_path(
+    endpoint: Option<SocketAddr>,
+    candidates: &[EndpointCandidate],
+) -> (Option<EndpointKind>, Option<bool>) {
+    let kind = endpoint.and_then(|e| candidates.iter().find(|c| c.addr == e).map(|c| c.kind));
+    let direct = kind.map(|k| k != EndpointKind::Observed);
+    (kind, direct)
+}
+
+/// "lan", "public", "observed".
+pub fn endpoint_kind_str(kind: EndpointKind) -> &'static str {
+    match kind {
+        EndpointKind::Lan => "lan",
+        EndpointKind::Public => "public",
+        EndpointKind::Observed => "observed",
+    }
+}
+
+/// "4s", "1m 5s", "2h 3m", "3d 4h" (a duration, see [`format_age`]).
+pub fn format_duration(secs: u64) -> String {
+    const MIN: u64 = 60;
+    const HOUR: u64 = 60 * MIN;
+    const DAY: u64 = 24 * HOUR;
+    if secs < MIN {
+        format!("{secs}s")
+    } else if secs < HOUR {
+        format!("{}m {}s", secs / MIN, secs % MIN)
+    } else if secs < DAY {
+        format!("{}h {}m", secs / HOUR, (secs % HOUR) / MIN)
+    } else {
+        format!("{}d {}h", secs / DAY, (secs % DAY) / HOUR)
+    }
+}
+
+/// Seconds since the UNIX epoch as `2026-11-30 02:20:51 UTC`.
+pub fn format_utc(unix: u64) -> String {
+    let days = unix / 86400;
+    let rem = unix % 86400;
+    // Howard Hinnant's civil_from_days, on unsigned arithmetic (the epoch is after 0000-03-01).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// "in 23h 59m", or "expired 5s ago".
+fn expiry_cell(expires_unix: u64, now_unix: u64) -> String {
+    if expires_unix > now_unix {
+        format!("in {}", format_duration(expires_unix - now_unix))
+    } else {
+        format!("expired {}", format_age(now_unix - expires_unix))
     }
 }
 
@@ -264,18 +401,34 @@ fn render_table(rows: &[Vec<String>]) -> String {
     out
 }
 
-/// The `meshctl peers` table: NAME, ADDRESS, ENDPOINT, HANDSHAKE, RX, TX, KEEPALIVE.
-/// Missing values show as "-", a peer that never completed a handshake as "never".
-/// A peer without a name shows its short key in parentheses.
+/// The KIND cell: the endpoint kind ("lan", "public", "observed"), "static" appended for a
+/// static peer; "-" when unknown.
+fn kind_cell(p: &PeerStatus) -> String {
+    let kind = p.endpoint_kind.map(endpoint_kind_str);
+    match (kind, p.static_peer) {
+        (Some(k), true) => format!("{k},static"),
+        (Some(k), false) => k.to_string(),
+        (None, true) => "static".to_string(),
+        (None, false) => "-".to_string(),
+    }
+}
+
+/// The `meshctl peers` table: NAME, ADDRESS, ENDPOINT, KIND, HANDSHAKE, RX, TX, KEEPALIVE,
+/// KEY AGE. Missing values show as "-", a peer that never completed a handshake as "never".
+/// A peer without a name shows its short key in parentheses. KIND is the endpoint's netmap
+/// candidate kind (`lan`, `public`: a direct path; `observed`: through the peer's NAT),
+/// with `,static` for a static peer.
 pub fn render_peers_table(peers: &[PeerStatus], now_unix: u64) -> String {
     let mut rows = vec![[
         "NAME",
         "ADDRESS",
         "ENDPOINT",
+        "KIND",
         "HANDSHAKE",
         "RX",
         "TX",
         "KEEPALIVE",
+        "KEY AGE",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -292,6 +445,7 @@ pub fn render_peers_table(peers: &[PeerStatus], now_unix: u64) -> String {
             p.endpoint
                 .map(|e| e.to_string())
                 .unwrap_or_else(|| "-".to_string()),
+            kind_cell(p),
             handshake_cell(p.latest_handshake_unix, now_unix),
             format_bytes(p.rx_bytes),
             format_bytes(p.tx_bytes),
@@ -299,6 +453,9 @@ pub fn render_peers_table(peers: &[PeerStatus], now_unix: u64) -> String {
                 Some(k) if k != 0 => format!("{k}s"),
                 _ => "-".to_string(),
             },
+            p.key_age_secs
+                .map(format_duration)
+                .unwrap_or_else(|| "-".to_string()),
         ]);
     }
     render_table(&rows)
@@ -308,7 +465,13 @@ pub fn render_peers_table(peers: &[PeerStatus], now_unix: u64) -> String {
 pub fn render_status(status: &Status, now_unix: u64) -> String {
     let fields: Vec<(&str, String)> = vec![
         ("host", status.host.clone()),
-        ("interface", status.interface.clone()),
+        (
+            "interface",
+            match status.ifindex {
+                Some(i) => format!("{} (ifindex {i})", status.interface),
+                None => status.interface.clone(),
+            },
+        ),
         ("public key", status.public_key.to_string()),
         ("mesh address", status.mesh_address.to_string()),
         ("listen port", status.listen_port.to_string()),
@@ -329,6 +492,14 @@ pub fn render_status(status: &Status, now_unix: u64) -> String {
             "last error",
             status.last_error.clone().unwrap_or_else(|| "-".to_string()),
         ),
+        ("coordinator", coordinator_cell(status, now_unix)),
+        (
+            "netmap",
+            match status.netmap_version {
+                Some(v) => format!("version {v}"),
+                None => "-".to_string(),
+            },
+        ),
         ("version", status.version.clone()),
     ];
     let width = fields.iter().map(|(l, _)| l.len()).max().unwrap_or(0) + 1;
@@ -337,6 +508,129 @@ pub fn render_status(status: &Status, now_unix: u64) -> String {
         let _ = writeln!(out, "{:<width$} {value}", format!("{label}:"));
     }
     out
+}
+
+/// "this host (10.99.99.1:51872)", "10.99.99.1:51872 reachable, last contact 3s ago",
+/// "10.99.99.1:51872 UNREACHABLE, last contact 5m 0s ago", or "- (static configuration)".
+fn coordinator_cell(status: &Status, now_unix: u64) -> String {
+    let Some(c) = &status.coordinator else {
+        return "- (static configuration)".to_string();
+    };
+    if c.role == ROLE_COORDINATOR {
+        return format!("this host ({})", c.address);
+    }
+    let contact = match c.last_contact_unix {
+        Some(t) => format!("last contact {}", format_age(now_unix.saturating_sub(t))),
+        None => "never contacted".to_string(),
+    };
+    let state = if c.reachable {
+        "reachable"
+    } else {
+        "UNREACHABLE"
+    };
+    format!("{} {state}, {contact}", c.address)
+}
+
+/// What `meshctl invite` prints: for a daemon host, a summary line and the token alone on
+/// its own line; for a static peer, a comment line and the wg-quick configuration.
+pub fn render_invite(inv: &InviteResponse) -> String {
+    let mut out = String::new();
+    let expires = inv
+        .expires_unix
+        .map(|e| format!(", expires {}", format_utc(e)))
+        .unwrap_or_default();
+    if let Some(conf) = &inv.wg_quick_config {
+        let _ = writeln!(
+            out,
+            "# wg-quick configuration for static peer {} ({})",
+            inv.name, inv.address
+        );
+        out.push_str(conf);
+        if !conf.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    if let Some(token) = &inv.token {
+        let _ = writeln!(
+            out,
+            "invitation for {} ({}), single use{expires}; on the new host run: meshctl join TOKEN",
+            inv.name, inv.address
+        );
+        let _ = writeln!(out, "{token}");
+    }
+    if out.is_empty() {
+        let _ = writeln!(
+            out,
+            "{} ({}) registered{expires}; no token or configuration was returned",
+            inv.name, inv.address
+        );
+    }
+    out
+}
+
+/// The `meshctl invites` table: NAME, ADDRESS, ADMIN, CREATED, EXPIRES.
+pub fn render_invites(invites: &[InviteInfo], now_unix: u64) -> String {
+    if invites.is_empty() {
+        return "no pending invitations\n".to_string();
+    }
+    let mut rows = vec![["NAME", "ADDRESS", "ADMIN", "CREATED", "EXPIRES"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()];
+    for i in invites {
+        rows.push(vec![
+            i.name.clone(),
+            i.address.to_string(),
+            if i.admin { "yes" } else { "no" }.to_string(),
+            format_age(now_unix.saturating_sub(i.created_unix)),
+            expiry_cell(i.expires_unix, now_unix),
+        ]);
+    }
+    render_table(&rows)
+}
+
+/// The `meshctl hosts` table: NAME, ADDRESS, KEY, FLAGS, LAST SEEN, OBSERVED, CREATED.
+/// FLAGS lists `admin`, `static` and `removed` (comma-separated, "-" for none).
+pub fn render_hosts(hosts: &[HostInfo], now_unix: u64) -> String {
+    let mut rows = vec![[
+        "NAME",
+        "ADDRESS",
+        "KEY",
+        "FLAGS",
+        "LAST SEEN",
+        "OBSERVED",
+        "CREATED",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect::<Vec<_>>()];
+    for h in hosts {
+        let flags: Vec<&str> = [
+            (h.admin, "admin"),
+            (h.static_peer, "static"),
+            (h.removed, "removed"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, f)| *f)
+        .collect();
+        rows.push(vec![
+            h.name.clone(),
+            h.address.to_string(),
+            h.public_key.short(),
+            if flags.is_empty() {
+                "-".to_string()
+            } else {
+                flags.join(",")
+            },
+            handshake_cell(h.last_seen_unix, now_unix),
+            h.observed
+                .map(|o| o.to_string())
+                .unwrap_or_else(|| "-".to_string()),
+            format_age(now_unix.saturating_sub(h.created_unix)),
+        ]);
+    }
+    render_table(&rows)
 }
 
 #[cfg(test)]
@@ -355,6 +649,10 @@ mod tests {
             rx_bytes: 1536,
             tx_bytes: 12_900_000,
             persistent_keepalive: Some(25),
+            endpoint_kind: None,
+            direct: None,
+            key_age_secs: None,
+            static_peer: false,
         }
     }
 
@@ -372,6 +670,9 @@ mod tests {
             last_reconcile_unix: Some(990),
             last_error: None,
             version: "0.1.0".into(),
+            ifindex: None,
+            netmap_version: None,
+            coordinator: None,
         }
     }
 
@@ -460,16 +761,19 @@ mod tests {
         let short = PublicKey([2; 32]).short();
         assert_eq!(
             lines[0],
-            "NAME        ADDRESS        ENDPOINT            HANDSHAKE  RX       TX        KEEPALIVE"
+            "NAME        ADDRESS        ENDPOINT            KIND  HANDSHAKE  RX       TX        \
+             KEEPALIVE  KEY AGE"
         );
         assert_eq!(
             lines[1],
-            "dock-prod   10.99.99.2     198.51.100.2:51871  5s ago     1.5 KiB  12.3 MiB  25s"
+            "dock-prod   10.99.99.2     198.51.100.2:51871  -     5s ago     1.5 KiB  12.3 MiB  \
+             25s        -"
         );
         assert_eq!(
             lines[2],
             format!(
-                "({short})  10.99.99.2/32  -                   never      0 B      0 B       -"
+                "({short})  10.99.99.2/32  -                   -     never      0 B      0 B       \
+                 -          -"
             )
         );
         // Columns line up: every column starts at the same offset on every line.
@@ -519,5 +823,238 @@ mod tests {
         assert!(!p.has_recent_handshake(1000 + RECENT_HANDSHAKE_SECS));
         // Never carries the preshared key.
         assert!(!serde_json::to_string(&p).unwrap().contains("preshared"));
+    }
+
+    fn netmap_peer() -> NetmapPeer {
+        NetmapPeer {
+            name: "dock-edge".into(),
+            address: "10.99.99.4".parse().unwrap(),
+            public_key: PublicKey([2; 32]),
+            allowed_ips: vec!["10.99.99.4/32".parse().unwrap()],
+            endpoints: vec![
+                EndpointCandidate {
+                    addr: "192.168.1.4:51871".parse().unwrap(),
+                    kind: EndpointKind::Lan,
+                },
+                EndpointCandidate {
+                    addr: "198.51.100.2:51871".parse().unwrap(),
+                    kind: EndpointKind::Observed,
+                },
+            ],
+            persistent_keepalive: Some(25),
+            static_peer: false,
+            admin: false,
+            key_created_unix: 0,
+        }
+    }
+
+    #[test]
+    fn netmap_fields() {
+        let p = peer(None).with_netmap(&netmap_peer(), 1000);
+        assert_eq!(p.name.as_deref(), Some("dock-edge"));
+        // The configured mesh address is kept.
+        assert_eq!(p.mesh_address, Some("10.99.99.2".parse().unwrap()));
+        assert_eq!(p.endpoint_kind, Some(EndpointKind::Observed));
+        assert_eq!(p.direct, Some(false));
+        assert_eq!(p.key_age_secs, Some(1000));
+        let mut lan = peer(Some("x"));
+        lan.endpoint = Some("192.168.1.4:51871".parse().unwrap());
+        let lan = lan.with_netmap(&netmap_peer(), 1000);
+        assert_eq!(lan.name.as_deref(), Some("x"));
+        assert_eq!(lan.endpoint_kind, Some(EndpointKind::Lan));
+        assert_eq!(lan.direct, Some(true));
+        let mut roamed = peer(None);
+        roamed.endpoint = Some("203.0.113.9:1".parse().unwrap());
+        let roamed = roamed.with_netmap(&netmap_peer(), 1000);
+        assert_eq!((roamed.endpoint_kind, roamed.direct), (None, None));
+        assert_eq!(endpoint_path(None, &netmap_peer().endpoints), (None, None));
+
+        let mut st = lan.clone();
+        st.static_peer = true;
+        let table = render_peers_table(&[lan, roamed, st], 1000);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[1].contains("  lan  ") && lines[1].ends_with("  16m 40s"),
+            "{table}"
+        );
+        assert!(lines[2].contains("  -  "), "{table}");
+        assert!(lines[3].contains("  lan,static  "), "{table}");
+    }
+
+    #[test]
+    fn old_messages_still_decode() {
+        // A status and a peer as a daemon before issue 3 sent them.
+        let mut old = serde_json::to_value(status()).unwrap();
+        let o = old.as_object_mut().unwrap();
+        o.remove("ifindex");
+        o.remove("netmap_version");
+        o.remove("coordinator");
+        let st: Status = serde_json::from_value(old).unwrap();
+        assert_eq!(st, status());
+        let mut old = serde_json::to_value(peer(None)).unwrap();
+        let o = old.as_object_mut().unwrap();
+        for k in ["endpoint_kind", "direct", "key_age_secs", "static_peer"] {
+            assert!(o.remove(k).is_some(), "{k}");
+        }
+        let p: PeerStatus = serde_json::from_value(old).unwrap();
+        assert_eq!(p, peer(None));
+        let line = serde_json::to_string(&peer(None).with_netmap(&netmap_peer(), 1000)).unwrap();
+        assert!(line.contains("\"endpoint_kind\":\"observed\""), "{line}");
+    }
+
+    #[test]
+    fn status_with_coordinator() {
+        let mut s = status();
+        s.ifindex = Some(7);
+        s.netmap_version = Some(42);
+        s.coordinator = Some(CoordinatorStatus {
+            address: "10.99.99.1:51872".parse().unwrap(),
+            reachable: true,
+            last_contact_unix: Some(997),
+            role: ROLE_MEMBER.into(),
+        });
+        let text = render_status(&s, 1000);
+        assert!(
+            text.contains("interface:      wgmesh0 (ifindex 7)\n"),
+            "{text}"
+        );
+        assert!(text.contains("netmap:         version 42\n"), "{text}");
+        assert!(
+            text.contains("coordinator:    10.99.99.1:51872 reachable, last contact 3s ago\n"),
+            "{text}"
+        );
+        if let Some(c) = s.coordinator.as_mut() {
+            c.reachable = false;
+            c.last_contact_unix = None;
+        }
+        let text = render_status(&s, 1000);
+        assert!(text.contains("UNREACHABLE, never contacted"), "{text}");
+        if let Some(c) = s.coordinator.as_mut() {
+            c.role = ROLE_COORDINATOR.into();
+        }
+        assert!(render_status(&s, 1000).contains("coordinator:    this host (10.99.99.1:51872)\n"));
+        let text = render_status(&status(), 1000);
+        assert!(
+            text.contains("coordinator:    - (static configuration)\n"),
+            "{text}"
+        );
+        assert!(text.contains("netmap:         -\n"), "{text}");
+        let line = Response::Status(s.clone()).to_line();
+        assert_eq!(Response::from_line(&line).unwrap(), Response::Status(s));
+    }
+
+    #[test]
+    fn utc_and_durations() {
+        assert_eq!(format_utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(format_utc(1_796_005_251), "2026-11-30 02:20:51 UTC");
+        assert!(format_utc(u64::MAX).ends_with("UTC"));
+        assert_eq!(format_duration(59), "59s");
+        assert_eq!(format_duration(86400 + 3600), "1d 1h");
+    }
+
+    #[test]
+    fn admin_renderers() {
+        let inv = InviteResponse {
+            name: "dock-mirror".into(),
+            address: "10.99.99.3".parse().unwrap(),
+            token: Some("meshd1.abc_-".into()),
+            wg_quick_config: None,
+            expires_unix: Some(0),
+        };
+        let text = render_invite(&inv);
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            [
+                "invitation for dock-mirror (10.99.99.3), single use, expires 1970-01-01 \
+                 00:00:00 UTC; on the new host run: meshctl join TOKEN",
+                "meshd1.abc_-"
+            ]
+        );
+        let st = InviteResponse {
+            name: "nas".into(),
+            address: "10.99.99.20".parse().unwrap(),
+            token: None,
+            wg_quick_config: Some("[Interface]\nAddress = 10.99.99.20/24".into()),
+            expires_unix: None,
+        };
+        let text = render_invite(&st);
+        assert!(text.starts_with("# wg-quick configuration for static peer nas (10.99.99.20)\n"));
+        assert!(text.ends_with("Address = 10.99.99.20/24\n"), "{text}");
+        let none = InviteResponse {
+            token: None,
+            wg_quick_config: None,
+            ..st
+        };
+        assert!(render_invite(&none).contains("no token"));
+
+        let invites = [
+            InviteInfo {
+                name: "dock-mirror".into(),
+                address: "10.99.99.3".parse().unwrap(),
+                created_unix: 900,
+                expires_unix: 1000 + 86400 - 60,
+                admin: false,
+            },
+            InviteInfo {
+                name: "ops".into(),
+                address: "10.99.99.6".parse().unwrap(),
+                created_unix: 0,
+                expires_unix: 990,
+                admin: true,
+            },
+        ];
+        let table = render_invites(&invites, 1000);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(
+            lines[0],
+            "NAME         ADDRESS     ADMIN  CREATED      EXPIRES"
+        );
+        assert_eq!(
+            lines[1],
+            "dock-mirror  10.99.99.3  no     1m 40s ago   in 23h 59m"
+        );
+        assert_eq!(
+            lines[2],
+            "ops          10.99.99.6  yes    16m 40s ago  expired 10s ago"
+        );
+        assert_eq!(render_invites(&[], 0), "no pending invitations\n");
+
+        let hosts = [
+            HostInfo {
+                name: "dock-load".into(),
+                address: "10.99.99.1".parse().unwrap(),
+                public_key: PublicKey([1; 32]),
+                admin: true,
+                static_peer: false,
+                removed: false,
+                created_unix: 0,
+                last_seen_unix: Some(999),
+                observed: Some("198.51.100.1:51871".parse().unwrap()),
+            },
+            HostInfo {
+                name: "nas".into(),
+                address: "10.99.99.20".parse().unwrap(),
+                public_key: PublicKey([9; 32]),
+                admin: false,
+                static_peer: true,
+                removed: true,
+                created_unix: 500,
+                last_seen_unix: None,
+                observed: None,
+            },
+        ];
+        let table = render_hosts(&hosts, 1000);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(
+            lines[0].starts_with("NAME       ADDRESS      KEY"),
+            "{table}"
+        );
+        assert!(lines[1].contains(&PublicKey([1; 32]).short()), "{table}");
+        assert!(lines[1].contains("  admin  "), "{table}");
+        assert!(lines[1].contains("1s ago"), "{table}");
+        assert!(lines[2].contains("  static,removed  never"), "{table}");
+        assert_eq!(render_hosts(&[], 0).lines().count(), 1);
     }
 }
