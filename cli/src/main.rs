@@ -7,7 +7,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use mesh_proto::control::{render_peers_table, render_status, Request, Response};
+use mesh_proto::api::InviteRequest;
+use mesh_proto::control::{
+    render_hosts, render_invite, render_invites, render_peers_table, render_status, Request,
+    Response,
+};
+use mesh_proto::PublicKey;
 
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", version, about = "Operator CLI for meshd")]
@@ -35,6 +40,83 @@ enum Cmd {
     },
     /// Re-read the configuration file (like SIGHUP).
     Reload,
+    /// Join a mesh with an invitation token (from `meshctl invite` on the coordinator).
+    Join {
+        /// The token (`meshd1....`).
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        token: Option<String>,
+        /// Read the token from this file instead.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Invite a host: prints its one-line token (or, with --static, a wg-quick config).
+    Invite {
+        /// The new host's name.
+        name: String,
+        /// Its mesh address (default: the lowest free one).
+        #[arg(long)]
+        ip: Option<std::net::IpAddr>,
+        /// How long the token stays valid: 24h, 30m, 90s, 7d (default 24h).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<u64>,
+        /// The host may run admin commands (invite, remove, ...).
+        #[arg(long)]
+        admin: bool,
+        /// A device that cannot run meshd: print a complete wg-quick config for it.
+        #[arg(long = "static")]
+        static_peer: bool,
+        /// With --static: the device's own public key (otherwise a key pair is generated).
+        #[arg(long, requires = "static_peer")]
+        public_key: Option<PublicKey>,
+    },
+    /// List pending invitations, or revoke one (`invites revoke NAME`).
+    Invites {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<InvitesCmd>,
+    },
+    /// Revoke a pending invitation.
+    Revoke { name: String },
+    /// List the hosts of the mesh (coordinator registry).
+    Hosts {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a host from the mesh: out of every netmap, its key refused from then on.
+    Remove { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum InvitesCmd {
+    /// Revoke a pending invitation.
+    Revoke { name: String },
+}
+
+/// `24h`, `30m`, `90s`, `7d`, or plain seconds.
+fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 24h, 30m, 90s or 7d"))?;
+    let factor = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    match n.checked_mul(factor) {
+        Some(0) => Err("the duration must be positive".into()),
+        Some(v) => Ok(v),
+        None => Err(format!("{s:?} is too long")),
+    }
 }
 
 fn request(socket: &Path, req: &Request) -> Result<Response> {
@@ -96,14 +178,70 @@ fn out(text: &str) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let req = match cli.command {
+    let req = match &cli.command {
         Cmd::Peers { .. } => Request::Peers,
         Cmd::Status { .. } => Request::Status,
         Cmd::Reload => Request::Reload,
+        Cmd::Join { token, file } => {
+            let token = match (token, file) {
+                (Some(t), _) => t.trim().to_string(),
+                (None, Some(f)) => std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read the token file {}", f.display()))?
+                    .trim()
+                    .to_string(),
+                (None, None) => bail!("give a token or --file PATH"),
+            };
+            Request::Join { token }
+        }
+        Cmd::Invite {
+            name,
+            ip,
+            ttl,
+            admin,
+            static_peer,
+            public_key,
+        } => Request::Invite(InviteRequest {
+            name: name.clone(),
+            address: *ip,
+            ttl_secs: *ttl,
+            admin: *admin,
+            static_peer: *static_peer,
+            public_key: *public_key,
+        }),
+        Cmd::Invites {
+            action: Some(InvitesCmd::Revoke { name }),
+            ..
+        }
+        | Cmd::Revoke { name } => Request::RevokeInvite { name: name.clone() },
+        Cmd::Invites { .. } => Request::Invites,
+        Cmd::Hosts { .. } => Request::Hosts,
+        Cmd::Remove { name } => Request::Remove { name: name.clone() },
     };
     let resp = request(&cli.socket, &req)?;
     match (cli.command, resp) {
-        (_, Response::Error { message }) => bail!("meshd refused: {message}"),
+        (_, Response::Error { message }) => bail!("{message}"),
+        (Cmd::Invite { .. }, Response::Invite(inv)) => match &inv.token {
+            // The token alone on stdout (for scripts); the summary on stderr.
+            Some(token) if inv.wg_quick_config.is_none() => {
+                for line in render_invite(&inv).lines().filter(|l| l != token) {
+                    eprintln!("{line}");
+                }
+                out(&format!("{token}\n"))
+            }
+            _ => out(&render_invite(&inv)),
+        },
+        (Cmd::Invites { json: true, .. }, Response::Invites { invites }) => print_json(&invites),
+        (Cmd::Invites { .. }, Response::Invites { invites }) => {
+            out(&render_invites(&invites, now()))
+        }
+        (Cmd::Hosts { json: true }, Response::Hosts { hosts }) => print_json(&hosts),
+        (Cmd::Hosts { json: false }, Response::Hosts { hosts }) => {
+            out(&render_hosts(&hosts, now()))
+        }
+        (
+            Cmd::Join { .. } | Cmd::Invites { .. } | Cmd::Revoke { .. } | Cmd::Remove { .. },
+            Response::Ok { message },
+        ) => out(&format!("{message}\n")),
         (Cmd::Peers { json: true }, Response::Peers { peers }) => print_json(&peers),
         (Cmd::Peers { json: false }, Response::Peers { peers }) => {
             out(&render_peers_table(&peers, now()))
@@ -122,4 +260,47 @@ fn now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("24h"), Ok(86400));
+        assert_eq!(parse_duration("30m"), Ok(1800));
+        assert_eq!(parse_duration("90"), Ok(90));
+        assert_eq!(parse_duration("7d"), Ok(604800));
+        assert!(parse_duration("0h").is_err());
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+
+    #[test]
+    fn commands_parse() {
+        let cli =
+            Cli::try_parse_from(["meshctl", "invites", "revoke", "dock-mirror"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Cmd::Invites {
+                action: Some(InvitesCmd::Revoke { .. }),
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from(["meshctl", "invite", "nas", "--static", "--ttl", "30m"])
+            .expect("parse");
+        assert!(matches!(
+            cli.command,
+            Cmd::Invite {
+                static_peer: true,
+                ttl: Some(1800),
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from(["meshctl", "invite", "nas", "--public-key", "x"]).is_err());
+        assert!(Cli::try_parse_from(["meshctl", "join"]).is_err());
+        let cli = Cli::try_parse_from(["meshctl", "join", "--file", "/tmp/t"]).expect("parse");
+        assert!(matches!(cli.command, Cmd::Join { file: Some(_), .. }));
+    }
 }

@@ -2,18 +2,52 @@
 //! driven by plain calls (`handle_reload`, `reconcile`, `peers`, `status`) so tests can run it
 //! against the in-memory fakes; `run` is the tokio shell around it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
+use mesh_proto::netmap::{Netmap, NetmapPeer};
 #[cfg(test)]
 use mesh_proto::Op;
-use mesh_proto::{plan, DeviceSpec, ObservedPeer, PrivateKey, PublicKey};
+use mesh_proto::{plan, DeviceSpec, ObservedPeer, PeerSpec, PrivateKey, PublicKey};
 
 use crate::backend::{LinkBackend, LinkSpec, WgBackend};
 use crate::error::{Error, Result};
+use crate::member::desired_device;
 use crate::settings::Settings;
+use crate::state::Membership;
+
+/// The latest endpoint the device reports for each peer, by the peer's mesh address. Updated on
+/// every pass; the coordinator API reads it to learn the address it observes for a host.
+pub type ObservedEndpoints = Arc<RwLock<HashMap<IpAddr, SocketAddr>>>;
+
+/// Where a desired peer comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerSource {
+    /// A `[[peer]]` of the configuration file.
+    Config,
+    /// The netmap from the coordinator.
+    Netmap,
+    /// The coordinator, from the membership (before the first netmap arrived).
+    Coordinator,
+}
+
+/// How the daemon stands with its coordinator, for `meshctl status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeshState {
+    /// This host runs the coordinator.
+    pub is_coordinator: bool,
+    /// `Some(true)` after a successful API call, `Some(false)` after a failed one.
+    pub reachable: Option<bool>,
+    pub last_error: Option<String>,
+    /// Where the coordinator API is.
+    pub api: Option<SocketAddr>,
+    /// Last successful contact, seconds since the UNIX epoch.
+    pub last_contact_unix: Option<u64>,
+}
 
 /// One configured peer joined with what the device reports about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,14 +60,19 @@ pub struct PeerView {
     /// `None` when the peer is not (yet) on the device.
     pub observed: Option<ObservedPeer>,
     pub configured_keepalive: Option<u16>,
+    pub source: PeerSource,
+    /// What the netmap says about this peer (netmap peers only).
+    pub netmap: Option<NetmapPeer>,
 }
 
 /// The agent's own state, for `meshctl status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentStatus {
-    pub host_name: String,
+    /// `None` before a join (no name in the configuration, no membership).
+    pub host_name: Option<String>,
     pub interface: String,
-    pub address: IpNet,
+    /// `None` before a join.
+    pub address: Option<IpNet>,
     pub public_key: PublicKey,
     pub listen_port: u16,
     /// Which engine drives the interface (for people).
@@ -48,6 +87,8 @@ pub struct AgentStatus {
     /// The most relevant current error: a failed reload (until one succeeds), else the latest
     /// failed pass.
     pub last_error: Option<String>,
+    pub netmap_version: Option<u64>,
+    pub mesh: MeshState,
 }
 
 /// What one pass did.
@@ -66,6 +107,14 @@ pub struct Agent<W, L> {
     settings: Settings,
     key: PrivateKey,
     desired: DeviceSpec,
+    /// Our effective mesh address: the configuration's, else the membership's.
+    address: Option<IpNet>,
+    membership: Option<Membership>,
+    netmap: Option<Netmap>,
+    /// Merge conflicts last logged (so they are logged once, not on every netmap).
+    conflicts: Vec<String>,
+    mesh: MeshState,
+    observed_endpoints: ObservedEndpoints,
     /// Our address from a previous config, to remove once the new one is in place.
     retired_address: Option<IpNet>,
     ifindex: Option<u32>,
@@ -94,12 +143,19 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
     /// Build an agent from a loaded, valid configuration and its private key.
     pub fn new(wg: W, link: L, settings: Settings, key: PrivateKey) -> Self {
         let desired = settings.desired(&key);
+        let address = settings.address;
         Agent {
             wg,
             link,
             settings,
             key,
             desired,
+            address,
+            membership: None,
+            netmap: None,
+            conflicts: Vec::new(),
+            mesh: MeshState::default(),
+            observed_endpoints: ObservedEndpoints::default(),
             retired_address: None,
             ifindex: None,
             passes: 0,
@@ -127,6 +183,138 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
         &self.settings.config_path
     }
 
+    /// Our effective mesh address (configuration, else membership).
+    pub fn address(&self) -> Option<IpNet> {
+        self.address
+    }
+
+    pub fn key(&self) -> &PrivateKey {
+        &self.key
+    }
+
+    pub fn membership(&self) -> Option<&Membership> {
+        self.membership.as_ref()
+    }
+
+    pub fn netmap(&self) -> Option<&Netmap> {
+        self.netmap.as_ref()
+    }
+
+    /// Our host name: the configuration's, else the membership's.
+    pub fn host_name(&self) -> Option<String> {
+        self.settings
+            .host_name
+            .clone()
+            .or_else(|| self.membership.as_ref().map(|m| m.host_name.clone()))
+    }
+
+    pub fn mesh_state(&self) -> &MeshState {
+        &self.mesh
+    }
+
+    pub fn mesh_state_mut(&mut self) -> &mut MeshState {
+        &mut self.mesh
+    }
+
+    /// The shared map of observed endpoints (for the coordinator API).
+    pub fn observed_endpoints(&self) -> ObservedEndpoints {
+        self.observed_endpoints.clone()
+    }
+
+    /// Install the membership (after a join, or loaded at start).
+    pub fn set_membership(&mut self, membership: Option<Membership>) {
+        self.mesh.api = membership.as_ref().map(Membership::api_addr);
+        self.membership = membership;
+        self.recompute();
+    }
+
+    /// Install a new netmap; the next pass applies it. Older versions than the one held are
+    /// ignored (returns false).
+    pub fn set_netmap(&mut self, netmap: Netmap) -> bool {
+        if let Some(held) = &self.netmap {
+            if netmap.version < held.version && netmap.public_key == held.public_key {
+                tracing::warn!(
+                    held = held.version,
+                    got = netmap.version,
+                    "ignoring an older netmap"
+                );
+                return false;
+            }
+        }
+        tracing::info!(
+            version = netmap.version,
+            peers = netmap.peers.len(),
+            "netmap"
+        );
+        self.netmap = Some(netmap);
+        self.recompute();
+        true
+    }
+
+    /// Replace the private key (join), recomputing the desired device.
+    pub fn set_key(&mut self, key: PrivateKey) {
+        self.key = key;
+        self.recompute();
+    }
+
+    /// Bootstrap for a join: the throwaway key, our mesh address and the coordinator as the
+    /// only extra peer. Undone by `set_key` + `set_membership` (or `restore`).
+    pub fn set_bootstrap(&mut self, key: PrivateKey, address: IpNet, coordinator: PeerSpec) {
+        let mut desired = self.settings.desired(&key);
+        desired.peers.insert(coordinator.public_key, coordinator);
+        self.key = key;
+        self.desired = desired;
+        self.set_address(Some(address));
+    }
+
+    /// Everything a failed join must put back.
+    pub fn snapshot(&self) -> AgentSnapshot {
+        AgentSnapshot {
+            key: self.key.clone(),
+            membership: self.membership.clone(),
+            netmap: self.netmap.clone(),
+            address: self.address,
+        }
+    }
+
+    pub fn restore(&mut self, snap: AgentSnapshot) {
+        self.key = snap.key;
+        self.membership = snap.membership;
+        self.mesh.api = self.membership.as_ref().map(Membership::api_addr);
+        self.netmap = snap.netmap;
+        self.recompute();
+    }
+
+    fn set_address(&mut self, address: Option<IpNet>) {
+        if self.address != address {
+            if let Some(old) = self.address {
+                self.retired_address = Some(old);
+            }
+            self.address = address;
+        }
+    }
+
+    /// Desired device and address from configuration + membership + netmap.
+    fn recompute(&mut self) {
+        let address = self
+            .settings
+            .address
+            .or_else(|| self.membership.as_ref().map(Membership::interface_address));
+        self.set_address(address);
+        let (desired, conflicts) = desired_device(
+            &self.settings,
+            &self.key,
+            self.membership.as_ref(),
+            self.netmap.as_ref(),
+        );
+        if conflicts != self.conflicts {
+            for c in &conflicts {
+                tracing::warn!(conflict = %c, "static peer and netmap disagree; the configuration wins");
+            }
+            self.conflicts = conflicts;
+        }
+        self.desired = desired;
+    }
     /// Re-read the configuration (SIGHUP, `meshctl reload`). An invalid configuration is
     /// refused: the old one stays in force and the error is reported in the status.
     pub fn handle_reload(&mut self) -> Result<()> {
@@ -166,12 +354,9 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
             )));
         }
         let key = crate::keyfile::load_or_generate(&new.private_key_file)?;
-        if new.address != self.settings.address {
-            self.retired_address = Some(self.settings.address);
-        }
-        self.desired = new.desired(&key);
         self.key = key;
         self.settings = new;
+        self.recompute();
         Ok(())
     }
 
@@ -189,6 +374,11 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
 
     async fn pass(&mut self, now: Duration) -> PassReport {
         let mut report = PassReport::default();
+        let Some(address) = self.address else {
+            // Not joined and no address configured: leave the interface alone (it is created
+            // by the join).
+            return report;
+        };
         let observed = match self.wg.observe().await {
             Ok(o) => o,
             Err(first) => {
@@ -207,10 +397,11 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
             }
         };
 
+        self.record_endpoints(&observed.peers);
         let spec = LinkSpec {
             interface: self.settings.interface.clone(),
             mtu: self.settings.mtu,
-            address: self.settings.address,
+            address,
         };
         match self.link.configure(&spec, self.retired_address).await {
             Ok(link) => {
@@ -257,39 +448,75 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
         report
     }
 
-    /// The configured peers joined with live device data.
+    fn record_endpoints(&self, peers: &BTreeMap<PublicKey, ObservedPeer>) {
+        let map: HashMap<IpAddr, SocketAddr> = peers
+            .values()
+            .filter_map(|p| Some((mesh_address(&p.allowed_ips)?.addr(), p.endpoint?)))
+            .collect();
+        if let Ok(mut shared) = self.observed_endpoints.write() {
+            *shared = map;
+        }
+    }
+
+    /// The desired peers (configuration and netmap) joined with live device data.
     pub async fn peers(&mut self) -> Result<Vec<PeerView>> {
+        if self.address.is_none() && self.desired.peers.is_empty() {
+            return Ok(Vec::new());
+        }
         let observed = self.wg.observe().await?;
+        self.record_endpoints(&observed.peers);
         Ok(self.join_peers(&observed.peers))
     }
 
     fn join_peers(&self, observed: &BTreeMap<PublicKey, ObservedPeer>) -> Vec<PeerView> {
-        self.settings
+        let mut out: Vec<PeerView> = self
+            .desired
             .peers
-            .iter()
-            .map(|p| PeerView {
-                name: p.name.clone(),
-                public_key: p.spec.public_key,
-                mesh_address: mesh_address(&p.spec.allowed_ips),
-                allowed_ips: p.spec.allowed_ips.clone(),
-                observed: observed.get(&p.spec.public_key).cloned(),
-                configured_keepalive: p.spec.persistent_keepalive,
+            .values()
+            .map(|spec| {
+                let obs = observed.get(&spec.public_key).cloned();
+                let from_config = self
+                    .settings
+                    .peers
+                    .iter()
+                    .find(|p| p.spec.public_key == spec.public_key);
+                let from_netmap = self
+                    .netmap
+                    .as_ref()
+                    .and_then(|n| n.peers.iter().find(|p| p.public_key == spec.public_key));
+                let (name, source) = match (from_config, from_netmap) {
+                    (Some(c), _) => (c.name.clone(), PeerSource::Config),
+                    (None, Some(n)) => (n.name.clone(), PeerSource::Netmap),
+                    (None, None) => ("coordinator".to_string(), PeerSource::Coordinator),
+                };
+                PeerView {
+                    name,
+                    public_key: spec.public_key,
+                    mesh_address: mesh_address(&spec.allowed_ips),
+                    allowed_ips: spec.allowed_ips.clone(),
+                    observed: obs,
+                    configured_keepalive: spec.persistent_keepalive,
+                    source,
+                    netmap: from_netmap.filter(|_| from_config.is_none()).cloned(),
+                }
             })
-            .collect()
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// The agent's status.
     pub fn status(&self) -> AgentStatus {
         AgentStatus {
-            host_name: self.settings.host_name.clone(),
+            host_name: self.host_name(),
             interface: self.settings.interface.clone(),
-            address: self.settings.address,
+            address: self.address,
             public_key: self.key.public_key(),
             backend: self.backend.clone(),
             listen_port: self.settings.listen_port,
             config_path: self.settings.config_path.clone(),
             ifindex: self.ifindex,
-            configured_peers: self.settings.peers.len(),
+            configured_peers: self.desired.peers.len(),
             passes: self.passes,
             last_pass: self.last_pass,
             last_pass_ops: self.last_report.ops.len(),
@@ -298,8 +525,20 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
                 .reload_error
                 .clone()
                 .or_else(|| self.last_report.error.clone()),
+            netmap_version: self.netmap.as_ref().map(|n| n.version),
+            mesh: self.mesh.clone(),
         }
     }
+}
+
+/// What `Agent::restore` puts back.
+#[derive(Debug, Clone)]
+pub struct AgentSnapshot {
+    key: PrivateKey,
+    membership: Option<Membership>,
+    netmap: Option<Netmap>,
+    #[allow(dead_code)]
+    address: Option<IpNet>,
 }
 
 /// Current wall-clock time as the reconciler wants it.
@@ -334,9 +573,9 @@ pub(crate) mod tests {
     pub(crate) fn settings(peers: Vec<PeerSettings>) -> Settings {
         Settings {
             config_path: PathBuf::from("/nonexistent/meshd.toml"),
-            host_name: "dock-load".into(),
+            host_name: Some("dock-load".into()),
             interface: "wgtest0".into(),
-            address: "10.99.99.1/24".parse().expect("address"),
+            address: Some("10.99.99.1/24".parse().expect("address")),
             listen_port: 51871,
             mtu: 1420,
             private_key_file: PathBuf::from("/nonexistent/private.key"),
@@ -344,6 +583,9 @@ pub(crate) mod tests {
             engine_command: None,
             reconcile_interval: Duration::from_secs(10),
             peers,
+            state_dir: PathBuf::from("/nonexistent/state"),
+            join_token_file: None,
+            coordinator: None,
         }
     }
 

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 use mesh_proto::{ObservedDevice, Op, PublicKey};
@@ -45,6 +46,14 @@ pub trait LinkBackend {
         spec: &LinkSpec,
         previous: Option<IpNet>,
     ) -> impl Future<Output = Result<LinkReport>> + Send;
+    /// The host's addresses on every interface but `exclude` (the mesh interface): the
+    /// candidates for our endpoints.
+    fn underlay_addresses(
+        &mut self,
+        exclude: &str,
+    ) -> impl Future<Output = Result<Vec<IpAddr>>> + Send;
+    /// Delete the interface (a failed join removes the interface it created).
+    fn delete(&mut self, interface: &str) -> impl Future<Output = Result<()>> + Send;
 }
 
 /// In-memory WireGuard device following WireGuard's rules (via `mesh_proto::plan::apply`:
@@ -57,6 +66,8 @@ pub struct FakeBackend {
     pub fail_peers: BTreeSet<PublicKey>,
     /// When set, `observe` fails (engine unreachable).
     pub fail_observe: bool,
+    /// When set, the device does not exist: `observe` fails until `ensure_device` creates it.
+    pub absent: bool,
     /// Number of `apply` calls, and of `ensure_device` calls.
     pub apply_calls: usize,
     pub ensure_calls: usize,
@@ -74,11 +85,15 @@ fn op_peer(op: &Op) -> Option<PublicKey> {
 impl WgBackend for FakeBackend {
     async fn ensure_device(&mut self) -> Result<()> {
         self.ensure_calls += 1;
+        if self.absent {
+            self.absent = false;
+            self.device = ObservedDevice::default();
+        }
         Ok(())
     }
 
     async fn observe(&mut self) -> Result<ObservedDevice> {
-        if self.fail_observe {
+        if self.fail_observe || self.absent {
             return Err(Error::Injected("device unreachable".into()));
         }
         Ok(self.device.clone())
@@ -105,6 +120,10 @@ pub struct FakeLink {
     pub mtu: u16,
     pub addresses: BTreeSet<IpNet>,
     pub up: bool,
+    /// What `underlay_addresses` returns.
+    pub underlay: Vec<IpAddr>,
+    /// Set by `delete`.
+    pub deleted: bool,
 }
 
 impl LinkBackend for FakeLink {
@@ -129,9 +148,23 @@ impl LinkBackend for FakeLink {
             self.up = true;
             changes.push("up".into());
         }
+        self.deleted = false;
         Ok(LinkReport {
             ifindex: self.ifindex,
             changes,
         })
+    }
+
+    async fn underlay_addresses(&mut self, _exclude: &str) -> Result<Vec<IpAddr>> {
+        Ok(self.underlay.clone())
+    }
+
+    async fn delete(&mut self, _interface: &str) -> Result<()> {
+        *self = FakeLink {
+            underlay: std::mem::take(&mut self.underlay),
+            deleted: true,
+            ..FakeLink::default()
+        };
+        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! The tokio shell: the agent loop with its timer, SIGHUP, control requests and shutdown.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
@@ -8,11 +9,39 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::{interval, MissedTickBehavior};
 
+use mesh_proto::control::{Request, Response};
+
 use crate::agent::{now, Agent};
 use crate::backend::{LinkBackend, WgBackend};
+use crate::client::HttpApi;
 use crate::control::{accept_loop, Command};
 use crate::error::{Error, Result};
-use crate::protocol::handle_request;
+use crate::member::{MemberRuntime, MeshEvent, ENDPOINT_CHECK};
+use crate::protocol::{admin_route, handle_request, is_admin, relay_admin, AdminCall};
+use crate::state::StateDir;
+
+/// Serves admin requests in-process (the coordinator host).
+pub type AdminHandler = Arc<dyn Fn(Request) -> AdminCall + Send + Sync>;
+
+/// How the loop is connected to the mesh: the event channel (netmaps from the follower or
+/// the in-process coordinator, reachability, endpoint reports) and, on the coordinator host,
+/// the in-process admin handler.
+pub struct MeshWiring {
+    pub tx: mpsc::Sender<MeshEvent>,
+    pub rx: mpsc::Receiver<MeshEvent>,
+    pub admin: Option<AdminHandler>,
+}
+
+impl Default for MeshWiring {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(64);
+        MeshWiring {
+            tx,
+            rx,
+            admin: None,
+        }
+    }
+}
 
 fn ticker(period: Duration) -> tokio::time::Interval {
     let mut t = interval(period);
@@ -24,10 +53,56 @@ fn ticker(period: Duration) -> tokio::time::Interval {
 /// reload and pass on SIGHUP or `meshctl reload`, and control requests in between. Returns the
 /// agent so a caller (or test) can inspect it.
 pub async fn run<W: WgBackend, L: LinkBackend>(
-    mut agent: Agent<W, L>,
+    agent: Agent<W, L>,
     listener: &UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Agent<W, L>> {
+    run_with(agent, listener, shutdown, MeshWiring::default()).await
+}
+
+/// Join from `[daemon] join_token_file` when not a member yet (unattended installs).
+async fn join_from_file<W: WgBackend, L: LinkBackend>(
+    agent: &mut Agent<W, L>,
+    member: &mut MemberRuntime,
+) {
+    let Some(path) = agent.settings().join_token_file.clone() else {
+        return;
+    };
+    if agent.membership().is_some() || agent.settings().coordinator.is_some() {
+        return;
+    }
+    let token = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(file = %path.display(), error = %e, "cannot read the join token file");
+            return;
+        }
+    };
+    match crate::member::join(agent, &member.state, &token, &HttpApi).await {
+        Ok(m) => {
+            tracing::info!(file = %path.display(), host = %m.host_name, address = %m.address, "joined from the token file");
+            member.joined(agent).await;
+        }
+        Err(e) => {
+            tracing::error!(file = %path.display(), error = %e, "join from the token file failed")
+        }
+    }
+}
+
+/// `run` with the mesh wiring (coordinator host: in-process admin and netmaps).
+pub async fn run_with<W: WgBackend, L: LinkBackend>(
+    mut agent: Agent<W, L>,
+    listener: &UnixListener,
+    shutdown: impl Future<Output = ()>,
+    wiring: MeshWiring,
+) -> Result<Agent<W, L>> {
+    let MeshWiring {
+        tx: mesh_tx,
+        rx: mut mesh_rx,
+        admin,
+    } = wiring;
+    let mut member = MemberRuntime::new(StateDir::new(&agent.settings().state_dir), mesh_tx);
+    member.restore(&mut agent);
     let mut hup = signal(SignalKind::hangup())
         .map_err(|e| Error::io("cannot install the SIGHUP handler", e))?;
     let (tx, mut rx) = mpsc::channel::<Command>(32);
@@ -39,6 +114,8 @@ pub async fn run<W: WgBackend, L: LinkBackend>(
     // The first pass runs before any control request is answered.
     timer.tick().await;
     agent.reconcile(now()).await;
+    join_from_file(&mut agent, &mut member).await;
+    let mut endpoint_timer = ticker(ENDPOINT_CHECK);
     loop {
         tokio::select! {
             biased;
@@ -49,12 +126,31 @@ pub async fn run<W: WgBackend, L: LinkBackend>(
                 let _ = agent.handle_reload();
                 agent.reconcile(now()).await;
             }
+            Some(event) = mesh_rx.recv() => {
+                member.on_event(&mut agent, event).await;
+            }
             Some(cmd) = rx.recv() => {
-                let response = handle_request(&mut agent, cmd.request).await;
-                let _ = cmd.reply.send(response);
+                if is_admin(&cmd.request) {
+                    // Admin calls may take a while (the coordinator API): answered from a task.
+                    let Command { request, reply } = cmd;
+                    let call = match (&admin, admin_route(&agent)) {
+                        (Some(handler), _) => handler(request),
+                        (None, Ok(api)) => relay_admin(api, request),
+                        (None, Err(e)) => Box::pin(async move { Response::error(e) }),
+                    };
+                    tokio::spawn(async move {
+                        let _ = reply.send(call.await);
+                    });
+                } else {
+                    let response = handle_request(&mut agent, &mut member, cmd.request).await;
+                    let _ = cmd.reply.send(response);
+                }
             }
             _ = timer.tick() => {
                 agent.reconcile(now()).await;
+            }
+            _ = endpoint_timer.tick() => {
+                member.check_endpoints(&mut agent).await;
             }
         }
         if agent.settings().reconcile_interval != period {

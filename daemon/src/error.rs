@@ -26,6 +26,12 @@ pub enum Error {
     /// A netlink operation failed.
     #[error("netlink: {0}")]
     Netlink(String),
+    /// A file in the state directory (membership, cached netmap) is unusable.
+    #[error("state file {path}: {message}")]
+    State { path: PathBuf, message: String },
+    /// Joining or following the mesh failed (the message is for the operator as is).
+    #[error("{0}")]
+    Mesh(String),
     /// An operation on the in-memory fake was made to fail (tests).
     #[error("injected failure: {0}")]
     Injected(String),

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod client;
 pub mod control;
 pub mod coordinator;
 pub mod daemon;
@@ -10,9 +11,11 @@ pub mod error;
 pub mod keyfile;
 pub mod link;
 pub mod lock;
+pub mod member;
 pub mod protocol;
 pub mod service;
 pub mod settings;
+pub mod state;
 pub mod uapi;
 
 pub use agent::{Agent, AgentStatus, PassReport, PeerView};

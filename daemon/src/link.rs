@@ -167,4 +167,33 @@ impl LinkBackend for NetlinkLink {
             changes,
         })
     }
+
+    async fn underlay_addresses(&mut self, exclude: &str) -> Result<Vec<IpAddr>> {
+        let skip = self.link(exclude).await.ok().map(|l| l.header.index);
+        let mut out = Vec::new();
+        let mut stream = self.handle.address().get().execute();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(|e| nl("cannot list addresses", e))?
+        {
+            if Some(msg.header.index) == skip {
+                continue;
+            }
+            if let Some(ip) = address_of(&msg) {
+                out.push(ip);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete(&mut self, interface: &str) -> Result<()> {
+        let index = self.link(interface).await?.header.index;
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|e| nl(&format!("cannot delete {interface}"), e))
+    }
 }

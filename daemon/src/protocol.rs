@@ -1,12 +1,30 @@
 //! Control requests → agent calls → control responses (`mesh_proto::control` types).
 
-use mesh_proto::control::{PeerStatus, Request, Response, Status};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use ipnet::IpNet;
+use mesh_proto::control::{
+    CoordinatorStatus, PeerStatus, Request, Response, Status, ROLE_COORDINATOR, ROLE_MEMBER,
+};
 
 use crate::agent::{now, Agent, AgentStatus, PeerView};
 use crate::backend::{LinkBackend, WgBackend};
+use crate::client::{self, HttpApi};
+use crate::member::MemberRuntime;
 
-/// A configured peer as `meshctl peers` shows it (live data if the device has the peer).
-pub fn peer_status(view: &PeerView) -> PeerStatus {
+/// A desired peer as `meshctl peers` shows it (live data if the device has the peer, what the
+/// netmap knows for netmap peers).
+pub fn peer_status(view: &PeerView, now_unix: u64) -> PeerStatus {
+    let base = base_peer_status(view);
+    match &view.netmap {
+        Some(np) => base.with_netmap(np, now_unix),
+        None => base,
+    }
+}
+
+fn base_peer_status(view: &PeerView) -> PeerStatus {
     let mesh_address = view.mesh_address.map(|n| n.addr());
     match &view.observed {
         Some(obs) => PeerStatus::from_observed(obs, Some(view.name.clone()), mesh_address),
@@ -35,10 +53,15 @@ pub fn status(st: &AgentStatus, peers: &[PeerStatus], now_unix: u64) -> Status {
         None => format!("{} (interface not up yet)", st.backend),
     };
     Status {
-        host: st.host_name.clone(),
+        host: st
+            .host_name
+            .clone()
+            .unwrap_or_else(|| "(not joined)".to_string()),
         interface: st.interface.clone(),
         public_key: st.public_key,
-        mesh_address: st.address,
+        mesh_address: st
+            .address
+            .unwrap_or_else(|| IpNet::from(std::net::IpAddr::from([0, 0, 0, 0]))),
         listen_port: st.listen_port,
         backend,
         config_path: st.config_path.display().to_string(),
@@ -50,27 +73,44 @@ pub fn status(st: &AgentStatus, peers: &[PeerStatus], now_unix: u64) -> Status {
         last_reconcile_unix: st.last_pass.map(|d| d.as_secs()),
         last_error: st.last_error.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        ifindex: None,
-        netmap_version: None,
-        coordinator: None,
+        ifindex: st.ifindex,
+        netmap_version: st.netmap_version,
+        coordinator: st.mesh.api.map(|address| CoordinatorStatus {
+            address,
+            reachable: st.mesh.reachable.unwrap_or(false),
+            last_contact_unix: st.mesh.last_contact_unix,
+            role: if st.mesh.is_coordinator {
+                ROLE_COORDINATOR
+            } else {
+                ROLE_MEMBER
+            }
+            .to_string(),
+        }),
     }
 }
 
 /// Answer one control request.
 pub async fn handle_request<W: WgBackend, L: LinkBackend>(
     agent: &mut Agent<W, L>,
+    member: &mut MemberRuntime,
     request: Request,
 ) -> Response {
     match request {
         Request::Peers => match agent.peers().await {
             Ok(views) => Response::Peers {
-                peers: views.iter().map(peer_status).collect(),
+                peers: views
+                    .iter()
+                    .map(|v| peer_status(v, now().as_secs()))
+                    .collect(),
             },
             Err(e) => Response::error(format!("cannot read the interface: {e}")),
         },
         Request::Status => {
             let peers: Vec<PeerStatus> = match agent.peers().await {
-                Ok(views) => views.iter().map(peer_status).collect(),
+                Ok(views) => views
+                    .iter()
+                    .map(|v| peer_status(v, now().as_secs()))
+                    .collect(),
                 Err(_) => Vec::new(),
             };
             Response::Status(status(&agent.status(), &peers, now().as_secs()))
@@ -92,13 +132,84 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
             }
             Err(e) => Response::error(format!("{e}")),
         },
-        Request::Join { .. }
-        | Request::Invite(_)
+        Request::Join { token } => {
+            match crate::member::join(agent, &member.state, &token, &HttpApi).await {
+                Ok(m) => {
+                    member.joined(agent).await;
+                    Response::ok(format!(
+                        "joined the mesh {} as {} with address {}",
+                        m.mesh_cidr, m.host_name, m.address
+                    ))
+                }
+                Err(e) => Response::error(e),
+            }
+        }
+        Request::Invite(_)
         | Request::Invites
         | Request::RevokeInvite { .. }
         | Request::Hosts
-        | Request::Remove { .. } => Response::error(
-            "this meshd has no coordinator: it runs from a static configuration".to_string(),
+        | Request::Remove { .. } => Response::error("not an admin request".to_string()),
+    }
+}
+
+/// Whether a request is a coordinator admin call.
+pub fn is_admin(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::Invite(_)
+            | Request::Invites
+            | Request::RevokeInvite { .. }
+            | Request::Hosts
+            | Request::Remove { .. }
+    )
+}
+
+/// An admin request as a future that does not borrow the agent (it may run in a task).
+pub type AdminCall = Pin<Box<dyn Future<Output = Response> + Send>>;
+
+/// Relay an admin request to the coordinator API (this host is flagged admin).
+pub fn relay_admin(api: SocketAddr, request: Request) -> AdminCall {
+    Box::pin(async move {
+        let refused = |e: client::CallError| Response::error(format!("coordinator: {e}"));
+        match request {
+            Request::Invite(req) => match client::invite(api, &req).await {
+                Ok(r) => Response::Invite(r),
+                Err(e) => refused(e),
+            },
+            Request::Invites => match client::invites(api).await {
+                Ok(invites) => Response::Invites { invites },
+                Err(e) => refused(e),
+            },
+            Request::RevokeInvite { name } => match client::revoke_invite(api, &name).await {
+                Ok(()) => Response::ok(format!("invitation for {name} revoked")),
+                Err(e) => refused(e),
+            },
+            Request::Hosts => match client::hosts(api).await {
+                Ok(hosts) => Response::Hosts { hosts },
+                Err(e) => refused(e),
+            },
+            Request::Remove { name } => match client::remove(api, &name).await {
+                Ok(()) => Response::ok(format!("{name} removed from the mesh")),
+                Err(e) => refused(e),
+            },
+            other => Response::error(format!("not an admin request: {other:?}")),
+        }
+    })
+}
+
+/// Why this host cannot serve admin requests, or how it relays them.
+pub fn admin_route<W: WgBackend, L: LinkBackend>(
+    agent: &Agent<W, L>,
+) -> Result<SocketAddr, String> {
+    match agent.membership() {
+        Some(m) if m.admin => Ok(m.api_addr()),
+        Some(m) => Err(format!(
+            "{} is not an admin host of the mesh: run this on the coordinator host, or invite an              admin host with `meshctl invite NAME --admin`",
+            m.host_name
+        )),
+        None => Err(
+            "this meshd is not part of a managed mesh (no [coordinator] in its configuration              and not joined); run this on the coordinator host"
+                .to_string(),
         ),
     }
 }

@@ -1,14 +1,24 @@
 //! The daemon as a whole, for `main` (and tests) to call: validate a configuration, or take
 //! the instance lock, load the key, bind the control socket and run the agent until shutdown.
 
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use mesh_proto::control::{Request, Response};
+use tokio::sync::mpsc;
 
+use crate::agent::{now, ObservedEndpoints};
 use crate::control::{prepare_dir, ControlSocket};
+use crate::coordinator::{serve_api, Coordinator, CoordinatorSettings};
+use crate::daemon::{AdminHandler, MeshWiring};
 use crate::keyfile::{self, KeyFileState};
 use crate::link::NetlinkLink;
 use crate::lock::InstanceLock;
+use crate::member::MeshEvent;
+use crate::protocol::AdminCall;
 use crate::uapi::{default_engine_command, UapiBackend, DEFAULT_WG_RUN_DIR};
 use crate::{Agent, Settings};
 
@@ -19,14 +29,20 @@ pub fn check_config(path: &Path) -> Result<()> {
         KeyFileState::Valid(key) => println!(
             "{}: ok (host {}, {} peers, public key {})",
             path.display(),
-            settings.host_name,
+            settings
+                .host_name
+                .as_deref()
+                .unwrap_or("(learned when it joins)"),
             settings.peers.len(),
             key.public_key()
         ),
         KeyFileState::Missing => println!(
             "{}: ok (host {}, {} peers; {} is missing and will be generated at start)",
             path.display(),
-            settings.host_name,
+            settings
+                .host_name
+                .as_deref()
+                .unwrap_or("(learned when it joins)"),
             settings.peers.len(),
             settings.private_key_file.display()
         ),
@@ -49,7 +65,7 @@ pub async fn serve(settings: Settings) -> Result<()> {
     let link = NetlinkLink::connect()?;
     let socket = ControlSocket::bind(&settings.control_socket)?;
     tracing::info!(
-        host = %settings.host_name,
+        host = settings.host_name.as_deref().unwrap_or("(not joined yet)"),
         interface = %settings.interface,
         public_key = %key.public_key(),
         control_socket = %socket.path().display(),
@@ -58,10 +74,172 @@ pub async fn serve(settings: Settings) -> Result<()> {
     );
     let label = format!("userspace: {}", engine.display());
     let wg = UapiBackend::new(&settings.interface, engine, Path::new(DEFAULT_WG_RUN_DIR));
-    let mut agent = Agent::new(wg, link, settings, key);
+    let mut wiring = MeshWiring::default();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut agent = Agent::new(wg, link, settings.clone(), key.clone());
     agent.set_backend_label(label);
-    crate::daemon::run(agent, &socket.listener, shutdown).await?;
+    if settings.coordinator.is_some() {
+        let coord = start_coordinator(
+            &settings,
+            &key,
+            agent.observed_endpoints(),
+            wiring.tx.clone(),
+            stop_rx,
+        )?;
+        wiring.admin = Some(admin_handler(coord));
+        let st = agent.mesh_state_mut();
+        st.is_coordinator = true;
+        st.reachable = Some(true);
+        st.api = settings
+            .coordinator
+            .as_ref()
+            .zip(settings.address)
+            .map(|(c, a)| SocketAddr::new(a.addr(), c.api_port));
+    }
+    let result = crate::daemon::run_with(agent, &socket.listener, shutdown, wiring).await;
+    let _ = stop_tx.send(true);
+    result?;
     drop(socket);
     drop(lock);
     Ok(())
+}
+
+/// The coordinator role: open the registry, register our own key, serve the API on our mesh
+/// address (bound to the mesh interface), and feed our own netmap to the agent loop.
+fn start_coordinator(
+    settings: &crate::Settings,
+    key: &mesh_proto::PrivateKey,
+    observed: ObservedEndpoints,
+    events: mpsc::Sender<MeshEvent>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Coordinator> {
+    let cc = settings
+        .coordinator
+        .clone()
+        .context("no [coordinator] in the configuration")?;
+    let own_name = settings
+        .host_name
+        .clone()
+        .context("the coordinator needs host.name")?;
+    let own_address = settings
+        .address
+        .context("the coordinator needs host.address")?
+        .addr();
+    let now_unix = now().as_secs();
+    let coord = Coordinator::open(
+        CoordinatorSettings {
+            mesh_cidr: cc.mesh_cidr,
+            api_port: cc.api_port,
+            public_endpoints: cc.public_endpoints.clone(),
+            reserved: cc.reserved.clone(),
+            static_assignments: cc.static_assignments.clone(),
+            keepalive_secs: cc.keepalive_secs,
+            database: cc.database.clone(),
+            own_name: own_name.clone(),
+            own_address,
+            own_public_key: key.public_key(),
+        },
+        now_unix,
+    )
+    .with_context(|| {
+        format!(
+            "cannot open the coordinator registry {}",
+            cc.database.display()
+        )
+    })?;
+    coord
+        .set_own_public_key(key.public_key(), now_unix)
+        .context("cannot register the coordinator's own key")?;
+    tracing::info!(database = %cc.database.display(), mesh = %cc.mesh_cidr, version = coord.version(), "coordinator");
+
+    // Our own netmap, re-read on every registry change.
+    let feed = coord.clone();
+    let mut changes = coord.subscribe();
+    let mut stop_feed = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            match feed.netmap_for_name(&own_name) {
+                Ok(Some(nm)) => {
+                    if events.send(MeshEvent::Netmap(Box::new(nm))).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    tracing::error!(host = %own_name, "the registry has no netmap for the coordinator host")
+                }
+                Err(e) => tracing::error!(error = %e, "cannot compute the coordinator's netmap"),
+            }
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = stop_feed.changed() => return,
+            }
+        }
+    });
+
+    // The API, inside the tunnel. The interface may not exist yet (first pass) or may come
+    // back after an engine restart: bind again until it works.
+    let bind = SocketAddr::new(own_address, cc.api_port);
+    let device = settings.interface.clone();
+    let observed_fn: Arc<dyn Fn(std::net::IpAddr) -> Option<SocketAddr> + Send + Sync> =
+        Arc::new(move |ip| observed.read().ok().and_then(|m| m.get(&ip).copied()));
+    let api_coord = coord.clone();
+    tokio::spawn(async move {
+        let mut stop = stop;
+        loop {
+            let mut stop_api = stop.clone();
+            let shutdown = async move {
+                let _ = stop_api.wait_for(|s| *s).await;
+            };
+            match serve_api(
+                api_coord.clone(),
+                bind,
+                Some(device.clone()),
+                observed_fn.clone(),
+                shutdown,
+            )
+            .await
+            {
+                Ok(()) => {}
+                Err(e) => tracing::warn!(error = %e, "coordinator API not serving; retrying"),
+            }
+            if *stop.borrow() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    });
+    Ok(coord)
+}
+
+/// Admin control requests served in-process on the coordinator host.
+fn admin_handler(coord: Coordinator) -> AdminHandler {
+    Arc::new(move |request: Request| -> AdminCall {
+        let coord = coord.clone();
+        Box::pin(async move {
+            let now_unix = now().as_secs();
+            let result = tokio::task::spawn_blocking(move || match request {
+                Request::Invite(req) => coord.invite(req, now_unix).map(Response::Invite),
+                Request::Invites => coord
+                    .invites(now_unix)
+                    .map(|invites| Response::Invites { invites }),
+                Request::RevokeInvite { name } => coord
+                    .revoke_invite(&name, now_unix)
+                    .map(|()| Response::ok(format!("invitation for {name} revoked"))),
+                Request::Hosts => coord.hosts().map(|hosts| Response::Hosts { hosts }),
+                Request::Remove { name } => coord
+                    .remove(&name, now_unix)
+                    .map(|()| Response::ok(format!("{name} removed from the mesh"))),
+                other => Ok(Response::error(format!("not an admin request: {other:?}"))),
+            })
+            .await;
+            match result {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => Response::error(e.to_string()),
+                Err(e) => Response::error(format!("internal error: {e}")),
+            }
+        })
+    })
 }

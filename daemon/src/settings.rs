@@ -21,10 +21,12 @@ pub struct PeerSettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     pub config_path: PathBuf,
-    pub host_name: String,
+    /// `None` on a host that gets its name from a join.
+    pub host_name: Option<String>,
     pub interface: String,
-    /// Our mesh address with its prefix, host bits kept (10.99.99.1/24).
-    pub address: IpNet,
+    /// Our mesh address with its prefix, host bits kept (10.99.99.1/24); `None` on a host
+    /// that gets its address from a join.
+    pub address: Option<IpNet>,
     pub listen_port: u16,
     pub mtu: u16,
     pub private_key_file: PathBuf,
@@ -33,6 +35,12 @@ pub struct Settings {
     pub engine_command: Option<PathBuf>,
     pub reconcile_interval: Duration,
     pub peers: Vec<PeerSettings>,
+    /// Membership and cached netmap live here.
+    pub state_dir: PathBuf,
+    /// Join with the token in this file at start when not a member yet.
+    pub join_token_file: Option<PathBuf>,
+    /// `[coordinator]`: this host runs the coordinator.
+    pub coordinator: Option<mesh_proto::config::CoordinatorConfig>,
 }
 
 impl Settings {
@@ -49,13 +57,6 @@ impl Settings {
     /// Parse configuration text that came from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Settings> {
         let config = mesh_proto::config::parse(text, &path.display().to_string())?;
-        if config.host.name.is_none() || config.host.address.is_none() {
-            return Err(Error::Config {
-                path: path.to_path_buf(),
-                message: "host.name and host.address are required (joining is not supported yet)"
-                    .to_string(),
-            });
-        }
         Ok(Self::from_config(config, path))
     }
 
@@ -65,9 +66,9 @@ impl Settings {
         let daemon = config.daemon;
         Settings {
             config_path: path.to_path_buf(),
-            host_name: host.name.unwrap_or_default(),
+            host_name: host.name,
             interface: host.interface,
-            address: host.address.unwrap_or_default(),
+            address: host.address,
             listen_port: host.listen_port,
             mtu: host.mtu,
             private_key_file: host.private_key_file,
@@ -84,6 +85,9 @@ impl Settings {
                     })
                 })
                 .collect(),
+            state_dir: daemon.state_dir,
+            join_token_file: daemon.join_token_file,
+            coordinator: config.coordinator,
         }
     }
 

@@ -1,0 +1,890 @@
+//! The member side of a managed mesh: the desired device from configuration + netmap, joining
+//! with a token (innernet-style bootstrap, DESIGN §4), following the netmap and reporting
+//! endpoints.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use mesh_proto::api::{EndpointReport, JoinRequest};
+use mesh_proto::netmap::Netmap;
+use mesh_proto::token::Token;
+use mesh_proto::{DeviceSpec, PeerSpec, PrivateKey};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::agent::{now, Agent};
+use crate::backend::{LinkBackend, WgBackend};
+use crate::client::{self, Api, CallError};
+use crate::settings::Settings;
+use crate::state::{write_atomic, Membership, StateDir};
+
+/// Keepalive toward the coordinator while joining (and before the first netmap).
+pub const BOOTSTRAP_KEEPALIVE: u16 = 25;
+/// How long a join may take to reach the coordinator through the tunnel.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the interface addresses are checked for changes.
+pub const ENDPOINT_CHECK: Duration = Duration::from_secs(30);
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Something from the mesh side for the agent loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MeshEvent {
+    /// A newer netmap (from the coordinator API, or from the in-process coordinator).
+    Netmap(Box<Netmap>),
+    /// An API call succeeded.
+    Reachable,
+    /// An API call failed.
+    Unreachable(String),
+    /// An endpoint report finished: what was reported, or why it failed.
+    EndpointsReported(Result<EndpointReport, String>),
+}
+
+fn host_net(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
+/// The coordinator as a peer, from the membership (until a netmap names it).
+pub fn coordinator_peer(m: &Membership) -> PeerSpec {
+    PeerSpec {
+        public_key: m.coordinator_public_key,
+        preshared_key: None,
+        endpoint: m.coordinator_endpoints.first().copied(),
+        allowed_ips: vec![host_net(m.coordinator_address)],
+        persistent_keepalive: Some(BOOTSTRAP_KEEPALIVE),
+    }
+}
+
+/// The desired device: the static `[[peer]]`s of the configuration plus the netmap's peers
+/// (endpoint = first candidate). A netmap peer with the key of a static peer, or with an
+/// allowed IP a static peer holds, is left out: the configuration wins. Returns the device and
+/// the conflicts found (for the log).
+pub fn desired_device(
+    settings: &Settings,
+    key: &PrivateKey,
+    membership: Option<&Membership>,
+    netmap: Option<&Netmap>,
+) -> (DeviceSpec, Vec<String>) {
+    let mut spec = settings.desired(key);
+    let own = key.public_key();
+    let mut conflicts = Vec::new();
+    let static_ips: Vec<(String, IpNet)> = settings
+        .peers
+        .iter()
+        .flat_map(|p| p.spec.allowed_ips.iter().map(|n| (p.name.clone(), *n)))
+        .collect();
+    if let Some(nm) = netmap {
+        for p in &nm.peers {
+            if p.public_key == own {
+                continue;
+            }
+            if let Some(s) = settings
+                .peers
+                .iter()
+                .find(|s| s.spec.public_key == p.public_key)
+            {
+                conflicts.push(format!(
+                    "netmap peer {} has the key of static peer {}; using the static peer",
+                    p.name, s.name
+                ));
+                continue;
+            }
+            if let Some((name, net)) = static_ips
+                .iter()
+                .find(|(_, n)| p.allowed_ips.iter().any(|a| overlaps(a, n)))
+            {
+                conflicts.push(format!(
+                    "netmap peer {} overlaps static peer {name} ({net}); left out",
+                    p.name
+                ));
+                continue;
+            }
+            let mut allowed_ips: Vec<IpNet> = p.allowed_ips.iter().map(IpNet::trunc).collect();
+            if allowed_ips.is_empty() {
+                allowed_ips.push(host_net(p.address));
+            }
+            allowed_ips.sort();
+            allowed_ips.dedup();
+            spec.peers.insert(
+                p.public_key,
+                PeerSpec {
+                    public_key: p.public_key,
+                    preshared_key: None,
+                    endpoint: p.endpoints.first().map(|c| c.addr),
+                    allowed_ips,
+                    persistent_keepalive: p.persistent_keepalive.filter(|k| *k != 0),
+                },
+            );
+        }
+    }
+    if let Some(m) = membership {
+        let coord = coordinator_peer(m);
+        let taken = spec.peers.values().any(|p| {
+            p.allowed_ips
+                .iter()
+                .any(|a| coord.allowed_ips.iter().any(|c| overlaps(a, c)))
+        });
+        if coord.public_key != own && !spec.peers.contains_key(&coord.public_key) && !taken {
+            spec.peers.insert(coord.public_key, coord);
+        }
+    }
+    (spec, conflicts)
+}
+
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+fn wrap(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Join the mesh of `token_text`. On success the interface runs with the host's own new key,
+/// the membership and netmap are saved, and the message for the operator is returned. On
+/// failure everything is put back (an interface the join created is deleted) and the error
+/// says why, in the coordinator's own words when it refused.
+pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
+    agent: &mut Agent<W, L>,
+    state: &StateDir,
+    token_text: &str,
+    api: &A,
+) -> Result<Membership, String> {
+    let token_text = token_text.trim();
+    if agent.settings().coordinator.is_some() {
+        return Err("this host runs the coordinator; it is already the mesh".into());
+    }
+    if let Some(m) = agent.membership() {
+        return Err(format!(
+            "already a member of mesh {} as {} ({}); remove {} to join another mesh",
+            m.mesh_cidr,
+            m.host_name,
+            m.address,
+            state.membership_path().display()
+        ));
+    }
+    let token = Token::decode(token_text).map_err(|e| format!("invalid token: {e}"))?;
+    let body = token.body.clone();
+    let now_unix = now().as_secs();
+    if body.expires_unix <= now_unix {
+        return Err(format!(
+            "the invitation for {} expired {}s ago (by this host's clock); ask for a new one",
+            body.host_name,
+            now_unix - body.expires_unix
+        ));
+    }
+    let throwaway = token
+        .throwaway_key()
+        .map_err(|e| format!("invalid token: {e}"))?;
+    let address = IpNet::new(body.host_address, body.mesh_cidr.prefix_len())
+        .map_err(|e| format!("invalid token: bad address: {e}"))?;
+    if body.coordinator_endpoints.is_empty() {
+        return Err("invalid token: it names no coordinator endpoint".into());
+    }
+    let interface = agent.settings().interface.clone();
+    let existed = agent.wg.observe().await.is_ok();
+    let snapshot = agent.snapshot();
+    tracing::info!(
+        host = %body.host_name,
+        address = %address,
+        coordinator = %body.coordinator_address,
+        "joining the mesh"
+    );
+    let bootstrap = PeerSpec {
+        public_key: body.coordinator_public_key,
+        preshared_key: None,
+        endpoint: body.coordinator_endpoints.first().copied(),
+        allowed_ips: vec![host_net(body.coordinator_address)],
+        persistent_keepalive: Some(BOOTSTRAP_KEEPALIVE),
+    };
+    agent.set_bootstrap(throwaway, address, bootstrap);
+
+    let result = async {
+        let report = agent.reconcile(now()).await;
+        if let Some(e) = report.error {
+            return Err(format!("cannot bring {interface} up for the join: {e}"));
+        }
+        let own = PrivateKey::generate();
+        let addresses = agent
+            .link
+            .underlay_addresses(&interface)
+            .await
+            .unwrap_or_default();
+        let req = JoinRequest {
+            token: token_text.to_string(),
+            public_key: own.public_key(),
+            listen_port: agent.settings().listen_port,
+            addresses,
+        };
+        let at = SocketAddr::new(body.coordinator_address, body.api_port);
+        let resp = api
+            .join(at, &req, JOIN_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                CallError::Unreachable { message, .. } => format!(
+                    "cannot reach the coordinator {at} through the tunnel within {}s ({message}): \
+                 the token may belong to another mesh, or the coordinator's endpoint {} is \
+                 unreachable from here",
+                    JOIN_TIMEOUT.as_secs(),
+                    body.coordinator_endpoints
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                other => other.to_string(),
+            })?;
+        if resp.netmap.public_key != own.public_key() || resp.netmap.address != body.host_address {
+            return Err(format!(
+                "the coordinator answered with a netmap for {} ({}), not for us",
+                resp.netmap.name, resp.netmap.address
+            ));
+        }
+        let mut key_text = own.to_base64();
+        key_text.push('\n');
+        write_atomic(&agent.settings().private_key_file, key_text.as_bytes()).map_err(wrap)?;
+        let membership = Membership {
+            host_name: body.host_name.clone(),
+            address: body.host_address,
+            mesh_cidr: body.mesh_cidr,
+            coordinator_public_key: body.coordinator_public_key,
+            coordinator_endpoints: body.coordinator_endpoints.clone(),
+            coordinator_address: body.coordinator_address,
+            api_port: body.api_port,
+            admin: body.admin,
+            joined_unix: now_unix,
+        };
+        state.save_netmap(&resp.netmap).map_err(wrap)?;
+        state.save_membership(&membership).map_err(wrap)?;
+        Ok((own, membership, resp.netmap))
+    }
+    .await;
+
+    match result {
+        Ok((own, membership, netmap)) => {
+            agent.set_key(own);
+            agent.set_membership(Some(membership.clone()));
+            agent.set_netmap(netmap);
+            let st = agent.mesh_state_mut();
+            st.reachable = Some(true);
+            st.last_error = None;
+            st.last_contact_unix = Some(now().as_secs());
+            let report = agent.reconcile(now()).await;
+            if let Some(e) = report.error {
+                tracing::warn!(error = %e, "first pass after the join had errors");
+            }
+            tracing::info!(host = %membership.host_name, address = %membership.address, "joined");
+            Ok(membership)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "join failed; restoring the previous state");
+            agent.restore(snapshot);
+            if let Err(se) = state.clear() {
+                tracing::warn!(error = %se, "cannot clear the state directory");
+            }
+            if existed {
+                agent.reconcile(now()).await;
+            } else if let Err(de) = agent.link.delete(&interface).await {
+                tracing::warn!(error = %de, interface = %interface, "cannot delete the interface the join created");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Follow the netmap: long-poll the coordinator, send each newer netmap to the loop; on
+/// errors back off (0.5 s doubling to 5 s) and keep going.
+pub fn spawn_follower(api: SocketAddr, since: u64, tx: mpsc::Sender<MeshEvent>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut since = since;
+        let mut backoff = BACKOFF_MIN;
+        let mut reachable = None;
+        loop {
+            let result = client::fetch_netmap(api, since).await;
+            let ok = result.is_ok();
+            let event = match result {
+                Ok(Some(nm)) => {
+                    since = nm.version;
+                    backoff = BACKOFF_MIN;
+                    if tx.send(MeshEvent::Netmap(Box::new(nm))).await.is_err() {
+                        return;
+                    }
+                    MeshEvent::Reachable
+                }
+                Ok(None) => {
+                    backoff = BACKOFF_MIN;
+                    MeshEvent::Reachable
+                }
+                Err(e) => MeshEvent::Unreachable(e.to_string()),
+            };
+            if reachable != Some(ok) || !ok {
+                reachable = Some(ok);
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+            if !ok {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    })
+}
+
+/// Report `report` to the coordinator in the background; the outcome comes back as an event.
+pub fn spawn_report(api: SocketAddr, report: EndpointReport, tx: mpsc::Sender<MeshEvent>) {
+    tokio::spawn(async move {
+        let outcome = client::report_endpoints(api, &report).await;
+        let event = match outcome {
+            Ok(()) => MeshEvent::EndpointsReported(Ok(report)),
+            Err(e) => MeshEvent::EndpointsReported(Err(e.to_string())),
+        };
+        let _ = tx.send(event).await;
+    });
+}
+
+/// Our underlay addresses, ready to report: sorted, without loopback/link-local/mesh.
+pub fn endpoint_report(
+    listen_port: u16,
+    mut addresses: Vec<IpAddr>,
+    mesh: Option<IpNet>,
+) -> EndpointReport {
+    addresses.retain(|a| usable_underlay(a) && !mesh.is_some_and(|m| m.contains(a)));
+    addresses.sort();
+    addresses.dedup();
+    EndpointReport {
+        listen_port,
+        addresses,
+    }
+}
+
+fn usable_underlay(a: &IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_link_local() || v4.is_unspecified()),
+        IpAddr::V6(v6) => {
+            !(v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+/// The membership-related part of the loop's state.
+#[derive(Debug)]
+pub struct MemberRuntime {
+    pub state: StateDir,
+    pub tx: mpsc::Sender<MeshEvent>,
+    follower: Option<JoinHandle<()>>,
+    last_reported: Option<EndpointReport>,
+    report_in_flight: bool,
+}
+
+impl MemberRuntime {
+    pub fn new(state: StateDir, tx: mpsc::Sender<MeshEvent>) -> Self {
+        MemberRuntime {
+            state,
+            tx,
+            follower: None,
+            last_reported: None,
+            report_in_flight: false,
+        }
+    }
+
+    /// At start: load the membership and the cached netmap (so the mesh comes back even while
+    /// the coordinator is down), then follow the coordinator.
+    pub fn restore<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
+        match self.state.load_membership() {
+            Ok(Some(m)) => {
+                tracing::info!(host = %m.host_name, address = %m.address, "member of a mesh");
+                agent.set_membership(Some(m));
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load the membership; not following a mesh");
+                return;
+            }
+        }
+        match self.state.load_netmap() {
+            Ok(Some(nm)) => {
+                tracing::info!(version = nm.version, "restored the cached netmap");
+                agent.set_netmap(nm);
+            }
+            Ok(None) => tracing::warn!("no cached netmap; waiting for the coordinator"),
+            Err(e) => tracing::warn!(error = %e, "cannot read the cached netmap"),
+        }
+        self.follow(agent);
+    }
+
+    /// (Re)start following the coordinator of the current membership.
+    pub fn follow<W: WgBackend, L: LinkBackend>(&mut self, agent: &Agent<W, L>) {
+        if let Some(h) = self.follower.take() {
+            h.abort();
+        }
+        let Some(api) = agent.membership().map(Membership::api_addr) else {
+            return;
+        };
+        let since = agent.netmap().map(|n| n.version).unwrap_or(0);
+        self.follower = Some(spawn_follower(api, since, self.tx.clone()));
+        self.last_reported = None;
+    }
+
+    /// Apply an event from the follower or a report.
+    pub async fn on_event<W: WgBackend, L: LinkBackend>(
+        &mut self,
+        agent: &mut Agent<W, L>,
+        event: MeshEvent,
+    ) {
+        match event {
+            MeshEvent::Netmap(nm) => {
+                let nm = *nm;
+                if agent.set_netmap(nm.clone()) {
+                    if agent.membership().is_some() {
+                        if let Err(e) = self.state.save_netmap(&nm) {
+                            tracing::warn!(error = %e, "cannot cache the netmap");
+                        }
+                    }
+                    agent.reconcile(now()).await;
+                }
+            }
+            MeshEvent::Reachable => {
+                if agent.mesh_state().reachable != Some(true) {
+                    tracing::info!("coordinator reachable");
+                }
+                let st = agent.mesh_state_mut();
+                st.reachable = Some(true);
+                st.last_error = None;
+                st.last_contact_unix = Some(now().as_secs());
+            }
+            MeshEvent::Unreachable(e) => {
+                if agent.mesh_state().reachable != Some(false) {
+                    tracing::warn!(error = %e, "coordinator unreachable; keeping the last netmap");
+                }
+                let st = agent.mesh_state_mut();
+                st.reachable = Some(false);
+                st.last_error = Some(e);
+            }
+            MeshEvent::EndpointsReported(r) => {
+                self.report_in_flight = false;
+                match r {
+                    Ok(rep) => {
+                        tracing::info!(addresses = ?rep.addresses, port = rep.listen_port, "endpoints reported");
+                        self.last_reported = Some(rep);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot report endpoints; retrying later"),
+                }
+            }
+        }
+    }
+
+    /// Report our endpoints when they changed since the last successful report.
+    pub async fn check_endpoints<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
+        let Some(api) = agent.membership().map(Membership::api_addr) else {
+            return;
+        };
+        if self.report_in_flight {
+            return;
+        }
+        let interface = agent.settings().interface.clone();
+        let addresses = match agent.link.underlay_addresses(&interface).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list interface addresses");
+                return;
+            }
+        };
+        let report = endpoint_report(agent.settings().listen_port, addresses, agent.address());
+        if self.last_reported.as_ref() == Some(&report) {
+            return;
+        }
+        self.report_in_flight = true;
+        spawn_report(api, report, self.tx.clone());
+    }
+
+    /// After a successful join: cache, follow, report.
+    pub async fn joined<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
+        self.follow(agent);
+        self.check_endpoints(agent).await;
+    }
+}
+
+impl Drop for MemberRuntime {
+    fn drop(&mut self) {
+        if let Some(h) = self.follower.take() {
+            h.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::tests::{peer, settings};
+    use crate::backend::{FakeBackend, FakeLink};
+    use mesh_proto::api::JoinResponse;
+    use mesh_proto::netmap::{EndpointCandidate, EndpointKind, NetmapPeer};
+    use mesh_proto::token::TokenBody;
+    use std::os::unix::fs::MetadataExt;
+
+    fn key(i: u8) -> PrivateKey {
+        PrivateKey::from_bytes([i; 32])
+    }
+
+    fn netmap_peer(name: &str, i: u8, ip: &str, ep: &str) -> NetmapPeer {
+        NetmapPeer {
+            name: name.into(),
+            address: ip.parse().expect("ip"),
+            public_key: key(i).public_key(),
+            allowed_ips: vec![format!("{ip}/32").parse().expect("net")],
+            endpoints: vec![
+                EndpointCandidate {
+                    addr: ep.parse().expect("ep"),
+                    kind: EndpointKind::Lan,
+                },
+                EndpointCandidate {
+                    addr: "203.0.113.9:40000".parse().expect("ep"),
+                    kind: EndpointKind::Observed,
+                },
+            ],
+            persistent_keepalive: Some(25),
+            static_peer: false,
+            admin: false,
+            key_created_unix: 1_700_000_000,
+        }
+    }
+
+    fn netmap(own: &PrivateKey, version: u64, peers: Vec<NetmapPeer>) -> Netmap {
+        Netmap {
+            version,
+            mesh_cidr: "10.99.99.0/24".parse().expect("net"),
+            name: "dock-mirror".into(),
+            address: "10.99.99.3".parse().expect("ip"),
+            public_key: own.public_key(),
+            peers,
+        }
+    }
+
+    fn membership() -> Membership {
+        Membership {
+            host_name: "dock-mirror".into(),
+            address: "10.99.99.3".parse().expect("ip"),
+            mesh_cidr: "10.99.99.0/24".parse().expect("net"),
+            coordinator_public_key: key(100).public_key(),
+            coordinator_endpoints: vec!["192.0.2.1:51871".parse().expect("sa")],
+            coordinator_address: "10.99.99.1".parse().expect("ip"),
+            api_port: 51872,
+            admin: false,
+            joined_unix: 1,
+        }
+    }
+
+    #[test]
+    fn netmap_and_static_peers_merge_and_the_config_wins() {
+        let own = key(50);
+        // Static peer-1 holds 10.99.99.11/32 with key [2;32].
+        let s = settings(vec![peer(1, None)]);
+        let static_key = peer(1, None).spec.public_key;
+        let mut same_key = netmap_peer("dup", 2, "10.99.99.40", "192.168.1.40:51871");
+        same_key.public_key = static_key;
+        let overlap = netmap_peer("thief", 21, "10.99.99.11", "192.168.1.11:51871");
+        let mut coord = netmap_peer("dock-load", 100, "10.99.99.1", "192.168.1.1:51871");
+        coord.persistent_keepalive = None;
+        let edge = netmap_peer("dock-edge", 22, "10.99.99.5", "192.168.1.5:51871");
+        let me = netmap_peer("dock-mirror", 50, "10.99.99.3", "192.168.1.3:51871");
+        let nm = netmap(&own, 4, vec![same_key, overlap, coord, edge, me]);
+        let (spec, conflicts) = desired_device(&s, &own, Some(&membership()), Some(&nm));
+        assert_eq!(conflicts.len(), 2, "{conflicts:?}");
+        assert!(conflicts[0].contains("dup") && conflicts[1].contains("thief"));
+        assert_eq!(spec.private_key, own);
+        // static + dock-load + dock-edge; not ourselves, not the conflicting ones.
+        assert_eq!(spec.peers.len(), 3, "{:?}", spec.peers.keys());
+        assert_eq!(spec.peers[&static_key], peer(1, None).spec);
+        let e = &spec.peers[&key(22).public_key()];
+        assert_eq!(e.endpoint, Some("192.168.1.5:51871".parse().expect("sa")));
+        assert_eq!(e.persistent_keepalive, Some(25));
+        assert_eq!(
+            e.allowed_ips,
+            vec!["10.99.99.5/32".parse::<IpNet>().expect("net")]
+        );
+        let c = &spec.peers[&key(100).public_key()];
+        assert_eq!(
+            c.persistent_keepalive, None,
+            "the netmap's coordinator entry is used"
+        );
+
+        // Without a netmap the coordinator comes from the membership.
+        let (spec, _) = desired_device(&s, &own, Some(&membership()), None);
+        assert_eq!(spec.peers.len(), 2);
+        let c = &spec.peers[&key(100).public_key()];
+        assert_eq!(c.endpoint, Some("192.0.2.1:51871".parse().expect("sa")));
+        assert_eq!(c.persistent_keepalive, Some(BOOTSTRAP_KEEPALIVE));
+    }
+
+    fn unjoined(dir: &std::path::Path) -> Agent<FakeBackend, FakeLink> {
+        let mut s = settings(Vec::new());
+        s.host_name = None;
+        s.address = None;
+        s.private_key_file = dir.join("private.key");
+        s.state_dir = dir.join("state");
+        let wg = FakeBackend {
+            absent: true,
+            ..FakeBackend::default()
+        };
+        let link = FakeLink {
+            underlay: vec![
+                "192.168.1.3".parse().expect("ip"),
+                "127.0.0.1".parse().expect("ip"),
+            ],
+            ..FakeLink::default()
+        };
+        Agent::new(wg, link, s, key(60))
+    }
+
+    fn token(expires_unix: u64) -> String {
+        let body = TokenBody {
+            invite_id: "00ff".into(),
+            coordinator_public_key: key(100).public_key(),
+            coordinator_endpoints: vec!["192.0.2.1:51871".parse().expect("sa")],
+            coordinator_address: "10.99.99.1".parse().expect("ip"),
+            api_port: 51872,
+            mesh_cidr: "10.99.99.0/24".parse().expect("net"),
+            host_name: "dock-mirror".into(),
+            host_address: "10.99.99.3".parse().expect("ip"),
+            throwaway_private_key: key(77).to_base64(),
+            expires_unix,
+            admin: false,
+        };
+        Token::sign(body, &[9; 32]).encode()
+    }
+
+    /// Answers a join like the coordinator would, or refuses it.
+    struct FakeApi {
+        refuse: Option<CallError>,
+        seen: std::sync::Mutex<Vec<(SocketAddr, JoinRequest)>>,
+    }
+
+    impl FakeApi {
+        fn new(refuse: Option<CallError>) -> Self {
+            FakeApi {
+                refuse,
+                seen: std::sync::Mutex::new(Vec::new()),
+            }
+        }
+    }
+
+    impl Api for FakeApi {
+        async fn join(
+            &self,
+            at: SocketAddr,
+            req: &JoinRequest,
+            _timeout: Duration,
+        ) -> Result<JoinResponse, CallError> {
+            self.seen.lock().expect("lock").push((at, req.clone()));
+            if let Some(e) = &self.refuse {
+                return Err(e.clone());
+            }
+            let mut nm = netmap(
+                &key(0),
+                3,
+                vec![
+                    netmap_peer("dock-load", 100, "10.99.99.1", "192.0.2.1:51871"),
+                    netmap_peer("dock-edge", 22, "10.99.99.5", "192.168.1.5:51871"),
+                ],
+            );
+            nm.public_key = req.public_key;
+            Ok(JoinResponse { netmap: nm })
+        }
+    }
+
+    fn far_future() -> u64 {
+        now().as_secs() + 3600
+    }
+
+    #[tokio::test]
+    async fn join_switches_to_a_fresh_key_and_saves_the_membership() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = unjoined(dir.path());
+        a.reconcile(now()).await;
+        assert!(a.wg.absent, "an unjoined host leaves the interface alone");
+        let st = StateDir::new(dir.path().join("state"));
+        let api = FakeApi::new(None);
+        let m = join(&mut a, &st, &token(far_future()), &api)
+            .await
+            .expect("join");
+        assert_eq!(m.host_name, "dock-mirror");
+        let seen = api.seen.lock().expect("lock").clone();
+        assert_eq!(seen.len(), 1);
+        let (at, req) = &seen[0];
+        assert_eq!(at.to_string(), "10.99.99.1:51872");
+        assert_eq!(req.listen_port, 51871);
+        assert_ne!(
+            req.public_key,
+            key(77).public_key(),
+            "not the throwaway key"
+        );
+        assert_eq!(req.addresses.len(), 2);
+        // The interface runs with the new key and the netmap's peers.
+        assert_eq!(a.wg.device.public_key, Some(req.public_key));
+        assert_eq!(a.key().public_key(), req.public_key);
+        assert_eq!(a.wg.device.peers.len(), 2);
+        assert!(a
+            .link
+            .addresses
+            .contains(&"10.99.99.3/24".parse().expect("net")));
+        // Saved: key file (0600), membership, netmap.
+        let key_path = dir.path().join("private.key");
+        assert_eq!(
+            std::fs::metadata(&key_path).expect("key").mode() & 0o777,
+            0o600
+        );
+        let on_disk: PrivateKey = std::fs::read_to_string(&key_path)
+            .expect("read")
+            .trim()
+            .parse()
+            .expect("key");
+        assert_eq!(on_disk.public_key(), req.public_key);
+        assert_eq!(st.load_membership().expect("load"), Some(m));
+        assert_eq!(st.load_netmap().expect("load").map(|n| n.version), Some(3));
+        let status = a.status();
+        assert_eq!(status.host_name.as_deref(), Some("dock-mirror"));
+        assert_eq!(status.netmap_version, Some(3));
+        // A second join is refused and changes nothing.
+        let err = join(&mut a, &st, &token(far_future()), &api)
+            .await
+            .expect_err("already joined");
+        assert!(err.contains("already a member"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_join_restores_everything_and_passes_the_reason_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = unjoined(dir.path());
+        let st = StateDir::new(dir.path().join("state"));
+        let before = a.key().clone();
+        let api = FakeApi::new(Some(CallError::Refused {
+            status: 410,
+            message: "invitation for dock-mirror was already used".into(),
+        }));
+        let err = join(&mut a, &st, &token(far_future()), &api)
+            .await
+            .expect_err("refused");
+        assert_eq!(err, "invitation for dock-mirror was already used");
+        assert!(a.link.deleted, "the interface the join created is deleted");
+        assert!(a.link.addresses.is_empty());
+        assert_eq!(a.key(), &before);
+        assert_eq!(a.address(), None);
+        assert!(a.membership().is_none());
+        assert!(a.desired().peers.is_empty());
+        assert!(!dir.path().join("private.key").exists());
+        assert_eq!(st.load_membership().expect("load"), None);
+        assert_eq!(st.load_netmap().expect("load"), None);
+        // And the agent does not bring the interface back by itself.
+        a.wg.absent = true;
+        a.reconcile(now()).await;
+        assert!(a.wg.absent);
+
+        let api = FakeApi::new(Some(CallError::Unreachable {
+            addr: "10.99.99.1:51872".parse().expect("sa"),
+            message: "no answer within 10s".into(),
+        }));
+        let err = join(&mut a, &st, &token(far_future()), &api)
+            .await
+            .expect_err("unreachable");
+        assert!(err.contains("another mesh"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn bad_tokens_are_refused_before_touching_anything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = unjoined(dir.path());
+        let st = StateDir::new(dir.path().join("state"));
+        let api = FakeApi::new(None);
+        let err = join(&mut a, &st, "hello", &api).await.expect_err("prefix");
+        assert!(err.contains("invalid token"), "{err}");
+        let err = join(&mut a, &st, "meshd1.@@@", &api)
+            .await
+            .expect_err("damaged");
+        assert!(err.contains("invalid token"), "{err}");
+        let err = join(&mut a, &st, &token(1000), &api)
+            .await
+            .expect_err("expired");
+        assert!(err.contains("expired"), "{err}");
+        assert!(api.seen.lock().expect("lock").is_empty());
+        assert_eq!(a.wg.ensure_calls, 0);
+        assert!(a.wg.absent);
+    }
+
+    #[tokio::test]
+    async fn restart_restores_the_mesh_from_the_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = StateDir::new(dir.path().join("state"));
+        let own = key(60);
+        // The cached netmap names the coordinator at an address nobody answers on.
+        let mut m = membership();
+        m.coordinator_address = "127.0.0.1".parse().expect("ip");
+        m.api_port = 9; // discard: nothing listens
+        st.save_membership(&m).expect("save");
+        let nm = netmap(
+            &own,
+            9,
+            vec![netmap_peer(
+                "dock-edge",
+                22,
+                "10.99.99.5",
+                "192.168.1.5:51871",
+            )],
+        );
+        st.save_netmap(&nm).expect("save");
+        let mut a = unjoined(dir.path());
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut rt = MemberRuntime::new(st.clone(), tx);
+        rt.restore(&mut a);
+        let r = a.reconcile(now()).await;
+        assert!(r.error.is_none(), "{r:?}");
+        assert!(a.wg.device.peers.contains_key(&key(22).public_key()));
+        assert!(a.wg.device.peers.contains_key(&key(100).public_key()));
+        assert!(a
+            .link
+            .addresses
+            .contains(&"10.99.99.3/24".parse().expect("net")));
+        assert_eq!(a.status().netmap_version, Some(9));
+        // The follower reports the coordinator unreachable; the netmap is kept.
+        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("event in time")
+            .expect("event");
+        assert!(matches!(ev, MeshEvent::Unreachable(_)), "{ev:?}");
+        rt.on_event(&mut a, ev).await;
+        assert_eq!(a.mesh_state().reachable, Some(false));
+        assert_eq!(a.status().netmap_version, Some(9));
+        // A newer netmap is applied at once and cached.
+        let nm2 = netmap(&own, 10, Vec::new());
+        rt.on_event(&mut a, MeshEvent::Netmap(Box::new(nm2))).await;
+        assert!(!a.wg.device.peers.contains_key(&key(22).public_key()));
+        assert_eq!(st.load_netmap().expect("load").map(|n| n.version), Some(10));
+        assert_eq!(
+            std::fs::metadata(st.netmap_path()).expect("meta").mode() & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn endpoint_reports_leave_out_loopback_link_local_and_the_mesh() {
+        let r = endpoint_report(
+            51871,
+            vec![
+                "192.168.1.3".parse().expect("ip"),
+                "127.0.0.1".parse().expect("ip"),
+                "fe80::1".parse().expect("ip"),
+                "10.99.99.3".parse().expect("ip"),
+                "2001:db8::3".parse().expect("ip"),
+                "192.168.1.3".parse().expect("ip"),
+            ],
+            Some("10.99.99.3/24".parse().expect("net")),
+        );
+        assert_eq!(
+            r.addresses,
+            vec![
+                "192.168.1.3".parse::<IpAddr>().expect("ip"),
+                "2001:db8::3".parse().expect("ip")
+            ]
+        );
+    }
+}

@@ -1,0 +1,193 @@
+//! The daemon's state directory (`[daemon] state_dir`, default /var/lib/meshd): the membership
+//! (`membership.json`) and the cached netmap (`netmap.json`). Every file is written atomically
+//! (temporary file, fsync, rename) with mode 0600, in a directory created with mode 0700.
+
+use std::fs::{self, DirBuilder, OpenOptions};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use mesh_proto::netmap::Netmap;
+use mesh_proto::PublicKey;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const MEMBERSHIP_FILE: &str = "membership.json";
+pub const NETMAP_FILE: &str = "netmap.json";
+
+/// What this host knows about the mesh it joined (written once the join succeeded).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub host_name: String,
+    /// Our mesh address.
+    pub address: IpAddr,
+    pub mesh_cidr: IpNet,
+    pub coordinator_public_key: PublicKey,
+    pub coordinator_endpoints: Vec<SocketAddr>,
+    /// Where the coordinator API listens (inside the tunnel).
+    pub coordinator_address: IpAddr,
+    pub api_port: u16,
+    pub admin: bool,
+    pub joined_unix: u64,
+}
+
+impl Membership {
+    /// Our mesh address with the mesh prefix length, as the interface carries it.
+    pub fn interface_address(&self) -> IpNet {
+        IpNet::new(self.address, self.mesh_cidr.prefix_len())
+            .unwrap_or_else(|_| IpNet::from(self.address))
+    }
+
+    /// The coordinator API's socket address.
+    pub fn api_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.coordinator_address, self.api_port)
+    }
+}
+
+/// The state directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateDir {
+    pub dir: PathBuf,
+}
+
+fn state_err(path: &Path, message: impl Into<String>) -> Error {
+    Error::State {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+impl StateDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        StateDir { dir: dir.into() }
+    }
+
+    pub fn membership_path(&self) -> PathBuf {
+        self.dir.join(MEMBERSHIP_FILE)
+    }
+
+    pub fn netmap_path(&self) -> PathBuf {
+        self.dir.join(NETMAP_FILE)
+    }
+
+    pub fn load_membership(&self) -> Result<Option<Membership>> {
+        read_json(&self.membership_path())
+    }
+
+    pub fn save_membership(&self, m: &Membership) -> Result<()> {
+        write_json(&self.membership_path(), m)
+    }
+
+    pub fn load_netmap(&self) -> Result<Option<Netmap>> {
+        read_json(&self.netmap_path())
+    }
+
+    pub fn save_netmap(&self, n: &Netmap) -> Result<()> {
+        write_json(&self.netmap_path(), n)
+    }
+
+    /// Forget the membership and the cached netmap (a failed or undone join).
+    pub fn clear(&self) -> Result<()> {
+        for p in [self.membership_path(), self.netmap_path()] {
+            match fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(state_err(&p, format!("cannot remove: {e}"))),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(state_err(path, format!("cannot read: {e}"))),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| state_err(path, format!("cannot parse: {e}")))
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut text =
+        serde_json::to_vec_pretty(value).map_err(|e| state_err(path, format!("encode: {e}")))?;
+    text.push(b'\n');
+    write_atomic(path, &text)
+}
+
+/// Write `data` to `path` atomically with mode 0600 (parent created with mode 0700).
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.exists() {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| state_err(path, format!("cannot create {}: {e}", dir.display())))?;
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "state".to_owned());
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let _ = fs::remove_file(&tmp);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    result.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        state_err(path, format!("cannot write: {e}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn membership_round_trip_is_0600() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = StateDir::new(dir.path().join("state"));
+        assert_eq!(st.load_membership().expect("load"), None);
+        let m = Membership {
+            host_name: "dock-mirror".into(),
+            address: "10.99.99.3".parse().expect("ip"),
+            mesh_cidr: "10.99.99.0/24".parse().expect("net"),
+            coordinator_public_key: mesh_proto::PrivateKey::from_bytes([1; 32]).public_key(),
+            coordinator_endpoints: vec!["192.0.2.1:51871".parse().expect("sa")],
+            coordinator_address: "10.99.99.1".parse().expect("ip"),
+            api_port: 51872,
+            admin: false,
+            joined_unix: 1,
+        };
+        st.save_membership(&m).expect("save");
+        assert_eq!(st.load_membership().expect("load"), Some(m.clone()));
+        let meta = fs::metadata(st.membership_path()).expect("meta");
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(&st.dir).expect("dir").mode() & 0o777, 0o700);
+        assert_eq!(m.interface_address().to_string(), "10.99.99.3/24");
+        st.clear().expect("clear");
+        assert_eq!(st.load_membership().expect("load"), None);
+    }
+}
