@@ -304,4 +304,21 @@ mod tests {
             }
         }
     }
+
+    /// The fuzz seed was made by an independent implementation (Python's hmac/base64/json,
+    /// see proto/fuzz/README.md): the wire format is what the module documentation says.
+    #[test]
+    fn independent_implementation_agrees() {
+        let text = include_str!("../fuzz/seeds/token_decode/valid.txt");
+        let t = Token::decode(text).unwrap();
+        assert_eq!(t.verify(&[0x5a; 32], 0), Ok(()));
+        assert_eq!(t.verify(&SECRET, 0), Err(TokenError::Tampered));
+        assert_eq!(t.body.host_name, "dock-mirror");
+        assert_eq!(t.body.coordinator_endpoints.len(), 2);
+        assert_eq!(t.encode(), text);
+        assert_eq!(
+            t.throwaway_public_key().unwrap(),
+            PrivateKey::from_bytes([3u8; 32]).public_key()
+        );
+    }
 }
