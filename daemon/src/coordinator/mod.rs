@@ -11,6 +11,7 @@ use mesh_proto::PublicKey;
 
 mod api;
 mod error;
+mod render;
 mod schema;
 mod store;
 mod wgquick;

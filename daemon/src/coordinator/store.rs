@@ -16,6 +16,7 @@ use rand_core::RngCore as _;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::watch;
 
+use super::render::PeerJsonCache;
 use super::{schema, wgquick, CoordError, CoordinatorSettings};
 
 /// Default invitation lifetime: 24 h.
@@ -42,6 +43,7 @@ pub struct Coordinator {
     settings: Arc<CoordinatorSettings>,
     secret: Arc<[u8; 32]>,
     version_tx: Arc<watch::Sender<u64>>,
+    peer_json: Arc<PeerJsonCache>,
 }
 
 /// One host row.
@@ -345,6 +347,7 @@ impl Coordinator {
             settings: Arc::new(settings),
             secret: Arc::new(secret),
             version_tx: Arc::new(version_tx),
+            peer_json: Arc::new(PeerJsonCache::default()),
         })
     }
 
@@ -915,6 +918,19 @@ impl Coordinator {
             return Ok(None);
         };
         Ok(compute_netmap(&snap, &host.name))
+    }
+
+    /// The JSON of the netmap of the live host at `caller` (what the API sends), and its
+    /// version. Serialised peers are shared between hosts within a version.
+    pub fn netmap_json_for_address(
+        &self,
+        caller: IpAddr,
+    ) -> Result<Option<(u64, Vec<u8>)>, CoordError> {
+        let Some(nm) = self.netmap_for_address(caller)? else {
+            return Ok(None);
+        };
+        let version = nm.version;
+        Ok(Some((version, self.peer_json.render(nm)?)))
     }
 
     /// The netmap of the live host `name`, if there is one.

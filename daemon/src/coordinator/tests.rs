@@ -925,3 +925,41 @@ async fn api_long_poll_returns_within_a_second_of_a_change() {
         .unwrap();
     assert_eq!(r.status, 304);
 }
+
+#[test]
+fn netmap_json_is_what_serde_gives_with_a_warm_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let mut addrs = vec![addr("10.99.99.1")];
+    for i in 0..6 {
+        let (a, _) = invite_join(&c, &format!("h{i}"));
+        // Different NATs and LANs, so peers differ per viewer.
+        let obs: SocketAddr = format!("203.0.113.{}:4000{i}", i % 2 + 1).parse().unwrap();
+        c.report_endpoints(
+            a,
+            obs,
+            EndpointReport {
+                listen_port: 51871,
+                addresses: vec![format!("192.168.{}.{}", i % 2, i + 10).parse().unwrap()],
+            },
+            NOW + 2,
+        )
+        .unwrap();
+        addrs.push(a);
+    }
+    for _round in 0..2 {
+        for a in &addrs {
+            let (v, bytes) = c.netmap_json_for_address(*a).unwrap().unwrap();
+            let nm = c.netmap_for_address(*a).unwrap().unwrap();
+            assert_eq!(v, nm.version);
+            assert_eq!(
+                String::from_utf8(bytes).unwrap(),
+                serde_json::to_string(&nm).unwrap()
+            );
+        }
+    }
+    assert!(c
+        .netmap_json_for_address(addr("10.99.99.250"))
+        .unwrap()
+        .is_none());
+}
