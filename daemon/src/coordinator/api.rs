@@ -29,6 +29,9 @@ use super::{CoordError, Coordinator};
 /// mesh address, so the observed underlay address must come from here.
 pub type ObservedFn = Arc<dyn Fn(IpAddr) -> Option<SocketAddr> + Send + Sync>;
 
+/// How often expired invitations are swept out of the registry.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(30);
+
 /// Response header carrying the netmap version (also in the body), for cheap clients.
 pub const VERSION_HEADER: &str = "x-meshd-netmap-version";
 
@@ -379,17 +382,40 @@ pub async fn serve_api_on(
         stopping: stop_rx,
     };
     tracing::info!(address = %local, "coordinator API listening");
+    // Expired invitations leave the netmaps (their throwaway keys stop being accepted) even
+    // when nobody calls the registry.
+    let expiry = {
+        let coord = state.coord.clone();
+        let mut stopping = state.stopping.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(EXPIRY_SWEEP);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopping.wait_for(|s| *s) => return,
+                }
+                let c = coord.clone();
+                match blocking(move || c.expire_invites(now_unix())).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(expired = n, "invitations expired"),
+                    Err(e) => tracing::warn!(error = %e, "cannot expire invitations"),
+                }
+            }
+        })
+    };
     let graceful = async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    axum::serve(
+    let served = axum::serve(
         listener,
         router(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(graceful)
     .await
-    .map_err(|e| CoordError::io(format!("serving the API on {local}"), e))?;
+    .map_err(|e| CoordError::io(format!("serving the API on {local}"), e));
+    expiry.abort();
+    served?;
     tracing::info!(address = %local, "coordinator API stopped");
     Ok(())
 }

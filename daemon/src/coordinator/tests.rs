@@ -963,3 +963,73 @@ fn netmap_json_is_what_serde_gives_with_a_warm_cache() {
         .unwrap()
         .is_none());
 }
+
+/// SO_BINDTODEVICE: a listener bound to another interface never serves a connection that
+/// arrives on loopback (the analogue of a spoofed mesh source sent to the underlay address).
+/// Needs CAP_NET_RAW and a non-loopback interface; skipped (with a note) otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_bound_to_another_device_is_not_reachable_over_loopback() {
+    let other = std::fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .find(|n| n != "lo");
+    let Some(other) = other else {
+        eprintln!("skipped: no interface besides lo");
+        return;
+    };
+    // Bound to lo: served.
+    let lo = match bind_api_listener("127.16.0.1:0".parse().unwrap(), Some("lo")) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("skipped: cannot bind to a device here: {e}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let coord =
+        Coordinator::open(settings(dir.path(), "127.16.0.0/16", "127.16.0.1"), NOW).unwrap();
+    let lo_addr = lo.local_addr().unwrap();
+    let observed: ObservedFn = Arc::new(|_| None);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve_api_on(coord.clone(), lo, observed.clone(), async {
+        let _ = rx.await;
+    }));
+    let r = http(
+        addr("127.16.0.1"),
+        lo_addr,
+        "GET",
+        "/v1/netmap?since=0",
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+
+    // Bound to another interface: a connection over lo is never served.
+    let away = bind_api_listener("127.16.0.1:0".parse().unwrap(), Some(&other)).unwrap();
+    let away_addr = away.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve_api_on(coord, away, observed, async {
+        let _ = rx.await;
+    }));
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.16.0.1:0".parse().unwrap()).unwrap();
+    let conn = tokio::time::timeout(Duration::from_secs(2), sock.connect(away_addr)).await;
+    assert!(
+        !matches!(conn, Ok(Ok(_))),
+        "a listener bound to {other} accepted a connection over lo"
+    );
+    let _ = tx.send(());
+    task.await.unwrap().unwrap();
+}
+
+#[test]
+fn binding_to_a_missing_device_fails_clearly() {
+    match bind_api_listener("127.16.0.1:0".parse().unwrap(), Some("nosuchdev0")) {
+        Ok(_) => panic!("bound to a missing device"),
+        Err(e) => assert!(e.to_string().contains("nosuchdev0"), "{e}"),
+    }
+}
