@@ -23,6 +23,7 @@ use crate::state::{write_atomic, Membership, StateDir};
 pub const BOOTSTRAP_KEEPALIVE: u16 = 25;
 /// How long a join may take to reach the coordinator through the tunnel.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+const JOIN_RETRY: Duration = Duration::from_millis(250);
 /// How often the interface addresses are checked for changes.
 pub const ENDPOINT_CHECK: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -205,11 +206,12 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
             return Err(format!("cannot bring {interface} up for the join: {e}"));
         }
         let own = PrivateKey::generate();
-        let addresses = agent
+        let underlay = agent
             .link
             .underlay_addresses(&interface)
             .await
             .unwrap_or_default();
+        let addresses = endpoint_report(0, underlay, Some(address)).addresses;
         let req = JoinRequest {
             token: token_text.to_string(),
             public_key: own.public_key(),
@@ -217,23 +219,55 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
             addresses,
         };
         let at = SocketAddr::new(body.coordinator_address, body.api_port);
-        let resp = api
-            .join(at, &req, JOIN_TIMEOUT)
-            .await
-            .map_err(|e| match e {
-                CallError::Unreachable { message, .. } => format!(
-                    "cannot reach the coordinator {at} through the tunnel within {}s ({message}): \
-                 the token may belong to another mesh, or the coordinator's endpoint {} is \
-                 unreachable from here",
-                    JOIN_TIMEOUT.as_secs(),
-                    body.coordinator_endpoints
-                        .iter()
-                        .map(|e| e.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                other => other.to_string(),
-            })?;
+        // The handshake and the coordinator's API may take a moment: retry what looks like
+        // "not there yet" until the deadline.
+        let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+        let resp = loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match api.join(at, &req, left).await {
+                Err(CallError::Unreachable { message, .. })
+                    if deadline.saturating_duration_since(tokio::time::Instant::now())
+                        > JOIN_RETRY =>
+                {
+                    tracing::debug!(error = %message, "coordinator not reachable yet; retrying");
+                    tokio::time::sleep(JOIN_RETRY).await;
+                }
+                other => break other,
+            }
+        };
+        let resp = match resp {
+            Ok(r) => r,
+            Err(CallError::Unreachable { message, .. }) => {
+                // Did the coordinator accept the token's key (a WireGuard handshake)?
+                let handshake = agent.wg.observe().await.ok().and_then(|d| {
+                    d.peers
+                        .get(&body.coordinator_public_key)
+                        .and_then(|p| p.last_handshake)
+                });
+                let endpoints = body
+                    .coordinator_endpoints
+                    .iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(match handshake {
+                    Some(_) => format!(
+                        "the coordinator accepted the token's key but its API at {at} did not \
+                         answer within {}s ({message}); is the coordinator running?",
+                        JOIN_TIMEOUT.as_secs()
+                    ),
+                    None => format!(
+                        "no answer from the coordinator {at} through the tunnel within {}s \
+                         ({message}), not even a WireGuard handshake: the coordinator does not \
+                         accept this token's key, so the invitation was already used, revoked \
+                         or expired, or the token belongs to another mesh; or the coordinator's \
+                         endpoint {endpoints} is unreachable from here",
+                        JOIN_TIMEOUT.as_secs()
+                    ),
+                });
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         if resp.netmap.public_key != own.public_key() || resp.netmap.address != body.host_address {
             return Err(format!(
                 "the coordinator answered with a netmap for {} ({}), not for us",
@@ -719,7 +753,10 @@ mod tests {
             key(77).public_key(),
             "not the throwaway key"
         );
-        assert_eq!(req.addresses.len(), 2);
+        assert_eq!(
+            req.addresses,
+            vec!["192.168.1.3".parse::<IpAddr>().expect("ip")]
+        );
         // The interface runs with the new key and the netmap's peers.
         assert_eq!(a.wg.device.public_key, Some(req.public_key));
         assert_eq!(a.key().public_key(), req.public_key);

@@ -185,6 +185,7 @@ fn start_coordinator(
     let api_coord = coord.clone();
     tokio::spawn(async move {
         let mut stop = stop;
+        let mut failures = 0u32;
         loop {
             let mut stop_api = stop.clone();
             let shutdown = async move {
@@ -199,14 +200,23 @@ fn start_coordinator(
             )
             .await
             {
-                Ok(()) => {}
-                Err(e) => tracing::warn!(error = %e, "coordinator API not serving; retrying"),
+                Ok(()) => failures = 0,
+                // Expected until the first pass created the interface: retry quickly, log
+                // once in a while.
+                Err(e) if failures % 50 == 0 => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "coordinator API not serving yet; retrying")
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::debug!(error = %e, "coordinator API not serving yet; retrying")
+                }
             }
             if *stop.borrow() {
                 return;
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 _ = stop.changed() => return,
             }
         }
