@@ -228,17 +228,20 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
         self.recompute();
     }
 
-    /// Install a new netmap; the next pass applies it. Older versions than the one held are
-    /// ignored (returns false).
+    /// Install a new netmap; the next pass applies it. Returns false when it is the one held.
+    /// An older version than the one held is taken too (the coordinator is the authority, e.g.
+    /// after its registry was restored from a backup), with a warning.
     pub fn set_netmap(&mut self, netmap: Netmap) -> bool {
         if let Some(held) = &self.netmap {
-            if netmap.version < held.version && netmap.public_key == held.public_key {
+            if *held == netmap {
+                return false;
+            }
+            if netmap.version < held.version {
                 tracing::warn!(
                     held = held.version,
                     got = netmap.version,
-                    "ignoring an older netmap"
+                    "the coordinator sent an older netmap version; taking it"
                 );
-                return false;
             }
         }
         tracing::info!(

@@ -213,3 +213,79 @@ pub fn admin_route<W: WgBackend, L: LinkBackend>(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A one-connection-per-answer HTTP server: answers each request with the next canned
+    /// (status, body) and records the request line.
+    async fn canned(
+        answers: Vec<(u16, &'static str)>,
+    ) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let at = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for (status, body) in answers {
+                let (mut s, _) = listener.accept().await.expect("accept");
+                let mut buf = vec![0u8; 8192];
+                let n = s.read(&mut buf).await.expect("read");
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                seen.push(req.lines().next().unwrap_or_default().to_string());
+                let resp = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                s.write_all(resp.as_bytes()).await.expect("write");
+            }
+            seen
+        });
+        (at, task)
+    }
+
+    #[tokio::test]
+    async fn admin_requests_are_relayed_to_the_coordinator_api() {
+        let (at, server) = canned(vec![
+            (200, "[]"),
+            (204, ""),
+            (403, r#"{"error":"10.99.99.3 is not an admin host"}"#),
+        ])
+        .await;
+        let r = relay_admin(at, Request::Hosts).await;
+        assert_eq!(r, Response::Hosts { hosts: Vec::new() });
+        let r = relay_admin(
+            at,
+            Request::RevokeInvite {
+                name: "dock-dash".into(),
+            },
+        )
+        .await;
+        assert!(matches!(r, Response::Ok { .. }), "{r:?}");
+        let r = relay_admin(
+            at,
+            Request::Remove {
+                name: "dock-dash".into(),
+            },
+        )
+        .await;
+        match r {
+            Response::Error { message } => {
+                assert!(message.contains("is not an admin host"), "{message}")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let seen = server.await.expect("server");
+        assert_eq!(
+            seen,
+            vec![
+                "GET /v1/admin/hosts HTTP/1.1",
+                "DELETE /v1/admin/invites/dock-dash HTTP/1.1",
+                "DELETE /v1/admin/hosts/dock-dash HTTP/1.1",
+            ]
+        );
+    }
+}
