@@ -53,6 +53,11 @@ pub trait Api: Send + Sync {
         req: &JoinRequest,
         timeout: Duration,
     ) -> impl Future<Output = Result<JoinResponse, CallError>> + Send;
+
+    /// How long a join keeps trying to reach the coordinator through the tunnel.
+    fn join_deadline(&self) -> Duration {
+        crate::member::JOIN_TIMEOUT
+    }
 }
 
 /// The real client.

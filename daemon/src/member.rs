@@ -221,7 +221,8 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
         let at = SocketAddr::new(body.coordinator_address, body.api_port);
         // The handshake and the coordinator's API may take a moment: retry what looks like
         // "not there yet" until the deadline.
-        let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+        let window = api.join_deadline();
+        let deadline = tokio::time::Instant::now() + window;
         let resp = loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match api.join(at, &req, left).await {
@@ -254,7 +255,7 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
                     Some(_) => format!(
                         "the coordinator accepted the token's key but its API at {at} did not \
                          answer within {}s ({message}); is the coordinator running?",
-                        JOIN_TIMEOUT.as_secs()
+                        window.as_secs()
                     ),
                     None => format!(
                         "no answer from the coordinator {at} through the tunnel within {}s \
@@ -262,7 +263,7 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
                          accept this token's key, so the invitation was already used, revoked \
                          or expired, or the token belongs to another mesh; or the coordinator's \
                          endpoint {endpoints} is unreachable from here",
-                        JOIN_TIMEOUT.as_secs()
+                        window.as_secs()
                     ),
                 });
             }
@@ -704,6 +705,10 @@ mod tests {
     }
 
     impl Api for FakeApi {
+        fn join_deadline(&self) -> Duration {
+            Duration::from_millis(600)
+        }
+
         async fn join(
             &self,
             at: SocketAddr,
