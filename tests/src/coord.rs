@@ -358,6 +358,44 @@ impl Lab {
         Ok(f)
     }
 
+    /// Wait until every ordered pair `(a, b)` pings over the mesh (`a` pings `b`'s planned
+    /// mesh address), in parallel; an error lists the pairs that did not within `timeout`.
+    pub fn wait_pair_pings(&self, pairs: &[(&str, &str)], timeout: Duration) -> Result<()> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = pairs
+                .iter()
+                .map(|&(a, b)| {
+                    s.spawn(move || -> Result<()> {
+                        let addr = self.mesh_addr(b)?;
+                        crate::poll::poll_until(
+                            timeout,
+                            &format!("{a} to ping {b} ({addr}) over the mesh"),
+                            || self.ping(a, addr),
+                        )
+                    })
+                })
+                .collect();
+            let failed: Vec<String> = handles
+                .into_iter()
+                .filter_map(|h| match h.join() {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(format!("{e:#}")),
+                    Err(_) => Some("a ping thread panicked".into()),
+                })
+                .collect();
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                bail!(
+                    "{} of {} mesh pairs failed:\n  {}",
+                    failed.len(),
+                    pairs.len(),
+                    failed.join("\n  ")
+                )
+            }
+        })
+    }
+
     /// Time from now until every host in `from` has a ping answered by `to` (each tried every
     /// 50 ms, in parallel), or an error naming the ones that did not within `timeout`.
     pub fn time_until_reachable(
