@@ -60,31 +60,39 @@ pub async fn run<W: WgBackend, L: LinkBackend>(
     run_with(agent, listener, shutdown, MeshWiring::default()).await
 }
 
-/// Join from `[daemon] join_token_file` when not a member yet (unattended installs).
+/// Join from `[daemon] join_token_file` when not a member yet (unattended installs). Returns
+/// whether to try again later (the coordinator did not answer).
 async fn join_from_file<W: WgBackend, L: LinkBackend>(
     agent: &mut Agent<W, L>,
     member: &mut MemberRuntime,
-) {
+) -> bool {
     let Some(path) = agent.settings().join_token_file.clone() else {
-        return;
+        return false;
     };
     if agent.membership().is_some() || agent.settings().coordinator.is_some() {
-        return;
+        return false;
     }
     let token = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) => {
             tracing::error!(file = %path.display(), error = %e, "cannot read the join token file");
-            return;
+            return false;
         }
     };
     match crate::member::join(agent, &member.state, &token, &HttpApi).await {
         Ok(m) => {
             tracing::info!(file = %path.display(), host = %m.host_name, address = %m.address, "joined from the token file");
             member.joined(agent).await;
+            false
         }
         Err(e) => {
-            tracing::error!(file = %path.display(), error = %e, "join from the token file failed")
+            tracing::error!(
+                file = %path.display(),
+                error = %e,
+                retry = e.retryable,
+                "join from the token file failed"
+            );
+            e.retryable
         }
     }
 }
@@ -114,7 +122,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
     // The first pass runs before any control request is answered.
     timer.tick().await;
     agent.reconcile(now()).await;
-    join_from_file(&mut agent, &mut member).await;
+    let mut retry_join = join_from_file(&mut agent, &mut member).await;
     let mut endpoint_timer = ticker(ENDPOINT_CHECK);
     loop {
         tokio::select! {
@@ -150,6 +158,9 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                 agent.reconcile(now()).await;
             }
             _ = endpoint_timer.tick() => {
+                if retry_join && agent.membership().is_none() {
+                    retry_join = join_from_file(&mut agent, &mut member).await;
+                }
                 member.check_endpoints(&mut agent).await;
             }
         }

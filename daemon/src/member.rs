@@ -137,8 +137,42 @@ fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-fn wrap(e: impl std::fmt::Display) -> String {
-    e.to_string()
+/// Why a join failed, for the operator; `retryable` when trying again later may work (the
+/// coordinator did not answer), not when the token itself was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinError {
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl JoinError {
+    fn retryable(message: String) -> Self {
+        JoinError {
+            message,
+            retryable: true,
+        }
+    }
+}
+
+impl From<String> for JoinError {
+    fn from(message: String) -> Self {
+        JoinError {
+            message,
+            retryable: false,
+        }
+    }
+}
+
+impl From<&str> for JoinError {
+    fn from(message: &str) -> Self {
+        JoinError::from(message.to_string())
+    }
+}
+
+impl std::fmt::Display for JoinError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// Join the mesh of `token_text`. On success the interface runs with the host's own new key,
@@ -150,35 +184,36 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
     state: &StateDir,
     token_text: &str,
     api: &A,
-) -> Result<Membership, String> {
+) -> Result<Membership, JoinError> {
     let token_text = token_text.trim();
     if agent.settings().coordinator.is_some() {
         return Err("this host runs the coordinator; it is already the mesh".into());
     }
     if let Some(m) = agent.membership() {
-        return Err(format!(
+        return Err(JoinError::from(format!(
             "already a member of mesh {} as {} ({}); remove {} to join another mesh",
             m.mesh_cidr,
             m.host_name,
             m.address,
             state.membership_path().display()
-        ));
+        )));
     }
-    let token = Token::decode(token_text).map_err(|e| format!("invalid token: {e}"))?;
+    let token =
+        Token::decode(token_text).map_err(|e| JoinError::from(format!("invalid token: {e}")))?;
     let body = token.body.clone();
     let now_unix = now().as_secs();
     if body.expires_unix <= now_unix {
-        return Err(format!(
+        return Err(JoinError::from(format!(
             "the invitation for {} expired {}s ago (by this host's clock); ask for a new one",
             body.host_name,
             now_unix - body.expires_unix
-        ));
+        )));
     }
     let throwaway = token
         .throwaway_key()
-        .map_err(|e| format!("invalid token: {e}"))?;
+        .map_err(|e| JoinError::from(format!("invalid token: {e}")))?;
     let address = IpNet::new(body.host_address, body.mesh_cidr.prefix_len())
-        .map_err(|e| format!("invalid token: bad address: {e}"))?;
+        .map_err(|e| JoinError::from(format!("invalid token: bad address: {e}")))?;
     if body.coordinator_endpoints.is_empty() {
         return Err("invalid token: it names no coordinator endpoint".into());
     }
@@ -203,7 +238,9 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
     let result = async {
         let report = agent.reconcile(now()).await;
         if let Some(e) = report.error {
-            return Err(format!("cannot bring {interface} up for the join: {e}"));
+            return Err(JoinError::retryable(format!(
+                "cannot bring {interface} up for the join: {e}"
+            )));
         }
         let own = PrivateKey::generate();
         let underlay = agent
@@ -251,7 +288,7 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
                     .map(|e| e.to_string())
                     .collect::<Vec<_>>()
                     .join(", ");
-                return Err(match handshake {
+                return Err(JoinError::retryable(match handshake {
                     Some(_) => format!(
                         "the coordinator accepted the token's key but its API at {at} did not \
                          answer within {}s ({message}); is the coordinator running?",
@@ -265,19 +302,23 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
                          endpoint {endpoints} is unreachable from here",
                         window.as_secs()
                     ),
-                });
+                }));
             }
-            Err(e) => return Err(e.to_string()),
+            Err(CallError::Refused { status, message }) if status >= 500 => {
+                return Err(JoinError::retryable(message))
+            }
+            Err(e) => return Err(e.to_string().into()),
         };
         if resp.netmap.public_key != own.public_key() || resp.netmap.address != body.host_address {
-            return Err(format!(
+            return Err(JoinError::from(format!(
                 "the coordinator answered with a netmap for {} ({}), not for us",
                 resp.netmap.name, resp.netmap.address
-            ));
+            )));
         }
         let mut key_text = own.to_base64();
         key_text.push('\n');
-        write_atomic(&agent.settings().private_key_file, key_text.as_bytes()).map_err(wrap)?;
+        write_atomic(&agent.settings().private_key_file, key_text.as_bytes())
+            .map_err(|e| JoinError::from(e.to_string()))?;
         let membership = Membership {
             host_name: body.host_name.clone(),
             address: body.host_address,
@@ -289,8 +330,12 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
             admin: body.admin,
             joined_unix: now_unix,
         };
-        state.save_netmap(&resp.netmap).map_err(wrap)?;
-        state.save_membership(&membership).map_err(wrap)?;
+        state
+            .save_netmap(&resp.netmap)
+            .map_err(|e| JoinError::from(e.to_string()))?;
+        state
+            .save_membership(&membership)
+            .map_err(|e| JoinError::from(e.to_string()))?;
         Ok((own, membership, resp.netmap))
     }
     .await;
@@ -791,7 +836,7 @@ mod tests {
         let err = join(&mut a, &st, &token(far_future()), &api)
             .await
             .expect_err("already joined");
-        assert!(err.contains("already a member"), "{err}");
+        assert!(err.message.contains("already a member"), "{err}");
     }
 
     #[tokio::test]
@@ -807,7 +852,8 @@ mod tests {
         let err = join(&mut a, &st, &token(far_future()), &api)
             .await
             .expect_err("refused");
-        assert_eq!(err, "invitation for dock-mirror was already used");
+        assert_eq!(err.message, "invitation for dock-mirror was already used");
+        assert!(!err.retryable);
         assert!(a.link.deleted, "the interface the join created is deleted");
         assert!(a.link.addresses.is_empty());
         assert_eq!(a.key(), &before);
@@ -829,7 +875,8 @@ mod tests {
         let err = join(&mut a, &st, &token(far_future()), &api)
             .await
             .expect_err("unreachable");
-        assert!(err.contains("another mesh"), "{err}");
+        assert!(err.message.contains("another mesh"), "{err}");
+        assert!(err.retryable);
     }
 
     #[tokio::test]
@@ -839,15 +886,15 @@ mod tests {
         let st = StateDir::new(dir.path().join("state"));
         let api = FakeApi::new(None);
         let err = join(&mut a, &st, "hello", &api).await.expect_err("prefix");
-        assert!(err.contains("invalid token"), "{err}");
+        assert!(err.message.contains("invalid token"), "{err}");
         let err = join(&mut a, &st, "meshd1.@@@", &api)
             .await
             .expect_err("damaged");
-        assert!(err.contains("invalid token"), "{err}");
+        assert!(err.message.contains("invalid token"), "{err}");
         let err = join(&mut a, &st, &token(1000), &api)
             .await
             .expect_err("expired");
-        assert!(err.contains("expired"), "{err}");
+        assert!(err.message.contains("expired"), "{err}");
         assert!(api.seen.lock().expect("lock").is_empty());
         assert_eq!(a.wg.ensure_calls, 0);
         assert!(a.wg.absent);

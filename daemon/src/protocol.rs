@@ -141,7 +141,7 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
                         m.mesh_cidr, m.host_name, m.address
                     ))
                 }
-                Err(e) => Response::error(e),
+                Err(e) => Response::error(e.message),
             }
         }
         Request::Invite(_)
