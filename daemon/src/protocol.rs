@@ -71,7 +71,12 @@ pub fn status(st: &AgentStatus, peers: &[PeerStatus], now_unix: u64) -> Status {
             .filter(|p| p.has_recent_handshake(now_unix))
             .count(),
         last_reconcile_unix: st.last_pass.map(|d| d.as_secs()),
-        last_error: st.last_error.clone(),
+        last_error: st.last_error.clone().or_else(|| {
+            st.mesh
+                .last_error
+                .as_ref()
+                .map(|e| format!("coordinator: {e}"))
+        }),
         version: env!("CARGO_PKG_VERSION").to_string(),
         ifindex: st.ifindex,
         netmap_version: st.netmap_version,
