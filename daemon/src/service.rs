@@ -65,7 +65,7 @@ pub async fn serve(settings: Settings) -> Result<()> {
     let link = NetlinkLink::connect()?;
     let socket = ControlSocket::bind(&settings.control_socket)?;
     tracing::info!(
-        host = settings.host_name.as_deref().unwrap_or("(not joined yet)"),
+        host = settings.host_name.as_deref().unwrap_or("(from the membership, once joined)"),
         interface = %settings.interface,
         public_key = %key.public_key(),
         control_socket = %socket.path().display(),
