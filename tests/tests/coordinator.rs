@@ -98,7 +98,6 @@ fn stop(lab: &Lab, p: ProcId, sig: i32) -> Result<()> {
 // ------------------------------------------------------------------------------------ tests
 
 #[test]
-#[ignore = "needs the coordinator API served by meshd and the member side (meshd coordinator/member wiring): issue 3 in progress"]
 fn fleet_forms_from_tokens_alone() -> Result<()> {
     let _g = serial();
     let lab = lab(&meshlab::topology::all_host_names())?;
@@ -254,7 +253,6 @@ fn nas_and_home_hosts_ping_behind_the_same_nat() -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs the coordinator API served by meshd and the member side (meshd coordinator/member wiring): issue 3 in progress"]
 fn every_peer_pings_a_new_host_within_2s_of_the_join() -> Result<()> {
     let _g = serial();
     let lab = lab(&["dock-load", "dock-prod", "dock-mirror", "dock-dash"])?;
@@ -302,7 +300,6 @@ fn every_peer_pings_a_new_host_within_2s_of_the_join() -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs the coordinator API served by meshd and the member side (meshd coordinator/member wiring): issue 3 in progress"]
 fn removed_host_leaves_every_netmap_within_1s() -> Result<()> {
     let _g = serial();
     let lab = lab(&["dock-load", "dock-prod", "dock-mirror", "dock-dash"])?;
@@ -389,7 +386,6 @@ fn removed_host_leaves_every_netmap_within_1s() -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs the coordinator API served by meshd and the member side (meshd coordinator/member wiring): issue 3 in progress"]
 fn mesh_survives_the_coordinator_and_restores_from_cache() -> Result<()> {
     let _g = serial();
     let lab = lab(&["dock-load", "dock-prod", "dock-mirror"])?;
@@ -532,7 +528,6 @@ fn assert_refused(lab: &Lab, host: &str, token: &str, what: &str, words: &[&str]
 }
 
 #[test]
-#[ignore = "needs the coordinator API served by meshd and the member side (meshd coordinator/member wiring): issue 3 in progress"]
 fn reused_expired_tampered_and_foreign_tokens_are_refused() -> Result<()> {
     let _g = serial();
     // A second, separate coordinator mints the foreign token.
@@ -627,7 +622,6 @@ fn reused_expired_tampered_and_foreign_tokens_are_refused() -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs the coordinator API served by meshd and the member side (meshd coordinator/member wiring): issue 3 in progress"]
 fn api_is_not_served_off_the_mesh() -> Result<()> {
     let _g = serial();
     let lab = lab(&["dock-load", "dock-prod", "dock-dash"])?;
@@ -724,7 +718,6 @@ fn api_is_not_served_off_the_mesh() -> Result<()> {
 type BadBody<'a> = (&'a str, &'a str, &'a str, Vec<u8>, Vec<&'a str>);
 
 #[test]
-#[ignore = "needs the coordinator API served by meshd and the member side (meshd coordinator/member wiring): issue 3 in progress"]
 fn malformed_and_oversized_bodies_get_4xx() -> Result<()> {
     let _g = serial();
     let lab = lab(&["dock-load", "dock-prod", "dock-mirror"])?;
