@@ -252,6 +252,51 @@ fn nas_and_home_hosts_ping_behind_the_same_nat() -> Result<()> {
     res
 }
 
+/// Hosts behind the home NAT join every time: three fresh labs, each with dock-prod joined
+/// first, then dock-mirror with `meshctl join` and dock-edge from its token file; every home
+/// join must succeed and mesh.
+#[test]
+fn home_hosts_join_reliably_behind_the_nat() -> Result<()> {
+    let _g = serial();
+    let mut failures = Vec::new();
+    let rounds = 3;
+    for round in 0..rounds {
+        let lab = lab(&["dock-load", "dock-prod", "dock-mirror", "dock-edge"])?;
+        managed(&lab, &[("dock-prod", JoinMode::Command)])?;
+        for (h, mode) in [
+            ("dock-mirror", JoinMode::Command),
+            ("dock-edge", JoinMode::TokenFile),
+        ] {
+            let token = lab.invite(h, &[])?;
+            let joined = lab.join_host(h, &token, mode).and_then(|_| {
+                lab.wait_pair_pings(
+                    &[(h, COORDINATOR), (COORDINATOR, h)],
+                    Duration::from_secs(30),
+                )
+            });
+            if let Err(e) = joined {
+                eprintln!(
+                    "round {round}: {h} did not join: {e:#}\n--- coordinator log:\n{}\n--- {h} log:\n{}",
+                    lab.log_tail(COORDINATOR, 12),
+                    lab.log_tail(h, 12)
+                );
+                failures.push(format!("round {round}: {h}"));
+            }
+        }
+    }
+    eprintln!(
+        "MEASURED home joins: {} of {} failed {:?}",
+        failures.len(),
+        rounds * 2,
+        failures
+    );
+    assert!(
+        failures.is_empty(),
+        "joins behind the NAT failed: {failures:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn every_peer_pings_a_new_host_within_2s_of_the_join() -> Result<()> {
     let _g = serial();
@@ -364,6 +409,15 @@ fn removed_host_leaves_every_netmap_within_1s() -> Result<()> {
         worst < REMOVE_BUDGET,
         "{gone} stayed in a netmap {worst:?} after the removal (budget {REMOVE_BUDGET:?})"
     );
+    // No daemon's netmap names it any more.
+    for h in stay {
+        let json = lab.meshctl(h, &["peers", "--json"])?;
+        let v: Value = serde_json::from_str(&json)?;
+        assert!(
+            find_named(&v, gone).is_none(),
+            "{h}'s meshctl peers still lists {gone}: {json}"
+        );
+    }
     // Its traffic stops passing, both ways.
     for h in stay {
         assert!(
