@@ -244,6 +244,9 @@ fn up(root: &std::path::Path, mode: UpMode, timeout: Duration, keep: bool) -> Re
     if let Err(e) = result {
         ok = false;
         eprintln!("meshlab: {e:#}");
+        if let Ok(out) = lab.meshctl(COORDINATOR, &["peers"]) {
+            eprintln!("\n$ meshlab exec {COORDINATOR} meshctl peers\n{out}");
+        }
         for h in DAEMON_HOSTS {
             eprintln!("  log of {h}: {}", lab.meshd_log(h).display());
         }
