@@ -252,21 +252,25 @@ fn nas_and_home_hosts_ping_behind_the_same_nat() -> Result<()> {
     res
 }
 
-/// Hosts behind the home NAT join every time: three fresh labs, each with dock-prod joined
-/// first, then dock-mirror with `meshctl join` and dock-edge from its token file; every home
-/// join must succeed and mesh.
+/// Every join succeeds: three fresh labs, each joining dock-prod (public) and dock-mirror with
+/// `meshctl join`, then dock-edge from its token file (both behind the home NAT); every join
+/// must return success and mesh with the coordinator. Failures are counted and the daemons'
+/// logs printed, so a rare race shows up with its evidence.
 #[test]
-fn home_hosts_join_reliably_behind_the_nat() -> Result<()> {
+fn joins_succeed_every_time() -> Result<()> {
     let _g = serial();
     let mut failures = Vec::new();
     let rounds = 3;
+    let hosts = [
+        ("dock-prod", JoinMode::Command),
+        ("dock-mirror", JoinMode::Command),
+        ("dock-edge", JoinMode::TokenFile),
+    ];
     for round in 0..rounds {
         let lab = lab(&["dock-load", "dock-prod", "dock-mirror", "dock-edge"])?;
-        managed(&lab, &[("dock-prod", JoinMode::Command)])?;
-        for (h, mode) in [
-            ("dock-mirror", JoinMode::Command),
-            ("dock-edge", JoinMode::TokenFile),
-        ] {
+        let engine = meshlab::engine_command(lab.bin_dir());
+        lab.start_coordinator(&engine)?;
+        for (h, mode) in hosts {
             let token = lab.invite(h, &[])?;
             let joined = lab.join_host(h, &token, mode).and_then(|_| {
                 lab.wait_pair_pings(
@@ -285,15 +289,12 @@ fn home_hosts_join_reliably_behind_the_nat() -> Result<()> {
         }
     }
     eprintln!(
-        "MEASURED home joins: {} of {} failed {:?}",
+        "MEASURED joins: {} of {} failed {:?}",
         failures.len(),
-        rounds * 2,
+        rounds * hosts.len(),
         failures
     );
-    assert!(
-        failures.is_empty(),
-        "joins behind the NAT failed: {failures:?}"
-    );
+    assert!(failures.is_empty(), "joins failed: {failures:?}");
     Ok(())
 }
 
