@@ -253,7 +253,8 @@ fn nas_and_home_hosts_ping_behind_the_same_nat() -> Result<()> {
 }
 
 /// Every join succeeds: three fresh labs, each joining dock-prod (public) and dock-mirror with
-/// `meshctl join`, then dock-edge from its token file (both behind the home NAT); every join
+/// `meshctl join`, dock-edge from its token file (both behind the home NAT), then dock-dash
+/// (public, joining a coordinator that already has three members); every join
 /// must return success and mesh with the coordinator. Failures are counted and the daemons'
 /// logs printed, so a rare race shows up with its evidence.
 #[test]
@@ -265,9 +266,16 @@ fn joins_succeed_every_time() -> Result<()> {
         ("dock-prod", JoinMode::Command),
         ("dock-mirror", JoinMode::Command),
         ("dock-edge", JoinMode::TokenFile),
+        ("dock-dash", JoinMode::Command),
     ];
     for round in 0..rounds {
-        let lab = lab(&["dock-load", "dock-prod", "dock-mirror", "dock-edge"])?;
+        let lab = lab(&[
+            "dock-load",
+            "dock-prod",
+            "dock-mirror",
+            "dock-edge",
+            "dock-dash",
+        ])?;
         let engine = meshlab::engine_command(lab.bin_dir());
         lab.start_coordinator(&engine)?;
         for (h, mode) in hosts {
@@ -279,10 +287,18 @@ fn joins_succeed_every_time() -> Result<()> {
                 )
             });
             if let Err(e) = joined {
+                // Keep both daemons' logs past the teardown, as evidence.
+                let keep = std::env::temp_dir().join("meshlab-failed-joins");
+                std::fs::create_dir_all(&keep)?;
+                let mut kept = Vec::new();
+                for host in [COORDINATOR, h] {
+                    let to = keep.join(format!("{}-{host}.log", lab.id()));
+                    std::fs::copy(lab.meshd_log(host), &to)?;
+                    kept.push(to.display().to_string());
+                }
                 eprintln!(
-                    "round {round}: {h} did not join: {e:#}\n--- coordinator log:\n{}\n--- {h} log:\n{}",
-                    lab.log_tail(COORDINATOR, 12),
-                    lab.log_tail(h, 12)
+                    "round {round}: {h} did not join: {e:#}\n  logs kept: {}",
+                    kept.join(" ")
                 );
                 failures.push(format!("round {round}: {h}"));
             }
