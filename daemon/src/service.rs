@@ -152,29 +152,8 @@ fn start_coordinator(
         .context("cannot register the coordinator's own key")?;
     tracing::info!(database = %cc.database.display(), mesh = %cc.mesh_cidr, version = coord.version(), "coordinator");
 
-    // Our own netmap, re-read on every registry change.
-    let feed = coord.clone();
-    let mut changes = coord.subscribe();
-    let mut stop_feed = stop.clone();
-    tokio::spawn(async move {
-        loop {
-            match feed.netmap_for_name(&own_name) {
-                Ok(Some(nm)) => {
-                    if events.send(MeshEvent::Netmap(Box::new(nm))).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => {
-                    tracing::error!(host = %own_name, "the registry has no netmap for the coordinator host")
-                }
-                Err(e) => tracing::error!(error = %e, "cannot compute the coordinator's netmap"),
-            }
-            tokio::select! {
-                r = changes.changed() => if r.is_err() { return },
-                _ = stop_feed.changed() => return,
-            }
-        }
-    });
+    // Our own netmap, re-read on every registry change and when a join's grace ends.
+    tokio::spawn(feed_own_netmap(coord.clone(), events, stop.clone()));
 
     // The API, inside the tunnel. The interface may not exist yet (first pass) or may come
     // back after an engine restart: bind again until it works.
@@ -224,6 +203,46 @@ fn start_coordinator(
     Ok(coord)
 }
 
+/// Feed the coordinator host's own netmap to the agent loop: now, on every registry change,
+/// and again when a join's grace ends (inside it our interface keeps the joiner's throwaway
+/// key so the join reply reaches it; see coordinator/grace.rs), so the swap to the new key
+/// does not wait for the periodic pass. Returns when stopped or when the loop is gone.
+async fn feed_own_netmap(
+    coord: Coordinator,
+    events: mpsc::Sender<MeshEvent>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut changes = coord.subscribe();
+    loop {
+        changes.borrow_and_update();
+        let mut grace_ends = None;
+        match coord.own_netmap(tokio::time::Instant::now().into_std()) {
+            Ok(Some((nm, next))) => {
+                grace_ends = next;
+                if events.send(MeshEvent::Netmap(Box::new(nm))).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => tracing::error!(
+                host = %coord.settings().own_name,
+                "the registry has no netmap for the coordinator host"
+            ),
+            Err(e) => tracing::error!(error = %e, "cannot compute the coordinator's netmap"),
+        }
+        let regrace = async {
+            match grace_ends {
+                Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            _ = regrace => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 /// Admin control requests served in-process on the coordinator host.
 fn admin_handler(coord: Coordinator) -> AdminHandler {
     Arc::new(move |request: Request| -> AdminCall {
@@ -252,4 +271,105 @@ fn admin_handler(coord: Coordinator) -> AdminHandler {
             }
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::collections::BTreeMap;
+    use std::time::Instant;
+
+    use mesh_proto::api::{InviteRequest, JoinRequest};
+    use mesh_proto::netmap::Netmap;
+    use mesh_proto::{PrivateKey, PublicKey};
+
+    use super::*;
+    use crate::coordinator::JOIN_KEY_GRACE;
+
+    const NOW: u64 = 1_800_000_000;
+
+    async fn next_netmap(rx: &mut mpsc::Receiver<MeshEvent>) -> Netmap {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(MeshEvent::Netmap(nm))) => *nm,
+            _ => panic!("no netmap from the feed"),
+        }
+    }
+
+    fn key_at(nm: &Netmap, address: std::net::IpAddr) -> Option<PublicKey> {
+        nm.peers
+            .iter()
+            .find(|p| p.address == address)
+            .map(|p| p.public_key)
+    }
+
+    /// The coordinator's own feed keeps a joiner's throwaway key for the grace, then sends the
+    /// new key by itself (no registry change needed).
+    #[tokio::test]
+    async fn own_feed_swaps_to_the_new_key_when_the_grace_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let coord = Coordinator::open(
+            CoordinatorSettings {
+                mesh_cidr: "10.99.99.0/24".parse().unwrap(),
+                api_port: mesh_proto::api::DEFAULT_API_PORT,
+                public_endpoints: vec!["192.0.2.1:51871".parse().unwrap()],
+                reserved: vec![],
+                static_assignments: BTreeMap::new(),
+                keepalive_secs: 25,
+                database: dir.path().join("registry.sqlite"),
+                own_name: "dock-load".into(),
+                own_address: "10.99.99.1".parse().unwrap(),
+                own_public_key: PrivateKey::from_bytes([1; 32]).public_key(),
+            },
+            NOW,
+        )
+        .unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let feed = tokio::spawn(feed_own_netmap(coord.clone(), tx, stop_rx));
+        next_netmap(&mut rx).await;
+
+        let req: InviteRequest = serde_json::from_value(serde_json::json!({
+            "name": "dock-dash", "admin": false, "static_peer": false,
+        }))
+        .unwrap();
+        let inv = coord.invite(req, NOW).unwrap();
+        let invited = next_netmap(&mut rx).await;
+        let throwaway = key_at(&invited, inv.address).unwrap();
+
+        let new_key = PrivateKey::generate().public_key();
+        let joined_at = Instant::now();
+        coord
+            .join(
+                inv.address,
+                JoinRequest {
+                    token: inv.token.clone().unwrap(),
+                    public_key: new_key,
+                    listen_port: 51871,
+                    addresses: vec!["198.51.100.5".parse().unwrap()],
+                },
+                NOW + 1,
+            )
+            .unwrap();
+        let in_grace = next_netmap(&mut rx).await;
+        assert!(joined_at.elapsed() < JOIN_KEY_GRACE);
+        assert_eq!(key_at(&in_grace, inv.address), Some(throwaway));
+        assert_eq!(in_grace.version, coord.version());
+
+        let after = next_netmap(&mut rx).await;
+        let waited = joined_at.elapsed();
+        assert!(waited >= JOIN_KEY_GRACE, "swapped after {waited:?}");
+        assert!(
+            waited < JOIN_KEY_GRACE + Duration::from_millis(500),
+            "swapped after {waited:?}"
+        );
+        assert_eq!(key_at(&after, inv.address), Some(new_key));
+        assert_eq!(after, coord.netmap_for_name("dock-load").unwrap().unwrap());
+
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), feed)
+            .await
+            .unwrap()
+            .unwrap();
+    }
 }

@@ -11,6 +11,7 @@ use mesh_proto::PublicKey;
 
 mod api;
 mod error;
+mod grace;
 mod render;
 mod schema;
 mod store;
@@ -21,6 +22,7 @@ mod tests;
 
 pub use api::{bind_api_listener, serve_api, serve_api_on, ObservedFn, VERSION_HEADER};
 pub use error::CoordError;
+pub use grace::{apply_join_grace, RecentJoin, JOIN_KEY_GRACE};
 pub use store::{
     validate_name, Coordinator, DEFAULT_INVITE_TTL_SECS, MAX_INVITE_TTL_SECS,
     MAX_REPORTED_ADDRESSES,

@@ -16,6 +16,7 @@ use rand_core::RngCore as _;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::watch;
 
+use super::grace::{RecentJoin, RecentJoins};
 use super::render::PeerJsonCache;
 use super::{schema, wgquick, CoordError, CoordinatorSettings};
 
@@ -44,6 +45,8 @@ pub struct Coordinator {
     secret: Arc<[u8; 32]>,
     version_tx: Arc<watch::Sender<u64>>,
     peer_json: Arc<PeerJsonCache>,
+    /// Joins inside their grace (the coordinator's own interface keeps the throwaway key).
+    pub(super) recent: Arc<RecentJoins>,
 }
 
 /// One host row.
@@ -348,6 +351,7 @@ impl Coordinator {
             secret: Arc::new(secret),
             version_tx: Arc::new(version_tx),
             peer_json: Arc::new(PeerJsonCache::default()),
+            recent: Arc::new(RecentJoins::default()),
         })
     }
 
@@ -739,6 +743,15 @@ impl Coordinator {
                 &inv_name,
                 &format!("address {invited}, key {}", req.public_key.short()),
             )?;
+            // Before the version bump is published (see grace.rs). Should the commit still
+            // fail, the entry's new key matches no host and is ignored.
+            self.recent.record(RecentJoin {
+                name: inv_name.clone(),
+                address: invited,
+                throwaway: host.public_key,
+                new_key: req.public_key,
+                at: std::time::Instant::now(),
+            });
             Ok(((), true))
         })?;
         tracing::info!(name = %name, caller = %caller, "host joined");
