@@ -68,6 +68,17 @@ enum Cmd {
         /// With --static: the device's own public key (otherwise a key pair is generated).
         #[arg(long, requires = "static_peer")]
         public_key: Option<PublicKey>,
+        /// With --static: where the device listens, ADDR:PORT (its LAN address and WireGuard
+        /// listen port when it sits on a home LAN). Hosts behind the same NAT as --near use it;
+        /// if it is publicly routable, every host does.
+        #[arg(long, requires = "static_peer", value_name = "ADDR:PORT")]
+        endpoint: Option<std::net::SocketAddr>,
+        /// With --static: a registered host behind the same NAT (on the same LAN) as the
+        /// device. Hosts behind that NAT reach the device at --endpoint, and its wg-quick config
+        /// lists them at their LAN addresses; other hosts learn its address from its
+        /// keepalives.
+        #[arg(long, requires = "static_peer", value_name = "HOST")]
+        near: Option<String>,
     },
     /// List pending invitations, or revoke one (`invites revoke NAME`).
     Invites {
@@ -200,6 +211,8 @@ fn run(cli: Cli) -> Result<()> {
             admin,
             static_peer,
             public_key,
+            endpoint,
+            near,
         } => Request::Invite(InviteRequest {
             name: name.clone(),
             address: *ip,
@@ -207,6 +220,8 @@ fn run(cli: Cli) -> Result<()> {
             admin: *admin,
             static_peer: *static_peer,
             public_key: *public_key,
+            endpoint: *endpoint,
+            near: near.clone(),
         }),
         Cmd::Invites {
             action: Some(InvitesCmd::Revoke { name }),
@@ -299,6 +314,34 @@ mod tests {
             }
         ));
         assert!(Cli::try_parse_from(["meshctl", "invite", "nas", "--public-key", "x"]).is_err());
+        let cli = Cli::try_parse_from([
+            "meshctl",
+            "invite",
+            "nas",
+            "--static",
+            "--endpoint",
+            "192.168.1.20:51820",
+            "--near",
+            "dock-mirror",
+        ])
+        .expect("parse");
+        assert!(matches!(
+            &cli.command,
+            Cmd::Invite { endpoint: Some(e), near: Some(n), .. }
+                if e.to_string() == "192.168.1.20:51820" && n == "dock-mirror"
+        ));
+        for flag in ["--endpoint", "--near"] {
+            assert!(Cli::try_parse_from(["meshctl", "invite", "nas", flag, "x"]).is_err());
+        }
+        assert!(Cli::try_parse_from([
+            "meshctl",
+            "invite",
+            "nas",
+            "--static",
+            "--endpoint",
+            "192.168.1.20"
+        ])
+        .is_err());
         assert!(Cli::try_parse_from(["meshctl", "join"]).is_err());
         let cli = Cli::try_parse_from(["meshctl", "join", "--file", "/tmp/t"]).expect("parse");
         assert!(matches!(cli.command, Cmd::Join { file: Some(_), .. }));

@@ -64,6 +64,17 @@ pub struct InviteRequest {
     pub static_peer: bool,
     /// For static peers: use this public key instead of generating a key pair.
     pub public_key: Option<PublicKey>,
+    /// For static peers: the device's own reachable address and WireGuard listen port (for
+    /// a device on a home LAN, its LAN address). Hosts behind the same NAT as `near` (or, when
+    /// the address is publicly routable, every host) get it as the device's endpoint.
+    #[serde(default)]
+    pub endpoint: Option<SocketAddr>,
+    /// For static peers: a registered host behind the same NAT (on the same LAN) as the
+    /// device. Hosts behind that NAT reach the device at `endpoint`; the device's wg-quick
+    /// config lists them at their LAN addresses. Other hosts learn the device's address when
+    /// its keepalives arrive.
+    #[serde(default)]
+    pub near: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,7 +15,14 @@
 //! (fc00::/7) and unspecified addresses (documentation ranges count as public: the lab uses
 //! them as its internet). Unusable addresses (unspecified, loopback, multicast, port 0, or
 //! inside the mesh CIDR) are dropped. Static peers send no reports: their `reported` list is
-//! used as given (it may be empty).
+//! used as given (it may be empty: the endpoint the operator gave at the invitation, if any).
+//!
+//! A static peer's `observed` address is only a *same-NAT marker* (the coordinator sets it to
+//! the observed address of the host the operator named as its neighbour): it is never offered
+//! as an `Observed` candidate (its port is the neighbour's NAT mapping, not the device's).
+//! When a static peer has a marker, its private reported addresses are offered (`Lan`) to the
+//! hosts behind the same NAT only; the other hosts get no private candidate for it, so they
+//! keep the endpoint WireGuard learns from the device's keepalives.
 //!
 //! Persistent keepalive toward P is `keepalive_secs` when H is behind NAT, or when P is a
 //! static peer behind the same NAT as H; otherwise none.
@@ -169,7 +176,13 @@ pub fn endpoint_candidates(h: &HostRecord, p: &HostRecord, mesh: IpNet) -> Vec<E
         .collect();
     let public = reported.iter().filter(|a| is_public(a.ip()));
     let private = reported.iter().filter(|a| !is_public(a.ip()));
-    let observed = p.observed.filter(|o| behind_nat(p) && usable(o, mesh));
+    // A static peer's observed address is only a same-NAT marker, never an endpoint.
+    let observed = p
+        .observed
+        .filter(|o| !p.static_peer && behind_nat(p) && usable(o, mesh));
+    // A static peer placed behind a NAT is reachable at its private addresses from that NAT's
+    // side only.
+    let private_from_afar = !(p.static_peer && p.observed.is_some());
     let mut out: Vec<EndpointCandidate> = Vec::new();
     let mut push = |addr: SocketAddr, kind: EndpointKind| {
         if !out.iter().any(|c| c.addr == addr) {
@@ -193,8 +206,10 @@ pub fn endpoint_candidates(h: &HostRecord, p: &HostRecord, mesh: IpNet) -> Vec<E
         if let Some(o) = observed {
             push(o, EndpointKind::Observed);
         }
-        for a in private {
-            push(*a, EndpointKind::Lan);
+        if private_from_afar {
+            for a in private {
+                push(*a, EndpointKind::Lan);
+            }
         }
     }
     out
@@ -408,6 +423,67 @@ mod tests {
         assert_eq!(peer(&m, "dock-load").persistent_keepalive, None);
     }
 
+    /// `meshctl invite nas --static --endpoint 192.168.1.20:51820 --near dock-mirror`: the
+    /// coordinator gives the NAS dock-mirror's observed address as its same-NAT marker.
+    #[test]
+    fn static_peer_near_a_nat_host() {
+        let mut reg = lab();
+        reg.hosts[3].observed = reg.hosts[0].observed;
+        let nas_lan = vec![EndpointCandidate {
+            addr: sa("192.168.1.20:51820"),
+            kind: EndpointKind::Lan,
+        }];
+        for neighbour in ["dock-mirror", "dock-edge"] {
+            let m = compute_netmap(&reg, neighbour).unwrap();
+            let nas = peer(&m, "nas");
+            assert_eq!(nas.endpoints, nas_lan, "{neighbour}");
+            assert_eq!(nas.persistent_keepalive, Some(25), "{neighbour}");
+        }
+        // From the internet: neither the LAN address nor the marker (the NAT's address with
+        // dock-mirror's port); dock-load learns the NAS's address from its keepalives.
+        let m = compute_netmap(&reg, "dock-load").unwrap();
+        let nas = peer(&m, "nas");
+        assert!(nas.endpoints.is_empty(), "{:?}", nas.endpoints);
+        assert_eq!(nas.persistent_keepalive, None);
+        // The NAS's own netmap (its wg-quick config): LAN neighbours at their LAN addresses,
+        // the public host at its public address.
+        let m = compute_netmap(&reg, "nas").unwrap();
+        assert_eq!(
+            peer(&m, "dock-mirror").endpoints.first(),
+            Some(&EndpointCandidate {
+                addr: sa("192.168.1.3:51871"),
+                kind: EndpointKind::Lan
+            })
+        );
+        assert_eq!(
+            peer(&m, "dock-edge").endpoints.first(),
+            Some(&EndpointCandidate {
+                addr: sa("192.168.1.4:51871"),
+                kind: EndpointKind::Lan
+            })
+        );
+        assert_eq!(
+            peer(&m, "dock-load").endpoints,
+            vec![EndpointCandidate {
+                addr: sa("198.51.100.5:51871"),
+                kind: EndpointKind::Public
+            }]
+        );
+        // A public endpoint is offered to everyone; the marker still never is.
+        reg.hosts[3].reported = vec![sa("203.0.113.20:51820")];
+        for from in ["dock-mirror", "dock-load"] {
+            let m = compute_netmap(&reg, from).unwrap();
+            assert_eq!(
+                peer(&m, "nas").endpoints,
+                vec![EndpointCandidate {
+                    addr: sa("203.0.113.20:51820"),
+                    kind: EndpointKind::Public
+                }],
+                "{from}"
+            );
+        }
+    }
+
     #[test]
     fn classification() {
         for ip in [
@@ -537,6 +613,14 @@ mod tests {
                         prop_assert!(c.addr.port() != 0);
                         prop_assert!(!reg.mesh_cidr.contains(&c.addr.ip()));
                         prop_assert!(p.endpoints[..i].iter().all(|d| d.addr != c.addr));
+                        // A static peer's observed address is a same-NAT marker only.
+                        if other.static_peer {
+                            prop_assert!(c.kind != EndpointKind::Observed);
+                            prop_assert!(other.reported.contains(&c.addr));
+                            if other.observed.is_some() && !same_nat(h, other) {
+                                prop_assert!(c.kind == EndpointKind::Public);
+                            }
+                        }
                     }
                     prop_assert_eq!(
                         p.persistent_keepalive.is_some(),

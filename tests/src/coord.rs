@@ -35,6 +35,9 @@ pub const DATABASE: &str = "/var/lib/meshd/coordinator.db";
 pub const WG_QUICK_CONF: &str = "/etc/wireguard/wgmesh0.conf";
 /// The static peer of the fleet.
 pub const NAS: &str = "nas";
+/// The port wireguard-go listens on in the NAS (its wg-quick `ListenPort`, from the
+/// invitation's `--endpoint`).
+pub const NAS_LISTEN_PORT: u16 = 51820;
 /// How long `meshctl join` / `meshctl invite` may take before the lab calls it hung.
 pub const CLI_TIMEOUT_SECS: u32 = 60;
 
@@ -151,6 +154,28 @@ pub fn parse_hosts(json: &str) -> Result<Vec<HostEntry>> {
     Ok(out)
 }
 
+/// The observed address of each host in `meshctl hosts --json` output that has one.
+pub fn observed_hosts(json: &str) -> Result<BTreeMap<String, String>> {
+    let v: Value =
+        serde_json::from_str(json).with_context(|| format!("meshctl hosts --json: {json}"))?;
+    let arr = match &v {
+        Value::Array(a) => a,
+        Value::Object(m) => m
+            .get("hosts")
+            .and_then(Value::as_array)
+            .ok_or_else(|| anyhow!("no hosts array in {json}"))?,
+        _ => bail!("unexpected meshctl hosts --json output: {json}"),
+    };
+    Ok(arr
+        .iter()
+        .filter_map(|h| {
+            let name = h.get("name")?.as_str()?;
+            let observed = h.get("observed")?.as_str()?;
+            Some((name.to_owned(), observed.to_owned()))
+        })
+        .collect())
+}
+
 /// The first `meshd1.` token in `meshctl invite` output.
 pub fn parse_token(out: &str) -> Result<String> {
     out.split_whitespace()
@@ -256,17 +281,51 @@ impl Lab {
         )?)
     }
 
-    /// `meshctl invite NAME --static` on the coordinator: the wg-quick config.
-    pub fn invite_static(&self, name: &str) -> Result<String> {
-        let out = self.meshctl_output(COORDINATOR, &["invite", name, "--static"])?;
-        let text = check_output(
-            out,
-            &format!("[{COORDINATOR}] meshctl invite {name} --static"),
-        )?;
+    /// `meshctl invite NAME --static EXTRA...` on the coordinator: the wg-quick config.
+    pub fn invite_static(&self, name: &str, extra: &[&str]) -> Result<String> {
+        let mut args = vec!["invite", name, "--static"];
+        args.extend_from_slice(extra);
+        let out = self.meshctl_output(COORDINATOR, &args)?;
+        let what = format!("[{COORDINATOR}] meshctl {}", args.join(" "));
+        let text = check_output(out, &what)?;
         if !text.contains("[Interface]") || !text.contains("PrivateKey") {
-            bail!("meshctl invite {name} --static printed no wg-quick config: {text:?}");
+            bail!("{what} printed no wg-quick config: {text:?}");
         }
         Ok(text)
+    }
+
+    /// Invite the NAS as a static peer where it sits: `--endpoint` its LAN address and
+    /// wireguard-go's port, `--near` a registered home host (behind the same NAT). First waits
+    /// until the coordinator has observed every registered home host (so the NAS's wg-quick
+    /// config lists them at their LAN addresses). With no home host registered: plain
+    /// `--static`. Returns the wg-quick config.
+    pub fn invite_nas(&self) -> Result<String> {
+        let homes: Vec<String> = self
+            .registry()?
+            .into_iter()
+            .filter(|h| {
+                !h.static_peer
+                    && !h.removed
+                    && topology::host(&h.name).is_some_and(|d| d.role == topology::Role::Home)
+            })
+            .map(|h| h.name)
+            .collect();
+        let Some(near) = homes.first() else {
+            return self.invite_static(NAS, &[]);
+        };
+        crate::poll::poll_until(
+            Duration::from_secs(30),
+            &format!("the coordinator to observe {}", homes.join(", ")),
+            || {
+                let observed = observed_hosts(&self.meshctl(COORDINATOR, &["hosts", "--json"])?)?;
+                Ok(homes.iter().all(|h| observed.contains_key(h)))
+            },
+        )?;
+        let lan = topology::host(NAS)
+            .and_then(|d| d.addr)
+            .ok_or_else(|| anyhow!("{NAS} has no LAN address in the topology"))?;
+        let endpoint = format!("{lan}:{NAS_LISTEN_PORT}");
+        self.invite_static(NAS, &["--endpoint", &endpoint, "--near", near])
     }
 
     /// The registry as the coordinator lists it (`meshctl hosts --json` on dock-load).
@@ -351,7 +410,7 @@ impl Lab {
             f.members.push(h.to_string());
         }
         if nas {
-            let conf = self.invite_static(NAS)?;
+            let conf = self.invite_nas()?;
             self.start_static_peer(NAS, &conf)?;
             f.members.push(NAS.into());
         }

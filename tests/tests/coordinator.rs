@@ -15,7 +15,7 @@ use base64::Engine as _;
 use meshlab::coord::{API_PORT, CLI_TIMEOUT_SECS};
 use meshlab::{
     poll_for, poll_until, procs, HostEntry, JoinMode, Lab, LabOpts, ProcId, COORDINATOR,
-    MESH_IFACE, NAS,
+    MESH_IFACE, MESH_PORT, NAS,
 };
 use serde_json::Value;
 
@@ -112,7 +112,7 @@ fn fleet_forms_from_tokens_alone() -> Result<()> {
             ("dock-dash", JoinMode::Command),
         ],
     )?;
-    let conf = lab.invite_static(NAS)?;
+    let conf = lab.invite_nas()?;
     assert!(
         conf.contains("PersistentKeepalive"),
         "the NAS sits behind NAT: its wg-quick config needs a keepalive:\n{conf}"
@@ -132,17 +132,13 @@ fn fleet_forms_from_tokens_alone() -> Result<()> {
         "dock-dash",
         NAS,
     ];
-    // Every ordered pair but the NAS with the other home hosts (behind the same NAT: that
-    // needs LAN endpoints for a static peer, see `nas_and_home_hosts_ping_behind_the_same_nat`).
-    let same_nat = |a: &str, b: &str| {
-        (a == NAS && ["dock-mirror", "dock-edge"].contains(&b))
-            || (b == NAS && ["dock-mirror", "dock-edge"].contains(&a))
-    };
+    // Every ordered pair, the NAS with its LAN neighbours included (LAN endpoints both ways).
     let pairs: Vec<(&str, &str)> = six
         .iter()
         .flat_map(|a| six.iter().map(move |b| (*a, *b)))
-        .filter(|(a, b)| a != b && !same_nat(a, b))
+        .filter(|(a, b)| a != b)
         .collect();
+    assert_eq!(pairs.len(), 30);
     let t0 = Instant::now();
     lab.wait_pair_pings(&pairs, MESH_TIMEOUT)?;
     eprintln!(
@@ -219,8 +215,8 @@ fn fleet_forms_from_tokens_alone() -> Result<()> {
 
 /// The NAS and the daemon hosts on its LAN reach each other directly (the home router does
 /// not hairpin, DESIGN §4 "Endpoints and NAT"), both ways.
+/// The NAS is invited with `--endpoint 192.168.1.20:51820 --near dock-mirror`.
 #[test]
-#[ignore = "needs LAN endpoints for peers behind the static peer's own NAT (its wg-quick config lists the router's 198.51.100.100 for dock-mirror/dock-edge, which does not hairpin): issue 3 in progress"]
 fn nas_and_home_hosts_ping_behind_the_same_nat() -> Result<()> {
     let _g = serial();
     let lab = lab(&["dock-load", "dock-mirror", "dock-edge", NAS])?;
@@ -231,7 +227,24 @@ fn nas_and_home_hosts_ping_behind_the_same_nat() -> Result<()> {
             ("dock-edge", JoinMode::Command),
         ],
     )?;
-    let conf = lab.invite_static(NAS)?;
+    let conf = lab.invite_nas()?;
+    for (host, lan) in [("dock-mirror", "192.168.1.3"), ("dock-edge", "192.168.1.4")] {
+        let section = conf
+            .split("\n# ")
+            .find(|s| s.starts_with(host))
+            .ok_or_else(|| anyhow!("{host} missing from the NAS's config:\n{conf}"))?;
+        assert!(
+            section.contains(&format!("Endpoint = {lan}:{MESH_PORT}\n")),
+            "{host} must be listed at its LAN address (no hairpin NAT):\n{conf}"
+        );
+    }
+    assert!(
+        conf.contains(&format!(
+            "ListenPort = {}\n",
+            meshlab::coord::NAS_LISTEN_PORT
+        )),
+        "{conf}"
+    );
     lab.start_static_peer(NAS, &conf)?;
     let homes = ["dock-mirror", "dock-edge"];
     // The NAS reaches the coordinator (the hub every config has); then the LAN pairs.

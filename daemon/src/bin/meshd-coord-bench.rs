@@ -150,6 +150,8 @@ async fn coordinator_run(hosts: usize, dir: &std::path::Path) -> anyhow::Result<
                     admin: false,
                     static_peer: false,
                     public_key: None,
+                    endpoint: None,
+                    near: None,
                 },
                 now_unix(),
             )?;
@@ -257,6 +259,8 @@ async fn coordinator_run(hosts: usize, dir: &std::path::Path) -> anyhow::Result<
                 admin: false,
                 static_peer: false,
                 public_key: None,
+                endpoint: None,
+                near: None,
             },
             now_unix(),
         )

@@ -53,6 +53,8 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         subject TEXT NOT NULL,
         detail TEXT NOT NULL
     );",
+    // 2: a static peer may name a host behind the same NAT (`meshctl invite --near`).
+    "ALTER TABLE hosts ADD COLUMN near TEXT;",
 ];
 
 /// Bring the database up to the newest schema. Refuses a database written by a newer meshd.

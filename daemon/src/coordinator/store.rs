@@ -410,6 +410,35 @@ impl Coordinator {
                 "public_key is only for static peers (a daemon host generates its own key)".into(),
             ));
         }
+        if !req.static_peer && (req.endpoint.is_some() || req.near.is_some()) {
+            return Err(CoordError::Malformed(
+                "endpoint and near are only for static peers (a daemon host reports its own)"
+                    .into(),
+            ));
+        }
+        let endpoint = req
+            .endpoint
+            .map(|e| SocketAddr::new(e.ip().to_canonical(), e.port()));
+        if let Some(e) = endpoint {
+            let ip = e.ip();
+            if e.port() == 0
+                || ip.is_unspecified()
+                || ip.is_loopback()
+                || ip.is_multicast()
+                || self.settings.mesh_cidr.contains(&ip)
+            {
+                return Err(CoordError::Malformed(format!(
+                    "endpoint {e} is unusable (port 0, unspecified, loopback, multicast or inside \
+                     the mesh)"
+                )));
+            }
+        }
+        if req.near.as_deref() == Some(req.name.as_str()) {
+            return Err(CoordError::Malformed(format!(
+                "{} cannot be near itself",
+                req.name
+            )));
+        }
         let settings = &self.settings;
         let requested = match (settings.static_assignments.get(&req.name), req.address) {
             (Some(s), Some(a)) if *s != a => {
@@ -454,23 +483,43 @@ impl Coordinator {
                     }
                 };
                 ensure_key_unused(tx, &public_key)?;
+                if let Some(near) = &req.near {
+                    match live_host_by_name(tx, near)? {
+                        Some(h) if !h.static_peer => {}
+                        Some(_) => {
+                            return Err(CoordError::Malformed(format!(
+                                "near {near}: a static peer cannot mark a NAT (name a daemon host)"
+                            )))
+                        }
+                        None => return Err(CoordError::NoSuchHost(near.clone())),
+                    }
+                }
                 tx.execute(
                     "INSERT INTO hosts (name, address, public_key, admin, static_peer, pending,
-                        removed, created_unix, key_created_unix)
-                     VALUES (?1, ?2, ?3, 0, 1, 0, 0, ?4, ?4)",
+                        removed, created_unix, key_created_unix, near)
+                     VALUES (?1, ?2, ?3, 0, 1, 0, 0, ?4, ?4, ?5)",
                     params![
                         req.name,
                         address.to_string(),
                         public_key.0.as_slice(),
-                        now_unix as i64
+                        now_unix as i64,
+                        req.near
                     ],
                 )?;
+                if let Some(e) = endpoint {
+                    set_reported(tx, tx.last_insert_rowid(), &[e])?;
+                }
                 audit(
                     tx,
                     now_unix,
                     "static_peer",
                     &req.name,
-                    &format!("address {address}, key {}", public_key.short()),
+                    &format!(
+                        "address {address}, key {}, endpoint {}, near {}",
+                        public_key.short(),
+                        endpoint.map_or_else(|| "-".to_string(), |e| e.to_string()),
+                        req.near.as_deref().unwrap_or("-")
+                    ),
                 )?;
                 Ok((
                     InviteResponse {
@@ -560,6 +609,7 @@ impl Coordinator {
             let config = wgquick::render(
                 &netmap,
                 generated.as_ref(),
+                endpoint.map(|e| e.port()),
                 settings.keepalive_secs,
                 &settings.own_name,
             );
@@ -1040,12 +1090,43 @@ fn build_snapshot(
             key_created_unix: h.key_created_unix,
         });
     }
+    resolve_near(conn, &mut hosts)?;
     Ok(RegistrySnapshot {
         mesh_cidr: settings.mesh_cidr,
         version,
         keepalive_secs: settings.keepalive_secs,
         hosts,
     })
+}
+
+/// A static peer invited with `near` gets that host's observed address as its observed
+/// address: only a same-NAT marker (the netmap never offers a static peer's observed address
+/// as an endpoint). Resolved at every snapshot, so it follows the neighbour's NAT; none while
+/// the neighbour is unknown, removed, or not observed yet.
+fn resolve_near(conn: &Connection, hosts: &mut [HostRecord]) -> Result<(), CoordError> {
+    let mut stmt = conn.prepare(
+        "SELECT name, near FROM hosts WHERE removed = 0 AND static_peer = 1 AND near IS NOT NULL",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut near: std::collections::HashMap<String, String> = Default::default();
+    for row in rows {
+        let (name, n) = row?;
+        near.insert(name, n);
+    }
+    if near.is_empty() {
+        return Ok(());
+    }
+    let observed: std::collections::HashMap<String, SocketAddr> = hosts
+        .iter()
+        .filter(|h| !h.static_peer)
+        .filter_map(|h| h.observed.map(|o| (h.name.clone(), o)))
+        .collect();
+    for h in hosts.iter_mut().filter(|h| h.static_peer) {
+        if let Some(n) = near.get(&h.name) {
+            h.observed = observed.get(n).copied();
+        }
+    }
+    Ok(())
 }
 
 /// Register or update the coordinator's own host row. Returns whether anything changed.

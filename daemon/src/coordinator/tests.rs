@@ -44,6 +44,8 @@ fn invite(c: &Coordinator, name: &str) -> mesh_proto::api::InviteResponse {
             admin: false,
             static_peer: false,
             public_key: None,
+            endpoint: None,
+            near: None,
         },
         NOW,
     )
@@ -148,6 +150,8 @@ fn allocation_never_reuses_after_remove_or_revoke() {
                 admin: false,
                 static_peer: false,
                 public_key: None,
+                endpoint: None,
+                near: None,
             },
             NOW,
         )
@@ -226,6 +230,8 @@ fn invite_join_happy_path() {
                 admin: false,
                 static_peer: false,
                 public_key: None,
+                endpoint: None,
+                near: None,
             },
             NOW,
         )
@@ -276,6 +282,8 @@ fn bad_tokens_are_refused_and_change_nothing() {
                 admin: false,
                 static_peer: false,
                 public_key: None,
+                endpoint: None,
+                near: None,
             },
             NOW,
         )
@@ -365,6 +373,8 @@ fn expired_invitations_leave_the_netmaps() {
                 admin: false,
                 static_peer: false,
                 public_key: None,
+                endpoint: None,
+                near: None,
             },
             NOW,
         )
@@ -506,6 +516,8 @@ fn static_peer_gets_a_wg_quick_config_and_appears_in_netmaps() {
                 admin: false,
                 static_peer: true,
                 public_key: None,
+                endpoint: None,
+                near: None,
             },
             NOW,
         )
@@ -535,6 +547,8 @@ fn static_peer_gets_a_wg_quick_config_and_appears_in_netmaps() {
                 admin: false,
                 static_peer: true,
                 public_key: Some(k),
+                endpoint: None,
+                near: None,
             },
             NOW,
         )
@@ -548,6 +562,166 @@ fn static_peer_gets_a_wg_quick_config_and_appears_in_netmaps() {
             .public_key,
         k
     );
+}
+
+fn invite_static_near(
+    c: &Coordinator,
+    name: &str,
+    endpoint: Option<&str>,
+    near: Option<&str>,
+) -> Result<mesh_proto::api::InviteResponse, CoordError> {
+    c.invite(
+        InviteRequest {
+            name: name.into(),
+            address: None,
+            ttl_secs: None,
+            admin: false,
+            static_peer: true,
+            public_key: None,
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
+            near: near.map(String::from),
+        },
+        NOW,
+    )
+}
+
+/// Join `name` and report it behind the NAT at 198.51.100.100, at `lan`:51871.
+fn join_behind_nat(c: &Coordinator, name: &str, lan: &str, nat_port: u16) -> IpAddr {
+    let (a, _) = invite_join(c, name);
+    c.report_endpoints(
+        a,
+        SocketAddr::new(addr("198.51.100.100"), nat_port),
+        EndpointReport {
+            listen_port: 51871,
+            addresses: vec![addr(lan)],
+        },
+        NOW + 2,
+    )
+    .unwrap();
+    a
+}
+
+fn nas_endpoints(c: &Coordinator, from: &str) -> Vec<mesh_proto::netmap::EndpointCandidate> {
+    let nm = c.netmap_for_name(from).unwrap().unwrap();
+    nm.peers
+        .into_iter()
+        .find(|p| p.name == "nas")
+        .unwrap()
+        .endpoints
+}
+
+#[test]
+fn static_peer_near_a_host_behind_the_same_nat() {
+    use mesh_proto::netmap::{EndpointCandidate, EndpointKind};
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let mirror = join_behind_nat(&c, "dock-mirror", "192.168.1.3", 40001);
+    join_behind_nat(&c, "dock-edge", "192.168.1.4", 40002);
+    let resp =
+        invite_static_near(&c, "nas", Some("192.168.1.20:51820"), Some("dock-mirror")).unwrap();
+    let conf = resp.wg_quick_config.unwrap();
+    // The NAS's config: LAN neighbours at their LAN addresses, the coordinator at its public one.
+    for (name, ep) in [
+        ("dock-edge", "192.168.1.4:51871"),
+        ("dock-load", "192.0.2.1:51871"),
+        ("dock-mirror", "192.168.1.3:51871"),
+    ] {
+        let section = conf.split("\n# ").find(|s| s.starts_with(name)).unwrap();
+        assert!(section.contains(&format!("Endpoint = {ep}\n")), "{conf}");
+        assert!(section.contains("PersistentKeepalive = 25"), "{conf}");
+    }
+    assert!(!conf.contains("198.51.100.100"), "{conf}");
+    assert!(conf.contains("\nListenPort = 51820\n"), "{conf}");
+    // The neighbours reach the NAS on the LAN; the coordinator (not behind that NAT) gets no
+    // endpoint: it learns the NAS's address from its keepalives.
+    let lan = vec![EndpointCandidate {
+        addr: "192.168.1.20:51820".parse().unwrap(),
+        kind: EndpointKind::Lan,
+    }];
+    assert_eq!(nas_endpoints(&c, "dock-mirror"), lan);
+    assert_eq!(nas_endpoints(&c, "dock-edge"), lan);
+    assert_eq!(nas_endpoints(&c, "dock-load"), vec![]);
+    let nm = c.netmap_for_name("dock-edge").unwrap().unwrap();
+    let nas = nm.peers.iter().find(|p| p.name == "nas").unwrap();
+    assert_eq!(nas.persistent_keepalive, Some(25));
+    assert!(c
+        .audit_log()
+        .unwrap()
+        .iter()
+        .any(|(_, action, subject, detail)| action == "static_peer"
+            && subject == "nas"
+            && detail.contains("endpoint 192.168.1.20:51820, near dock-mirror")));
+
+    // Kept across a restart (migration 2 holds `near`).
+    drop(c);
+    let c = open(dir.path());
+    assert_eq!(nas_endpoints(&c, "dock-edge"), lan);
+
+    // The marker follows the neighbour: dock-mirror moves to another NAT (version bump).
+    let v = c.version();
+    c.report_endpoints(
+        mirror,
+        "203.0.113.7:1000".parse().unwrap(),
+        EndpointReport {
+            listen_port: 51871,
+            addresses: vec![addr("192.168.1.3")],
+        },
+        NOW + 3,
+    )
+    .unwrap();
+    assert_eq!(c.version(), v + 1);
+    assert_eq!(nas_endpoints(&c, "dock-mirror"), lan);
+    assert_eq!(nas_endpoints(&c, "dock-edge"), vec![]);
+}
+
+#[test]
+fn bad_static_endpoints_and_neighbours_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    join_behind_nat(&c, "dock-mirror", "192.168.1.3", 40001);
+    invite_static_near(&c, "printer", None, None).unwrap();
+    refused(&c, 404, "nobody", || {
+        invite_static_near(&c, "nas", None, Some("nobody")).map(|_| ())
+    });
+    refused(&c, 400, "static peer cannot mark", || {
+        invite_static_near(&c, "nas", None, Some("printer")).map(|_| ())
+    });
+    refused(&c, 400, "near itself", || {
+        invite_static_near(&c, "nas", None, Some("nas")).map(|_| ())
+    });
+    for bad in [
+        "192.168.1.20:0",
+        "10.99.99.9:51820",
+        "127.0.0.1:51820",
+        "0.0.0.0:1",
+    ] {
+        refused(&c, 400, "unusable", || {
+            invite_static_near(&c, "nas", Some(bad), None).map(|_| ())
+        });
+    }
+    refused(&c, 400, "only for static peers", || {
+        c.invite(
+            InviteRequest {
+                name: "laptop".into(),
+                address: None,
+                ttl_secs: None,
+                admin: false,
+                static_peer: false,
+                public_key: None,
+                endpoint: Some("192.168.1.20:51820".parse().unwrap()),
+                near: None,
+            },
+            NOW,
+        )
+        .map(|_| ())
+    });
+    // A public endpoint without a neighbour is offered to everyone.
+    invite_static_near(&c, "nas", Some("203.0.113.20:51820"), None).unwrap();
+    for from in ["dock-load", "dock-mirror"] {
+        let eps = nas_endpoints(&c, from);
+        assert_eq!(eps.len(), 1);
+        assert_eq!(eps[0].addr, "203.0.113.20:51820".parse().unwrap());
+    }
 }
 
 #[test]
@@ -564,6 +738,8 @@ fn admin_flag_and_own_key_rotation() {
                 admin: true,
                 static_peer: false,
                 public_key: None,
+                endpoint: None,
+                near: None,
             },
             NOW,
         )
@@ -611,6 +787,8 @@ fn bad_invites_are_refused() {
                     admin: false,
                     static_peer: false,
                     public_key: None,
+                    endpoint: None,
+                    near: None,
                 },
                 NOW,
             )
@@ -626,6 +804,8 @@ fn bad_invites_are_refused() {
                 admin: false,
                 static_peer: false,
                 public_key: None,
+                endpoint: None,
+                near: None,
             },
             NOW,
         )
@@ -734,6 +914,8 @@ async fn api_join_netmap_and_admin_checks() {
                 admin: false,
                 static_peer: false,
                 public_key: None,
+                endpoint: None,
+                near: None,
             },
             now_real(),
         )
@@ -895,6 +1077,8 @@ async fn api_long_poll_returns_within_a_second_of_a_change() {
                     admin: false,
                     static_peer: false,
                     public_key: None,
+                    endpoint: None,
+                    near: None,
                 },
                 now_real(),
             )

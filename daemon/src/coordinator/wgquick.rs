@@ -10,10 +10,15 @@ use mesh_proto::PrivateKey;
 
 /// Render the configuration. `private_key` is the generated key, when the coordinator
 /// generated one (printed once, never stored); otherwise a placeholder line tells the
-/// operator where their own key goes.
+/// operator where their own key goes. `listen_port` is the port of the endpoint the operator
+/// gave (`--endpoint`): the device must listen there, since other hosts send to it.
+///
+/// Each peer's endpoint is its best candidate in the static peer's netmap: behind the same
+/// NAT as the device (`--near`), that is the peer's LAN address.
 pub fn render(
     netmap: &Netmap,
     private_key: Option<&PrivateKey>,
+    listen_port: Option<u16>,
     keepalive_secs: u16,
     coordinator_name: &str,
 ) -> String {
@@ -39,6 +44,9 @@ pub fn render(
         netmap.address,
         netmap.mesh_cidr.prefix_len()
     );
+    if let Some(port) = listen_port {
+        let _ = writeln!(out, "ListenPort = {port}");
+    }
     match private_key {
         Some(k) => {
             let _ = writeln!(out, "PrivateKey = {}", k.to_base64());

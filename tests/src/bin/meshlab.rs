@@ -200,8 +200,8 @@ fn start_managed(lab: &Lab, mode: JoinMode) -> Result<Vec<String>> {
         );
         hosts.push(h.to_string());
     }
-    let conf = lab.invite_static(NAS)?;
-    println!("$ meshctl invite {NAS} --static   -> wg-quick config");
+    let conf = lab.invite_nas()?;
+    println!("$ meshctl invite {NAS} --static --endpoint ... --near ...   -> wg-quick config");
     lab.start_static_peer(NAS, &conf)?;
     println!("{NAS}: wg-quick up (wireguard-go)");
     hosts.push(NAS.to_string());
