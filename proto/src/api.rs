@@ -5,6 +5,8 @@
 //! ```text
 //! POST /v1/join             JoinRequest    -> JoinResponse      (caller = the invited address)
 //! POST /v1/endpoints        EndpointReport -> 204
+//! POST /v1/rotate           RotateRequest  -> RotateResponse    (caller = a joined daemon host;
+//!                            its new key replaces its current one everywhere)
 //! GET  /v1/netmap?since=V   (long-poll up to LONG_POLL_SECS; 200 Netmap when version > V,
 //!                            304 when nothing changed in time)
 //! POST /v1/admin/invite     InviteRequest  -> InviteResponse   (admin hosts only)
@@ -40,6 +42,20 @@ pub struct JoinRequest {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinResponse {
+    pub netmap: crate::netmap::Netmap,
+}
+
+/// Key rotation: the caller's new public key (generated on the host; never used before by any
+/// host). The caller keeps using its old key until it has the reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    pub public_key: PublicKey,
+}
+
+/// The caller's netmap after the rotation (carrying its new key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateResponse {
     pub netmap: crate::netmap::Netmap,
 }
 

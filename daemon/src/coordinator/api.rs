@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use mesh_proto::api::{
-    ApiError, EndpointReport, InviteRequest, JoinRequest, LONG_POLL_SECS, MAX_BODY,
+    ApiError, EndpointReport, InviteRequest, JoinRequest, RotateRequest, LONG_POLL_SECS, MAX_BODY,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -141,6 +141,18 @@ async fn endpoints(
     let coord = st.coord.clone();
     blocking(move || coord.report_endpoints_observed(caller, observed, report, now_unix())).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn rotate(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let req: RotateRequest = parse_json(body)?;
+    let caller = caller_ip(peer);
+    let coord = st.coord.clone();
+    let resp = blocking(move || coord.rotate_key(caller, req, now_unix())).await?;
+    Ok(Json(resp).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -293,6 +305,7 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/join", post(join))
         .route("/v1/endpoints", post(endpoints))
+        .route("/v1/rotate", post(rotate))
         .route("/v1/netmap", get(netmap))
         .route("/v1/admin/invite", post(admin_invite))
         .route("/v1/admin/invites", get(admin_invites))

@@ -9,6 +9,9 @@
 //! coordinator's *own* desired state keeps the throwaway key for [`JOIN_KEY_GRACE`] after the
 //! join, then swaps. Everyone else's netmap carries the new key immediately. Nothing here is
 //! persisted: after a restart the grace is simply over.
+//!
+//! `POST /v1/rotate` records the same kind of entry: the caller's old key plays the throwaway
+//! key's part (its reply, too, travels through a tunnel still keyed with the old key).
 
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -31,7 +34,8 @@ pub const JOIN_KEY_GRACE: Duration = Duration::from_secs(1);
 pub struct RecentJoin {
     pub name: String,
     pub address: IpAddr,
-    /// The key the host used to join (from its token), still on the coordinator's interface.
+    /// The key the host used to join (from its token), or its old key after a rotation, still
+    /// on the coordinator's interface.
     pub throwaway: PublicKey,
     /// The key the host joined with, in the registry and everyone else's netmap.
     pub new_key: PublicKey,

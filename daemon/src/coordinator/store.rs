@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ipnet::IpNet;
 use mesh_proto::api::{
     EndpointReport, HostInfo, InviteInfo, InviteRequest, InviteResponse, JoinRequest, JoinResponse,
+    RotateRequest, RotateResponse,
 };
 use mesh_proto::netmap::{compute_netmap, HostRecord, Netmap, RegistrySnapshot};
 use mesh_proto::token::{Token, TokenBody, TokenError};
@@ -809,6 +810,86 @@ impl Coordinator {
             .netmap_for_name(&name)?
             .ok_or_else(|| CoordError::Internal(format!("no netmap for the new host {name}")))?;
         Ok(JoinResponse { netmap })
+    }
+
+    /// A joined daemon host at `caller` replaces its key with `req.public_key` (which no host
+    /// may ever have held). Everyone else's netmap carries the new key at once; the
+    /// coordinator's own interface keeps the old key for [`super::JOIN_KEY_GRACE`], as after a
+    /// join, so the reply reaches the caller through the tunnel it still runs with the old
+    /// key. The coordinator host itself rotates with [`Coordinator::set_own_public_key`].
+    /// Returns the caller's netmap.
+    pub fn rotate_key(
+        &self,
+        caller: IpAddr,
+        req: RotateRequest,
+        now_unix: u64,
+    ) -> Result<RotateResponse, CoordError> {
+        let caller = caller.to_canonical();
+        if caller == self.settings.own_address {
+            return Err(CoordError::Conflict(format!(
+                "{caller} is the coordinator itself; its key is rotated by its own meshd \
+                 (set_own_public_key), not over the API"
+            )));
+        }
+        let name = self.write(|tx| {
+            let host = match live_host_by_address(tx, caller)? {
+                Some(h) if !h.pending => h,
+                Some(_) => return Err(CoordError::NotAHost(caller)),
+                None => {
+                    let removed: Option<String> = tx
+                        .query_row(
+                            "SELECT name FROM hosts
+                             WHERE address = ?1 AND removed = 1 AND pending = 0",
+                            [caller.to_string()],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    return Err(match removed {
+                        Some(name) => CoordError::Removed(name),
+                        None => CoordError::NotAHost(caller),
+                    });
+                }
+            };
+            if host.static_peer {
+                return Err(CoordError::Conflict(format!(
+                    "{} is a static peer; its key is managed by re-inviting it, not rotated over \
+                     the API",
+                    host.name
+                )));
+            }
+            ensure_key_unused(tx, &req.public_key)?;
+            tx.execute(
+                "UPDATE hosts SET public_key = ?2, key_created_unix = ?3, last_seen_unix = ?3
+                 WHERE id = ?1",
+                params![host.id, req.public_key.0.as_slice(), now_unix as i64],
+            )?;
+            audit(
+                tx,
+                now_unix,
+                "rotate",
+                &host.name,
+                &format!(
+                    "key {} -> {}",
+                    host.public_key.short(),
+                    req.public_key.short()
+                ),
+            )?;
+            // Before the version bump is published (see grace.rs); the old key plays the
+            // throwaway key's part.
+            self.recent.record(RecentJoin {
+                name: host.name.clone(),
+                address: host.address,
+                throwaway: host.public_key,
+                new_key: req.public_key,
+                at: std::time::Instant::now(),
+            });
+            Ok((host.name, true))
+        })?;
+        tracing::info!(name = %name, caller = %caller, "host rotated its key");
+        let netmap = self.netmap_for_name(&name)?.ok_or_else(|| {
+            CoordError::Internal(format!("no netmap for {name} after its key rotation"))
+        })?;
+        Ok(RotateResponse { netmap })
     }
 
     /// A host reports its interface addresses and listen port; `observed` is where the

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mesh_proto::api::{EndpointReport, InviteRequest, JoinRequest, MAX_BODY};
+use mesh_proto::api::{EndpointReport, InviteRequest, JoinRequest, RotateRequest, MAX_BODY};
 use mesh_proto::token::Token;
 use mesh_proto::{PrivateKey, PublicKey};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -769,6 +769,175 @@ fn admin_flag_and_own_key_rotation() {
     );
 }
 
+fn rotate(key: PublicKey) -> RotateRequest {
+    RotateRequest { public_key: key }
+}
+
+fn host_info(c: &Coordinator, name: &str) -> mesh_proto::api::HostInfo {
+    c.hosts()
+        .unwrap()
+        .into_iter()
+        .find(|h| h.name == name)
+        .unwrap()
+}
+
+fn key_created(c: &Coordinator, name: &str) -> u64 {
+    c.snapshot()
+        .unwrap()
+        .hosts
+        .iter()
+        .find(|h| h.name == name)
+        .unwrap()
+        .key_created_unix
+}
+
+#[test]
+fn rotate_key_replaces_the_key_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let (a, old) = invite_join(&c, "dock-mirror");
+    let (b, _) = invite_join(&c, "dock-edge");
+    let v = c.version();
+    let new_key = PrivateKey::generate().public_key();
+    let resp = c.rotate_key(a, rotate(new_key), NOW + 100).unwrap();
+    assert_eq!(c.version(), v + 1);
+    assert_eq!(resp.netmap.public_key, new_key);
+    assert_eq!(resp.netmap.version, v + 1);
+    assert_eq!(resp.netmap, c.netmap_for_address(a).unwrap().unwrap());
+    // Every other host's netmap (the registry's view of the coordinator's too) has the new key.
+    for from in [b, addr("10.99.99.1")] {
+        let nm = c.netmap_for_address(from).unwrap().unwrap();
+        let p = nm.peers.iter().find(|p| p.address == a).unwrap();
+        assert_eq!(p.public_key, new_key);
+        assert!(nm.peers.iter().all(|p| p.public_key != old.public_key()));
+    }
+    assert_eq!(host_info(&c, "dock-mirror").public_key, new_key);
+    assert_eq!(key_created(&c, "dock-mirror"), NOW + 100);
+    assert_eq!(key_created(&c, "dock-edge"), NOW + 1);
+    let (at, action, subject, detail) = c.audit_log().unwrap().pop().unwrap();
+    assert_eq!(
+        (at, action.as_str(), subject.as_str()),
+        (NOW + 100, "rotate", "dock-mirror")
+    );
+    assert_eq!(
+        detail,
+        format!("key {} -> {}", old.public_key().short(), new_key.short())
+    );
+    // A second rotation works the same way.
+    let newer = PrivateKey::generate().public_key();
+    c.rotate_key(a, rotate(newer), NOW + 200).unwrap();
+    assert_eq!(c.version(), v + 2);
+    assert_eq!(host_info(&c, "dock-mirror").public_key, newer);
+}
+
+#[test]
+fn rotate_key_keeps_the_old_key_on_the_coordinator_during_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let (a, old) = invite_join(&c, "dock-mirror");
+    // Let the join's own grace end first.
+    std::thread::sleep(JOIN_KEY_GRACE + Duration::from_millis(50));
+    assert!(c.recent_joins(Instant::now()).is_empty());
+    let new_key = PrivateKey::generate().public_key();
+    let before = Instant::now();
+    c.rotate_key(a, rotate(new_key), NOW + 100).unwrap();
+    let after = Instant::now();
+
+    let joins = c.recent_joins(after);
+    assert_eq!(joins.len(), 1);
+    let j = &joins[0];
+    assert_eq!(j.name, "dock-mirror");
+    assert_eq!(j.address, a);
+    assert_eq!(j.throwaway, old.public_key());
+    assert_eq!(j.new_key, new_key);
+    assert!(j.at >= before && j.at <= after);
+
+    let registry = c.netmap_for_name("dock-load").unwrap().unwrap();
+    let (own, next) = c.own_netmap(after).unwrap().unwrap();
+    let p = own.peers.iter().find(|p| p.address == a).unwrap();
+    assert_eq!(p.public_key, old.public_key(), "old key inside the grace");
+    assert!(p.endpoints.is_empty());
+    assert_eq!(next, Some(j.until()));
+
+    let (own, next) = c.own_netmap(j.until()).unwrap().unwrap();
+    assert_eq!(own, registry, "the new key once the grace is over");
+    assert_eq!(next, None);
+    assert!(c.recent_joins(j.until()).is_empty());
+}
+
+#[test]
+fn bad_rotations_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let (a, key_a) = invite_join(&c, "dock-mirror");
+    let (b, _) = invite_join(&c, "dock-edge");
+    let (gone, _) = invite_join(&c, "dock-old");
+    let gone_key = c.netmap_for_address(gone).unwrap().unwrap().public_key;
+    c.remove("dock-old", NOW + 2).unwrap();
+    let pending = invite(&c, "dock-later");
+    let nas = c
+        .invite(
+            InviteRequest {
+                name: "nas".into(),
+                address: None,
+                ttl_secs: None,
+                admin: false,
+                static_peer: true,
+                public_key: None,
+                endpoint: None,
+                near: None,
+            },
+            NOW,
+        )
+        .unwrap();
+    // dock-edge rotates once; its current key is then b2.
+    let b2 = PrivateKey::generate().public_key();
+    c.rotate_key(b, rotate(b2), NOW + 3).unwrap();
+    let audit_len = c.audit_log().unwrap().len();
+    std::thread::sleep(JOIN_KEY_GRACE + Duration::from_millis(50));
+    let fresh = || rotate(PrivateKey::generate().public_key());
+    let at = NOW + 10;
+
+    // Keys in use, or held by a removed host.
+    refused(&c, 409, "already registered to host dock-edge", || {
+        c.rotate_key(a, rotate(b2), at).map(drop)
+    });
+    refused(&c, 409, "already registered to host dock-mirror", || {
+        c.rotate_key(a, rotate(key_a.public_key()), at).map(drop)
+    });
+    refused(&c, 409, "already registered to host dock-load", || {
+        c.rotate_key(a, rotate(PrivateKey::from_bytes([1; 32]).public_key()), at)
+            .map(drop)
+    });
+    refused(&c, 409, "removed host dock-old", || {
+        c.rotate_key(a, rotate(gone_key), at).map(drop)
+    });
+    // Unknown caller, a pending (not yet joined) host, a removed host.
+    refused(&c, 403, "10.99.99.77 is not a joined host", || {
+        c.rotate_key(addr("10.99.99.77"), fresh(), at).map(drop)
+    });
+    refused(&c, 403, "is not a joined host", || {
+        c.rotate_key(pending.address, fresh(), at).map(drop)
+    });
+    refused(&c, 410, "host dock-old was removed", || {
+        c.rotate_key(gone, fresh(), at).map(drop)
+    });
+    // A static peer, and the coordinator itself.
+    refused(&c, 409, "nas is a static peer", || {
+        c.rotate_key(nas.address, fresh(), at).map(drop)
+    });
+    refused(&c, 409, "is the coordinator itself", || {
+        c.rotate_key(addr("10.99.99.1"), fresh(), at).map(drop)
+    });
+    refused(&c, 409, "is the coordinator itself", || {
+        c.rotate_key("::ffff:10.99.99.1".parse().unwrap(), fresh(), at)
+            .map(drop)
+    });
+    assert_eq!(c.audit_log().unwrap().len(), audit_len, "no audit rows");
+    assert!(c.recent_joins(Instant::now()).is_empty(), "no grace");
+    assert_eq!(key_created(&c, "dock-mirror"), NOW + 1);
+}
+
 #[test]
 fn bad_invites_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -1011,6 +1180,74 @@ async fn api_join_netmap_and_admin_checks() {
     // The removed host is no longer served.
     let r = http(inv.address, s.addr, "GET", "/v1/netmap?since=0", b"").await;
     assert_eq!(r.status, 403);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_rotate() {
+    let s = server().await;
+    let inv = s
+        .coord
+        .invite(
+            InviteRequest {
+                name: "dock-mirror".into(),
+                address: None,
+                ttl_secs: None,
+                admin: false,
+                static_peer: false,
+                public_key: None,
+                endpoint: None,
+                near: None,
+            },
+            now_real(),
+        )
+        .unwrap();
+    let old = PrivateKey::generate().public_key();
+    s.coord
+        .join(
+            inv.address,
+            join_req(inv.token.as_deref().unwrap(), old),
+            now_real(),
+        )
+        .unwrap();
+    let v = s.coord.version();
+    let new_key = PrivateKey::generate().public_key();
+    let body = serde_json::to_vec(&rotate(new_key)).unwrap();
+
+    // From a stranger, and from the coordinator: refused, nothing changes.
+    let r = http(addr("127.16.0.99"), s.addr, "POST", "/v1/rotate", &body).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(
+        error_text(&r),
+        "127.16.0.99 is not a joined host of this mesh"
+    );
+    let r = http(addr("127.16.0.1"), s.addr, "POST", "/v1/rotate", &body).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(error_text(&r).contains("coordinator itself"));
+    // Malformed, unknown fields, oversized, wrong method.
+    for (method, b, status) in [
+        ("POST", b"{not json".to_vec(), 400),
+        ("POST", br#"{"public_key":"AAAA","x":1}"#.to_vec(), 400),
+        ("POST", vec![b' '; MAX_BODY + 1], 413),
+        ("GET", vec![], 405),
+    ] {
+        let r = http(inv.address, s.addr, method, "/v1/rotate", &b).await;
+        assert_eq!(r.status, status, "{method}: {}", r.body);
+        assert!(!error_text(&r).is_empty());
+    }
+    assert_eq!(s.coord.version(), v);
+
+    let r = http(inv.address, s.addr, "POST", "/v1/rotate", &body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let rr: mesh_proto::api::RotateResponse = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(rr.netmap.public_key, new_key);
+    assert_eq!(rr.netmap.version, v + 1);
+    assert_eq!(s.coord.version(), v + 1);
+    // Again with the same key: it is in use now.
+    let r = http(inv.address, s.addr, "POST", "/v1/rotate", &body).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(error_text(&r).contains("already registered to host dock-mirror"));
+    assert_eq!(s.coord.version(), v + 1);
     s.stop().await;
 }
 
