@@ -1003,14 +1003,18 @@ fn ns_still_ours(h: &HostState) -> bool {
 /// Remove what a recorded lab made. Returns the errors (teardown goes on past each one).
 pub fn teardown_state(st: &LabState) -> Vec<String> {
     let mut errors = Vec::new();
-    // 1. Everything we started, and everything living in our namespaces (detached engines).
-    let mut victims: Vec<ProcId> = st
+    // 1. Everything we started first (meshd): a daemon that sees its engine die starts a new
+    //    one, so engines are only collected once no daemon is left to restart them.
+    let spawned: Vec<ProcId> = st
         .spawned
         .iter()
         .map(|s| s.proc)
         .filter(|p| p.is_alive())
         .collect();
+    terminate_all(&spawned, TERM_GRACE, &mut errors);
+    // 1b. Then everything still living in our namespaces (detached engines, wireguard-go).
     let holders: Vec<ProcId> = st.hosts.values().map(|h| h.holder).collect();
+    let mut victims: Vec<ProcId> = Vec::new();
     for h in st.hosts.values() {
         if ns_still_ours(h) {
             for p in procs::procs_in_netns(&h.net_ns) {
