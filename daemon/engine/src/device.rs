@@ -443,7 +443,7 @@ impl Device {
             let datagram = &b.rx.bufs[i][..b.rx.lens[i]];
             let mut tunn = peer.tunn.lock();
             let mut authenticated = false;
-            match tunn.decapsulate(Some(from.ip()), datagram, &mut b.scratch) {
+            let packet = match tunn.decapsulate(Some(from.ip()), datagram, &mut b.scratch) {
                 TunnResult::WriteToNetwork(reply) => {
                     authenticated = true;
                     let _ = sock.send_to(reply, from);
@@ -457,29 +457,28 @@ impl Device {
                         peer.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
                     }
                     peer.last_tx_ms.store(self.now_ms(), Ordering::Relaxed);
+                    None
                 }
-                TunnResult::WriteToTunnelV4(p, src) => {
-                    authenticated = true;
-                    if self.source_allowed(&peer, IpAddr::V4(src)) {
-                        let buf = &mut b.tun_bufs[ready];
-                        buf.clear();
-                        buf.resize(offset, 0);
-                        buf.extend_from_slice(p);
-                        ready += 1;
-                    }
+                TunnResult::WriteToTunnelV4(p, src) => Some((p, IpAddr::V4(src))),
+                TunnResult::WriteToTunnelV6(p, src) => Some((p, IpAddr::V6(src))),
+                TunnResult::Done => {
+                    authenticated = true; // keepalive or handshake consumed
+                    None
                 }
-                TunnResult::WriteToTunnelV6(p, src) => {
-                    authenticated = true;
-                    if self.source_allowed(&peer, IpAddr::V6(src)) {
-                        let buf = &mut b.tun_bufs[ready];
-                        buf.clear();
-                        buf.resize(offset, 0);
-                        buf.extend_from_slice(p);
-                        ready += 1;
-                    }
+                TunnResult::Err(e) => {
+                    tracing::trace!(error = ?e, %from, "decapsulate failed");
+                    None
                 }
-                TunnResult::Done => authenticated = true, // keepalive or handshake consumed
-                TunnResult::Err(e) => tracing::trace!(error = ?e, %from, "decapsulate failed"),
+            };
+            if let Some((p, src)) = packet {
+                authenticated = true;
+                if self.source_allowed(&peer, src) {
+                    let buf = &mut b.tun_bufs[ready];
+                    buf.clear();
+                    buf.resize(offset, 0);
+                    buf.extend_from_slice(p);
+                    ready += 1;
+                }
             }
             drop(tunn);
             if authenticated {
