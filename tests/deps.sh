@@ -15,11 +15,18 @@ meshd_install_deps() {
     [wg]=wireguard-tools [wg-quick]=wireguard-tools [wireguard-go]=wireguard-go [iperf3]=iperf3
     [nft]=nftables [ip]=iproute2 [ping]=iputils-ping [jq]=jq [python3]=python3
     [unshare]=util-linux [nsenter]=util-linux [pgrep]=procps [cc]=gcc [curl]=curl
+    # The VM lab (tests/vm/prepare.sh, meshlab::vm): qemu, and what builds its initramfs.
+    [qemu-system-x86_64]=qemu-system-x86 [modprobe]=kmod [depmod]=kmod [cpio]=cpio
+    [flock]=util-linux
   )
   local missing=() cmd
   for cmd in "${!pkgs[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkgs[$cmd]}")
   done
+  # The VM's initramfs has no libc: it needs busybox-static's /bin/busybox, not busybox's.
+  if [[ ! -x /bin/busybox ]] || ldd /bin/busybox >/dev/null 2>&1; then
+    missing+=(busybox-static)
+  fi
   if ((${#missing[@]})); then
     mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
     echo "installing missing packages: ${missing[*]}" >&2

@@ -28,6 +28,7 @@ pub mod procs;
 pub mod root;
 pub mod state;
 pub mod topology;
+pub mod vm;
 
 pub use coord::{HostEntry, JoinMode, ManagedFleet, COORDINATOR, NAS};
 pub use fleet::{engine_command, generate_keypair, Fleet, FleetHost};
@@ -37,3 +38,4 @@ pub use procs::ProcId;
 pub use root::RootSnapshot;
 pub use state::{state_root, LabState};
 pub use topology::{DAEMON_HOSTS, MESH_IFACE, MESH_PORT};
+pub use vm::{run_in_vm, VmOpts, VmRun};

@@ -66,6 +66,24 @@ enum Cmd {
     },
     /// List labs and their hosts.
     Status,
+    /// Run a command in a VM of Debian 12's kernel (kernel WireGuard; tests/vm/prepare.sh),
+    /// the host's root read-only inside, console streamed, its exit code passed on.
+    Vm {
+        /// Seconds for boot, command and power-off together; qemu is killed after.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory: u32,
+        /// Guest CPUs.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// More environment for the command, NAME=VALUE (PATH, RUST_LOG, MESHLAB_* pass anyway).
+        #[arg(long = "env", value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
     /// Build a network-only lab owned by this process, print its id, hold it until stdin
     /// closes, then remove it (used by the suites to rehearse a crashed run).
     #[command(hide = true)]
@@ -134,6 +152,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status => status(&root),
+        Cmd::Vm {
+            timeout,
+            memory,
+            cpus,
+            env,
+            cmd,
+        } => vm(cmd, timeout, memory, cpus, env),
         Cmd::Hold { hosts } => {
             let lab = Lab::build(LabOpts {
                 hosts,
@@ -147,6 +172,42 @@ fn run(cli: Cli) -> Result<ExitCode> {
             lab.down()?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `meshlab vm`: the console goes to stdout as it arrives; the exit code is the command's.
+fn vm(
+    cmd: Vec<String>,
+    timeout: u64,
+    memory: u32,
+    cpus: u32,
+    env: Vec<String>,
+) -> Result<ExitCode> {
+    let mut opts = meshlab::VmOpts {
+        timeout: Duration::from_secs(timeout),
+        memory_mib: memory,
+        cpus,
+        ..meshlab::VmOpts::default()
+    };
+    for e in &env {
+        let (k, v) = e
+            .split_once('=')
+            .with_context(|| format!("--env {e}: expected NAME=VALUE"))?;
+        opts = opts.env(k, v);
+    }
+    let run = meshlab::run_in_vm(&cmd, &opts)?;
+    eprintln!(
+        "meshlab vm: boot {}, total {:.1} s",
+        run.boot_secs
+            .map_or_else(|| "did not finish".to_string(), |b| format!("{b:.1} s")),
+        run.total_secs
+    );
+    match run.exit_code {
+        Some(code) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(1))),
+        None => Err(run
+            .check()
+            .err()
+            .unwrap_or_else(|| anyhow::anyhow!("no exit code"))),
     }
 }
 

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Prepares what the VM lab boots (DESIGN §7 "Kernel WireGuard"): Debian 12's current amd64
+# kernel package, unpacked with its modules (depmod'ed), and a small initramfs holding
+# busybox-static, tests/vm/init and only the 9p module chain. Everything else the VM runs comes
+# from the host's root, shared read-only over 9p.
+#
+# Idempotent and fast when cached. Prints (and writes to $CACHE/env) the lines
+#   KVER=…  VMLINUZ=…  INITRD=…  MODROOT=…
+# MODROOT is a directory with lib/modules/$KVER (for `modprobe -d MODROOT -S KVER`).
+# Cache: ${MESHD_VM_CACHE:-/var/cache/meshd-vm}. Needs root (apt), kmod, cpio, gzip.
+set -Eeuo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cache=${MESHD_VM_CACHE:-/var/cache/meshd-vm}
+busybox=${MESHD_VM_BUSYBOX:-/bin/busybox}
+# What the initramfs needs to reach the host's root; the rest is loaded from there by init.
+initrd_modules=(9p 9pnet_virtio virtio_pci)
+
+die() { echo "prepare.sh: $*" >&2; exit 1; }
+
+mkdir -p "$cache"
+# Two test processes may prepare at once: one does the work, the other waits and finds it done.
+exec 9>"$cache/lock"
+flock 9
+
+# The kernel package: linux-image-amd64 depends on the current linux-image-<KVER>-amd64 (the
+# -cloud- flavour has no 9p). Without apt lists, fall back to what is already unpacked.
+pkg=$(apt-cache depends linux-image-amd64 2>/dev/null |
+  awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-amd64$/ { print $2; exit }' || true)
+if [[ -z $pkg && -f $cache/env ]]; then
+  # shellcheck source=/dev/null disable=SC2153 # KVER comes from the env file
+  pkg=linux-image-$(. "$cache/env" && echo "$KVER")
+fi
+[[ -n $pkg ]] || die "cannot tell the kernel package: 'apt-cache depends linux-image-amd64' names none (run apt-get update)"
+kver=${pkg#linux-image-}
+kdir=$cache/$kver
+modroot=$kdir/root
+vmlinuz=$modroot/boot/vmlinuz-$kver
+
+if [[ ! -f $modroot/lib/modules/$kver/modules.dep || ! -f $vmlinuz ]]; then
+  deb=$(compgen -G "$cache/${pkg}_*.deb" | head -n1 || true)
+  if [[ -z $deb ]]; then
+    echo "prepare.sh: downloading $pkg into $cache" >&2
+    if ! (cd "$cache" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2); then
+      echo "prepare.sh: download failed; running apt-get update and trying again" >&2
+      apt-get update -qq >&2
+      (cd "$cache" && apt-get download -q -o APT::Sandbox::User=root "$pkg" >&2) || die "apt-get download $pkg failed"
+    fi
+    deb=$(compgen -G "$cache/${pkg}_*.deb" | head -n1 || true)
+    [[ -n $deb ]] || die "apt-get download $pkg left no .deb in $cache"
+  fi
+  echo "prepare.sh: unpacking $deb" >&2
+  mkdir -p "$kdir"
+  rm -rf "$modroot.tmp"
+  dpkg -x "$deb" "$modroot.tmp" || die "dpkg -x $deb failed"
+  depmod -b "$modroot.tmp" "$kver" || die "depmod -b $modroot.tmp $kver failed"
+  rm -rf "$modroot"
+  mv "$modroot.tmp" "$modroot"
+fi
+[[ -f $vmlinuz ]] || die "$vmlinuz is missing from $pkg"
+
+# The 9p chain in load order, without duplicates ("builtin" lines need nothing).
+mapfile -t kos < <(
+  for m in "${initrd_modules[@]}"; do
+    modprobe -d "$modroot" -S "$kver" --show-depends "$m" || die "modprobe --show-depends $m failed"
+  done | awk '$1 == "insmod" && !seen[$2]++ { print $2 }'
+)
+((${#kos[@]})) || die "modprobe --show-depends ${initrd_modules[*]} found nothing under $modroot"
+
+[[ -x $busybox ]] || die "$busybox is missing (apt-get install busybox-static)"
+# ldd fails on a static binary; the initramfs has no libc for a dynamic one.
+! ldd "$busybox" >/dev/null 2>&1 ||
+  die "$busybox is dynamically linked: install busybox-static"
+
+# Rebuilt whenever init, busybox or the module list changes; the name carries the hash.
+stamp=$( (
+  cat "$here/init" "$busybox"
+  printf '%s\n' "${kos[@]}"
+) | sha256sum | cut -c1-16)
+initrd=$kdir/initrd-$stamp.img
+if [[ ! -f $initrd ]]; then
+  echo "prepare.sh: building $initrd" >&2
+  work=$(mktemp -d "$kdir/initrd.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  mkdir -p "$work"/{bin,dev,proc,sys,mnt,modules,hostjob}
+  cp "$busybox" "$work/bin/busybox"
+  ln -s busybox "$work/bin/sh"
+  install -m 0755 "$here/init" "$work/init"
+  i=0
+  for ko in "${kos[@]}"; do
+    # Numbered so that `for m in /modules/*` keeps the dependency order.
+    cp "$ko" "$work/modules/$(printf '%02d' "$i")-$(basename "$ko")"
+    i=$((i + 1))
+  done
+  echo "$kver" >"$work/kver"
+  (cd "$work" && find . -print0 | LC_ALL=C sort -z |
+    cpio --null -o -H newc --quiet --owner=0:0 | gzip -9n) >"$initrd.tmp"
+  mv "$initrd.tmp" "$initrd"
+  rm -rf "$work"
+  trap - EXIT
+  # Older images of this kernel are of no further use.
+  find "$kdir" -maxdepth 1 -name 'initrd-*.img' ! -path "$initrd" -delete
+fi
+
+{
+  echo "KVER=$kver"
+  echo "VMLINUZ=$vmlinuz"
+  echo "INITRD=$initrd"
+  echo "MODROOT=$modroot"
+} >"$cache/env.tmp"
+mv "$cache/env.tmp" "$cache/env"
+cat "$cache/env"
