@@ -583,6 +583,7 @@ pub(crate) mod tests {
             mtu: 1420,
             private_key_file: PathBuf::from("/nonexistent/private.key"),
             control_socket: PathBuf::from("/nonexistent/meshd.sock"),
+            backend: mesh_proto::config::BackendKind::Auto,
             engine_command: None,
             reconcile_interval: Duration::from_secs(10),
             peers,

@@ -20,6 +20,9 @@ pub enum Error {
     /// The WireGuard engine could not be started or reached.
     #[error("engine for {interface}: {message}")]
     Engine { interface: String, message: String },
+    /// The kernel's WireGuard refused or failed an operation.
+    #[error("kernel WireGuard on {interface}: {message}")]
+    Kernel { interface: String, message: String },
     /// A UAPI exchange failed.
     #[error("UAPI {socket}: {message}")]
     Uapi { socket: PathBuf, message: String },

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkUnspec};
 
 use crate::backend::{LinkBackend, LinkReport, LinkSpec};
@@ -81,6 +81,40 @@ impl NetlinkLink {
             }
         }
         Ok(out)
+    }
+
+    /// What kind of interface `name` is, as the kernel names it (`wireguard`, `tun`,
+    /// `bridge`, ...; `other` when it reports none); `None` when there is no such interface.
+    pub async fn kind(&self, name: &str) -> Result<Option<String>> {
+        let mut links = self
+            .handle
+            .clone()
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        let link = match links.try_next().await {
+            Ok(Some(link)) => link,
+            Ok(None) => return Ok(None),
+            // ENODEV: no such interface.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => {
+                return Ok(None)
+            }
+            Err(e) => return Err(nl(&format!("cannot read interface {name}"), e)),
+        };
+        let kind = link.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+                LinkInfo::Kind(k) => Some(match k {
+                    InfoKind::Wireguard => "wireguard".to_owned(),
+                    InfoKind::Tun => "tun".to_owned(),
+                    InfoKind::Other(s) => s.clone(),
+                    other => format!("{other:?}").to_lowercase(),
+                }),
+                _ => None,
+            }),
+            _ => None,
+        });
+        Ok(Some(kind.unwrap_or_else(|| "other".to_owned())))
     }
 
     /// The interface index of `name`.

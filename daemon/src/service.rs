@@ -19,7 +19,8 @@ use crate::link::NetlinkLink;
 use crate::lock::InstanceLock;
 use crate::member::MeshEvent;
 use crate::protocol::AdminCall;
-use crate::uapi::{default_engine_command, UapiBackend, DEFAULT_WG_RUN_DIR};
+use crate::select::{default_engine_spec, select};
+use crate::uapi::default_engine_command;
 use crate::{Agent, Settings};
 
 /// `meshd --check-config`: validate the configuration and the key file, print a summary.
@@ -72,8 +73,21 @@ pub async fn serve(settings: Settings) -> Result<()> {
         locks = ?lock.paths(),
         "meshd started"
     );
-    let label = format!("userspace: {}", engine.display());
-    let wg = UapiBackend::new(&settings.interface, engine, Path::new(DEFAULT_WG_RUN_DIR));
+    let selected = select(
+        settings.backend,
+        &settings.interface,
+        &default_engine_spec(engine),
+        &link,
+    )
+    .await?;
+    tracing::info!(
+        interface = %settings.interface,
+        backend = %selected.label,
+        reason = %selected.reason,
+        "backend selected"
+    );
+    let label = selected.status_line();
+    let wg = selected.backend;
     let mut wiring = MeshWiring::default();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut agent = Agent::new(wg, link, settings.clone(), key.clone());

@@ -31,6 +31,8 @@ pub struct Settings {
     pub mtu: u16,
     pub private_key_file: PathBuf,
     pub control_socket: PathBuf,
+    /// `daemon.backend`: auto, kernel or userspace.
+    pub backend: mesh_proto::config::BackendKind,
     /// `None`: `meshd-wg` next to meshd, else from PATH.
     pub engine_command: Option<PathBuf>,
     pub reconcile_interval: Duration,
@@ -73,6 +75,7 @@ impl Settings {
             mtu: host.mtu,
             private_key_file: host.private_key_file,
             control_socket: daemon.control_socket,
+            backend: daemon.backend,
             engine_command: daemon.engine_command,
             reconcile_interval: Duration::from_secs(daemon.reconcile_interval_secs.max(1)),
             peers: config

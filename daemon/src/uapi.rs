@@ -58,6 +58,11 @@ impl UapiBackend {
         }
     }
 
+    /// Whether an engine answers `get=1` on the socket now.
+    pub async fn answers(&self) -> bool {
+        self.get().await.is_ok()
+    }
+
     pub fn socket(&self) -> &Path {
         &self.socket
     }

@@ -124,7 +124,7 @@ private_key_file = "{}"
 mtu = 1420
 
 [daemon]
-engine = "userspace"
+backend = "userspace"
 engine_command = "{engine}"
 reconcile_interval_secs = 1
 "#,

@@ -12,8 +12,8 @@
 //!
 //! [daemon]                           # optional
 //! control_socket = "/run/meshd/meshd.sock"
-//! engine = "userspace"
-//! engine_command = "/usr/bin/meshd-wg"
+//! backend = "auto"                  # auto | kernel | userspace (default auto)
+//! engine_command = "/usr/bin/meshd-wg"  # the userspace engine
 //! reconcile_interval_secs = 10       # 1..=3600
 //! state_dir = "/var/lib/meshd"       # membership, cached netmap
 //! join_token_file = "/etc/meshd/join.token"  # optional: join with this token at first start
@@ -99,7 +99,7 @@ pub struct HostConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DaemonConfig {
     pub control_socket: PathBuf,
-    pub engine: EngineKind,
+    pub backend: BackendKind,
     /// `None`: the daemon picks its default engine binary.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engine_command: Option<PathBuf>,
@@ -115,7 +115,7 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
-            engine: EngineKind::Userspace,
+            backend: BackendKind::Auto,
             engine_command: None,
             reconcile_interval_secs: DEFAULT_RECONCILE_INTERVAL_SECS,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
@@ -149,24 +149,37 @@ impl DaemonConfig {
     }
 }
 
-/// Which WireGuard implementation drives the interface.
+/// Which WireGuard implementation drives the interface (`daemon.backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum EngineKind {
-    /// Our userspace engine (`meshd-wg`), driven over UAPI.
+pub enum BackendKind {
+    /// The kernel's WireGuard when a WireGuard link can be created, else our engine. An
+    /// existing interface of either kind is adopted as it is.
     #[default]
+    Auto,
+    /// The Linux kernel's WireGuard (netlink).
+    Kernel,
+    /// Our userspace engine (`meshd-wg`, or wireguard-go), driven over UAPI.
     Userspace,
 }
 
-impl EngineKind {
+impl BackendKind {
+    pub const ALL: [BackendKind; 3] = [
+        BackendKind::Auto,
+        BackendKind::Kernel,
+        BackendKind::Userspace,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
-            EngineKind::Userspace => "userspace",
+            BackendKind::Auto => "auto",
+            BackendKind::Kernel => "kernel",
+            BackendKind::Userspace => "userspace",
         }
     }
 }
 
-impl fmt::Display for EngineKind {
+impl fmt::Display for BackendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -306,7 +319,7 @@ struct RawHost {
 #[serde(deny_unknown_fields)]
 struct RawDaemon {
     control_socket: Option<String>,
-    engine: Option<String>,
+    backend: Option<String>,
     engine_command: Option<String>,
     reconcile_interval_secs: Option<i64>,
     state_dir: Option<String>,
@@ -549,14 +562,17 @@ fn validate_daemon(cx: &Ctx<'_>, raw: RawDaemon) -> Result<DaemonConfig, ConfigE
         None => d.control_socket,
         Some(s) => non_empty_path(cx, "daemon.control_socket", s)?,
     };
-    let engine = match raw.engine.as_deref() {
-        None | Some("userspace") => EngineKind::Userspace,
-        Some(other) => {
-            return Err(cx.err(
-                "daemon.engine",
-                format!("{other:?} is not supported; the only engine for now is \"userspace\""),
-            ))
-        }
+    let backend = match raw.backend.as_deref() {
+        None => d.backend,
+        Some(text) => BackendKind::ALL
+            .into_iter()
+            .find(|b| b.as_str() == text)
+            .ok_or_else(|| {
+                cx.err(
+                    "daemon.backend",
+                    format!("{text:?} is not a backend; use \"auto\", \"kernel\" or \"userspace\""),
+                )
+            })?,
     };
     let engine_command = match raw.engine_command {
         None => None,
@@ -576,7 +592,7 @@ fn validate_daemon(cx: &Ctx<'_>, raw: RawDaemon) -> Result<DaemonConfig, ConfigE
     };
     Ok(DaemonConfig {
         control_socket,
-        engine,
+        backend,
         engine_command,
         reconcile_interval_secs,
         state_dir,
@@ -1067,7 +1083,7 @@ mtu = 1380
 
 [daemon]
 control_socket = "/tmp/x/meshd.sock"
-engine = "userspace"
+backend = "userspace"
 engine_command = "/usr/local/bin/meshd-wg"
 reconcile_interval_secs = 3
 
@@ -1083,7 +1099,7 @@ persistent_keepalive = 0
         let c = parse(&text, FILE).unwrap();
         assert_eq!(c.host.interface, "wg.mesh_1");
         assert_eq!(c.host.mtu, 1380);
-        assert_eq!(c.daemon.engine, EngineKind::Userspace);
+        assert_eq!(c.daemon.backend, BackendKind::Userspace);
         assert_eq!(
             c.daemon.engine_command,
             Some(PathBuf::from("/usr/local/bin/meshd-wg"))
@@ -1120,7 +1136,7 @@ persistent_keepalive = 0
         );
         refuse(&t, "peer[1].keepalive", "line 17");
 
-        let t = format!("{}\n[deamon]\nengine = \"userspace\"\n", base());
+        let t = format!("{}\n[deamon]\nbackend = \"userspace\"\n", base());
         refuse(&t, "deamon", "unknown field `deamon`");
 
         let t = base().replace("[host]", "[host]\n[daemon]\nsocket = \"/x\"\n[host]");
@@ -1226,9 +1242,9 @@ persistent_keepalive = 0
     fn refuses_bad_daemon_values() {
         let b = base();
         refuse(
-            &format!("{b}\n[daemon]\nengine = \"kernel\"\n"),
-            "daemon.engine",
-            "only engine",
+            &format!("{b}\n[daemon]\nbackend = \"wireguard-go\"\n"),
+            "daemon.backend",
+            "not a backend",
         );
         refuse(
             &format!("{b}\n[daemon]\nreconcile_interval_secs = 0\n"),
