@@ -58,10 +58,12 @@ pub const PASSED_ENV: &[&str] = &[
 pub struct VmOpts {
     /// Boot, job and power-off together; qemu is killed when it passes.
     pub timeout: Duration,
-    /// Guest memory. 512 MiB holds a few namespaces, daemons and wireguard comfortably.
+    /// Guest memory. 1024 MiB leaves room for a whole lab's namespaces, daemons and tmpfs
+    /// state; it boots as fast as 256 MiB, and the host only backs the pages the guest touches.
     pub memory_mib: u32,
-    /// Guest CPUs. TCG runs one host thread per vCPU (MTTCG), so 2 use both cores of these
-    /// machines; boot time is the same either way.
+    /// Guest CPUs. TCG runs one host thread per vCPU (MTTCG), yet on these 2-core machines 2
+    /// vCPUs were slower (boot 4.8-6.3 s and the smoke test 8.9-11.7 s, against 3.5-4.4 s and
+    /// 6.8-7.9 s with 1), as the host is busy with the other test thread or a build anyway.
     pub cpus: u32,
     /// The job's whole environment besides `HOME=/root` and `TERM=dumb` (set first, so these
     /// may override them). Default: the host's `PATH` and those of [`PASSED_ENV`] that are set.
@@ -69,6 +71,10 @@ pub struct VmOpts {
     /// The job's working directory, a host path (the VM sees the host's tree read-only).
     /// Default: the current directory.
     pub cwd: PathBuf,
+    /// Host directories under `/tmp`, `/var/tmp` or `/run` the job needs to read: those are
+    /// fresh tmpfs in the VM, so the listed ones are bind-mounted back (read-only, same path).
+    /// Everything else of the host is visible anyway.
+    pub visible: Vec<PathBuf>,
     /// Print the console as it arrives (job output on stdout, qemu's own complaints on
     /// stderr, through the test harness' capture).
     pub echo: bool,
@@ -89,10 +95,11 @@ impl Default for VmOpts {
         }
         VmOpts {
             timeout: Duration::from_secs(300),
-            memory_mib: 512,
-            cpus: 2,
+            memory_mib: 1024,
+            cpus: 1,
             env,
             cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+            visible: Vec::new(),
             echo: true,
         }
     }
@@ -154,7 +161,11 @@ impl VmRun {
 #[derive(Debug, Clone)]
 pub struct VmImage {
     pub kver: String,
+    /// The package's compressed kernel.
     pub vmlinuz: PathBuf,
+    /// What qemu boots: the uncompressed vmlinux (PVH entry, about 2.7 s faster to boot under
+    /// TCG) when prepare.sh could extract it, else `vmlinuz`.
+    pub kernel: PathBuf,
     pub initrd: PathBuf,
     /// Holds `lib/modules/<kver>`: `modprobe -d MODROOT -S KVER`.
     pub modroot: PathBuf,
@@ -198,6 +209,7 @@ pub fn prepare() -> Result<VmImage> {
     let img = VmImage {
         kver: get("KVER")?,
         vmlinuz: get("VMLINUZ")?.into(),
+        kernel: get("KERNEL")?.into(),
         initrd: get("INITRD")?.into(),
         modroot: get("MODROOT")?.into(),
     };
@@ -333,6 +345,27 @@ pub fn run_in_vm(cmd: &[String], opts: &VmOpts) -> Result<VmRun> {
         f.write_all(job_script(cmd, opts)?.as_bytes())
             .with_context(|| format!("writing {}", script.display()))?;
     }
+    if !opts.visible.is_empty() {
+        let mut list = String::new();
+        for d in &opts.visible {
+            let s = d
+                .to_str()
+                .filter(|s| d.is_absolute() && !s.contains('\n'))
+                .ok_or_else(|| {
+                    anyhow!(
+                        "cannot show {} in the VM: not an absolute UTF-8 path without newlines",
+                        d.display()
+                    )
+                })?;
+            if !d.is_dir() {
+                bail!("cannot show {} in the VM: not a directory", d.display());
+            }
+            list.push_str(s);
+            list.push('\n');
+        }
+        let path = job.0.join("visible");
+        std::fs::write(&path, list).with_context(|| format!("writing {}", path.display()))?;
+    }
     // Both paths travel on the kernel command line, which splits at whitespace.
     for p in [&job.0, &img.modroot] {
         let s = p.to_string_lossy();
@@ -358,7 +391,7 @@ pub fn run_in_vm(cmd: &[String], opts: &VmOpts) -> Result<VmRun> {
         .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
         .args(["-nic", "none", "-no-reboot"])
         .arg("-kernel")
-        .arg(&img.vmlinuz)
+        .arg(&img.kernel)
         .arg("-initrd")
         .arg(&img.initrd)
         .args(["-append", &append])
@@ -454,7 +487,7 @@ pub fn run_in_vm(cmd: &[String], opts: &VmOpts) -> Result<VmRun> {
     }
     // init prints an empty line before the exit marker, in case the job's output did not end
     // with a newline.
-    if run.output.ends_with("\n\n") {
+    if run.output.ends_with("\n\n") || run.output == "\n" {
         run.output.pop();
     }
     // The pipes are closed (or we give up): qemu exits by itself, or is killed at the deadline.
@@ -474,6 +507,14 @@ pub fn run_in_vm(cmd: &[String], opts: &VmOpts) -> Result<VmRun> {
     }
     drop(job);
     run.total_secs = started.elapsed().as_secs_f64();
+    if run.exit_code.is_none() && run.vm_error.is_none() {
+        // panic=-1 and -no-reboot turn a panic (or an oops: oops=panic) into qemu's exit.
+        run.vm_error = run
+            .console
+            .lines()
+            .find(|l| l.contains("Kernel panic - not syncing"))
+            .map(|l| l.trim().to_string());
+    }
     if let Some(st) = status {
         if !st.success() && run.exit_code.is_none() && run.vm_error.is_none() {
             run.vm_error = Some(format!(

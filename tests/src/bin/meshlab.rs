@@ -69,18 +69,22 @@ enum Cmd {
     /// Run a command in a VM of Debian 12's kernel (kernel WireGuard; tests/vm/prepare.sh),
     /// the host's root read-only inside, console streamed, its exit code passed on.
     Vm {
-        /// Seconds for boot, command and power-off together; qemu is killed after.
-        #[arg(long, default_value_t = 300)]
-        timeout: u64,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 512)]
-        memory: u32,
-        /// Guest CPUs.
-        #[arg(long, default_value_t = 2)]
-        cpus: u32,
+        /// Seconds for boot, command and power-off together; qemu is killed after
+        /// [default: 300].
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Guest memory in MiB [default: 1024].
+        #[arg(long)]
+        memory: Option<u32>,
+        /// Guest CPUs [default: 1].
+        #[arg(long)]
+        cpus: Option<u32>,
         /// More environment for the command, NAME=VALUE (PATH, RUST_LOG, MESHLAB_* pass anyway).
         #[arg(long = "env", value_name = "NAME=VALUE")]
         env: Vec<String>,
+        /// A host directory under /tmp, /var/tmp or /run to keep visible (those are tmpfs inside).
+        #[arg(long, value_name = "DIR")]
+        visible: Vec<PathBuf>,
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         cmd: Vec<String>,
     },
@@ -157,8 +161,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             memory,
             cpus,
             env,
+            visible,
             cmd,
-        } => vm(cmd, timeout, memory, cpus, env),
+        } => {
+            let mut opts = meshlab::VmOpts {
+                visible,
+                ..meshlab::VmOpts::default()
+            };
+            opts.timeout = timeout.map_or(opts.timeout, Duration::from_secs);
+            opts.memory_mib = memory.unwrap_or(opts.memory_mib);
+            opts.cpus = cpus.unwrap_or(opts.cpus);
+            vm(cmd, opts, env)
+        }
         Cmd::Hold { hosts } => {
             let lab = Lab::build(LabOpts {
                 hosts,
@@ -176,19 +190,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// `meshlab vm`: the console goes to stdout as it arrives; the exit code is the command's.
-fn vm(
-    cmd: Vec<String>,
-    timeout: u64,
-    memory: u32,
-    cpus: u32,
-    env: Vec<String>,
-) -> Result<ExitCode> {
-    let mut opts = meshlab::VmOpts {
-        timeout: Duration::from_secs(timeout),
-        memory_mib: memory,
-        cpus,
-        ..meshlab::VmOpts::default()
-    };
+fn vm(cmd: Vec<String>, mut opts: meshlab::VmOpts, env: Vec<String>) -> Result<ExitCode> {
     for e in &env {
         let (k, v) = e
             .split_once('=')
