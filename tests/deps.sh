@@ -17,7 +17,7 @@ meshd_install_deps() {
     [unshare]=util-linux [nsenter]=util-linux [pgrep]=procps [cc]=gcc [curl]=curl
     # The VM lab (tests/vm/prepare.sh, meshlab::vm): qemu, and what builds its initramfs.
     [qemu-system-x86_64]=qemu-system-x86 [modprobe]=kmod [depmod]=kmod [cpio]=cpio
-    [flock]=util-linux
+    [flock]=util-linux [xz]=xz-utils [readelf]=binutils
   )
   local missing=() cmd
   for cmd in "${!pkgs[@]}"; do
