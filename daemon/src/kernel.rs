@@ -180,17 +180,18 @@ impl KernelBackend {
                 allowed_ips,
                 persistent_keepalive,
             } => {
+                // An update never creates a peer (UAPI's update_only, as the other backends).
+                let k = key(public_key);
+                let Some(existing) = current.peers.get(&k) else {
+                    tracing::debug!(peer = %public_key, "update of a peer the device lacks: skipped");
+                    return Ok(());
+                };
                 // defguard always replaces the allowed IPs, so an update that leaves them alone
                 // sends the ones the device has; unset fields are not sent and stay.
-                let k = key(public_key);
                 let mut peer = Peer::new(k.clone());
                 peer.allowed_ips = match allowed_ips {
                     Some(ips) => ips.iter().map(mask).collect(),
-                    None => current
-                        .peers
-                        .get(&k)
-                        .map(|p| p.allowed_ips.clone())
-                        .ok_or_else(|| self.err(format!("no peer {public_key} to update")))?,
+                    None => existing.allowed_ips.clone(),
                 };
                 peer.preshared_key = preshared_key.map(|p| Key::new(p.unwrap_or(NO_PSK)));
                 peer.endpoint = *endpoint;

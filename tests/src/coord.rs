@@ -68,6 +68,7 @@ pub fn render_coordinator_config(engine_command: &str) -> String {
     s.push_str(&format!("listen_port = {MESH_PORT}\n"));
     s.push_str(&format!("private_key_file = \"{KEY_PATH}\"\n"));
     s.push_str("\n[daemon]\n");
+    s.push_str(&crate::fleet::backend_line(COORDINATOR));
     s.push_str(&format!("engine_command = {}\n", toml_str(engine_command)));
     s.push_str(&format!("reconcile_interval_secs = {RECONCILE_SECS}\n"));
     s.push_str(&format!("state_dir = \"{STATE_DIR}\"\n"));
@@ -88,13 +89,14 @@ pub fn render_coordinator_config(engine_command: &str) -> String {
 
 /// A joining host's `meshd.toml`: no name, no address, no peers; its key is generated on the
 /// host at first start. With `token_file`, meshd joins from `TOKEN_PATH` at first start.
-pub fn render_member_config(engine_command: &str, token_file: bool) -> String {
+pub fn render_member_config(host: &str, engine_command: &str, token_file: bool) -> String {
     let mut s = String::new();
     s.push_str("[host]\n");
     s.push_str(&format!("interface = \"{MESH_IFACE}\"\n"));
     s.push_str(&format!("listen_port = {MESH_PORT}\n"));
     s.push_str(&format!("private_key_file = \"{KEY_PATH}\"\n"));
     s.push_str("\n[daemon]\n");
+    s.push_str(&crate::fleet::backend_line(host));
     s.push_str(&format!("engine_command = {}\n", toml_str(engine_command)));
     s.push_str(&format!("reconcile_interval_secs = {RECONCILE_SECS}\n"));
     s.push_str(&format!("state_dir = \"{STATE_DIR}\"\n"));
@@ -340,7 +342,7 @@ impl Lab {
         self.write_file(
             host,
             CONFIG_PATH,
-            render_member_config(&engine, mode == JoinMode::TokenFile).as_bytes(),
+            render_member_config(host, &engine, mode == JoinMode::TokenFile).as_bytes(),
         )?;
         if mode == JoinMode::TokenFile {
             self.write_file_mode(host, TOKEN_PATH, format!("{token}\n").as_bytes(), 0o600)?;
@@ -359,7 +361,7 @@ impl Lab {
         self.write_file(
             host,
             CONFIG_PATH,
-            render_member_config(&engine, false).as_bytes(),
+            render_member_config(host, &engine, false).as_bytes(),
         )?;
         let p = self.start_meshd(host)?;
         self.wait_meshctl(host, p, &["status"], Duration::from_secs(30))?;
@@ -387,6 +389,40 @@ impl Lab {
             [out.stdout.as_slice(), out.stderr.as_slice()].concat(),
         );
         check_output(out, &format!("[{host}] wg-quick up"))?;
+        Ok(())
+    }
+
+    /// Bring the static peer up from its wg-quick config on the userspace `implementation`
+    /// (`wireguard-go`) even where the kernel has WireGuard, which wg-quick would prefer: the
+    /// implementation creates the interface, `wg setconf` takes `wg-quick strip`'s output, then
+    /// the config's address and link up (the address' prefix route covers the mesh).
+    pub fn start_static_peer_userspace(
+        &self,
+        host: &str,
+        conf: &str,
+        implementation: &str,
+    ) -> Result<()> {
+        self.write_file_mode(host, WG_QUICK_CONF, conf.as_bytes(), 0o600)?;
+        let address = conf
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                k.trim()
+                    .eq_ignore_ascii_case("address")
+                    .then(|| v.split(',').next().unwrap_or_default().trim().to_owned())
+            })
+            .ok_or_else(|| anyhow!("no Address in the wg-quick config:\n{conf}"))?;
+        let script = format!(
+            "set -eu\n\
+             WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 {implementation} {MESH_IFACE}\n\
+             wg-quick strip {WG_QUICK_CONF} > /run/{MESH_IFACE}.stripped\n\
+             wg setconf {MESH_IFACE} /run/{MESH_IFACE}.stripped\n\
+             rm -f /run/{MESH_IFACE}.stripped\n\
+             ip address add {address} dev {MESH_IFACE}\n\
+             ip link set {MESH_IFACE} up\n"
+        );
+        self.sh(host, &script)
+            .with_context(|| format!("[{host}] {implementation} from the wg-quick config"))?;
         Ok(())
     }
 
@@ -602,7 +638,7 @@ mod tests {
     #[test]
     fn member_config_has_no_name_address_or_peers() {
         for token_file in [false, true] {
-            let text = render_member_config("/x/meshd-wg", token_file);
+            let text = render_member_config("dock-prod", "/x/meshd-wg", token_file);
             let doc: toml::Value = toml::from_str(&text).expect("valid TOML");
             assert!(doc["host"].get("name").is_none());
             assert!(doc["host"].get("address").is_none());

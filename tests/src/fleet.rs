@@ -86,6 +86,26 @@ pub fn engine_command(bin_dir: &Path) -> String {
     }
 }
 
+/// The `backend = "..."` line of `host`'s config: `$MESHLAB_BACKENDS` (`host=kind,...`, for a
+/// mixed fleet), else `$MESHLAB_BACKEND` (every host), else nothing: meshd's default, `auto`.
+pub fn backend_line(host: &str) -> String {
+    let per_host = std::env::var("MESHLAB_BACKENDS").unwrap_or_default();
+    let chosen = per_host
+        .split(',')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(h, _)| h.trim() == host)
+        .map(|(_, kind)| kind.trim().to_owned())
+        .or_else(|| {
+            std::env::var("MESHLAB_BACKEND")
+                .ok()
+                .filter(|b| !b.is_empty())
+        });
+    match chosen {
+        Some(kind) => format!("backend = {}\n", toml_str(&kind)),
+        None => String::new(),
+    }
+}
+
 fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -171,6 +191,7 @@ impl Fleet {
         s.push_str(&format!("listen_port = {}\n", topology::MESH_PORT));
         s.push_str(&format!("private_key_file = \"{KEY_PATH}\"\n"));
         s.push_str("\n[daemon]\n");
+        s.push_str(&backend_line(&me.name));
         s.push_str(&format!(
             "engine_command = {}\n",
             toml_str(&self.engine_command)

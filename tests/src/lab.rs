@@ -339,10 +339,12 @@ impl Lab {
                 h.holder.pid
             );
         }
+        // -r/-w: entering a mount namespace resets root and cwd to the namespace's own; take
+        // the holder's instead, which differ when the lab runs chrooted (the VM lab).
         let mut c = Command::new("nsenter");
         c.arg("-t")
             .arg(h.holder.pid.to_string())
-            .args(["-n", "-m", "-u", "--"])
+            .args(["-n", "-m", "-u", "-r", "-w", "--"])
             .args(argv)
             .env("PATH", self.path_env())
             .env("MESHLAB_LAB", &self.id)
