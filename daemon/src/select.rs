@@ -104,7 +104,7 @@ pub async fn select(
         message: format!(
             "daemon.backend = \"{wanted}\" but {interface} is already up as {live}; meshd never \
              recreates a live interface. Set daemon.backend = \"auto\" to adopt it, or remove it \
-             first (`meshctl down`) to switch backends"
+             first (`ip link del {interface}` with meshd stopped) to switch backends"
         ),
     };
     let uapi = UapiBackend::new(interface, engine.command.clone(), &engine.run_dir);
