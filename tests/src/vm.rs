@@ -6,7 +6,10 @@
 //! root shared read-only over 9p. The initramfs' `init` mounts that root, gives it tmpfs on
 //! `/run`, `/tmp`, `/var/tmp`, `/dev/shm`, loads the lab's modules (wireguard, veth, bridge,
 //! nf_tables, …) and runs the job in a chroot of it, so the host's `ip`, `wg`, `nft` and the
-//! workspace's freshly built binaries (read-only, at their host paths) all work in there.
+//! workspace's freshly built binaries (read-only, at their host paths) all work in there; so
+//! does the namespace lab itself (`meshlab up --no-daemons`, exec, ping through the NAT, down:
+//! verified). The job's stdin is /dev/null, its stdout and stderr the console. The share is
+//! mounted with `cache=loose`: files the host changes while the VM runs may look stale inside.
 //!
 //! ```no_run
 //! use meshlab::vm::{run_in_vm, VmOpts};
@@ -62,11 +65,11 @@ pub struct VmOpts {
     /// state; it boots as fast as 256 MiB, and the host only backs the pages the guest touches.
     pub memory_mib: u32,
     /// Guest CPUs. TCG runs one host thread per vCPU (MTTCG), yet on these 2-core machines 2
-    /// vCPUs were slower (boot 4.8-6.3 s and the smoke test 8.9-11.7 s, against 3.5-4.4 s and
-    /// 6.8-7.9 s with 1), as the host is busy with the other test thread or a build anyway.
+    /// vCPUs were never faster: the smoke test took 5.6-7.9 s with 1 and 6.1-11.7 s with 2
+    /// (boot 2.9-4.4 s against 3.3-6.3 s), the host being busy with another test or a build.
     pub cpus: u32,
-    /// The job's whole environment besides `HOME=/root` and `TERM=dumb` (set first, so these
-    /// may override them). Default: the host's `PATH` and those of [`PASSED_ENV`] that are set.
+    /// The job's whole environment besides `HOME=/root`, `TERM=dumb` and `WG_COLOR_MODE=never`
+    /// (set first, so these may override them). Default: the host's `PATH` and those of [`PASSED_ENV`] that are set.
     pub env: Vec<(String, String)>,
     /// The job's working directory, a host path (the VM sees the host's tree read-only).
     /// Default: the current directory.
