@@ -15,6 +15,8 @@ meshd_install_deps() {
     [wg]=wireguard-tools [wg-quick]=wireguard-tools [wireguard-go]=wireguard-go [iperf3]=iperf3
     [nft]=nftables [ip]=iproute2 [ping]=iputils-ping [jq]=jq [python3]=python3
     [unshare]=util-linux [nsenter]=util-linux [pgrep]=procps [cc]=gcc [curl]=curl
+    # The coexistence lab plants K3s-like chains with iptables-nft.
+    [iptables]=iptables
     # The VM lab (tests/vm/prepare.sh, meshlab::vm): qemu, and what builds its initramfs.
     [qemu-system-x86_64]=qemu-system-x86 [modprobe]=kmod [depmod]=kmod [cpio]=cpio
     [flock]=util-linux [xz]=xz-utils [readelf]=binutils

@@ -529,6 +529,31 @@ pub fn run_in_vm(cmd: &[String], opts: &VmOpts) -> Result<VmRun> {
     Ok(run)
 }
 
+/// The newest test executable `name-<hash>` in `target/<profile>/deps` (cargo builds every
+/// test binary before it runs any).
+pub fn test_binary(name: &str) -> Result<PathBuf> {
+    let deps = crate::lab::bin_dir().join("deps");
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&deps)
+        .with_context(|| format!("listing {}", deps.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix(&format!("{name}-")))
+                .is_some_and(|hash| hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()))
+        })
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .collect();
+    found.sort();
+    found.pop().map(|(_, p)| p).ok_or_else(|| {
+        anyhow!(
+            "no test binary {name}-* in {}: build the tests first (cargo test --workspace --no-run)",
+            deps.display()
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
