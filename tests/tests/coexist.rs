@@ -6,7 +6,7 @@
 //! 10.42.0.0/16, docker0 172.17.0.0/16, virbr0 192.168.122.0/24, and FLANNEL-POSTRTG,
 //! FLANNEL-FWD and KUBE-* chains through iptables-nft. Then, with dock-load as its peer: mesh
 //! up, a config change, a restart, SIGKILL plus restart and `meshctl down`; after each,
-//! `ip route show table all` (v4 and v6), `nft list ruleset` and the link list, minus our own
+//! `ip route show table all` (v4 and v6), `nft -s list ruleset` and the link list, minus our own
 //! marked objects (routes `proto meshd`, anything on wgmesh0, `table inet meshd`), are
 //! byte-identical to before. A peer subnet overlapping flannel's 10.42.0.0/16 is refused with
 //! flannel-wg named and nothing applied; a listen port flannel-wg holds is refused at start.
@@ -114,15 +114,14 @@ mkdir -p /etc/iproute2/rt_protos.d
 echo "171 meshd" > /etc/iproute2/rt_protos.d/meshd.conf
 "#;
 
-/// Routes of every table (v4 and v6), the ruleset and the links, minus what is ours: routes
-/// marked `proto meshd`, anything on our interface, `table inet meshd`.
+/// Routes of every table (this iproute2 lists v4 and v6), the ruleset (stateless: counters
+/// move with traffic) and the links, minus what is ours: routes marked `proto meshd`, anything
+/// on our interface, `table inet meshd`.
 const SNAPSHOT: &str = r#"set -eu
 echo '# ip route show table all'
 ip route show table all | grep -v -e ' proto meshd' -e 'dev wgmesh0' || true
-echo '# ip -6 route show table all'
-ip -6 route show table all | grep -v -e ' proto meshd' -e 'dev wgmesh0' || true
-echo '# nft list ruleset'
-nft list ruleset | awk '/^table inet meshd \{/ {skip=1; next} skip && /^\}/ {skip=0; next} !skip'
+echo '# nft -s list ruleset'
+nft -s list ruleset | awk '/^table inet meshd \{/ {skip=1; next} skip && /^\}/ {skip=0; next} !skip'
 echo '# links'
 ip -o link show | grep -v ': wgmesh0[:@]' | awk '{print $1, $2, $3}'
 echo '# flannel-wg'
@@ -167,7 +166,7 @@ fn diff_lines(a: &str, b: &str) -> Vec<String> {
 }
 
 fn ours_present(lab: &Lab) -> Result<(bool, bool, bool)> {
-    let routes = lab.sh(HOST, "ip route show table all; ip -6 route show table all")?;
+    let routes = lab.sh(HOST, "ip route show table all")?;
     let link = lab
         .exec(HOST, &["ip", "link", "show", MESH_IFACE])?
         .status
