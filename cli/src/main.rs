@@ -12,6 +12,7 @@ use mesh_proto::control::{
     render_hosts, render_invite, render_invites, render_peers_table, render_status, Request,
     Response,
 };
+use mesh_proto::doctor::Report;
 use mesh_proto::PublicKey;
 
 #[derive(Debug, Parser)]
@@ -98,6 +99,25 @@ enum Cmd {
     },
     /// Remove a host from the mesh: out of every netmap, its key refused from then on.
     Remove { name: String },
+    /// Check this host: listen port, interface and address, routes, rp_filter, K3s,
+    /// coordinator, handshakes and the path MTU to every peer. One line per check (OK, WARN,
+    /// FAIL) with the fix; exits 1 if any check fails. Runs `meshd --doctor` when meshd is not
+    /// running.
+    Doctor {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        /// meshd's configuration, for the offline checks (`meshd --doctor --config PATH`).
+        #[arg(long, env = "MESHD_CONFIG", default_value = mesh_proto::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Remove everything meshd owns on this host (the interface, its routes, its nftables
+    /// table and forwarding settings) and stop meshd. Stopping meshd alone leaves all of it up.
+    Down {
+        /// meshd's configuration (for the offline hint).
+        #[arg(long, env = "MESHD_CONFIG", default_value = mesh_proto::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,10 +178,68 @@ fn request(socket: &Path, req: &Request) -> Result<Response> {
     Response::from_line(&reply).context("meshd sent a reply this meshctl does not understand")
 }
 
+/// Whether a meshd answers connections on `socket`.
+fn daemon_up(socket: &Path) -> bool {
+    UnixStream::connect(socket).is_ok()
+}
+
+/// `meshd` beside this meshctl, else from PATH.
+fn meshd_command() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("meshd")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("meshd"))
+}
+
+/// `meshctl doctor`: through the daemon, else `meshd --doctor --json`. Returns whether no
+/// check failed.
+fn doctor(socket: &Path, json: bool, config: &Path) -> Result<bool> {
+    let report = if daemon_up(socket) {
+        match request(socket, &Request::Doctor)? {
+            Response::Doctor(r) => r,
+            Response::Error { message } => bail!("{message}"),
+            other => bail!("unexpected reply from meshd: {other:?}"),
+        }
+    } else {
+        let meshd = meshd_command();
+        let out = std::process::Command::new(&meshd)
+            .arg("--doctor")
+            .arg("--json")
+            .arg("--config")
+            .arg(config)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .with_context(|| {
+                format!(
+                    "meshd is not running and `{} --doctor` could not be run",
+                    meshd.display()
+                )
+            })?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        match serde_json::from_str::<Report>(&text) {
+            Ok(r) => r,
+            Err(_) => bail!(
+                "meshd is not running, and `{} --doctor --config {}` failed: {}",
+                meshd.display(),
+                config.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        }
+    };
+    if json {
+        print_json(&report)?;
+    } else {
+        out(&report.render())?;
+    }
+    Ok(!report.failed())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
         Err(e) => {
             eprintln!("meshctl: {e:#}");
             std::process::ExitCode::FAILURE
@@ -188,8 +266,24 @@ fn out(text: &str) -> Result<()> {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<bool> {
+    match &cli.command {
+        Cmd::Doctor { json, config } => return doctor(&cli.socket, *json, config),
+        Cmd::Down { config } if !daemon_up(&cli.socket) => bail!(
+            "meshd is not running (no answer on {}); to remove everything it owns without it, \
+             run: meshd --down --config {}",
+            cli.socket.display(),
+            config.display()
+        ),
+        _ => {}
+    }
+    send(cli).map(|()| true)
+}
+
+fn send(cli: Cli) -> Result<()> {
     let req = match &cli.command {
+        Cmd::Doctor { .. } => Request::Doctor,
+        Cmd::Down { .. } => Request::Down,
         Cmd::Peers { .. } => Request::Peers,
         Cmd::Status { .. } => Request::Status,
         Cmd::Reload => Request::Reload,
@@ -265,7 +359,7 @@ fn run(cli: Cli) -> Result<()> {
         (Cmd::Status { json: false }, Response::Status(status)) => {
             out(&render_status(&status, now()))
         }
-        (Cmd::Reload, Response::Ok { message }) => out(&format!("{message}\n")),
+        (Cmd::Reload | Cmd::Down { .. }, Response::Ok { message }) => out(&format!("{message}\n")),
         (_, other) => bail!("unexpected reply from meshd: {other:?}"),
     }
 }

@@ -11,12 +11,13 @@ use tokio::time::{interval, MissedTickBehavior};
 
 use mesh_proto::control::{Request, Response};
 
-use crate::agent::{now, Agent};
+use crate::agent::{now, Agent, AgentStatus};
 use crate::backend::{LinkBackend, WgBackend};
 use crate::client::HttpApi;
 use crate::control::{accept_loop, Command};
 use crate::error::{Error, Result};
 use crate::member::{MemberRuntime, MeshEvent, ENDPOINT_CHECK};
+use crate::notify::Notifier;
 use crate::protocol::{admin_route, handle_request, is_admin, relay_admin, AdminCall};
 use crate::state::StateDir;
 
@@ -49,6 +50,15 @@ fn ticker(period: Duration) -> tokio::time::Interval {
     t
 }
 
+/// Why the loop returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM/SIGINT (or the caller's shutdown future): everything stays up.
+    Signal,
+    /// `meshctl down`: everything we own was removed (`removed` lists it); exit 0.
+    Down { removed: Vec<String> },
+}
+
 /// Run the agent until `shutdown` resolves: a pass at start, one every reconcile interval, a
 /// reload and pass on SIGHUP or `meshctl reload`, and control requests in between. Returns the
 /// agent so a caller (or test) can inspect it.
@@ -57,7 +67,86 @@ pub async fn run<W: WgBackend, L: LinkBackend>(
     listener: &UnixListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<Agent<W, L>> {
-    run_with(agent, listener, shutdown, MeshWiring::default()).await
+    Ok(run_with(agent, listener, shutdown, MeshWiring::default())
+        .await?
+        .0)
+}
+
+/// Readiness (sd_notify `READY=1`): the interface exists with our address and the last pass
+/// configured it and the peers without an error; on a member of a managed mesh (or the
+/// coordinator host) a netmap has been applied too (the one cached from the last run counts:
+/// the mesh comes back while the coordinator is down). A host not joined yet has no address,
+/// so it is never ready: units ordered after `meshd-online.target` wait for the join.
+pub fn is_ready(st: &AgentStatus, managed: bool) -> bool {
+    st.passes > 0
+        && st.ifindex.is_some()
+        && st.address.is_some()
+        && st.last_error.is_none()
+        && st.last_pass_failed_ops == 0
+        && (!managed || st.netmap_version.is_some())
+}
+
+/// The `STATUS=` line for systemd.
+pub fn status_line(st: &AgentStatus, managed: bool) -> String {
+    match (st.address, &st.last_error) {
+        (None, _) => "not joined: waiting for `meshctl join TOKEN`".to_owned(),
+        (Some(_), Some(e)) => format!("last pass failed: {e}"),
+        (Some(a), None) if st.ifindex.is_none() => format!("bringing {} up with {a}", st.interface),
+        (Some(_), None) if managed && st.netmap_version.is_none() => {
+            "waiting for the netmap from the coordinator".to_owned()
+        }
+        (Some(a), None) => format!(
+            "{} up with {a}, {} peers configured",
+            st.interface, st.configured_peers
+        ),
+    }
+}
+
+fn managed<W: WgBackend, L: LinkBackend>(agent: &Agent<W, L>) -> bool {
+    agent.membership().is_some() || agent.settings().coordinator.is_some()
+}
+
+fn notify_state<W: WgBackend, L: LinkBackend>(agent: &Agent<W, L>, notifier: &mut Notifier) {
+    let st = agent.status();
+    let managed = managed(agent);
+    let line = status_line(&st, managed);
+    if !notifier.is_ready() && is_ready(&st, managed) {
+        tracing::info!(status = %line, "ready");
+        notifier.ready(&line);
+    } else {
+        notifier.status(&line);
+    }
+}
+
+/// `meshctl down` inside the daemon: everything we own on this host. Returns what was
+/// removed, or what failed.
+async fn down<W: WgBackend, L: LinkBackend>(
+    agent: &mut Agent<W, L>,
+) -> std::result::Result<Vec<String>, String> {
+    let settings = agent.settings().clone();
+    let mut removed = Vec::new();
+    let mut failed = Vec::new();
+    match crate::service::teardown_owned(&settings) {
+        Ok(list) => removed.extend(list),
+        Err(e) => failed.push(e.to_string()),
+    }
+    match agent.link.delete(&settings.interface).await {
+        Ok(()) => removed.push(format!("interface {}", settings.interface)),
+        Err(e) => failed.push(e.to_string()),
+    }
+    if failed.is_empty() {
+        Ok(removed)
+    } else {
+        Err(format!(
+            "removed {}; failed: {}",
+            if removed.is_empty() {
+                "nothing".to_owned()
+            } else {
+                removed.join(", ")
+            },
+            failed.join("; ")
+        ))
+    }
 }
 
 /// Join from `[daemon] join_token_file` when not a member yet (unattended installs). Returns
@@ -103,7 +192,9 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
     listener: &UnixListener,
     shutdown: impl Future<Output = ()>,
     wiring: MeshWiring,
-) -> Result<Agent<W, L>> {
+) -> Result<(Agent<W, L>, Stop)> {
+    let mut notifier = Notifier::from_env();
+    let mut stop = Stop::Signal;
     let MeshWiring {
         tx: mesh_tx,
         rx: mut mesh_rx,
@@ -122,6 +213,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
     // The first pass runs before any control request is answered.
     timer.tick().await;
     agent.reconcile(now()).await;
+    notify_state(&agent, &mut notifier);
     let mut retry_join = join_from_file(&mut agent, &mut member).await;
     let mut endpoint_timer = ticker(ENDPOINT_CHECK);
     loop {
@@ -138,7 +230,34 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                 member.on_event(&mut agent, event).await;
             }
             Some(cmd) = rx.recv() => {
-                if is_admin(&cmd.request) {
+                if cmd.request == Request::Down {
+                    tracing::info!("meshctl down: removing everything meshd owns on this host");
+                    notifier.stopping("meshctl down: removing the interface, routes and firewall table");
+                    let result = down(&mut agent).await;
+                    let reply = match &result {
+                        Ok(removed) => Response::ok(format!(
+                            "removed {}; meshd exits",
+                            removed.join(", ")
+                        )),
+                        Err(e) => Response::error(format!("{e}; meshd exits")),
+                    };
+                    match &result {
+                        Ok(removed) => tracing::info!(removed = ?removed, "down"),
+                        Err(e) => tracing::error!(error = %e, "down"),
+                    }
+                    let _ = cmd.reply.send(reply);
+                    stop = Stop::Down {
+                        removed: result.unwrap_or_default(),
+                    };
+                    break;
+                } else if cmd.request == Request::Doctor {
+                    // The probes take seconds: answered from a task, the loop goes on.
+                    let input = crate::doctor::gather(&mut agent).await;
+                    let reply = cmd.reply;
+                    tokio::spawn(async move {
+                        let _ = reply.send(Response::Doctor(crate::doctor::run(input).await));
+                    });
+                } else if is_admin(&cmd.request) {
                     // Admin calls may take a while (the coordinator API): answered from a task.
                     let Command { request, reply } = cmd;
                     let call = match (&admin, admin_route(&agent)) {
@@ -169,9 +288,13 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
             timer = ticker(period);
             timer.reset();
         }
+        notify_state(&agent, &mut notifier);
     }
-    tracing::info!("stopping; the interface and its engine stay up");
-    Ok(agent)
+    if stop == Stop::Signal {
+        tracing::info!("stopping; the interface and its engine stay up");
+        notifier.stopping("stopping; the interface and its peers stay up");
+    }
+    Ok((agent, stop))
 }
 
 /// Install the SIGTERM/SIGINT handlers now and return a future that resolves on either.
@@ -286,5 +409,67 @@ mod tests {
         assert_eq!(agent.wg.device.peers.len(), 1);
         drop(socket);
         assert!(!path.exists(), "control socket removed on shutdown");
+    }
+
+    #[tokio::test]
+    async fn down_removes_the_interface_and_stops_the_loop() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("run/meshd.sock");
+        let socket = ControlSocket::bind(&path).expect("bind");
+        let agent = Agent::new(
+            FakeBackend::default(),
+            FakeLink::default(),
+            crate::agent::tests::settings(vec![crate::agent::tests::peer(1, None)]),
+            PrivateKey::from_bytes([3; 32]),
+        );
+        let never = std::future::pending::<()>();
+        let client = async {
+            let r = exchange(&path, &Request::Down.to_line())
+                .await
+                .expect("reply");
+            match Response::from_line(&r).expect("decode") {
+                Response::Ok { message } => {
+                    assert!(message.contains("interface wgtest0"), "{message}")
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        let (out, ()) = tokio::join!(
+            run_with(agent, &socket.listener, never, MeshWiring::default()),
+            client
+        );
+        let (agent, stop) = out.expect("run");
+        assert!(matches!(stop, Stop::Down { .. }), "{stop:?}");
+        assert!(agent.link.deleted);
+    }
+
+    #[tokio::test]
+    async fn ready_once_the_interface_has_its_address_and_peers() {
+        let mut agent = Agent::new(
+            FakeBackend::default(),
+            FakeLink::default(),
+            crate::agent::tests::settings(vec![crate::agent::tests::peer(1, None)]),
+            PrivateKey::from_bytes([3; 32]),
+        );
+        assert!(!is_ready(&agent.status(), false));
+        agent.reconcile(now()).await;
+        let st = agent.status();
+        assert!(is_ready(&st, false), "{st:?}");
+        assert_eq!(agent.wg.device.peers.len(), 1);
+        // A member of a managed mesh also waits for a netmap.
+        assert!(!is_ready(&st, true));
+        assert_eq!(
+            status_line(&st, true),
+            "waiting for the netmap from the coordinator"
+        );
+        assert!(
+            status_line(&st, false).contains("up with"),
+            "{}",
+            status_line(&st, false)
+        );
+        let mut unjoined = st.clone();
+        unjoined.address = None;
+        assert!(!is_ready(&unjoined, false));
+        assert!(status_line(&unjoined, false).starts_with("not joined"));
     }
 }

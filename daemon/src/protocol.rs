@@ -149,6 +149,9 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
                 Err(e) => Response::error(e.message),
             }
         }
+        Request::Doctor => Response::Doctor(crate::doctor::run_daemon(agent).await),
+        // The loop answers `down` itself (it has to stop after answering).
+        Request::Down => Response::error("down is handled by the daemon loop"),
         Request::Invite(_)
         | Request::Invites
         | Request::RevokeInvite { .. }

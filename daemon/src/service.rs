@@ -11,6 +11,7 @@ use mesh_proto::control::{Request, Response};
 use tokio::sync::mpsc;
 
 use crate::agent::{now, ObservedEndpoints};
+use crate::backend::LinkBackend;
 use crate::control::{prepare_dir, ControlSocket};
 use crate::coordinator::{serve_api, Coordinator, CoordinatorSettings};
 use crate::daemon::{AdminHandler, MeshWiring};
@@ -51,12 +52,53 @@ pub fn check_config(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Run the daemon until SIGTERM/SIGINT. Fails before touching anything when another meshd
-/// holds the interface or the configuration is unusable.
+/// Routes, the nftables table and the forwarding settings meshd made (everything it owns but
+/// the interface). Returns what was removed.
+pub fn teardown_owned(_settings: &Settings) -> Result<Vec<String>> {
+    Ok(Vec::new())
+}
+
+/// `meshd --down`: with no daemon running, remove everything meshd owns on this host (routes,
+/// nftables table, forwarding settings, the interface and so its engine). Refused while a
+/// meshd runs for this interface (that one is stopped with `meshctl down`).
+pub async fn down_offline(settings: &Settings) -> Result<Vec<String>> {
+    prepare_dir(&settings.control_socket)?;
+    let lock = InstanceLock::acquire(&settings.control_socket, &settings.interface).context(
+        "meshd is running for this interface: use `meshctl down` (it removes everything and \
+         stops meshd)",
+    )?;
+    let mut removed = teardown_owned(settings)?;
+    let mut link = NetlinkLink::connect()?;
+    match link.kind(&settings.interface).await? {
+        None => {}
+        Some(kind) => {
+            link.delete(&settings.interface).await?;
+            removed.push(format!("interface {} ({kind})", settings.interface));
+        }
+    }
+    drop(lock);
+    Ok(removed)
+}
+
+/// `meshd --doctor`: the doctor's checks with no daemon running.
+pub async fn doctor_offline(settings: Settings) -> mesh_proto::doctor::Report {
+    crate::doctor::run_offline(settings).await
+}
+
+/// Run the daemon until SIGTERM/SIGINT or `meshctl down`. Fails before touching anything
+/// when another meshd holds the interface, the listen port is taken by something else, or the
+/// configuration is unusable.
 pub async fn serve(settings: Settings) -> Result<()> {
-    // Fail before touching anything: lock, then key, then the engine.
+    // Fail before touching anything: lock, then port, then key, then the engine.
     prepare_dir(&settings.control_socket)?;
     let lock = InstanceLock::acquire(&settings.control_socket, &settings.interface)?;
+    let port = crate::ports::port_state(settings.listen_port, &settings.interface).await;
+    if let Some(refusal) = crate::ports::refusal(settings.listen_port, &port) {
+        anyhow::bail!(refusal);
+    }
+    if port == crate::ports::PortState::Ours {
+        tracing::info!(port = settings.listen_port, interface = %settings.interface, "listen port held by our own interface; adopting it");
+    }
     let key = keyfile::load_or_generate(&settings.private_key_file)?;
     let shutdown = crate::daemon::shutdown_signal()?;
     let engine = settings
@@ -112,7 +154,12 @@ pub async fn serve(settings: Settings) -> Result<()> {
     }
     let result = crate::daemon::run_with(agent, &socket.listener, shutdown, wiring).await;
     let _ = stop_tx.send(true);
-    result?;
+    let (_agent, stop) = result?;
+    if let crate::daemon::Stop::Down { removed } = stop {
+        tracing::info!(removed = ?removed, "down: everything meshd owned is removed; exiting");
+        // Let the connection task write the reply to `meshctl down` before the runtime ends.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(socket);
     drop(lock);
     Ok(())

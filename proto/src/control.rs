@@ -6,6 +6,10 @@
 //! <- {"response":"peers","peers":[{"name":"dock-prod","public_key":"...", ...}]}
 //! -> {"request":"status"}
 //! <- {"response":"status","host":"dock-load", ...}
+//! -> {"request":"doctor"}
+//! <- {"response":"doctor","host":"dock-load","interface":"wgmesh0","source":"daemon", ...}
+//! -> {"request":"down"}
+//! <- {"response":"ok","message":"removed wgmesh0, ...; meshd exits"}
 //! -> {"request":"reload"}
 //! <- {"response":"ok","message":"reloaded: 2 peers updated"}
 //! <- {"response":"error","message":"..."}
@@ -51,6 +55,11 @@ pub enum Request {
     Remove {
         name: String,
     },
+    /// Run the doctor's checks (`meshctl doctor`); answered with [`Response::Doctor`].
+    Doctor,
+    /// Remove everything meshd owns on this host (interface, routes, nftables table,
+    /// forwarding settings) and exit 0 (`meshctl down`); answered with `ok` before exiting.
+    Down,
 }
 
 /// One response line from meshd.
@@ -75,6 +84,7 @@ pub enum Response {
     Hosts {
         hosts: Vec<crate::api::HostInfo>,
     },
+    Doctor(crate::doctor::Report),
 }
 
 /// One peer as `meshctl peers` shows it.
@@ -879,6 +889,28 @@ mod tests {
         );
         assert!(lines[2].contains("  -  "), "{table}");
         assert!(lines[3].contains("  lan,static  "), "{table}");
+    }
+
+    #[test]
+    fn doctor_and_down_lines() {
+        assert_eq!(Request::Doctor.to_line(), "{\"request\":\"doctor\"}\n");
+        assert_eq!(Request::Down.to_line(), "{\"request\":\"down\"}\n");
+        let report = crate::doctor::Report {
+            host: None,
+            interface: "wgmesh0".into(),
+            source: crate::doctor::SOURCE_DAEMON.into(),
+            elapsed_ms: 3,
+            checks: vec![crate::doctor::Check::ok("port", "free")],
+        };
+        let line = Response::Doctor(report.clone()).to_line();
+        assert!(
+            line.starts_with("{\"response\":\"doctor\",\"host\":null,"),
+            "{line}"
+        );
+        assert_eq!(
+            Response::from_line(&line).unwrap(),
+            Response::Doctor(report)
+        );
     }
 
     #[test]

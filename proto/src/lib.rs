@@ -8,6 +8,7 @@ pub mod api;
 pub mod config;
 pub mod control;
 pub mod device;
+pub mod doctor;
 pub mod integrate;
 pub mod key;
 pub mod netmap;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use meshd::service::{check_config, serve};
+use meshd::service::{check_config, doctor_offline, down_offline, serve};
 use meshd::Settings;
 
 #[derive(Debug, Parser)]
@@ -16,6 +16,17 @@ struct Args {
     /// Validate the configuration (and the private key file, if present) and exit.
     #[arg(long)]
     check_config: bool,
+    /// Run the doctor's checks without a daemon (what `meshctl doctor` does when meshd is
+    /// not running); exits 1 if any check fails.
+    #[arg(long, conflicts_with_all = ["check_config", "down"])]
+    doctor: bool,
+    /// With --doctor: print JSON.
+    #[arg(long, requires = "doctor")]
+    json: bool,
+    /// Remove everything meshd owns on this host (interface, routes, nftables table,
+    /// forwarding settings) with no daemon running (what `meshctl down` does through one).
+    #[arg(long, conflicts_with = "check_config")]
+    down: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,7 +40,8 @@ fn main() -> std::process::ExitCode {
         .init();
     let args = Args::parse();
     match real_main(args) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
         Err(e) => {
             eprintln!("meshd: {e:#}");
             std::process::ExitCode::FAILURE
@@ -37,9 +49,10 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn real_main(args: Args) -> Result<()> {
+/// `Ok(false)`: ran, but the outcome is a failure (a doctor check failed).
+fn real_main(args: Args) -> Result<bool> {
     if args.check_config {
-        return check_config(&args.config);
+        return check_config(&args.config).map(|()| true);
     }
     let settings =
         Settings::load(&args.config).context("refusing to start with an invalid configuration")?;
@@ -48,5 +61,24 @@ fn real_main(args: Args) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(settings))
+    if args.doctor {
+        let report = runtime.block_on(doctor_offline(settings));
+        let text = if args.json {
+            serde_json::to_string_pretty(&report).context("cannot encode the report")? + "\n"
+        } else {
+            report.render()
+        };
+        print!("{text}");
+        return Ok(!report.failed());
+    }
+    if args.down {
+        let removed = runtime.block_on(down_offline(&settings))?;
+        if removed.is_empty() {
+            println!("nothing to remove: meshd owns nothing on this host");
+        } else {
+            println!("removed {}", removed.join(", "));
+        }
+        return Ok(true);
+    }
+    runtime.block_on(serve(settings)).map(|()| true)
 }

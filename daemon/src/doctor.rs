@@ -1,0 +1,518 @@
+//! `meshctl doctor`: gather the facts (sysctls, sockets, interface, K3s files, pings over the
+//! mesh) and let `mesh_proto::doctor` judge them. The running daemon answers `Request::Doctor`
+//! with [`gather`] + [`run`]; `meshd --doctor` runs [`run_offline`] with no daemon, marking
+//! what only the daemon knows (handshakes, the coordinator) as FAIL "meshd is not running".
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use mesh_proto::control::format_age;
+use mesh_proto::doctor::{
+    daemon_not_running, handshake_check, k3s_check, mtu_check, mtu_next_probe, rp_filter_check,
+    Check, MtuProbe, Report, ICMP4_OVERHEAD, SOURCE_DAEMON, SOURCE_OFFLINE,
+};
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::LinkFlags;
+
+use crate::agent::{mesh_address, now, Agent, AgentStatus};
+use crate::backend::{LinkBackend, WgBackend};
+use crate::ports::{port_state, PortState};
+use crate::settings::Settings;
+use crate::state::StateDir;
+
+/// Where K3s reads its configuration.
+pub const K3S_CONFIG: &str = "/etc/rancher/k3s/config.yaml";
+pub const K3S_CONFIG_DIR: &str = "/etc/rancher/k3s/config.yaml.d";
+
+/// Smallest ping payload (ping's default): if this does not come back, the peer is down.
+const SMALL_PAYLOAD: u16 = 56;
+
+/// One peer as the doctor sees it.
+#[derive(Debug, Clone)]
+pub struct PeerFact {
+    pub name: String,
+    pub mesh_address: Option<IpAddr>,
+    /// Latest handshake, seconds since the epoch (`None`: never). Daemon only.
+    pub latest_handshake_unix: Option<u64>,
+}
+
+/// What only the running daemon knows.
+#[derive(Debug, Clone)]
+pub struct DaemonFacts {
+    pub status: AgentStatus,
+    pub managed: bool,
+    pub pid: u32,
+}
+
+/// Everything the checks need, taken from the agent (or the configuration) up front so the
+/// slow part ([`run`]: pings) does not hold the agent.
+#[derive(Debug, Clone)]
+pub struct Input {
+    pub settings: Settings,
+    pub host: Option<String>,
+    pub address: Option<IpNet>,
+    pub peers: Vec<PeerFact>,
+    /// `None`: offline (`meshd --doctor`).
+    pub daemon: Option<DaemonFacts>,
+}
+
+/// The facts from the running agent.
+pub async fn gather<W: WgBackend, L: LinkBackend>(agent: &mut Agent<W, L>) -> Input {
+    let peers = match agent.peers().await {
+        Ok(views) => views
+            .iter()
+            .map(|v| PeerFact {
+                name: v.name.clone(),
+                mesh_address: v.mesh_address.map(|n| n.addr()),
+                latest_handshake_unix: v
+                    .observed
+                    .as_ref()
+                    .and_then(|o| o.last_handshake)
+                    .map(|d| d.as_secs()),
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let status = agent.status();
+    Input {
+        settings: agent.settings().clone(),
+        host: agent.host_name(),
+        address: agent.address(),
+        peers,
+        daemon: Some(DaemonFacts {
+            managed: agent.membership().is_some() || agent.settings().coordinator.is_some(),
+            status,
+            pid: std::process::id(),
+        }),
+    }
+}
+
+/// The running daemon's doctor (for callers that hold the agent anyway).
+pub async fn run_daemon<W: WgBackend, L: LinkBackend>(agent: &mut Agent<W, L>) -> Report {
+    run(gather(agent).await).await
+}
+
+/// `meshd --doctor`: the same checks from the configuration and the state directory.
+pub async fn run_offline(settings: Settings) -> Report {
+    let state = StateDir::new(&settings.state_dir);
+    let membership = state.load_membership().ok().flatten();
+    let netmap = state.load_netmap().ok().flatten();
+    let mut peers: Vec<PeerFact> = settings
+        .peers
+        .iter()
+        .map(|p| PeerFact {
+            name: p.name.clone(),
+            mesh_address: mesh_address(&p.spec.allowed_ips).map(|n| n.addr()),
+            latest_handshake_unix: None,
+        })
+        .collect();
+    if let Some(nm) = &netmap {
+        for p in &nm.peers {
+            if !peers.iter().any(|q| q.mesh_address == Some(p.address)) {
+                peers.push(PeerFact {
+                    name: p.name.clone(),
+                    mesh_address: Some(p.address),
+                    latest_handshake_unix: None,
+                });
+            }
+        }
+    }
+    let address = settings
+        .address
+        .or_else(|| membership.as_ref().map(|m| m.interface_address()));
+    let host = settings
+        .host_name
+        .clone()
+        .or_else(|| membership.as_ref().map(|m| m.host_name.clone()));
+    let managed = membership.is_some() || settings.coordinator.is_some();
+    let mut report = run(Input {
+        settings,
+        host,
+        address,
+        peers,
+        daemon: None,
+    })
+    .await;
+    if !managed {
+        // `run` cannot tell a static host from a managed one offline.
+        report.checks.retain(|c| c.name != "coordinator");
+        report.checks.push(Check::ok(
+            "coordinator",
+            "static configuration (no coordinator)",
+        ));
+    }
+    report
+}
+
+/// Run every check.
+pub async fn run(input: Input) -> Report {
+    let started = Instant::now();
+    let s = &input.settings;
+    let iface = s.interface.as_str();
+    let mut checks = Vec::new();
+    let now_unix = now().as_secs();
+
+    // The daemon itself.
+    match &input.daemon {
+        Some(d) => checks.push(daemon_check(d, now_unix)),
+        None => checks.push(daemon_not_running("meshd")),
+    }
+
+    // Our UDP port.
+    let port = s.listen_port;
+    let online = input.daemon.is_some();
+    checks.push(match port_state(port, iface).await {
+        PortState::Ours => Check::ok("port", format!("UDP {port} is held by {iface} (ours)")),
+        PortState::Free if online => Check::fail(
+            "port",
+            format!("nothing listens on UDP {port}: {iface} has no WireGuard device"),
+            "meshctl reload, or restart meshd",
+        ),
+        PortState::Free => Check::ok("port", format!("UDP {port} is free")),
+        PortState::Taken(owner) => Check::fail(
+            "port",
+            format!("UDP {port} is held by {owner}, not by {iface}"),
+            format!(
+                "stop {owner}, or set another listen_port in [host] of {}",
+                s.config_path.display()
+            ),
+        ),
+    });
+
+    // The interface and our address.
+    let link = read_link(iface).await;
+    checks.push(interface_check(iface, input.address, s.mtu, &link));
+
+    // rp_filter (the kernel uses the larger of `all` and the interface's).
+    checks.push(rp_filter_check(
+        iface,
+        read_sysctl("all", "rp_filter"),
+        read_sysctl(iface, "rp_filter"),
+    ));
+
+    // K3s.
+    checks.push(k3s_check(iface, &k3s_files()));
+
+    // The coordinator.
+    if let Some(d) = &input.daemon {
+        if d.managed {
+            checks.extend(coordinator_checks(&d.status, now_unix));
+        } else {
+            checks.push(Check::ok(
+                "coordinator",
+                "static configuration (no coordinator)",
+            ));
+        }
+    } else {
+        checks.push(daemon_not_running("coordinator"));
+    }
+
+    // Handshakes.
+    if input.daemon.is_some() {
+        for p in &input.peers {
+            let age = p.latest_handshake_unix.map(|t| now_unix.saturating_sub(t));
+            checks.push(handshake_check(&p.name, age));
+        }
+    } else if !input.peers.is_empty() {
+        checks.push(daemon_not_running("handshakes"));
+    }
+
+    // Path MTU to each peer, probed over the mesh (in parallel).
+    if link.is_some() {
+        let mtu = s.mtu;
+        let probes = input.peers.iter().map(|p| async move {
+            match p.mesh_address {
+                Some(IpAddr::V4(a)) => mtu_check(&p.name, probe_mtu(IpAddr::V4(a), mtu).await),
+                Some(IpAddr::V6(_)) => {
+                    Check::ok(format!("mtu {}", p.name), "IPv6 mesh address; not probed")
+                }
+                None => Check::warn(
+                    format!("mtu {}", p.name),
+                    "no mesh address (no /32 in allowed_ips); not probed",
+                    "give the peer its mesh address as a /32 in allowed_ips",
+                ),
+            }
+        });
+        checks.extend(futures::future::join_all(probes).await);
+    } else if !input.peers.is_empty() {
+        checks.push(Check::fail(
+            "mtu",
+            format!("{iface} is not up; path MTU not probed"),
+            "start meshd",
+        ));
+    }
+
+    Report {
+        host: input.host.clone(),
+        interface: iface.to_owned(),
+        source: if online {
+            SOURCE_DAEMON
+        } else {
+            SOURCE_OFFLINE
+        }
+        .to_owned(),
+        elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        checks,
+    }
+}
+
+fn daemon_check(d: &DaemonFacts, now_unix: u64) -> Check {
+    let st = &d.status;
+    let last = st
+        .last_pass
+        .map(|p| {
+            format!(
+                "last pass {}",
+                format_age(now_unix.saturating_sub(p.as_secs()))
+            )
+        })
+        .unwrap_or_else(|| "no pass yet".to_owned());
+    match &st.last_error {
+        None => Check::ok(
+            "meshd",
+            format!("running (pid {}), {}, {last}", d.pid, st.backend),
+        ),
+        Some(e) => Check::warn(
+            "meshd",
+            format!("running (pid {}), {last}, with an error: {e}", d.pid),
+            "see the log (journalctl -u meshd) and meshctl status",
+        ),
+    }
+}
+
+fn coordinator_checks(st: &AgentStatus, now_unix: u64) -> Vec<Check> {
+    let m = &st.mesh;
+    let mut out = Vec::new();
+    let contact = m
+        .last_contact_unix
+        .map(|t| format!("last contact {}", format_age(now_unix.saturating_sub(t))))
+        .unwrap_or_else(|| "never contacted".to_owned());
+    let at = m
+        .api
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "(unknown address)".to_owned());
+    out.push(if m.is_coordinator {
+        Check::ok("coordinator", format!("this host ({at})"))
+    } else {
+        match m.reachable {
+            Some(true) => Check::ok("coordinator", format!("{at} reachable, {contact}")),
+            Some(false) => Check::fail(
+                "coordinator",
+                format!(
+                    "{at} unreachable ({}), {contact}; the last netmap stays in force",
+                    m.last_error.as_deref().unwrap_or("no detail")
+                ),
+                "check the coordinator host runs meshd and that this host has a handshake with it",
+            ),
+            None => Check::warn(
+                "coordinator",
+                format!("{at}: no answer yet"),
+                "wait a few seconds and run doctor again",
+            ),
+        }
+    });
+    out.push(match st.netmap_version {
+        Some(v) => Check::ok(
+            "netmap",
+            format!("version {v}, current as of the {contact}"),
+        ),
+        None => Check::fail(
+            "netmap",
+            "no netmap yet: peers from the coordinator are not configured",
+            "check the coordinator check above; meshctl status",
+        ),
+    });
+    out
+}
+
+/// What the interface looks like.
+#[derive(Debug, Clone)]
+pub struct LinkFacts {
+    pub up: bool,
+    pub mtu: Option<u32>,
+    pub addresses: Vec<IpNet>,
+}
+
+/// The interface, over netlink (`None`: no such interface).
+pub async fn read_link(iface: &str) -> Option<LinkFacts> {
+    let (conn, handle, _) = rtnetlink::new_connection().ok()?;
+    let task = tokio::spawn(conn);
+    let result = async {
+        let link = handle
+            .link()
+            .get()
+            .match_name(iface.to_owned())
+            .execute()
+            .try_next()
+            .await
+            .ok()??;
+        let mtu = link.attributes.iter().find_map(|a| match a {
+            rtnetlink::packet_route::link::LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        });
+        let mut addresses = Vec::new();
+        let mut stream = handle
+            .address()
+            .get()
+            .set_link_index_filter(link.header.index)
+            .execute();
+        while let Ok(Some(msg)) = stream.try_next().await {
+            let mut ip = None;
+            for attr in &msg.attributes {
+                match attr {
+                    AddressAttribute::Local(a) => ip = Some(*a),
+                    AddressAttribute::Address(a) if ip.is_none() => ip = Some(*a),
+                    _ => {}
+                }
+            }
+            if let Some(net) = ip.and_then(|a| IpNet::new(a, msg.header.prefix_len).ok()) {
+                addresses.push(net);
+            }
+        }
+        Some(LinkFacts {
+            up: link.header.flags.contains(LinkFlags::Up),
+            mtu,
+            addresses,
+        })
+    }
+    .await;
+    task.abort();
+    result
+}
+
+fn interface_check(
+    iface: &str,
+    address: Option<IpNet>,
+    mtu: u16,
+    link: &Option<LinkFacts>,
+) -> Check {
+    let Some(address) = address else {
+        return Check::fail(
+            "interface",
+            "this host has no mesh address yet (not joined)",
+            "meshctl join TOKEN (from `meshctl invite NAME` on the coordinator)",
+        );
+    };
+    let Some(l) = link else {
+        return Check::fail(
+            "interface",
+            format!("{iface} does not exist"),
+            "start meshd (systemctl start meshd)",
+        );
+    };
+    if !l.addresses.contains(&address) {
+        return Check::fail(
+            "interface",
+            format!(
+                "{iface} exists but does not carry {address} (has: {})",
+                if l.addresses.is_empty() {
+                    "none".to_owned()
+                } else {
+                    l.addresses
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            ),
+            "meshctl reload (meshd adds it on its next pass)",
+        );
+    }
+    if !l.up {
+        return Check::fail(
+            "interface",
+            format!("{iface} carries {address} but is down"),
+            "meshctl reload (meshd sets it up on its next pass)",
+        );
+    }
+    match l.mtu {
+        Some(m) if m != u32::from(mtu) => Check::warn(
+            "interface",
+            format!("{iface} is up with {address}, but its MTU is {m}, not the configured {mtu}"),
+            "meshctl reload",
+        ),
+        _ => Check::ok(
+            "interface",
+            format!("{iface} is up with {address}, mtu {mtu}"),
+        ),
+    }
+}
+
+/// `/proc/sys/net/ipv4/conf/DEV/KEY` as a number.
+fn read_sysctl(dev: &str, key: &str) -> Option<u8> {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{dev}/{key}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// K3s configuration files in the order K3s reads them, with their text.
+fn k3s_files() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if let Ok(t) = std::fs::read_to_string(K3S_CONFIG) {
+        out.push((K3S_CONFIG.to_owned(), t));
+    }
+    if let Ok(entries) = std::fs::read_dir(K3S_CONFIG_DIR) {
+        let mut paths: Vec<_> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        paths.sort();
+        for p in paths {
+            if let Ok(t) = std::fs::read_to_string(&p) {
+                out.push((p.display().to_string(), t));
+            }
+        }
+    }
+    out
+}
+
+/// One ping with DF set and `payload` bytes; true if answered within a second.
+async fn ping_df(addr: IpAddr, payload: u16) -> bool {
+    let out = tokio::process::Command::new("ping")
+        .args(["-n", "-q", "-M", "do", "-c", "1", "-W", "1", "-s"])
+        .arg(payload.to_string())
+        .arg(addr.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status();
+    match tokio::time::timeout(Duration::from_secs(3), out).await {
+        Ok(Ok(status)) => status.success(),
+        _ => false,
+    }
+}
+
+/// Twice before saying no (the first packet to a peer may wait for a handshake).
+async fn ping_df_retry(addr: IpAddr, payload: u16) -> bool {
+    ping_df(addr, payload).await || ping_df(addr, payload).await
+}
+
+/// Probe the path MTU to `addr` over the mesh: does an `mtu`-byte packet pass with DF set;
+/// if not, binary-search the largest that does.
+pub async fn probe_mtu(addr: IpAddr, mtu: u16) -> MtuProbe {
+    if !ping_df_retry(addr, SMALL_PAYLOAD).await {
+        return MtuProbe::Unreachable;
+    }
+    let full = mtu.saturating_sub(ICMP4_OVERHEAD);
+    if full <= SMALL_PAYLOAD || ping_df_retry(addr, full).await {
+        return MtuProbe::Passes { mtu };
+    }
+    let (mut lo, mut hi) = (SMALL_PAYLOAD, full);
+    while let Some(size) = mtu_next_probe(lo, hi) {
+        if ping_df(addr, size).await {
+            lo = size;
+        } else {
+            hi = size;
+        }
+    }
+    MtuProbe::TooLarge {
+        mtu,
+        largest: lo + ICMP4_OVERHEAD,
+    }
+}

@@ -1,0 +1,496 @@
+//! `meshctl doctor`: the checks' results, their verdicts and their rendering. Pure: the daemon
+//! (or `meshd --doctor` offline) gathers the facts, the functions here judge them.
+//!
+//! ```text
+//! OK    port           UDP 51871 is held by wgmesh0 (ours)
+//! WARN  rp_filter      strict (all=1, wgmesh0=0) — fix: sysctl -w net.ipv4.conf.all.rp_filter=2
+//! FAIL  mtu dock-prod  1420-byte packets are dropped; the largest that passes is 1220 — fix: mtu = 1220 in [host] of meshd.toml
+//! ```
+//!
+//! JSON (`meshctl doctor --json`):
+//!
+//! ```text
+//! {"host":"dock-load","interface":"wgmesh0","source":"daemon","elapsed_ms":812,
+//!  "checks":[{"name":"port","status":"ok","detail":"...","fix":null}, ...]}
+//! ```
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// How a check came out. Ordered: `Ok < Warn < Fail`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckStatus {
+    Ok,
+    Warn,
+    Fail,
+}
+
+impl CheckStatus {
+    /// `OK`, `WARN`, `FAIL`.
+    pub fn label(self) -> &'static str {
+        match self {
+            CheckStatus::Ok => "OK",
+            CheckStatus::Warn => "WARN",
+            CheckStatus::Fail => "FAIL",
+        }
+    }
+}
+
+/// One check's verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    /// Short, stable name (`port`, `rp_filter`, `mtu dock-prod`, ...).
+    pub name: String,
+    pub status: CheckStatus,
+    /// What was found, for people.
+    pub detail: String,
+    /// What to do about it (`None` when nothing needs doing).
+    pub fix: Option<String>,
+}
+
+impl Check {
+    pub fn ok(name: impl Into<String>, detail: impl Into<String>) -> Self {
+        Check {
+            name: name.into(),
+            status: CheckStatus::Ok,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    pub fn warn(
+        name: impl Into<String>,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        Check {
+            name: name.into(),
+            status: CheckStatus::Warn,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    pub fn fail(
+        name: impl Into<String>,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
+        Check {
+            name: name.into(),
+            status: CheckStatus::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+/// Who ran the checks.
+pub const SOURCE_DAEMON: &str = "daemon";
+/// `meshd --doctor`, with no daemon running.
+pub const SOURCE_OFFLINE: &str = "offline";
+
+/// Every check of one doctor run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// `None` on a host not joined yet.
+    pub host: Option<String>,
+    pub interface: String,
+    /// [`SOURCE_DAEMON`] or [`SOURCE_OFFLINE`].
+    pub source: String,
+    /// How long the checks took.
+    pub elapsed_ms: u64,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    /// The worst status (`Ok` for no checks).
+    pub fn worst(&self) -> CheckStatus {
+        self.checks
+            .iter()
+            .map(|c| c.status)
+            .max()
+            .unwrap_or(CheckStatus::Ok)
+    }
+
+    /// Whether any check failed (meshctl then exits non-zero).
+    pub fn failed(&self) -> bool {
+        self.worst() == CheckStatus::Fail
+    }
+
+    /// One line per check: `STATUS  name  detail[ — fix: ...]`, columns aligned, then a
+    /// summary line.
+    pub fn render(&self) -> String {
+        let status_w = 4;
+        let name_w = self
+            .checks
+            .iter()
+            .map(|c| c.name.chars().count())
+            .max()
+            .unwrap_or(0);
+        let mut out = String::new();
+        for c in &self.checks {
+            let mut line = format!(
+                "{:<status_w$}  {:<name_w$}  {}",
+                c.status.label(),
+                c.name,
+                c.detail
+            );
+            if let Some(fix) = &c.fix {
+                let _ = write!(line, " — fix: {fix}");
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        let count = |s| self.checks.iter().filter(|c| c.status == s).count();
+        let _ = writeln!(
+            out,
+            "{} ok, {} warn, {} fail ({}, {} ms)",
+            count(CheckStatus::Ok),
+            count(CheckStatus::Warn),
+            count(CheckStatus::Fail),
+            if self.source == SOURCE_OFFLINE {
+                "checked by meshd --doctor; meshd is not running"
+            } else {
+                "checked by the running meshd"
+            },
+            self.elapsed_ms
+        );
+        out
+    }
+}
+
+/// The `meshd` check when the daemon is not running (offline doctor).
+pub fn daemon_not_running(what: &str) -> Check {
+    Check::fail(
+        what,
+        "meshd is not running",
+        "start it: systemctl start meshd (or run meshd --config PATH)",
+    )
+}
+
+/// The kernel's `rp_filter` verdict for our interface: the effective value is the larger of
+/// `all` and the interface's. 0 = off, 1 = strict, 2 = loose. Strict drops replies that come
+/// back on another interface than the route out (asymmetric paths, advertised subnets).
+pub fn rp_filter_check(interface: &str, all: Option<u8>, iface: Option<u8>) -> Check {
+    let name = "rp_filter";
+    let (Some(all), Some(ifv)) = (all, iface) else {
+        return Check::warn(
+            name,
+            format!(
+                "cannot read net.ipv4.conf.all.rp_filter / net.ipv4.conf.{interface}.rp_filter \
+                 (interface missing?)"
+            ),
+            format!(
+                "check `sysctl net.ipv4.conf.all.rp_filter net.ipv4.conf.{interface}.rp_filter`"
+            ),
+        );
+    };
+    let effective = all.max(ifv);
+    let detail =
+        format!("effective {effective} (all={all}, {interface}={ifv}; the kernel uses the larger)");
+    match effective {
+        0 => Check::ok(name, format!("{detail}: off")),
+        2 => Check::ok(name, format!("{detail}: loose")),
+        1 => {
+            let fix = if all == 1 {
+                format!(
+                    "sysctl -w net.ipv4.conf.all.rp_filter=2 (or keep all strict and set \
+                     net.ipv4.conf.{interface}.rp_filter=2; persist it in /etc/sysctl.d)"
+                )
+            } else {
+                format!(
+                    "sysctl -w net.ipv4.conf.{interface}.rp_filter=2 (persist it in /etc/sysctl.d)"
+                )
+            };
+            Check::warn(
+                name,
+                format!("{detail}: strict drops mesh traffic on asymmetric paths"),
+                fix,
+            )
+        }
+        other => Check::warn(
+            name,
+            format!("{detail}: unknown value {other}"),
+            "sysctl -w net.ipv4.conf.all.rp_filter=2",
+        ),
+    }
+}
+
+/// IPv4 + ICMP header bytes on top of a ping payload.
+pub const ICMP4_OVERHEAD: u16 = 28;
+
+/// What the path-MTU probe to one peer found (sizes are whole inner IPv4 packets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MtuProbe {
+    /// Not even a small ping came back: the peer is down or has no handshake; nothing to say
+    /// about the MTU.
+    Unreachable,
+    /// Full-size packets (the interface MTU) pass.
+    Passes { mtu: u16 },
+    /// Full-size packets are dropped; `largest` is the largest that passes.
+    TooLarge { mtu: u16, largest: u16 },
+}
+
+/// The ping payload sizes to try, in order, for a binary search of the largest packet that
+/// passes: `lo` passes, `hi` does not. Returns the next size to try, or `None` when done
+/// (`lo` is then the answer).
+pub fn mtu_next_probe(lo: u16, hi: u16) -> Option<u16> {
+    (hi > lo + 1).then(|| lo + (hi - lo) / 2)
+}
+
+/// The verdict on one peer's path MTU.
+pub fn mtu_check(peer: &str, probe: MtuProbe) -> Check {
+    let name = format!("mtu {peer}");
+    match probe {
+        MtuProbe::Unreachable => Check::warn(
+            name,
+            "no reply to a small ping over the mesh; path MTU not probed",
+            "see the handshake check for this peer",
+        ),
+        MtuProbe::Passes { mtu } => Check::ok(
+            name,
+            format!("{mtu}-byte packets pass with DF set (probed)"),
+        ),
+        MtuProbe::TooLarge { mtu, largest } => Check::fail(
+            name,
+            format!(
+                "{mtu}-byte packets are dropped on the path (probed with DF); the largest that \
+                 passes is {largest}"
+            ),
+            format!(
+                "mtu = {largest} in [host] of meshd.toml (on both ends), or raise the underlay MTU"
+            ),
+        ),
+    }
+}
+
+/// The verdict on one peer's latest handshake (`age_secs` = `None`: never).
+pub fn handshake_check(peer: &str, age_secs: Option<u64>) -> Check {
+    let name = format!("handshake {peer}");
+    let limit = crate::control::RECENT_HANDSHAKE_SECS;
+    match age_secs {
+        Some(a) if a < limit => {
+            Check::ok(name, format!("latest {}", crate::control::format_age(a)))
+        }
+        Some(a) => Check::warn(
+            name,
+            format!(
+                "latest {} (older than {limit}s)",
+                crate::control::format_age(a)
+            ),
+            "check the peer is up and its endpoint is reachable (meshctl peers)",
+        ),
+        None => Check::warn(
+            name,
+            "no handshake yet",
+            "check the peer is up, its endpoint and the UDP port are reachable (meshctl peers)",
+        ),
+    }
+}
+
+/// What a K3s configuration says about `flannel-iface`: the value of the last file that sets
+/// it (`files` in the order K3s reads them: config.yaml, then config.yaml.d/*.yaml
+/// alphabetically). Returns `(file, value)`. A simple line scan: `flannel-iface: VALUE` at the
+/// start of a line, quotes stripped.
+pub fn k3s_flannel_iface<'a>(files: &'a [(String, String)]) -> Option<(&'a str, String)> {
+    let mut found = None;
+    for (path, text) in files {
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("flannel-iface") else {
+                continue;
+            };
+            let Some(value) = rest.trim_start().strip_prefix(':') else {
+                continue;
+            };
+            let value = value.split(" #").next().unwrap_or_default().trim();
+            let value = value.trim_matches(|c| c == '"' || c == '\'');
+            found = Some((path.as_str(), value.to_string()));
+        }
+    }
+    found
+}
+
+/// The K3s check: `files` as for [`k3s_flannel_iface`]; `None` for no K3s configuration.
+pub fn k3s_check(interface: &str, files: &[(String, String)]) -> Check {
+    let name = "k3s flannel-iface";
+    if files.is_empty() {
+        return Check::ok(
+            name,
+            "K3s is not configured on this host (no /etc/rancher/k3s/config.yaml)",
+        );
+    }
+    match k3s_flannel_iface(files) {
+        Some((file, v)) if v == interface => {
+            Check::ok(name, format!("flannel-iface: {v} (from {file})"))
+        }
+        Some((file, v)) => Check::warn(
+            name,
+            format!("flannel-iface is {v} (from {file}), not the mesh interface {interface}"),
+            format!(
+                "set `flannel-iface: {interface}` in /etc/rancher/k3s/config.yaml.d/50-meshd.yaml \
+                 and restart K3s after meshd-online.target"
+            ),
+        ),
+        None => Check::warn(
+            name,
+            "K3s is configured but sets no flannel-iface (flannel picks the default route's interface)",
+            format!(
+                "set `flannel-iface: {interface}` in /etc/rancher/k3s/config.yaml.d/50-meshd.yaml \
+                 and restart K3s after meshd-online.target"
+            ),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn rp_filter_uses_the_max() {
+        assert_eq!(
+            rp_filter_check("wgmesh0", Some(0), Some(0)).status,
+            CheckStatus::Ok
+        );
+        assert_eq!(
+            rp_filter_check("wgmesh0", Some(2), Some(0)).status,
+            CheckStatus::Ok
+        );
+        // all strict, interface loose: the max is loose.
+        assert_eq!(
+            rp_filter_check("wgmesh0", Some(1), Some(2)).status,
+            CheckStatus::Ok
+        );
+        let c = rp_filter_check("wgmesh0", Some(1), Some(0));
+        assert_eq!(c.status, CheckStatus::Warn);
+        assert!(c
+            .fix
+            .unwrap()
+            .starts_with("sysctl -w net.ipv4.conf.all.rp_filter=2"));
+        let c = rp_filter_check("wgmesh0", Some(0), Some(1));
+        assert_eq!(c.status, CheckStatus::Warn);
+        assert!(c
+            .fix
+            .unwrap()
+            .starts_with("sysctl -w net.ipv4.conf.wgmesh0.rp_filter=2"));
+        assert_eq!(
+            rp_filter_check("wgmesh0", None, Some(0)).status,
+            CheckStatus::Warn
+        );
+    }
+
+    #[test]
+    fn binary_search_finds_the_largest_size() {
+        for limit in [57u16, 100, 1191, 1192, 1391] {
+            let (mut lo, mut hi) = (56u16, 1392u16);
+            let mut probes = 0;
+            while let Some(s) = mtu_next_probe(lo, hi) {
+                probes += 1;
+                if s <= limit {
+                    lo = s
+                } else {
+                    hi = s
+                }
+            }
+            assert_eq!(lo, limit);
+            assert!(probes <= 11, "{probes}");
+        }
+        let c = mtu_check(
+            "dock-prod",
+            MtuProbe::TooLarge {
+                mtu: 1420,
+                largest: 1220,
+            },
+        );
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert!(c.fix.unwrap().starts_with("mtu = 1220"));
+        assert_eq!(
+            mtu_check("p", MtuProbe::Passes { mtu: 1420 }).status,
+            CheckStatus::Ok
+        );
+        assert_eq!(
+            mtu_check("p", MtuProbe::Unreachable).status,
+            CheckStatus::Warn
+        );
+    }
+
+    #[test]
+    fn handshake_ages() {
+        assert_eq!(handshake_check("p", Some(3)).status, CheckStatus::Ok);
+        assert_eq!(handshake_check("p", Some(180)).status, CheckStatus::Warn);
+        assert_eq!(handshake_check("p", None).status, CheckStatus::Warn);
+    }
+
+    #[test]
+    fn k3s_later_files_win() {
+        let files = vec![
+            (
+                "/etc/rancher/k3s/config.yaml".to_string(),
+                "node-ip: 10.99.99.1\nflannel-iface: eth0\n".to_string(),
+            ),
+            (
+                "/etc/rancher/k3s/config.yaml.d/50-meshd.yaml".to_string(),
+                "# mesh\nflannel-iface: \"wgmesh0\"  # ours\n".to_string(),
+            ),
+        ];
+        assert_eq!(
+            k3s_flannel_iface(&files),
+            Some((
+                "/etc/rancher/k3s/config.yaml.d/50-meshd.yaml",
+                "wgmesh0".to_string()
+            ))
+        );
+        assert_eq!(k3s_check("wgmesh0", &files).status, CheckStatus::Ok);
+        assert_eq!(k3s_check("wgmesh0", &files[..1]).status, CheckStatus::Warn);
+        assert_eq!(k3s_check("wgmesh0", &[]).status, CheckStatus::Ok);
+        let none = vec![(
+            "c".to_string(),
+            "  flannel-iface: x\nflannel-ifaces: y\n".to_string(),
+        )];
+        assert_eq!(k3s_flannel_iface(&none), None);
+    }
+
+    #[test]
+    fn render_and_json() {
+        let r = Report {
+            host: Some("dock-load".into()),
+            interface: "wgmesh0".into(),
+            source: SOURCE_DAEMON.into(),
+            elapsed_ms: 12,
+            checks: vec![
+                Check::ok("port", "UDP 51871 held by wgmesh0 (ours)"),
+                Check::warn(
+                    "rp_filter",
+                    "strict",
+                    "sysctl -w net.ipv4.conf.all.rp_filter=2",
+                ),
+                Check::fail("mtu dock-prod", "dropped", "mtu = 1220"),
+            ],
+        };
+        let text = r.render();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "OK    port           UDP 51871 held by wgmesh0 (ours)"
+        );
+        assert_eq!(
+            lines[1],
+            "WARN  rp_filter      strict — fix: sysctl -w net.ipv4.conf.all.rp_filter=2"
+        );
+        assert_eq!(lines[2], "FAIL  mtu dock-prod  dropped — fix: mtu = 1220");
+        assert!(lines[3].starts_with("1 ok, 1 warn, 1 fail"), "{text}");
+        assert!(r.failed());
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.contains("\"status\":\"fail\""), "{json}");
+        assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), r);
+        let ok = Report {
+            checks: vec![],
+            ..r
+        };
+        assert!(!ok.failed());
+    }
+}
