@@ -590,6 +590,7 @@ pub(crate) mod tests {
             state_dir: PathBuf::from("/nonexistent/state"),
             join_token_file: None,
             coordinator: None,
+            routes: Default::default(),
         }
     }
 

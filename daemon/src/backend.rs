@@ -5,9 +5,11 @@ use std::future::Future;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
+use mesh_proto::routes::{RouteOp, SystemRoute, RT_PROTO_MESHD, TABLE_MAIN};
 use mesh_proto::{ObservedDevice, Op, PublicKey};
 
 use crate::error::{Error, Result};
+use crate::settings::Settings;
 
 /// A WireGuard device: our userspace engine over UAPI, the kernel, or the in-memory fake.
 pub trait WgBackend {
@@ -54,6 +56,21 @@ pub trait LinkBackend {
     ) -> impl Future<Output = Result<Vec<IpAddr>>> + Send;
     /// Delete the interface (a failed join removes the interface it created).
     fn delete(&mut self, interface: &str) -> impl Future<Output = Result<()>> + Send;
+    /// Every route of every table, IPv4 and IPv6.
+    fn system_routes(&mut self) -> impl Future<Output = Result<Vec<SystemRoute>>> + Send;
+    /// Apply route ops on `interface` (our protocol, main table). One failed op does not stop
+    /// the others; returns one line per failed op.
+    fn apply_routes(
+        &mut self,
+        interface: &str,
+        ops: &[RouteOp],
+    ) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// Converge forwarding and our nftables table to `settings.routes.advertise` (nothing to
+    /// advertise: our changes undone, our table absent). Returns the changes made.
+    fn advertise(
+        &mut self,
+        settings: &Settings,
+    ) -> impl Future<Output = Result<Vec<String>>> + Send;
 }
 
 /// In-memory WireGuard device following WireGuard's rules (via `mesh_proto::plan::apply`:
@@ -124,6 +141,13 @@ pub struct FakeLink {
     pub underlay: Vec<IpAddr>,
     /// Set by `delete`.
     pub deleted: bool,
+    /// Every route of the fake system: ours (added by `apply_routes`) and foreign ones a
+    /// test plants.
+    pub routes: Vec<SystemRoute>,
+    /// Number of route ops applied (a restart must apply none).
+    pub route_writes: usize,
+    /// What `advertise` was last asked to put in place.
+    pub advertised: Vec<IpNet>,
 }
 
 impl LinkBackend for FakeLink {
@@ -159,12 +183,58 @@ impl LinkBackend for FakeLink {
         Ok(self.underlay.clone())
     }
 
-    async fn delete(&mut self, _interface: &str) -> Result<()> {
+    async fn delete(&mut self, interface: &str) -> Result<()> {
+        let mut routes = std::mem::take(&mut self.routes);
+        routes.retain(|r| r.dev.as_deref() != Some(interface));
         *self = FakeLink {
             underlay: std::mem::take(&mut self.underlay),
             deleted: true,
+            routes,
             ..FakeLink::default()
         };
         Ok(())
+    }
+
+    async fn system_routes(&mut self) -> Result<Vec<SystemRoute>> {
+        Ok(self.routes.clone())
+    }
+
+    async fn apply_routes(&mut self, interface: &str, ops: &[RouteOp]) -> Result<Vec<String>> {
+        let ours = |dst: IpNet| SystemRoute {
+            table: TABLE_MAIN,
+            dst,
+            dev: Some(interface.to_string()),
+            protocol: RT_PROTO_MESHD,
+            kind: "unicast".into(),
+        };
+        for op in ops {
+            self.route_writes += 1;
+            match op {
+                RouteOp::Add(dst) => self.routes.push(ours(*dst)),
+                RouteOp::TakeOver(dst) => {
+                    self.routes.retain(|r| {
+                        !(r.table == TABLE_MAIN
+                            && r.dst == *dst
+                            && r.protocol == 2
+                            && r.dev.as_deref() == Some(interface))
+                    });
+                    self.routes.push(ours(*dst));
+                }
+                RouteOp::Remove(r) => {
+                    if r.is_ours(interface) {
+                        self.routes.retain(|x| x != r);
+                    }
+                }
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    async fn advertise(&mut self, settings: &Settings) -> Result<Vec<String>> {
+        if self.advertised == settings.routes.advertise {
+            return Ok(Vec::new());
+        }
+        self.advertised = settings.routes.advertise.clone();
+        Ok(vec![format!("advertise {:?}", self.advertised)])
     }
 }

@@ -6,17 +6,21 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use mesh_proto::routes::{RouteOp, SystemRoute};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkUnspec};
 
 use crate::backend::{LinkBackend, LinkReport, LinkSpec};
 use crate::error::{Error, Result};
+use crate::firewall::FirewallState;
+use crate::settings::Settings;
 
 /// The real interface, through a netlink connection owned by this value.
 #[derive(Debug, Clone)]
 pub struct NetlinkLink {
     handle: Handle,
+    firewall: FirewallState,
 }
 
 fn nl(what: &str, e: rtnetlink::Error) -> Error {
@@ -43,7 +47,10 @@ impl NetlinkLink {
         let (connection, handle, _) = rtnetlink::new_connection()
             .map_err(|e| Error::io("cannot open a netlink socket", e))?;
         tokio::spawn(connection);
-        Ok(NetlinkLink { handle })
+        Ok(NetlinkLink {
+            handle,
+            firewall: FirewallState::default(),
+        })
     }
 
     async fn link(&self, name: &str) -> Result<LinkMessage> {
@@ -154,17 +161,21 @@ impl LinkBackend for NetlinkLink {
 
         let present = self.addresses(index).await?;
         if !present.iter().any(|(net, _)| *net == spec.address) {
-            self.handle
-                .address()
-                .add(index, spec.address.addr(), spec.address.prefix_len())
-                .execute()
-                .await
-                .map_err(|e| {
-                    nl(
-                        &format!("cannot add address {} to {}", spec.address, spec.interface),
-                        e,
-                    )
-                })?;
+            // noprefixroute: the kernel adds no `proto kernel` route for the mesh; meshd adds
+            // its own, marked, after checking it clashes with nothing (crate::routes).
+            let mut add =
+                self.handle
+                    .address()
+                    .add(index, spec.address.addr(), spec.address.prefix_len());
+            add.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Noprefixroute));
+            add.execute().await.map_err(|e| {
+                nl(
+                    &format!("cannot add address {} to {}", spec.address, spec.interface),
+                    e,
+                )
+            })?;
             changes.push(format!("add address {}", spec.address));
         }
         if let Some(prev) = previous.filter(|p| *p != spec.address) {
@@ -229,5 +240,17 @@ impl LinkBackend for NetlinkLink {
             .execute()
             .await
             .map_err(|e| nl(&format!("cannot delete {interface}"), e))
+    }
+
+    async fn system_routes(&mut self) -> Result<Vec<SystemRoute>> {
+        crate::routes::system_routes(&self.handle).await
+    }
+
+    async fn apply_routes(&mut self, interface: &str, ops: &[RouteOp]) -> Result<Vec<String>> {
+        crate::routes::apply_routes(&self.handle, interface, ops).await
+    }
+
+    async fn advertise(&mut self, settings: &Settings) -> Result<Vec<String>> {
+        crate::routes::converge_advertise(&self.handle, settings, &mut self.firewall).await
     }
 }

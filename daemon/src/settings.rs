@@ -43,6 +43,8 @@ pub struct Settings {
     pub join_token_file: Option<PathBuf>,
     /// `[coordinator]`: this host runs the coordinator.
     pub coordinator: Option<mesh_proto::config::CoordinatorConfig>,
+    /// `[routes]`: subnets we advertise, CIDRs never to route, our nftables table.
+    pub routes: mesh_proto::config::RoutesConfig,
 }
 
 impl Settings {
@@ -91,6 +93,7 @@ impl Settings {
             state_dir: daemon.state_dir,
             join_token_file: daemon.join_token_file,
             coordinator: config.coordinator,
+            routes: config.routes,
         }
     }
 

@@ -29,6 +29,13 @@
 //! [coordinator.static_assignments]   # name -> address, inside mesh_cidr, not reserved, unique
 //! dock-prod = "10.99.99.2"
 //!
+//! [routes]                         # optional
+//! advertise = ["192.168.1.20/32"]    # subnets this host routes for the mesh (forwarding,
+//!                                    # masquerade); host bits zero, never /0, not the mesh
+//! protected = ["10.42.0.0/16", "10.43.0.0/16"]  # never routed over the mesh (K3s pods,
+//!                                    # services): routes overlapping them are refused
+//! nft_table = "meshd"                # our nftables table (family inet), default meshd
+//!
 //! [[peer]]
 //! name = "dock-prod"
 //! public_key = "base64..."
@@ -75,8 +82,31 @@ pub struct Config {
     /// `[coordinator]`: present only on the coordinator host.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coordinator: Option<CoordinatorConfig>,
+    /// `[routes]`: advertised subnets, protected CIDRs, our nftables table.
+    pub routes: RoutesConfig,
     #[serde(rename = "peer")]
     pub peers: Vec<PeerConfig>,
+}
+
+/// `[routes]`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RoutesConfig {
+    /// Subnets this host forwards for the mesh (e.g. the home LAN's NAS).
+    pub advertise: Vec<IpNet>,
+    /// CIDRs the mesh must never route (K3s pods and services, ...).
+    pub protected: Vec<IpNet>,
+    /// Our nftables table, family `inet`.
+    pub nft_table: String,
+}
+
+impl Default for RoutesConfig {
+    fn default() -> Self {
+        RoutesConfig {
+            advertise: Vec::new(),
+            protected: Vec::new(),
+            nft_table: crate::routes::DEFAULT_NFT_TABLE.to_string(),
+        }
+    }
 }
 
 /// `[host]`
@@ -300,6 +330,8 @@ struct RawConfig {
     daemon: Option<RawDaemon>,
     #[serde(default)]
     coordinator: Option<RawCoordinator>,
+    #[serde(default)]
+    routes: Option<RawRoutes>,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
 }
@@ -338,6 +370,16 @@ struct RawCoordinator {
     #[serde(default)]
     static_assignments: BTreeMap<String, String>,
     database: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRoutes {
+    #[serde(default)]
+    advertise: Vec<String>,
+    #[serde(default)]
+    protected: Vec<String>,
+    nft_table: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -410,10 +452,12 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         check_coordinator(&cx, &host, c)?;
     }
     check_peers(&cx, &host, &peers)?;
+    let routes = validate_routes(&cx, &host, &peers, raw.routes.unwrap_or_default())?;
     Ok(Config {
         host,
         daemon,
         coordinator,
+        routes,
         peers,
     })
 }
@@ -815,6 +859,100 @@ fn validate_peer(cx: &Ctx<'_>, i: usize, raw: RawPeer) -> Result<PeerConfig, Con
         endpoint,
         allowed_ips,
         persistent_keepalive,
+    })
+}
+
+fn validate_routes(
+    cx: &Ctx<'_>,
+    host: &HostConfig,
+    peers: &[PeerConfig],
+    raw: RawRoutes,
+) -> Result<RoutesConfig, ConfigError> {
+    use crate::routes::overlaps;
+    let mut protected = Vec::with_capacity(raw.protected.len());
+    for (i, p) in raw.protected.iter().enumerate() {
+        let key = format!("routes.protected[{i}]");
+        let net = parse_allowed_ip(p).map_err(|m| cx.err(key.clone(), m))?;
+        if let Some(a) = host.address.filter(|a| overlaps(&a.trunc(), &net)) {
+            return Err(cx.err(
+                key,
+                format!(
+                    "{net} overlaps the mesh {} (host.address); the mesh itself cannot be \
+                     protected from the mesh",
+                    a.trunc()
+                ),
+            ));
+        }
+        protected.push(net);
+    }
+    let mut advertise: Vec<IpNet> = Vec::with_capacity(raw.advertise.len());
+    for (i, a) in raw.advertise.iter().enumerate() {
+        let key = format!("routes.advertise[{i}]");
+        let net = parse_allowed_ip(a).map_err(|m| cx.err(key.clone(), m))?;
+        if net.prefix_len() == 0 {
+            return Err(cx.err(
+                key,
+                format!("{net} is a default route; meshd advertises subnets, never a /0"),
+            ));
+        }
+        if let Some(m) = host.address.filter(|m| overlaps(&m.trunc(), &net)) {
+            return Err(cx.err(
+                key,
+                format!(
+                    "{net} overlaps the mesh {} (host.address); advertise subnets outside it",
+                    m.trunc()
+                ),
+            ));
+        }
+        if let Some(p) = protected.iter().find(|p| overlaps(p, &net)) {
+            return Err(cx.err(
+                key,
+                format!("{net} overlaps routes.protected {p}; remove one of them"),
+            ));
+        }
+        if let Some(o) = advertise.iter().find(|o| overlaps(o, &net)) {
+            return Err(cx.err(key, format!("{net} overlaps {o}, listed before it")));
+        }
+        advertise.push(net);
+    }
+    for (i, p) in peers.iter().enumerate() {
+        for (k, net) in p.allowed_ips.iter().enumerate() {
+            if let Some(pr) = protected.iter().find(|pr| overlaps(pr, net)) {
+                return Err(cx.err(
+                    format!("peer[{i}].allowed_ips[{k}]"),
+                    format!(
+                        "{net} of peer {:?} overlaps routes.protected {pr}; it would be routed \
+                         over the mesh",
+                        p.name
+                    ),
+                ));
+            }
+        }
+    }
+    let nft_table = match raw.nft_table {
+        None => crate::routes::DEFAULT_NFT_TABLE.to_string(),
+        Some(t) => {
+            let ok = !t.is_empty()
+                && t.len() <= 64
+                && t.starts_with(|c: char| c.is_ascii_alphabetic())
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !ok {
+                return Err(cx.err(
+                    "routes.nft_table",
+                    format!(
+                        "{t:?} is not a table name: a letter, then letters, digits, '_' or '-' \
+                         (at most 64), e.g. \"meshd\""
+                    ),
+                ));
+            }
+            t
+        }
+    };
+    Ok(RoutesConfig {
+        advertise,
+        protected,
+        nft_table,
     })
 }
 
@@ -1605,5 +1743,74 @@ public_endpoints = ["198.51.100.1:51871"]
             FILE,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn routes_section_parses_and_defaults() {
+        let c = parse(&base(), FILE).unwrap();
+        assert_eq!(c.routes, RoutesConfig::default());
+        assert_eq!(c.routes.nft_table, "meshd");
+        let text = format!(
+            "{}\n[routes]\nadvertise = [\"192.168.1.20/32\", \"fd00:1::/64\"]\nprotected = [\"10.42.0.0/16\", \"10.43.0.0/16\"]\nnft_table = \"meshd_lab\"\n",
+            base()
+        );
+        let c = parse(&text, FILE).unwrap();
+        let nets: Vec<String> = c.routes.advertise.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, vec!["192.168.1.20/32", "fd00:1::/64"]);
+        assert_eq!(c.routes.protected.len(), 2);
+        assert_eq!(c.routes.nft_table, "meshd_lab");
+    }
+
+    #[test]
+    fn routes_section_refusals_name_the_key() {
+        let r = |body: &str| format!("{}\n[routes]\n{body}\n", base());
+        refuse(&r("advertize = []"), "routes.advertize", "unknown field");
+        refuse(
+            &r("advertise = [\"192.168.1.20\"]"),
+            "routes.advertise[0]",
+            "/32",
+        );
+        refuse(
+            &r("advertise = [\"192.168.1.0/16\"]"),
+            "routes.advertise[0]",
+            "host bits",
+        );
+        refuse(
+            &r("advertise = [\"0.0.0.0/0\"]"),
+            "routes.advertise[0]",
+            "never a /0",
+        );
+        refuse(
+            &r("advertise = [\"10.99.0.0/16\"]"),
+            "routes.advertise[0]",
+            "overlaps the mesh",
+        );
+        refuse(
+            &r("advertise = [\"192.168.1.0/24\", \"192.168.1.20/32\"]"),
+            "routes.advertise[1]",
+            "overlaps 192.168.1.0/24",
+        );
+        refuse(
+            &r("advertise = [\"10.42.0.0/24\"]\nprotected = [\"10.42.0.0/16\"]"),
+            "routes.advertise[0]",
+            "routes.protected 10.42.0.0/16",
+        );
+        refuse(
+            &r("protected = [\"10.99.99.0/24\"]"),
+            "routes.protected[0]",
+            "overlaps the mesh",
+        );
+        refuse(
+            &r("nft_table = \"bad name\""),
+            "routes.nft_table",
+            "not a table name",
+        );
+        let peer_in_protected =
+            base().replace("10.99.99.3/32\"]", "10.99.99.3/32\", \"10.42.5.0/24\"]");
+        refuse(
+            &format!("{peer_in_protected}\n[routes]\nprotected = [\"10.42.0.0/16\"]\n"),
+            "peer[1].allowed_ips[1]",
+            "routes.protected 10.42.0.0/16",
+        );
     }
 }

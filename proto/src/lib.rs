@@ -13,6 +13,7 @@ pub mod integrate;
 pub mod key;
 pub mod netmap;
 pub mod plan;
+pub mod routes;
 pub mod token;
 pub mod uapi;
 
