@@ -295,7 +295,7 @@ pub fn handshake_check(peer: &str, age_secs: Option<u64>) -> Check {
 /// it (`files` in the order K3s reads them: config.yaml, then config.yaml.d/*.yaml
 /// alphabetically). Returns `(file, value)`. A simple line scan: `flannel-iface: VALUE` at the
 /// start of a line, quotes stripped.
-pub fn k3s_flannel_iface<'a>(files: &'a [(String, String)]) -> Option<(&'a str, String)> {
+pub fn k3s_flannel_iface(files: &[(String, String)]) -> Option<(&str, String)> {
     let mut found = None;
     for (path, text) in files {
         for line in text.lines() {

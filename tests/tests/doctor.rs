@@ -1,0 +1,515 @@
+//! `meshctl doctor`, readiness, `meshctl down` and the listen-port check (issue 5), on a lab of
+//! two public hosts running meshd from static configurations.
+//!
+//! Needs meshd, meshctl and meshd-wg next to the test binary (or in `$MESHLAB_BIN_DIR`), ping
+//! (iputils), python3 and wireguard-go: `cargo build --workspace --bins && cargo test -p meshlab
+//! --test doctor -- --test-threads=1` (as root). Figures are printed with `eprintln!`.
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Output;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use meshlab::{poll_until, Fleet, Lab, LabOpts, ProcId, MESH_IFACE, MESH_PORT};
+use serde_json::Value;
+
+const A: &str = "dock-load";
+const B: &str = "dock-prod";
+const MESH_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Two hosts with keys and configs installed, nothing started.
+fn lab2() -> Result<(Lab, Fleet)> {
+    let lab = Lab::build(LabOpts::with_hosts(&[A, B]))?;
+    let fleet = Fleet::generate(&[A, B], &meshlab::engine_command(lab.bin_dir()))?;
+    lab.install_fleet(&fleet)?;
+    // A new network namespace inherits the root's IPv4 conf; pin rp_filter to loose so a
+    // strict root does not fail the clean-host checks.
+    for h in [A, B] {
+        lab.sh(h, "sysctl -qw net.ipv4.conf.all.rp_filter=2")?;
+    }
+    Ok((lab, fleet))
+}
+
+/// Two hosts running meshd with the mesh verified.
+fn up2() -> Result<(Lab, Fleet, ProcId, ProcId)> {
+    let (lab, fleet) = lab2()?;
+    let pa = lab.start_meshd(A)?;
+    let pb = lab.start_meshd(B)?;
+    lab.wait_mesh_pings(&[A, B], MESH_TIMEOUT)?;
+    Ok((lab, fleet, pa, pb))
+}
+
+/// `meshctl ARGS` in `host`, whatever its exit status.
+fn meshctl(lab: &Lab, host: &str, args: &[&str]) -> Result<Output> {
+    let mut argv = vec!["meshctl"];
+    argv.extend_from_slice(args);
+    lab.exec(host, &argv)
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `meshctl doctor --json` in `host`: the report and whether meshctl exited 0.
+fn doctor_json(lab: &Lab, host: &str) -> Result<(Value, bool)> {
+    let out = meshctl(lab, host, &["doctor", "--json"])?;
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("doctor --json output is not JSON: {}", text(&out)))?;
+    Ok((v, out.status.success()))
+}
+
+/// The check named `name` in a JSON report.
+fn check<'a>(report: &'a Value, name: &str) -> Result<&'a Value> {
+    report["checks"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+        .ok_or_else(|| anyhow!("no check {name:?} in {report:#}"))
+}
+
+fn status_of(c: &Value) -> &str {
+    c["status"].as_str().unwrap_or("?")
+}
+
+#[test]
+fn doctor_reports_all_ok_on_a_clean_static_mesh() -> Result<()> {
+    let _g = serial();
+    let (lab, _fleet, pa, _pb) = up2()?;
+    let started = Instant::now();
+    let out = meshctl(&lab, A, &["doctor"])?;
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text(&out));
+    let lines: Vec<&str> = stdout.lines().collect();
+    let checks = &lines[..lines.len() - 1];
+    assert!(checks.len() >= 8, "{stdout}");
+    for l in checks {
+        assert!(l.starts_with("OK  "), "not OK: {l}\n{stdout}");
+    }
+    for name in [
+        "meshd",
+        "port",
+        "interface",
+        "rp_filter",
+        "k3s flannel-iface",
+        "coordinator",
+        "handshake dock-prod",
+        "mtu dock-prod",
+    ] {
+        assert!(
+            checks
+                .iter()
+                .any(|l| l.split("  ").any(|c| c.trim() == name)),
+            "no {name} line in\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("UDP 51871 is held by wgmesh0 (ours)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1420-byte packets pass"), "{stdout}");
+    eprintln!("doctor on a clean 2-host mesh: {took:?}\n{stdout}");
+
+    // The JSON form parses and says the same.
+    let (report, ok) = doctor_json(&lab, A)?;
+    assert!(ok);
+    assert_eq!(report["source"], "daemon");
+    assert_eq!(report["interface"], MESH_IFACE);
+    assert_eq!(report["host"], A);
+    for c in report["checks"].as_array().context("checks")? {
+        assert_eq!(status_of(c), "ok", "{c}");
+        assert!(c["fix"].is_null(), "{c}");
+    }
+    assert!(lab.is_running(pa));
+
+    // With K3s configured on the mesh interface (a later drop-in wins) it is still all OK;
+    // with flannel on eth0 it warns and says what to set.
+    lab.write_file(A, "/etc/rancher/k3s/config.yaml", b"flannel-iface: eth0\n")?;
+    lab.write_file(
+        A,
+        "/etc/rancher/k3s/config.yaml.d/50-meshd.yaml",
+        b"flannel-iface: \"wgmesh0\"\n",
+    )?;
+    let (report, _) = doctor_json(&lab, A)?;
+    let k3s = check(&report, "k3s flannel-iface")?;
+    assert_eq!(status_of(k3s), "ok", "{k3s}");
+    lab.sh(A, "rm /etc/rancher/k3s/config.yaml.d/50-meshd.yaml")?;
+    let (report, ok) = doctor_json(&lab, A)?;
+    let k3s = check(&report, "k3s flannel-iface")?;
+    assert_eq!(status_of(k3s), "warn", "{k3s}");
+    assert!(k3s["fix"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("flannel-iface: wgmesh0"));
+    assert!(ok, "a WARN alone exits 0");
+    Ok(())
+}
+
+#[test]
+fn doctor_flags_strict_rp_filter() -> Result<()> {
+    let _g = serial();
+    let (lab, _fleet, _pa, _pb) = up2()?;
+    lab.sh(A, "sysctl -qw net.ipv4.conf.all.rp_filter=1")?;
+    let out = meshctl(&lab, A, &["doctor"])?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = stdout
+        .lines()
+        .find(|l| l.contains(" rp_filter "))
+        .ok_or_else(|| anyhow!("no rp_filter line:\n{stdout}"))?;
+    assert!(line.starts_with("WARN"), "{line}");
+    assert!(line.contains("all=1"), "{line}");
+    assert!(
+        line.contains("fix: sysctl -w net.ipv4.conf.all.rp_filter=2"),
+        "{line}"
+    );
+    // Loose on the interface is enough: the kernel uses the larger value.
+    lab.sh(A, "sysctl -qw net.ipv4.conf.wgmesh0.rp_filter=2")?;
+    let (report, _) = doctor_json(&lab, A)?;
+    assert_eq!(status_of(check(&report, "rp_filter")?), "ok");
+    Ok(())
+}
+
+#[test]
+fn doctor_finds_the_largest_mtu_the_path_carries() -> Result<()> {
+    let _g = serial();
+    let (lab, _fleet, _pa, _pb) = up2()?;
+    // The receiving host's underlay drops anything over 1300 bytes: 1420-byte inner packets
+    // (1480 on the wire) vanish without an ICMP error.
+    lab.sh(B, "ip link set eth0 mtu 1300")?;
+    let started = Instant::now();
+    let (report, ok) = doctor_json(&lab, A)?;
+    let took = started.elapsed();
+    assert!(!ok, "a FAIL exits non-zero");
+    let c = check(&report, "mtu dock-prod")?;
+    assert_eq!(status_of(c), "fail", "{c}");
+    let fix = c["fix"].as_str().unwrap_or_default();
+    let n: u16 = fix
+        .strip_prefix("mtu = ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow!("fix does not say `mtu = N`: {c}"))?;
+    assert!((1200..1300).contains(&n), "mtu = {n}: {c}");
+    // What doctor found is right: N passes with DF, N + 1 does not.
+    let payload = |size: u16| (size - 28).to_string();
+    let ping = |size: u16| -> Result<bool> {
+        let out = lab.exec(
+            A,
+            &[
+                "ping",
+                "-n",
+                "-q",
+                "-M",
+                "do",
+                "-c",
+                "2",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "-s",
+                &payload(size),
+                "10.99.99.2",
+            ],
+        )?;
+        Ok(out.status.success())
+    };
+    assert!(ping(n)?, "{n}-byte packets do not pass");
+    assert!(!ping(n + 1)?, "{}-byte packets pass", n + 1);
+    eprintln!("doctor with a 1300-byte underlay on {B}: mtu = {n}, found in {took:?}");
+    // The text form says the same.
+    let out = meshctl(&lab, A, &["doctor"])?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("mtu dock-prod")
+            && l.contains(&format!("fix: mtu = {n}"))),
+        "{stdout}"
+    );
+    Ok(())
+}
+
+/// Start `argv` holding UDP 51871 in `host` and wait until the port is taken.
+fn hold_port(lab: &Lab, host: &str, argv: &[&str]) -> Result<ProcId> {
+    let p = lab.spawn(host, argv, None)?;
+    poll_until(Duration::from_secs(10), "UDP 51871 to be taken", || {
+        let out = lab.exec_ok(host, &["ss", "-Hlun", &format!("sport = :{MESH_PORT}")])?;
+        Ok(!out.trim().is_empty())
+    })?;
+    Ok(p)
+}
+
+#[test]
+fn a_taken_listen_port_is_refused_and_named_by_doctor() -> Result<()> {
+    let _g = serial();
+    let (lab, _fleet) = lab2()?;
+    let holder = hold_port(
+        &lab,
+        A,
+        &[
+            "/usr/bin/python3",
+            "-c",
+            "import socket,time\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+             s.bind(('0.0.0.0',51871))\ntime.sleep(3600)",
+        ],
+    )?;
+    // meshd refuses to start, with the port and the owner named, and creates nothing.
+    let meshd = lab.start_meshd(A)?;
+    let status = lab
+        .wait_exit(meshd, STOP_TIMEOUT)?
+        .context("meshd is the lab's child")?;
+    assert!(!status.success(), "meshd started with its port taken");
+    let log = std::fs::read_to_string(lab.meshd_log(A))?;
+    assert!(
+        log.contains("UDP port 51871 (host.listen_port) is already in use by python3"),
+        "{log}"
+    );
+    assert!(log.contains("refusing to start"), "{log}");
+    assert!(
+        lab.exec(A, &["ip", "link", "show", MESH_IFACE])?
+            .status
+            .code()
+            != Some(0)
+    );
+
+    // doctor, offline: FAIL naming the port and the process, and meshd not running.
+    let out = meshctl(&lab, A, &["doctor"])?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{}", text(&out));
+    let port = stdout
+        .lines()
+        .find(|l| l.contains(" port "))
+        .ok_or_else(|| anyhow!("no port line: {}", text(&out)))?;
+    assert!(port.starts_with("FAIL"), "{port}");
+    assert!(port.contains("UDP 51871 is held by python3 (pid"), "{port}");
+    assert!(port.contains("fix: stop python3"), "{port}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains("meshd is not running")),
+        "{stdout}"
+    );
+    let (report, ok) = doctor_json(&lab, A)?;
+    assert!(!ok);
+    assert_eq!(report["source"], "offline");
+    assert_eq!(status_of(check(&report, "port")?), "fail");
+    lab.signal(holder, libc::SIGKILL);
+    lab.wait_exit(holder, STOP_TIMEOUT)?;
+
+    // Another WireGuard (wireguard-go) on the port: named as that interface.
+    lab.spawn_env(
+        A,
+        &["wireguard-go", "-f", "wgother"],
+        &[("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")],
+        None,
+    )?;
+    poll_until(Duration::from_secs(10), "wgother to come up", || {
+        Ok(lab.exec(A, &["wg", "show", "wgother"])?.status.success())
+    })?;
+    lab.exec_ok(A, &["wg", "set", "wgother", "listen-port", "51871"])?;
+    let meshd = lab.start_meshd(A)?;
+    let status = lab
+        .wait_exit(meshd, STOP_TIMEOUT)?
+        .context("meshd is the lab's child")?;
+    assert!(!status.success());
+    let log = std::fs::read_to_string(lab.meshd_log(A))?;
+    assert!(
+        log.contains("already in use by userspace WireGuard interface wgother"),
+        "{log}"
+    );
+    let (report, _) = doctor_json(&lab, A)?;
+    let port = check(&report, "port")?;
+    assert_eq!(status_of(port), "fail");
+    assert!(
+        port["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("userspace WireGuard interface wgother"),
+        "{port}"
+    );
+    lab.exec_ok(A, &["ip", "link", "del", "wgother"])?;
+
+    // Once the port is free meshd starts; a restart adopting its own interface (which holds
+    // the port) still works.
+    poll_until(Duration::from_secs(10), "UDP 51871 to be free", || {
+        let out = lab.exec_ok(A, &["ss", "-Hlun", &format!("sport = :{MESH_PORT}")])?;
+        Ok(out.trim().is_empty())
+    })?;
+    let meshd = lab.start_meshd(A)?;
+    let pb = lab.start_meshd(B)?;
+    lab.wait_mesh_pings(&[A, B], MESH_TIMEOUT)?;
+    let ifindex = lab.ifindex(A, MESH_IFACE)?;
+    lab.signal(meshd, libc::SIGTERM);
+    lab.wait_exit(meshd, STOP_TIMEOUT)?;
+    let meshd = lab.start_meshd(A)?;
+    poll_until(MESH_TIMEOUT, "meshd to answer after the restart", || {
+        Ok(meshctl(&lab, A, &["status"])?.status.success())
+    })?;
+    assert!(
+        lab.is_running(meshd),
+        "restart refused: {}",
+        std::fs::read_to_string(lab.meshd_log(A))?
+    );
+    assert_eq!(lab.ifindex(A, MESH_IFACE)?, ifindex, "interface recreated");
+    lab.wait_mesh_pings(&[A, B], MESH_TIMEOUT)?;
+    assert!(lab.is_running(pb));
+    Ok(())
+}
+
+#[test]
+fn ready_only_once_the_interface_has_its_address_and_peers() -> Result<()> {
+    let _g = serial();
+    let (lab, fleet) = lab2()?;
+    // The socket path is on the host's state directory, which the host sees at the same path
+    // (a pathname socket, reachable across network namespaces).
+    let path = lab.host_dir(A).join("notify.sock");
+    let sock = UnixDatagram::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let meshd = lab.bin_dir().join("meshd");
+    let path_s = path.to_string_lossy().into_owned();
+    let p = lab.spawn_env(
+        A,
+        &[
+            meshd.to_string_lossy().as_ref(),
+            "--config",
+            "/etc/meshd/meshd.toml",
+        ],
+        &[("NOTIFY_SOCKET", path_s.as_str()), ("RUST_LOG", "info")],
+        Some(&lab.meshd_log(A)),
+    )?;
+    let deadline = Instant::now() + MESH_TIMEOUT;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let ready = loop {
+        if Instant::now() > deadline {
+            bail!(
+                "no READY=1 within {MESH_TIMEOUT:?}; got {seen:?}; log:\n{}",
+                std::fs::read_to_string(lab.meshd_log(A))?
+            );
+        }
+        match sock.recv(&mut buf) {
+            Ok(n) => {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                seen.push(msg.clone());
+                if msg.lines().any(|l| l == "READY=1") {
+                    break msg;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e.into()),
+        }
+    };
+    // At that moment: our address on the interface and the peer configured.
+    let addr = lab.exec_ok(A, &["ip", "-4", "-o", "addr", "show", "dev", MESH_IFACE])?;
+    let peers = lab.wg_peers(A)?;
+    assert!(addr.contains("10.99.99.1/24"), "{addr}");
+    assert_eq!(peers, vec![fleet.public_key(B)?.to_owned()]);
+    assert!(
+        ready.contains("STATUS=wgmesh0 up with 10.99.99.1/24, 1 peers configured"),
+        "{ready}"
+    );
+    assert_eq!(
+        seen.iter().filter(|m| m.contains("READY=1")).count(),
+        1,
+        "{seen:?}"
+    );
+    eprintln!("notifications up to READY: {seen:?}");
+    // SIGTERM: STOPPING=1, and everything stays up.
+    lab.signal(p, libc::SIGTERM);
+    lab.wait_exit(p, STOP_TIMEOUT)?;
+    let mut stopping = false;
+    while let Ok(n) = sock.recv(&mut buf) {
+        stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
+    }
+    assert!(stopping, "no STOPPING=1");
+    assert!(lab
+        .exec_ok(A, &["ip", "-4", "-o", "addr", "show", "dev", MESH_IFACE])?
+        .contains("10.99.99.1/24"));
+    Ok(())
+}
+
+#[test]
+fn down_removes_everything_meshd_owns_and_meshd_exits_0() -> Result<()> {
+    let _g = serial();
+    let (lab, _fleet, pa, pb) = up2()?;
+    let engines_before = lab.processes(A)?.len();
+    let out = lab.meshctl(A, &["down"])?;
+    assert!(out.contains("interface wgmesh0"), "{out}");
+    let status = lab
+        .wait_exit(pa, STOP_TIMEOUT)?
+        .context("meshd is the lab's child")?;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "meshd after meshctl down: {status:?}"
+    );
+    poll_until(STOP_TIMEOUT, "wgmesh0 and its engine to be gone", || {
+        Ok(!lab
+            .exec(A, &["ip", "link", "show", MESH_IFACE])?
+            .status
+            .success())
+    })?;
+    let routes = lab.exec_ok(A, &["ip", "route", "show", "table", "all", "proto", "171"])?;
+    assert_eq!(routes.trim(), "", "routes with our protocol left: {routes}");
+    let v6 = lab.exec_ok(
+        A,
+        &["ip", "-6", "route", "show", "table", "all", "proto", "171"],
+    )?;
+    assert_eq!(v6.trim(), "", "{v6}");
+    assert!(
+        !lab.exec(A, &["nft", "list", "table", "inet", "meshd"])?
+            .status
+            .success(),
+        "table inet meshd left"
+    );
+    assert!(
+        lab.processes(A)?.len() < engines_before,
+        "the engine still runs"
+    );
+    assert!(lab.is_running(pb), "the other host is untouched");
+
+    // With meshd gone, down says how to do it offline; meshd --down finds nothing left.
+    let out = meshctl(&lab, A, &["down"])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("meshd --down --config /etc/meshd/meshd.toml"),
+        "{err}"
+    );
+    let out = lab.exec_ok(A, &["meshd", "--down"])?;
+    assert!(out.contains("nothing to remove"), "{out}");
+
+    // Offline down after a SIGTERM (which leaves everything up) removes it all too.
+    let pa = lab.start_meshd(A)?;
+    lab.wait_mesh_pings(&[A, B], MESH_TIMEOUT)?;
+    lab.signal(pa, libc::SIGTERM);
+    lab.wait_exit(pa, STOP_TIMEOUT)?;
+    assert!(lab
+        .exec(A, &["ip", "link", "show", MESH_IFACE])?
+        .status
+        .success());
+    let out = lab.exec_ok(A, &["meshd", "--down"])?;
+    assert!(out.contains("interface wgmesh0"), "{out}");
+    poll_until(STOP_TIMEOUT, "wgmesh0 to be gone", || {
+        Ok(!lab
+            .exec(A, &["ip", "link", "show", MESH_IFACE])?
+            .status
+            .success())
+    })?;
+    Ok(())
+}
