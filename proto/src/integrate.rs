@@ -8,10 +8,13 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::config::PeerConfig;
+use crate::integrations_config::{DrbdIntegration, IntegrationsConfig, K3sIntegration};
 use crate::netmap::Netmap;
 
 /// The DNS zone mesh names live in (`.internal` is reserved for private use).
@@ -92,9 +95,356 @@ impl MeshView {
         }
     }
 
+    /// The view of a host configured with static `[[peer]]` entries (no coordinator, no
+    /// netmap): `address` is `host.address` (the mesh prefix comes from it); each peer's mesh
+    /// address is its host route (/32, /128) inside the mesh, else the first of its allowed IPs
+    /// inside the mesh; a peer with neither is left out (it has no mesh name to give). Every
+    /// host is a `member`; the version is 0.
+    pub fn from_static(name: &str, address: IpNet, peers: &[PeerConfig]) -> MeshView {
+        let mesh_cidr = address.trunc();
+        let me = HostView {
+            name: name.to_owned(),
+            address: address.addr(),
+            fqdn: fqdn(name),
+            role: "member",
+            admin: false,
+            me: true,
+        };
+        let mut hosts: Vec<HostView> = peers
+            .iter()
+            .filter_map(|p| {
+                let inside: Vec<&IpNet> = p
+                    .allowed_ips
+                    .iter()
+                    .filter(|n| mesh_cidr.contains(&n.addr()))
+                    .collect();
+                let addr = inside
+                    .iter()
+                    .find(|n| n.prefix_len() == n.max_prefix_len())
+                    .or_else(|| inside.first())
+                    .map(|n| n.addr())?;
+                Some(HostView {
+                    name: p.name.clone(),
+                    address: addr,
+                    fqdn: fqdn(&p.name),
+                    role: "member",
+                    admin: false,
+                    me: false,
+                })
+            })
+            .collect();
+        hosts.push(me.clone());
+        hosts.sort_by(|a, b| a.name.cmp(&b.name));
+        MeshView {
+            version: 0,
+            mesh_cidr,
+            domain: MESH_DOMAIN.to_owned(),
+            me,
+            hosts,
+        }
+    }
+
     pub fn host(&self, name: &str) -> Option<&HostView> {
         self.hosts.iter().find(|h| h.name == name)
     }
+}
+
+/// What a user template sees: the view's fields at the top level (`me`, `hosts`, `version`,
+/// `mesh_cidr`, `domain`) plus the mesh `interface`.
+#[derive(Serialize)]
+struct TemplateContext<'a> {
+    version: u64,
+    mesh_cidr: &'a IpNet,
+    domain: &'a str,
+    me: &'a HostView,
+    hosts: &'a [HostView],
+    interface: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resource: Option<&'a DrbdView>,
+}
+
+impl<'a> TemplateContext<'a> {
+    fn new(view: &'a MeshView, interface: &'a str) -> Self {
+        TemplateContext {
+            version: view.version,
+            mesh_cidr: &view.mesh_cidr,
+            domain: &view.domain,
+            me: &view.me,
+            hosts: &view.hosts,
+            interface,
+            resource: None,
+        }
+    }
+}
+
+fn template_env() -> minijinja::Environment<'static> {
+    let mut env = minijinja::Environment::new();
+    // A typo in a template is an error, not an empty string in a config file.
+    env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+    let syntax = minijinja::syntax::SyntaxConfig::builder()
+        .keep_trailing_newline(true)
+        .build();
+    if let Ok(syntax) = syntax {
+        env.set_syntax(syntax);
+    }
+    env
+}
+
+fn render_ctx(name: &str, source: &str, ctx: &TemplateContext<'_>) -> Result<String, RenderError> {
+    template_env()
+        .render_str(source, minijinja::value::Serde(ctx))
+        .map_err(|e| RenderError::Template {
+            name: name.to_owned(),
+            message: template_error(&e),
+        })
+}
+
+fn template_error(e: &minijinja::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        let _ = write!(msg, ": {s}");
+        src = s.source();
+    }
+    msg
+}
+
+/// A user template (minijinja) rendered with the view as context (see [`TemplateContext`]'s
+/// fields: `me`, `hosts`, `version`, `mesh_cidr`, `domain`, `interface`). Undefined
+/// variables are errors. `name` only labels the error.
+pub fn render_template(
+    name: &str,
+    source: &str,
+    view: &MeshView,
+    interface: &str,
+) -> Result<String, RenderError> {
+    render_ctx(name, source, &TemplateContext::new(view, interface))
+}
+
+/// One DRBD resource as its template sees it (`resource` in the context).
+#[derive(Debug, Clone, Serialize)]
+pub struct DrbdView {
+    pub name: String,
+    pub port: u16,
+    pub device: String,
+    pub disk: Option<String>,
+    pub meta_disk: String,
+    pub hosts: Vec<DrbdHostView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DrbdHostView {
+    pub name: String,
+    pub node_id: usize,
+    pub address: IpAddr,
+    /// What follows `address` in an `on` section: `10.99.99.2:7788` or `ipv6 [fd00::2]:7788`.
+    pub drbd_address: String,
+}
+
+/// The built-in DRBD 9 resource template: one `on NAME { node-id N; address IP:PORT; }` per
+/// host (IP literals only), and a `connection-mesh` when there are more than two hosts.
+pub const DRBD_TEMPLATE: &str = "\
+# Written by meshd from the mesh netmap (version {{ version }}); meshd rewrites it on change.
+resource {{ resource.name }} {
+  device {{ resource.device }};
+  disk {{ resource.disk }};
+  meta-disk {{ resource.meta_disk }};
+{% for h in resource.hosts %}
+  on {{ h.name }} {
+    node-id {{ h.node_id }};
+    address {{ h.drbd_address }};
+  }
+{% endfor %}
+{%- if resource.hosts | length > 2 %}
+  connection-mesh {
+    hosts{% for h in resource.hosts %} {{ h.name }}{% endfor %};
+  }
+{% endif -%}
+}
+";
+
+/// Whether this host takes part in `resource` (a host outside it gets no file).
+pub fn drbd_applies(view: &MeshView, resource: &DrbdIntegration) -> bool {
+    resource.hosts.iter().any(|h| *h == view.me.name)
+}
+
+/// A DRBD resource file: the built-in [`DRBD_TEMPLATE`], or `template` (a user's minijinja
+/// source) with the same context. Every host of the resource must be in the mesh.
+pub fn drbd_resource(
+    view: &MeshView,
+    resource: &DrbdIntegration,
+    interface: &str,
+    template: Option<&str>,
+) -> Result<String, RenderError> {
+    let hosts = resource
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(node_id, name)| {
+            let h = view
+                .host(name)
+                .ok_or_else(|| RenderError::UnknownDrbdHost {
+                    resource: resource.resource.clone(),
+                    host: name.clone(),
+                })?;
+            let drbd_address = match h.address {
+                IpAddr::V4(a) => format!("{a}:{}", resource.port),
+                IpAddr::V6(a) => format!("ipv6 [{a}]:{}", resource.port),
+            };
+            Ok(DrbdHostView {
+                name: name.clone(),
+                node_id,
+                address: h.address,
+                drbd_address,
+            })
+        })
+        .collect::<Result<Vec<_>, RenderError>>()?;
+    let r = DrbdView {
+        name: resource.resource.clone(),
+        port: resource.port,
+        device: resource.device.clone(),
+        disk: resource.disk.clone(),
+        meta_disk: resource.meta_disk.clone(),
+        hosts,
+    };
+    let mut ctx = TemplateContext::new(view, interface);
+    ctx.resource = Some(&r);
+    let name = format!("drbd resource {}", resource.resource);
+    render_ctx(&name, template.unwrap_or(DRBD_TEMPLATE), &ctx)
+}
+
+/// What one configured output is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputKind {
+    K3s(K3sIntegration),
+    Drbd(DrbdIntegration),
+    Prometheus,
+    /// Only our block of the file is ours.
+    HostsBlock,
+    /// A user template read from `source`.
+    Template {
+        source: PathBuf,
+    },
+}
+
+/// One file meshd keeps, with the commands to run when it changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    /// `k3s`, `drbd:r0`, `prometheus`, `hosts`, `template:NAME`: what status and doctor show.
+    pub name: String,
+    pub path: PathBuf,
+    pub kind: OutputKind,
+    /// Run after the new file is in place, before `reload`; failing restores the old file
+    /// (a dry run: `drbdadm -d adjust r0`).
+    pub check: Option<Vec<String>>,
+    /// Run once per change.
+    pub reload: Option<Vec<String>>,
+}
+
+impl Output {
+    /// The user template this output reads, if any (the daemon reads it and hands the text
+    /// to [`Output::render`]).
+    pub fn template_path(&self) -> Option<&Path> {
+        match &self.kind {
+            OutputKind::Template { source } => Some(source),
+            OutputKind::Drbd(d) => d.template.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Whether this host gets this output at all (DRBD: only the resource's hosts).
+    pub fn applies(&self, view: &MeshView) -> bool {
+        match &self.kind {
+            OutputKind::Drbd(d) => drbd_applies(view, d),
+            _ => true,
+        }
+    }
+
+    /// The output's text: the whole file, or for [`OutputKind::HostsBlock`] the block to put
+    /// into the existing file with [`replace_hosts_block`].
+    pub fn render(
+        &self,
+        view: &MeshView,
+        interface: &str,
+        template: Option<&str>,
+    ) -> Result<String, RenderError> {
+        match &self.kind {
+            OutputKind::K3s(k) => k3s_dropin(
+                view,
+                k.flannel_iface.as_deref().unwrap_or(interface),
+                &k.role,
+            ),
+            OutputKind::Drbd(d) => drbd_resource(view, d, interface, template),
+            OutputKind::Prometheus => Ok(prometheus_targets(view)),
+            OutputKind::HostsBlock => Ok(hosts_block(view)),
+            OutputKind::Template { .. } => {
+                render_template(&self.name, template.unwrap_or_default(), view, interface)
+            }
+        }
+    }
+}
+
+/// Every output the configuration asks for, in a fixed order.
+pub fn outputs(config: &IntegrationsConfig) -> Vec<Output> {
+    let mut out = Vec::new();
+    if let Some(k) = &config.k3s {
+        out.push(Output {
+            name: "k3s".into(),
+            path: k.path.clone(),
+            check: k.check.clone(),
+            reload: k.reload.clone(),
+            kind: OutputKind::K3s(k.clone()),
+        });
+    }
+    for d in &config.drbd {
+        out.push(Output {
+            name: format!("drbd:{}", d.resource),
+            path: d.path.clone(),
+            check: d.check.clone(),
+            reload: d.reload.clone(),
+            kind: OutputKind::Drbd(d.clone()),
+        });
+    }
+    for (name, file, kind) in [
+        ("prometheus", &config.prometheus, OutputKind::Prometheus),
+        ("hosts", &config.hosts, OutputKind::HostsBlock),
+    ] {
+        if let Some(f) = file {
+            out.push(Output {
+                name: name.into(),
+                path: f.path.clone(),
+                check: f.check.clone(),
+                reload: f.reload.clone(),
+                kind,
+            });
+        }
+    }
+    for t in &config.templates {
+        out.push(Output {
+            name: format!("template:{}", t.name),
+            path: t.path.clone(),
+            check: t.check.clone(),
+            reload: t.reload.clone(),
+            kind: OutputKind::Template {
+                source: t.source.clone(),
+            },
+        });
+    }
+    out
+}
+
+/// How one integration fared, for `meshctl status` and `meshctl doctor`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntegrationStatus {
+    pub name: String,
+    pub path: PathBuf,
+    pub ok: bool,
+    /// The latest render, write, check or reload error; the file kept its old content.
+    pub last_error: Option<String>,
+    /// When meshd last changed the file (seconds since the UNIX epoch).
+    pub last_change_unix: Option<u64>,
+    /// When the last reload command ran successfully.
+    pub last_reload_unix: Option<u64>,
 }
 
 fn fqdn(name: &str) -> String {
@@ -118,6 +468,10 @@ pub enum RenderError {
     UnknownServer(String),
     #[error("/etc/hosts has {HOSTS_BEGIN:?} without a matching {HOSTS_END:?} after it; fix the file by hand (meshd will not guess which lines are its own)")]
     UnbalancedHostsBlock,
+    #[error("DRBD resource {resource}: host {host:?} is not in the mesh (yet); the resource file is left as it was")]
+    UnknownDrbdHost { resource: String, host: String },
+    #[error("template {name}: {message}")]
+    Template { name: String, message: String },
 }
 
 /// `/etc/rancher/k3s/config.yaml.d/90-meshd.yaml`: K3s reads the drop-ins after config.yaml,
@@ -235,16 +589,55 @@ pub fn replace_hosts_block(existing: &str, block: Option<&str>) -> Result<String
     Ok(out)
 }
 
-/// What mesh DNS answers: `NAME.mesh.internal` → address (A or AAAA) and the reverse.
+/// What mesh DNS answers: `NAME.mesh.internal` → address (A or AAAA) and the reverse (PTR)
+/// for addresses inside the mesh prefix.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DnsRecords {
     forward: BTreeMap<String, IpAddr>,
     reverse: BTreeMap<IpAddr, String>,
+    mesh_cidr: Option<IpNet>,
+    serial: u32,
+}
+
+/// The record types mesh DNS knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsQuery {
+    A,
+    Aaaa,
+    Ptr,
+    Soa,
+    Ns,
+    /// Any other type: names that exist answer NODATA.
+    Other,
+}
+
+/// The decision for one question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DnsAnswer {
+    /// An address record (A or AAAA, per the address family).
+    Address(IpAddr),
+    /// The name of a mesh address.
+    Ptr(String),
+    /// The zone's SOA (the apex of `mesh.internal` or of the reverse zone).
+    Soa,
+    /// The zone's NS (this server, `ns.mesh.internal`, which is not an address record).
+    Ns,
+    /// The name exists but has no record of that type.
+    NoData,
+    /// The name is in our zone and does not exist.
+    NxDomain,
+    /// Not our zone: we are no resolver.
+    Refused,
 }
 
 impl DnsRecords {
     pub fn new(view: &MeshView) -> DnsRecords {
-        let mut r = DnsRecords::default();
+        let mut r = DnsRecords {
+            mesh_cidr: Some(view.mesh_cidr.trunc()),
+            // A serial that moves with the netmap (wraps after 4 billion versions).
+            serial: (view.version & u64::from(u32::MAX)) as u32,
+            ..DnsRecords::default()
+        };
         for h in &view.hosts {
             r.forward.insert(h.fqdn.to_ascii_lowercase(), h.address);
             r.reverse.insert(h.address, h.fqdn.clone());
@@ -269,6 +662,89 @@ impl DnsRecords {
         n == MESH_DOMAIN || n.ends_with(&format!(".{MESH_DOMAIN}"))
     }
 
+    /// The SOA serial (the netmap version).
+    pub fn serial(&self) -> u32 {
+        self.serial
+    }
+
+    /// The reverse zone of the mesh prefix (`99.99.10.in-addr.arpa` for a /24; for prefixes
+    /// not on an octet (nibble) boundary, the enclosing one).
+    pub fn reverse_zone(&self) -> Option<String> {
+        let cidr = self.mesh_cidr?;
+        Some(match cidr {
+            IpNet::V4(n) => {
+                let octets = usize::from(n.prefix_len() / 8);
+                let mut labels: Vec<String> = n.network().octets()[..octets]
+                    .iter()
+                    .map(u8::to_string)
+                    .collect();
+                labels.reverse();
+                labels.push("in-addr.arpa".into());
+                labels.join(".")
+            }
+            IpNet::V6(n) => {
+                let nibbles = usize::from(n.prefix_len() / 4);
+                let mut labels: Vec<String> = n
+                    .network()
+                    .octets()
+                    .iter()
+                    .flat_map(|b| [b >> 4, b & 0xf])
+                    .take(nibbles)
+                    .map(|x| format!("{x:x}"))
+                    .collect();
+                labels.reverse();
+                labels.push("ip6.arpa".into());
+                labels.join(".")
+            }
+        })
+    }
+
+    /// The answer to `name`/`query`: forward names in `mesh.internal`, PTR for addresses in
+    /// the mesh prefix, REFUSED for everything else.
+    pub fn answer(&self, name: &str, query: DnsQuery) -> DnsAnswer {
+        let n = name.trim_end_matches('.').to_ascii_lowercase();
+        if Self::in_zone(&n) {
+            if n == MESH_DOMAIN {
+                return match query {
+                    DnsQuery::Soa => DnsAnswer::Soa,
+                    DnsQuery::Ns => DnsAnswer::Ns,
+                    _ => DnsAnswer::NoData,
+                };
+            }
+            return match (self.forward.get(&n), query) {
+                (None, _) => DnsAnswer::NxDomain,
+                (Some(a @ IpAddr::V4(_)), DnsQuery::A)
+                | (Some(a @ IpAddr::V6(_)), DnsQuery::Aaaa) => DnsAnswer::Address(*a),
+                (Some(_), _) => DnsAnswer::NoData,
+            };
+        }
+        let Some(zone) = self.reverse_zone() else {
+            return DnsAnswer::Refused;
+        };
+        if n == zone {
+            return match query {
+                DnsQuery::Soa => DnsAnswer::Soa,
+                DnsQuery::Ns => DnsAnswer::Ns,
+                _ => DnsAnswer::NoData,
+            };
+        }
+        if !n.ends_with(&format!(".{zone}")) {
+            return DnsAnswer::Refused;
+        }
+        match parse_reverse_name(&n) {
+            Some(addr) if self.mesh_cidr.is_some_and(|c| c.contains(&addr)) => {
+                match (self.reverse(addr), query) {
+                    (Some(fqdn), DnsQuery::Ptr) => DnsAnswer::Ptr(fqdn.to_owned()),
+                    (Some(_), _) => DnsAnswer::NoData,
+                    (None, _) => DnsAnswer::NxDomain,
+                }
+            }
+            // Inside the reverse zone but outside the prefix, or a partial name (an empty
+            // non-terminal like `5.99.10.in-addr.arpa` in a /16 zone).
+            _ => DnsAnswer::NxDomain,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.forward.len()
     }
@@ -276,6 +752,42 @@ impl DnsRecords {
     pub fn is_empty(&self) -> bool {
         self.forward.is_empty()
     }
+}
+
+/// `2.99.99.10.in-addr.arpa` → 10.99.99.2; the 32 nibbles of `ip6.arpa` → the IPv6 address.
+pub fn parse_reverse_name(name: &str) -> Option<IpAddr> {
+    let n = name.trim_end_matches('.').to_ascii_lowercase();
+    if let Some(rest) = n.strip_suffix(".in-addr.arpa") {
+        let mut octets: Vec<u8> = rest
+            .split('.')
+            .map(|l| l.parse::<u8>().ok())
+            .collect::<Option<_>>()?;
+        if octets.len() != 4 {
+            return None;
+        }
+        octets.reverse();
+        return Some(IpAddr::from([octets[0], octets[1], octets[2], octets[3]]));
+    }
+    let rest = n.strip_suffix(".ip6.arpa")?;
+    let mut nibbles: Vec<u8> = rest
+        .split('.')
+        .map(|l| {
+            if l.len() == 1 {
+                u8::from_str_radix(l, 16).ok()
+            } else {
+                None
+            }
+        })
+        .collect::<Option<_>>()?;
+    if nibbles.len() != 32 {
+        return None;
+    }
+    nibbles.reverse();
+    let mut bytes = [0u8; 16];
+    for (i, pair) in nibbles.chunks(2).enumerate() {
+        bytes[i] = (pair[0] << 4) | pair[1];
+    }
+    Some(IpAddr::from(bytes))
 }
 
 #[cfg(test)]
@@ -436,5 +948,229 @@ mod tests {
         );
         assert!(DnsRecords::in_zone("x.mesh.internal."));
         assert!(!DnsRecords::in_zone("mesh.internal.example.com"));
+    }
+
+    fn drbd(hosts: &[&str]) -> DrbdIntegration {
+        DrbdIntegration {
+            resource: "r0".into(),
+            hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            port: 7788,
+            path: "/etc/drbd.d/r0.res".into(),
+            device: "/dev/drbd0".into(),
+            disk: Some("/dev/vg0/r0".into()),
+            meta_disk: "internal".into(),
+            template: None,
+            check: None,
+            reload: None,
+        }
+    }
+
+    #[test]
+    fn drbd_resource_two_hosts() {
+        let v = view("dock-prod");
+        let text = drbd_resource(&v, &drbd(&["dock-prod", "dock-load"]), "wgmesh0", None).unwrap();
+        assert_eq!(
+            text,
+            "# Written by meshd from the mesh netmap (version 7); meshd rewrites it on change.
+resource r0 {
+  device /dev/drbd0;
+  disk /dev/vg0/r0;
+  meta-disk internal;
+
+  on dock-prod {
+    node-id 0;
+    address 10.99.99.2:7788;
+  }
+
+  on dock-load {
+    node-id 1;
+    address 10.99.99.1:7788;
+  }
+}
+"
+        );
+        assert!(drbd_applies(&v, &drbd(&["dock-prod", "dock-load"])));
+        assert!(!drbd_applies(&v, &drbd(&["nas", "dock-load"])));
+    }
+
+    #[test]
+    fn drbd_resource_mesh_and_unknown_host() {
+        let v = view("dock-prod");
+        let text = drbd_resource(
+            &v,
+            &drbd(&["dock-prod", "dock-load", "nas"]),
+            "wgmesh0",
+            None,
+        )
+        .unwrap();
+        assert!(
+            text.ends_with("  connection-mesh {\n    hosts dock-prod dock-load nas;\n  }\n}\n"),
+            "{text}"
+        );
+        assert_eq!(
+            drbd_resource(&v, &drbd(&["dock-prod", "ghost"]), "wgmesh0", None),
+            Err(RenderError::UnknownDrbdHost {
+                resource: "r0".into(),
+                host: "ghost".into()
+            })
+        );
+        // IPv6 mesh addresses use DRBD's `ipv6 [ADDR]:PORT` form.
+        let mut v6 = v.clone();
+        for h in &mut v6.hosts {
+            if h.name == "dock-load" {
+                h.address = "fd00::1".parse().unwrap();
+            }
+        }
+        let text = drbd_resource(&v6, &drbd(&["dock-prod", "dock-load"]), "wgmesh0", None).unwrap();
+        assert!(text.contains("address ipv6 [fd00::1]:7788;"), "{text}");
+    }
+
+    #[test]
+    fn user_templates_see_the_view() {
+        let v = view("dock-prod");
+        let src = "{% for h in hosts %}{{ h.name }}={{ h.address }}{% if h.me %}*{% endif %} {% endfor %}{{ interface }} {{ me.fqdn }} {{ mesh_cidr }} v{{ version }}\n";
+        assert_eq!(
+            render_template("t", src, &v, "wgmesh0").unwrap(),
+            "dock-load=10.99.99.1 dock-prod=10.99.99.2* nas=10.99.99.20 wgmesh0 dock-prod.mesh.internal 10.99.99.0/24 v7\n"
+        );
+        let e = render_template("t", "{{ hosst }}", &v, "wgmesh0").unwrap_err();
+        assert!(
+            matches!(e, RenderError::Template { ref name, .. } if name == "t"),
+            "{e}"
+        );
+        let e = render_template("t", "{% for %}", &v, "wgmesh0").unwrap_err();
+        assert!(e.to_string().starts_with("template t: "), "{e}");
+    }
+
+    #[test]
+    fn static_view_from_peers() {
+        let key = |b: u8| PublicKey([b; 32]);
+        let peers = vec![
+            PeerConfig {
+                name: "b".into(),
+                public_key: key(2),
+                endpoint: None,
+                allowed_ips: vec![
+                    "192.168.5.0/24".parse().unwrap(),
+                    "10.99.99.0/30".parse().unwrap(),
+                    "10.99.99.2/32".parse().unwrap(),
+                ],
+                persistent_keepalive: None,
+            },
+            PeerConfig {
+                name: "outside".into(),
+                public_key: key(3),
+                endpoint: None,
+                allowed_ips: vec!["192.168.6.0/24".parse().unwrap()],
+                persistent_keepalive: None,
+            },
+        ];
+        let v = MeshView::from_static("a", "10.99.99.1/24".parse().unwrap(), &peers);
+        assert_eq!(v.mesh_cidr, "10.99.99.0/24".parse::<IpNet>().unwrap());
+        let names: Vec<(&str, IpAddr, bool)> = v
+            .hosts
+            .iter()
+            .map(|h| (h.name.as_str(), h.address, h.me))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("a", IpAddr::from([10, 99, 99, 1]), true),
+                ("b", IpAddr::from([10, 99, 99, 2]), false)
+            ]
+        );
+    }
+
+    #[test]
+    fn outputs_follow_the_config() {
+        let text = r#"
+            [integrations.k3s]
+            role = "server"
+            path = "/t/k3s.yaml"
+            [[integrations.drbd]]
+            resource = "r0"
+            hosts = ["dock-prod", "dock-load"]
+            disk = "/dev/vg0/r0"
+            path = "/t/r0.res"
+            [[integrations.drbd]]
+            resource = "r1"
+            hosts = ["nas", "dock-load"]
+            disk = "/dev/vg0/r1"
+            path = "/t/r1.res"
+            [integrations.hosts]
+            path = "/t/hosts"
+            [[integrations.template]]
+            name = "x"
+            source = "/t/x.j2"
+            path = "/t/x"
+        "#;
+        let v: toml::Value = toml::from_str(text).unwrap();
+        let cfg =
+            crate::integrations_config::parse_integrations(v.get("integrations").unwrap()).unwrap();
+        let outs = outputs(&cfg);
+        let names: Vec<&str> = outs.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["k3s", "drbd:r0", "drbd:r1", "hosts", "template:x"]);
+        let view = view("dock-prod");
+        assert!(outs[1].applies(&view));
+        assert!(!outs[2].applies(&view));
+        assert_eq!(outs[4].template_path(), Some(Path::new("/t/x.j2")));
+        assert_eq!(
+            outs[1].check.as_deref().unwrap(),
+            ["drbdadm", "-d", "adjust", "r0"]
+        );
+        let k3s = outs[0].render(&view, "wgmesh0", None).unwrap();
+        assert!(k3s.contains("node-ip: 10.99.99.2\n"), "{k3s}");
+        assert_eq!(
+            outs[4]
+                .render(&view, "wgmesh0", Some("{{ me.name }}"))
+                .unwrap(),
+            "dock-prod"
+        );
+    }
+
+    #[test]
+    fn dns_answers_forward_reverse_and_refuses_the_rest() {
+        let r = DnsRecords::new(&view("dock-load"));
+        assert_eq!(r.serial(), 7);
+        assert_eq!(
+            r.answer("dock-prod.mesh.internal.", DnsQuery::A),
+            DnsAnswer::Address(IpAddr::from([10, 99, 99, 2]))
+        );
+        assert_eq!(
+            r.answer("dock-prod.mesh.internal", DnsQuery::Aaaa),
+            DnsAnswer::NoData
+        );
+        assert_eq!(
+            r.answer("ghost.mesh.internal", DnsQuery::A),
+            DnsAnswer::NxDomain
+        );
+        assert_eq!(r.answer("mesh.internal", DnsQuery::Soa), DnsAnswer::Soa);
+        assert_eq!(r.answer("mesh.internal", DnsQuery::A), DnsAnswer::NoData);
+        assert_eq!(r.answer("example.com", DnsQuery::A), DnsAnswer::Refused);
+        assert_eq!(r.reverse_zone().as_deref(), Some("99.99.10.in-addr.arpa"));
+        assert_eq!(
+            r.answer("20.99.99.10.in-addr.arpa.", DnsQuery::Ptr),
+            DnsAnswer::Ptr("nas.mesh.internal".into())
+        );
+        assert_eq!(
+            r.answer("21.99.99.10.in-addr.arpa", DnsQuery::Ptr),
+            DnsAnswer::NxDomain
+        );
+        assert_eq!(
+            r.answer("1.1.168.192.in-addr.arpa", DnsQuery::Ptr),
+            DnsAnswer::Refused
+        );
+        assert_eq!(
+            r.answer("99.99.10.in-addr.arpa", DnsQuery::Soa),
+            DnsAnswer::Soa
+        );
+        assert_eq!(
+            parse_reverse_name("2.99.99.10.in-addr.arpa"),
+            Some(IpAddr::from([10, 99, 99, 2]))
+        );
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        let name = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa";
+        assert_eq!(parse_reverse_name(name), Some(v6));
+        assert_eq!(parse_reverse_name("x.in-addr.arpa"), None);
     }
 }

@@ -10,6 +10,7 @@ pub mod control;
 pub mod device;
 pub mod doctor;
 pub mod integrate;
+pub mod integrations_config;
 pub mod key;
 pub mod netmap;
 pub mod plan;
