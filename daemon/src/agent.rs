@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use mesh_proto::netmap::{Netmap, NetmapPeer};
+use mesh_proto::routes::{conflicts, desired_routes, plan_routes, refusal_message, SystemRoute};
 #[cfg(test)]
 use mesh_proto::Op;
 use mesh_proto::{plan, DeviceSpec, ObservedPeer, PeerSpec, PrivateKey, PublicKey};
@@ -123,6 +124,21 @@ pub struct Agent<W, L> {
     last_report: PassReport,
     reload_error: Option<String>,
     backend: String,
+    /// The desired state last found free of route conflicts, the one passes apply. A new
+    /// desired state (configuration, netmap) whose routes clash is refused as a whole: this
+    /// one stays in force.
+    accepted: Option<Accepted>,
+    /// Why the current desired state is refused (route conflicts), for the status.
+    route_refusal: Option<String>,
+}
+
+/// A desired state that passed the route check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Accepted {
+    desired: DeviceSpec,
+    address: IpNet,
+    routes: Vec<IpNet>,
+    settings: Settings,
 }
 
 fn now_since_epoch() -> Duration {
@@ -163,6 +179,8 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
             last_report: PassReport::default(),
             reload_error: None,
             backend: "in-memory".to_string(),
+            accepted: None,
+            route_refusal: None,
         }
     }
 
@@ -401,11 +419,27 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
         };
 
         self.record_endpoints(&observed.peers);
-        let spec = LinkSpec {
-            interface: self.settings.interface.clone(),
-            mtu: self.settings.mtu,
-            address,
+
+        let existing = match self.link.system_routes().await {
+            Ok(r) => r,
+            Err(e) => {
+                report.error = Some(format!("cannot list the system's routes: {e}"));
+                return report;
+            }
         };
+        self.check_candidate(address, &existing);
+        let Some(acc) = self.accepted.clone() else {
+            // Nothing acceptable yet (the first desired state clashes): apply nothing.
+            report.error = self.route_refusal.clone();
+            return report;
+        };
+
+        let spec = LinkSpec {
+            interface: acc.settings.interface.clone(),
+            mtu: acc.settings.mtu,
+            address: acc.address,
+        };
+        let mut link_ok = false;
         match self.link.configure(&spec, self.retired_address).await {
             Ok(link) => {
                 if self.ifindex.is_some_and(|i| i != link.ifindex) {
@@ -413,6 +447,7 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
                 }
                 self.ifindex = Some(link.ifindex);
                 self.retired_address = None;
+                link_ok = true;
                 for change in &link.changes {
                     tracing::info!(interface = %spec.interface, change = %change, "interface");
                 }
@@ -423,32 +458,150 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
             }
         }
 
-        let ops = plan(&self.desired, &observed, now);
-        if ops.is_empty() {
-            return report;
+        let ops = plan(&acc.desired, &observed, now);
+        if !ops.is_empty() {
+            self.apply_peer_ops(&ops, &mut report).await;
         }
-        report.ops = ops.iter().map(|o| o.to_string()).collect();
-        for op in &ops {
-            tracing::info!(op = %op, "apply");
+        if link_ok {
+            self.converge_routes(&acc, &existing, &mut report).await;
         }
-        if let Err(e) = self.wg.apply(&ops).await {
-            tracing::warn!(error = %e, ops = ops.len(), "batch failed; applying ops one by one");
-            for op in &ops {
-                if let Err(e) = self.wg.apply(std::slice::from_ref(op)).await {
-                    tracing::error!(op = %op, error = %e, "op failed");
-                    report.failed.push(format!("{op}: {e}"));
+        match self.link.advertise(&acc.settings).await {
+            Ok(changes) => {
+                for change in &changes {
+                    tracing::info!(change = %change, "advertise");
                 }
             }
-            if !report.failed.is_empty() && report.error.is_none() {
-                report.error = Some(format!(
-                    "{} of {} ops failed: {}",
-                    report.failed.len(),
-                    ops.len(),
-                    report.failed.join("; ")
-                ));
+            Err(e) => {
+                report.error.get_or_insert_with(|| {
+                    format!(
+                        "advertised subnets ({}): {e}",
+                        acc.settings.config_path.display()
+                    )
+                });
             }
         }
+        if report.error.is_none() {
+            report.error = self.route_refusal.clone();
+        }
         report
+    }
+
+    /// Take the current desired state if its new routes clash with nothing; otherwise refuse
+    /// it as a whole and keep the accepted one.
+    fn check_candidate(&mut self, address: IpNet, existing: &[SystemRoute]) {
+        let peers: Vec<PeerSpec> = self.desired.peers.values().cloned().collect();
+        let candidate = Accepted {
+            desired: self.desired.clone(),
+            address,
+            routes: desired_routes(address, &peers),
+            settings: self.settings.clone(),
+        };
+        if self.accepted.as_ref() == Some(&candidate) {
+            return;
+        }
+        // Routes already held stay ours; only the ones this state adds are checked.
+        let new: Vec<IpNet> = candidate
+            .routes
+            .iter()
+            .filter(|r| self.accepted.as_ref().is_none_or(|a| !a.routes.contains(r)))
+            .copied()
+            .collect();
+        let found = conflicts(
+            &new,
+            existing,
+            &candidate.settings.interface,
+            &candidate.settings.routes.protected,
+        );
+        if found.is_empty() {
+            if let Some(old) = &self.accepted {
+                if old.address != candidate.address {
+                    self.retired_address = Some(old.address);
+                }
+            }
+            self.accepted = Some(candidate);
+            if self.route_refusal.take().is_some() {
+                tracing::info!("route conflicts resolved; the desired state is applied");
+            }
+            return;
+        }
+        let msg = format!(
+            "{}; the new configuration/netmap is not applied (no peer, no route of it), the \
+             previous state stays",
+            refusal_message(&found)
+        );
+        if self.route_refusal.as_ref() != Some(&msg) {
+            tracing::error!(error = %msg, "desired state refused");
+        }
+        self.route_refusal = Some(msg);
+    }
+
+    /// Converge the routes on our interface to the accepted state: add missing ones (never
+    /// one that clashes now), remove our stale ones, never touch a foreign route.
+    async fn converge_routes(
+        &mut self,
+        acc: &Accepted,
+        existing: &[SystemRoute],
+        report: &mut PassReport,
+    ) {
+        let iface = &acc.settings.interface;
+        let clashing: Vec<IpNet> =
+            conflicts(&acc.routes, existing, iface, &acc.settings.routes.protected)
+                .into_iter()
+                .map(|c| c.wanted)
+                .collect();
+        let ops = plan_routes(&acc.routes, existing, iface, &clashing);
+        for c in &clashing {
+            tracing::warn!(route = %c, "a route we hold now overlaps another owner's; not re-adding it if it goes");
+        }
+        if ops.is_empty() {
+            return;
+        }
+        report.ops.extend(ops.iter().map(ToString::to_string));
+        match self.link.apply_routes(iface, &ops).await {
+            Ok(failed) if failed.is_empty() => {}
+            Ok(failed) => {
+                report.error.get_or_insert_with(|| {
+                    format!(
+                        "{} of {} route ops failed: {}",
+                        failed.len(),
+                        ops.len(),
+                        failed.join("; ")
+                    )
+                });
+                report.failed.extend(failed);
+            }
+            Err(e) => {
+                report
+                    .error
+                    .get_or_insert_with(|| format!("routes on {iface}: {e}"));
+            }
+        }
+    }
+
+    async fn apply_peer_ops(&mut self, ops: &[mesh_proto::Op], report: &mut PassReport) {
+        report.ops.extend(ops.iter().map(|o| o.to_string()));
+        for op in ops {
+            tracing::info!(op = %op, "apply");
+        }
+        if let Err(e) = self.wg.apply(ops).await {
+            tracing::warn!(error = %e, ops = ops.len(), "batch failed; applying ops one by one");
+            let mut failed = Vec::new();
+            for op in ops {
+                if let Err(e) = self.wg.apply(std::slice::from_ref(op)).await {
+                    tracing::error!(op = %op, error = %e, "op failed");
+                    failed.push(format!("{op}: {e}"));
+                }
+            }
+            if !failed.is_empty() && report.error.is_none() {
+                report.error = Some(format!(
+                    "{} of {} ops failed: {}",
+                    failed.len(),
+                    ops.len(),
+                    failed.join("; ")
+                ));
+            }
+            report.failed.extend(failed);
+        }
     }
 
     fn record_endpoints(&self, peers: &BTreeMap<PublicKey, ObservedPeer>) {
@@ -789,6 +942,159 @@ pub(crate) mod tests {
                 .expect_err("interface change needs a restart");
             assert!(err.to_string().contains("needs a restart"), "{err}");
             assert_eq!(a.settings().interface, "wgtest0");
+        });
+    }
+
+    fn foreign(dst: &str, dev: &str) -> SystemRoute {
+        SystemRoute {
+            table: mesh_proto::routes::TABLE_MAIN,
+            dst: dst.parse().expect("net"),
+            dev: Some(dev.into()),
+            protocol: 2,
+            kind: "unicast".into(),
+        }
+    }
+
+    fn our_routes(a: &Agent<FakeBackend, FakeLink>) -> Vec<String> {
+        let mut v: Vec<String> = a
+            .link
+            .routes
+            .iter()
+            .filter(|r| r.is_ours("wgtest0"))
+            .map(|r| r.dst.to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn routes_are_ours_and_a_restart_writes_none() {
+        block_on(async {
+            let mut p = peer(1, None);
+            p.spec
+                .allowed_ips
+                .push("192.168.1.20/32".parse().expect("net"));
+            let mut a = agent(vec![p.clone()], Default::default());
+            let r = a.reconcile(NOW).await;
+            assert!(r.error.is_none(), "{r:?}");
+            assert_eq!(our_routes(&a), vec!["10.99.99.0/24", "192.168.1.20/32"]);
+            let writes = a.link.route_writes;
+            // A restart: a new agent over the same system.
+            let mut b = Agent::new(
+                a.wg.clone(),
+                a.link.clone(),
+                settings(vec![p]),
+                PrivateKey::from_bytes([200; 32]),
+            );
+            let r = b.reconcile(NOW).await;
+            assert!(r.ops.is_empty() && r.error.is_none(), "{r:?}");
+            assert_eq!(
+                b.link.route_writes, writes,
+                "a restart must not touch routes"
+            );
+        });
+    }
+
+    #[test]
+    fn a_clashing_desired_state_is_refused_as_a_whole() {
+        block_on(async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("meshd.toml");
+            std::fs::write(
+                &path,
+                config_text(dir.path(), "10.99.99.1/24", &[peer(1, None)]),
+            )
+            .expect("write");
+            let settings = Settings::load(&path).expect("valid config");
+            let key = crate::keyfile::load_or_generate(&settings.private_key_file).expect("key");
+            let mut link = FakeLink::default();
+            link.routes.push(foreign("10.42.0.0/16", "flannel-wg"));
+            let mut a = Agent::new(FakeBackend::default(), link, settings, key);
+            let r = a.reconcile(NOW).await;
+            assert!(r.error.is_none(), "{r:?}");
+            let before_dev = a.wg.device.clone();
+            let before_routes = a.link.routes.clone();
+
+            // A new peer (fine) and one whose allowed IPs take flannel's space.
+            let mut text =
+                config_text(dir.path(), "10.99.99.1/24", &[peer(1, None), peer(2, None)]);
+            text.push_str(&format!(
+                "\n[[peer]]\nname = \"k3s-node\"\npublic_key = \"{}\"\nallowed_ips = [\"10.99.99.30/32\", \"10.42.5.0/24\"]\n",
+                peer(3, None).spec.public_key
+            ));
+            std::fs::write(&path, text).expect("write");
+            a.handle_reload().expect("the file itself is valid");
+            let r = a.reconcile(NOW).await;
+            let err = r.error.clone().expect("refused");
+            assert!(
+                err.contains("flannel-wg") && err.contains("10.42.5.0/24"),
+                "{err}"
+            );
+            assert_eq!(
+                a.wg.device, before_dev,
+                "no peer of the refused state applied"
+            );
+            assert_eq!(
+                a.link.routes, before_routes,
+                "no route of the refused state applied"
+            );
+            let st = a.status().last_error.expect("in the status");
+            assert!(st.contains("flannel-wg"), "{st}");
+            // Still refused on the next pass, still nothing applied.
+            let r = a.reconcile(NOW).await;
+            assert!(r.ops.is_empty(), "{r:?}");
+
+            // The clash goes away (flannel removed): the state is taken.
+            a.link
+                .routes
+                .retain(|r| r.dev.as_deref() != Some("flannel-wg"));
+            let r = a.reconcile(NOW).await;
+            assert!(r.error.is_none(), "{r:?}");
+            assert_eq!(a.wg.device.peers.len(), 3);
+            assert!(our_routes(&a).contains(&"10.42.5.0/24".to_string()));
+            assert!(a.status().last_error.is_none());
+        });
+    }
+
+    #[test]
+    fn a_clashing_first_state_applies_nothing() {
+        block_on(async {
+            let mut p = peer(1, None);
+            p.spec
+                .allowed_ips
+                .push("10.43.0.0/24".parse().expect("net"));
+            let mut a = agent(vec![p], Default::default());
+            a.settings.routes.protected = vec!["10.43.0.0/16".parse().expect("net")];
+            let r = a.reconcile(NOW).await;
+            let err = r.error.expect("refused");
+            assert!(err.contains("routes.protected 10.43.0.0/16"), "{err}");
+            assert!(a.wg.device.peers.is_empty());
+            assert!(a.link.routes.is_empty() && a.link.addresses.is_empty());
+        });
+    }
+
+    #[test]
+    fn reconcile_removes_only_our_stale_routes_and_re_adds_deleted_ones() {
+        block_on(async {
+            let mut a = agent(vec![peer(1, None)], Default::default());
+            let mut stale = foreign("192.168.50.0/24", "wgtest0");
+            stale.protocol = mesh_proto::routes::RT_PROTO_MESHD;
+            let admin = SystemRoute {
+                protocol: 4,
+                ..foreign("192.168.60.0/24", "wgtest0")
+            };
+            a.link.routes.push(stale);
+            a.link.routes.push(admin.clone());
+            a.reconcile(NOW).await;
+            assert_eq!(our_routes(&a), vec!["10.99.99.0/24"]);
+            assert!(
+                a.link.routes.contains(&admin),
+                "a foreign route on our interface stays"
+            );
+            // Someone deletes our route: the next pass puts it back.
+            a.link.routes.retain(|r| !r.is_ours("wgtest0"));
+            a.reconcile(NOW).await;
+            assert_eq!(our_routes(&a), vec!["10.99.99.0/24"]);
         });
     }
 
