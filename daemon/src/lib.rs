@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod error;
 pub mod firewall;
+pub mod integrate;
 pub mod kernel;
 pub mod keyfile;
 pub mod link;

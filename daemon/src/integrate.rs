@@ -1,0 +1,751 @@
+//! The integration engine: keeps the files meshd hands to K3s, DRBD, Prometheus, `/etc/hosts`
+//! and user templates in step with the mesh.
+//!
+//! On every [`IntegrationEngine::apply`] each configured output is rendered from the
+//! [`MeshView`] (pure, in `mesh_proto::integrate`). When the text differs from the file, the
+//! file is replaced atomically (temp file in the same directory, fsync, rename; the old file's
+//! mode and owner are kept), then the output's `check` command runs (a dry run, e.g.
+//! `drbdadm -d adjust r0`), then its `reload` command. A render error leaves the file alone;
+//! a failing check or reload puts the old content back. Either way the output's
+//! [`IntegrationStatus`] carries the error for `meshctl status` and `meshctl doctor`, and the
+//! same rendered content is not tried again until it changes, so each reload runs exactly once
+//! per change.
+//!
+//! The engine blocks (file writes, commands with a timeout): call it from
+//! `tokio::task::spawn_blocking`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write as _};
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::Path;
+#[cfg(test)]
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_proto::integrate::{
+    outputs, replace_hosts_block, IntegrationStatus, MeshView, Output, OutputKind,
+};
+use mesh_proto::integrations_config::IntegrationsConfig;
+
+/// How long a check or reload command may run before it is killed and counted as failed.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs an integration's check and reload commands. Tests record the calls instead.
+pub trait CommandRunner: Send + Sync {
+    /// Run `argv` (no shell); `Err` carries what the operator needs to see (exit status and
+    /// the tail of stderr).
+    fn run(&self, argv: &[String]) -> Result<(), String>;
+}
+
+/// Runs commands with [`std::process::Command`], killing them after `timeout`.
+#[derive(Debug, Clone)]
+pub struct SystemRunner {
+    pub timeout: Duration,
+}
+
+impl Default for SystemRunner {
+    fn default() -> Self {
+        SystemRunner {
+            timeout: COMMAND_TIMEOUT,
+        }
+    }
+}
+
+impl CommandRunner for SystemRunner {
+    fn run(&self, argv: &[String]) -> Result<(), String> {
+        let (program, args) = argv.split_first().ok_or("empty command")?;
+        let shown = argv.join(" ");
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("`{shown}` could not start: {e}"))?;
+        let deadline = Instant::now() + self.timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "`{shown}` ran longer than {}s and was killed",
+                        self.timeout.as_secs()
+                    ));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(format!("`{shown}`: {e}")),
+            }
+        };
+        if status.success() {
+            return Ok(());
+        }
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = io::Read::read_to_string(&mut e, &mut stderr);
+        }
+        let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Err(format!("`{shown}` failed ({status}): {}", tail.join(" / ")))
+    }
+}
+
+/// Write `content` to `path` atomically: a temp file in the same directory, fsync, rename
+/// over `path`, fsync the directory. An existing file's mode and owner carry over; a new file
+/// gets 0644 (its parent directories are created, 0755).
+pub fn write_atomic(path: &Path, content: &[u8]) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    fs::create_dir_all(dir)?;
+    let existing = fs::metadata(path).ok();
+    let tmp = dir.join(format!(
+        ".{}.meshd-{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(content)?;
+        let mode = existing.as_ref().map_or(0o644, |m| m.mode() & 0o7777);
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        if let Some(m) = &existing {
+            // Keep the owner (root-owned files written by root: a no-op; tests: our own uid).
+            std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()))?;
+        }
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Put `old` back after a failed check or reload (`None`: there was no file; remove ours).
+fn restore(path: &Path, old: Option<&str>) -> io::Result<()> {
+    match old {
+        Some(text) => write_atomic(path, text.as_bytes()),
+        None => match fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+    }
+}
+
+fn read_existing(path: &Path) -> io::Result<Option<String>> {
+    match fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct OutputState {
+    status: IntegrationStatus,
+    /// Content whose write, check or reload failed: not tried again until the render changes.
+    failed: Option<String>,
+}
+
+/// What one [`IntegrationEngine::apply`] did to one output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    Unchanged,
+    /// Written, checked and reloaded.
+    Changed,
+    /// Rendering, writing, checking or reloading failed; the old file is in place.
+    Failed(String),
+    /// The same content failed before; nothing was run.
+    StillFailing,
+    /// Not for this host (a DRBD resource it is not part of).
+    NotApplicable,
+}
+
+/// Keeps the configured outputs in step with the mesh. One per daemon.
+pub struct IntegrationEngine {
+    outputs: Vec<Output>,
+    interface: String,
+    runner: Box<dyn CommandRunner>,
+    state: BTreeMap<String, OutputState>,
+}
+
+impl IntegrationEngine {
+    /// `interface` is the mesh interface (K3s's `flannel-iface` unless configured otherwise).
+    pub fn new(
+        config: &IntegrationsConfig,
+        interface: impl Into<String>,
+        runner: Box<dyn CommandRunner>,
+    ) -> Self {
+        IntegrationEngine {
+            outputs: outputs(config),
+            interface: interface.into(),
+            runner,
+            state: BTreeMap::new(),
+        }
+    }
+
+    /// With [`SystemRunner`].
+    pub fn with_system_runner(config: &IntegrationsConfig, interface: impl Into<String>) -> Self {
+        Self::new(config, interface, Box::new(SystemRunner::default()))
+    }
+
+    /// Whether anything is configured (the daemon may skip calling [`Self::apply`]).
+    pub fn is_empty(&self) -> bool {
+        self.outputs.is_empty()
+    }
+
+    /// Bring every output in line with `view`; `now_unix` stamps changes. Call after every
+    /// netmap change (and once at start); cheap when nothing changed (one read per file).
+    pub fn apply(&mut self, view: &MeshView, now_unix: u64) -> BTreeMap<String, Applied> {
+        let mut report = BTreeMap::new();
+        for out in &self.outputs {
+            let prev = self.state.get(&out.name).cloned();
+            let mut st = prev.clone().unwrap_or_else(|| OutputState {
+                status: IntegrationStatus {
+                    name: out.name.clone(),
+                    path: out.path.clone(),
+                    ok: true,
+                    last_error: None,
+                    last_change_unix: None,
+                    last_reload_unix: None,
+                },
+                failed: None,
+            });
+            let applied = if out.applies(view) {
+                apply_one(
+                    out,
+                    view,
+                    &self.interface,
+                    self.runner.as_ref(),
+                    &mut st,
+                    now_unix,
+                )
+            } else {
+                Applied::NotApplicable
+            };
+            match &applied {
+                Applied::Failed(e) => {
+                    tracing::warn!(integration = %out.name, path = %out.path.display(), error = %e, "integration failed; the old file stays");
+                }
+                Applied::Changed => {
+                    tracing::info!(integration = %out.name, path = %out.path.display(), "integration updated");
+                }
+                _ => {}
+            }
+            if applied == Applied::NotApplicable {
+                self.state.remove(&out.name);
+            } else {
+                self.state.insert(out.name.clone(), st);
+            }
+            report.insert(out.name.clone(), applied);
+        }
+        report
+    }
+
+    /// Every applicable output's status, by name.
+    pub fn statuses(&self) -> Vec<IntegrationStatus> {
+        self.state.values().map(|s| s.status.clone()).collect()
+    }
+
+    /// Remove what meshd wrote for `/etc/hosts` (its block; the rest of the file stays), for
+    /// `meshctl down`. Other outputs stay: K3s and DRBD need them to keep running.
+    pub fn remove_hosts_block(&self) -> io::Result<()> {
+        for out in &self.outputs {
+            if out.kind == OutputKind::HostsBlock {
+                if let Some(existing) = read_existing(&out.path)? {
+                    let without = replace_hosts_block(&existing, None)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                    if without != existing {
+                        write_atomic(&out.path, without.as_bytes())?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fail(st: &mut OutputState, message: String, failed: Option<String>) -> Applied {
+    st.status.ok = false;
+    st.status.last_error = Some(message.clone());
+    st.failed = failed;
+    Applied::Failed(message)
+}
+
+fn apply_one(
+    out: &Output,
+    view: &MeshView,
+    interface: &str,
+    runner: &dyn CommandRunner,
+    st: &mut OutputState,
+    now_unix: u64,
+) -> Applied {
+    let template = match out.template_path() {
+        Some(p) => match fs::read_to_string(p) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                return fail(
+                    st,
+                    format!("cannot read template {}: {e}", p.display()),
+                    None,
+                )
+            }
+        },
+        None => None,
+    };
+    let rendered = match out.render(view, interface, template.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return fail(st, e.to_string(), None),
+    };
+    let existing = match read_existing(&out.path) {
+        Ok(e) => e,
+        Err(e) => return fail(st, format!("cannot read {}: {e}", out.path.display()), None),
+    };
+    let desired = if out.kind == OutputKind::HostsBlock {
+        match replace_hosts_block(existing.as_deref().unwrap_or(""), Some(&rendered)) {
+            Ok(d) => d,
+            Err(e) => return fail(st, e.to_string(), None),
+        }
+    } else {
+        rendered
+    };
+    if existing.as_deref() == Some(desired.as_str()) {
+        st.status.ok = true;
+        st.status.last_error = None;
+        st.failed = None;
+        return Applied::Unchanged;
+    }
+    if st.failed.as_deref() == Some(desired.as_str()) {
+        return Applied::StillFailing;
+    }
+    if let Err(e) = write_atomic(&out.path, desired.as_bytes()) {
+        return fail(
+            st,
+            format!("cannot write {}: {e}", out.path.display()),
+            Some(desired),
+        );
+    }
+    for (what, cmd) in [("check", &out.check), ("reload", &out.reload)] {
+        let Some(argv) = cmd.as_ref().filter(|a| !a.is_empty()) else {
+            continue;
+        };
+        if let Err(e) = runner.run(argv) {
+            let mut message = format!("{what}: {e}; the previous file was put back");
+            if let Err(re) = restore(&out.path, existing.as_deref()) {
+                message = format!("{what}: {e}; putting the previous file back failed too: {re}");
+            }
+            return fail(st, message, Some(desired));
+        }
+        if what == "reload" {
+            st.status.last_reload_unix = Some(now_unix);
+        }
+    }
+    st.status.ok = true;
+    st.status.last_error = None;
+    st.status.last_change_unix = Some(now_unix);
+    st.failed = None;
+    Applied::Changed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_proto::integrations_config::parse_integrations;
+    use mesh_proto::netmap::{Netmap, NetmapPeer};
+    use mesh_proto::PublicKey;
+    use std::net::IpAddr;
+    use std::sync::{Arc, Mutex};
+
+    /// Records commands; fails those whose program is in `fail`.
+    #[derive(Clone, Default)]
+    struct Recorder {
+        calls: Arc<Mutex<Vec<Vec<String>>>>,
+        fail: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl CommandRunner for Recorder {
+        fn run(&self, argv: &[String]) -> Result<(), String> {
+            self.calls.lock().unwrap().push(argv.to_vec());
+            if self.fail.lock().unwrap().contains(&argv[0]) {
+                Err(format!("{} exited with 1", argv[0]))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl Recorder {
+        fn take(&self) -> Vec<String> {
+            self.calls
+                .lock()
+                .unwrap()
+                .drain(..)
+                .map(|a| a.join(" "))
+                .collect()
+        }
+    }
+
+    fn peer(name: &str, last: u8) -> NetmapPeer {
+        NetmapPeer {
+            name: name.into(),
+            address: IpAddr::from([10, 99, 99, last]),
+            public_key: PublicKey([last; 32]),
+            allowed_ips: vec![format!("10.99.99.{last}/32").parse().unwrap()],
+            endpoints: vec![],
+            persistent_keepalive: None,
+            static_peer: false,
+            admin: false,
+            key_created_unix: 0,
+        }
+    }
+
+    fn view(version: u64, peers: &[(&str, u8)]) -> MeshView {
+        let netmap = Netmap {
+            version,
+            mesh_cidr: "10.99.99.0/24".parse().unwrap(),
+            name: "dock-prod".into(),
+            address: IpAddr::from([10, 99, 99, 2]),
+            public_key: PublicKey([2; 32]),
+            peers: peers.iter().map(|(n, l)| peer(n, *l)).collect(),
+        };
+        MeshView::new(&netmap, Some("dock-load"))
+    }
+
+    fn config(dir: &Path) -> IntegrationsConfig {
+        let d = dir.display();
+        let text = format!(
+            r#"
+            [integrations.k3s]
+            server = "dock-load"
+            path = "{d}/k3s/config.yaml.d/90-meshd.yaml"
+            reload = ["k3s-reload"]
+            [[integrations.drbd]]
+            resource = "r0"
+            hosts = ["dock-prod", "dock-mirror"]
+            disk = "/dev/vg0/r0"
+            path = "{d}/drbd.d/r0.res"
+            drbdadm = "drbdadm-fake"
+            [integrations.prometheus]
+            path = "{d}/file_sd/meshd.json"
+            [integrations.hosts]
+            path = "{d}/hosts"
+            [[integrations.template]]
+            name = "list"
+            source = "{d}/list.j2"
+            path = "{d}/list.txt"
+            reload = ["list-reload"]
+            "#
+        );
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        parse_integrations(v.get("integrations").unwrap()).unwrap()
+    }
+
+    fn setup() -> (tempfile::TempDir, IntegrationEngine, Recorder) {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("list.j2"),
+            "{% for h in hosts %}{{ h.name }} {{ h.address }}\n{% endfor %}",
+        )
+        .unwrap();
+        fs::write(dir.path().join("hosts"), "127.0.0.1\tlocalhost\n").unwrap();
+        let rec = Recorder::default();
+        let engine = IntegrationEngine::new(&config(dir.path()), "wgmesh0", Box::new(rec.clone()));
+        (dir, engine, rec)
+    }
+
+    #[test]
+    fn writes_everything_and_reloads_once_per_change() {
+        let (dir, mut engine, rec) = setup();
+        let p = dir.path();
+        let v1 = view(1, &[("dock-load", 1), ("dock-mirror", 3)]);
+        let r = engine.apply(&v1, 100);
+        assert!(r.values().all(|a| *a == Applied::Changed), "{r:?}");
+        assert_eq!(
+            rec.take(),
+            [
+                "k3s-reload",
+                "drbdadm-fake -d adjust r0",
+                "drbdadm-fake adjust r0",
+                "list-reload"
+            ]
+        );
+        let k3s = fs::read_to_string(p.join("k3s/config.yaml.d/90-meshd.yaml")).unwrap();
+        let y: serde_yaml::Value = serde_yaml::from_str(&k3s).unwrap();
+        assert_eq!(y["node-ip"], "10.99.99.2");
+        assert_eq!(y["server"], "https://10.99.99.1:6443");
+        let res = fs::read_to_string(p.join("drbd.d/r0.res")).unwrap();
+        assert!(
+            res.contains("  on dock-mirror {\n    node-id 1;\n    address 10.99.99.3:7788;\n"),
+            "{res}"
+        );
+        let hosts = fs::read_to_string(p.join("hosts")).unwrap();
+        assert!(
+            hosts.starts_with("127.0.0.1\tlocalhost\n# BEGIN meshd"),
+            "{hosts}"
+        );
+        assert_eq!(
+            fs::read_to_string(p.join("list.txt")).unwrap(),
+            "dock-load 10.99.99.1\ndock-mirror 10.99.99.3\ndock-prod 10.99.99.2\n"
+        );
+        let sd: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(p.join("file_sd/meshd.json")).unwrap())
+                .unwrap();
+        assert_eq!(sd.as_array().unwrap().len(), 6);
+        // No temp files left behind.
+        for d in ["k3s/config.yaml.d", "drbd.d", "file_sd", ""] {
+            for e in fs::read_dir(p.join(d)).unwrap() {
+                let name = e.unwrap().file_name();
+                assert!(!name.to_string_lossy().ends_with(".tmp"), "{name:?}");
+            }
+        }
+
+        // Same view: nothing runs.
+        let r = engine.apply(&v1, 200);
+        assert!(r.values().all(|a| *a == Applied::Unchanged), "{r:?}");
+        assert!(rec.take().is_empty());
+
+        // A host joins: only what mentions it changes (the K3s drop-in has the version in its
+        // comment, so it changes with every netmap version; the DRBD resource does too).
+        let v2 = view(2, &[("dock-load", 1), ("dock-mirror", 3), ("dock-edge", 4)]);
+        engine.apply(&v2, 300);
+        let calls = rec.take();
+        assert_eq!(
+            calls.iter().filter(|c| *c == "list-reload").count(),
+            1,
+            "{calls:?}"
+        );
+        assert_eq!(
+            calls
+                .iter()
+                .filter(|c| *c == "drbdadm-fake adjust r0")
+                .count(),
+            1,
+            "{calls:?}"
+        );
+        assert!(fs::read_to_string(p.join("hosts"))
+            .unwrap()
+            .contains("dock-edge.mesh.internal"));
+        let st = engine.statuses();
+        assert!(
+            st.iter().all(|s| s.ok && s.last_change_unix == Some(300)),
+            "{st:?}"
+        );
+        engine.apply(&v2, 400);
+        assert!(rec.take().is_empty());
+    }
+
+    #[test]
+    fn broken_template_keeps_the_old_file_and_records_the_error() {
+        let (dir, mut engine, rec) = setup();
+        let p = dir.path();
+        engine.apply(&view(1, &[("dock-load", 1), ("dock-mirror", 3)]), 100);
+        rec.take();
+        let before = fs::read_to_string(p.join("list.txt")).unwrap();
+        fs::write(
+            p.join("list.j2"),
+            "{% for h in hosts %}{{ h.nmae }}{% endfor %}",
+        )
+        .unwrap();
+        let v2 = view(2, &[("dock-load", 1), ("dock-mirror", 3), ("dock-edge", 4)]);
+        let r = engine.apply(&v2, 200);
+        assert!(matches!(r["template:list"], Applied::Failed(_)), "{r:?}");
+        assert_eq!(fs::read_to_string(p.join("list.txt")).unwrap(), before);
+        assert!(!rec.take().contains(&"list-reload".to_owned()));
+        let st = engine
+            .statuses()
+            .into_iter()
+            .find(|s| s.name == "template:list")
+            .unwrap();
+        assert!(!st.ok);
+        assert!(
+            st.last_error.as_deref().unwrap().contains("template:list"),
+            "{st:?}"
+        );
+        assert_eq!(st.last_change_unix, Some(100));
+        // Fixed: written and reloaded once, status ok again.
+        fs::write(p.join("list.j2"), "{{ hosts | length }}\n").unwrap();
+        engine.apply(&v2, 300);
+        assert_eq!(fs::read_to_string(p.join("list.txt")).unwrap(), "4\n");
+        assert_eq!(rec.take().iter().filter(|c| *c == "list-reload").count(), 1);
+        assert!(engine.statuses().iter().all(|s| s.ok));
+    }
+
+    #[test]
+    fn failed_dry_run_puts_the_old_file_back_and_is_not_retried() {
+        let (dir, mut engine, rec) = setup();
+        let p = dir.path();
+        engine.apply(&view(1, &[("dock-load", 1), ("dock-mirror", 3)]), 100);
+        rec.take();
+        let before = fs::read_to_string(p.join("drbd.d/r0.res")).unwrap();
+        rec.fail.lock().unwrap().push("drbdadm-fake".into());
+        let v2 = view(2, &[("dock-load", 1), ("dock-mirror", 33)]);
+        let r = engine.apply(&v2, 200);
+        assert!(matches!(r["drbd:r0"], Applied::Failed(_)), "{r:?}");
+        assert_eq!(fs::read_to_string(p.join("drbd.d/r0.res")).unwrap(), before);
+        let calls = rec.take();
+        assert!(calls.contains(&"drbdadm-fake -d adjust r0".to_owned()));
+        assert!(
+            !calls.contains(&"drbdadm-fake adjust r0".to_owned()),
+            "{calls:?}"
+        );
+        // Same content again: not retried.
+        assert_eq!(engine.apply(&v2, 300)["drbd:r0"], Applied::StillFailing);
+        assert!(!rec.take().iter().any(|c| c.starts_with("drbdadm")));
+        let st = engine
+            .statuses()
+            .into_iter()
+            .find(|s| s.name == "drbd:r0")
+            .unwrap();
+        assert!(st.last_error.unwrap().starts_with("check: "));
+    }
+
+    #[test]
+    fn drbd_resource_skipped_on_other_hosts_and_unknown_hosts_keep_the_file() {
+        let (dir, mut engine, _rec) = setup();
+        // dock-mirror is not in the mesh yet: the resource cannot be written.
+        let r = engine.apply(&view(1, &[("dock-load", 1)]), 100);
+        assert!(
+            matches!(r["drbd:r0"], Applied::Failed(ref e) if e.contains("dock-mirror")),
+            "{r:?}"
+        );
+        assert!(!dir.path().join("drbd.d/r0.res").exists());
+    }
+
+    #[test]
+    fn atomic_write_keeps_mode_and_replaces_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a/b/file");
+        write_atomic(&f, b"one").unwrap();
+        assert_eq!(fs::metadata(&f).unwrap().mode() & 0o777, 0o644);
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
+        write_atomic(&f, b"two").unwrap();
+        assert_eq!(fs::read_to_string(&f).unwrap(), "two");
+        assert_eq!(fs::metadata(&f).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(fs::read_dir(dir.path().join("a/b")).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn hosts_block_removed_on_down() {
+        let (dir, mut engine, _rec) = setup();
+        engine.apply(&view(1, &[("dock-load", 1), ("dock-mirror", 3)]), 100);
+        engine.remove_hosts_block().unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("hosts")).unwrap(),
+            "127.0.0.1\tlocalhost\n"
+        );
+    }
+
+    #[test]
+    fn system_runner_reports_failures() {
+        let r = SystemRunner {
+            timeout: Duration::from_secs(5),
+        };
+        assert_eq!(r.run(&["true".into()]), Ok(()));
+        let e = r
+            .run(&["sh".into(), "-c".into(), "echo broken >&2; exit 3".into()])
+            .unwrap_err();
+        assert!(e.contains("broken") && e.contains('3'), "{e}");
+        let r = SystemRunner {
+            timeout: Duration::from_millis(100),
+        };
+        assert!(r
+            .run(&["sleep".into(), "5".into()])
+            .unwrap_err()
+            .contains("killed"));
+        assert!(r
+            .run(&["/nonexistent/x".into()])
+            .unwrap_err()
+            .contains("could not start"));
+    }
+
+    /// A tool from drbd-utils or prometheus, if installed (`tests/deps.sh` installs both).
+    fn tool(name: &str) -> Option<PathBuf> {
+        ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(name))
+            .find(|p| p.exists())
+    }
+
+    #[test]
+    fn drbdadm_parses_the_rendered_resource() {
+        let Some(drbdadm) = tool("drbdadm") else {
+            eprintln!("SKIP: drbdadm not installed (Debian package drbd-utils)");
+            return;
+        };
+        let (dir, mut engine, _rec) = setup();
+        engine.apply(&view(1, &[("dock-load", 1), ("dock-mirror", 3)]), 100);
+        let res = dir.path().join("drbd.d/r0.res");
+        // No kernel module needed: `dump` only parses; __DRBD_NODE__ stands in for `uname -n`.
+        let out = Command::new(&drbdadm)
+            .args([
+                "-c".as_ref(),
+                res.as_os_str(),
+                "dump".as_ref(),
+                "r0".as_ref(),
+            ])
+            .env("__DRBD_NODE__", "dock-prod")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("address          ipv4 10.99.99.3:7788;"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("node-id 1;"), "{stdout}");
+    }
+
+    #[test]
+    fn promtool_accepts_a_config_using_the_file_sd_output() {
+        let Some(promtool) = tool("promtool") else {
+            eprintln!("SKIP: promtool not installed (Debian package prometheus)");
+            return;
+        };
+        let (dir, mut engine, _rec) = setup();
+        engine.apply(&view(1, &[("dock-load", 1), ("dock-mirror", 3)]), 100);
+        let sd = dir.path().join("file_sd/meshd.json");
+        let cfg = dir.path().join("prometheus.yml");
+        fs::write(
+            &cfg,
+            format!(
+                "scrape_configs:\n  - job_name: mesh\n    file_sd_configs:\n      - files: [\"{}\"]\n",
+                sd.display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(&promtool)
+            .arg("check")
+            .arg("config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
