@@ -126,7 +126,7 @@ async fn down<W: WgBackend, L: LinkBackend>(
     let settings = agent.settings().clone();
     let mut removed = Vec::new();
     let mut failed = Vec::new();
-    match crate::service::teardown_owned(&settings) {
+    match crate::service::teardown_owned(&settings).await {
         Ok(list) => removed.extend(list),
         Err(e) => failed.push(e.to_string()),
     }

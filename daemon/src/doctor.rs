@@ -10,9 +10,11 @@ use futures::TryStreamExt;
 use ipnet::IpNet;
 use mesh_proto::control::format_age;
 use mesh_proto::doctor::{
-    daemon_not_running, handshake_check, k3s_check, mtu_check, mtu_next_probe, rp_filter_check,
-    Check, MtuProbe, Report, ICMP4_OVERHEAD, SOURCE_DAEMON, SOURCE_OFFLINE,
+    daemon_not_running, handshake_check, ip_forward_check, k3s_check, mtu_check, mtu_next_probe,
+    routes_check, rp_filter_check, Check, MtuProbe, Report, ICMP4_OVERHEAD, SOURCE_DAEMON,
+    SOURCE_OFFLINE,
 };
+use mesh_proto::PeerSpec;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::LinkFlags;
 
@@ -54,6 +56,8 @@ pub struct Input {
     pub host: Option<String>,
     pub address: Option<IpNet>,
     pub peers: Vec<PeerFact>,
+    /// The peers as configured on the device (for the routes they need).
+    pub peer_specs: Vec<PeerSpec>,
     /// `None`: offline (`meshd --doctor`).
     pub daemon: Option<DaemonFacts>,
 }
@@ -81,6 +85,7 @@ pub async fn gather<W: WgBackend, L: LinkBackend>(agent: &mut Agent<W, L>) -> In
         host: agent.host_name(),
         address: agent.address(),
         peers,
+        peer_specs: agent.desired().peers.values().cloned().collect(),
         daemon: Some(DaemonFacts {
             managed: agent.membership().is_some() || agent.settings().coordinator.is_some(),
             status,
@@ -99,6 +104,7 @@ pub async fn run_offline(settings: Settings) -> Report {
     let state = StateDir::new(&settings.state_dir);
     let membership = state.load_membership().ok().flatten();
     let netmap = state.load_netmap().ok().flatten();
+    let mut peer_specs: Vec<PeerSpec> = settings.peers.iter().map(|p| p.spec.clone()).collect();
     let mut peers: Vec<PeerFact> = settings
         .peers
         .iter()
@@ -110,6 +116,15 @@ pub async fn run_offline(settings: Settings) -> Report {
         .collect();
     if let Some(nm) = &netmap {
         for p in &nm.peers {
+            if !peer_specs.iter().any(|q| q.public_key == p.public_key) {
+                peer_specs.push(PeerSpec {
+                    public_key: p.public_key,
+                    preshared_key: None,
+                    endpoint: None,
+                    allowed_ips: p.allowed_ips.clone(),
+                    persistent_keepalive: None,
+                });
+            }
             if !peers.iter().any(|q| q.mesh_address == Some(p.address)) {
                 peers.push(PeerFact {
                     name: p.name.clone(),
@@ -132,6 +147,7 @@ pub async fn run_offline(settings: Settings) -> Report {
         host,
         address,
         peers,
+        peer_specs,
         daemon: None,
     })
     .await;
@@ -185,12 +201,18 @@ pub async fn run(input: Input) -> Report {
     let link = read_link(iface).await;
     checks.push(interface_check(iface, input.address, s.mtu, &link));
 
+    // Route overlaps: the mesh CIDR and the peers' routes against everyone else's routes.
+    checks.push(routes(&input).await);
+
     // rp_filter (the kernel uses the larger of `all` and the interface's).
     checks.push(rp_filter_check(
         iface,
         read_sysctl("all", "rp_filter"),
         read_sysctl(iface, "rp_filter"),
     ));
+
+    // Forwarding where we advertise subnets.
+    checks.push(ip_forward(s).await);
 
     // K3s.
     checks.push(k3s_check(iface, &k3s_files()));
@@ -256,6 +278,51 @@ pub async fn run(input: Input) -> Report {
         elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         checks,
     }
+}
+
+async fn routes(input: &Input) -> Check {
+    let mut settings = input.settings.clone();
+    settings.address = input.address;
+    let Some(address) = input.address else {
+        return Check::warn(
+            "routes",
+            "no mesh address yet (not joined): nothing to route",
+            "meshctl join TOKEN",
+        );
+    };
+    let wanted = mesh_proto::routes::desired_routes(address, &input.peer_specs).len();
+    match crate::routes::check(&settings, &input.peer_specs).await {
+        Ok(conflicts) => routes_check(wanted, &conflicts),
+        Err(e) => Check::warn(
+            "routes",
+            format!("cannot list the routes: {e}"),
+            "run meshctl doctor as root",
+        ),
+    }
+}
+
+async fn ip_forward(s: &Settings) -> Check {
+    let advertise = &s.routes.advertise;
+    let mut interfaces = vec![s.interface.clone()];
+    if !advertise.is_empty() {
+        if let Ok(handle) = crate::routes::connect() {
+            for net in advertise.iter().filter(|n| matches!(n, IpNet::V4(_))) {
+                if let Ok(Some(dev)) = crate::routes::egress_interface(&handle, *net).await {
+                    if !interfaces.contains(&dev) {
+                        interfaces.push(dev);
+                    }
+                }
+            }
+        }
+    }
+    let states: Vec<(String, Option<bool>)> = interfaces
+        .into_iter()
+        .map(|i| {
+            let on = read_sysctl(&i, "forwarding").map(|v| v == 1);
+            (i, on)
+        })
+        .collect();
+    ip_forward_check(advertise, &states)
 }
 
 fn daemon_check(d: &DaemonFacts, now_unix: u64) -> Check {

@@ -54,8 +54,8 @@ pub fn check_config(path: &Path) -> Result<()> {
 
 /// Routes, the nftables table and the forwarding settings meshd made (everything it owns but
 /// the interface). Returns what was removed.
-pub fn teardown_owned(_settings: &Settings) -> Result<Vec<String>> {
-    Ok(Vec::new())
+pub async fn teardown_owned(settings: &Settings) -> Result<Vec<String>> {
+    Ok(crate::routes::teardown(settings).await?)
 }
 
 /// `meshd --down`: with no daemon running, remove everything meshd owns on this host (routes,
@@ -67,7 +67,7 @@ pub async fn down_offline(settings: &Settings) -> Result<Vec<String>> {
         "meshd is running for this interface: use `meshctl down` (it removes everything and \
          stops meshd)",
     )?;
-    let mut removed = teardown_owned(settings)?;
+    let mut removed = teardown_owned(settings).await?;
     let mut link = NetlinkLink::connect()?;
     match link.kind(&settings.interface).await? {
         None => {}

@@ -345,6 +345,73 @@ pub fn k3s_check(interface: &str, files: &[(String, String)]) -> Check {
     }
 }
 
+/// The route-overlap verdict: what meshd wants (the mesh CIDR and peers' allowed IPs) against
+/// what other interfaces, protocols and `routes.protected` own.
+pub fn routes_check(wanted: usize, conflicts: &[crate::routes::RouteConflict]) -> Check {
+    let name = "routes";
+    if conflicts.is_empty() {
+        return Check::ok(
+            name,
+            format!("the mesh's {wanted} routes overlap no other interface's routes or routes.protected"),
+        );
+    }
+    let list: Vec<String> = conflicts.iter().map(ToString::to_string).collect();
+    Check::fail(
+        name,
+        format!("refused: {}", list.join("; ")),
+        "remove the prefix from the peer's allowed_ips (or the advertising host's \
+         routes.advertise), or free it on this host",
+    )
+}
+
+/// The forwarding verdict where we advertise subnets: `interfaces` are our interface and the
+/// advertised subnets' egress interfaces with `net.ipv4.conf.IFACE.forwarding` (`None`:
+/// unreadable).
+pub fn ip_forward_check(
+    advertise: &[ipnet::IpNet],
+    interfaces: &[(String, Option<bool>)],
+) -> Check {
+    let name = "ip_forward";
+    if advertise.is_empty() {
+        return Check::ok(
+            name,
+            "this host advertises no subnets (routes.advertise is empty)",
+        );
+    }
+    let off: Vec<&str> = interfaces
+        .iter()
+        .filter(|(_, on)| *on != Some(true))
+        .map(|(i, _)| i.as_str())
+        .collect();
+    let nets: Vec<String> = advertise.iter().map(ToString::to_string).collect();
+    if off.is_empty() {
+        let on: Vec<&str> = interfaces.iter().map(|(i, _)| i.as_str()).collect();
+        return Check::ok(
+            name,
+            format!(
+                "forwarding on for {} (advertising {})",
+                on.join(", "),
+                nets.join(", ")
+            ),
+        );
+    }
+    Check::fail(
+        name,
+        format!(
+            "advertising {} but forwarding is off on {}",
+            nets.join(", "),
+            off.join(", ")
+        ),
+        format!(
+            "meshctl reload (meshd turns it on where it advertises), or {}",
+            off.iter()
+                .map(|i| format!("sysctl -w net.ipv4.conf.{i}.forwarding=1"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -416,6 +483,40 @@ mod tests {
             mtu_check("p", MtuProbe::Unreachable).status,
             CheckStatus::Warn
         );
+    }
+
+    #[test]
+    fn routes_and_forwarding() {
+        let c = routes_check(2, &[]);
+        assert_eq!(c.status, CheckStatus::Ok);
+        let conflict = crate::routes::RouteConflict {
+            wanted: "172.17.5.0/24".parse().unwrap(),
+            owner: "172.17.0.0/16 dev docker0 (table main, proto kernel)".into(),
+        };
+        let c = routes_check(2, &[conflict]);
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert!(
+            c.detail.contains("overlaps 172.17.0.0/16 dev docker0"),
+            "{}",
+            c.detail
+        );
+        let lan: Vec<ipnet::IpNet> = vec!["192.168.1.0/24".parse().unwrap()];
+        assert_eq!(ip_forward_check(&[], &[]).status, CheckStatus::Ok);
+        let on = [
+            ("wgmesh0".to_string(), Some(true)),
+            ("eth0".to_string(), Some(true)),
+        ];
+        assert_eq!(ip_forward_check(&lan, &on).status, CheckStatus::Ok);
+        let off = [
+            ("wgmesh0".to_string(), Some(true)),
+            ("eth0".to_string(), Some(false)),
+        ];
+        let c = ip_forward_check(&lan, &off);
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert!(c
+            .fix
+            .unwrap()
+            .contains("sysctl -w net.ipv4.conf.eth0.forwarding=1"));
     }
 
     #[test]

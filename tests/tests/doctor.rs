@@ -102,7 +102,9 @@ fn doctor_reports_all_ok_on_a_clean_static_mesh() -> Result<()> {
         "meshd",
         "port",
         "interface",
+        "routes",
         "rp_filter",
+        "ip_forward",
         "k3s flannel-iface",
         "coordinator",
         "handshake dock-prod",
@@ -178,6 +180,55 @@ fn doctor_flags_strict_rp_filter() -> Result<()> {
     lab.sh(A, "sysctl -qw net.ipv4.conf.wgmesh0.rp_filter=2")?;
     let (report, _) = doctor_json(&lab, A)?;
     assert_eq!(status_of(check(&report, "rp_filter")?), "ok");
+    Ok(())
+}
+
+#[test]
+fn doctor_names_the_owner_of_an_overlapping_route() -> Result<()> {
+    let _g = serial();
+    let (lab, fleet, pa, _pb) = up2()?;
+    // A Docker-like bridge on dock-load, and a peer allowed IP inside its network.
+    lab.sh(
+        A,
+        "ip link add docker0 type bridge && ip addr add 172.17.0.1/16 dev docker0 && \
+         ip link set docker0 up",
+    )?;
+    let conf = fleet.render(A)?;
+    let want = "allowed_ips = [\"10.99.99.2/32\"]";
+    assert!(conf.contains(want), "{conf}");
+    let conf = conf.replace(want, "allowed_ips = [\"10.99.99.2/32\", \"172.17.5.0/24\"]");
+    lab.write_file(A, "/etc/meshd/meshd.toml", conf.as_bytes())?;
+    let _ = meshctl(&lab, A, &["reload"])?;
+    let (report, ok) = doctor_json(&lab, A)?;
+    assert!(!ok);
+    let routes = check(&report, "routes")?;
+    assert_eq!(status_of(routes), "fail", "{routes}");
+    let detail = routes["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("172.17.5.0/24 overlaps 172.17.0.0/16 dev docker0"),
+        "{routes}"
+    );
+    assert!(routes["fix"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("allowed_ips"));
+    // Refused, not applied: no route into docker0's network, the peer keeps its old IPs.
+    let r = lab.exec_ok(A, &["ip", "route", "show", "172.17.5.0/24"])?;
+    assert_eq!(r.trim(), "", "{r}");
+    let allowed = lab.exec_ok(A, &["wg", "show", MESH_IFACE, "allowed-ips"])?;
+    assert!(!allowed.contains("172.17.5.0/24"), "{allowed}");
+    lab.wait_mesh_pings(&[A, B], Duration::from_secs(10))?;
+    // Offline, the same finding.
+    lab.signal(pa, libc::SIGTERM);
+    lab.wait_exit(pa, STOP_TIMEOUT)?;
+    let out = meshctl(&lab, A, &["doctor"])?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("FAIL") && l.contains(" routes ") && l.contains("dev docker0")),
+        "{stdout}"
+    );
     Ok(())
 }
 
