@@ -646,7 +646,8 @@ mod tests {
             let again = plan_routes(&wanted, &sys, "wgmesh0", &[]);
             prop_assert!(again.is_empty(), "{:?}", again);
             for r in &existing {
-                if !r.is_ours("wgmesh0") && !(r.protocol == 2 && r.table == TABLE_MAIN && r.dev.as_deref() == Some("wgmesh0")) {
+                let taken_over = r.protocol == 2 && r.table == TABLE_MAIN && r.dev.as_deref() == Some("wgmesh0");
+                if !r.is_ours("wgmesh0") && !taken_over {
                     prop_assert!(sys.contains(r), "foreign route {} removed", r);
                 }
             }
