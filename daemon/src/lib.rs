@@ -20,6 +20,7 @@ pub mod member;
 pub mod notify;
 pub mod ports;
 pub mod protocol;
+pub mod resolved;
 pub mod routes;
 pub mod select;
 pub mod service;
