@@ -17,6 +17,7 @@ pub mod keyfile;
 pub mod link;
 pub mod lock;
 pub mod member;
+pub mod metrics;
 pub mod notify;
 pub mod ports;
 pub mod protocol;

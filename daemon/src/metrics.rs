@@ -1,0 +1,646 @@
+//! `/metrics` on the mesh address (port 9586, the WireGuard exporter's registered port), in the
+//! Prometheus text format.
+//!
+//! Per-peer series keep the established WireGuard exporter names and labels
+//! (`wireguard_sent_bytes_total`, `wireguard_received_bytes_total`,
+//! `wireguard_latest_handshake_seconds`; `interface`, `public_key`, `allowed_ips`,
+//! `friendly_name`) so existing dashboards work; ours have the `meshd_` prefix. The agent
+//! hands in what it observed after each pass ([`Metrics::observe_device`],
+//! [`Metrics::observe_pass`], ...); a scrape reads the latest snapshot and never touches the
+//! device.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use mesh_proto::netmap::{EndpointKind, Netmap};
+use mesh_proto::{ObservedDevice, PublicKey};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+/// How traffic to a peer travels, as far as meshd knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PeerPath {
+    /// Directly over the LAN (an address the peer reported, behind the same NAT).
+    Lan,
+    /// Directly over the internet (a public or NAT-observed address).
+    Public,
+    /// Through a relay.
+    Relay,
+    /// No endpoint yet, or one meshd did not offer (learned by roaming).
+    Unknown,
+}
+
+impl PeerPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerPath::Lan => "lan",
+            PeerPath::Public => "public",
+            PeerPath::Relay => "relay",
+            PeerPath::Unknown => "unknown",
+        }
+    }
+
+    /// The path of the endpoint WireGuard uses now, from the kind of the netmap candidate it
+    /// matches; an endpoint no candidate offered is judged by its address (private: LAN).
+    pub fn of_endpoint(
+        endpoint: Option<SocketAddr>,
+        candidates: &[mesh_proto::netmap::EndpointCandidate],
+    ) -> PeerPath {
+        let Some(ep) = endpoint else {
+            return PeerPath::Unknown;
+        };
+        match candidates.iter().find(|c| c.addr == ep).map(|c| c.kind) {
+            Some(EndpointKind::Lan) => PeerPath::Lan,
+            Some(EndpointKind::Public | EndpointKind::Observed) => PeerPath::Public,
+            None if is_private(ep.ip()) => PeerPath::Lan,
+            None => PeerPath::Public,
+        }
+    }
+}
+
+fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => a.is_private() || a.is_link_local() || a.is_loopback(),
+        IpAddr::V6(a) => {
+            (a.segments()[0] & 0xfe00) == 0xfc00 || (a.segments()[0] & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// What the metrics know about a peer beyond the device's view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerLabels {
+    pub friendly_name: String,
+    pub path: PeerPath,
+}
+
+/// Names and paths for the device's peers from the netmap (member hosts).
+pub fn labels_from_netmap(
+    netmap: &Netmap,
+    device: &ObservedDevice,
+) -> BTreeMap<PublicKey, PeerLabels> {
+    netmap
+        .peers
+        .iter()
+        .map(|p| {
+            let endpoint = device.peers.get(&p.public_key).and_then(|o| o.endpoint);
+            (
+                p.public_key,
+                PeerLabels {
+                    friendly_name: p.name.clone(),
+                    path: PeerPath::of_endpoint(endpoint, &p.endpoints),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Names for the device's peers from static `[[peer]]` entries (path by address only).
+pub fn labels_from_names<'a>(
+    names: impl IntoIterator<Item = (PublicKey, &'a str)>,
+    device: &ObservedDevice,
+) -> BTreeMap<PublicKey, PeerLabels> {
+    names
+        .into_iter()
+        .map(|(key, name)| {
+            let endpoint = device.peers.get(&key).and_then(|o| o.endpoint);
+            (
+                key,
+                PeerLabels {
+                    friendly_name: name.to_owned(),
+                    path: PeerPath::of_endpoint(endpoint, &[]),
+                },
+            )
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+struct PeerSample {
+    public_key: String,
+    allowed_ips: String,
+    friendly_name: String,
+    path: PeerPath,
+    sent: u64,
+    received: u64,
+    /// UNIX time of the latest handshake, 0 = never (the exporter's convention).
+    latest_handshake: i64,
+}
+
+#[derive(Debug, Default)]
+struct Snapshot {
+    interface: String,
+    peers: Vec<PeerSample>,
+    key_created_unix: Option<u64>,
+}
+
+/// Encodes the per-peer series from the latest snapshot at scrape time.
+#[derive(Debug)]
+struct DeviceCollector {
+    snapshot: Arc<RwLock<Snapshot>>,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+impl DeviceCollector {
+    fn peer_labels(interface: &str, p: &PeerSample) -> Labels {
+        vec![
+            ("interface", interface.to_owned()),
+            ("public_key", p.public_key.clone()),
+            ("allowed_ips", p.allowed_ips.clone()),
+            ("friendly_name", p.friendly_name.clone()),
+        ]
+    }
+}
+
+impl Collector for DeviceCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snap = match self.snapshot.read() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let iface = snap.interface.as_str();
+        if !snap.peers.is_empty() {
+            let counters: [(&str, &str, fn(&PeerSample) -> u64); 2] = [
+                ("wireguard_sent_bytes", "Bytes sent to the peer", |p| p.sent),
+                (
+                    "wireguard_received_bytes",
+                    "Bytes received from the peer",
+                    |p| p.received,
+                ),
+            ];
+            for (name, help, value) in counters {
+                let mut family = encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    prometheus_client::metrics::MetricType::Counter,
+                )?;
+                for p in &snap.peers {
+                    let labels = Self::peer_labels(iface, p);
+                    ConstCounter::new(value(p)).encode(family.encode_family(&labels)?)?;
+                }
+            }
+            let mut family = encoder.encode_descriptor(
+                "wireguard_latest_handshake_seconds",
+                "UNIX timestamp of the latest handshake with the peer (0: never)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for p in &snap.peers {
+                let labels = Self::peer_labels(iface, p);
+                ConstGauge::new(p.latest_handshake).encode(family.encode_family(&labels)?)?;
+            }
+            let mut family = encoder.encode_descriptor(
+                "meshd_peer_path",
+                "How traffic to the peer travels (1 for the current path: lan, public, relay, unknown)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for p in &snap.peers {
+                let labels: Labels = vec![
+                    ("interface", iface.to_owned()),
+                    ("public_key", p.public_key.clone()),
+                    ("friendly_name", p.friendly_name.clone()),
+                    ("path", p.path.as_str().to_owned()),
+                ];
+                ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        if let Some(created) = snap.key_created_unix {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let age = i64::try_from(now.saturating_sub(created)).unwrap_or(i64::MAX);
+            let family = encoder.encode_descriptor(
+                "meshd_key_age_seconds",
+                "Age of this host's WireGuard key",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            ConstGauge::new(age).encode(family)?;
+        }
+        Ok(())
+    }
+}
+
+/// The registry and everything the agent updates. Share it as `Arc<Metrics>`.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    snapshot: Arc<RwLock<Snapshot>>,
+    netmap_version: Gauge,
+    coordinator_reachable: Gauge,
+    reconcile_duration: Histogram,
+    reconcile_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let snapshot = Arc::new(RwLock::new(Snapshot::default()));
+        let netmap_version = Gauge::default();
+        let coordinator_reachable = Gauge::default();
+        // 1 ms .. ~16 s.
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let reconcile_errors = Counter::default();
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(DeviceCollector {
+            snapshot: snapshot.clone(),
+        }));
+        registry.register(
+            "meshd_netmap_version",
+            "Version of the netmap this host applies (0: none, static configuration)",
+            netmap_version.clone(),
+        );
+        registry.register(
+            "meshd_coordinator_reachable",
+            "1 when the last exchange with the coordinator succeeded",
+            coordinator_reachable.clone(),
+        );
+        registry.register(
+            "meshd_reconcile_duration_seconds",
+            "Duration of reconcile passes",
+            reconcile_duration.clone(),
+        );
+        registry.register(
+            "meshd_reconcile_errors",
+            "Reconcile passes that ended with an error",
+            reconcile_errors.clone(),
+        );
+        Metrics {
+            registry,
+            snapshot,
+            netmap_version,
+            coordinator_reachable,
+            reconcile_duration,
+            reconcile_errors,
+        }
+    }
+
+    /// After each pass: the device as observed, with names and paths (see
+    /// [`labels_from_netmap`], [`labels_from_names`]; peers without labels get their short key).
+    pub fn observe_device(
+        &self,
+        interface: &str,
+        device: &ObservedDevice,
+        labels: &BTreeMap<PublicKey, PeerLabels>,
+    ) {
+        let peers = device
+            .peers
+            .values()
+            .map(|p| {
+                let l = labels.get(&p.public_key);
+                PeerSample {
+                    public_key: p.public_key.to_base64(),
+                    allowed_ips: p
+                        .allowed_ips
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    friendly_name: l
+                        .map_or_else(|| p.public_key.short(), |l| l.friendly_name.clone()),
+                    path: l.map_or(PeerPath::Unknown, |l| l.path),
+                    sent: p.tx_bytes,
+                    received: p.rx_bytes,
+                    latest_handshake: p
+                        .last_handshake
+                        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+                }
+            })
+            .collect();
+        let mut snap = match self.snapshot.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        snap.interface = interface.to_owned();
+        snap.peers = peers;
+    }
+
+    /// After each pass: how long it took and whether it failed.
+    pub fn observe_pass(&self, duration: Duration, failed: bool) {
+        self.reconcile_duration.observe(duration.as_secs_f64());
+        if failed {
+            self.reconcile_errors.inc();
+        }
+    }
+
+    /// When a netmap is applied (`None`: static configuration, 0).
+    pub fn set_netmap_version(&self, version: Option<u64>) {
+        self.netmap_version
+            .set(i64::try_from(version.unwrap_or(0)).unwrap_or(i64::MAX));
+    }
+
+    /// After each exchange with the coordinator.
+    pub fn set_coordinator_reachable(&self, reachable: bool) {
+        self.coordinator_reachable.set(i64::from(reachable));
+    }
+
+    /// When this host's key was created (UNIX seconds; `key_created_unix` of its netmap
+    /// entry, or the key file's mtime); `meshd_key_age_seconds` is computed at scrape time.
+    pub fn set_key_created(&self, unix: Option<u64>) {
+        let mut snap = match self.snapshot.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        snap.key_created_unix = unix;
+    }
+
+    /// The exposition text (Prometheus text format 0.0.4).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) =
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+        {
+            tracing::warn!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            CONTENT_TYPE,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        )],
+        metrics.encode(),
+    )
+}
+
+/// `GET /metrics`.
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .with_state(metrics)
+}
+
+/// Serve `/metrics` on `listener` (production: bound to the mesh address, port
+/// `mesh_proto::integrate::METRICS_PORT`) until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let local = listener.local_addr()?;
+    tracing::info!(address = %local, "metrics listening on /metrics");
+    axum::serve(listener, router(metrics))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_proto::netmap::{EndpointCandidate, NetmapPeer};
+    use mesh_proto::ObservedPeer;
+    use std::path::Path;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    fn device() -> (ObservedDevice, Netmap) {
+        let lan: SocketAddr = "192.168.1.20:51871".parse().unwrap();
+        let public: SocketAddr = "198.51.100.7:51871".parse().unwrap();
+        let mut peers = BTreeMap::new();
+        for (b, ep) in [(2u8, Some(lan)), (3, Some(public)), (4, None)] {
+            let k = PublicKey([b; 32]);
+            peers.insert(
+                k,
+                ObservedPeer {
+                    public_key: k,
+                    preshared_key: None,
+                    endpoint: ep,
+                    allowed_ips: vec![format!("10.99.99.{b}/32").parse().unwrap()],
+                    persistent_keepalive: None,
+                    last_handshake: (b != 4).then(|| Duration::from_secs(1_700_000_000)),
+                    rx_bytes: 1000 * u64::from(b),
+                    tx_bytes: 100 * u64::from(b),
+                },
+            );
+        }
+        let np = |b: u8, name: &str, endpoints: Vec<EndpointCandidate>| NetmapPeer {
+            name: name.into(),
+            address: IpAddr::from([10, 99, 99, b]),
+            public_key: PublicKey([b; 32]),
+            allowed_ips: vec![],
+            endpoints,
+            persistent_keepalive: None,
+            static_peer: false,
+            admin: false,
+            key_created_unix: 0,
+        };
+        let netmap = Netmap {
+            version: 12,
+            mesh_cidr: "10.99.99.0/24".parse().unwrap(),
+            name: "dock-load".into(),
+            address: IpAddr::from([10, 99, 99, 1]),
+            public_key: PublicKey([1; 32]),
+            peers: vec![
+                np(
+                    2,
+                    "dock-prod",
+                    vec![EndpointCandidate {
+                        addr: lan,
+                        kind: EndpointKind::Lan,
+                    }],
+                ),
+                np(
+                    3,
+                    "dock-edge",
+                    vec![EndpointCandidate {
+                        addr: public,
+                        kind: EndpointKind::Observed,
+                    }],
+                ),
+                np(4, "dock-mirror", vec![]),
+            ],
+        };
+        (
+            ObservedDevice {
+                public_key: Some(PublicKey([1; 32])),
+                listen_port: 51871,
+                fwmark: None,
+                peers,
+            },
+            netmap,
+        )
+    }
+
+    fn filled() -> Arc<Metrics> {
+        let m = Arc::new(Metrics::new());
+        let (dev, netmap) = device();
+        m.observe_device("wgmesh0", &dev, &labels_from_netmap(&netmap, &dev));
+        m.observe_pass(Duration::from_millis(12), false);
+        m.observe_pass(Duration::from_millis(40), true);
+        m.set_netmap_version(Some(netmap.version));
+        m.set_coordinator_reachable(true);
+        m.set_key_created(Some(1_700_000_000));
+        m
+    }
+
+    /// The names of the series in an exposition (`name{...} value`).
+    pub(crate) fn series_names(text: &str) -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                l.split(|c| c == '{' || c == ' ')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn exposition_has_the_established_names_and_ours() {
+        let text = filled().encode();
+        let names = series_names(&text);
+        for n in [
+            "wireguard_sent_bytes_total",
+            "wireguard_received_bytes_total",
+            "wireguard_latest_handshake_seconds",
+            "meshd_peer_path",
+            "meshd_key_age_seconds",
+            "meshd_netmap_version",
+            "meshd_coordinator_reachable",
+            "meshd_reconcile_duration_seconds_bucket",
+            "meshd_reconcile_duration_seconds_count",
+            "meshd_reconcile_errors_total",
+        ] {
+            assert!(names.contains(n), "{n} missing:\n{text}");
+        }
+        let k2 = PublicKey([2; 32]).to_base64();
+        assert!(
+            text.contains(&format!(
+                "wireguard_sent_bytes_total{{interface=\"wgmesh0\",public_key=\"{k2}\",allowed_ips=\"10.99.99.2/32\",friendly_name=\"dock-prod\"}} 200\n"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("friendly_name=\"dock-prod\",path=\"lan\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("friendly_name=\"dock-edge\",path=\"public\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("friendly_name=\"dock-mirror\",path=\"unknown\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("friendly_name=\"dock-mirror\"} 0\n"),
+            "never: 0\n{text}"
+        );
+        assert!(text.contains("meshd_netmap_version 12\n"), "{text}");
+        assert!(text.contains("meshd_reconcile_errors_total 1\n"), "{text}");
+        assert!(
+            text.contains("meshd_reconcile_duration_seconds_count 2\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("# EOF"),
+            "Prometheus text format, not OpenMetrics"
+        );
+    }
+
+    #[test]
+    fn peer_path_from_the_endpoint() {
+        let c = |a: &str, kind| EndpointCandidate {
+            addr: a.parse().unwrap(),
+            kind,
+        };
+        let cands = [
+            c("192.168.1.2:1", EndpointKind::Lan),
+            c("203.0.113.1:1", EndpointKind::Public),
+        ];
+        let of = |e: &str| PeerPath::of_endpoint(Some(e.parse().unwrap()), &cands);
+        assert_eq!(of("192.168.1.2:1"), PeerPath::Lan);
+        assert_eq!(of("203.0.113.1:1"), PeerPath::Public);
+        assert_eq!(of("10.1.1.1:5"), PeerPath::Lan);
+        assert_eq!(of("198.51.100.1:5"), PeerPath::Public);
+        assert_eq!(PeerPath::of_endpoint(None, &cands), PeerPath::Unknown);
+    }
+
+    async fn http_get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+            .await
+            .expect("no HTTP answer within 5 s")
+            .unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_over_http_and_promtool_accepts_them() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, filled(), async {
+            let _ = stop_rx.await;
+        }));
+        let resp = http_get(addr, "/metrics").await;
+        let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+            "{head}"
+        );
+        assert!(body.contains("wireguard_received_bytes_total{"), "{body}");
+        assert!(http_get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+        let _ = stop_tx.send(());
+        server.await.unwrap().unwrap();
+
+        let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+            .into_iter()
+            .find(|p| Path::new(p).exists());
+        let Some(promtool) = promtool else {
+            eprintln!(
+                "SKIP promtool check metrics: promtool not installed (Debian package prometheus)"
+            );
+            return;
+        };
+        let mut child = std::process::Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), body.as_bytes()).unwrap();
+        drop(child.stdin.take());
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics refused /metrics:\n{}{}\n{body}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
