@@ -131,16 +131,16 @@ async fn down<W: WgBackend, L: LinkBackend>(
         Err(e) => failed.push(e.to_string()),
     }
     match agent.link.delete(&settings.interface).await {
-        Ok(()) => removed.push(format!("interface {}", settings.interface)),
+        Ok(()) => removed.push(format!("removed interface {}", settings.interface)),
         Err(e) => failed.push(e.to_string()),
     }
     if failed.is_empty() {
         Ok(removed)
     } else {
         Err(format!(
-            "removed {}; failed: {}",
+            "{}; failed: {}",
             if removed.is_empty() {
-                "nothing".to_owned()
+                "removed nothing".to_owned()
             } else {
                 removed.join(", ")
             },
@@ -236,7 +236,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                     let result = down(&mut agent).await;
                     let reply = match &result {
                         Ok(removed) => Response::ok(format!(
-                            "removed {}; meshd exits",
+                            "{}; meshd exits",
                             removed.join(", ")
                         )),
                         Err(e) => Response::error(format!("{e}; meshd exits")),

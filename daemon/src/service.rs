@@ -73,7 +73,7 @@ pub async fn down_offline(settings: &Settings) -> Result<Vec<String>> {
         None => {}
         Some(kind) => {
             link.delete(&settings.interface).await?;
-            removed.push(format!("interface {} ({kind})", settings.interface));
+            removed.push(format!("removed interface {} ({kind})", settings.interface));
         }
     }
     drop(lock);

@@ -497,9 +497,45 @@ fn ready_only_once_the_interface_has_its_address_and_peers() -> Result<()> {
 #[test]
 fn down_removes_everything_meshd_owns_and_meshd_exits_0() -> Result<()> {
     let _g = serial();
-    let (lab, _fleet, pa, pb) = up2()?;
+    let (lab, fleet) = lab2()?;
+    // dock-load advertises a LAN (a bridge, as the lab has no dummy module): meshd then owns
+    // the nftables table and the forwarding settings too.
+    lab.sh(
+        A,
+        "ip link add lan0 type bridge && ip addr add 192.0.2.1/24 dev lan0 && \
+         ip link set lan0 up && sysctl -qw net.ipv4.conf.lan0.forwarding=0 \
+         net.ipv4.conf.all.forwarding=0",
+    )?;
+    let conf = fleet.render(A)? + "\n[routes]\nadvertise = [\"192.0.2.0/24\"]\n";
+    lab.write_file(A, "/etc/meshd/meshd.toml", conf.as_bytes())?;
+    let pa = lab.start_meshd(A)?;
+    let pb = lab.start_meshd(B)?;
+    lab.wait_mesh_pings(&[A, B], MESH_TIMEOUT)?;
+    poll_until(
+        MESH_TIMEOUT,
+        "table inet meshd and forwarding on lan0",
+        || {
+            Ok(lab
+                .exec(A, &["nft", "list", "table", "inet", "meshd"])?
+                .status
+                .success()
+                && lab
+                    .exec_ok(A, &["sysctl", "-n", "net.ipv4.conf.lan0.forwarding"])?
+                    .trim()
+                    == "1")
+        },
+    )?;
+    let (report, _) = doctor_json(&lab, A)?;
+    let fwd = check(&report, "ip_forward")?;
+    assert_eq!(status_of(fwd), "ok", "{fwd}");
+    assert!(
+        fwd["detail"].as_str().unwrap_or_default().contains("lan0"),
+        "{fwd}"
+    );
+
     let engines_before = lab.processes(A)?.len();
     let out = lab.meshctl(A, &["down"])?;
+    eprintln!("meshctl down: {out}");
     assert!(out.contains("interface wgmesh0"), "{out}");
     let status = lab
         .wait_exit(pa, STOP_TIMEOUT)?
@@ -533,6 +569,19 @@ fn down_removes_everything_meshd_owns_and_meshd_exits_0() -> Result<()> {
         "the engine still runs"
     );
     assert!(lab.is_running(pb), "the other host is untouched");
+    for key in [
+        "net.ipv4.conf.lan0.forwarding",
+        "net.ipv4.conf.all.forwarding",
+    ] {
+        let v = lab.exec_ok(A, &["sysctl", "-n", key])?;
+        assert_eq!(v.trim(), "0", "{key} not restored");
+    }
+    assert!(
+        lab.exec(A, &["ip", "link", "show", "lan0"])?
+            .status
+            .success(),
+        "lan0 is not ours"
+    );
 
     // With meshd gone, down says how to do it offline; meshd --down finds nothing left.
     let out = meshctl(&lab, A, &["down"])?;

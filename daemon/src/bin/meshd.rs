@@ -76,7 +76,7 @@ fn real_main(args: Args) -> Result<bool> {
         if removed.is_empty() {
             println!("nothing to remove: meshd owns nothing on this host");
         } else {
-            println!("removed {}", removed.join(", "));
+            println!("{}", removed.join(", "));
         }
         return Ok(true);
     }
