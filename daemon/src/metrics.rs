@@ -643,4 +643,48 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+
+    /// Every metric the Grafana dashboard in `configs/` queries exists in our exposition.
+    #[test]
+    fn grafana_dashboard_uses_only_our_metrics() {
+        let text = include_str!("../../configs/grafana-meshd.json");
+        let dash: serde_json::Value = serde_json::from_str(text).expect("valid JSON");
+        assert_eq!(dash["uid"], "meshd-mesh");
+        let mut exprs: Vec<String> = Vec::new();
+        for p in dash["panels"].as_array().expect("panels") {
+            let targets = p["targets"].as_array().expect("targets");
+            assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+            for t in targets {
+                exprs.push(t["expr"].as_str().expect("expr").to_owned());
+            }
+        }
+        for v in dash["templating"]["list"].as_array().expect("templating") {
+            if let Some(d) = v["definition"].as_str() {
+                exprs.push(d.to_owned());
+            }
+        }
+        let exposed = series_names(&filled().encode());
+        let mut used = std::collections::BTreeSet::new();
+        for e in &exprs {
+            let mut rest = e.as_str();
+            while let Some(i) = rest.find(|c: char| c.is_ascii_lowercase()) {
+                rest = &rest[i..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                let word = &rest[..end];
+                if word.starts_with("wireguard_") || word.starts_with("meshd_") {
+                    used.insert(word.to_owned());
+                }
+                rest = &rest[end..];
+            }
+        }
+        assert!(used.len() >= 8, "{used:?}");
+        for m in &used {
+            assert!(
+                exposed.contains(m),
+                "the dashboard queries {m}, which /metrics does not have"
+            );
+        }
+    }
 }
