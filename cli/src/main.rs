@@ -439,5 +439,14 @@ mod tests {
         assert!(Cli::try_parse_from(["meshctl", "join"]).is_err());
         let cli = Cli::try_parse_from(["meshctl", "join", "--file", "/tmp/t"]).expect("parse");
         assert!(matches!(cli.command, Cmd::Join { file: Some(_), .. }));
+        let cli = Cli::try_parse_from(["meshctl", "doctor", "--json", "--config", "/x.toml"])
+            .expect("parse");
+        assert!(
+            matches!(&cli.command, Cmd::Doctor { json: true, config } if config == Path::new("/x.toml"))
+        );
+        let cli = Cli::try_parse_from(["meshctl", "down"]).expect("parse");
+        assert!(
+            matches!(&cli.command, Cmd::Down { config } if config == Path::new(mesh_proto::DEFAULT_CONFIG_PATH))
+        );
     }
 }

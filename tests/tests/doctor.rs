@@ -418,35 +418,54 @@ fn a_taken_listen_port_is_refused_and_named_by_doctor() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn ready_only_once_the_interface_has_its_address_and_peers() -> Result<()> {
-    let _g = serial();
-    let (lab, fleet) = lab2()?;
-    // The socket path is on the host's state directory, which the host sees at the same path
-    // (a pathname socket, reachable across network namespaces).
-    let path = lab.host_dir(A).join("notify.sock");
+/// A notification socket for meshd in `host`: on the host's state directory, which the host
+/// sees at the same path (a pathname socket, reachable across network namespaces).
+fn notify_socket(lab: &Lab, host: &str) -> Result<(UnixDatagram, String)> {
+    let path = lab.host_dir(host).join("notify.sock");
     let sock = UnixDatagram::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    Ok((sock, path.to_string_lossy().into_owned()))
+}
+
+/// Start meshd in `host` with `NOTIFY_SOCKET`.
+fn start_meshd_notify(lab: &Lab, host: &str, notify: &str) -> Result<ProcId> {
     let meshd = lab.bin_dir().join("meshd");
-    let path_s = path.to_string_lossy().into_owned();
-    let p = lab.spawn_env(
-        A,
+    lab.spawn_env(
+        host,
         &[
             meshd.to_string_lossy().as_ref(),
             "--config",
             "/etc/meshd/meshd.toml",
         ],
-        &[("NOTIFY_SOCKET", path_s.as_str()), ("RUST_LOG", "info")],
-        Some(&lab.meshd_log(A)),
-    )?;
-    let deadline = Instant::now() + MESH_TIMEOUT;
-    let mut seen = Vec::new();
+        &[("NOTIFY_SOCKET", notify), ("RUST_LOG", "info")],
+        Some(&lab.meshd_log(host)),
+    )
+}
+
+/// Every notification already queued on `sock`.
+fn drain(sock: &UnixDatagram) -> Vec<String> {
+    let mut out = Vec::new();
     let mut buf = [0u8; 4096];
-    let ready = loop {
+    while let Ok(n) = sock.recv(&mut buf) {
+        out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    out
+}
+
+/// Wait for `READY=1` on `sock`; returns that message, with every message seen in `seen`.
+fn wait_ready(
+    lab: &Lab,
+    host: &str,
+    sock: &UnixDatagram,
+    seen: &mut Vec<String>,
+) -> Result<String> {
+    let deadline = Instant::now() + MESH_TIMEOUT;
+    let mut buf = [0u8; 4096];
+    loop {
         if Instant::now() > deadline {
             bail!(
                 "no READY=1 within {MESH_TIMEOUT:?}; got {seen:?}; log:\n{}",
-                std::fs::read_to_string(lab.meshd_log(A))?
+                std::fs::read_to_string(lab.meshd_log(host))?
             );
         }
         match sock.recv(&mut buf) {
@@ -454,7 +473,7 @@ fn ready_only_once_the_interface_has_its_address_and_peers() -> Result<()> {
                 let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
                 seen.push(msg.clone());
                 if msg.lines().any(|l| l == "READY=1") {
-                    break msg;
+                    return Ok(msg);
                 }
             }
             Err(e)
@@ -464,7 +483,55 @@ fn ready_only_once_the_interface_has_its_address_and_peers() -> Result<()> {
                 ) => {}
             Err(e) => return Err(e.into()),
         }
-    };
+    }
+}
+
+#[test]
+fn a_joined_host_is_ready_only_after_its_netmap_is_applied() -> Result<()> {
+    let _g = serial();
+    let lab = Lab::build(LabOpts::with_hosts(&[A, B]))?;
+    let engine = meshlab::engine_command(lab.bin_dir());
+    lab.start_coordinator(&engine)?;
+    lab.write_file(
+        B,
+        "/etc/meshd/meshd.toml",
+        meshlab::coord::render_member_config(B, &engine, false).as_bytes(),
+    )?;
+    let (sock, notify) = notify_socket(&lab, B)?;
+    let p = start_meshd_notify(&lab, B, &notify)?;
+    lab.wait_meshctl(B, p, &["status"], MESH_TIMEOUT)?;
+    // Not joined: a status saying so, and no READY.
+    let mut seen = drain(&sock);
+    assert!(
+        seen.iter().any(|m| m.contains("STATUS=not joined")),
+        "{seen:?}"
+    );
+    assert!(!seen.iter().any(|m| m.contains("READY=1")), "{seen:?}");
+    let token = lab.invite(B, &[])?;
+    lab.join(B, &token)?;
+    let ready = wait_ready(&lab, B, &sock, &mut seen)?;
+    // At that moment: an address, the coordinator as a peer, a netmap applied.
+    let addr = lab.exec_ok(B, &["ip", "-4", "-o", "addr", "show", "dev", MESH_IFACE])?;
+    assert!(addr.contains("10.99.99."), "{addr}");
+    assert!(!lab.wg_peers(B)?.is_empty(), "no peers at READY");
+    let st: Value = serde_json::from_str(&lab.meshctl(B, &["status", "--json"])?)?;
+    assert!(st["netmap_version"].is_u64(), "{st}");
+    assert!(
+        ready.contains("STATUS=wgmesh0 up with 10.99.99."),
+        "{ready}"
+    );
+    eprintln!("joined host notifications: {seen:?}");
+    Ok(())
+}
+
+#[test]
+fn ready_only_once_the_interface_has_its_address_and_peers() -> Result<()> {
+    let _g = serial();
+    let (lab, fleet) = lab2()?;
+    let (sock, notify) = notify_socket(&lab, A)?;
+    let p = start_meshd_notify(&lab, A, &notify)?;
+    let mut seen = Vec::new();
+    let ready = wait_ready(&lab, A, &sock, &mut seen)?;
     // At that moment: our address on the interface and the peer configured.
     let addr = lab.exec_ok(A, &["ip", "-4", "-o", "addr", "show", "dev", MESH_IFACE])?;
     let peers = lab.wg_peers(A)?;
@@ -483,11 +550,11 @@ fn ready_only_once_the_interface_has_its_address_and_peers() -> Result<()> {
     // SIGTERM: STOPPING=1, and everything stays up.
     lab.signal(p, libc::SIGTERM);
     lab.wait_exit(p, STOP_TIMEOUT)?;
-    let mut stopping = false;
-    while let Ok(n) = sock.recv(&mut buf) {
-        stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
-    }
-    assert!(stopping, "no STOPPING=1");
+    let after = drain(&sock);
+    assert!(
+        after.iter().any(|m| m.contains("STOPPING=1")),
+        "no STOPPING=1: {after:?}"
+    );
     assert!(lab
         .exec_ok(A, &["ip", "-4", "-o", "addr", "show", "dev", MESH_IFACE])?
         .contains("10.99.99.1/24"));
