@@ -675,6 +675,89 @@ mod tests {
             .contains("could not start"));
     }
 
+    fn yaml_keys(text: &str) -> Vec<String> {
+        let y: serde_yaml::Value = serde_yaml::from_str(text).unwrap();
+        y.as_mapping()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn k3s_dropins_parse_as_yaml_with_exact_keys() {
+        use mesh_proto::integrate::{k3s_dropin, K3sRole};
+        let load = MeshView::new(
+            &Netmap {
+                version: 1,
+                mesh_cidr: "10.99.99.0/24".parse().unwrap(),
+                name: "dock-load".into(),
+                address: IpAddr::from([10, 99, 99, 1]),
+                public_key: PublicKey([1; 32]),
+                peers: vec![peer("dock-prod", 2)],
+            },
+            Some("dock-load"),
+        );
+        let server = k3s_dropin(&load, "wgmesh0", &K3sRole::Server).unwrap();
+        assert_eq!(
+            yaml_keys(&server),
+            ["node-ip", "flannel-iface", "advertise-address", "tls-san+"]
+        );
+        let y: serde_yaml::Value = serde_yaml::from_str(&server).unwrap();
+        assert_eq!(y["node-ip"], "10.99.99.1");
+        assert_eq!(y["flannel-iface"], "wgmesh0");
+        assert_eq!(y["advertise-address"], "10.99.99.1");
+        assert_eq!(
+            y["tls-san+"],
+            serde_yaml::from_str::<serde_yaml::Value>("[10.99.99.1, dock-load.mesh.internal]")
+                .unwrap()
+        );
+        let agent = k3s_dropin(
+            &view(1, &[("dock-load", 1)]),
+            "wgmesh0",
+            &K3sRole::Agent {
+                server: "dock-load".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(yaml_keys(&agent), ["node-ip", "flannel-iface", "server"]);
+        let y: serde_yaml::Value = serde_yaml::from_str(&agent).unwrap();
+        assert_eq!(y["node-ip"], "10.99.99.2");
+        assert_eq!(y["server"], "https://10.99.99.1:6443");
+    }
+
+    #[test]
+    fn prometheus_file_sd_has_exact_keys() {
+        let text = mesh_proto::integrate::prometheus_targets(&view(1, &[("dock-load", 1)]));
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let groups = v.as_array().unwrap();
+        assert_eq!(groups.len(), 4);
+        for g in groups {
+            let keys: Vec<&String> = g.as_object().unwrap().keys().collect();
+            assert_eq!(keys, ["labels", "targets"]);
+            let labels: Vec<&String> = g["labels"].as_object().unwrap().keys().collect();
+            assert_eq!(labels, ["host", "job", "role"]);
+        }
+        let targets: Vec<(&str, &str)> = groups
+            .iter()
+            .map(|g| {
+                (
+                    g["targets"][0].as_str().unwrap(),
+                    g["labels"]["job"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            targets,
+            [
+                ("10.99.99.1:9100", "node"),
+                ("10.99.99.1:9586", "meshd"),
+                ("10.99.99.2:9100", "node"),
+                ("10.99.99.2:9586", "meshd")
+            ]
+        );
+    }
+
     /// A tool from drbd-utils or prometheus, if installed (`tests/deps.sh` installs both).
     fn tool(name: &str) -> Option<PathBuf> {
         ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
