@@ -178,9 +178,21 @@ fn request(socket: &Path, req: &Request) -> Result<Response> {
     Response::from_line(&reply).context("meshd sent a reply this meshctl does not understand")
 }
 
-/// Whether a meshd answers connections on `socket`.
-fn daemon_up(socket: &Path) -> bool {
-    UnixStream::connect(socket).is_ok()
+/// Whether a meshd answers connections on `socket`: `false` when nothing listens there (no
+/// socket file, or a stale one); other failures (permission denied) are errors, not "down".
+fn daemon_up(socket: &Path) -> Result<bool> {
+    match UnixStream::connect(socket) {
+        Ok(_) => Ok(true),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => bail!("cannot reach meshd at {}: {e}", socket.display()),
+    }
 }
 
 /// `meshd` beside this meshctl, else from PATH.
@@ -195,7 +207,7 @@ fn meshd_command() -> PathBuf {
 /// `meshctl doctor`: through the daemon, else `meshd --doctor --json`. Returns whether no
 /// check failed.
 fn doctor(socket: &Path, json: bool, config: &Path) -> Result<bool> {
-    let report = if daemon_up(socket) {
+    let report = if daemon_up(socket)? {
         match request(socket, &Request::Doctor)? {
             Response::Doctor(r) => r,
             Response::Error { message } => bail!("{message}"),
@@ -269,7 +281,7 @@ fn out(text: &str) -> Result<()> {
 fn run(cli: Cli) -> Result<bool> {
     match &cli.command {
         Cmd::Doctor { json, config } => return doctor(&cli.socket, *json, config),
-        Cmd::Down { config } if !daemon_up(&cli.socket) => bail!(
+        Cmd::Down { config } if !daemon_up(&cli.socket)? => bail!(
             "meshd is not running (no answer on {}); to remove everything it owns without it, \
              run: meshd --down --config {}",
             cli.socket.display(),
