@@ -251,6 +251,8 @@ impl MeshDns {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use hickory_server::proto::op::{Message, Query};
     use mesh_proto::netmap::{Netmap, NetmapPeer};

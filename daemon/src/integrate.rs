@@ -366,6 +366,8 @@ fn apply_one(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use mesh_proto::integrations_config::parse_integrations;
     use mesh_proto::netmap::{Netmap, NetmapPeer};

@@ -155,6 +155,8 @@ struct DeviceCollector {
 }
 
 type Labels = Vec<(&'static str, String)>;
+/// A per-peer counter: name (without `_total`), help, value.
+type CounterSpec = (&'static str, &'static str, fn(&PeerSample) -> u64);
 
 impl DeviceCollector {
     fn peer_labels(interface: &str, p: &PeerSample) -> Labels {
@@ -175,7 +177,7 @@ impl Collector for DeviceCollector {
         };
         let iface = snap.interface.as_str();
         if !snap.peers.is_empty() {
-            let counters: [(&str, &str, fn(&PeerSample) -> u64); 2] = [
+            let counters: [CounterSpec; 2] = [
                 ("wireguard_sent_bytes", "Bytes sent to the peer", |p| p.sent),
                 (
                     "wireguard_received_bytes",
@@ -411,6 +413,8 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use mesh_proto::netmap::{EndpointCandidate, NetmapPeer};
     use mesh_proto::ObservedPeer;
@@ -501,12 +505,7 @@ mod tests {
     pub(crate) fn series_names(text: &str) -> std::collections::BTreeSet<String> {
         text.lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .map(|l| {
-                l.split(|c| c == '{' || c == ' ')
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
+            .map(|l| l.split(['{', ' ']).next().unwrap_or_default().to_owned())
             .collect()
     }
 

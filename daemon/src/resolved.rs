@@ -140,6 +140,8 @@ pub fn revert_split_dns(resolvectl: &dyn Resolvectl, iface: &str) -> Result<(), 
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use std::sync::Mutex;
 

@@ -265,7 +265,7 @@ resource {{ resource.name }} {
 
 /// Whether this host takes part in `resource` (a host outside it gets no file).
 pub fn drbd_applies(view: &MeshView, resource: &DrbdIntegration) -> bool {
-    resource.hosts.iter().any(|h| *h == view.me.name)
+    resource.hosts.contains(&view.me.name)
 }
 
 /// A DRBD resource file: the built-in [`DRBD_TEMPLATE`], or `template` (a user's minijinja
@@ -792,6 +792,8 @@ pub fn parse_reverse_name(name: &str) -> Option<IpAddr> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use crate::netmap::NetmapPeer;
     use crate::PublicKey;

@@ -471,6 +471,8 @@ fn check_argv(key: &str, argv: &Option<Vec<String>>) -> Result<(), IntegrationsE
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     fn parse(text: &str) -> Result<IntegrationsConfig, IntegrationsError> {
