@@ -64,6 +64,14 @@ impl CommandRunner for SystemRunner {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("`{shown}` could not start: {e}"))?;
+        // Drain stderr while waiting, so a chatty command cannot block on a full pipe.
+        let stderr = child.stderr.take().map(|mut e| {
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = io::Read::read_to_string(&mut e, &mut s);
+                s
+            })
+        });
         let deadline = Instant::now() + self.timeout;
         let status = loop {
             match child.try_wait() {
@@ -80,12 +88,9 @@ impl CommandRunner for SystemRunner {
                 Err(e) => return Err(format!("`{shown}`: {e}")),
             }
         };
+        let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
         if status.success() {
             return Ok(());
-        }
-        let mut stderr = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = io::Read::read_to_string(&mut e, &mut stderr);
         }
         let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
@@ -95,7 +100,8 @@ impl CommandRunner for SystemRunner {
 
 /// Write `content` to `path` atomically: a temp file in the same directory, fsync, rename
 /// over `path`, fsync the directory. An existing file's mode and owner carry over; a new file
-/// gets 0644 (its parent directories are created, 0755).
+/// gets 0644 (its parent directories are created, 0755). A bind-mounted file (EBUSY on
+/// rename) is written in place.
 pub fn write_atomic(path: &Path, content: &[u8]) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -126,7 +132,22 @@ pub fn write_atomic(path: &Path, content: &[u8]) -> io::Result<()> {
         }
         f.sync_all()?;
         drop(f);
-        fs::rename(&tmp, path)?;
+        match fs::rename(&tmp, path) {
+            // A bind-mounted file (a container's /etc/hosts) cannot be replaced: write it in
+            // place instead (not atomic, but the only way to change it).
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                let _ = fs::remove_file(&tmp);
+                tracing::debug!(path = %path.display(), "bind-mounted file: writing in place");
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .open(path)?;
+                f.write_all(content)?;
+                f.sync_all()?;
+                return Ok(());
+            }
+            r => r?,
+        }
         if let Ok(d) = fs::File::open(dir) {
             let _ = d.sync_all();
         }
