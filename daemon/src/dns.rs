@@ -360,4 +360,41 @@ mod tests {
 
         dns.shutdown().await.unwrap();
     }
+
+    #[tokio::test]
+    async fn answers_over_tcp_too() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let records = shared_records(Some(&view(&[("dock-prod", 2)], 9)));
+        let dns = MeshDns::bind("127.0.0.1:0".parse().unwrap(), records)
+            .await
+            .unwrap();
+        let mut msg = Message::query();
+        msg.metadata.id = 7;
+        msg.add_query(Query::query(
+            Name::from_ascii("mesh.internal.").unwrap(),
+            RecordType::SOA,
+        ));
+        let bytes = msg.to_vec().unwrap();
+        let mut s = tokio::net::TcpStream::connect(dns.local_addr())
+            .await
+            .unwrap();
+        let len = u16::try_from(bytes.len()).unwrap().to_be_bytes();
+        s.write_all(&len).await.unwrap();
+        s.write_all(&bytes).await.unwrap();
+        let mut len = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut len))
+            .await
+            .expect("no TCP answer within 5 s")
+            .unwrap();
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut buf).await.unwrap();
+        let r = Message::from_vec(&buf).unwrap();
+        assert_eq!(r.metadata.id, 7);
+        assert!(r.metadata.authoritative);
+        assert!(
+            matches!(r.answers.first().map(|a| &a.data), Some(RData::SOA(s)) if s.serial == 9),
+            "{r:?}"
+        );
+        dns.shutdown().await.unwrap();
+    }
 }
