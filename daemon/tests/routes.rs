@@ -124,9 +124,9 @@ async fn ours() -> Vec<String> {
     v
 }
 
-/// `nft list ruleset` without our table.
+/// `nft -s list ruleset` (no counters: traffic moves them) without our table.
 fn ruleset_without(table: &str) -> String {
-    let text = nft(&["list", "ruleset"]);
+    let text = nft(&["-s", "list", "ruleset"]);
     let mut out = String::new();
     let mut skipping = false;
     for line in text.lines() {
@@ -363,7 +363,7 @@ fn our_table_is_replaced_atomically_and_nothing_else_changes() {
             "table ip filter {\n chain FORWARD { type filter hook forward priority filter; policy accept;\n  counter jump FLANNEL-FWD\n }\n chain FLANNEL-FWD {\n  ip saddr 10.42.0.0/16 accept\n }\n}\n\
              table ip nat {\n chain POSTROUTING { type nat hook postrouting priority srcnat; policy accept;\n  counter jump FLANNEL-POSTRTG\n }\n chain FLANNEL-POSTRTG {\n  ip saddr 10.42.0.0/16 ip daddr != 10.42.0.0/16 masquerade\n }\n}\n",
         );
-        let before = nft(&["list", "ruleset"]);
+        let before = nft(&["-s", "list", "ruleset"]);
         let path = write_config(dir.path(), ADVERTISE);
         let mut a = agent(&path, FakeBackend::default());
         a.reconcile(NOW).await;
@@ -391,7 +391,7 @@ fn our_table_is_replaced_atomically_and_nothing_else_changes() {
         write_config(dir.path(), "");
         a.handle_reload().expect("reload");
         a.reconcile(NOW).await;
-        assert_eq!(nft(&["list", "ruleset"]), before);
+        assert_eq!(nft(&["-s", "list", "ruleset"]), before);
         assert_eq!(
             sysctl(&format!("/proc/sys/net/ipv4/conf/{IFACE}/forwarding")),
             "0"
