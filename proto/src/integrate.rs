@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::PeerConfig;
+use crate::config::{Config, PeerConfig};
 use crate::integrations_config::{DrbdIntegration, IntegrationsConfig, K3sIntegration};
 use crate::netmap::Netmap;
 
@@ -142,6 +142,16 @@ impl MeshView {
             me,
             hosts,
         }
+    }
+
+    /// [`MeshView::from_static`] for a static configuration (`None` without `host.name` and
+    /// `host.address`: a host that has not joined yet has no view).
+    pub fn from_config(config: &Config) -> Option<MeshView> {
+        Some(MeshView::from_static(
+            config.host.name.as_deref()?,
+            config.host.address?,
+            &config.peers,
+        ))
     }
 
     pub fn host(&self, name: &str) -> Option<&HostView> {
@@ -1080,6 +1090,21 @@ resource r0 {
                 ("a", IpAddr::from([10, 99, 99, 1]), true),
                 ("b", IpAddr::from([10, 99, 99, 2]), false)
             ]
+        );
+    }
+
+    #[test]
+    fn view_from_a_static_config_file() {
+        let text = include_str!("../../configs/dock-mirror.toml");
+        let config = crate::config::parse(text, "dock-mirror.toml").unwrap();
+        let v =
+            MeshView::from_config(&config).expect("dock-mirror.toml names its host and address");
+        assert_eq!(v.me.name, "dock-mirror");
+        assert_eq!(v.hosts.len(), config.peers.len() + 1, "{v:?}");
+        assert!(v.hosts.iter().all(|h| v.mesh_cidr.contains(&h.address)));
+        assert_eq!(
+            v.host("dock-load").map(|h| h.address),
+            Some(IpAddr::from([10, 99, 99, 1]))
         );
     }
 
