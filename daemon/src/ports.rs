@@ -67,21 +67,48 @@ pub async fn wireguard_ports(run_dir: &Path) -> Vec<(String, u16, &'static str)>
             }
         }
     }
-    if let Ok(entries) = std::fs::read_dir("/sys/class/net") {
-        for e in entries.flatten() {
-            let uevent = std::fs::read_to_string(e.path().join("uevent")).unwrap_or_default();
-            if !uevent.lines().any(|l| l == "DEVTYPE=wireguard") {
-                continue;
-            }
-            let iface = e.file_name().to_string_lossy().into_owned();
-            if let Ok(mut k) = KernelBackend::new(&iface) {
-                if let Ok(dev) = k.observe().await {
-                    out.push((iface, dev.listen_port, "kernel WireGuard"));
-                }
+    // Kernel links of kind wireguard, from a netlink dump: /sys/class/net shows the network
+    // namespace /sys was mounted in, which need not be ours (a namespace lab, a container).
+    for iface in kernel_wireguard_links().await {
+        if let Ok(mut k) = KernelBackend::new(&iface) {
+            if let Ok(dev) = k.observe().await {
+                out.push((iface, dev.listen_port, "kernel WireGuard"));
             }
         }
     }
     out
+}
+
+/// Names of this network namespace's links of kind `wireguard`.
+async fn kernel_wireguard_links() -> Vec<String> {
+    use futures::TryStreamExt;
+    use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
+    let Ok((connection, handle, _)) = rtnetlink::new_connection() else {
+        return Vec::new();
+    };
+    let driver = tokio::spawn(connection);
+    let mut names = Vec::new();
+    let mut links = handle.link().get().execute();
+    while let Ok(Some(link)) = links.try_next().await {
+        let mut name = None;
+        let mut wireguard = false;
+        for attr in &link.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => name = Some(n.clone()),
+                LinkAttribute::LinkInfo(infos) => {
+                    wireguard |= infos
+                        .iter()
+                        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Wireguard)));
+                }
+                _ => {}
+            }
+        }
+        if let (Some(n), true) = (name, wireguard) {
+            names.push(n);
+        }
+    }
+    driver.abort();
+    names
 }
 
 /// Socket inodes bound to UDP `port` (any address), from `/proc/net/udp` and `udp6`.
