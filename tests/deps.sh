@@ -17,6 +17,8 @@ meshd_install_deps() {
     [unshare]=util-linux [nsenter]=util-linux [pgrep]=procps [cc]=gcc [curl]=curl
     # The coexistence lab plants K3s-like chains with iptables-nft.
     [iptables]=iptables
+    # Integration checks: promtool (in Debian's prometheus package) and drbdadm.
+    [promtool]=prometheus [drbdadm]=drbd-utils
     # The VM lab (tests/vm/prepare.sh, meshlab::vm): qemu, and what builds its initramfs.
     [qemu-system-x86_64]=qemu-system-x86 [modprobe]=kmod [depmod]=kmod [cpio]=cpio
     [flock]=util-linux [xz]=xz-utils [readelf]=binutils
