@@ -435,6 +435,7 @@ pub fn endpoint_report(
     EndpointReport {
         listen_port,
         addresses,
+        advertise: Vec::new(),
     }
 }
 
@@ -570,7 +571,8 @@ impl MemberRuntime {
                 return;
             }
         };
-        let report = endpoint_report(agent.settings().listen_port, addresses, agent.address());
+        let mut report = endpoint_report(agent.settings().listen_port, addresses, agent.address());
+        report.advertise = agent.settings().routes.advertise.clone();
         if self.last_reported.as_ref() == Some(&report) {
             return;
         }

@@ -64,6 +64,11 @@ pub struct RotateResponse {
 pub struct EndpointReport {
     pub listen_port: u16,
     pub addresses: Vec<IpAddr>,
+    /// The subnets this host routes for the mesh (`routes.advertise`); the coordinator puts
+    /// them into the other hosts' netmaps as this host's extra allowed IPs. Left out when
+    /// empty, so older coordinators keep accepting the report.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advertise: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -90,7 +90,8 @@ pub struct NetmapPeer {
     pub name: String,
     pub address: IpAddr,
     pub public_key: PublicKey,
-    /// The peer's /32 (or /128) plus its extra prefixes; sorted.
+    /// The peer's /32 (or /128) plus its extra prefixes (the subnets it advertises; not
+    /// toward hosts behind the same NAT); sorted.
     pub allowed_ips: Vec<IpNet>,
     /// Best first: the LAN address when both hosts are behind the same NAT, then public, then
     /// observed.
@@ -221,7 +222,12 @@ fn host_prefix(ip: IpAddr) -> IpNet {
 
 fn peer_of(reg: &RegistrySnapshot, h: &HostRecord, p: &HostRecord) -> NetmapPeer {
     let mut allowed_ips = vec![host_prefix(p.address)];
-    allowed_ips.extend(p.extra_allowed_ips.iter().copied());
+    // The subnets `p` routes for the mesh (its `routes.advertise`), except toward hosts behind
+    // the same NAT: those sit on the same LAN and reach the subnet directly (their own LAN
+    // route owns that space; routing it over the mesh would clash with it).
+    if !same_nat(h, p) {
+        allowed_ips.extend(p.extra_allowed_ips.iter().copied());
+    }
     allowed_ips.sort();
     allowed_ips.dedup();
     let keepalive = behind_nat(h) || (p.static_peer && same_nat(h, p));
@@ -335,6 +341,22 @@ mod tests {
 
     fn peer<'a>(m: &'a Netmap, name: &str) -> &'a NetmapPeer {
         m.peers.iter().find(|p| p.name == name).unwrap()
+    }
+
+    #[test]
+    fn advertised_subnets_go_to_hosts_outside_the_nat_only() {
+        let mut reg = lab();
+        let nas: IpNet = "192.168.1.20/32".parse().unwrap();
+        for h in &mut reg.hosts {
+            if h.name == "dock-edge" {
+                h.extra_allowed_ips = vec![nas];
+            }
+        }
+        let far = compute_netmap(&reg, "dock-load").unwrap();
+        assert!(peer(&far, "dock-edge").allowed_ips.contains(&nas));
+        // dock-mirror shares dock-edge's NAT and LAN: it reaches the NAS directly.
+        let near = compute_netmap(&reg, "dock-mirror").unwrap();
+        assert!(!peer(&near, "dock-edge").allowed_ips.contains(&nas));
     }
 
     #[test]

@@ -189,6 +189,7 @@ async fn coordinator_run(hosts: usize, dir: &std::path::Path) -> anyhow::Result<
                 EndpointReport {
                     listen_port: 51871,
                     addresses: vec![lan],
+                    advertise: vec![],
                 },
                 now_unix(),
             )?;

@@ -55,6 +55,9 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     );",
     // 2: a static peer may name a host behind the same NAT (`meshctl invite --near`).
     "ALTER TABLE hosts ADD COLUMN near TEXT;",
+    // 3: the subnets a host routes for the mesh (`routes.advertise`), comma-separated CIDRs;
+    // they become its extra allowed IPs in the other hosts' netmaps.
+    "ALTER TABLE hosts ADD COLUMN advertise TEXT NOT NULL DEFAULT '';",
 ];
 
 /// Bring the database up to the newest schema. Refuses a database written by a newer meshd.

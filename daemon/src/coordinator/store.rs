@@ -65,10 +65,57 @@ struct HostRow {
     last_seen_unix: Option<u64>,
     key_created_unix: u64,
     observed: Option<SocketAddr>,
+    /// The subnets the host routes for the mesh, as it last reported them.
+    advertise: Vec<IpNet>,
 }
 
 const HOST_COLUMNS: &str = "id, name, address, public_key, admin, static_peer, pending, removed, \
-     created_unix, last_seen_unix, key_created_unix, observed";
+     created_unix, last_seen_unix, key_created_unix, observed, advertise";
+
+/// At most this many advertised subnets per host.
+const MAX_ADVERTISED: usize = 64;
+
+fn advertise_col(idx: usize, s: String) -> rusqlite::Result<Vec<IpNet>> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| parse_col(idx, p.to_string()))
+        .collect()
+}
+
+fn advertise_text(nets: &[IpNet]) -> String {
+    nets.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A host's advertised subnets: real subnets (host bits zero, never /0) outside the mesh,
+/// sorted and de-duplicated.
+fn check_advertise(mesh: IpNet, advertise: &[IpNet]) -> Result<Vec<IpNet>, CoordError> {
+    if advertise.len() > MAX_ADVERTISED {
+        return Err(CoordError::Malformed(format!(
+            "{} subnets advertised; at most {MAX_ADVERTISED} are accepted",
+            advertise.len()
+        )));
+    }
+    let mut out: Vec<IpNet> = Vec::with_capacity(advertise.len());
+    for net in advertise {
+        if *net != net.trunc() || net.prefix_len() == 0 {
+            return Err(CoordError::Malformed(format!(
+                "advertised {net} is not a subnet (host bits set, or a default route)"
+            )));
+        }
+        if mesh_proto::routes::overlaps(net, &mesh) {
+            return Err(CoordError::Malformed(format!(
+                "advertised {net} overlaps the mesh {mesh}"
+            )));
+        }
+        out.push(*net);
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
 
 fn parse_col<T: std::str::FromStr>(idx: usize, s: String) -> rusqlite::Result<T> {
     s.parse::<T>().map_err(|_| {
@@ -106,6 +153,7 @@ fn host_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostRow> {
         last_seen_unix: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
         key_created_unix: r.get::<_, i64>(10)? as u64,
         observed: observed.map(|s| parse_col(11, s)).transpose()?,
+        advertise: advertise_col(12, r.get(12)?)?,
     })
 }
 
@@ -917,11 +965,50 @@ impl Coordinator {
         let caller = caller.to_canonical();
         check_report(report.listen_port, &report.addresses)?;
         let mesh = self.settings.mesh_cidr;
+        let advertise = check_advertise(mesh, &report.advertise)?;
         let changed = self.write(|tx| {
             let host = match live_host_by_address(tx, caller)? {
                 Some(h) if !h.pending => h,
                 _ => return Err(CoordError::NotAHost(caller)),
             };
+            let mut advertise_changed = false;
+            if advertise != host.advertise {
+                // An address routes to one peer only: two hosts cannot advertise the same
+                // space.
+                let mut stmt = tx.prepare(&format!(
+                    "SELECT {HOST_COLUMNS} FROM hosts WHERE removed = 0 AND id != ?1"
+                ))?;
+                let others = stmt
+                    .query_map([host.id], host_from_row)?
+                    .collect::<Result<Vec<_>, _>>()?;
+                for other in &others {
+                    if let Some((a, b)) = advertise.iter().find_map(|a| {
+                        other
+                            .advertise
+                            .iter()
+                            .find(|b| mesh_proto::routes::overlaps(a, b))
+                            .map(|b| (a, b))
+                    }) {
+                        return Err(CoordError::Conflict(format!(
+                            "advertised {a} overlaps {b}, advertised by {}; a subnet can be \
+                             routed by one host only",
+                            other.name
+                        )));
+                    }
+                }
+                tx.execute(
+                    "UPDATE hosts SET advertise = ?2 WHERE id = ?1",
+                    params![host.id, advertise_text(&advertise)],
+                )?;
+                audit(
+                    tx,
+                    now_unix,
+                    "advertise",
+                    &host.name,
+                    &format!("[{}]", advertise_text(&advertise)),
+                )?;
+                advertise_changed = true;
+            }
             let mut changed = set_reported(
                 tx,
                 host.id,
@@ -953,6 +1040,7 @@ impl Coordinator {
                     ),
                 )?;
             }
+            let changed = changed || advertise_changed;
             Ok((changed, changed))
         })?;
         if changed {
@@ -1167,7 +1255,7 @@ fn build_snapshot(
             static_peer: h.static_peer,
             removed: h.removed,
             observed: h.observed,
-            extra_allowed_ips: Vec::new(),
+            extra_allowed_ips: h.advertise,
             key_created_unix: h.key_created_unix,
         });
     }

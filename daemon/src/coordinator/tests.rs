@@ -435,6 +435,7 @@ fn remove_hides_the_host_and_refuses_its_key() {
             EndpointReport {
                 listen_port: 51871,
                 addresses: vec![],
+                advertise: vec![],
             },
             NOW,
         )
@@ -467,6 +468,7 @@ fn endpoint_reports_bump_only_on_change() {
     let report = EndpointReport {
         listen_port: 51871,
         addresses: vec![addr("192.168.1.20"), addr("127.0.0.1"), addr("10.99.99.2")],
+        advertise: vec![],
     };
     let obs: SocketAddr = "203.0.113.5:40000".parse().unwrap();
     let v = c.version();
@@ -500,6 +502,64 @@ fn endpoint_reports_bump_only_on_change() {
         err.to_string(),
         "10.99.99.77 is not a joined host of this mesh"
     );
+}
+
+#[test]
+fn advertised_subnets_reach_the_other_hosts_netmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let (edge, _) = invite_join(&c, "dock-edge");
+    let (mirror, _) = invite_join(&c, "dock-mirror");
+    let obs: SocketAddr = "203.0.113.5:40000".parse().unwrap();
+    let report = |advertise: &[&str]| EndpointReport {
+        listen_port: 51871,
+        addresses: vec![addr("192.168.1.4")],
+        advertise: advertise.iter().map(|s| s.parse().unwrap()).collect(),
+    };
+    c.report_endpoints(edge, obs, report(&["192.168.1.20/32"]), NOW + 2)
+        .unwrap();
+    let snap = c.snapshot().unwrap();
+    let rec = snap.hosts.iter().find(|h| h.name == "dock-edge").unwrap();
+    assert_eq!(
+        rec.extra_allowed_ips,
+        vec!["192.168.1.20/32".parse::<ipnet::IpNet>().unwrap()]
+    );
+    let nm = c.netmap_for_name("dock-mirror").unwrap().unwrap();
+    let peer = nm
+        .peers
+        .into_iter()
+        .find(|p| p.name == "dock-edge")
+        .unwrap();
+    assert!(
+        peer.allowed_ips
+            .contains(&"192.168.1.20/32".parse().unwrap()),
+        "{:?}",
+        peer.allowed_ips
+    );
+    // The same report again: no new version.
+    let v = c.version();
+    c.report_endpoints(edge, obs, report(&["192.168.1.20/32"]), NOW + 3)
+        .unwrap();
+    assert_eq!(c.version(), v);
+    // Another host cannot take the same space; the mesh and /0 are refused.
+    let err = c
+        .report_endpoints(mirror, obs, report(&["192.168.1.0/24"]), NOW + 4)
+        .unwrap_err();
+    assert!(err.to_string().contains("dock-edge"), "{err}");
+    for bad in ["0.0.0.0/0", "10.99.99.0/25"] {
+        assert!(
+            c.report_endpoints(mirror, obs, report(&[bad]), NOW + 4)
+                .is_err(),
+            "{bad}"
+        );
+    }
+    // Withdrawn: gone from the netmaps, and the space is free again.
+    c.report_endpoints(edge, obs, report(&[]), NOW + 5).unwrap();
+    let snap = c.snapshot().unwrap();
+    let rec = snap.hosts.iter().find(|h| h.name == "dock-edge").unwrap();
+    assert!(rec.extra_allowed_ips.is_empty());
+    c.report_endpoints(mirror, obs, report(&["192.168.1.0/24"]), NOW + 6)
+        .unwrap();
 }
 
 #[test]
@@ -594,6 +654,7 @@ fn join_behind_nat(c: &Coordinator, name: &str, lan: &str, nat_port: u16) -> IpA
         EndpointReport {
             listen_port: 51871,
             addresses: vec![addr(lan)],
+            advertise: vec![],
         },
         NOW + 2,
     )
@@ -665,6 +726,7 @@ fn static_peer_near_a_host_behind_the_same_nat() {
         EndpointReport {
             listen_port: 51871,
             addresses: vec![addr("192.168.1.3")],
+            advertise: vec![],
         },
         NOW + 3,
     )
@@ -1136,6 +1198,7 @@ async fn api_join_netmap_and_admin_checks() {
     let rep = serde_json::to_vec(&EndpointReport {
         listen_port: 51871,
         addresses: vec![addr("192.168.1.20")],
+        advertise: vec![],
     })
     .unwrap();
     let r = http(inv.address, s.addr, "POST", "/v1/endpoints", &rep).await;
@@ -1368,6 +1431,7 @@ fn netmap_json_is_what_serde_gives_with_a_warm_cache() {
             EndpointReport {
                 listen_port: 51871,
                 addresses: vec![format!("192.168.{}.{}", i % 2, i + 10).parse().unwrap()],
+                advertise: vec![],
             },
             NOW + 2,
         )
