@@ -420,6 +420,18 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_rt_protos_file_names_our_number() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../packaging/iproute2/rt_protos.d/meshd.conf"
+        );
+        let file =
+            std::fs::read_to_string(path).expect("packaging/iproute2/rt_protos.d/meshd.conf");
+        let lines: Vec<&str> = file.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(lines, vec![protocol_name_line().as_str()]);
+    }
+
+    #[test]
     fn protocol_line_names_our_number() {
         assert_eq!(protocol_name_line(), "171 meshd");
         assert_eq!(protocol_name(RT_PROTO_MESHD), "meshd");
