@@ -398,3 +398,140 @@ fn our_table_is_replaced_atomically_and_nothing_else_changes() {
         );
     });
 }
+
+/// Named namespaces for the far ends of veth pairs, removed on drop.
+struct Netns(Vec<String>);
+
+impl Netns {
+    fn new(roles: &[&str]) -> Netns {
+        let names: Vec<String> = roles
+            .iter()
+            .map(|r| format!("mdrt-{}-{r}", std::process::id()))
+            .collect();
+        for n in &names {
+            ip(&["netns", "add", n]);
+        }
+        Netns(names)
+    }
+
+    fn exec(&self, i: usize, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0[i]])
+            .args(args)
+            .output()
+            .expect("ip netns exec")
+    }
+
+    fn ok(&self, i: usize, args: &[&str]) {
+        let out = self.exec(i, args);
+        assert!(
+            out.status.success(),
+            "{args:?} in {}: {}",
+            self.0[i],
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+/// Ping until it answers or the deadline passes.
+fn pings(ns: &Netns, i: usize, target: &str, deadline: Duration) -> bool {
+    let end = std::time::Instant::now() + deadline;
+    loop {
+        if ns
+            .exec(i, &["ping", "-c1", "-W1", "-n", target])
+            .status
+            .success()
+        {
+            return true;
+        }
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+    }
+}
+
+#[test]
+fn the_advertised_subnet_is_reachable_from_the_mesh_and_nothing_else_is() {
+    in_namespace(|| async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // 0: a mesh peer (its end of "the tunnel"), 1: the home LAN with the NAS (.20) and a
+        // box that is not advertised (.30). The NAS has no route back to the mesh: only
+        // masquerade makes it answer.
+        let ns = Netns::new(&["peer", "lan"]);
+        ip(&[
+            "link", "add", IFACE, "type", "veth", "peer", "name", "cl0", "netns", &ns.0[0],
+        ]);
+        ip(&[
+            "link", "add", "lan0", "type", "veth", "peer", "name", "nas0", "netns", &ns.0[1],
+        ]);
+        ip(&["addr", "add", "192.168.1.1/24", "dev", "lan0"]);
+        ip(&["link", "set", "lan0", "up"]);
+        ns.ok(0, &["ip", "addr", "add", "10.99.99.2/24", "dev", "cl0"]);
+        ns.ok(0, &["ip", "link", "set", "cl0", "up"]);
+        ns.ok(
+            0,
+            &["ip", "route", "add", "192.168.1.0/24", "via", "10.99.99.1"],
+        );
+        ns.ok(1, &["ip", "addr", "add", "192.168.1.20/24", "dev", "nas0"]);
+        ns.ok(1, &["ip", "addr", "add", "192.168.1.30/24", "dev", "nas0"]);
+        ns.ok(1, &["ip", "link", "set", "nas0", "up"]);
+        // .30 could answer the mesh without masquerade (policy route back through us): only
+        // our forwarding limit keeps it out.
+        ns.ok(
+            1,
+            &["ip", "rule", "add", "from", "192.168.1.30", "table", "100"],
+        );
+        ns.ok(
+            1,
+            &[
+                "ip",
+                "route",
+                "add",
+                "10.99.99.0/24",
+                "via",
+                "192.168.1.1",
+                "table",
+                "100",
+            ],
+        );
+
+        let path = write_config(dir.path(), ADVERTISE);
+        let mut a = agent(&path, FakeBackend::default());
+        let r = a.reconcile(NOW).await;
+        assert!(r.error.is_none(), "{r:?}");
+        assert_eq!(sysctl("/proc/sys/net/ipv4/ip_forward"), "0");
+        assert!(
+            pings(&ns, 0, "192.168.1.20", Duration::from_secs(10)),
+            "the advertised NAS answers the mesh"
+        );
+        assert!(
+            !pings(&ns, 0, "192.168.1.30", Duration::from_secs(2)),
+            "a host we do not advertise is not forwarded to"
+        );
+        // The same without our limit (the test's own check that .30 could answer at all).
+        nft(&["flush", "chain", "inet", "meshd", "forward"]);
+        assert!(
+            pings(&ns, 0, "192.168.1.30", Duration::from_secs(10)),
+            ".30 answers once our limit is gone"
+        );
+        let r = a.reconcile(NOW).await;
+        assert!(r.error.is_none(), "{r:?}");
+        assert!(
+            !pings(&ns, 0, "192.168.1.30", Duration::from_secs(2)),
+            "the limit is back after a pass"
+        );
+
+        // Torn down: nothing is forwarded any more.
+        let settings = Settings::load(&path).expect("config");
+        meshd::routes::teardown(&settings).await.expect("teardown");
+        assert!(!pings(&ns, 0, "192.168.1.20", Duration::from_secs(2)));
+    });
+}
