@@ -16,9 +16,11 @@ use crate::backend::{LinkBackend, WgBackend};
 use crate::client::HttpApi;
 use crate::control::{accept_loop, Command};
 use crate::error::{Error, Result};
+use crate::handoff::Handoff;
 use crate::member::{MemberRuntime, MeshEvent, ENDPOINT_CHECK};
 use crate::notify::Notifier;
 use crate::protocol::{admin_route, handle_request, is_admin, relay_admin, AdminCall};
+use crate::settings::HandoffSettings;
 use crate::state::StateDir;
 
 /// Serves admin requests in-process (the coordinator host).
@@ -122,10 +124,16 @@ fn notify_state<W: WgBackend, L: LinkBackend>(agent: &Agent<W, L>, notifier: &mu
 /// removed, or what failed.
 async fn down<W: WgBackend, L: LinkBackend>(
     agent: &mut Agent<W, L>,
+    handoff: &mut Handoff,
 ) -> std::result::Result<Vec<String>, String> {
     let settings = agent.settings().clone();
     let mut removed = Vec::new();
     let mut failed = Vec::new();
+    // Stop writing files and serving first, so nothing puts the hosts block back.
+    handoff.stop().await;
+    let (r, f) = crate::handoff::teardown(&settings.interface, &handoff.settings().integrations);
+    removed.extend(r);
+    failed.extend(f);
     match crate::service::teardown_owned(&settings).await {
         Ok(list) => removed.extend(list),
         Err(e) => failed.push(e.to_string()),
@@ -202,6 +210,10 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
     } = wiring;
     let mut member = MemberRuntime::new(StateDir::new(&agent.settings().state_dir), mesh_tx);
     member.restore(&mut agent);
+    let mut handoff = Handoff::start(
+        load_handoff(agent.config_path()).unwrap_or_default(),
+        &agent.settings().interface,
+    );
     let mut hup = signal(SignalKind::hangup())
         .map_err(|e| Error::io("cannot install the SIGHUP handler", e))?;
     let (tx, mut rx) = mpsc::channel::<Command>(32);
@@ -213,6 +225,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
     // The first pass runs before any control request is answered.
     timer.tick().await;
     agent.reconcile(now()).await;
+    handoff.after_pass(&mut agent).await;
     notify_state(&agent, &mut notifier);
     let mut retry_join = join_from_file(&mut agent, &mut member).await;
     let mut endpoint_timer = ticker(ENDPOINT_CHECK);
@@ -223,7 +236,9 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
             () = &mut accept => {}
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", agent.config_path().display());
-                let _ = agent.handle_reload();
+                if agent.handle_reload().is_ok() {
+                    reload_handoff(&agent, &mut handoff);
+                }
                 agent.reconcile(now()).await;
             }
             Some(event) = mesh_rx.recv() => {
@@ -233,7 +248,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                 if cmd.request == Request::Down {
                     tracing::info!("meshctl down: removing everything meshd owns on this host");
                     notifier.stopping("meshctl down: removing the interface, routes and firewall table");
-                    let result = down(&mut agent).await;
+                    let result = down(&mut agent, &mut handoff).await;
                     let reply = match &result {
                         Ok(removed) => Response::ok(format!(
                             "{}; meshd exits",
@@ -252,7 +267,8 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                     break;
                 } else if cmd.request == Request::Doctor {
                     // The probes take seconds: answered from a task, the loop goes on.
-                    let input = crate::doctor::gather(&mut agent).await;
+                    let mut input = crate::doctor::gather(&mut agent).await;
+                    input.integrations = handoff.statuses();
                     let reply = cmd.reply;
                     tokio::spawn(async move {
                         let _ = reply.send(Response::Doctor(crate::doctor::run(input).await));
@@ -269,7 +285,14 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                         let _ = reply.send(call.await);
                     });
                 } else {
-                    let response = handle_request(&mut agent, &mut member, cmd.request).await;
+                    let reload = cmd.request == Request::Reload;
+                    let mut response = handle_request(&mut agent, &mut member, cmd.request).await;
+                    if reload && matches!(response, Response::Ok { .. }) {
+                        reload_handoff(&agent, &mut handoff);
+                    }
+                    if let Response::Status(st) = &mut response {
+                        st.integrations = handoff.statuses();
+                    }
                     let _ = cmd.reply.send(response);
                 }
             }
@@ -283,6 +306,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                 member.check_endpoints(&mut agent).await;
             }
         }
+        handoff.after_pass(&mut agent).await;
         if agent.settings().reconcile_interval != period {
             period = agent.settings().reconcile_interval;
             timer = ticker(period);
@@ -291,10 +315,30 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
         notify_state(&agent, &mut notifier);
     }
     if stop == Stop::Signal {
+        handoff.stop().await;
         tracing::info!("stopping; the interface and its engine stay up");
         notifier.stopping("stopping; the interface and its peers stay up");
     }
     Ok((agent, stop))
+}
+
+/// `[dns]`, `[metrics]` and `[integrations]` of the configuration file (logged and `None` when
+/// it cannot be read: the agent reports the same error).
+fn load_handoff(path: &std::path::Path) -> Option<HandoffSettings> {
+    match HandoffSettings::load(path) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!(error = %e, "dns, metrics and integrations settings not loaded");
+            None
+        }
+    }
+}
+
+/// After an accepted reload: the same file's `[dns]`, `[metrics]` and `[integrations]`.
+fn reload_handoff<W: WgBackend, L: LinkBackend>(agent: &Agent<W, L>, handoff: &mut Handoff) {
+    if let Some(h) = load_handoff(agent.config_path()) {
+        handoff.reload(h);
+    }
 }
 
 /// Install the SIGTERM/SIGINT handlers now and return a future that resolves on either.

@@ -60,6 +60,8 @@ pub struct Input {
     pub peer_specs: Vec<PeerSpec>,
     /// `None`: offline (`meshd --doctor`).
     pub daemon: Option<DaemonFacts>,
+    /// The integrations' latest results (daemon only: offline there are none).
+    pub integrations: Vec<mesh_proto::integrate::IntegrationStatus>,
 }
 
 /// The facts from the running agent.
@@ -91,6 +93,7 @@ pub async fn gather<W: WgBackend, L: LinkBackend>(agent: &mut Agent<W, L>) -> In
             status,
             pid: std::process::id(),
         }),
+        integrations: Vec::new(),
     }
 }
 
@@ -149,6 +152,7 @@ pub async fn run_offline(settings: Settings) -> Report {
         peers,
         peer_specs,
         daemon: None,
+        integrations: Vec::new(),
     })
     .await;
     if !managed {
@@ -216,6 +220,14 @@ pub async fn run(input: Input) -> Report {
 
     // K3s.
     checks.push(k3s_check(iface, &k3s_files()));
+
+    // The files meshd keeps (one check each: OK, or FAIL with the error; the old file stays).
+    checks.extend(
+        input
+            .integrations
+            .iter()
+            .map(mesh_proto::doctor::integration_check),
+    );
 
     // The coordinator.
     if let Some(d) = &input.daemon {

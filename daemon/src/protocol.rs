@@ -91,6 +91,8 @@ pub fn status(st: &AgentStatus, peers: &[PeerStatus], now_unix: u64) -> Status {
             }
             .to_string(),
         }),
+        // Filled in by the daemon loop, which holds the integration engine.
+        integrations: Vec::new(),
     }
 }
 

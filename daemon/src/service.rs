@@ -68,6 +68,18 @@ pub async fn down_offline(settings: &Settings) -> Result<Vec<String>> {
          stops meshd)",
     )?;
     let mut removed = teardown_owned(settings).await?;
+    // The hosts block and split DNS (the configuration's [integrations]; a file that no
+    // longer parses leaves them, with a warning).
+    match crate::settings::HandoffSettings::load(&settings.config_path) {
+        Ok(h) => {
+            let (r, failed) = crate::handoff::teardown(&settings.interface, &h.integrations);
+            removed.extend(r);
+            for f in failed {
+                tracing::warn!(error = %f, "down");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "down: the /etc/hosts block is left in place"),
+    }
     let mut link = NetlinkLink::connect()?;
     match link.kind(&settings.interface).await? {
         None => {}
@@ -243,7 +255,7 @@ fn start_coordinator(
                 Ok(()) => failures = 0,
                 // Expected until the first pass created the interface: retry quickly, log
                 // once in a while.
-                Err(e) if failures % 50 == 0 => {
+                Err(e) if failures.is_multiple_of(50) => {
                     failures += 1;
                     tracing::warn!(error = %e, "coordinator API not serving yet; retrying")
                 }

@@ -111,3 +111,48 @@ impl Settings {
         }
     }
 }
+
+/// What the daemon hands to other software: `[dns]`, `[metrics]`, `[integrations]`, and the
+/// mesh as a static configuration describes it. Read from the same file as [`Settings`]
+/// (at start and on every reload).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandoffSettings {
+    pub dns: mesh_proto::config::ServiceConfig,
+    pub metrics: mesh_proto::config::ServiceConfig,
+    pub integrations: mesh_proto::integrations_config::IntegrationsConfig,
+    /// `host.name`, `host.address` and the `[[peer]]` entries as a view (`None` on a host
+    /// that joins); integrations use it while no netmap is held.
+    pub static_view: Option<mesh_proto::integrate::MeshView>,
+}
+
+impl Default for HandoffSettings {
+    fn default() -> Self {
+        HandoffSettings {
+            dns: mesh_proto::config::ServiceConfig::dns_default(),
+            metrics: mesh_proto::config::ServiceConfig::metrics_default(),
+            integrations: Default::default(),
+            static_view: None,
+        }
+    }
+}
+
+impl HandoffSettings {
+    /// Read and validate `path` (errors name the file and the key).
+    pub fn load(path: &Path) -> Result<HandoffSettings> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<HandoffSettings> {
+        let config = mesh_proto::config::parse(text, &path.display().to_string())?;
+        Ok(HandoffSettings {
+            static_view: mesh_proto::integrate::MeshView::from_config(&config),
+            dns: config.dns,
+            metrics: config.metrics,
+            integrations: config.integrations,
+        })
+    }
+}

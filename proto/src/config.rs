@@ -36,6 +36,18 @@
 //!                                    # services): routes overlapping them are refused
 //! nft_table = "meshd"                # our nftables table (family inet), default meshd
 //!
+//! [dns]                              # optional: mesh DNS on this host's mesh address
+//! enable = true                      # default true
+//! listen_port = 53                   # default 53 (UDP and TCP)
+//!
+//! [metrics]                          # optional: Prometheus /metrics on the mesh address
+//! enable = true                      # default true
+//! listen_port = 9586                 # default 9586 (the WireGuard exporter's port)
+//!
+//! [integrations.k3s]                 # optional: files meshd keeps for K3s, DRBD, Prometheus,
+//! role = "server"                    # /etc/hosts and user templates; see
+//!                                    # mesh_proto::integrations_config for every key
+//!
 //! [[peer]]
 //! name = "dock-prod"
 //! public_key = "base64..."
@@ -60,6 +72,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::device::{DeviceSpec, PeerSpec};
+use crate::integrations_config::{parse_integrations, IntegrationsConfig};
 use crate::key::{PrivateKey, PublicKey};
 use crate::{DEFAULT_CONTROL_SOCKET, DEFAULT_INTERFACE, DEFAULT_LISTEN_PORT, DEFAULT_MTU};
 
@@ -84,8 +97,45 @@ pub struct Config {
     pub coordinator: Option<CoordinatorConfig>,
     /// `[routes]`: advertised subnets, protected CIDRs, our nftables table.
     pub routes: RoutesConfig,
+    /// `[dns]`: mesh DNS.
+    pub dns: ServiceConfig,
+    /// `[metrics]`: `/metrics`.
+    pub metrics: ServiceConfig,
+    /// `[integrations]`: the files meshd keeps for K3s, DRBD, Prometheus, `/etc/hosts`.
+    /// Not written by `Serialize`: its validated form (defaults resolved, `drbdadm` expanded
+    /// into commands) is not the file format.
+    #[serde(skip)]
+    pub integrations: IntegrationsConfig,
     #[serde(rename = "peer")]
     pub peers: Vec<PeerConfig>,
+}
+
+/// Default port of mesh DNS.
+pub const DEFAULT_DNS_PORT: u16 = 53;
+
+/// `[dns]` and `[metrics]`: a server on this host's mesh address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ServiceConfig {
+    pub enable: bool,
+    pub listen_port: u16,
+}
+
+impl ServiceConfig {
+    /// `[dns]` defaults: on, port 53.
+    pub fn dns_default() -> Self {
+        ServiceConfig {
+            enable: true,
+            listen_port: DEFAULT_DNS_PORT,
+        }
+    }
+
+    /// `[metrics]` defaults: on, port 9586.
+    pub fn metrics_default() -> Self {
+        ServiceConfig {
+            enable: true,
+            listen_port: crate::integrate::METRICS_PORT,
+        }
+    }
 }
 
 /// `[routes]`
@@ -332,8 +382,22 @@ struct RawConfig {
     coordinator: Option<RawCoordinator>,
     #[serde(default)]
     routes: Option<RawRoutes>,
+    #[serde(default)]
+    dns: Option<RawService>,
+    #[serde(default)]
+    metrics: Option<RawService>,
+    /// Validated by `integrations_config::parse_integrations` (its errors name the key).
+    #[serde(default)]
+    integrations: Option<toml::Value>,
     #[serde(default, rename = "peer")]
     peers: Vec<RawPeer>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    enable: Option<bool>,
+    listen_port: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -453,12 +517,54 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     }
     check_peers(&cx, &host, &peers)?;
     let routes = validate_routes(&cx, &host, &peers, raw.routes.unwrap_or_default())?;
+    let dns = validate_service(&cx, "dns", raw.dns, ServiceConfig::dns_default())?;
+    let metrics = validate_service(
+        &cx,
+        "metrics",
+        raw.metrics,
+        ServiceConfig::metrics_default(),
+    )?;
+    if dns.enable && metrics.enable && dns.listen_port == metrics.listen_port {
+        return Err(cx.err(
+            "metrics.listen_port",
+            format!(
+                "{} is dns.listen_port too; give the two servers different ports",
+                metrics.listen_port
+            ),
+        ));
+    }
+    let integrations = match raw.integrations {
+        None => IntegrationsConfig::default(),
+        Some(v) => parse_integrations(&v).map_err(|e| cx.err(e.key, e.message))?,
+    };
     Ok(Config {
         host,
         daemon,
         coordinator,
         routes,
+        dns,
+        metrics,
+        integrations,
         peers,
+    })
+}
+
+fn validate_service(
+    cx: &Ctx<'_>,
+    table: &str,
+    raw: Option<RawService>,
+    default: ServiceConfig,
+) -> Result<ServiceConfig, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(default);
+    };
+    let listen_port = match raw.listen_port {
+        None => default.listen_port,
+        Some(p) => ranged(cx, &format!("{table}.listen_port"), p, 1, 65535, "")?,
+    };
+    Ok(ServiceConfig {
+        enable: raw.enable.unwrap_or(default.enable),
+        listen_port,
     })
 }
 
@@ -1811,6 +1917,64 @@ public_endpoints = ["198.51.100.1:51871"]
             &format!("{peer_in_protected}\n[routes]\nprotected = [\"10.42.0.0/16\"]\n"),
             "peer[1].allowed_ips[1]",
             "routes.protected 10.42.0.0/16",
+        );
+    }
+
+    #[test]
+    fn dns_metrics_and_integrations_parse() {
+        let c = parse(&base(), FILE).expect("base");
+        assert_eq!(c.dns, ServiceConfig::dns_default());
+        assert_eq!(c.metrics.listen_port, 9586);
+        assert!(c.metrics.enable);
+        assert_eq!(c.integrations, IntegrationsConfig::default());
+
+        let text = format!(
+            "{}\n[dns]\nlisten_port = 5353\n\n[metrics]\nenable = false\n\n\
+             [integrations.k3s]\nrole = \"server\"\n\n[integrations.hosts]\n",
+            base()
+        );
+        let c = parse(&text, FILE).expect("full");
+        assert_eq!(
+            c.dns,
+            ServiceConfig {
+                enable: true,
+                listen_port: 5353
+            }
+        );
+        assert!(!c.metrics.enable);
+        assert!(c.integrations.k3s.is_some());
+        assert!(c.integrations.hosts.is_some());
+    }
+
+    #[test]
+    fn dns_metrics_and_integrations_refusals_name_the_key() {
+        refuse(
+            &format!("{}\n[dns]\nlisten_port = 0\n", base()),
+            "dns.listen_port",
+            "out of range",
+        );
+        refuse(
+            &format!("{}\n[metrics]\nport = 1\n", base()),
+            "metrics.port",
+            "unknown field",
+        );
+        refuse(
+            &format!("{}\n[dns]\nlisten_port = 9586\n", base()),
+            "metrics.listen_port",
+            "different ports",
+        );
+        refuse(
+            &format!(
+                "{}\n[integrations.k3s]\nrole = \"server\"\nserver = \"x\"\n",
+                base()
+            ),
+            "integrations.k3s.server",
+            "only agents",
+        );
+        refuse(
+            &format!("{}\n[integrations.nfs]\n", base()),
+            "integrations.nfs",
+            "unknown integration",
         );
     }
 }

@@ -161,6 +161,9 @@ pub struct Status {
     /// `None` for a host running from a static configuration.
     #[serde(default)]
     pub coordinator: Option<CoordinatorStatus>,
+    /// The files meshd keeps for K3s, DRBD, Prometheus, `/etc/hosts` and user templates.
+    #[serde(default)]
+    pub integrations: Vec<crate::integrate::IntegrationStatus>,
 }
 
 /// A control line that could not be decoded.
@@ -512,12 +515,33 @@ pub fn render_status(status: &Status, now_unix: u64) -> String {
         ),
         ("version", status.version.clone()),
     ];
+    let mut fields = fields;
+    for i in &status.integrations {
+        fields.push(("integration", integration_cell(i, now_unix)));
+    }
     let width = fields.iter().map(|(l, _)| l.len()).max().unwrap_or(0) + 1;
     let mut out = String::new();
     for (label, value) in fields {
         let _ = writeln!(out, "{:<width$} {value}", format!("{label}:"));
     }
     out
+}
+
+/// One integration on one line: `k3s /etc/rancher/k3s/config.yaml.d/90-meshd.yaml ok, changed
+/// 3m 0s ago` or `template:haproxy /etc/haproxy/mesh.cfg FAILED: ... (the old file is kept)`.
+pub fn integration_cell(i: &crate::integrate::IntegrationStatus, now_unix: u64) -> String {
+    let changed = match i.last_change_unix {
+        Some(t) => format!("changed {}", format_age(now_unix.saturating_sub(t))),
+        None => "unchanged since start".to_string(),
+    };
+    match (&i.last_error, i.ok) {
+        (Some(e), false) => format!(
+            "{} {} FAILED: {e} (the old file is kept)",
+            i.name,
+            i.path.display()
+        ),
+        _ => format!("{} {} ok, {changed}", i.name, i.path.display()),
+    }
 }
 
 /// "this host (10.99.99.1:51872)", "10.99.99.1:51872 reachable, last contact 3s ago",
@@ -683,7 +707,53 @@ mod tests {
             ifindex: None,
             netmap_version: None,
             coordinator: None,
+            integrations: Vec::new(),
         }
+    }
+
+    #[test]
+    fn status_shows_one_line_per_integration() {
+        use crate::integrate::IntegrationStatus;
+        let mut st = status();
+        st.integrations = vec![
+            IntegrationStatus {
+                name: "k3s".into(),
+                path: "/etc/rancher/k3s/config.yaml.d/90-meshd.yaml".into(),
+                ok: true,
+                last_error: None,
+                last_change_unix: Some(880),
+                last_reload_unix: None,
+            },
+            IntegrationStatus {
+                name: "template:haproxy".into(),
+                path: "/etc/haproxy/mesh.cfg".into(),
+                ok: false,
+                last_error: Some("template template:haproxy: syntax error".into()),
+                last_change_unix: None,
+                last_reload_unix: None,
+            },
+        ];
+        let text = render_status(&st, 1000);
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("integration:"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[0].ends_with(
+                "k3s /etc/rancher/k3s/config.yaml.d/90-meshd.yaml ok, changed 2m 0s ago"
+            ),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("template:haproxy /etc/haproxy/mesh.cfg FAILED: template template:haproxy: syntax error (the old file is kept)"),
+            "{text}"
+        );
+        // Older daemons send no integrations: still decodes.
+        let mut v = serde_json::to_value(status()).unwrap();
+        v.as_object_mut().unwrap().remove("integrations");
+        let back: Status = serde_json::from_value(v).unwrap();
+        assert!(back.integrations.is_empty());
     }
 
     #[test]

@@ -345,6 +345,27 @@ pub fn k3s_check(interface: &str, files: &[(String, String)]) -> Check {
     }
 }
 
+/// One integration's verdict: OK with when the file last changed, or FAIL with the error (the
+/// old file stays in place until the next render succeeds).
+pub fn integration_check(status: &crate::integrate::IntegrationStatus) -> Check {
+    let name = format!("integration {}", status.name);
+    let path = status.path.display();
+    match (&status.last_error, status.ok) {
+        (Some(e), false) => Check::fail(
+            name,
+            format!("{path}: {e}; the old file is kept"),
+            "fix the template, the integration's settings or the command in [integrations] of              meshd.toml, then `meshctl reload`",
+        ),
+        _ => Check::ok(
+            name,
+            match status.last_change_unix {
+                Some(_) => format!("{path} is up to date"),
+                None => format!("{path} is up to date (unchanged since meshd started)"),
+            },
+        ),
+    }
+}
+
 /// The route-overlap verdict: what meshd wants (the mesh CIDR and peers' allowed IPs) against
 /// what other interfaces, protocols and `routes.protected` own.
 pub fn routes_check(wanted: usize, conflicts: &[crate::routes::RouteConflict]) -> Check {
@@ -593,5 +614,27 @@ mod tests {
             ..r
         };
         assert!(!ok.failed());
+    }
+
+    #[test]
+    fn integration_check_ok_and_fail() {
+        use crate::integrate::IntegrationStatus;
+        let mut st = IntegrationStatus {
+            name: "hosts".into(),
+            path: "/etc/hosts".into(),
+            ok: true,
+            last_error: None,
+            last_change_unix: Some(1),
+            last_reload_unix: None,
+        };
+        let c = integration_check(&st);
+        assert_eq!(c.status, CheckStatus::Ok);
+        assert_eq!(c.name, "integration hosts");
+        st.ok = false;
+        st.last_error = Some("template hosts: unexpected end".into());
+        let c = integration_check(&st);
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert!(c.detail.contains("unexpected end"), "{}", c.detail);
+        assert!(c.detail.contains("the old file is kept"), "{}", c.detail);
     }
 }

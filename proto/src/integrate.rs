@@ -251,10 +251,13 @@ pub struct DrbdHostView {
     pub drbd_address: String,
 }
 
+const K3S_HEADER: &str =
+    "# Written by meshd from the mesh netmap; meshd rewrites it when the mesh changes.";
+
 /// The built-in DRBD 9 resource template: one `on NAME { node-id N; address IP:PORT; }` per
 /// host (IP literals only), and a `connection-mesh` when there are more than two hosts.
 pub const DRBD_TEMPLATE: &str = "\
-# Written by meshd from the mesh netmap (version {{ version }}); meshd rewrites it on change.
+# Written by meshd from the mesh netmap; meshd rewrites it when the mesh changes.
 resource {{ resource.name }} {
   device {{ resource.device }};
   disk {{ resource.disk }};
@@ -488,11 +491,10 @@ pub enum RenderError {
 /// later scalars win and `key+:` appends, so this never needs config.yaml itself.
 pub fn k3s_dropin(view: &MeshView, interface: &str, role: &K3sRole) -> Result<String, RenderError> {
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "# Written by meshd from the mesh netmap (version {}); meshd rewrites it on change.",
-        view.version
-    );
+    // No netmap version here: it moves for changes K3s does not care about, and a changed
+    // file restarts K3s.
+    s.push_str(K3S_HEADER);
+    s.push('\n');
     let _ = writeln!(s, "node-ip: {}", view.me.address);
     let _ = writeln!(s, "flannel-iface: {interface}");
     match role {
@@ -983,7 +985,7 @@ mod tests {
         let text = drbd_resource(&v, &drbd(&["dock-prod", "dock-load"]), "wgmesh0", None).unwrap();
         assert_eq!(
             text,
-            "# Written by meshd from the mesh netmap (version 7); meshd rewrites it on change.
+            "# Written by meshd from the mesh netmap; meshd rewrites it when the mesh changes.
 resource r0 {
   device /dev/drbd0;
   disk /dev/vg0/r0;

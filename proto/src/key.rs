@@ -100,7 +100,7 @@ fn hex_val(c: u8) -> Option<u8> {
 pub fn decode_hex(s: &str) -> Result<[u8; 32], KeyError> {
     let raw = s.as_bytes();
     if raw.len() != 64 {
-        if raw.len() % 2 == 0 && raw.iter().all(|&c| hex_val(c).is_some()) {
+        if raw.len().is_multiple_of(2) && raw.iter().all(|&c| hex_val(c).is_some()) {
             return Err(KeyError::Length(raw.len() / 2));
         }
         return Err(KeyError::Hex(format!(

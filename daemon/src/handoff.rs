@@ -1,0 +1,563 @@
+//! What meshd hands to other software, kept in step with the mesh after every pass: the
+//! integration files (K3s, DRBD, Prometheus, `/etc/hosts`, user templates), mesh DNS on our
+//! mesh address with split DNS in systemd-resolved, and `/metrics`.
+//!
+//! The agent loop calls [`Handoff::after_pass`] after each loop turn; it only compares and
+//! sends. Everything that blocks (writing files, reload commands, `resolvectl`) runs in worker
+//! tasks through `spawn_blocking`, so a slow `systemctl restart k3s` never holds the loop.
+//! The integration worker applies the latest [`MeshView`] only: views that arrive while an
+//! apply runs are coalesced into one more apply.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use mesh_proto::config::ServiceConfig;
+use mesh_proto::integrate::{IntegrationStatus, MeshView};
+use mesh_proto::integrations_config::IntegrationsConfig;
+use mesh_proto::ObservedDevice;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::agent::{now, Agent, AgentStatus};
+use crate::backend::{LinkBackend, WgBackend};
+use crate::dns::{shared_records, update_records, MeshDns, SharedRecords};
+use crate::integrate::IntegrationEngine;
+use crate::metrics::{labels_from_names, labels_from_netmap, Metrics};
+use crate::resolved::{ensure_split_dns_system, SplitDns};
+use crate::settings::HandoffSettings;
+
+/// How often the files are re-applied without a mesh change (a fixed template, a file someone
+/// edited) and split DNS is re-checked (resolved forgets it when it restarts).
+pub const RECHECK: Duration = Duration::from_secs(30);
+/// How long `meshctl down` waits for an integration apply in flight.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// The mesh as integrations see it now: the netmap's view (the coordinator named by its
+/// address in our membership, or this host on the coordinator), else the static
+/// configuration's, else none (not joined yet).
+pub fn current_view<W: WgBackend, L: LinkBackend>(
+    agent: &Agent<W, L>,
+    static_view: Option<&MeshView>,
+) -> Option<MeshView> {
+    let Some(nm) = agent.netmap() else {
+        return static_view.cloned();
+    };
+    let coordinator = if agent.settings().coordinator.is_some() || agent.mesh_state().is_coordinator
+    {
+        Some(nm.name.clone())
+    } else {
+        agent.membership().and_then(|m| {
+            nm.peers
+                .iter()
+                .find(|p| p.address == m.coordinator_address)
+                .map(|p| p.name.clone())
+        })
+    };
+    Some(MeshView::new(nm, coordinator.as_deref()))
+}
+
+/// What the integration worker brings the files in line with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Job {
+    config: IntegrationsConfig,
+    interface: String,
+    view: Option<MeshView>,
+    /// Bumped by a reload: apply again (a template file may have been fixed).
+    generation: u64,
+}
+
+/// Whether two views differ in anything but the netmap version. The coordinator bumps the
+/// version for changes integrations do not show (endpoints, keys, routes): rewriting the K3s
+/// drop-in for those would restart K3s for nothing.
+fn same_mesh(a: Option<&MeshView>, b: Option<&MeshView>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            a.mesh_cidr == b.mesh_cidr && a.domain == b.domain && a.me == b.me && a.hosts == b.hosts
+        }
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+type Statuses = Arc<RwLock<Vec<IntegrationStatus>>>;
+
+async fn integration_worker(mut rx: watch::Receiver<Job>, statuses: Statuses) {
+    let mut engine: Option<(IntegrationsConfig, String, IntegrationEngine)> = None;
+    loop {
+        let job = rx.borrow_and_update().clone();
+        let stale = engine
+            .as_ref()
+            .is_none_or(|(c, i, _)| *c != job.config || *i != job.interface);
+        if stale {
+            engine = Some((
+                job.config.clone(),
+                job.interface.clone(),
+                IntegrationEngine::with_system_runner(&job.config, job.interface.clone()),
+            ));
+            set_statuses(&statuses, Vec::new());
+        }
+        if let (Some(view), Some((config, iface, eng))) = (job.view, engine.take()) {
+            if eng.is_empty() {
+                engine = Some((config, iface, eng));
+            } else {
+                let mut eng = eng;
+                let applied = tokio::task::spawn_blocking(move || {
+                    eng.apply(&view, now().as_secs());
+                    eng
+                })
+                .await;
+                match applied {
+                    Ok(eng) => {
+                        set_statuses(&statuses, eng.statuses());
+                        engine = Some((config, iface, eng));
+                    }
+                    // The engine is lost with the panicked task; the next turn builds it anew.
+                    Err(e) => tracing::error!(error = %e, "integration apply panicked"),
+                }
+            }
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(RECHECK) => {}
+        }
+    }
+}
+
+fn set_statuses(statuses: &Statuses, new: Vec<IntegrationStatus>) {
+    match statuses.write() {
+        Ok(mut g) => *g = new,
+        Err(poisoned) => *poisoned.into_inner() = new,
+    }
+}
+
+/// Keeps systemd-resolved sending `mesh.internal` to our DNS: at start, on a change, and every
+/// [`RECHECK`]. Stops trying (one log line) on a host without resolvectl.
+async fn split_dns_worker(mut rx: watch::Receiver<Option<(String, IpAddr)>>) {
+    let mut unavailable = false;
+    let mut last_error: Option<String> = None;
+    loop {
+        let want = rx.borrow_and_update().clone();
+        if let (Some((iface, addr)), false) = (want, unavailable) {
+            let r =
+                tokio::task::spawn_blocking(move || ensure_split_dns_system(&iface, addr)).await;
+            match r {
+                Ok(Ok(SplitDns::Unavailable)) => unavailable = true,
+                Ok(Ok(_)) => last_error = None,
+                Ok(Err(e)) => {
+                    if last_error.as_ref() != Some(&e) {
+                        tracing::warn!(error = %e, "cannot set split DNS in systemd-resolved; retrying");
+                    }
+                    last_error = Some(e);
+                }
+                Err(e) => tracing::error!(error = %e, "split DNS task panicked"),
+            }
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(RECHECK) => {}
+        }
+    }
+}
+
+struct MetricsServer {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+/// DNS, metrics and integrations of one daemon.
+pub struct Handoff {
+    settings: HandoffSettings,
+    jobs: Option<watch::Sender<Job>>,
+    worker: Option<JoinHandle<()>>,
+    statuses: Statuses,
+    records: SharedRecords,
+    dns: Option<MeshDns>,
+    split: Option<watch::Sender<Option<(String, IpAddr)>>>,
+    split_worker: Option<JoinHandle<()>>,
+    metrics: Arc<Metrics>,
+    metrics_server: Option<MetricsServer>,
+    /// The address a bind last failed on (logged once per address).
+    dns_bind_failed: Option<SocketAddr>,
+    metrics_bind_failed: Option<SocketAddr>,
+    passes_seen: u64,
+    /// The view handed to DNS and the integrations (its version: the one of the last change
+    /// they show).
+    view: Option<MeshView>,
+    generation: u64,
+}
+
+impl Handoff {
+    /// Start the workers (needs a tokio runtime); nothing is served or written before the
+    /// first [`Handoff::after_pass`].
+    pub fn start(settings: HandoffSettings, interface: &str) -> Handoff {
+        let statuses: Statuses = Arc::new(RwLock::new(Vec::new()));
+        let (jobs, rx) = watch::channel(Job {
+            config: settings.integrations.clone(),
+            interface: interface.to_owned(),
+            view: None,
+            generation: 0,
+        });
+        let worker = tokio::spawn(integration_worker(rx, statuses.clone()));
+        let (split, split_rx) = watch::channel(None);
+        let split_worker = tokio::spawn(split_dns_worker(split_rx));
+        Handoff {
+            settings,
+            jobs: Some(jobs),
+            worker: Some(worker),
+            statuses,
+            records: shared_records(None),
+            dns: None,
+            split: Some(split),
+            split_worker: Some(split_worker),
+            metrics: Arc::new(Metrics::new()),
+            metrics_server: None,
+            dns_bind_failed: None,
+            metrics_bind_failed: None,
+            passes_seen: 0,
+            view: None,
+            generation: 0,
+        }
+    }
+
+    pub fn settings(&self) -> &HandoffSettings {
+        &self.settings
+    }
+
+    /// The configuration was reloaded: the files are applied again (templates re-read), a
+    /// changed `[integrations]` rebuilds the engine, a changed `[dns]`/`[metrics]` moves or
+    /// stops the servers at the next pass.
+    pub fn reload(&mut self, settings: HandoffSettings) {
+        if settings != self.settings {
+            tracing::info!("dns, metrics or integrations settings changed");
+        }
+        self.settings = settings;
+        self.generation += 1;
+    }
+
+    /// The integrations' statuses (for `meshctl status` and `meshctl doctor`).
+    pub fn statuses(&self) -> Vec<IntegrationStatus> {
+        match self.statuses.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Where mesh DNS and `/metrics` listen now.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns.as_ref().map(MeshDns::local_addr)
+    }
+
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_server.as_ref().map(|m| m.addr)
+    }
+
+    /// After every loop turn: hand a changed mesh view to the integrations and DNS, start or
+    /// move the servers once our address is on the interface, and update the metrics after
+    /// a new pass.
+    pub async fn after_pass<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
+        let st = agent.status();
+        let view = current_view(agent, self.settings.static_view.as_ref());
+        if !same_mesh(view.as_ref(), self.view.as_ref()) {
+            if let Some(v) = &view {
+                if update_records(&self.records, v) {
+                    tracing::debug!(
+                        version = v.version,
+                        hosts = v.hosts.len(),
+                        "mesh DNS records updated"
+                    );
+                }
+            }
+            self.view = view;
+        }
+        if let Some(jobs) = &self.jobs {
+            let job = Job {
+                config: self.settings.integrations.clone(),
+                interface: st.interface.clone(),
+                view: self.view.clone(),
+                generation: self.generation,
+            };
+            jobs.send_if_modified(|j| {
+                let changed = *j != job;
+                if changed {
+                    *j = job;
+                }
+                changed
+            });
+        }
+        // Our address is on the interface once a pass configured the link.
+        let on_link = st.ifindex.and(st.address).map(|a| a.addr());
+        self.ensure_dns(on_link, &st).await;
+        self.ensure_metrics(on_link).await;
+        if st.passes != self.passes_seen {
+            self.passes_seen = st.passes;
+            self.observe(agent, &st).await;
+        }
+    }
+
+    async fn ensure_dns(&mut self, on_link: Option<IpAddr>, st: &AgentStatus) {
+        let want = want_addr(self.settings.dns, on_link);
+        if self.dns_addr() != want {
+            if let Some(old) = self.dns.take() {
+                let addr = old.local_addr();
+                if let Err(e) = old.shutdown().await {
+                    tracing::warn!(addr = %addr, error = %e, "mesh DNS did not stop cleanly");
+                }
+            }
+            if let Some(addr) = want {
+                match MeshDns::bind(addr, self.records.clone()).await {
+                    Ok(dns) => {
+                        self.dns = Some(dns);
+                        self.dns_bind_failed = None;
+                    }
+                    Err(e) => {
+                        if self.dns_bind_failed != Some(addr) {
+                            tracing::warn!(addr = %addr, error = %e, "cannot serve mesh DNS; retrying after each pass (set [dns] listen_port or enable = false)");
+                        }
+                        self.dns_bind_failed = Some(addr);
+                    }
+                }
+            }
+        }
+        if let Some(split) = &self.split {
+            let want = self
+                .dns_addr()
+                .filter(|a| a.port() == 53)
+                .map(|a| (st.interface.clone(), a.ip()));
+            split.send_if_modified(|s| {
+                let changed = *s != want;
+                if changed {
+                    *s = want;
+                }
+                changed
+            });
+        }
+    }
+
+    async fn ensure_metrics(&mut self, on_link: Option<IpAddr>) {
+        let want = want_addr(self.settings.metrics, on_link);
+        if self.metrics_addr() == want {
+            return;
+        }
+        if let Some(old) = self.metrics_server.take() {
+            let _ = old.stop.send(());
+            let _ = old.task.await;
+        }
+        let Some(addr) = want else {
+            return;
+        };
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let (stop, stop_rx) = oneshot::channel::<()>();
+                let metrics = self.metrics.clone();
+                let task = tokio::spawn(async move {
+                    let shutdown = async move {
+                        let _ = stop_rx.await;
+                    };
+                    if let Err(e) = crate::metrics::serve(listener, metrics, shutdown).await {
+                        tracing::warn!(addr = %addr, error = %e, "metrics server stopped");
+                    }
+                });
+                self.metrics_server = Some(MetricsServer { addr, stop, task });
+                self.metrics_bind_failed = None;
+            }
+            Err(e) => {
+                if self.metrics_bind_failed != Some(addr) {
+                    tracing::warn!(addr = %addr, error = %e, "cannot serve /metrics; retrying after each pass (set [metrics] listen_port or enable = false)");
+                }
+                self.metrics_bind_failed = Some(addr);
+            }
+        }
+    }
+
+    async fn observe<W: WgBackend, L: LinkBackend>(
+        &mut self,
+        agent: &mut Agent<W, L>,
+        st: &AgentStatus,
+    ) {
+        let m = &self.metrics;
+        let failed = st.last_error.is_some() || st.last_pass_failed_ops > 0;
+        // `last_pass` is when the pass started: the time since is the pass (and the little
+        // that ran after it in the same loop turn).
+        let took = st
+            .last_pass
+            .map(|started| now().saturating_sub(started))
+            .unwrap_or_default();
+        m.observe_pass(took, failed);
+        m.set_netmap_version(st.netmap_version);
+        m.set_coordinator_reachable(st.mesh.reachable == Some(true));
+        m.set_key_created(key_created_unix(&agent.settings().private_key_file));
+        if !self.settings.metrics.enable || st.address.is_none() {
+            return;
+        }
+        let device: ObservedDevice = match agent.wg.observe().await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(error = %e, "metrics: device not observable");
+                return;
+            }
+        };
+        let mut labels = match agent.netmap() {
+            Some(nm) => labels_from_netmap(nm, &device),
+            None => Default::default(),
+        };
+        // Static peers: the configuration's names win (as in `meshctl peers`).
+        labels.extend(labels_from_names(
+            agent
+                .settings()
+                .peers
+                .iter()
+                .map(|p| (p.spec.public_key, p.name.as_str())),
+            &device,
+        ));
+        m.observe_device(&st.interface, &device, &labels);
+    }
+
+    /// Stop everything (before `meshctl down` removes what we own, so no apply in flight
+    /// writes the hosts block back): the workers finish their current step, the servers close.
+    pub async fn stop(&mut self) {
+        self.jobs = None;
+        self.split = None;
+        for task in [self.worker.take(), self.split_worker.take()]
+            .into_iter()
+            .flatten()
+        {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(STOP_WAIT, task).await.is_err() {
+                tracing::warn!("an integration step is still running; abandoning it");
+                abort.abort();
+            }
+        }
+        if let Some(dns) = self.dns.take() {
+            let _ = dns.shutdown().await;
+        }
+        if let Some(m) = self.metrics_server.take() {
+            let _ = m.stop.send(());
+            let _ = m.task.await;
+        }
+    }
+}
+
+fn want_addr(cfg: ServiceConfig, on_link: Option<IpAddr>) -> Option<SocketAddr> {
+    on_link
+        .filter(|_| cfg.enable)
+        .map(|ip| SocketAddr::new(ip, cfg.listen_port))
+}
+
+/// When the private key was written (the key file's mtime).
+fn key_created_unix(path: &Path) -> Option<u64> {
+    let modified = std::fs::metadata(path).ok()?.modified().ok()?;
+    modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
+}
+
+/// Remove what meshd put into shared system files for `meshctl down`: the `/etc/hosts` block
+/// and the split DNS on our interface. Returns what was removed and what failed.
+pub fn teardown(interface: &str, integrations: &IntegrationsConfig) -> (Vec<String>, Vec<String>) {
+    let mut removed = Vec::new();
+    let mut failed = Vec::new();
+    if let Some(h) = &integrations.hosts {
+        let engine = IntegrationEngine::with_system_runner(integrations, interface);
+        match engine.remove_hosts_block() {
+            Ok(()) => removed.push(format!("removed the meshd block of {}", h.path.display())),
+            Err(e) => failed.push(format!(
+                "cannot remove the meshd block of {}: {e}",
+                h.path.display()
+            )),
+        }
+    }
+    if let Some(r) = crate::resolved::SystemResolvectl::find() {
+        match crate::resolved::revert_split_dns(&r, interface) {
+            Ok(()) => removed.push(format!("reverted split DNS on {interface}")),
+            Err(e) => failed.push(e),
+        }
+    }
+    (removed, failed)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn want_addr_follows_the_settings_and_the_link() {
+        let ip: IpAddr = "10.99.99.1".parse().unwrap();
+        let on = ServiceConfig {
+            enable: true,
+            listen_port: 5353,
+        };
+        assert_eq!(want_addr(on, Some(ip)), Some(SocketAddr::new(ip, 5353)));
+        assert_eq!(want_addr(on, None), None);
+        let off = ServiceConfig {
+            enable: false,
+            ..on
+        };
+        assert_eq!(want_addr(off, Some(ip)), None);
+    }
+
+    #[test]
+    fn a_version_bump_alone_is_no_mesh_change() {
+        let view = |version: u64, extra: bool| {
+            let mut peers = vec![mesh_proto::config::PeerConfig {
+                name: "dock-prod".into(),
+                public_key: mesh_proto::PublicKey([2; 32]),
+                endpoint: None,
+                allowed_ips: vec!["10.99.99.2/32".parse().unwrap()],
+                persistent_keepalive: None,
+            }];
+            if extra {
+                peers.push(mesh_proto::config::PeerConfig {
+                    name: "dock-mirror".into(),
+                    public_key: mesh_proto::PublicKey([3; 32]),
+                    endpoint: None,
+                    allowed_ips: vec!["10.99.99.3/32".parse().unwrap()],
+                    persistent_keepalive: None,
+                });
+            }
+            let mut v =
+                MeshView::from_static("dock-load", "10.99.99.1/24".parse().unwrap(), &peers);
+            v.version = version;
+            v
+        };
+        assert!(same_mesh(Some(&view(1, false)), Some(&view(7, false))));
+        assert!(!same_mesh(Some(&view(1, false)), Some(&view(1, true))));
+        assert!(!same_mesh(None, Some(&view(1, false))));
+        assert!(same_mesh(None, None));
+    }
+
+    #[test]
+    fn teardown_removes_only_our_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(
+            &hosts,
+            "127.0.0.1 localhost\n# BEGIN meshd (managed by meshd)\n10.99.99.1\tdock-load.mesh.internal dock-load\n# END meshd\n::1 localhost\n",
+        )
+        .unwrap();
+        let cfg = mesh_proto::integrations_config::parse_integrations(
+            &toml::from_str::<toml::Value>(&format!(
+                "[hosts]\npath = {:?}\n",
+                hosts.display().to_string()
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let (removed, failed) = teardown("wgtest0", &cfg);
+        assert!(failed.is_empty(), "{failed:?}");
+        assert!(removed[0].contains("meshd block"), "{removed:?}");
+        assert_eq!(
+            std::fs::read_to_string(&hosts).unwrap(),
+            "127.0.0.1 localhost\n::1 localhost\n"
+        );
+    }
+}
