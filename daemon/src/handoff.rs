@@ -35,14 +35,17 @@ pub const RECHECK: Duration = Duration::from_secs(30);
 const STOP_WAIT: Duration = Duration::from_secs(10);
 
 /// The mesh as integrations see it now: the netmap's view (the coordinator named by its
-/// address in our membership, or this host on the coordinator), else the static
-/// configuration's, else none (not joined yet).
+/// address in our membership, or this host on the coordinator); on a host with a static
+/// configuration (no coordinator, no membership) that configuration's; else none.
 pub fn current_view<W: WgBackend, L: LinkBackend>(
     agent: &Agent<W, L>,
     static_view: Option<&MeshView>,
 ) -> Option<MeshView> {
+    let managed = agent.settings().coordinator.is_some() || agent.membership().is_some();
     let Some(nm) = agent.netmap() else {
-        return static_view.cloned();
+        // A managed host waits for its netmap: its static view would name the coordinator a
+        // member, and the files would change twice at start.
+        return if managed { None } else { static_view.cloned() };
     };
     let coordinator = if agent.settings().coordinator.is_some() || agent.mesh_state().is_coordinator
     {

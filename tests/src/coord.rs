@@ -211,6 +211,12 @@ impl Lab {
     /// Write dock-load's key and coordinator config, start meshd, wait until the coordinator
     /// answers `meshctl hosts`.
     pub fn start_coordinator(&self, engine_command: &str) -> Result<ProcId> {
+        self.start_coordinator_with(engine_command, "")
+    }
+
+    /// [`Lab::start_coordinator`] with `extra` TOML appended to the config (`[dns]`,
+    /// `[integrations]`, ...).
+    pub fn start_coordinator_with(&self, engine_command: &str, extra: &str) -> Result<ProcId> {
         let (private, _public) = generate_keypair();
         self.write_file_mode(
             COORDINATOR,
@@ -218,11 +224,8 @@ impl Lab {
             format!("{private}\n").as_bytes(),
             0o600,
         )?;
-        self.write_file(
-            COORDINATOR,
-            CONFIG_PATH,
-            render_coordinator_config(engine_command).as_bytes(),
-        )?;
+        let config = format!("{}\n{extra}", render_coordinator_config(engine_command));
+        self.write_file(COORDINATOR, CONFIG_PATH, config.as_bytes())?;
         let p = self.start_meshd(COORDINATOR)?;
         self.wait_meshctl(COORDINATOR, p, &["hosts"], Duration::from_secs(30))?;
         Ok(p)
@@ -338,12 +341,23 @@ impl Lab {
     /// Write a joining host's config (and token file), start meshd; in `Command` mode run
     /// `meshctl join TOKEN` once meshd answers. Returns meshd's process.
     pub fn join_host(&self, host: &str, token: &str, mode: JoinMode) -> Result<ProcId> {
+        self.join_host_with(host, token, mode, "")
+    }
+
+    /// [`Lab::join_host`] with `extra` TOML appended to the member config.
+    pub fn join_host_with(
+        &self,
+        host: &str,
+        token: &str,
+        mode: JoinMode,
+        extra: &str,
+    ) -> Result<ProcId> {
         let engine = crate::fleet::engine_command(self.bin_dir());
-        self.write_file(
-            host,
-            CONFIG_PATH,
-            render_member_config(host, &engine, mode == JoinMode::TokenFile).as_bytes(),
-        )?;
+        let config = format!(
+            "{}\n{extra}",
+            render_member_config(host, &engine, mode == JoinMode::TokenFile)
+        );
+        self.write_file(host, CONFIG_PATH, config.as_bytes())?;
         if mode == JoinMode::TokenFile {
             self.write_file_mode(host, TOKEN_PATH, format!("{token}\n").as_bytes(), 0o600)?;
         }
@@ -357,12 +371,14 @@ impl Lab {
 
     /// Start meshd on `host` with a member config and no token (ready for `meshctl join`).
     pub fn start_unjoined(&self, host: &str) -> Result<ProcId> {
+        self.start_unjoined_with(host, "")
+    }
+
+    /// [`Lab::start_unjoined`] with `extra` TOML appended to the member config.
+    pub fn start_unjoined_with(&self, host: &str, extra: &str) -> Result<ProcId> {
         let engine = crate::fleet::engine_command(self.bin_dir());
-        self.write_file(
-            host,
-            CONFIG_PATH,
-            render_member_config(host, &engine, false).as_bytes(),
-        )?;
+        let config = format!("{}\n{extra}", render_member_config(host, &engine, false));
+        self.write_file(host, CONFIG_PATH, config.as_bytes())?;
         let p = self.start_meshd(host)?;
         self.wait_meshctl(host, p, &["status"], Duration::from_secs(30))?;
         Ok(p)
