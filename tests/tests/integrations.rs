@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use meshlab::coord::API_PORT;
 use meshlab::{poll_for, poll_until, JoinMode, Lab, LabOpts, COORDINATOR, MESH_IFACE};
 use serde_json::Value;
 
@@ -166,8 +167,29 @@ fn want_hosts_block(hosts: &[&str]) -> Vec<String> {
 /// The file_sd groups as (target, job, host, role).
 fn file_sd(lab: &Lab, host: &str) -> Result<BTreeSet<(String, String, String, String)>> {
     let text = lab.read_file(host, FILE_SD)?;
-    let v: Value =
-        serde_json::from_str(&text).with_context(|| format!("{host}:{FILE_SD}: {text}"))?;
+    parse_sd(&text).with_context(|| format!("{host}:{FILE_SD}"))
+}
+
+/// The coordinator's http_sd, fetched over the mesh from `from`.
+fn http_sd(lab: &Lab, from: &str) -> Result<BTreeSet<(String, String, String, String)>> {
+    let text = lab.exec_ok(
+        from,
+        &[
+            "curl",
+            "-sf",
+            "--max-time",
+            "5",
+            &format!(
+                "http://{}:{API_PORT}/v1/prometheus/targets",
+                mesh(COORDINATOR)
+            ),
+        ],
+    )?;
+    parse_sd(&text).with_context(|| format!("http_sd from {from}"))
+}
+
+fn parse_sd(text: &str) -> Result<BTreeSet<(String, String, String, String)>> {
+    let v: Value = serde_json::from_str(text).with_context(|| text.to_owned())?;
     let mut out = BTreeSet::new();
     for g in v
         .as_array()
@@ -427,7 +449,9 @@ fn files_dns_and_metrics_follow_the_mesh() -> Result<()> {
         COORDINATOR,
         "/etc/prometheus/prometheus.yml",
         format!(
-            "scrape_configs:\n  - job_name: mesh\n    file_sd_configs:\n      - files: [\"{FILE_SD}\"]\n"
+            "scrape_configs:\n  - job_name: mesh\n    file_sd_configs:\n      - files: [\"{FILE_SD}\"]\n  \
+             - job_name: mesh-http\n    http_sd_configs:\n      - url: \"http://{}:{API_PORT}/v1/prometheus/targets\"\n",
+            mesh(COORDINATOR)
         )
         .as_bytes(),
     )?;
@@ -444,6 +468,8 @@ fn files_dns_and_metrics_follow_the_mesh() -> Result<()> {
 
     // Mesh DNS: every host answers for every host, NXDOMAIN for names it does not know.
     lab.wait_mesh_pings(&two, SETTLE)?;
+    // The coordinator serves the whole mesh as Prometheus http_sd.
+    assert_eq!(http_sd(&lab, "dock-prod")?, want_file_sd(&two));
     for from in two {
         for server in two {
             let (status, answers) = dig(&lab, from, mesh(server), "dock-prod.mesh.internal")?;
@@ -540,6 +566,7 @@ fn files_dns_and_metrics_follow_the_mesh() -> Result<()> {
         assert_eq!(counts[c], 1, "dock-mirror: {counts:?}");
     }
     lab.wait_mesh_pings(&three, SETTLE)?;
+    assert_eq!(http_sd(&lab, "dock-mirror")?, want_file_sd(&three));
     for from in three {
         for server in three {
             let (status, answers) = dig(&lab, from, mesh(server), "dock-prod.mesh.internal")?;

@@ -32,6 +32,9 @@ pub type ObservedFn = Arc<dyn Fn(IpAddr) -> Option<SocketAddr> + Send + Sync>;
 /// How often expired invitations are swept out of the registry.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(30);
 
+/// Prometheus `http_sd_configs` URL path (JSON in the file_sd format).
+pub const PROMETHEUS_SD_PATH: &str = "/v1/prometheus/targets";
+
 /// Response header carrying the netmap version (also in the body), for cheap clients.
 pub const VERSION_HEADER: &str = "x-meshd-netmap-version";
 
@@ -223,6 +226,41 @@ async fn netmap(
     Ok(resp)
 }
 
+/// Prometheus HTTP service discovery: node_exporter and meshd on every host of the mesh
+/// (static peers left out), labelled with host and role, in the file_sd format the hosts
+/// write too. For any host of the mesh (Prometheus on dock-dash asks over the tunnel).
+async fn prometheus_targets(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> ApiResult<Response> {
+    let caller = caller_ip(peer);
+    let known = st
+        .coord
+        .snapshot_arc()?
+        .hosts
+        .iter()
+        .any(|h| h.address == caller && !h.removed);
+    if !known {
+        return Err(CoordError::NotAHost(caller).into());
+    }
+    let own = st.coord.settings().own_name.clone();
+    let Some(nm) = st.coord.netmap_for_name(&own)? else {
+        return Err(CoordError::Internal(format!("the registry has no netmap for {own}")).into());
+    };
+    let view = mesh_proto::integrate::MeshView::new(&nm, Some(&own));
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        mesh_proto::integrate::prometheus_targets(&view),
+    )
+        .into_response())
+}
+
 async fn admin_invite(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -307,6 +345,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/endpoints", post(endpoints))
         .route("/v1/rotate", post(rotate))
         .route("/v1/netmap", get(netmap))
+        .route(PROMETHEUS_SD_PATH, get(prometheus_targets))
         .route("/v1/admin/invite", post(admin_invite))
         .route("/v1/admin/invites", get(admin_invites))
         .route("/v1/admin/invites/{name}", delete(admin_revoke))
