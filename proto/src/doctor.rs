@@ -18,6 +18,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::integrations_config::DEFAULT_K3S_DROPIN;
+
 /// How a check came out. Ordered: `Ok < Warn < Fail`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -330,16 +332,16 @@ pub fn k3s_check(interface: &str, files: &[(String, String)]) -> Check {
             name,
             format!("flannel-iface is {v} (from {file}), not the mesh interface {interface}"),
             format!(
-                "set `flannel-iface: {interface}` in /etc/rancher/k3s/config.yaml.d/50-meshd.yaml \
-                 and restart K3s after meshd-online.target"
+                "add [integrations.k3s] to meshd.toml (meshd then writes `flannel-iface: \
+                 {interface}` to {DEFAULT_K3S_DROPIN}) and restart K3s after meshd-online.target"
             ),
         ),
         None => Check::warn(
             name,
             "K3s is configured but sets no flannel-iface (flannel picks the default route's interface)",
             format!(
-                "set `flannel-iface: {interface}` in /etc/rancher/k3s/config.yaml.d/50-meshd.yaml \
-                 and restart K3s after meshd-online.target"
+                "add [integrations.k3s] to meshd.toml (meshd then writes `flannel-iface: \
+                 {interface}` to {DEFAULT_K3S_DROPIN}) and restart K3s after meshd-online.target"
             ),
         ),
     }
@@ -354,7 +356,8 @@ pub fn integration_check(status: &crate::integrate::IntegrationStatus) -> Check 
         (Some(e), false) => Check::fail(
             name,
             format!("{path}: {e}; the old file is kept"),
-            "fix the template, the integration's settings or the command in [integrations] of              meshd.toml, then `meshctl reload`",
+            "fix the template, the integration's settings or the command in [integrations] of \
+             meshd.toml, then `meshctl reload`",
         ),
         _ => Check::ok(
             name,
@@ -636,5 +639,6 @@ mod tests {
         assert_eq!(c.status, CheckStatus::Fail);
         assert!(c.detail.contains("unexpected end"), "{}", c.detail);
         assert!(c.detail.contains("the old file is kept"), "{}", c.detail);
+        assert!(!c.fix.unwrap_or_default().contains("  "));
     }
 }
