@@ -660,3 +660,72 @@ fn broken_template_keeps_the_old_file_and_doctor_reports_it() -> Result<()> {
     assert_eq!(lab.read_file(COORDINATOR, HOSTS)?, KEPT_HOSTS);
     Ok(())
 }
+
+#[test]
+fn a_static_fleet_gets_dns_files_and_metrics_from_its_config() -> Result<()> {
+    let _g = serial();
+    let two = ["dock-load", "dock-prod"];
+    let lab = Lab::build(LabOpts::with_hosts(&two))?;
+    let fleet = meshlab::Fleet::generate(&two, &meshlab::engine_command(lab.bin_dir()))?;
+    lab.install_fleet(&fleet)?;
+    for h in two {
+        prepare(&lab, h)?;
+        // No coordinator: hosts, template and DNS come from host.* and the [[peer]] entries.
+        let config = lab.read_file(h, meshlab::fleet::CONFIG_PATH)?;
+        let extra = format!(
+            "\n[integrations.hosts]\n{}\n\n[[integrations.template]]\nname = \"peers\"\n\
+             source = \"{TEMPLATE_SRC}\"\npath = \"{TEMPLATE_OUT}\"\n{}\n",
+            reload("hosts"),
+            reload("peers")
+        );
+        lab.write_file(
+            h,
+            meshlab::fleet::CONFIG_PATH,
+            format!("{config}{extra}").as_bytes(),
+        )?;
+        lab.start_meshd(h)?;
+    }
+    let member = |h: &str| format!("{h} {} member\n", mesh(h));
+    for h in two {
+        poll_until(SETTLE, &format!("{h}'s files from its config"), || {
+            Ok(hosts_block(&lab, h)? == want_hosts_block(&two)
+                && lab.read_file(h, TEMPLATE_OUT).unwrap_or_default()
+                    == format!("{}{}", member("dock-load"), member("dock-prod")))
+        })?;
+    }
+    lab.wait_mesh_pings(&two, SETTLE)?;
+    for from in two {
+        for server in two {
+            for name in two {
+                let (status, answers) =
+                    dig(&lab, from, mesh(server), &format!("{name}.mesh.internal"))?;
+                assert_eq!(status, "NOERROR", "dig @{server} {name} from {from}");
+                assert_eq!(answers, [mesh(name).to_string()]);
+            }
+        }
+    }
+    for h in two {
+        let counts = reload_counts(&lab, h)?;
+        assert_eq!(
+            (counts["hosts"], counts["peers"]),
+            (1, 1),
+            "{h}: {counts:?}"
+        );
+    }
+    let metrics = lab.exec_ok(
+        "dock-load",
+        &[
+            "curl",
+            "-sf",
+            "--max-time",
+            "5",
+            &format!("http://{}:9586/metrics", mesh("dock-prod")),
+        ],
+    )?;
+    assert!(
+        metrics.contains("friendly_name=\"dock-load\"")
+            && metrics.contains("meshd_netmap_version 0"),
+        "{metrics}"
+    );
+    Ok(())
+}
