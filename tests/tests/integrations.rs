@@ -666,6 +666,7 @@ fn a_static_fleet_gets_dns_files_and_metrics_from_its_config() -> Result<()> {
     let _g = serial();
     let two = ["dock-load", "dock-prod"];
     let lab = Lab::build(LabOpts::with_hosts(&two))?;
+    let mut procs = Vec::new();
     let fleet = meshlab::Fleet::generate(&two, &meshlab::engine_command(lab.bin_dir()))?;
     lab.install_fleet(&fleet)?;
     for h in two {
@@ -683,7 +684,7 @@ fn a_static_fleet_gets_dns_files_and_metrics_from_its_config() -> Result<()> {
             meshlab::fleet::CONFIG_PATH,
             format!("{config}{extra}").as_bytes(),
         )?;
-        lab.start_meshd(h)?;
+        procs.push(lab.start_meshd(h)?);
     }
     let member = |h: &str| format!("{h} {} member\n", mesh(h));
     for h in two {
@@ -727,5 +728,40 @@ fn a_static_fleet_gets_dns_files_and_metrics_from_its_config() -> Result<()> {
             && metrics.contains("meshd_netmap_version 0"),
         "{metrics}"
     );
+
+    // SIGHUP with a new integration: the engine is rebuilt and writes it.
+    let config = lab.read_file("dock-prod", meshlab::fleet::CONFIG_PATH)?;
+    lab.write_file(
+        "dock-prod",
+        meshlab::fleet::CONFIG_PATH,
+        format!(
+            "{config}\n[integrations.prometheus]\n{}\n",
+            reload("prometheus")
+        )
+        .as_bytes(),
+    )?;
+    assert!(
+        lab.signal(procs[1], libc::SIGHUP),
+        "SIGHUP to dock-prod's meshd"
+    );
+    // A static view names every host a member (no coordinator).
+    let want: BTreeSet<_> = want_file_sd(&two)
+        .into_iter()
+        .map(|(t, j, h, _)| (t, j, h, "member".to_owned()))
+        .collect();
+    poll_until(SETTLE, "dock-prod's file_sd after SIGHUP", || {
+        Ok(file_sd(&lab, "dock-prod").unwrap_or_default() == want)
+    })?;
+    expect_counts(
+        &lab,
+        "dock-prod",
+        &BTreeMap::from([
+            ("k3s", 0),
+            ("drbd", 0),
+            ("prometheus", 1),
+            ("hosts", 1),
+            ("peers", 1),
+        ]),
+    )?;
     Ok(())
 }
