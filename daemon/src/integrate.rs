@@ -262,8 +262,14 @@ impl IntegrationEngine {
                 Applied::NotApplicable
             };
             match &applied {
-                Applied::Failed(e) => {
+                // Once per error: a broken template fails again at every re-apply.
+                Applied::Failed(e)
+                    if prev.as_ref().and_then(|p| p.status.last_error.as_ref()) != Some(e) =>
+                {
                     tracing::warn!(integration = %out.name, path = %out.path.display(), error = %e, "integration failed; the old file stays");
+                }
+                Applied::Failed(e) => {
+                    tracing::debug!(integration = %out.name, error = %e, "integration still failing");
                 }
                 Applied::Changed => {
                     tracing::info!(integration = %out.name, path = %out.path.display(), "integration updated");
@@ -555,7 +561,9 @@ mod tests {
             "{calls:?}"
         );
         assert!(
-            !calls.iter().any(|c| c.contains("adjust r0") || c == "k3s-reload"),
+            !calls
+                .iter()
+                .any(|c| c.contains("adjust r0") || c == "k3s-reload"),
             "{calls:?}"
         );
         assert!(fs::read_to_string(p.join("hosts"))
