@@ -19,6 +19,8 @@ meshd_install_deps() {
     [iptables]=iptables
     # Integration checks: promtool (in Debian's prometheus package) and drbdadm.
     [promtool]=prometheus [drbdadm]=drbd-utils
+    # Mesh DNS checks.
+    [dig]=dnsutils
     # The VM lab (tests/vm/prepare.sh, meshlab::vm): qemu, and what builds its initramfs.
     [qemu-system-x86_64]=qemu-system-x86 [modprobe]=kmod [depmod]=kmod [cpio]=cpio
     [flock]=util-linux [xz]=xz-utils [readelf]=binutils
