@@ -326,6 +326,41 @@ fn forward<R: Read + Send + 'static>(
     })
 }
 
+/// Host paths the VM hides (fresh tmpfs inside).
+const HIDDEN_ROOTS: [&str; 4] = ["/tmp", "/var/tmp", "/run", "/dev/shm"];
+
+/// `visible` plus what the job itself needs when it lives under a hidden root: its working
+/// directory, the lab's binaries and this test executable (a checkout or a target directory
+/// under /tmp, as CI may use). Each is shown from its top directory under the root
+/// (`/tmp/fresh/tests` shows `/tmp/fresh`), so a checkout and its target come back together.
+fn with_own_dirs(visible: &[PathBuf], cwd: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = visible.to_vec();
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf));
+    let candidates = [
+        Some(cwd.to_path_buf()),
+        Some(crate::lab::bin_dir()),
+        exe_dir,
+    ];
+    for dir in candidates.into_iter().flatten() {
+        for root in HIDDEN_ROOTS {
+            let Ok(rest) = dir.strip_prefix(root) else {
+                continue;
+            };
+            let Some(first) = rest.components().next() else {
+                continue;
+            };
+            let top = Path::new(root).join(first);
+            if top.is_dir() && !out.iter().any(|v| top.starts_with(v)) {
+                out.retain(|v| !v.starts_with(&top));
+                out.push(top);
+            }
+        }
+    }
+    out
+}
+
 /// Boot the VM, run `cmd` (program and arguments; a host path or a name found on
 /// `opts.env`'s `PATH` inside) and return its exit code and the console. Errors are the
 /// harness' own (nothing to boot, qemu would not start); what happens inside the VM,
@@ -348,9 +383,10 @@ pub fn run_in_vm(cmd: &[String], opts: &VmOpts) -> Result<VmRun> {
         f.write_all(job_script(cmd, opts)?.as_bytes())
             .with_context(|| format!("writing {}", script.display()))?;
     }
-    if !opts.visible.is_empty() {
+    let visible = with_own_dirs(&opts.visible, &opts.cwd);
+    if !visible.is_empty() {
         let mut list = String::new();
-        for d in &opts.visible {
+        for d in &visible {
             let s = d
                 .to_str()
                 .filter(|s| d.is_absolute() && !s.contains('\n'))
