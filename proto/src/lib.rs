@@ -14,6 +14,7 @@ pub mod integrations_config;
 pub mod key;
 pub mod netmap;
 pub mod plan;
+pub mod rotation;
 pub mod routes;
 pub mod token;
 pub mod uapi;
