@@ -62,6 +62,9 @@ fn coexist_in_vm() -> Result<()> {
 
 /// The K3s + libvirt + Docker node, as the issue lists it.
 const K3S_NODE: &str = r#"set -eu
+# IPv6 link-local addresses without duplicate address detection, so they (and their local
+# routes) exist at once instead of showing up seconds later in the middle of a comparison.
+sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0
 underlay=$(ip -4 -o addr show dev eth0 | awk '{print $4}' | cut -d/ -f1)
 # flannel vxlan: flannel.1 on the underlay, onlink routes to the other nodes' pod subnets.
 ip link add flannel.1 type vxlan id 1 dstport 8472 dev eth0 local "$underlay" nolearning
@@ -132,6 +135,29 @@ fn snapshot(lab: &Lab) -> Result<String> {
     lab.sh(HOST, SNAPSHOT)
 }
 
+/// The snapshot once the kernel has finished settling the planted node (IPv6 link-local
+/// addresses and their local routes arrive asynchronously): the first one that is unchanged a
+/// poll interval later, with no tentative address left.
+fn settled_snapshot(lab: &Lab) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = snapshot(lab)?;
+    loop {
+        std::thread::sleep(meshlab::poll::POLL_INTERVAL * 4);
+        let now = snapshot(lab)?;
+        let tentative = lab.exec_ok(HOST, &["ip", "-6", "addr", "show", "tentative"])?;
+        if now == last && tentative.trim().is_empty() {
+            return Ok(now);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the planted node did not settle within 20 s:\n{}",
+                diff_lines(&last, &now).join("\n")
+            );
+        }
+        last = now;
+    }
+}
+
 fn same(lab: &Lab, before: &str, when: &str) -> Result<()> {
     let now = snapshot(lab)?;
     if now != before {
@@ -199,7 +225,7 @@ fn stop(lab: &Lab, p: meshlab::ProcId, sig: i32) -> Result<()> {
 fn inner_k3s_libvirt_docker_node_is_untouched() -> Result<()> {
     let lab = Lab::build(LabOpts::with_hosts(&[HOST, PEER]))?;
     lab.sh(HOST, K3S_NODE).context("planting the K3s node")?;
-    let before = snapshot(&lab)?;
+    let before = settled_snapshot(&lab)?;
     println!("the K3s + libvirt + Docker node, before meshd:\n{before}");
     assert!(before.contains("10.42.0.0/16 dev flannel-wg"), "{before}");
 
