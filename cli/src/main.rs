@@ -50,6 +50,8 @@ enum Cmd {
         #[arg(long)]
         file: Option<PathBuf>,
     },
+    /// Rotate this host's WireGuard key now, through the coordinator (peers switch with it).
+    Rotate,
     /// Invite a host: prints its one-line token (or, with --static, a wg-quick config).
     Invite {
         /// The new host's name.
@@ -299,6 +301,7 @@ fn send(cli: Cli) -> Result<()> {
         Cmd::Peers { .. } => Request::Peers,
         Cmd::Status { .. } => Request::Status,
         Cmd::Reload => Request::Reload,
+        Cmd::Rotate => Request::Rotate,
         Cmd::Join { token, file } => {
             let token = match (token, file) {
                 (Some(t), _) => t.trim().to_string(),
@@ -371,7 +374,9 @@ fn send(cli: Cli) -> Result<()> {
         (Cmd::Status { json: false }, Response::Status(status)) => {
             out(&render_status(&status, now()))
         }
-        (Cmd::Reload | Cmd::Down { .. }, Response::Ok { message }) => out(&format!("{message}\n")),
+        (Cmd::Reload | Cmd::Rotate | Cmd::Down { .. }, Response::Ok { message }) => {
+            out(&format!("{message}\n"))
+        }
         (_, other) => bail!("unexpected reply from meshd: {other:?}"),
     }
 }

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use mesh_proto::api::{
     ApiError, EndpointReport, HostInfo, InviteInfo, InviteRequest, InviteResponse, JoinRequest,
-    JoinResponse, LONG_POLL_SECS,
+    JoinResponse, RotateRequest, RotateResponse, LONG_POLL_SECS,
 };
 use mesh_proto::netmap::Netmap;
+use mesh_proto::PublicKey;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -95,6 +96,22 @@ pub async fn report_endpoints(at: SocketAddr, report: &EndpointReport) -> Result
     let body = encode(at, report)?;
     let raw = request(at, "POST", "/v1/endpoints", Some(body), CALL_TIMEOUT).await?;
     check(at, raw).map(|_| ())
+}
+
+/// `POST /v1/rotate/prepare`: `key` becomes our next key (peers accept its handshakes).
+pub async fn rotate_prepare(at: SocketAddr, key: PublicKey) -> Result<Netmap, CallError> {
+    let req = RotateRequest { public_key: key };
+    call_json::<_, RotateResponse>(at, "POST", "/v1/rotate/prepare", Some(&req), CALL_TIMEOUT)
+        .await
+        .map(|r| r.netmap)
+}
+
+/// `POST /v1/rotate/commit`: the prepared `key` replaces ours everywhere.
+pub async fn rotate_commit(at: SocketAddr, key: PublicKey) -> Result<Netmap, CallError> {
+    let req = RotateRequest { public_key: key };
+    call_json::<_, RotateResponse>(at, "POST", "/v1/rotate/commit", Some(&req), CALL_TIMEOUT)
+        .await
+        .map(|r| r.netmap)
 }
 
 pub async fn invite(at: SocketAddr, req: &InviteRequest) -> Result<InviteResponse, CallError> {

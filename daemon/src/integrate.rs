@@ -442,6 +442,7 @@ mod tests {
             static_peer: false,
             admin: false,
             key_created_unix: 0,
+            next_public_key: None,
         }
     }
 

@@ -117,6 +117,22 @@ pub fn desired_device(
                     persistent_keepalive: p.persistent_keepalive.filter(|k| *k != 0),
                 },
             );
+            // A rotation in progress: accept handshakes from the peer's next key, route
+            // nothing to it (mesh_proto::rotation, "Prepared").
+            if let Some(next) = p
+                .next_public_key
+                .filter(|n| *n != own && *n != p.public_key)
+            {
+                if !settings.peers.iter().any(|s| s.spec.public_key == next) {
+                    spec.peers.entry(next).or_insert(PeerSpec {
+                        public_key: next,
+                        preshared_key: None,
+                        endpoint: p.endpoints.first().map(|c| c.addr),
+                        allowed_ips: Vec::new(),
+                        persistent_keepalive: None,
+                    });
+                }
+            }
         }
     }
     if let Some(m) = membership {
@@ -370,6 +386,144 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
             Err(e)
         }
     }
+}
+
+/// How long a prepared next key is left to reach every peer before the commit: netmaps are
+/// pushed over long-polls within milliseconds; DESIGN §4 promises a second.
+pub const ROTATION_SETTLE: Duration = Duration::from_secs(1);
+
+/// Make every peer handshake now: one datagram to each netmap peer's mesh address (discard
+/// port) makes the device initiate a handshake with the key it now runs, whatever the backend.
+async fn poke_peers(netmap: &Netmap) {
+    let Ok(sock) = tokio::net::UdpSocket::bind("0.0.0.0:0").await else {
+        return;
+    };
+    let sock6 = tokio::net::UdpSocket::bind("[::]:0").await.ok();
+    for p in &netmap.peers {
+        let to = SocketAddr::new(p.address, 9);
+        let r = match (p.address, &sock6) {
+            (IpAddr::V6(_), Some(s6)) => s6.send_to(&[0], to).await,
+            _ => sock.send_to(&[0], to).await,
+        };
+        if let Err(e) = r {
+            tracing::debug!(peer = %p.name, error = %e, "cannot poke the peer");
+        }
+    }
+}
+
+/// Rotate this member's static key now (`meshctl rotate`), following
+/// `mesh_proto::rotation`: write the next key, prepare it with the coordinator, let it reach
+/// the peers, commit, switch the device on the reply and handshake every peer, then promote
+/// the key file (the old key leaves the disk; the old `PrivateKey` is dropped, which zeroizes
+/// it). A next key left by an interrupted rotation is resumed. Returns the operator's message.
+pub async fn rotate<W: WgBackend, L: LinkBackend>(
+    agent: &mut Agent<W, L>,
+    state: &StateDir,
+) -> Result<String, String> {
+    use mesh_proto::rotation::{Action, Rotation};
+    if agent.settings().coordinator.is_some() {
+        return Err(
+            "this host runs the coordinator; rotating the coordinator's own key is not \
+                    implemented yet"
+                .into(),
+        );
+    }
+    let Some(api) = agent.membership().map(Membership::api_addr) else {
+        return Err(
+            "not a member of a managed mesh: there is no coordinator to rotate with \
+                    (a static fleet changes keys by editing the configuration)"
+                .into(),
+        );
+    };
+    let path = agent.settings().private_key_file.clone();
+    let old = agent.key().public_key();
+    let pending = match crate::keyfile::inspect(&crate::keyfile::next_path(&path)) {
+        Ok(crate::keyfile::KeyFileState::Valid(k)) if k.public_key() != old => Some(k),
+        Ok(_) => None,
+        Err(e) => return Err(e.to_string()),
+    };
+    let (mut rot, next) = match pending {
+        Some(k) => {
+            tracing::info!(next = %k.public_key(), "resuming an interrupted key rotation");
+            (Rotation::resume(old, k.public_key()), k)
+        }
+        None => {
+            let mut rot = Rotation::idle(old);
+            rot.handle_request();
+            (rot, PrivateKey::generate())
+        }
+    };
+    let started = tokio::time::Instant::now();
+    let refused = |rot: &mut Rotation, what: &str, e: CallError| -> String {
+        if matches!(e, CallError::Refused { status, .. } if status < 500) {
+            let _ = rot.handle_refused();
+            if let Err(de) = crate::keyfile::discard_next(&path) {
+                tracing::warn!(error = %de, "cannot delete the abandoned next key");
+            }
+            format!("the coordinator refused the rotation's {what}: {e}; the key is unchanged")
+        } else {
+            format!(
+                "the rotation's {what} did not reach the coordinator: {e}; the key is unchanged \
+                 and the next key is kept: run `meshctl rotate` again to resume"
+            )
+        }
+    };
+    while let Some(action) = rot.poll_action() {
+        tracing::info!(step = %action, "key rotation");
+        let step = match action {
+            Action::WriteNextKey => crate::keyfile::write_next(&path, &next)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    rot.handle_next_key_written(next.public_key())
+                        .map_err(|e| e.to_string())
+                }),
+            Action::Prepare(k) => match client::rotate_prepare(api, k).await {
+                Ok(_) => {
+                    // Let the next key reach every peer's device before anything routes to it.
+                    tokio::time::sleep(ROTATION_SETTLE).await;
+                    rot.handle_prepared().map_err(|e| e.to_string())
+                }
+                Err(e) => Err(refused(&mut rot, "prepare", e)),
+            },
+            Action::Commit(k) => match client::rotate_commit(api, k).await {
+                Ok(nm) if nm.public_key == k => {
+                    // Switch at once: the same commit is reaching the peers right now.
+                    agent.set_key(next.clone());
+                    agent.set_netmap(nm.clone());
+                    rot.handle_committed().map_err(|e| e.to_string())?;
+                    let report = agent.reconcile(now()).await;
+                    poke_peers(&nm).await;
+                    if let Some(e) = report.error {
+                        tracing::warn!(error = %e, "the pass after the key switch had errors");
+                    }
+                    if let Err(e) = state.save_netmap(&nm) {
+                        tracing::warn!(error = %e, "cannot cache the netmap");
+                    }
+                    rot.handle_switched().map_err(|e| e.to_string())
+                }
+                Ok(nm) => Err(format!(
+                    "the coordinator's reply names key {} for us, not the committed {}",
+                    nm.public_key.short(),
+                    k.short()
+                )),
+                Err(e) => Err(refused(&mut rot, "commit", e)),
+            },
+            // Done with the reply above (the switch must not wait for another step).
+            Action::Switch(_) => rot.handle_switched().map_err(|e| e.to_string()),
+            Action::Promote => crate::keyfile::promote(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|()| rot.handle_promoted().map_err(|e| e.to_string())),
+        };
+        step?;
+    }
+    let took = started.elapsed();
+    tracing::info!(old = %old, new = %rot.live_key(), took_ms = took.as_millis() as u64, "key rotated");
+    Ok(format!(
+        "key rotated: {} -> {} in {} ms; the old key is gone from disk",
+        old.short(),
+        rot.live_key().short(),
+        took.as_millis()
+    ))
 }
 
 /// Follow the netmap: long-poll the coordinator, send each newer netmap to the loop; on
@@ -629,6 +783,7 @@ mod tests {
             static_peer: false,
             admin: false,
             key_created_unix: 1_700_000_000,
+            next_public_key: None,
         }
     }
 
@@ -697,6 +852,31 @@ mod tests {
         let c = &spec.peers[&key(100).public_key()];
         assert_eq!(c.endpoint, Some("192.0.2.1:51871".parse().expect("sa")));
         assert_eq!(c.persistent_keepalive, Some(BOOTSTRAP_KEEPALIVE));
+    }
+
+    #[test]
+    fn a_peers_next_key_is_accepted_but_routes_nothing() {
+        let own = key(50);
+        let s = settings(Vec::new());
+        let mut edge = netmap_peer("dock-edge", 22, "10.99.99.5", "192.168.1.5:51871");
+        edge.next_public_key = Some(key(23).public_key());
+        let nm = netmap(&own, 4, vec![edge.clone()]);
+        let (spec, _) = desired_device(&s, &own, None, Some(&nm));
+        let old = &spec.peers[&key(22).public_key()];
+        assert_eq!(
+            old.allowed_ips,
+            vec!["10.99.99.5/32".parse::<IpNet>().expect("net")]
+        );
+        let next = &spec.peers[&key(23).public_key()];
+        assert!(next.allowed_ips.is_empty(), "no traffic before the commit");
+        assert_eq!(next.endpoint, old.endpoint);
+        // Committed: the next key holds the address, the old key is gone.
+        edge.public_key = key(23).public_key();
+        edge.next_public_key = None;
+        let nm = netmap(&own, 5, vec![edge]);
+        let (spec, _) = desired_device(&s, &own, None, Some(&nm));
+        assert_eq!(spec.peers.len(), 1);
+        assert!(!spec.peers[&key(23).public_key()].allowed_ips.is_empty());
     }
 
     fn unjoined(dir: &std::path::Path) -> Agent<FakeBackend, FakeLink> {

@@ -151,6 +151,10 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
                 Err(e) => Response::error(e.message),
             }
         }
+        Request::Rotate => match crate::member::rotate(agent, &member.state).await {
+            Ok(message) => Response::ok(message),
+            Err(e) => Response::error(e),
+        },
         Request::Doctor => Response::Doctor(crate::doctor::run_daemon(agent).await),
         // The loop answers `down` itself (it has to stop after answering).
         Request::Down => Response::error("down is handled by the daemon loop"),

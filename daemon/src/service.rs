@@ -111,7 +111,7 @@ pub async fn serve(settings: Settings) -> Result<()> {
     if port == crate::ports::PortState::Ours {
         tracing::info!(port = settings.listen_port, interface = %settings.interface, "listen port held by our own interface; adopting it");
     }
-    let key = keyfile::load_or_generate(&settings.private_key_file)?;
+    let key = recover_key(&settings)?;
     let shutdown = crate::daemon::shutdown_signal()?;
     let engine = settings
         .engine_command
@@ -344,6 +344,29 @@ fn admin_handler(coord: Coordinator) -> AdminHandler {
             }
         })
     })
+}
+
+/// The live key at start, after finishing or keeping an interrupted rotation
+/// (`mesh_proto::rotation::recover`): the coordinator's word is the key of our cached netmap
+/// (none for a static fleet or before the first netmap).
+fn recover_key(settings: &Settings) -> anyhow::Result<mesh_proto::PrivateKey> {
+    use mesh_proto::rotation::Recovery;
+    let cached = crate::state::StateDir::new(&settings.state_dir)
+        .load_netmap()
+        .ok()
+        .flatten()
+        .map(|nm| nm.public_key);
+    let r = keyfile::recover(&settings.private_key_file, cached)?;
+    match r.decision {
+        Recovery::CurrentResume(next) | Recovery::CurrentUndecided(next) => tracing::warn!(
+            next = %next,
+            "a key rotation was interrupted; running the current key, the next key is kept: \
+             `meshctl rotate` resumes it"
+        ),
+        Recovery::PromoteNext => tracing::info!("finished an interrupted key rotation"),
+        _ => {}
+    }
+    Ok(r.live)
 }
 
 #[cfg(test)]

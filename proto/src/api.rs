@@ -6,7 +6,11 @@
 //! POST /v1/join             JoinRequest    -> JoinResponse      (caller = the invited address)
 //! POST /v1/endpoints        EndpointReport -> 204
 //! POST /v1/rotate           RotateRequest  -> RotateResponse    (caller = a joined daemon host;
-//!                            its new key replaces its current one everywhere)
+//!                            its new key replaces its current one everywhere at once)
+//! POST /v1/rotate/prepare   RotateRequest  -> RotateResponse    (the key becomes the caller's
+//!                            next key: peers accept its handshakes; idempotent)
+//! POST /v1/rotate/commit    RotateRequest  -> RotateResponse    (the prepared next key replaces
+//!                            the caller's key everywhere; idempotent; see `crate::rotation`)
 //! GET  /v1/netmap?since=V   (long-poll up to LONG_POLL_SECS; 200 Netmap when version > V,
 //!                            304 when nothing changed in time)
 //! POST /v1/admin/invite     InviteRequest  -> InviteResponse   (admin hosts only)

@@ -45,6 +45,8 @@ pub enum Request {
     Join {
         token: String,
     },
+    /// Rotate this host's static key now (`meshctl rotate`; see `crate::rotation`).
+    Rotate,
     /// Coordinator admin calls (served on the coordinator host, or relayed from admin hosts).
     Invite(crate::api::InviteRequest),
     Invites,
@@ -925,6 +927,7 @@ mod tests {
             static_peer: false,
             admin: false,
             key_created_unix: 0,
+            next_public_key: None,
         }
     }
 

@@ -821,6 +821,7 @@ mod tests {
             static_peer,
             admin: false,
             key_created_unix: 0,
+            next_public_key: None,
         }
     }
 

@@ -71,6 +71,9 @@ pub struct HostRecord {
     pub extra_allowed_ips: Vec<IpNet>,
     /// When the host's current public key was registered (seconds since the UNIX epoch).
     pub key_created_unix: u64,
+    /// The key the host is rotating to (prepared, not committed); see `crate::rotation`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<PublicKey>,
 }
 
 /// The registry as the netmap computation sees it.
@@ -101,6 +104,10 @@ pub struct NetmapPeer {
     pub static_peer: bool,
     pub admin: bool,
     pub key_created_unix: u64,
+    /// The key the peer is rotating to: put on the device as a peer with no allowed IPs, so a
+    /// handshake from it is accepted before the cut-over (see `crate::rotation`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_public_key: Option<PublicKey>,
 }
 
 /// What one host needs: itself and its peers.
@@ -241,6 +248,7 @@ fn peer_of(reg: &RegistrySnapshot, h: &HostRecord, p: &HostRecord) -> NetmapPeer
         static_peer: p.static_peer,
         admin: p.admin,
         key_created_unix: p.key_created_unix,
+        next_public_key: p.next_public_key,
     }
 }
 
@@ -295,6 +303,7 @@ mod tests {
             observed: observed.map(sa),
             extra_allowed_ips: vec![],
             key_created_unix: 100 + u64::from(n),
+            next_public_key: None,
         }
     }
 
@@ -574,6 +583,7 @@ mod tests {
                     observed,
                     extra_allowed_ips: extra,
                     key_created_unix: u64::from(n),
+                    next_public_key: None,
                 },
             );
         (any::<u64>(), 1u16..100, prop::collection::vec(host, 0..8)).prop_map(

@@ -158,6 +158,30 @@ async fn rotate(
     Ok(Json(resp).into_response())
 }
 
+async fn rotate_prepare(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let req: RotateRequest = parse_json(body)?;
+    let caller = caller_ip(peer);
+    let coord = st.coord.clone();
+    let resp = blocking(move || coord.prepare_rotation(caller, req, now_unix())).await?;
+    Ok(Json(resp).into_response())
+}
+
+async fn rotate_commit(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let req: RotateRequest = parse_json(body)?;
+    let caller = caller_ip(peer);
+    let coord = st.coord.clone();
+    let resp = blocking(move || coord.commit_rotation(caller, req, now_unix())).await?;
+    Ok(Json(resp).into_response())
+}
+
 #[derive(Debug, Deserialize)]
 struct NetmapQuery {
     since: Option<u64>,
@@ -344,6 +368,8 @@ fn router(state: AppState) -> Router {
         .route("/v1/join", post(join))
         .route("/v1/endpoints", post(endpoints))
         .route("/v1/rotate", post(rotate))
+        .route("/v1/rotate/prepare", post(rotate_prepare))
+        .route("/v1/rotate/commit", post(rotate_commit))
         .route("/v1/netmap", get(netmap))
         .route(PROMETHEUS_SD_PATH, get(prometheus_targets))
         .route("/v1/admin/invite", post(admin_invite))

@@ -89,6 +89,9 @@ pub fn apply_join_grace(nm: &mut Netmap, joins: &[RecentJoin]) -> Option<Instant
             .find(|j| j.new_key == p.public_key && j.address == p.address)
         {
             p.public_key = j.throwaway;
+            // The host switches to the new key when the reply arrives: accept its handshakes
+            // meanwhile (no allowed IPs until the grace ends).
+            p.next_public_key = Some(j.new_key);
             p.endpoints.clear();
             next = Some(next.map_or(j.until(), |n| n.min(j.until())));
         }

@@ -58,6 +58,14 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // 3: the subnets a host routes for the mesh (`routes.advertise`), comma-separated CIDRs;
     // they become its extra allowed IPs in the other hosts' netmaps.
     "ALTER TABLE hosts ADD COLUMN advertise TEXT NOT NULL DEFAULT '';",
+    // 4: the key a host is rotating to (`/v1/rotate/prepare`), until it commits; the keys
+    // rotations retired, refused forever.
+    "ALTER TABLE hosts ADD COLUMN next_public_key BLOB;
+     CREATE TABLE retired_keys (
+        public_key BLOB PRIMARY KEY NOT NULL,
+        host TEXT NOT NULL,
+        retired_unix INTEGER NOT NULL
+     );",
 ];
 
 /// Bring the database up to the newest schema. Refuses a database written by a newer meshd.

@@ -67,10 +67,20 @@ struct HostRow {
     observed: Option<SocketAddr>,
     /// The subnets the host routes for the mesh, as it last reported them.
     advertise: Vec<IpNet>,
+    /// The prepared next key of a rotation in progress.
+    next_public_key: Option<PublicKey>,
+}
+
+/// Which part of a rotation a call performs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RotationStep {
+    Prepare,
+    Commit,
+    Both,
 }
 
 const HOST_COLUMNS: &str = "id, name, address, public_key, admin, static_peer, pending, removed, \
-     created_unix, last_seen_unix, key_created_unix, observed, advertise";
+     created_unix, last_seen_unix, key_created_unix, observed, advertise, next_public_key";
 
 /// At most this many advertised subnets per host.
 const MAX_ADVERTISED: usize = 64;
@@ -154,6 +164,10 @@ fn host_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostRow> {
         key_created_unix: r.get::<_, i64>(10)? as u64,
         observed: observed.map(|s| parse_col(11, s)).transpose()?,
         advertise: advertise_col(12, r.get(12)?)?,
+        next_public_key: r
+            .get::<_, Option<Vec<u8>>>(13)?
+            .map(|b| key_col(13, b))
+            .transpose()?,
     })
 }
 
@@ -189,7 +203,7 @@ fn host_by_id(tx: &Connection, id: i64) -> Result<HostRow, CoordError> {
 fn key_holder(tx: &Connection, key: &PublicKey) -> Result<Option<(String, bool)>, CoordError> {
     Ok(tx
         .query_row(
-            "SELECT name, removed FROM hosts WHERE public_key = ?1 LIMIT 1",
+            "SELECT name, removed FROM hosts WHERE public_key = ?1 OR next_public_key = ?1 LIMIT 1",
             [key.0.as_slice()],
             |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)),
         )
@@ -197,6 +211,19 @@ fn key_holder(tx: &Connection, key: &PublicKey) -> Result<Option<(String, bool)>
 }
 
 fn ensure_key_unused(tx: &Connection, key: &PublicKey) -> Result<(), CoordError> {
+    let retired: Option<String> = tx
+        .query_row(
+            "SELECT host FROM retired_keys WHERE public_key = ?1",
+            [key.0.as_slice()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(host) = retired {
+        return Err(CoordError::Conflict(format!(
+            "public key {} is a key host {host} rotated away and is refused",
+            key.short()
+        )));
+    }
     match key_holder(tx, key)? {
         None => Ok(()),
         Some((name, true)) => Err(CoordError::Conflict(format!(
@@ -861,16 +888,53 @@ impl Coordinator {
     }
 
     /// A joined daemon host at `caller` replaces its key with `req.public_key` (which no host
-    /// may ever have held). Everyone else's netmap carries the new key at once; the
-    /// coordinator's own interface keeps the old key for [`super::JOIN_KEY_GRACE`], as after a
-    /// join, so the reply reaches the caller through the tunnel it still runs with the old
-    /// key. The coordinator host itself rotates with [`Coordinator::set_own_public_key`].
-    /// Returns the caller's netmap.
+    /// may ever have held) in one step: prepare and commit together (see
+    /// [`Coordinator::commit_rotation`]). Returns the caller's netmap.
     pub fn rotate_key(
         &self,
         caller: IpAddr,
         req: RotateRequest,
         now_unix: u64,
+    ) -> Result<RotateResponse, CoordError> {
+        self.rotation_step(caller, req, now_unix, RotationStep::Both)
+    }
+
+    /// Rotation, first half (`mesh_proto::rotation`): `req.public_key` becomes the caller's
+    /// *next* key. Every peer's netmap lists it (`next_public_key`), so peers accept a
+    /// handshake from it; nothing routes to it yet. Idempotent; a different next key replaces
+    /// an earlier prepared one (the host crashed and started over). Returns the caller's
+    /// netmap.
+    pub fn prepare_rotation(
+        &self,
+        caller: IpAddr,
+        req: RotateRequest,
+        now_unix: u64,
+    ) -> Result<RotateResponse, CoordError> {
+        self.rotation_step(caller, req, now_unix, RotationStep::Prepare)
+    }
+
+    /// Rotation, second half: the prepared next key `req.public_key` replaces the caller's key
+    /// everywhere (allowed IPs move to it, the old key leaves every netmap). The coordinator's
+    /// own interface keeps the old key for [`super::JOIN_KEY_GRACE`], as after a join, so the
+    /// reply reaches the caller through the tunnel it still runs with the old key. Committing
+    /// the key the caller already holds is a no-op (a retried commit whose reply was lost);
+    /// a key that was not prepared is refused. The coordinator host itself rotates with
+    /// [`Coordinator::set_own_public_key`]. Returns the caller's netmap.
+    pub fn commit_rotation(
+        &self,
+        caller: IpAddr,
+        req: RotateRequest,
+        now_unix: u64,
+    ) -> Result<RotateResponse, CoordError> {
+        self.rotation_step(caller, req, now_unix, RotationStep::Commit)
+    }
+
+    fn rotation_step(
+        &self,
+        caller: IpAddr,
+        req: RotateRequest,
+        now_unix: u64,
+        step: RotationStep,
     ) -> Result<RotateResponse, CoordError> {
         let caller = caller.to_canonical();
         if caller == self.settings.own_address {
@@ -905,22 +969,60 @@ impl Coordinator {
                     host.name
                 )));
             }
-            ensure_key_unused(tx, &req.public_key)?;
+            let key = req.public_key;
+            match step {
+                RotationStep::Prepare => {
+                    // Prepared already, or even committed (the host crashed before it saw
+                    // the commit's reply): nothing to do; the reply's netmap says which.
+                    if host.next_public_key == Some(key) || host.public_key == key {
+                        return Ok((host.name, false));
+                    }
+                    ensure_key_unused(tx, &key)?;
+                    tx.execute(
+                        "UPDATE hosts SET next_public_key = ?2, last_seen_unix = ?3 WHERE id = ?1",
+                        params![host.id, key.0.as_slice(), now_unix as i64],
+                    )?;
+                    audit(
+                        tx,
+                        now_unix,
+                        "rotate-prepare",
+                        &host.name,
+                        &format!("key {} -> {}", host.public_key.short(), key.short()),
+                    )?;
+                    return Ok((host.name, true));
+                }
+                RotationStep::Commit => {
+                    if host.public_key == key {
+                        return Ok((host.name, false));
+                    }
+                    if host.next_public_key != Some(key) {
+                        return Err(CoordError::Conflict(format!(
+                            "key {} was not prepared for {}; prepare it first \
+                             (POST /v1/rotate/prepare)",
+                            key.short(),
+                            host.name
+                        )));
+                    }
+                }
+                RotationStep::Both => ensure_key_unused(tx, &key)?,
+            }
             tx.execute(
-                "UPDATE hosts SET public_key = ?2, key_created_unix = ?3, last_seen_unix = ?3
+                "INSERT OR IGNORE INTO retired_keys (public_key, host, retired_unix)
+                 VALUES (?1, ?2, ?3)",
+                params![host.public_key.0.as_slice(), host.name, now_unix as i64],
+            )?;
+            tx.execute(
+                "UPDATE hosts SET public_key = ?2, next_public_key = NULL, key_created_unix = ?3,
+                 last_seen_unix = ?3
                  WHERE id = ?1",
-                params![host.id, req.public_key.0.as_slice(), now_unix as i64],
+                params![host.id, key.0.as_slice(), now_unix as i64],
             )?;
             audit(
                 tx,
                 now_unix,
                 "rotate",
                 &host.name,
-                &format!(
-                    "key {} -> {}",
-                    host.public_key.short(),
-                    req.public_key.short()
-                ),
+                &format!("key {} -> {}", host.public_key.short(), key.short()),
             )?;
             // Before the version bump is published (see grace.rs); the old key plays the
             // throwaway key's part.
@@ -928,12 +1030,12 @@ impl Coordinator {
                 name: host.name.clone(),
                 address: host.address,
                 throwaway: host.public_key,
-                new_key: req.public_key,
+                new_key: key,
                 at: std::time::Instant::now(),
             });
             Ok((host.name, true))
         })?;
-        tracing::info!(name = %name, caller = %caller, "host rotated its key");
+        tracing::info!(name = %name, caller = %caller, step = ?step, "host rotation step");
         let netmap = self.netmap_for_name(&name)?.ok_or_else(|| {
             CoordError::Internal(format!("no netmap for {name} after its key rotation"))
         })?;
@@ -1257,6 +1359,7 @@ fn build_snapshot(
             observed: h.observed,
             extra_allowed_ips: h.advertise,
             key_created_unix: h.key_created_unix,
+            next_public_key: h.next_public_key,
         });
     }
     resolve_near(conn, &mut hosts)?;

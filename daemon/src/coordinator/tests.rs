@@ -893,6 +893,65 @@ fn rotate_key_replaces_the_key_everywhere() {
 }
 
 #[test]
+fn prepare_then_commit_moves_the_key_in_two_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let (a, old) = invite_join(&c, "dock-mirror");
+    let (b, _) = invite_join(&c, "dock-edge");
+    let v = c.version();
+    let next = PrivateKey::generate().public_key();
+    // Commit before prepare is refused.
+    let err = c.commit_rotation(a, rotate(next), NOW + 50).unwrap_err();
+    assert!(err.to_string().contains("not prepared"), "{err}");
+    assert_eq!(c.version(), v);
+
+    // Prepare: peers see the next key, the old key still holds the address.
+    let resp = c.prepare_rotation(a, rotate(next), NOW + 100).unwrap();
+    assert_eq!(resp.netmap.public_key, old.public_key());
+    assert_eq!(c.version(), v + 1);
+    let nm = c.netmap_for_address(b).unwrap().unwrap();
+    let p = nm.peers.iter().find(|p| p.address == a).unwrap();
+    assert_eq!(
+        (p.public_key, p.next_public_key),
+        (old.public_key(), Some(next))
+    );
+    // Idempotent; another host cannot take the prepared key.
+    c.prepare_rotation(a, rotate(next), NOW + 101).unwrap();
+    assert_eq!(c.version(), v + 1);
+    let err = c.prepare_rotation(b, rotate(next), NOW + 102).unwrap_err();
+    assert!(err.to_string().contains("already registered"), "{err}");
+    assert_eq!(key_created(&c, "dock-mirror"), NOW + 1);
+
+    // Commit: the next key holds the address everywhere, the old key is gone.
+    let resp = c.commit_rotation(a, rotate(next), NOW + 200).unwrap();
+    assert_eq!(resp.netmap.public_key, next);
+    assert_eq!(c.version(), v + 2);
+    let nm = c.netmap_for_address(b).unwrap().unwrap();
+    let p = nm.peers.iter().find(|p| p.address == a).unwrap();
+    assert_eq!((p.public_key, p.next_public_key), (next, None));
+    assert!(nm.peers.iter().all(|p| p.public_key != old.public_key()));
+    assert_eq!(key_created(&c, "dock-mirror"), NOW + 200);
+    // The coordinator's own interface keeps the old key for the grace, and accepts the next.
+    let (own, _) = c.own_netmap(Instant::now()).unwrap().unwrap();
+    let p = own.peers.iter().find(|p| p.address == a).unwrap();
+    assert_eq!(
+        (p.public_key, p.next_public_key),
+        (old.public_key(), Some(next))
+    );
+    // A retried commit or prepare (lost reply, crash) is a no-op that names the key.
+    let resp = c.commit_rotation(a, rotate(next), NOW + 201).unwrap();
+    assert_eq!(resp.netmap.public_key, next);
+    let resp = c.prepare_rotation(a, rotate(next), NOW + 202).unwrap();
+    assert_eq!(resp.netmap.public_key, next);
+    assert_eq!(c.version(), v + 2);
+    // The old key can never come back.
+    let err = c
+        .prepare_rotation(a, rotate(old.public_key()), NOW + 300)
+        .unwrap_err();
+    assert!(err.to_string().contains("rotated away"), "{err}");
+}
+
+#[test]
 fn rotate_key_keeps_the_old_key_on_the_coordinator_during_the_grace() {
     let dir = tempfile::tempdir().unwrap();
     let c = open(dir.path());
