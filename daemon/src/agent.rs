@@ -744,6 +744,7 @@ pub(crate) mod tests {
             join_token_file: None,
             coordinator: None,
             routes: Default::default(),
+            rotate_every: None,
         }
     }
 

@@ -304,6 +304,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                     retry_join = join_from_file(&mut agent, &mut member).await;
                 }
                 member.check_endpoints(&mut agent).await;
+                member.rotate_if_due(&mut agent).await;
             }
         }
         handoff.after_pass(&mut agent).await;

@@ -9,7 +9,6 @@
 //! apply runs are coalesced into one more apply.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -24,6 +23,7 @@ use crate::agent::{now, Agent, AgentStatus};
 use crate::backend::{LinkBackend, WgBackend};
 use crate::dns::{shared_records, update_records, MeshDns, SharedRecords};
 use crate::integrate::IntegrationEngine;
+use crate::keyfile::created_unix as key_created_unix;
 use crate::metrics::{labels_from_names, labels_from_netmap, Metrics};
 use crate::resolved::{ensure_split_dns_system, SplitDns};
 use crate::settings::HandoffSettings;
@@ -451,15 +451,6 @@ fn want_addr(cfg: ServiceConfig, on_link: Option<IpAddr>) -> Option<SocketAddr> 
     on_link
         .filter(|_| cfg.enable)
         .map(|ip| SocketAddr::new(ip, cfg.listen_port))
-}
-
-/// When the private key was written (the key file's mtime).
-fn key_created_unix(path: &Path) -> Option<u64> {
-    let modified = std::fs::metadata(path).ok()?.modified().ok()?;
-    modified
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()
-        .map(|d| d.as_secs())
 }
 
 /// Remove what meshd put into shared system files for `meshctl down`: the `/etc/hosts` block

@@ -221,6 +221,16 @@ fn remove_stale_temps(path: &Path) {
     }
 }
 
+/// When the key was written (the key file's mtime; a rotation's promote carries the next
+/// key's write time over): the key age for the metric and the rotation schedule.
+pub fn created_unix(path: &Path) -> Option<u64> {
+    let modified = fs::metadata(path).ok()?.modified().ok()?;
+    modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
+}
+
 /// The keys after [`recover`].
 #[derive(Debug)]
 pub struct Recovered {

@@ -734,6 +734,44 @@ impl MemberRuntime {
         spawn_report(api, report, self.tx.clone());
     }
 
+    /// Scheduled rotation (`daemon.rotate_every_days`, checked every [`ENDPOINT_CHECK`]):
+    /// rotate when the key file's age passes its due time
+    /// (`mesh_proto::rotation::rotation_due_unix`), or finish a rotation a crash or an
+    /// unreachable coordinator interrupted (a next key file exists). Only while the
+    /// coordinator answers; otherwise the rotation is deferred to a later check.
+    pub async fn rotate_if_due<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
+        if agent.settings().coordinator.is_some()
+            || agent.membership().is_none()
+            || agent.mesh_state().reachable != Some(true)
+        {
+            return;
+        }
+        let path = agent.settings().private_key_file.clone();
+        let pending = crate::keyfile::next_path(&path).exists();
+        let due = match (
+            agent.settings().rotate_every,
+            crate::keyfile::created_unix(&path),
+        ) {
+            (Some(every), Some(created)) => mesh_proto::rotation::rotation_due_unix(
+                created,
+                every.as_secs(),
+                &agent.key().public_key(),
+            )
+            .is_some_and(|at| now().as_secs() >= at),
+            _ => false,
+        };
+        if !(due || pending) {
+            return;
+        }
+        tracing::info!(due, pending, "scheduled key rotation");
+        match rotate(agent, &self.state).await {
+            Ok(message) => tracing::info!(%message, "scheduled key rotation done"),
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduled key rotation failed; retrying at the next check")
+            }
+        }
+    }
+
     /// After a successful join: cache, follow, report.
     pub async fn joined<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
         self.follow(agent);

@@ -45,6 +45,8 @@ pub struct Settings {
     pub coordinator: Option<mesh_proto::config::CoordinatorConfig>,
     /// `[routes]`: subnets we advertise, CIDRs never to route, our nftables table.
     pub routes: mesh_proto::config::RoutesConfig,
+    /// `daemon.rotate_every_days`: the key rotation period (`None`: never).
+    pub rotate_every: Option<Duration>,
 }
 
 impl Settings {
@@ -92,6 +94,8 @@ impl Settings {
                 .collect(),
             state_dir: daemon.state_dir,
             join_token_file: daemon.join_token_file,
+            rotate_every: (daemon.rotate_every_days > 0)
+                .then(|| Duration::from_secs(u64::from(daemon.rotate_every_days) * 86_400)),
             coordinator: config.coordinator,
             routes: config.routes,
         }

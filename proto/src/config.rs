@@ -17,6 +17,8 @@
 //! reconcile_interval_secs = 10       # 1..=3600
 //! state_dir = "/var/lib/meshd"       # membership, cached netmap
 //! join_token_file = "/etc/meshd/join.token"  # optional: join with this token at first start
+//! rotate_every_days = 30             # 0 = never, else 1..=3650 (default 30): key rotation
+//!                                    # schedule, a few percent early by a per-host jitter
 //!
 //! [coordinator]                      # optional: this host runs the coordinator
 //! mesh_cidr = "10.99.99.0/24"        # required; host bits zero; must contain host.address
@@ -189,7 +191,13 @@ pub struct DaemonConfig {
     /// Join with the token in this file at first start (unattended installs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub join_token_file: Option<PathBuf>,
+    /// Rotate the static key this many days after it was created (0: never); see
+    /// `crate::rotation::rotation_due_unix`.
+    pub rotate_every_days: u32,
 }
+
+/// Default key rotation period (`daemon.rotate_every_days`).
+pub const DEFAULT_ROTATE_EVERY_DAYS: u32 = 30;
 
 impl Default for DaemonConfig {
     fn default() -> Self {
@@ -200,6 +208,7 @@ impl Default for DaemonConfig {
             reconcile_interval_secs: DEFAULT_RECONCILE_INTERVAL_SECS,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             join_token_file: None,
+            rotate_every_days: DEFAULT_ROTATE_EVERY_DAYS,
         }
     }
 }
@@ -420,6 +429,7 @@ struct RawDaemon {
     reconcile_interval_secs: Option<i64>,
     state_dir: Option<String>,
     join_token_file: Option<String>,
+    rotate_every_days: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -740,6 +750,17 @@ fn validate_daemon(cx: &Ctx<'_>, raw: RawDaemon) -> Result<DaemonConfig, ConfigE
         None => None,
         Some(s) => Some(non_empty_path(cx, "daemon.join_token_file", s)?),
     };
+    let rotate_every_days = match raw.rotate_every_days {
+        None => d.rotate_every_days,
+        Some(s) => ranged(
+            cx,
+            "daemon.rotate_every_days",
+            s,
+            0,
+            3650,
+            " (0 turns scheduled rotation off)",
+        )?,
+    };
     Ok(DaemonConfig {
         control_socket,
         backend,
@@ -747,6 +768,7 @@ fn validate_daemon(cx: &Ctx<'_>, raw: RawDaemon) -> Result<DaemonConfig, ConfigE
         reconcile_interval_secs,
         state_dir,
         join_token_file,
+        rotate_every_days,
     })
 }
 
@@ -1975,6 +1997,29 @@ public_endpoints = ["198.51.100.1:51871"]
             &format!("{}\n[integrations.nfs]\n", base()),
             "integrations.nfs",
             "unknown integration",
+        );
+    }
+
+    #[test]
+    fn rotate_every_days_defaults_to_30_and_is_ranged() {
+        let base = "[host]\nname = \"dock-prod\"\n";
+        let c = parse(base, "/etc/meshd/meshd.toml").expect("default");
+        assert_eq!(c.daemon.rotate_every_days, DEFAULT_ROTATE_EVERY_DAYS);
+        let c = parse(
+            &format!("{base}[daemon]\nrotate_every_days = 0\n"),
+            "/etc/meshd/meshd.toml",
+        )
+        .expect("never");
+        assert_eq!(c.daemon.rotate_every_days, 0);
+        let err = parse(
+            &format!("{base}[daemon]\nrotate_every_days = 4000\n"),
+            "/etc/meshd/meshd.toml",
+        )
+        .expect_err("too long");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("daemon.rotate_every_days") && msg.contains("0..=3650"),
+            "{msg}"
         );
     }
 }

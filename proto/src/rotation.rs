@@ -318,6 +318,22 @@ pub fn recover(files: KeyFiles, coordinator: Option<PublicKey>) -> Recovery {
     }
 }
 
+/// When a key created at `created_unix` is due for rotation under a period of `every_secs`
+/// (`None`: never, for 0). The due time is early by a jitter of up to a tenth of the period,
+/// derived from `seed` (the host's public key): hosts that joined together do not all rotate
+/// in the same minute, and a host's due time does not move across restarts.
+pub fn rotation_due_unix(created_unix: u64, every_secs: u64, seed: &PublicKey) -> Option<u64> {
+    if every_secs == 0 {
+        return None;
+    }
+    let window = every_secs / 10;
+    let mixed = seed.0.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let jitter = if window == 0 { 0 } else { mixed % window };
+    Some(created_unix.saturating_add(every_secs - jitter))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -523,5 +539,27 @@ mod tests {
                 prop_assert_eq!(rot.live_key(), next);
             }
         }
+    }
+
+    #[test]
+    fn the_schedule_is_within_the_last_tenth_of_the_period_and_stable() {
+        const DAY: u64 = 86_400;
+        assert_eq!(rotation_due_unix(1000, 0, &k(1)), None, "0 = never");
+        let mut dues = std::collections::BTreeSet::new();
+        for i in 0..50u8 {
+            let due = rotation_due_unix(1000, 30 * DAY, &k(i)).expect("due");
+            assert!(due > 1000 + 27 * DAY && due <= 1000 + 30 * DAY, "{due}");
+            assert_eq!(Some(due), rotation_due_unix(1000, 30 * DAY, &k(i)));
+            dues.insert(due);
+        }
+        assert!(
+            dues.len() > 40,
+            "the jitter spreads hosts out: {}",
+            dues.len()
+        );
+        assert_eq!(
+            rotation_due_unix(u64::MAX - 5, 30 * DAY, &k(1)),
+            Some(u64::MAX)
+        );
     }
 }
