@@ -221,6 +221,14 @@ pub async fn run(input: Input) -> Report {
     // K3s.
     checks.push(k3s_check(iface, &k3s_files()));
 
+    // The static key's age against its rotation schedule.
+    checks.push(mesh_proto::doctor::key_age_check(
+        crate::keyfile::created_unix(&s.private_key_file),
+        now_unix,
+        s.rotate_every.map(|d| d.as_secs()),
+        crate::keyfile::next_path(&s.private_key_file).exists(),
+    ));
+
     // The files meshd keeps (one check each: OK, or FAIL with the error; the old file stays).
     checks.extend(
         input

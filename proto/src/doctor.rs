@@ -293,6 +293,55 @@ pub fn handshake_check(peer: &str, age_secs: Option<u64>) -> Check {
     }
 }
 
+/// The verdict on the static key's age: `created_unix` from the key file (`None`: unknown),
+/// `every_secs` the rotation period (`None`: scheduled rotation off), `pending_next` when a
+/// next key file exists (an interrupted rotation). Warns once the key is older than the whole
+/// period (the jittered due time lies before it, so a healthy schedule never gets here).
+pub fn key_age_check(
+    created_unix: Option<u64>,
+    now_unix: u64,
+    every_secs: Option<u64>,
+    pending_next: bool,
+) -> Check {
+    let name = "key age";
+    if pending_next {
+        return Check::warn(
+            name,
+            "a key rotation was interrupted: the next key file is still there",
+            "meshctl rotate (it resumes the rotation); check the coordinator is reachable \
+             (meshctl status)",
+        );
+    }
+    let Some(created) = created_unix else {
+        return Check::warn(
+            name,
+            "the key file's age cannot be read",
+            "check the private_key_file in [host] of meshd.toml",
+        );
+    };
+    let span = |secs: u64| {
+        let text = crate::control::format_age(secs);
+        text.trim_end_matches(" ago").to_string()
+    };
+    let age = now_unix.saturating_sub(created);
+    let shown = format!("created {} ago", span(age));
+    match every_secs {
+        None => Check::ok(
+            name,
+            format!("{shown}; scheduled rotation is off (daemon.rotate_every_days = 0)"),
+        ),
+        Some(every) if age > every => Check::warn(
+            name,
+            format!("{shown}, past its rotation schedule of {}", span(every)),
+            "check the coordinator is reachable (meshctl status), then meshctl rotate",
+        ),
+        Some(every) => Check::ok(
+            name,
+            format!("{shown}; rotates within {}", span(every - age)),
+        ),
+    }
+}
+
 /// What a K3s configuration says about `flannel-iface`: the value of the last file that sets
 /// it (`files` in the order K3s reads them: config.yaml, then config.yaml.d/*.yaml
 /// alphabetically). Returns `(file, value)`. A simple line scan: `flannel-iface: VALUE` at the
@@ -640,5 +689,27 @@ mod tests {
         assert!(c.detail.contains("unexpected end"), "{}", c.detail);
         assert!(c.detail.contains("the old file is kept"), "{}", c.detail);
         assert!(!c.fix.unwrap_or_default().contains("  "));
+    }
+
+    #[test]
+    fn key_age_warns_past_the_schedule_and_on_an_interrupted_rotation() {
+        const DAY: u64 = 86_400;
+        let now = 100 * DAY;
+        let fresh = key_age_check(Some(now - DAY), now, Some(30 * DAY), false);
+        assert_eq!(fresh.status, CheckStatus::Ok, "{fresh:?}");
+        assert_eq!(fresh.detail, "created 1d 0h ago; rotates within 29d 0h");
+        let old = key_age_check(Some(now - 31 * DAY), now, Some(30 * DAY), false);
+        assert_eq!(old.status, CheckStatus::Warn, "{old:?}");
+        assert!(old.detail.contains("past its rotation schedule"), "{old:?}");
+        let off = key_age_check(Some(0), now + 300 * DAY, None, false);
+        assert_eq!(off.status, CheckStatus::Ok, "{off:?}");
+        let pending = key_age_check(Some(now - DAY), now, Some(30 * DAY), true);
+        assert_eq!(pending.status, CheckStatus::Warn, "{pending:?}");
+        assert!(pending
+            .fix
+            .as_deref()
+            .is_some_and(|f| f.contains("meshctl rotate")));
+        let unknown = key_age_check(None, now, Some(30 * DAY), false);
+        assert_eq!(unknown.status, CheckStatus::Warn, "{unknown:?}");
     }
 }
