@@ -49,14 +49,12 @@ fn mask(net: &IpNet) -> IpAddrMask {
 const NO_PSK: [u8; 32] = [0; 32];
 
 fn observed_peer(p: &Peer) -> ObservedPeer {
-    let mut allowed_ips: Vec<IpNet> = p
+    let reported: Vec<IpNet> = p
         .allowed_ips
         .iter()
         .filter_map(|m| IpNet::new(m.address, m.cidr).ok())
-        .map(|n| n.trunc())
         .collect();
-    allowed_ips.sort();
-    allowed_ips.dedup();
+    let allowed_ips = mesh_proto::plan::normalize_allowed_ips(&reported);
     ObservedPeer {
         public_key: PublicKey(p.public_key.as_array()),
         preshared_key: p

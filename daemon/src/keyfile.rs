@@ -158,27 +158,11 @@ fn next_tmp_prefix(path: &Path) -> String {
 /// file (only [`recover`] decides whether one is kept).
 pub fn write_next(path: &Path, key: &PrivateKey) -> Result<()> {
     let next = next_path(path);
-    let dir = dir_of(path);
-    let tmp = dir.join(format!("{}{}", next_tmp_prefix(path), std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let _ = fs::remove_file(&tmp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.set_permissions(fs::Permissions::from_mode(0o600))?;
-        let mut text = key.to_base64();
-        text.push('\n');
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, &next)?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(|e| key_err(&next, format!("cannot write the next key: {e}")))
+    let mut text = key.to_base64();
+    text.push('\n');
+    // The temp file is `.{next name}.tmp.{pid}`: the names `next_tmp_prefix` finds.
+    crate::state::write_atomic(&next, text.as_bytes())
+        .map_err(|e| key_err(&next, format!("cannot write the next key: {e}")))
 }
 
 /// Make the pending next key the current one: rename [`next_path`] over `path` and fsync the

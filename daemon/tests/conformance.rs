@@ -23,6 +23,9 @@ use meshd::link::NetlinkLink;
 use meshd::uapi::UapiBackend;
 use meshd::{FakeBackend, LinkBackend, WgBackend};
 
+mod common;
+use common::in_private_namespaces;
+
 const IFACE: &str = "wgconf0";
 
 fn net(s: &str) -> IpNet {
@@ -343,44 +346,17 @@ impl Subject for Kernel {
     }
 }
 
-/// Run `body` on a thread of its own, in a new network namespace and a new mount namespace
-/// with a private `/run` (so `/var/run/wireguard` is ours alone), on a current-thread runtime
-/// so every socket and child process is made from that thread. The namespaces go away with
-/// the thread and the processes in them.
-fn in_private_namespaces<F, Fut>(body: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()>,
-{
-    let handle = std::thread::spawn(move || {
-        use nix::mount::{mount, MsFlags};
-        use nix::sched::{unshare, CloneFlags};
-        unshare(CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWNS).expect("unshare (needs root)");
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-            None::<&str>,
-        )
-        .expect("make / private");
-        mount(
-            Some("tmpfs"),
-            "/run",
-            Some("tmpfs"),
-            MsFlags::empty(),
-            Some("mode=0755"),
-        )
-        .expect("private /run");
-        std::fs::create_dir_all("/run/wireguard").expect("mkdir /run/wireguard");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(body());
-    });
-    if let Err(panic) = handle.join() {
-        std::panic::resume_unwind(panic);
+/// Wait (with a deadline) for the engine we started to exit once its interface is deleted: it
+/// removes its UAPI socket on the way out, so no process is left behind.
+async fn engine_gone() {
+    let socket = Path::new("/run/wireguard").join(format!("{IFACE}.sock"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the engine did not exit within 10 s of its interface being deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -417,15 +393,7 @@ fn userspace_backend_conforms() {
         // Deleting the interface ends the engine we started; it removes its socket on the way
         // out, so wait for that (with a deadline) to leave no process behind.
         link.delete(IFACE).await.expect("delete the interface");
-        let socket = Path::new("/run/wireguard").join(format!("{IFACE}.sock"));
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while socket.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the engine did not exit within 10 s of its interface being deleted"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        engine_gone().await;
     });
 }
 
@@ -567,11 +535,6 @@ fn backend_selection_adopts_and_refuses() {
             "not recreated"
         );
         link.delete(IFACE).await.expect("delete");
-        let socket = Path::new("/run/wireguard").join(format!("{IFACE}.sock"));
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while socket.exists() {
-            assert!(std::time::Instant::now() < deadline, "engine did not exit");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        engine_gone().await;
     });
 }

@@ -1,6 +1,6 @@
 //! Routes, forwarding and our nftables table against the real kernel, each test in its own
-//! network namespace (a thread that unshares CLONE_NEWNET; the namespace goes with the
-//! thread). The WireGuard device is the in-memory fake; the interface is a bridge (this host's
+//! network namespace (a thread that unshares its network and mount namespaces; they go with
+//! the thread). The WireGuard device is the in-memory fake; the interface is a bridge (this host's
 //! kernel has no dummy or wireguard module), and so is the stand-in for flannel-wg.
 //!
 //! Needs root (unshare) and `ip` and `nft`.
@@ -13,26 +13,11 @@ use mesh_proto::routes::{SystemRoute, RT_PROTO_MESHD};
 use mesh_proto::PrivateKey;
 use meshd::{Agent, FakeBackend, Settings};
 
+mod common;
+use common::in_private_namespaces;
+
 const IFACE: &str = "wgtest0";
 const NOW: Duration = Duration::from_secs(1_700_000_000);
-
-fn in_namespace<F, Fut>(body: F)
-where
-    F: FnOnce() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()>,
-{
-    let handle = std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare (needs root)");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(body());
-    });
-    if let Err(panic) = handle.join() {
-        std::panic::resume_unwind(panic);
-    }
-}
 
 fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().expect("run");
@@ -148,7 +133,7 @@ fn ruleset_without(table: &str) -> String {
 
 #[test]
 fn our_routes_carry_our_protocol_and_the_mesh_route_is_not_the_kernels() {
-    in_namespace(|| async {
+    in_private_namespaces(|| async {
         let dir = tempfile::tempdir().expect("tempdir");
         bridge(IFACE);
         let path = write_config(dir.path(), "");
@@ -182,7 +167,7 @@ fn our_routes_carry_our_protocol_and_the_mesh_route_is_not_the_kernels() {
 
 #[test]
 fn an_address_from_before_noprefixroute_has_its_kernel_route_taken_over() {
-    in_namespace(|| async {
+    in_private_namespaces(|| async {
         let dir = tempfile::tempdir().expect("tempdir");
         bridge(IFACE);
         ip(&["addr", "add", "10.99.99.1/24", "dev", IFACE]);
@@ -200,7 +185,7 @@ fn an_address_from_before_noprefixroute_has_its_kernel_route_taken_over() {
 
 #[test]
 fn a_route_overlapping_flannel_is_refused_and_nothing_is_applied() {
-    in_namespace(|| async {
+    in_private_namespaces(|| async {
         let dir = tempfile::tempdir().expect("tempdir");
         bridge(IFACE);
         bridge("flannel-wg");
@@ -242,7 +227,7 @@ fn a_route_overlapping_flannel_is_refused_and_nothing_is_applied() {
 
 #[test]
 fn reconcile_removes_only_our_stale_routes() {
-    in_namespace(|| async {
+    in_private_namespaces(|| async {
         let dir = tempfile::tempdir().expect("tempdir");
         bridge(IFACE);
         let path = write_config(dir.path(), "");
@@ -277,7 +262,7 @@ const ADVERTISE: &str = "\n[routes]\nadvertise = [\"192.168.1.20/32\"]\n";
 
 #[test]
 fn advertising_turns_forwarding_on_limits_it_and_teardown_restores_everything() {
-    in_namespace(|| async {
+    in_private_namespaces(|| async {
         let dir = tempfile::tempdir().expect("tempdir");
         bridge(IFACE);
         bridge("lan0");
@@ -330,7 +315,7 @@ fn advertising_turns_forwarding_on_limits_it_and_teardown_restores_everything() 
 
 #[test]
 fn forwarding_already_on_gets_no_drop_rules() {
-    in_namespace(|| async {
+    in_private_namespaces(|| async {
         let dir = tempfile::tempdir().expect("tempdir");
         bridge(IFACE);
         bridge("lan0");
@@ -353,7 +338,7 @@ fn forwarding_already_on_gets_no_drop_rules() {
 
 #[test]
 fn our_table_is_replaced_atomically_and_nothing_else_changes() {
-    in_namespace(|| async {
+    in_private_namespaces(|| async {
         let dir = tempfile::tempdir().expect("tempdir");
         bridge(IFACE);
         bridge("lan0");
@@ -460,7 +445,7 @@ fn pings(ns: &Netns, i: usize, target: &str, deadline: Duration) -> bool {
 
 #[test]
 fn the_advertised_subnet_is_reachable_from_the_mesh_and_nothing_else_is() {
-    in_namespace(|| async {
+    in_private_namespaces(|| async {
         let dir = tempfile::tempdir().expect("tempdir");
         // 0: a mesh peer (its end of "the tunnel"), 1: the home LAN with the NAS (.20) and a
         // box that is not advertised (.30). The NAS has no route back to the mesh: only

@@ -67,12 +67,7 @@ impl Check {
         detail: impl Into<String>,
         fix: impl Into<String>,
     ) -> Self {
-        Check {
-            name: name.into(),
-            status: CheckStatus::Warn,
-            detail: detail.into(),
-            fix: Some(fix.into()),
-        }
+        Check::with_fix(CheckStatus::Warn, name, detail, fix)
     }
 
     pub fn fail(
@@ -80,9 +75,18 @@ impl Check {
         detail: impl Into<String>,
         fix: impl Into<String>,
     ) -> Self {
+        Check::with_fix(CheckStatus::Fail, name, detail, fix)
+    }
+
+    fn with_fix(
+        status: CheckStatus,
+        name: impl Into<String>,
+        detail: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> Self {
         Check {
             name: name.into(),
-            status: CheckStatus::Fail,
+            status,
             detail: detail.into(),
             fix: Some(fix.into()),
         }

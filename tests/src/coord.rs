@@ -128,17 +128,22 @@ pub struct HostEntry {
 }
 
 /// The array of hosts in `meshctl hosts --json` output (a bare array, or `{"hosts": [...]}`).
-pub fn parse_hosts(json: &str) -> Result<Vec<HostEntry>> {
+fn hosts_array(json: &str) -> Result<Vec<Value>> {
     let v: Value =
         serde_json::from_str(json).with_context(|| format!("meshctl hosts --json: {json}"))?;
-    let arr = match &v {
-        Value::Array(a) => a,
-        Value::Object(m) => m
-            .get("hosts")
-            .and_then(Value::as_array)
-            .ok_or_else(|| anyhow!("no hosts array in {json}"))?,
+    match v {
+        Value::Array(a) => Ok(a),
+        Value::Object(mut m) => match m.remove("hosts") {
+            Some(Value::Array(a)) => Ok(a),
+            _ => bail!("no hosts array in {json}"),
+        },
         _ => bail!("unexpected meshctl hosts --json output: {json}"),
-    };
+    }
+}
+
+/// The hosts in `meshctl hosts --json` output, sorted.
+pub fn parse_hosts(json: &str) -> Result<Vec<HostEntry>> {
+    let arr = hosts_array(json)?;
     let s = |h: &Value, k: &str| h.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
     let b = |h: &Value, k: &str| h.get(k).and_then(Value::as_bool).unwrap_or(false);
     let mut out: Vec<HostEntry> = arr
@@ -158,16 +163,7 @@ pub fn parse_hosts(json: &str) -> Result<Vec<HostEntry>> {
 
 /// The observed address of each host in `meshctl hosts --json` output that has one.
 pub fn observed_hosts(json: &str) -> Result<BTreeMap<String, String>> {
-    let v: Value =
-        serde_json::from_str(json).with_context(|| format!("meshctl hosts --json: {json}"))?;
-    let arr = match &v {
-        Value::Array(a) => a,
-        Value::Object(m) => m
-            .get("hosts")
-            .and_then(Value::as_array)
-            .ok_or_else(|| anyhow!("no hosts array in {json}"))?,
-        _ => bail!("unexpected meshctl hosts --json output: {json}"),
-    };
+    let arr = hosts_array(json)?;
     Ok(arr
         .iter()
         .filter_map(|h| {

@@ -140,7 +140,35 @@ pub struct VmRun {
     pub job_dir: PathBuf,
 }
 
+/// True (after saying so) when `MESHD_SKIP_VM=1` switches the VM tests off; by default they
+/// run.
+pub fn skip_requested(what: &str) -> bool {
+    if std::env::var("MESHD_SKIP_VM").is_ok_and(|v| v == "1") {
+        eprintln!("MESHD_SKIP_VM=1: skipping {what}");
+        return true;
+    }
+    false
+}
+
 impl VmRun {
+    /// What a VM test prints and checks of every run: the wall times, that the qemu process it
+    /// spawned is gone, and the job's exit code ([`VmRun::check`]).
+    pub fn report(&self, what: &str, opts: &VmOpts) -> Result<&VmRun> {
+        println!(
+            "{what}: boot {} s, boot plus job {:.1} s ({} MiB, {} CPUs, TCG)",
+            self.boot_secs.map_or("-".into(), |b| format!("{b:.1}")),
+            self.total_secs,
+            opts.memory_mib,
+            opts.cpus
+        );
+        assert!(
+            !self.qemu.is_alive(),
+            "qemu (pid {}) was left running",
+            self.qemu.pid
+        );
+        self.check()
+    }
+
     /// Ok if the job exited 0; otherwise an error saying what happened instead.
     pub fn check(&self) -> Result<&VmRun> {
         match (self.exit_code, &self.vm_error) {

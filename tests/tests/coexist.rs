@@ -18,7 +18,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use meshlab::vm::{run_in_vm, VmOpts};
+use meshlab::vm::{run_in_vm, skip_requested, VmOpts};
 use meshlab::{poll_until, Fleet, Lab, LabOpts, MESH_IFACE};
 
 const HOST: &str = "dock-prod";
@@ -29,8 +29,7 @@ const CONFIG: &str = "/etc/meshd/meshd.toml";
 
 #[test]
 fn coexist_in_vm() -> Result<()> {
-    if std::env::var("MESHD_SKIP_VM").is_ok_and(|v| v == "1") {
-        eprintln!("MESHD_SKIP_VM=1: skipping the coexistence lab in the VM");
+    if skip_requested("the coexistence lab in the VM") {
         return Ok(());
     }
     let me = std::env::current_exe()?;
@@ -45,18 +44,8 @@ fn coexist_in_vm() -> Result<()> {
     }
     .env("MESHLAB_BIN_DIR", &meshlab::bin_dir().to_string_lossy())
     .env("RUST_BACKTRACE", "1");
-    let run = run_in_vm(&["sh".to_owned(), "-c".to_owned(), script], &opts)?;
-    println!(
-        "coexistence lab in the VM: boot {} s, boot plus suite {:.1} s",
-        run.boot_secs.map_or("-".into(), |b| format!("{b:.1}")),
-        run.total_secs
-    );
-    assert!(
-        !run.qemu.is_alive(),
-        "qemu (pid {}) was left running",
-        run.qemu.pid
-    );
-    run.check()?;
+    run_in_vm(&["sh".to_owned(), "-c".to_owned(), script], &opts)?
+        .report("coexistence lab in the VM", &opts)?;
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use meshlab::vm::{run_in_vm, test_binary, VmOpts};
+use meshlab::vm::{run_in_vm, skip_requested, test_binary, VmOpts};
 use meshlab::{JoinMode, Lab, LabOpts, ProcId, COORDINATOR, MESH_IFACE, NAS};
 use serde_json::Value;
 
@@ -24,17 +24,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ------------------------------------------------------------------------- the host side
 
-fn skip_vm() -> bool {
-    if std::env::var("MESHD_SKIP_VM").is_ok_and(|v| v == "1") {
-        eprintln!("MESHD_SKIP_VM=1: skipping the kernel lab in the VM");
-        return true;
-    }
-    false
-}
-
 #[test]
 fn kernel_lab_in_vm() -> Result<()> {
-    if skip_vm() {
+    if skip_requested("the kernel lab in the VM") {
         return Ok(());
     }
     let conformance = test_binary("conformance")?;
@@ -56,20 +48,8 @@ fn kernel_lab_in_vm() -> Result<()> {
     .env("MESHD_REQUIRE_KERNEL_WG", "1")
     .env("MESHLAB_BIN_DIR", &meshlab::bin_dir().to_string_lossy())
     .env("RUST_BACKTRACE", "1");
-    let run = run_in_vm(&["sh".to_owned(), "-c".to_owned(), script], &opts)?;
-    println!(
-        "kernel lab in the VM: boot {} s, boot plus suite {:.1} s ({} MiB, {} CPUs, TCG)",
-        run.boot_secs.map_or("-".into(), |b| format!("{b:.1}")),
-        run.total_secs,
-        opts.memory_mib,
-        opts.cpus
-    );
-    assert!(
-        !run.qemu.is_alive(),
-        "qemu (pid {}) was left running",
-        run.qemu.pid
-    );
-    run.check()?;
+    run_in_vm(&["sh".to_owned(), "-c".to_owned(), script], &opts)?
+        .report("kernel lab in the VM", &opts)?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use meshlab::{poll_for, HostEntry, JoinMode, Lab, LabOpts, COORDINATOR};
+use meshlab::{poll_for, poll_until, HostEntry, JoinMode, Lab, LabOpts, COORDINATOR};
 
 const MESH_TIMEOUT: Duration = Duration::from_secs(90);
 /// Rotations measured in a row.
@@ -189,6 +189,13 @@ fn rotation_under_ping_costs_at_most_a_handshake_and_the_old_key_is_refused() ->
     let mut previous = public_of(&first_key)?;
     for i in 0..ROTATIONS {
         let log = logs.join(format!("rotation-ping-{i}.log"));
+        // The window must open on a working path: the previous rotation's handshakes are done.
+        let prod = lab.mesh_addr(PROD)?;
+        poll_until(
+            Duration::from_secs(10),
+            "dock-mirror to ping dock-prod",
+            || lab.ping(MIRROR, prod),
+        )?;
         let ping = lab.spawn(
             MIRROR,
             &[
@@ -205,8 +212,6 @@ fn rotation_under_ping_costs_at_most_a_handshake_and_the_old_key_is_refused() ->
             ],
             Some(&log),
         )?;
-        // Let a few pings through first, so the window opens on a working path.
-        std::thread::sleep(Duration::from_millis(200));
         let t0 = Instant::now();
         let msg = lab.meshctl(PROD, &["rotate"])?;
         let took = t0.elapsed();

@@ -6,16 +6,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use meshlab::vm::{run_in_vm, VmOpts};
-
-/// True (after saying why) when the VM tests are switched off.
-fn skip_vm() -> bool {
-    if std::env::var("MESHD_SKIP_VM").is_ok_and(|v| v == "1") {
-        eprintln!("MESHD_SKIP_VM=1: skipping the VM test");
-        return true;
-    }
-    false
-}
+use meshlab::vm::{run_in_vm, skip_requested, VmOpts};
 
 /// Two namespaces joined by a veth pair, a kernel `wireguard` link in each configured with
 /// `wg`, a ping across the tunnel and a handshake both sides saw.
@@ -55,7 +46,7 @@ echo "kernel wireguard: ok"
 
 #[test]
 fn vm_boots_and_runs_kernel_wireguard() -> Result<()> {
-    if skip_vm() {
+    if skip_requested("the VM smoke test") {
         return Ok(());
     }
     let opts = VmOpts {
@@ -64,24 +55,12 @@ fn vm_boots_and_runs_kernel_wireguard() -> Result<()> {
     };
     let cmd = ["sh", "-c", TWO_NAMESPACES_WIREGUARD].map(String::from);
     let run = run_in_vm(&cmd, &opts)?;
-    println!(
-        "vm: boot {} s, total {:.1} s ({} MiB, {} CPUs)",
-        run.boot_secs.map_or("-".into(), |b| format!("{b:.1}")),
-        run.total_secs,
-        opts.memory_mib,
-        opts.cpus
-    );
-    assert!(
-        !run.qemu.is_alive(),
-        "qemu (pid {}) is still running",
-        run.qemu.pid
-    );
     assert!(
         !run.job_dir.exists(),
         "{} was left behind",
         run.job_dir.display()
     );
-    run.check()?;
+    run.report("vm", &opts)?;
     assert!(
         run.output.contains("kernel wireguard: ok"),
         "the script did not finish:\n{}",

@@ -16,7 +16,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use mesh_proto::api::{
-    ApiError, EndpointReport, InviteRequest, JoinRequest, RotateRequest, LONG_POLL_SECS, MAX_BODY,
+    ApiError, EndpointReport, InviteRequest, JoinRequest, RotateRequest, RotateResponse,
+    LONG_POLL_SECS, MAX_BODY,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -146,16 +147,29 @@ async fn endpoints(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The rotation calls differ only in the registry method they run.
+type RotationStep =
+    fn(&Coordinator, IpAddr, RotateRequest, u64) -> Result<RotateResponse, CoordError>;
+
+async fn rotation_call(
+    st: AppState,
+    peer: SocketAddr,
+    body: Result<Bytes, BytesRejection>,
+    step: RotationStep,
+) -> ApiResult<Response> {
+    let req: RotateRequest = parse_json(body)?;
+    let caller = caller_ip(peer);
+    let coord = st.coord.clone();
+    let resp = blocking(move || step(&coord, caller, req, now_unix())).await?;
+    Ok(Json(resp).into_response())
+}
+
 async fn rotate(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let req: RotateRequest = parse_json(body)?;
-    let caller = caller_ip(peer);
-    let coord = st.coord.clone();
-    let resp = blocking(move || coord.rotate_key(caller, req, now_unix())).await?;
-    Ok(Json(resp).into_response())
+    rotation_call(st, peer, body, Coordinator::rotate_key).await
 }
 
 async fn rotate_prepare(
@@ -163,11 +177,7 @@ async fn rotate_prepare(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let req: RotateRequest = parse_json(body)?;
-    let caller = caller_ip(peer);
-    let coord = st.coord.clone();
-    let resp = blocking(move || coord.prepare_rotation(caller, req, now_unix())).await?;
-    Ok(Json(resp).into_response())
+    rotation_call(st, peer, body, Coordinator::prepare_rotation).await
 }
 
 async fn rotate_commit(
@@ -175,11 +185,7 @@ async fn rotate_commit(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let req: RotateRequest = parse_json(body)?;
-    let caller = caller_ip(peer);
-    let coord = st.coord.clone();
-    let resp = blocking(move || coord.commit_rotation(caller, req, now_unix())).await?;
-    Ok(Json(resp).into_response())
+    rotation_call(st, peer, body, Coordinator::commit_rotation).await
 }
 
 #[derive(Debug, Deserialize)]
