@@ -26,6 +26,7 @@ pub mod lab;
 pub mod poll;
 pub mod procs;
 pub mod root;
+pub mod rotate;
 pub mod state;
 pub mod topology;
 pub mod vm;

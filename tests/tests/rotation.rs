@@ -1,5 +1,6 @@
 //! Key rotation (issue 6, first slice): 20 x `meshctl rotate` on a member while another member
-//! pings it every 10 ms; the ping loss per rotation is printed; afterwards the old key is
+//! pings it every 10 ms and one TCP connection streams data to it; the ping loss per rotation
+//! is printed, the stream must neither reset nor lose a byte; afterwards the old key is
 //! refused.
 //!
 //! Needs meshd, meshctl and meshd-wg next to the test binary (or in `$MESHLAB_BIN_DIR`), `wg`,
@@ -8,14 +9,15 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
+use meshlab::rotate::{ping_summary, public_of, Probe};
 use meshlab::{poll_for, poll_until, HostEntry, JoinMode, Lab, LabOpts, COORDINATOR};
 
 const MESH_TIMEOUT: Duration = Duration::from_secs(90);
 /// Rotations measured in a row.
 const ROTATIONS: usize = 20;
 /// Pings per rotation window, one every 10 ms (the rotation takes about 1.1 s of it).
-const PINGS: u32 = 300;
+const PINGS: u32 = 200;
 /// The issue's goal: at most this many lost pings per rotation.
 const LOSS_GOAL: u32 = 2;
 const PROD: &str = "dock-prod";
@@ -24,6 +26,10 @@ const MIRROR: &str = "dock-mirror";
 const PROBE_HOST: &str = "dock-dash";
 const PROBE_IFACE: &str = "wgprobe0";
 const SIGINT: i32 = 2;
+/// The TCP stream's port on dock-prod, and what it sends every 10 ms.
+const TCP_PORT: u16 = 5201;
+const TCP_CHUNK: usize = 8192;
+const LOAD_MESH: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 99, 99, 1);
 
 fn entry<'a>(reg: &'a [HostEntry], name: &str) -> Result<&'a HostEntry> {
     reg.iter()
@@ -35,116 +41,6 @@ fn mesh(host: &str) -> String {
     meshlab::topology::mesh_addr(host)
         .map(|a| a.to_string())
         .unwrap_or_default()
-}
-
-fn public_of(private_b64: &str) -> Result<String> {
-    use base64::Engine as _;
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(private_b64.trim())
-        .context("key file is not base64")?;
-    let arr: [u8; 32] = bytes
-        .try_into()
-        .map_err(|_| anyhow!("key file does not hold 32 bytes"))?;
-    let public = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(arr));
-    Ok(base64::engine::general_purpose::STANDARD.encode(public.as_bytes()))
-}
-
-/// `received` out of `transmitted` from ping's summary line.
-fn ping_summary(log: &str) -> Result<(u32, u32)> {
-    let line = log
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .ok_or_else(|| anyhow!("no ping summary in:\n{log}"))?;
-    let num = |word: &str| -> Result<u32> {
-        let before = line
-            .split(',')
-            .find(|p| p.contains(word))
-            .ok_or_else(|| anyhow!("no {word:?} in {line:?}"))?;
-        before
-            .split_whitespace()
-            .next()
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| anyhow!("cannot read {word:?} in {line:?}"))
-    };
-    Ok((num("transmitted")?, num("received")?))
-}
-
-/// Bring up a wireguard-go interface on the probe host holding `private_b64` (base64), with
-/// the coordinator as its only peer, and report whether a handshake completes within `wait`.
-fn probe_handshake(lab: &Lab, private_b64: &str, coord_key: &str, wait: Duration) -> Result<bool> {
-    let _ = lab.exec(PROBE_HOST, &["ip", "link", "del", PROBE_IFACE]);
-    lab.exec_ok(PROBE_HOST, &["wireguard-go", PROBE_IFACE])?;
-    lab.exec_input(
-        PROBE_HOST,
-        &[
-            "wg",
-            "set",
-            PROBE_IFACE,
-            "private-key",
-            "/dev/stdin",
-            "peer",
-            coord_key,
-            "endpoint",
-            "198.51.100.1:51871",
-            "allowed-ips",
-            &format!("{}/32", mesh(COORDINATOR)),
-            "persistent-keepalive",
-            "1",
-        ],
-        format!("{}\n", private_b64.trim()).as_bytes(),
-    )?;
-    lab.exec_ok(
-        PROBE_HOST,
-        &[
-            "ip",
-            "addr",
-            "add",
-            &format!("{}/32", mesh(PROD)),
-            "dev",
-            PROBE_IFACE,
-        ],
-    )?;
-    lab.exec_ok(PROBE_HOST, &["ip", "link", "set", PROBE_IFACE, "up"])?;
-    lab.exec_ok(
-        PROBE_HOST,
-        &[
-            "ip",
-            "route",
-            "add",
-            &format!("{}/32", mesh(COORDINATOR)),
-            "dev",
-            PROBE_IFACE,
-        ],
-    )?;
-    let deadline = Instant::now() + wait;
-    let mut shook = false;
-    while Instant::now() < deadline {
-        let out = lab.exec_ok(
-            PROBE_HOST,
-            &["wg", "show", PROBE_IFACE, "latest-handshakes"],
-        )?;
-        if out
-            .split_whitespace()
-            .nth(1)
-            .is_some_and(|t| t != "0" && !t.is_empty())
-        {
-            shook = true;
-            break;
-        }
-        // Traffic toward the coordinator makes the probe initiate (and retry) handshakes.
-        let _ = lab.exec(
-            PROBE_HOST,
-            &["ping", "-n", "-q", "-c", "1", "-W", "1", &mesh(COORDINATOR)],
-        );
-    }
-    let show = lab.exec(PROBE_HOST, &["wg", "show", PROBE_IFACE])?;
-    eprintln!(
-        "probe after {wait:?}: {}{}",
-        String::from_utf8_lossy(&show.stdout),
-        String::from_utf8_lossy(&show.stderr)
-    );
-    let _ = lab.exec(PROBE_HOST, &["ip", "link", "del", PROBE_IFACE]);
-    Ok(shook)
 }
 
 #[test]
@@ -184,6 +80,8 @@ fn rotation_under_ping_costs_at_most_a_handshake_and_the_old_key_is_refused() ->
         )?
         .trim()
         .to_string();
+    // One TCP connection from dock-mirror (behind the NAT) to dock-prod for all 20 rotations.
+    let stream = lab.start_tcp_stream(MIRROR, PROD, TCP_PORT, TCP_CHUNK)?;
     let logs = lab.dir().to_path_buf();
     let mut losses = Vec::new();
     let mut previous = public_of(&first_key)?;
@@ -260,9 +158,26 @@ fn rotation_under_ping_costs_at_most_a_handshake_and_the_old_key_is_refused() ->
         );
         previous = public_now;
     }
+    let carried = lab.finish_tcp_stream(&stream)?;
     eprintln!(
         "MEASURED ping loss per rotation over {ROTATIONS} rotations: {losses:?} (goal: at most {LOSS_GOAL})"
     );
+    eprintln!(
+        "MEASURED TCP stream {MIRROR} -> {PROD} across {ROTATIONS} rotations: one connection, no reset, {} bytes sent, {} received and checked in {:.1} s, {} corrupt chunks",
+        carried.sent,
+        carried.received,
+        carried.duration.as_secs_f64(),
+        carried.corrupt_chunks
+    );
+    assert_eq!(
+        carried.received, carried.sent,
+        "the TCP stream lost bytes across the rotations"
+    );
+    assert_eq!(
+        carried.corrupt_chunks, 0,
+        "the TCP stream carried corrupt data"
+    );
+    assert!(carried.sent > 0, "the TCP stream carried nothing");
     let over: Vec<_> = losses.iter().filter(|l| **l > LOSS_GOAL).collect();
     assert!(
         over.is_empty(),
@@ -293,11 +208,25 @@ fn rotation_under_ping_costs_at_most_a_handshake_and_the_old_key_is_refused() ->
                 .then_some(()))
         },
     )?;
+    let coord_endpoint = meshlab::rotate::coordinator_endpoint();
+    let control = Probe {
+        host: PROBE_HOST,
+        iface: PROBE_IFACE,
+        private_key: &probe_private,
+        peer_key: &coord_key,
+        peer_endpoint: &coord_endpoint,
+        peer_addr: meshlab::topology::mesh_addr(COORDINATOR).unwrap_or(LOAD_MESH),
+        own_addr: meshlab::topology::mesh_addr(PROD).unwrap_or(LOAD_MESH),
+    };
+    let old = Probe {
+        private_key: &first_key,
+        ..control.clone()
+    };
     assert!(
-        probe_handshake(&lab, &probe_private, &coord_key, Duration::from_secs(10))?,
+        lab.probe_handshake(&control, Duration::from_secs(10))?,
         "control: a key the coordinator accepts must complete a handshake from the probe"
     );
-    let refused = !probe_handshake(&lab, &first_key, &coord_key, Duration::from_secs(7))?;
+    let refused = !lab.probe_handshake(&old, Duration::from_secs(7))?;
     assert!(refused, "the old key still completes a handshake");
     eprintln!(
         "MEASURED old key refused: no handshake in 7 s, while an accepted key shook hands from the same probe"
