@@ -103,6 +103,14 @@ pub struct TcpStream {
     pub receiver_log: PathBuf,
 }
 
+/// Pings from one host to another every 10 ms, in the background, counted at the end.
+#[derive(Debug)]
+pub struct PingWindow {
+    pub proc: ProcId,
+    pub log: PathBuf,
+    pub count: u32,
+}
+
 /// What the stream carried: bytes the sender wrote, bytes the receiver got and checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamReport {
@@ -410,6 +418,46 @@ impl Lab {
         );
         let _ = self.exec(host, &["ip", "link", "del", iface]);
         Ok(shook)
+    }
+
+    /// Start `count` pings from `from` to `to`'s mesh address, one every 10 ms (each waits at
+    /// most 1 s for its answer); `tag` names the log.
+    pub fn start_ping_window(
+        &self,
+        from: &str,
+        to: &str,
+        count: u32,
+        tag: &str,
+    ) -> Result<PingWindow> {
+        let log = self.dir().join(format!("ping-{tag}-{from}-{to}.log"));
+        let addr = self.mesh_addr(to)?.to_string();
+        let proc = self.spawn(
+            from,
+            &[
+                "ping",
+                "-n",
+                "-q",
+                "-i",
+                "0.01",
+                "-c",
+                &count.to_string(),
+                "-W",
+                "1",
+                &addr,
+            ],
+            Some(&log),
+        )?;
+        Ok(PingWindow { proc, log, count })
+    }
+
+    /// Wait for the window's pings to end: `(transmitted, received)`.
+    pub fn finish_ping_window(&self, w: &PingWindow) -> Result<(u32, u32)> {
+        let t = Duration::from_millis(u64::from(w.count) * 10) + Duration::from_secs(30);
+        if self.wait_exit(w.proc, t).is_err() {
+            self.signal(w.proc, libc::SIGINT);
+            self.wait_exit(w.proc, Duration::from_secs(5))?;
+        }
+        ping_summary(&std::fs::read_to_string(&w.log)?)
     }
 
     /// Start a TCP stream from `from` to `to`'s mesh address, port `port`: `chunk` bytes every
