@@ -50,8 +50,12 @@ enum Cmd {
         #[arg(long)]
         file: Option<PathBuf>,
     },
-    /// Rotate this host's WireGuard key now, through the coordinator (peers switch with it).
-    Rotate,
+    /// Rotate this host's WireGuard key now, through the coordinator (peers switch with it);
+    /// with NAME (on the coordinator or an admin host), ask that host to rotate its key.
+    Rotate {
+        /// The host to ask (default: this host, at once).
+        name: Option<String>,
+    },
     /// Invite a host: prints its one-line token (or, with --static, a wg-quick config).
     Invite {
         /// The new host's name.
@@ -301,7 +305,8 @@ fn send(cli: Cli) -> Result<()> {
         Cmd::Peers { .. } => Request::Peers,
         Cmd::Status { .. } => Request::Status,
         Cmd::Reload => Request::Reload,
-        Cmd::Rotate => Request::Rotate,
+        Cmd::Rotate { name: None } => Request::Rotate,
+        Cmd::Rotate { name: Some(name) } => Request::RotateHost { name: name.clone() },
         Cmd::Join { token, file } => {
             let token = match (token, file) {
                 (Some(t), _) => t.trim().to_string(),
@@ -374,7 +379,7 @@ fn send(cli: Cli) -> Result<()> {
         (Cmd::Status { json: false }, Response::Status(status)) => {
             out(&render_status(&status, now()))
         }
-        (Cmd::Reload | Cmd::Rotate | Cmd::Down { .. }, Response::Ok { message }) => {
+        (Cmd::Reload | Cmd::Rotate { .. } | Cmd::Down { .. }, Response::Ok { message }) => {
             out(&format!("{message}\n"))
         }
         (_, other) => bail!("unexpected reply from meshd: {other:?}"),
@@ -453,6 +458,11 @@ mod tests {
             "192.168.1.20"
         ])
         .is_err());
+        let cli = Cli::try_parse_from(["meshctl", "rotate"]).expect("parse");
+        assert!(matches!(cli.command, Cmd::Rotate { name: None }));
+        let cli = Cli::try_parse_from(["meshctl", "rotate", "dock-prod"]).expect("parse");
+        assert!(matches!(cli.command, Cmd::Rotate { name: Some(ref n) } if n == "dock-prod"));
+        assert!(Cli::try_parse_from(["meshctl", "rotate", "a", "b"]).is_err());
         assert!(Cli::try_parse_from(["meshctl", "join"]).is_err());
         let cli = Cli::try_parse_from(["meshctl", "join", "--file", "/tmp/t"]).expect("parse");
         assert!(matches!(cli.command, Cmd::Join { file: Some(_), .. }));

@@ -24,6 +24,11 @@ const MAX_RESPONSE: usize = 16 * 1024 * 1024;
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline for a netmap long-poll: longer than the server holds it.
 pub const POLL_TIMEOUT: Duration = Duration::from_secs(LONG_POLL_SECS + 10);
+/// Deadline for the TCP connection itself: through a working tunnel it takes milliseconds
+/// (one handshake at most, retried after 5 s when its first packet is lost), so a connect
+/// that takes longer means the tunnel to the coordinator is broken (e.g. it rotated its key
+/// while we were away), and the caller should know now, not after the long-poll deadline.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// Why an API call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -136,6 +141,30 @@ pub async fn remove(at: SocketAddr, name: &str) -> Result<(), CallError> {
     check(at, request(at, "DELETE", &path, None, CALL_TIMEOUT).await?).map(|_| ())
 }
 
+/// `meshctl rotate NAME` relayed from an admin host.
+pub async fn request_rotation(at: SocketAddr, name: &str) -> Result<(), CallError> {
+    let path = format!("/v1/admin/hosts/{}/rotate", path_segment(name));
+    check(at, request(at, "POST", &path, None, CALL_TIMEOUT).await?).map(|_| ())
+}
+
+/// The coordinator's key notices for `host` (`mesh_proto::notice`), from `at`: the
+/// coordinator's WireGuard endpoint, over TCP outside the tunnel.
+pub async fn key_notices(
+    at: SocketAddr,
+    host: &PublicKey,
+    timeout: Duration,
+) -> Result<Vec<mesh_proto::notice::KeyNotice>, CallError> {
+    call_json::<(), mesh_proto::notice::KeyNoticesResponse>(
+        at,
+        "GET",
+        &mesh_proto::notice::path(host),
+        None,
+        timeout,
+    )
+    .await
+    .map(|r| r.notices)
+}
+
 /// Host names are `[a-z0-9-]`; anything else is percent-encoded so it cannot change the path.
 fn path_segment(s: &str) -> String {
     s.bytes()
@@ -227,7 +256,15 @@ async fn exchange(
         addr: at,
         message: e.to_string(),
     };
-    let mut stream = TcpStream::connect(at).await.map_err(unreachable)?;
+    let mut stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(at)).await {
+        Ok(r) => r.map_err(unreachable)?,
+        Err(_) => {
+            return Err(CallError::Unreachable {
+                addr: at,
+                message: format!("no connection within {}s", CONNECT_TIMEOUT.as_secs()),
+            })
+        }
+    };
     let body = body.unwrap_or_default();
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\nAccept: application/json\r\n"

@@ -33,6 +33,8 @@ pub struct MeshWiring {
     pub tx: mpsc::Sender<MeshEvent>,
     pub rx: mpsc::Receiver<MeshEvent>,
     pub admin: Option<AdminHandler>,
+    /// The coordinator host's registry (its own key rotates through it).
+    pub coordinator: Option<crate::coordinator::Coordinator>,
 }
 
 impl Default for MeshWiring {
@@ -42,6 +44,7 @@ impl Default for MeshWiring {
             tx,
             rx,
             admin: None,
+            coordinator: None,
         }
     }
 }
@@ -207,8 +210,10 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
         tx: mesh_tx,
         rx: mut mesh_rx,
         admin,
+        coordinator,
     } = wiring;
     let mut member = MemberRuntime::new(StateDir::new(&agent.settings().state_dir), mesh_tx);
+    member.coordinator = coordinator;
     member.restore(&mut agent);
     let mut handoff = Handoff::start(
         load_handoff(agent.config_path()).unwrap_or_default(),

@@ -280,6 +280,7 @@ mod tests {
                     next_public_key: None,
                 })
                 .collect(),
+            rotate_requested: false,
         };
         MeshView::new(&netmap, Some("dock-load"))
     }

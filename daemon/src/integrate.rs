@@ -454,6 +454,7 @@ mod tests {
             address: IpAddr::from([10, 99, 99, 2]),
             public_key: PublicKey([2; 32]),
             peers: peers.iter().map(|(n, l)| peer(n, *l)).collect(),
+            rotate_requested: false,
         };
         MeshView::new(&netmap, Some("dock-load"))
     }
@@ -727,6 +728,7 @@ mod tests {
                 address: IpAddr::from([10, 99, 99, 1]),
                 public_key: PublicKey([1; 32]),
                 peers: vec![peer("dock-prod", 2)],
+                rotate_requested: false,
             },
             Some("dock-load"),
         );

@@ -23,6 +23,7 @@ pub mod notify;
 pub mod ports;
 pub mod protocol;
 pub mod resolved;
+pub mod rotate;
 pub mod routes;
 pub mod select;
 pub mod service;

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use mesh_proto::api::{EndpointReport, JoinRequest};
 use mesh_proto::netmap::Netmap;
 use mesh_proto::token::Token;
-use mesh_proto::{DeviceSpec, PeerSpec, PrivateKey};
+use mesh_proto::{DeviceSpec, PeerSpec, PrivateKey, PublicKey};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -40,6 +40,8 @@ pub enum MeshEvent {
     Unreachable(String),
     /// An endpoint report finished: what was reported, or why it failed.
     EndpointsReported(Result<EndpointReport, String>),
+    /// A key notice request finished: the coordinator key we knew and its current one.
+    CoordinatorKey(Result<(PublicKey, PublicKey), String>),
 }
 
 fn host_net(ip: IpAddr) -> IpNet {
@@ -388,142 +390,26 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
     }
 }
 
-/// How long a prepared next key is left to reach every peer before the commit: netmaps are
-/// pushed over long-polls within milliseconds; DESIGN §4 promises a second.
-pub const ROTATION_SETTLE: Duration = Duration::from_secs(1);
-
-/// Make every peer handshake now: one datagram to each netmap peer's mesh address (discard
-/// port) makes the device initiate a handshake with the key it now runs, whatever the backend.
-async fn poke_peers(netmap: &Netmap) {
-    let Ok(sock) = tokio::net::UdpSocket::bind("0.0.0.0:0").await else {
-        return;
-    };
-    let sock6 = tokio::net::UdpSocket::bind("[::]:0").await.ok();
-    for p in &netmap.peers {
-        let to = SocketAddr::new(p.address, 9);
-        let r = match (p.address, &sock6) {
-            (IpAddr::V6(_), Some(s6)) => s6.send_to(&[0], to).await,
-            _ => sock.send_to(&[0], to).await,
-        };
-        if let Err(e) = r {
-            tracing::debug!(peer = %p.name, error = %e, "cannot poke the peer");
-        }
-    }
-}
-
-/// Rotate this member's static key now (`meshctl rotate`), following
-/// `mesh_proto::rotation`: write the next key, prepare it with the coordinator, let it reach
-/// the peers, commit, switch the device on the reply and handshake every peer, then promote
-/// the key file (the old key leaves the disk; the old `PrivateKey` is dropped, which zeroizes
-/// it). A next key left by an interrupted rotation is resumed. Returns the operator's message.
+/// Rotate this host's static key now (`meshctl rotate`, the schedule, or an admin's request):
+/// see [`crate::rotate::rotate`]. A member rotates through its coordinator's API, the
+/// coordinator host through its own registry.
 pub async fn rotate<W: WgBackend, L: LinkBackend>(
     agent: &mut Agent<W, L>,
-    state: &StateDir,
+    member: &MemberRuntime,
 ) -> Result<String, String> {
-    use mesh_proto::rotation::{Action, Rotation};
-    if agent.settings().coordinator.is_some() {
-        return Err(
-            "this host runs the coordinator; rotating the coordinator's own key is not \
-                    implemented yet"
-                .into(),
-        );
-    }
-    let Some(api) = agent.membership().map(Membership::api_addr) else {
-        return Err(
-            "not a member of a managed mesh: there is no coordinator to rotate with \
-                    (a static fleet changes keys by editing the configuration)"
-                .into(),
-        );
-    };
-    let path = agent.settings().private_key_file.clone();
-    let old = agent.key().public_key();
-    let pending = match crate::keyfile::inspect(&crate::keyfile::next_path(&path)) {
-        Ok(crate::keyfile::KeyFileState::Valid(k)) if k.public_key() != old => Some(k),
-        Ok(_) => None,
-        Err(e) => return Err(e.to_string()),
-    };
-    let (mut rot, next) = match pending {
-        Some(k) => {
-            tracing::info!(next = %k.public_key(), "resuming an interrupted key rotation");
-            (Rotation::resume(old, k.public_key()), k)
-        }
-        None => {
-            let mut rot = Rotation::idle(old);
-            rot.handle_request();
-            (rot, PrivateKey::generate())
-        }
-    };
-    let started = tokio::time::Instant::now();
-    let refused = |rot: &mut Rotation, what: &str, e: CallError| -> String {
-        if matches!(e, CallError::Refused { status, .. } if status < 500) {
-            let _ = rot.handle_refused();
-            if let Err(de) = crate::keyfile::discard_next(&path) {
-                tracing::warn!(error = %de, "cannot delete the abandoned next key");
-            }
-            format!("the coordinator refused the rotation's {what}: {e}; the key is unchanged")
-        } else {
-            format!(
-                "the rotation's {what} did not reach the coordinator: {e}; the key is unchanged \
-                 and the next key is kept: run `meshctl rotate` again to resume"
+    use crate::rotate::Registrar;
+    let registrar = match (&member.coordinator, agent.membership()) {
+        (Some(coord), _) => Registrar::Local(coord),
+        (None, Some(m)) => Registrar::Remote(m.api_addr()),
+        (None, None) => {
+            return Err(
+                "not a member of a managed mesh: there is no coordinator to rotate with \
+                 (a static fleet changes keys by editing the configuration)"
+                    .into(),
             )
         }
     };
-    while let Some(action) = rot.poll_action() {
-        tracing::info!(step = %action, "key rotation");
-        let step = match action {
-            Action::WriteNextKey => crate::keyfile::write_next(&path, &next)
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    rot.handle_next_key_written(next.public_key())
-                        .map_err(|e| e.to_string())
-                }),
-            Action::Prepare(k) => match client::rotate_prepare(api, k).await {
-                Ok(_) => {
-                    // Let the next key reach every peer's device before anything routes to it.
-                    tokio::time::sleep(ROTATION_SETTLE).await;
-                    rot.handle_prepared().map_err(|e| e.to_string())
-                }
-                Err(e) => Err(refused(&mut rot, "prepare", e)),
-            },
-            Action::Commit(k) => match client::rotate_commit(api, k).await {
-                Ok(nm) if nm.public_key == k => {
-                    // Switch at once: the same commit is reaching the peers right now.
-                    agent.set_key(next.clone());
-                    agent.set_netmap(nm.clone());
-                    rot.handle_committed().map_err(|e| e.to_string())?;
-                    let report = agent.reconcile(now()).await;
-                    poke_peers(&nm).await;
-                    if let Some(e) = report.error {
-                        tracing::warn!(error = %e, "the pass after the key switch had errors");
-                    }
-                    if let Err(e) = state.save_netmap(&nm) {
-                        tracing::warn!(error = %e, "cannot cache the netmap");
-                    }
-                    rot.handle_switched().map_err(|e| e.to_string())
-                }
-                Ok(nm) => Err(format!(
-                    "the coordinator's reply names key {} for us, not the committed {}",
-                    nm.public_key.short(),
-                    k.short()
-                )),
-                Err(e) => Err(refused(&mut rot, "commit", e)),
-            },
-            // Done with the reply above (the switch must not wait for another step).
-            Action::Switch(_) => rot.handle_switched().map_err(|e| e.to_string()),
-            Action::Promote => crate::keyfile::promote(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|()| rot.handle_promoted().map_err(|e| e.to_string())),
-        };
-        step?;
-    }
-    let took = started.elapsed();
-    tracing::info!(old = %old, new = %rot.live_key(), took_ms = took.as_millis() as u64, "key rotated");
-    Ok(format!(
-        "key rotated: {} -> {} in {} ms; the old key is gone from disk",
-        old.short(),
-        rot.live_key().short(),
-        took.as_millis()
-    ))
+    crate::rotate::rotate(agent, &member.state, registrar).await
 }
 
 /// Follow the netmap: long-poll the coordinator, send each newer netmap to the loop; on
@@ -602,14 +488,40 @@ fn usable_underlay(a: &IpAddr) -> bool {
     }
 }
 
+/// How often a host that cannot reach its coordinator asks for key notices (the coordinator
+/// may have rotated its key while the host was away; `mesh_proto::notice`).
+pub const NOTICE_RETRY: Duration = Duration::from_secs(15);
+
 /// The membership-related part of the loop's state.
-#[derive(Debug)]
 pub struct MemberRuntime {
     pub state: StateDir,
     pub tx: mpsc::Sender<MeshEvent>,
+    /// On the coordinator host: its registry (it rotates its own key through it).
+    pub coordinator: Option<crate::coordinator::Coordinator>,
     follower: Option<JoinHandle<()>>,
     last_reported: Option<EndpointReport>,
     report_in_flight: bool,
+    /// A netmap asked us to rotate (`meshctl rotate NAME`), at this version.
+    rotation_asked: Option<u64>,
+    /// The netmap version our last rotation's commit produced: older netmaps still in the
+    /// queue that ask for a rotation are that same request, already served.
+    rotated_at_version: u64,
+    /// A next key was on disk at start: once, if the coordinator does not answer, try it
+    /// (the commit may have happened just before a crash).
+    probe_next_at_start: bool,
+    /// A key notice request is running, or when the last one started.
+    notice_in_flight: bool,
+    last_notice_try: Option<tokio::time::Instant>,
+}
+
+impl std::fmt::Debug for MemberRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemberRuntime")
+            .field("state", &self.state)
+            .field("coordinator", &self.coordinator.is_some())
+            .field("rotation_asked", &self.rotation_asked)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MemberRuntime {
@@ -617,9 +529,15 @@ impl MemberRuntime {
         MemberRuntime {
             state,
             tx,
+            coordinator: None,
             follower: None,
             last_reported: None,
             report_in_flight: false,
+            rotation_asked: None,
+            rotated_at_version: 0,
+            probe_next_at_start: false,
+            notice_in_flight: false,
+            last_notice_try: None,
         }
     }
 
@@ -645,6 +563,8 @@ impl MemberRuntime {
             Ok(None) => tracing::warn!("no cached netmap; waiting for the coordinator"),
             Err(e) => tracing::warn!(error = %e, "cannot read the cached netmap"),
         }
+        self.probe_next_at_start =
+            crate::keyfile::next_path(&agent.settings().private_key_file).exists();
         self.follow(agent);
     }
 
@@ -670,6 +590,15 @@ impl MemberRuntime {
         match event {
             MeshEvent::Netmap(nm) => {
                 let nm = *nm;
+                let version = nm.version;
+                if nm.rotate_requested
+                    && nm.version > self.rotated_at_version
+                    && nm.public_key == agent.key().public_key()
+                    && self.rotation_asked.is_none()
+                {
+                    tracing::info!(version, "an admin asked this host to rotate its key");
+                    self.rotation_asked = Some(version);
+                }
                 if agent.set_netmap(nm.clone()) {
                     if agent.membership().is_some() {
                         if let Err(e) = self.state.save_netmap(&nm) {
@@ -678,15 +607,27 @@ impl MemberRuntime {
                     }
                     agent.reconcile(now()).await;
                 }
+                if let Some(coord) = &self.coordinator {
+                    coord.applied_own(version);
+                }
+                if self.rotation_asked.is_some() {
+                    self.rotate_if_due(agent).await;
+                }
             }
             MeshEvent::Reachable => {
-                if agent.mesh_state().reachable != Some(true) {
+                let was = agent.mesh_state().reachable;
+                if was != Some(true) {
                     tracing::info!("coordinator reachable");
                 }
                 let st = agent.mesh_state_mut();
                 st.reachable = Some(true);
                 st.last_error = None;
                 st.last_contact_unix = Some(now().as_secs());
+                self.probe_next_at_start = false;
+                // A rotation deferred while the coordinator was away resumes now.
+                if was != Some(true) {
+                    self.rotate_if_due(agent).await;
+                }
             }
             MeshEvent::Unreachable(e) => {
                 if agent.mesh_state().reachable != Some(false) {
@@ -695,6 +636,7 @@ impl MemberRuntime {
                 let st = agent.mesh_state_mut();
                 st.reachable = Some(false);
                 st.last_error = Some(e);
+                self.while_unreachable(agent).await;
             }
             MeshEvent::EndpointsReported(r) => {
                 self.report_in_flight = false;
@@ -706,7 +648,103 @@ impl MemberRuntime {
                     Err(e) => tracing::warn!(error = %e, "cannot report endpoints; retrying later"),
                 }
             }
+            MeshEvent::CoordinatorKey(r) => {
+                self.notice_in_flight = false;
+                match r {
+                    Ok((known, new)) => self.take_coordinator_key(agent, known, new).await,
+                    Err(e) => tracing::debug!(error = %e, "no usable coordinator key notice"),
+                }
+            }
         }
+    }
+
+    /// The coordinator does not answer. Once after a start with a rotation pending, try the
+    /// next key (`crate::rotate::probe_next_key`); then, every [`NOTICE_RETRY`], ask the
+    /// coordinator's endpoint for key notices in the background (it may have rotated its key
+    /// while we were away).
+    async fn while_unreachable<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
+        let Some(m) = agent.membership().cloned() else {
+            return;
+        };
+        if self.coordinator.is_some() {
+            return;
+        }
+        if std::mem::take(&mut self.probe_next_at_start)
+            && crate::rotate::probe_next_key(agent, &self.state, m.api_addr()).await
+        {
+            self.follow(agent);
+            return;
+        }
+        if self.notice_in_flight
+            || self
+                .last_notice_try
+                .is_some_and(|t| t.elapsed() < NOTICE_RETRY)
+        {
+            return;
+        }
+        let coord_peer = agent
+            .netmap()
+            .and_then(|nm| nm.peers.iter().find(|p| p.address == m.coordinator_address));
+        let (known, endpoints) = match coord_peer {
+            Some(p) => (
+                p.public_key,
+                p.endpoints.iter().map(|c| c.addr).collect::<Vec<_>>(),
+            ),
+            None => (m.coordinator_public_key, m.coordinator_endpoints.clone()),
+        };
+        self.notice_in_flight = true;
+        self.last_notice_try = Some(tokio::time::Instant::now());
+        let key = agent.key().clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let r = crate::rotate::coordinator_key_from_notices(&endpoints, &key, known)
+                .await
+                .map(|new| (known, new));
+            let _ = tx.send(MeshEvent::CoordinatorKey(r)).await;
+        });
+    }
+
+    /// A verified key notice says the coordinator's key `known` is now `new`: put it into the
+    /// netmap and the membership (both cached), so the tunnel to the coordinator works again
+    /// and the follower gets the current netmap.
+    async fn take_coordinator_key<W: WgBackend, L: LinkBackend>(
+        &mut self,
+        agent: &mut Agent<W, L>,
+        known: PublicKey,
+        new: PublicKey,
+    ) {
+        let Some(mut m) = agent.membership().cloned() else {
+            return;
+        };
+        if let Some(mut nm) = agent.netmap().cloned() {
+            let mut changed = false;
+            for p in nm
+                .peers
+                .iter_mut()
+                .filter(|p| p.address == m.coordinator_address && p.public_key == known)
+            {
+                p.public_key = new;
+                p.next_public_key = None;
+                changed = true;
+            }
+            if !changed {
+                return;
+            }
+            if let Err(e) = self.state.save_netmap(&nm) {
+                tracing::warn!(error = %e, "cannot cache the netmap");
+            }
+            agent.set_netmap(nm);
+        }
+        if m.coordinator_public_key == known {
+            m.coordinator_public_key = new;
+            if let Err(e) = self.state.save_membership(&m) {
+                tracing::warn!(error = %e, "cannot save the membership");
+            }
+            agent.set_membership(Some(m));
+        }
+        tracing::info!(old = %known, new = %new, "coordinator key updated from a key notice");
+        agent.reconcile(now()).await;
+        self.follow(agent);
     }
 
     /// Report our endpoints when they changed since the last successful report.
@@ -734,20 +772,39 @@ impl MemberRuntime {
         spawn_report(api, report, self.tx.clone());
     }
 
-    /// Scheduled rotation (`daemon.rotate_every_days`, checked every [`ENDPOINT_CHECK`]):
-    /// rotate when the key file's age passes its due time
-    /// (`mesh_proto::rotation::rotation_due_unix`), or finish a rotation a crash or an
+    /// Rotate now (`meshctl rotate`, the schedule, an admin's request): see [`rotate`].
+    pub async fn rotate_now<W: WgBackend, L: LinkBackend>(
+        &mut self,
+        agent: &mut Agent<W, L>,
+    ) -> Result<String, String> {
+        let r = rotate(agent, self).await;
+        if !crate::keyfile::next_path(&agent.settings().private_key_file).exists() && r.is_ok() {
+            // Done (not deferred): any request queued before the commit is served.
+            self.rotation_asked = None;
+            self.rotated_at_version = self
+                .coordinator
+                .as_ref()
+                .map(|c| c.version())
+                .or_else(|| agent.netmap().map(|n| n.version))
+                .unwrap_or(0);
+        }
+        r
+    }
+
+    /// Rotate when it is time (`daemon.rotate_every_days`, checked every [`ENDPOINT_CHECK`]:
+    /// the key file's age passed its due time, `mesh_proto::rotation::rotation_due_unix`),
+    /// when an admin asked (`meshctl rotate NAME`), or to finish a rotation a crash or an
     /// unreachable coordinator interrupted (a next key file exists). Only while the
-    /// coordinator answers; otherwise the rotation is deferred to a later check.
+    /// coordinator answers (always, on the coordinator host); otherwise the rotation waits
+    /// for the coordinator to be back.
     pub async fn rotate_if_due<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
-        if agent.settings().coordinator.is_some()
-            || agent.membership().is_none()
-            || agent.mesh_state().reachable != Some(true)
-        {
+        let managed = self.coordinator.is_some() || agent.membership().is_some();
+        if !managed || (self.coordinator.is_none() && agent.mesh_state().reachable != Some(true)) {
             return;
         }
         let path = agent.settings().private_key_file.clone();
         let pending = crate::keyfile::next_path(&path).exists();
+        let asked = self.rotation_asked.is_some();
         let due = match (
             agent.settings().rotate_every,
             crate::keyfile::created_unix(&path),
@@ -760,14 +817,14 @@ impl MemberRuntime {
             .is_some_and(|at| now().as_secs() >= at),
             _ => false,
         };
-        if !(due || pending) {
+        if !(due || pending || asked) {
             return;
         }
-        tracing::info!(due, pending, "scheduled key rotation");
-        match rotate(agent, &self.state).await {
-            Ok(message) => tracing::info!(%message, "scheduled key rotation done"),
+        tracing::info!(due, pending, asked, "key rotation");
+        match self.rotate_now(agent).await {
+            Ok(message) => tracing::info!(%message, "key rotation done"),
             Err(e) => {
-                tracing::warn!(error = %e, "scheduled key rotation failed; retrying at the next check")
+                tracing::warn!(error = %e, "key rotation failed; retrying at the next check")
             }
         }
     }
@@ -833,6 +890,7 @@ mod tests {
             address: "10.99.99.3".parse().expect("ip"),
             public_key: own.public_key(),
             peers,
+            rotate_requested: false,
         }
     }
 

@@ -478,6 +478,7 @@ mod tests {
                 ),
                 np(4, "dock-mirror", vec![]),
             ],
+            rotate_requested: false,
         };
         (
             ObservedDevice {

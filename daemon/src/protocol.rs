@@ -151,7 +151,7 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
                 Err(e) => Response::error(e.message),
             }
         }
-        Request::Rotate => match crate::member::rotate(agent, &member.state).await {
+        Request::Rotate => match member.rotate_now(agent).await {
             Ok(message) => Response::ok(message),
             Err(e) => Response::error(e),
         },
@@ -162,8 +162,17 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
         | Request::Invites
         | Request::RevokeInvite { .. }
         | Request::Hosts
-        | Request::Remove { .. } => Response::error("not an admin request".to_string()),
+        | Request::Remove { .. }
+        | Request::RotateHost { .. } => Response::error("not an admin request".to_string()),
     }
+}
+
+/// The reply to `meshctl rotate NAME` once the coordinator took the request.
+pub fn rotation_asked_message(name: &str) -> String {
+    format!(
+        "asked {name} to rotate its key: it rotates as soon as its netmap says so (now, if it \
+         is online; otherwise when it comes back)"
+    )
 }
 
 /// Whether a request is a coordinator admin call.
@@ -175,6 +184,7 @@ pub fn is_admin(request: &Request) -> bool {
             | Request::RevokeInvite { .. }
             | Request::Hosts
             | Request::Remove { .. }
+            | Request::RotateHost { .. }
     )
 }
 
@@ -204,6 +214,10 @@ pub fn relay_admin(api: SocketAddr, request: Request) -> AdminCall {
             },
             Request::Remove { name } => match client::remove(api, &name).await {
                 Ok(()) => Response::ok(format!("{name} removed from the mesh")),
+                Err(e) => refused(e),
+            },
+            Request::RotateHost { name } => match client::request_rotation(api, &name).await {
+                Ok(()) => Response::ok(rotation_asked_message(&name)),
                 Err(e) => refused(e),
             },
             _ => Response::error("not an admin request"),

@@ -154,7 +154,8 @@ pub async fn serve(settings: Settings) -> Result<()> {
             wiring.tx.clone(),
             stop_rx,
         )?;
-        wiring.admin = Some(admin_handler(coord));
+        wiring.admin = Some(admin_handler(coord.clone()));
+        wiring.coordinator = Some(coord);
         let st = agent.mesh_state_mut();
         st.is_coordinator = true;
         st.reachable = Some(true);
@@ -227,6 +228,23 @@ fn start_coordinator(
 
     // Our own netmap, re-read on every registry change and when a join's grace ends.
     tokio::spawn(feed_own_netmap(coord.clone(), events, stop.clone()));
+
+    // Key notices, outside the tunnel on TCP at our WireGuard port number, for hosts that
+    // missed a rotation of our key (`mesh_proto::notice`). Without it those hosts need a new
+    // token, so a failure is loud but not fatal.
+    {
+        let notices = coord.clone();
+        let port = settings.listen_port;
+        let mut stop_notices = stop.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop_notices.wait_for(|s| *s).await;
+            };
+            if let Err(e) = crate::coordinator::serve_key_notices(notices, port, shutdown).await {
+                tracing::error!(error = %e, "cannot serve coordinator key notices: hosts that miss a rotation of this coordinator's key will need a new token");
+            }
+        });
+    }
 
     // The API, inside the tunnel. The interface may not exist yet (first pass) or may come
     // back after an engine restart: bind again until it works.
@@ -334,6 +352,9 @@ fn admin_handler(coord: Coordinator) -> AdminHandler {
                 Request::Remove { name } => coord
                     .remove(&name, now_unix)
                     .map(|()| Response::ok(format!("{name} removed from the mesh"))),
+                Request::RotateHost { name } => coord
+                    .request_rotation(&name, now_unix)
+                    .map(|_| Response::ok(crate::protocol::rotation_asked_message(&name))),
                 _ => Ok(Response::error("not an admin request")),
             })
             .await;
@@ -347,21 +368,32 @@ fn admin_handler(coord: Coordinator) -> AdminHandler {
 }
 
 /// The live key at start, after finishing or keeping an interrupted rotation
-/// (`mesh_proto::rotation::recover`): the coordinator's word is the key of our cached netmap
-/// (none for a static fleet or before the first netmap).
+/// (`mesh_proto::rotation::recover`). The coordinator's word is, on a member, the key of our
+/// cached netmap (none for a static fleet or before the first netmap); on the coordinator
+/// host, the key its own registry holds for it.
 fn recover_key(settings: &Settings) -> anyhow::Result<mesh_proto::PrivateKey> {
     use mesh_proto::rotation::Recovery;
-    let cached = crate::state::StateDir::new(&settings.state_dir)
-        .load_netmap()
-        .ok()
-        .flatten()
-        .map(|nm| nm.public_key);
-    let r = keyfile::recover(&settings.private_key_file, cached)?;
+    let registered = match (&settings.coordinator, &settings.host_name) {
+        (Some(cc), Some(name)) => crate::coordinator::registered_key(&cc.database, name)
+            .with_context(|| {
+                format!(
+                    "cannot read the coordinator registry {}",
+                    cc.database.display()
+                )
+            })?
+            .map(|(key, _next)| key),
+        _ => crate::state::StateDir::new(&settings.state_dir)
+            .load_netmap()
+            .ok()
+            .flatten()
+            .map(|nm| nm.public_key),
+    };
+    let r = keyfile::recover(&settings.private_key_file, registered)?;
     match r.decision {
         Recovery::CurrentResume(next) | Recovery::CurrentUndecided(next) => tracing::warn!(
             next = %next,
-            "a key rotation was interrupted; running the current key, the next key is kept: \
-             `meshctl rotate` resumes it"
+            "a key rotation was interrupted; running the current key, the next key is kept and \
+             the rotation resumes once the coordinator answers"
         ),
         Recovery::PromoteNext => tracing::info!("finished an interrupted key rotation"),
         _ => {}

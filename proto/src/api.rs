@@ -18,6 +18,11 @@
 //! DELETE /v1/admin/invites/NAME            -> 204
 //! GET  /v1/admin/hosts                     -> Vec<HostInfo>
 //! DELETE /v1/admin/hosts/NAME              -> 204
+//! POST /v1/admin/hosts/NAME/rotate         -> 204   (NAME rotates its key when its netmap
+//!                            says so; see `crate::rotation`)
+//!
+//! Outside the tunnel, on TCP at the coordinator's WireGuard endpoint (same port number):
+//! GET  /v1/key-notices/HOSTKEY              -> `crate::notice::KeyNoticesResponse`
 //! errors: ApiError JSON with a 4xx/5xx status
 //! ```
 

@@ -57,6 +57,11 @@ pub enum Request {
     Remove {
         name: String,
     },
+    /// Ask a host to rotate its key (`meshctl rotate NAME`): it does so when its netmap says
+    /// so; the coordinator host itself rotates at once.
+    RotateHost {
+        name: String,
+    },
     /// Run the doctor's checks (`meshctl doctor`); answered with [`Response::Doctor`].
     Doctor,
     /// Remove everything meshd owns on this host (interface, routes, nftables table,

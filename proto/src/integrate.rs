@@ -843,6 +843,7 @@ mod tests {
                 .filter(|h| h.0 != on)
                 .map(|h| peer(h.0, h.1, h.2))
                 .collect(),
+            rotate_requested: false,
         };
         MeshView::new(&netmap, Some("dock-load"))
     }

@@ -243,6 +243,15 @@ impl PrivateKey {
         decode_hex(s).map(PrivateKey)
     }
 
+    /// The X25519 shared secret with `peer` (the same value the peer computes from its
+    /// private key and our public key). The caller zeroizes it when done.
+    pub fn shared_secret(&self, peer: &PublicKey) -> [u8; 32] {
+        let secret = x25519_dalek::StaticSecret::from(self.0);
+        secret
+            .diffie_hellman(&x25519_dalek::PublicKey::from(peer.0))
+            .to_bytes()
+    }
+
     /// The matching public key (X25519 base-point multiplication of the clamped scalar).
     pub fn public_key(&self) -> PublicKey {
         let secret = x25519_dalek::StaticSecret::from(self.0);

@@ -13,6 +13,7 @@ pub mod integrate;
 pub mod integrations_config;
 pub mod key;
 pub mod netmap;
+pub mod notice;
 pub mod plan;
 pub mod rotation;
 pub mod routes;

@@ -74,6 +74,10 @@ pub struct HostRecord {
     /// The key the host is rotating to (prepared, not committed); see `crate::rotation`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_public_key: Option<PublicKey>,
+    /// An admin asked this host to rotate its key (`meshctl rotate NAME`); cleared by the
+    /// rotation's commit.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rotate_requested: bool,
 }
 
 /// The registry as the netmap computation sees it.
@@ -120,6 +124,10 @@ pub struct Netmap {
     pub public_key: PublicKey,
     /// Sorted by name.
     pub peers: Vec<NetmapPeer>,
+    /// An admin asked this host to rotate its key (`meshctl rotate NAME`): it rotates as soon
+    /// as it sees this.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rotate_requested: bool,
 }
 
 /// Whether `h` is behind NAT: the coordinator observed it at an IP it did not report.
@@ -276,6 +284,7 @@ pub fn compute_netmap(reg: &RegistrySnapshot, name: &str) -> Option<Netmap> {
         address: me.address,
         public_key: me.public_key,
         peers,
+        rotate_requested: me.rotate_requested,
     })
 }
 
@@ -304,6 +313,7 @@ mod tests {
             extra_allowed_ips: vec![],
             key_created_unix: 100 + u64::from(n),
             next_public_key: None,
+            rotate_requested: false,
         }
     }
 
@@ -584,6 +594,7 @@ mod tests {
                     extra_allowed_ips: extra,
                     key_created_unix: u64::from(n),
                     next_public_key: None,
+                    rotate_requested: false,
                 },
             );
         (any::<u64>(), 1u16..100, prop::collection::vec(host, 0..8)).prop_map(

@@ -172,12 +172,32 @@ async fn rotate(
     rotation_call(st, peer, body, Coordinator::rotate_key).await
 }
 
+/// How long a prepare waits for the other hosts to take the netmap with the next key.
+pub const PREPARE_ACK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The prepare's reply waits until every host that follows the coordinator has taken the
+/// netmap listing the caller's next key (at most [`PREPARE_ACK_TIMEOUT`]; a host that is
+/// slower or offline then catches up from its next netmap), so the caller commits as soon as
+/// its peers' devices accept the next key, and never before.
 async fn rotate_prepare(
     State(st): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    rotation_call(st, peer, body, Coordinator::prepare_rotation).await
+    let req: RotateRequest = parse_json(body)?;
+    let caller = caller_ip(peer);
+    let coord = st.coord.clone();
+    let resp = blocking(move || coord.prepare_rotation(caller, req, now_unix())).await?;
+    let out = st
+        .coord
+        .wait_acknowledged(resp.netmap.version, &[caller], PREPARE_ACK_TIMEOUT)
+        .await;
+    if out.missing.is_empty() {
+        tracing::debug!(caller = %caller, hosts = out.acknowledged, waited_ms = out.waited.as_millis() as u64, "rotation prepared on every follower");
+    } else {
+        tracing::info!(caller = %caller, missing = ?out.missing, waited_ms = out.waited.as_millis() as u64, "rotation prepared; some hosts have not taken it yet");
+    }
+    Ok(Json(resp).into_response())
 }
 
 async fn rotate_commit(
@@ -186,6 +206,20 @@ async fn rotate_commit(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     rotation_call(st, peer, body, Coordinator::commit_rotation).await
+}
+
+/// Marks a long-poll as returned however the handler ends (a reply, an error, or the client
+/// hanging up, which drops the handler).
+struct PollEnded {
+    acks: Arc<super::acks::Acks>,
+    caller: IpAddr,
+    since: u64,
+}
+
+impl Drop for PollEnded {
+    fn drop(&mut self) {
+        self.acks.poll_ended(self.caller, self.since);
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,6 +249,12 @@ async fn netmap(
     if !known {
         return Err(CoordError::NotAHost(caller).into());
     }
+    coord.acks.poll_started(caller, since);
+    let _ended = PollEnded {
+        acks: coord.acks.clone(),
+        caller,
+        since,
+    };
     if current == since {
         let mut stopping = st.stopping.clone();
         let wait = tokio::time::timeout(
@@ -358,6 +398,20 @@ async fn admin_remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn admin_rotate(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    name: Result<Path<String>, PathRejection>,
+) -> ApiResult<StatusCode> {
+    let caller = caller_ip(peer);
+    require_admin(&st.coord, caller).await?;
+    let name = path_name(name)?;
+    let coord = st.coord.clone();
+    tracing::info!(caller = %caller, name = %name, "key rotation requested over the API");
+    blocking(move || coord.request_rotation(&name, now_unix())).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn not_found(uri: Uri) -> Failure {
     Failure(CoordError::NotFound(uri.path().to_string()))
 }
@@ -383,6 +437,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/admin/invites/{name}", delete(admin_revoke))
         .route("/v1/admin/hosts", get(admin_hosts))
         .route("/v1/admin/hosts/{name}", delete(admin_remove))
+        .route("/v1/admin/hosts/{name}/rotate", post(admin_rotate))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -502,4 +557,84 @@ pub async fn serve_api_on(
     served?;
     tracing::info!(address = %local, "coordinator API stopped");
     Ok(())
+}
+
+/// `GET /v1/key-notices/HOSTKEY` (hex): the coordinator key notices for that host. Served
+/// outside the tunnel, to anyone: a notice holds public keys and a MAC only the host can check
+/// (`mesh_proto::notice`).
+async fn key_notices(
+    State(coord): State<Coordinator>,
+    key: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let Path(hex) = key.map_err(|r| CoordError::Malformed(r.body_text()))?;
+    let host = mesh_proto::PublicKey::from_hex(&hex)
+        .map_err(|e| CoordError::Malformed(format!("the host key is not 64 hex digits: {e}")))?;
+    let c = coord.clone();
+    let notices = blocking(move || c.key_notices_for(&host)).await?;
+    Ok((
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        Json(mesh_proto::notice::KeyNoticesResponse { notices }),
+    )
+        .into_response())
+}
+
+/// Serve the key notices on TCP `port` of every address (the coordinator's WireGuard port
+/// number: hosts find it at the endpoint they already know), until `shutdown`. Nothing else is
+/// served there.
+pub async fn serve_key_notices(
+    coord: Coordinator,
+    port: u16,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bind6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+    let ctx = |what: &str| format!("key notice socket on TCP port {port}: {what}");
+    // Dual-stack where IPv6 exists, else IPv4 only.
+    let socket = match Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP)) {
+        Ok(s) => {
+            s.set_only_v6(false)
+                .map_err(|e| CoordError::io(ctx("IPV6_V6ONLY"), e))?;
+            s.set_reuse_address(true)
+                .map_err(|e| CoordError::io(ctx("SO_REUSEADDR"), e))?;
+            match s.bind(&bind6.into()) {
+                Ok(()) => s,
+                Err(_) => bind_v4(port)?,
+            }
+        }
+        Err(_) => bind_v4(port)?,
+    };
+    socket
+        .listen(64)
+        .map_err(|e| CoordError::io(ctx("listen"), e))?;
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| CoordError::io(ctx("non-blocking"), e))?;
+    let listener = tokio::net::TcpListener::from_std(socket.into())
+        .map_err(|e| CoordError::io(ctx("registering with the runtime"), e))?;
+    tracing::info!(
+        port,
+        "coordinator key notices served (TCP, outside the tunnel)"
+    );
+    let app = Router::new()
+        .route("/v1/key-notices/{key}", get(key_notices))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(1024))
+        .with_state(coord);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| CoordError::io(ctx("serving"), e))
+}
+
+fn bind_v4(port: u16) -> Result<socket2::Socket, CoordError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let ctx = |what: &str| format!("key notice socket on TCP port {port}: {what}");
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| CoordError::io(ctx("creating"), e))?;
+    s.set_reuse_address(true)
+        .map_err(|e| CoordError::io(ctx("SO_REUSEADDR"), e))?;
+    s.bind(&SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)).into())
+        .map_err(|e| CoordError::io(ctx("bind"), e))?;
+    Ok(s)
 }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 use mesh_proto::PublicKey;
 
+mod acks;
 mod api;
 mod error;
 mod grace;
@@ -20,11 +21,14 @@ mod wgquick;
 #[cfg(test)]
 mod tests;
 
-pub use api::{bind_api_listener, serve_api, serve_api_on, ObservedFn, VERSION_HEADER};
+pub use acks::AckOutcome;
+pub use api::{
+    bind_api_listener, serve_api, serve_api_on, serve_key_notices, ObservedFn, VERSION_HEADER,
+};
 pub use error::CoordError;
 pub use grace::{apply_join_grace, RecentJoin, JOIN_KEY_GRACE};
 pub use store::{
-    validate_name, Coordinator, DEFAULT_INVITE_TTL_SECS, MAX_INVITE_TTL_SECS,
+    registered_key, validate_name, Coordinator, DEFAULT_INVITE_TTL_SECS, MAX_INVITE_TTL_SECS,
     MAX_REPORTED_ADDRESSES,
 };
 

@@ -66,6 +66,18 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         host TEXT NOT NULL,
         retired_unix INTEGER NOT NULL
      );",
+    // 5: an admin's request that a host rotate (`meshctl rotate NAME`), until its commit; the
+    // coordinator's own rotations as notices per host, so a host that missed one can follow
+    // it without the tunnel (`mesh_proto::notice`).
+    "ALTER TABLE hosts ADD COLUMN rotate_requested_unix INTEGER;
+     CREATE TABLE key_notices (
+        host_key BLOB NOT NULL,
+        old_key BLOB NOT NULL,
+        new_key BLOB NOT NULL,
+        tag TEXT NOT NULL,
+        at_unix INTEGER NOT NULL,
+        PRIMARY KEY (host_key, old_key)
+     );",
 ];
 
 /// Bring the database up to the newest schema. Refuses a database written by a newer meshd.

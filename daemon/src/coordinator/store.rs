@@ -17,6 +17,7 @@ use rand_core::RngCore as _;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::watch;
 
+use super::acks::{AckOutcome, Acks};
 use super::grace::{RecentJoin, RecentJoins};
 use super::render::PeerJsonCache;
 use super::{schema, wgquick, CoordError, CoordinatorSettings};
@@ -48,6 +49,8 @@ pub struct Coordinator {
     peer_json: Arc<PeerJsonCache>,
     /// Joins inside their grace (the coordinator's own interface keeps the throwaway key).
     pub(super) recent: Arc<RecentJoins>,
+    /// The netmap version each host has taken (from its long-polls).
+    pub(super) acks: Arc<Acks>,
 }
 
 /// One host row.
@@ -69,6 +72,8 @@ struct HostRow {
     advertise: Vec<IpNet>,
     /// The prepared next key of a rotation in progress.
     next_public_key: Option<PublicKey>,
+    /// An admin asked the host to rotate (`meshctl rotate NAME`), not committed yet.
+    rotate_requested: bool,
 }
 
 /// Which part of a rotation a call performs.
@@ -80,7 +85,8 @@ enum RotationStep {
 }
 
 const HOST_COLUMNS: &str = "id, name, address, public_key, admin, static_peer, pending, removed, \
-     created_unix, last_seen_unix, key_created_unix, observed, advertise, next_public_key";
+     created_unix, last_seen_unix, key_created_unix, observed, advertise, next_public_key, \
+     rotate_requested_unix";
 
 /// At most this many advertised subnets per host.
 const MAX_ADVERTISED: usize = 64;
@@ -168,6 +174,7 @@ fn host_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostRow> {
             .get::<_, Option<Vec<u8>>>(13)?
             .map(|b| key_col(13, b))
             .transpose()?,
+        rotate_requested: r.get::<_, Option<i64>>(14)?.is_some(),
     })
 }
 
@@ -428,6 +435,7 @@ impl Coordinator {
             version_tx: Arc::new(version_tx),
             peer_json: Arc::new(PeerJsonCache::default()),
             recent: Arc::new(RecentJoins::default()),
+            acks: Arc::new(Acks::default()),
         })
     }
 
@@ -1013,7 +1021,7 @@ impl Coordinator {
             )?;
             tx.execute(
                 "UPDATE hosts SET public_key = ?2, next_public_key = NULL, key_created_unix = ?3,
-                 last_seen_unix = ?3
+                 last_seen_unix = ?3, rotate_requested_unix = NULL
                  WHERE id = ?1",
                 params![host.id, key.0.as_slice(), now_unix as i64],
             )?;
@@ -1309,6 +1317,189 @@ impl Coordinator {
         })
     }
 
+    /// `meshctl rotate NAME`: ask a joined daemon host (the coordinator host included) to
+    /// rotate its key. The flag rides in the host's netmap (`rotate_requested`) until the
+    /// host's commit clears it, so a host that is offline now rotates when it comes back.
+    /// Asking again before that changes nothing.
+    pub fn request_rotation(&self, name: &str, now_unix: u64) -> Result<(), CoordError> {
+        self.write(|tx| {
+            let Some(host) = live_host_by_name(tx, name)? else {
+                return Err(CoordError::NoSuchHost(name.to_string()));
+            };
+            if host.static_peer {
+                return Err(CoordError::Conflict(format!(
+                    "{name} is a static peer: its key is set by hand in its wg-quick \
+                     configuration (re-invite it with a new key), not rotated by meshd"
+                )));
+            }
+            if host.pending {
+                return Err(CoordError::Conflict(format!(
+                    "{name} has not joined yet; it gets a fresh key when it joins"
+                )));
+            }
+            if host.rotate_requested {
+                return Ok(((), false));
+            }
+            tx.execute(
+                "UPDATE hosts SET rotate_requested_unix = ?2 WHERE id = ?1",
+                params![host.id, now_unix as i64],
+            )?;
+            audit(tx, now_unix, "rotate-request", name, "asked by an admin")?;
+            Ok(((), true))
+        })
+    }
+
+    /// The coordinator's own rotation, first half: `next` becomes its next key, so every
+    /// peer's netmap lists it and peers accept handshakes from it. Idempotent. Returns the
+    /// netmap version that carries it.
+    pub fn prepare_own_rotation(&self, next: PublicKey, now_unix: u64) -> Result<u64, CoordError> {
+        let own = self.settings.own_name.clone();
+        self.write(|tx| {
+            let host = live_host_by_name(tx, &own)?.ok_or_else(|| {
+                CoordError::Internal(format!("the coordinator host {own} is missing"))
+            })?;
+            if host.next_public_key == Some(next) || host.public_key == next {
+                return Ok(((), false));
+            }
+            ensure_key_unused(tx, &next)?;
+            tx.execute(
+                "UPDATE hosts SET next_public_key = ?2 WHERE id = ?1",
+                params![host.id, next.0.as_slice()],
+            )?;
+            audit(
+                tx,
+                now_unix,
+                "rotate-prepare",
+                &own,
+                &format!("key {} -> {}", host.public_key.short(), next.short()),
+            )?;
+            Ok(((), true))
+        })?;
+        Ok(self.version())
+    }
+
+    /// The coordinator's own rotation, second half: the prepared `next` replaces its key in
+    /// every netmap, the old key is retired, and for every other host (static peers aside, which
+    /// cannot follow) a key notice is stored, authenticated with the old private key
+    /// `old_private` (`mesh_proto::notice`): a host that misses this netmap follows the notice
+    /// instead. Idempotent once committed. Returns the netmap version that carries it.
+    pub fn commit_own_rotation(
+        &self,
+        next: PublicKey,
+        old_private: &PrivateKey,
+        now_unix: u64,
+    ) -> Result<u64, CoordError> {
+        let own = self.settings.own_name.clone();
+        let old = old_private.public_key();
+        self.write(|tx| {
+            let host = live_host_by_name(tx, &own)?.ok_or_else(|| {
+                CoordError::Internal(format!("the coordinator host {own} is missing"))
+            })?;
+            if host.public_key == next {
+                return Ok(((), false));
+            }
+            if host.next_public_key != Some(next) {
+                return Err(CoordError::Conflict(format!(
+                    "key {} was not prepared for the coordinator {own}",
+                    next.short()
+                )));
+            }
+            if host.public_key != old {
+                return Err(CoordError::Conflict(format!(
+                    "the coordinator's registered key is {}, not the running {}",
+                    host.public_key.short(),
+                    old.short()
+                )));
+            }
+            let holders: Vec<PublicKey> = {
+                let mut stmt = tx.prepare(
+                    "SELECT public_key FROM hosts
+                     WHERE removed = 0 AND static_peer = 0 AND id != ?1",
+                )?;
+                let rows = stmt.query_map([host.id], |r| key_col(0, r.get(0)?))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            for h in &holders {
+                let n = mesh_proto::notice::issue(old_private, h, next, now_unix);
+                tx.execute(
+                    "INSERT OR REPLACE INTO key_notices (host_key, old_key, new_key, tag, at_unix)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![
+                        h.0.as_slice(),
+                        old.0.as_slice(),
+                        next.0.as_slice(),
+                        n.tag,
+                        now_unix as i64
+                    ],
+                )?;
+            }
+            tx.execute(
+                "INSERT OR IGNORE INTO retired_keys (public_key, host, retired_unix)
+                 VALUES (?1, ?2, ?3)",
+                params![old.0.as_slice(), own, now_unix as i64],
+            )?;
+            tx.execute(
+                "UPDATE hosts SET public_key = ?2, next_public_key = NULL, key_created_unix = ?3,
+                 rotate_requested_unix = NULL
+                 WHERE id = ?1",
+                params![host.id, next.0.as_slice(), now_unix as i64],
+            )?;
+            audit(
+                tx,
+                now_unix,
+                "rotate",
+                &own,
+                &format!(
+                    "key {} -> {}; {} key notices",
+                    old.short(),
+                    next.short(),
+                    holders.len()
+                ),
+            )?;
+            Ok(((), true))
+        })?;
+        Ok(self.version())
+    }
+
+    /// Wait until every host that follows the coordinator (but `except`) has taken netmap
+    /// `version`, at most `timeout` (see `acks.rs`).
+    pub async fn wait_acknowledged(
+        &self,
+        version: u64,
+        except: &[IpAddr],
+        timeout: std::time::Duration,
+    ) -> AckOutcome {
+        self.acks.wait(version, except, timeout).await
+    }
+
+    /// The coordinator host's own meshd applied netmap `version` (it takes its netmaps
+    /// in-process, not over a long-poll).
+    pub fn applied_own(&self, version: u64) {
+        self.acks.poll_ended(self.settings.own_address, version);
+    }
+
+    /// The coordinator key notices for the host holding `host_key`, oldest first (empty for
+    /// a key the registry does not know).
+    pub fn key_notices_for(
+        &self,
+        host_key: &PublicKey,
+    ) -> Result<Vec<mesh_proto::notice::KeyNotice>, CoordError> {
+        let guard = self.lock()?;
+        let mut stmt = guard.conn.prepare(
+            "SELECT old_key, new_key, tag, at_unix FROM key_notices WHERE host_key = ?1
+             ORDER BY at_unix, rowid",
+        )?;
+        let rows = stmt.query_map([host_key.0.as_slice()], |r| {
+            Ok(mesh_proto::notice::KeyNotice {
+                old_key: key_col(0, r.get(0)?)?,
+                new_key: key_col(1, r.get(1)?)?,
+                tag: r.get(2)?,
+                at_unix: r.get::<_, i64>(3)? as u64,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// The audit log, oldest first: (at_unix, action, subject, detail).
     pub fn audit_log(&self) -> Result<Vec<(u64, String, String, String)>, CoordError> {
         let guard = self.lock()?;
@@ -1319,6 +1510,51 @@ impl Coordinator {
             Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?, r.get(3)?))
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+}
+
+/// The key the registry at `database` holds for the host `name` (its current key, and the
+/// prepared next key if a rotation is under way), read without changing anything: the
+/// coordinator host's word at start, for key recovery (`mesh_proto::rotation::recover`).
+/// `None` when the database does not exist yet.
+pub fn registered_key(
+    database: &std::path::Path,
+    name: &str,
+) -> Result<Option<(PublicKey, Option<PublicKey>)>, CoordError> {
+    if !database.exists() {
+        return Ok(None);
+    }
+    let conn = Connection::open_with_flags(
+        database,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let row = conn
+        .query_row(
+            "SELECT public_key, next_public_key FROM hosts WHERE name = ?1 AND removed = 0",
+            [name],
+            |r| {
+                Ok((
+                    key_col(0, r.get(0)?)?,
+                    r.get::<_, Option<Vec<u8>>>(1)?
+                        .map(|b| key_col(1, b))
+                        .transpose()?,
+                ))
+            },
+        )
+        .optional();
+    match row {
+        Ok(r) => Ok(r),
+        // A registry from before rotations (no next_public_key column) holds no next key.
+        Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("no such column") => Ok(conn
+            .query_row(
+                "SELECT public_key FROM hosts WHERE name = ?1 AND removed = 0",
+                [name],
+                |r| key_col(0, r.get(0)?),
+            )
+            .optional()?
+            .map(|k| (k, None))),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -1360,6 +1596,7 @@ fn build_snapshot(
             extra_allowed_ips: h.advertise,
             key_created_unix: h.key_created_unix,
             next_public_key: h.next_public_key,
+            rotate_requested: h.rotate_requested,
         });
     }
     resolve_near(conn, &mut hosts)?;

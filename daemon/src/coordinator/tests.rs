@@ -1583,3 +1583,163 @@ fn binding_to_a_missing_device_fails_clearly() {
         Err(e) => assert!(e.to_string().contains("nosuchdev0"), "{e}"),
     }
 }
+
+fn peer_in(c: &Coordinator, of: &str, name: &str) -> mesh_proto::netmap::NetmapPeer {
+    c.netmap_for_name(of)
+        .unwrap()
+        .unwrap()
+        .peers
+        .into_iter()
+        .find(|p| p.name == name)
+        .unwrap()
+}
+
+#[test]
+fn the_coordinators_own_rotation_prepares_commits_and_leaves_notices_for_every_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let own_old = PrivateKey::from_bytes([1; 32]);
+    let (_, mirror) = invite_join(&c, "dock-mirror");
+    let (_, edge) = invite_join(&c, "dock-edge");
+    let nas = c
+        .invite(
+            InviteRequest {
+                name: "nas".into(),
+                address: None,
+                ttl_secs: None,
+                admin: false,
+                static_peer: true,
+                public_key: Some(PrivateKey::generate().public_key()),
+                endpoint: Some("192.168.1.20:51820".parse().unwrap()),
+                near: None,
+            },
+            NOW,
+        )
+        .unwrap();
+    let _ = nas;
+    let next = PrivateKey::generate();
+
+    // A key that was not prepared is refused.
+    let err = c
+        .commit_own_rotation(next.public_key(), &own_old, NOW + 5)
+        .unwrap_err();
+    assert!(err.to_string().contains("not prepared"), "{err}");
+
+    let v1 = c.prepare_own_rotation(next.public_key(), NOW + 10).unwrap();
+    let p = peer_in(&c, "dock-mirror", "dock-load");
+    assert_eq!(
+        p.public_key,
+        own_old.public_key(),
+        "nothing routes to it yet"
+    );
+    assert_eq!(p.next_public_key, Some(next.public_key()));
+    assert_eq!(
+        c.prepare_own_rotation(next.public_key(), NOW + 11).unwrap(),
+        v1,
+        "idempotent"
+    );
+
+    let v2 = c
+        .commit_own_rotation(next.public_key(), &own_old, NOW + 20)
+        .unwrap();
+    assert!(v2 > v1);
+    let p = peer_in(&c, "dock-edge", "dock-load");
+    assert_eq!(p.public_key, next.public_key());
+    assert_eq!(p.next_public_key, None);
+    assert_eq!(key_created(&c, "dock-load"), NOW + 20);
+    assert_eq!(
+        c.commit_own_rotation(next.public_key(), &own_old, NOW + 21)
+            .unwrap(),
+        v2,
+        "a repeated commit changes nothing"
+    );
+    // The old key is retired: nobody may register it again.
+    let err = c
+        .prepare_own_rotation(own_old.public_key(), NOW + 30)
+        .unwrap_err();
+    assert!(err.to_string().contains("rotated away"), "{err}");
+
+    // Every daemon host got a notice it can check with its own key; the static peer none.
+    for host in [&mirror, &edge] {
+        let notices = c.key_notices_for(&host.public_key()).unwrap();
+        assert_eq!(notices.len(), 1);
+        assert_eq!(
+            mesh_proto::notice::follow(&notices, host, own_old.public_key()),
+            Ok(next.public_key())
+        );
+    }
+    let nas_key = c
+        .snapshot()
+        .unwrap()
+        .hosts
+        .iter()
+        .find(|h| h.name == "nas")
+        .unwrap()
+        .public_key;
+    assert!(c.key_notices_for(&nas_key).unwrap().is_empty());
+    // Someone else's notice does not check out with our key.
+    let theirs = c.key_notices_for(&edge.public_key()).unwrap();
+    assert!(mesh_proto::notice::follow(&theirs, &mirror, own_old.public_key()).is_err());
+
+    // A second rotation chains on the first.
+    let third = PrivateKey::generate();
+    c.prepare_own_rotation(third.public_key(), NOW + 40)
+        .unwrap();
+    c.commit_own_rotation(third.public_key(), &next, NOW + 41)
+        .unwrap();
+    let notices = c.key_notices_for(&mirror.public_key()).unwrap();
+    assert_eq!(notices.len(), 2);
+    assert_eq!(
+        mesh_proto::notice::follow(&notices, &mirror, own_old.public_key()),
+        Ok(third.public_key())
+    );
+
+    // Across a restart, the registry says which key the coordinator holds.
+    drop(c);
+    let (held, pending) = registered_key(&dir.path().join("registry.sqlite"), "dock-load")
+        .unwrap()
+        .unwrap();
+    assert_eq!(held, third.public_key());
+    assert_eq!(pending, None);
+    assert_eq!(
+        registered_key(&dir.path().join("missing.sqlite"), "dock-load").unwrap(),
+        None
+    );
+}
+
+#[test]
+fn an_admins_rotation_request_rides_in_the_hosts_netmap_until_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let (a, _) = invite_join(&c, "dock-mirror");
+    let pending = invite(&c, "dock-dash");
+    let _ = pending;
+    let nm = |name: &str| c.netmap_for_name(name).unwrap().unwrap();
+    assert!(!nm("dock-mirror").rotate_requested);
+
+    let v = c.version();
+    assert!(matches!(
+        c.request_rotation("nope", NOW + 1),
+        Err(CoordError::NoSuchHost(_))
+    ));
+    let err = c.request_rotation("dock-dash", NOW + 1).unwrap_err();
+    assert!(err.to_string().contains("has not joined"), "{err}");
+    assert_eq!(c.version(), v, "refusals change nothing");
+
+    c.request_rotation("dock-mirror", NOW + 2).unwrap();
+    assert!(nm("dock-mirror").rotate_requested);
+    assert!(!nm("dock-load").rotate_requested, "only the named host");
+    let v = c.version();
+    c.request_rotation("dock-mirror", NOW + 3).unwrap();
+    assert_eq!(c.version(), v, "asking twice is one request");
+
+    let next = PrivateKey::generate().public_key();
+    c.prepare_rotation(a, rotate(next), NOW + 4).unwrap();
+    assert!(nm("dock-mirror").rotate_requested, "until the commit");
+    c.commit_rotation(a, rotate(next), NOW + 5).unwrap();
+    assert!(!nm("dock-mirror").rotate_requested);
+
+    // The coordinator host itself can be asked too (its own meshd sees its netmap).
+    c.request_rotation("dock-load", NOW + 6).unwrap();
+    assert!(nm("dock-load").rotate_requested);
+}
