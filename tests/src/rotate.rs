@@ -185,6 +185,25 @@ except Exception as e:
 print("SENT %d ACKED %s SECONDS %.1f" % (n, reply.decode().strip(), time.monotonic() - t0), flush=True)
 "#;
 
+/// `line` without ANSI escape sequences (tracing's colours).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // CSI: ESC [ parameters final-byte (a letter).
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn exit_ok(status: Option<ExitStatus>) -> bool {
     status.is_none_or(|s| s.success())
 }
@@ -223,6 +242,33 @@ impl Lab {
             &all,
             Some(&self.meshd_log(host)),
         )
+    }
+
+    /// `r`, with the end of each of `hosts`' meshd logs added to an error (what a failed lab
+    /// test needs to be diagnosed after its lab is gone).
+    pub fn with_logs<T>(&self, hosts: &[&str], r: Result<T>) -> Result<T> {
+        r.map_err(|e| {
+            let mut logs = String::new();
+            for h in hosts {
+                logs.push_str(&format!(
+                    "\n----- end of {h}'s meshd log\n{}",
+                    self.meshd_log_tail(h, 40)
+                ));
+            }
+            e.context(format!("meshd logs:{logs}"))
+        })
+    }
+
+    /// The last `n` lines of `host`'s meshd log without colours and without the netlink
+    /// crate's warnings about newer kernels (two every reconcile pass).
+    pub fn meshd_log_tail(&self, host: &str, n: usize) -> String {
+        let text = std::fs::read_to_string(self.meshd_log(host)).unwrap_or_default();
+        let lines: Vec<String> = text
+            .lines()
+            .filter(|l| !l.contains("netlink_packet_route"))
+            .map(strip_ansi)
+            .collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     /// Stop meshd `p` with `sig` and wait until it has gone (SIGTERM leaves the interface up).
@@ -597,6 +643,10 @@ mod tests {
         let (private, public) = crate::fleet::generate_keypair();
         assert_eq!(public_of(&format!("{private}\n")).expect("public"), public);
         assert!(public_of("not a key").is_err());
+        assert_eq!(
+            strip_ansi("\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m key rotated"),
+            "2026  INFO key rotated"
+        );
         assert_eq!(coordinator_endpoint(), "198.51.100.1:51871");
     }
 }

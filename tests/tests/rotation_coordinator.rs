@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use meshlab::fleet::KEY_PATH;
 use meshlab::rotate::{public_of, Probe};
-use meshlab::{poll_until, JoinMode, Lab, LabOpts, COORDINATOR, NAS};
+use meshlab::{poll_until, JoinMode, Lab, LabOpts, ManagedFleet, COORDINATOR, NAS};
 
 const MESH_TIMEOUT: Duration = Duration::from_secs(90);
 /// After a rotation every host agrees on the new key and every pair pings within this.
@@ -23,6 +23,8 @@ const SETTLE: Duration = Duration::from_secs(30);
 const CATCH_UP: Duration = Duration::from_secs(60);
 /// Pings in the cut-over window, one every 10 ms.
 const PINGS: u32 = 500;
+/// The goal for a cut-over: at most this many lost pings (10 ms apart).
+const LOSS_GOAL: u32 = 2;
 const PROD: &str = "dock-prod";
 const MIRROR: &str = "dock-mirror";
 const EDGE: &str = "dock-edge";
@@ -52,6 +54,12 @@ fn coordinator_key_rotates_online_and_an_offline_host_catches_up() -> Result<()>
     ]))?;
     let t_form = Instant::now();
     let mut f = lab.form_managed_fleet(&[PROD, MIRROR, EDGE, DASH], JoinMode::Command, false)?;
+    let r = coordinator_rotations(&lab, &mut f, t_form);
+    drop(f);
+    lab.with_logs(&DAEMONS, r)
+}
+
+fn coordinator_rotations(lab: &Lab, f: &mut ManagedFleet, t_form: Instant) -> Result<()> {
     lab.wait_mesh_pings(&DAEMONS, MESH_TIMEOUT)?;
     eprintln!(
         "fleet of {} formed in {:.1} s",
@@ -79,7 +87,7 @@ fn coordinator_key_rotates_online_and_an_offline_host_catches_up() -> Result<()>
         .map(|h| lab.start_ping_window(h, COORDINATOR, PINGS, "coord-rotation"))
         .collect::<Result<Vec<_>>>()?;
     let t0 = Instant::now();
-    let msg = rotate_coordinator(&lab)?;
+    let msg = rotate_coordinator(lab)?;
     let took = t0.elapsed();
     let still = windows.iter().all(|w| lab.is_running(w.proc));
     let mut losses = Vec::new();
@@ -97,6 +105,11 @@ fn coordinator_key_rotates_online_and_an_offline_host_catches_up() -> Result<()>
             msg.trim()
         );
     }
+    let over: Vec<_> = losses.iter().filter(|(_, l, _)| *l > LOSS_GOAL).collect();
+    assert!(
+        over.is_empty(),
+        "the coordinator's cut-over lost more than {LOSS_GOAL} pings: {losses:?}"
+    );
     assert!(
         msg.contains("key rotated"),
         "unexpected reply to meshctl rotate on the coordinator: {msg}"
@@ -126,7 +139,7 @@ fn coordinator_key_rotates_online_and_an_offline_host_catches_up() -> Result<()>
     let mut k = k1.clone();
     for i in 1..=2 {
         let t0 = Instant::now();
-        let msg = rotate_coordinator(&lab)?;
+        let msg = rotate_coordinator(lab)?;
         let next = lab.wait_key_consistent(COORDINATOR, &online, SETTLE)?;
         assert_ne!(
             next, k,
@@ -168,7 +181,7 @@ fn coordinator_key_rotates_online_and_an_offline_host_catches_up() -> Result<()>
     assert!(
         log.contains(NOTICE_LOG),
         "{OFFLINE}'s meshd never logged {NOTICE_LOG:?}; end of its log:\n{}",
-        lab.log_tail(OFFLINE, 30)
+        lab.meshd_log_tail(OFFLINE, 30)
     );
     assert_eq!(lab.wait_key_consistent(COORDINATOR, &DAEMONS, SETTLE)?, k3);
 
@@ -211,6 +224,5 @@ fn coordinator_key_rotates_online_and_an_offline_host_catches_up() -> Result<()>
     eprintln!(
         "MEASURED coordinator's old key refused by dock-prod: no handshake in 7 s, while an accepted key shook hands from the same probe"
     );
-    drop(f);
     Ok(())
 }

@@ -105,7 +105,7 @@ fn each_step(host: &str) -> Result<()> {
             Err(e) => {
                 eprintln!(
                     "FAILED {host} SIGKILLed after {step}: {e:#}\nend of its log:\n{}",
-                    lab.log_tail(host, 25)
+                    lab.meshd_log_tail(host, 25)
                 );
                 failed.push(format!("{step}: {e:#}"));
                 // Leave the next step a running daemon, whatever happened.

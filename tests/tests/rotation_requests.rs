@@ -10,7 +10,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, ensure, Result};
 use meshlab::{poll_for, JoinMode, Lab, LabOpts, ManagedFleet, COORDINATOR, NAS};
 
 const MESH_TIMEOUT: Duration = Duration::from_secs(90);
@@ -29,9 +29,24 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn fleet() -> Result<(Lab, ManagedFleet)> {
+/// The coordinator, dock-prod, and dock-mirror (an admin host with `admin`).
+fn fleet(admin: bool) -> Result<(Lab, ManagedFleet)> {
     let lab = Lab::build(LabOpts::with_hosts(&HOSTS))?;
-    let f = lab.form_managed_fleet(&[PROD, MIRROR], JoinMode::Command, false)?;
+    let engine = meshlab::engine_command(lab.bin_dir());
+    let mut f = ManagedFleet::default();
+    f.meshd
+        .insert(COORDINATOR.into(), lab.start_coordinator(&engine)?);
+    for h in [PROD, MIRROR] {
+        let extra: &[&str] = if admin && h == MIRROR {
+            &["--admin"]
+        } else {
+            &[]
+        };
+        let token = lab.invite(h, extra)?;
+        f.meshd
+            .insert(h.into(), lab.join_host(h, &token, JoinMode::Command)?);
+        f.members.push(h.into());
+    }
     lab.wait_mesh_pings(&HOSTS, MESH_TIMEOUT)?;
     Ok((lab, f))
 }
@@ -45,41 +60,56 @@ fn text(out: &std::process::Output) -> String {
 }
 
 #[test]
-fn coordinator_asks_a_host_to_rotate_and_refuses_unknown_and_static_names() -> Result<()> {
+fn coordinator_or_admin_asks_a_host_to_rotate_and_unknown_static_or_non_admin_is_refused(
+) -> Result<()> {
     let _g = serial();
-    let (lab, f) = fleet()?;
-    let before = lab.registry_key(PROD)?;
+    let (lab, f) = fleet(true)?;
+    let r = rotate_by_name(&lab);
+    drop(f);
+    lab.with_logs(&HOSTS, r)
+}
 
+/// `meshctl rotate TARGET` on `from`: the reply comes at once, the target's key changes in the
+/// registry within [`ASKED_ROTATION`], then everything agrees and every pair pings.
+fn ask_rotation(lab: &Lab, from: &str, target: &str) -> Result<()> {
+    let before = lab.registry_key(target)?;
     let t0 = Instant::now();
-    let out = lab.meshctl_output(COORDINATOR, &["rotate", PROD])?;
+    let out = lab.meshctl_output(from, &["rotate", target])?;
     let answered = t0.elapsed();
     assert!(
         out.status.success(),
-        "meshctl rotate {PROD} on the coordinator failed: {}",
+        "meshctl rotate {target} on {from} failed: {}",
         text(&out)
     );
     let reply = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
-        reply.contains(&format!("asked {PROD} to rotate its key")),
+        reply.contains(&format!("asked {target} to rotate its key")),
         "unexpected reply: {reply}"
     );
     let after = poll_for(
         ASKED_ROTATION,
-        &format!("{PROD}'s key to change in the registry"),
+        &format!("{target}'s key to change in the registry"),
         || {
-            let k = lab.registry_key(PROD)?;
+            let k = lab.registry_key(target)?;
             Ok((k != before).then_some(k))
         },
     )?;
     let rotated = t0.elapsed();
-    assert_eq!(lab.wait_key_consistent(PROD, &HOSTS, SETTLE)?, after);
+    assert_eq!(lab.wait_key_consistent(target, &HOSTS, SETTLE)?, after);
     lab.wait_mesh_pings(&HOSTS, SETTLE)?;
     eprintln!(
-        "MEASURED meshctl rotate {PROD} on the coordinator: answered in {:.0} ms, the registry had {PROD}'s new key after {:.2} s, all pairs ping after {:.2} s",
+        "MEASURED meshctl rotate {target} on {from}: answered in {:.0} ms, the registry had {target}'s new key after {:.2} s, all pairs ping after {:.2} s",
         answered.as_secs_f64() * 1000.0,
         rotated.as_secs_f64(),
         t0.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+fn rotate_by_name(lab: &Lab) -> Result<()> {
+    ask_rotation(lab, COORDINATOR, PROD)?;
+    // dock-mirror is an admin host: it may ask too (relayed to the coordinator).
+    ask_rotation(lab, MIRROR, PROD)?;
 
     // A static peer (the NAS, registered with its public key; it need not run here).
     let (_nas_private, nas_public) = meshlab::generate_keypair();
@@ -92,16 +122,22 @@ fn coordinator_asks_a_host_to_rotate_and_refuses_unknown_and_static_names() -> R
         .iter()
         .map(|h| Ok((h.to_string(), lab.key_files(h)?.current.unwrap_or_default())))
         .collect::<Result<_>>()?;
-    for name in ["no-such-host", NAS] {
-        let out = lab.meshctl_output(COORDINATOR, &["rotate", name])?;
+    // Refused: an unknown name, a static peer, and any name asked by a host that is not an
+    // admin (dock-prod).
+    for (from, name) in [
+        (COORDINATOR, "no-such-host"),
+        (COORDINATOR, NAS),
+        (PROD, MIRROR),
+    ] {
+        let out = lab.meshctl_output(from, &["rotate", name])?;
         eprintln!(
-            "meshctl rotate {name} on the coordinator: {:?}: {}",
+            "meshctl rotate {name} on {from}: {:?}: {}",
             out.status.code(),
             text(&out).trim()
         );
         assert!(
             !out.status.success(),
-            "meshctl rotate {name} succeeded: {}",
+            "meshctl rotate {name} on {from} succeeded: {}",
             text(&out)
         );
     }
@@ -126,14 +162,30 @@ fn coordinator_asks_a_host_to_rotate_and_refuses_unknown_and_static_names() -> R
         "the NAS's entry changed"
     );
     lab.wait_mesh_pings(&HOSTS, SETTLE)?;
-    drop(f);
     Ok(())
 }
 
+/// Measured on main f51f44a: the deferred rotation completes about 42 s after the
+/// coordinator's meshd restarts, past the 30 s budget, for two daemon reasons the log shows:
+/// 1. The restarted coordinator removes every peer from its interface and adds it back 16 ms
+///    later (`apply op=remove peer J0AVldjo` ... `apply op=add peer J0AVldjo` right after
+///    "listen port held by our own interface; adopting it"), which drops the WireGuard
+///    sessions: members cannot reach it for about 15 s (printed below: "pinged the restarted
+///    coordinator 14.8 s after"), until their own WireGuard gives up on the dead session and
+///    handshakes again.
+/// 2. A member only notices the coordinator is back (`MeshEvent::Reachable`, "coordinator
+///    reachable", which resumes the rotation) when its netmap long-poll returns; the netmap
+///    has not changed, so that is `LONG_POLL_SECS` (25 s) after the poll got through.
 #[test]
 fn rotation_asked_while_the_coordinator_is_down_is_deferred_then_completes() -> Result<()> {
     let _g = serial();
-    let (lab, mut f) = fleet()?;
+    let (lab, mut f) = fleet(false)?;
+    let r = deferred(&lab, &mut f);
+    drop(f);
+    lab.with_logs(&HOSTS, r)
+}
+
+fn deferred(lab: &Lab, f: &mut ManagedFleet) -> Result<()> {
     let before = lab
         .key_files(PROD)?
         .current
@@ -166,8 +218,23 @@ fn rotation_asked_while_the_coordinator_is_down_is_deferred_then_completes() -> 
     let p = lab.start_meshd(COORDINATOR)?;
     lab.wait_meshctl(COORDINATOR, p, &["hosts"], Duration::from_secs(30))?;
     f.meshd.insert(COORDINATOR.into(), p);
+    // How long the members' tunnels to the restarted coordinator take to carry traffic again
+    // (printed: it bounds how soon a member can notice that the coordinator is back).
+    let back = lab.time_until_reachable(
+        &[PROD, MIRROR],
+        lab.mesh_addr(COORDINATOR)?,
+        DEFERRED_ROTATION * 2,
+    )?;
+    for (h, d) in &back {
+        eprintln!(
+            "MEASURED {h} pinged the restarted coordinator {:.2} s after its meshd started",
+            d.as_secs_f64()
+        );
+    }
+    // Waits past the budget so that a late completion is measured, then holds it to the
+    // budget.
     let after = poll_for(
-        DEFERRED_ROTATION,
+        DEFERRED_ROTATION * 3,
         &format!("the deferred rotation of {PROD} to reach the registry"),
         || {
             let k = lab.registry_key(PROD)?;
@@ -179,16 +246,18 @@ fn rotation_asked_while_the_coordinator_is_down_is_deferred_then_completes() -> 
         after, kept,
         "the deferred rotation did not use the kept next key"
     );
-    assert_eq!(
-        lab.wait_key_consistent(PROD, &HOSTS, DEFERRED_ROTATION.saturating_sub(t0.elapsed()))?,
-        kept
-    );
-    lab.wait_mesh_pings(&HOSTS, DEFERRED_ROTATION.saturating_sub(t0.elapsed()))?;
+    assert_eq!(lab.wait_key_consistent(PROD, &HOSTS, SETTLE)?, kept);
+    lab.wait_mesh_pings(&HOSTS, SETTLE)?;
+    let settled = t0.elapsed();
     eprintln!(
-        "MEASURED deferred rotation: the registry had {PROD}'s new key {:.2} s after the coordinator's meshd started, one key file and all pairs ping after {:.2} s",
+        "MEASURED deferred rotation: the registry had {PROD}'s new key {:.2} s after the coordinator's meshd started, one key file and all pairs ping after {:.2} s (budget {DEFERRED_ROTATION:?})",
         registered.as_secs_f64(),
-        t0.elapsed().as_secs_f64()
+        settled.as_secs_f64()
     );
-    drop(f);
+    ensure!(
+        settled <= DEFERRED_ROTATION,
+        "the deferred rotation completed {:.1} s after the coordinator came back, past the {DEFERRED_ROTATION:?} budget",
+        settled.as_secs_f64()
+    );
     Ok(())
 }
