@@ -512,6 +512,8 @@ pub struct MemberRuntime {
     /// A key notice request is running, or when the last one started.
     notice_in_flight: bool,
     last_notice_try: Option<tokio::time::Instant>,
+    /// The warning that static peers hold the schedule was logged.
+    held_logged: bool,
 }
 
 impl std::fmt::Debug for MemberRuntime {
@@ -538,6 +540,7 @@ impl MemberRuntime {
             probe_next_at_start: false,
             notice_in_flight: false,
             last_notice_try: None,
+            held_logged: false,
         }
     }
 
@@ -818,6 +821,20 @@ impl MemberRuntime {
             _ => false,
         };
         if !(due || pending || asked) {
+            return;
+        }
+        // A schedule never breaks a static peer's tunnel: it lists our key by hand.
+        let statics = crate::rotate::static_peer_names(agent.netmap());
+        if due && !pending && !asked && !statics.is_empty() {
+            if !self.held_logged {
+                self.held_logged = true;
+                tracing::warn!(
+                    static_peers = ?statics,
+                    "scheduled key rotation held: these static peers list our key by hand and \
+                     would lose us; rotate with `meshctl rotate`, then update them with \
+                     `meshctl static-config NAME` on the coordinator"
+                );
+            }
             return;
         }
         tracing::info!(due, pending, asked, "key rotation");

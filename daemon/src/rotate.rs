@@ -63,6 +63,31 @@ fn failed(e: impl std::fmt::Display) -> StepError {
     StepError::Failed(e.to_string())
 }
 
+/// The static peers in a netmap: devices configured by hand from a wg-quick file, which list
+/// our key and cannot follow a rotation of it.
+pub fn static_peer_names(netmap: Option<&Netmap>) -> Vec<String> {
+    netmap
+        .map(|nm| {
+            nm.peers
+                .iter()
+                .filter(|p| p.static_peer)
+                .map(|p| p.name.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What the operator must do for the static peers after we rotated.
+pub fn static_peer_hint(statics: &[String]) -> Option<String> {
+    (!statics.is_empty()).then(|| {
+        format!(
+            "the static peers {} still list the old key: on the coordinator, `meshctl \
+             static-config NAME` prints each one's new wg-quick configuration to install there",
+            statics.join(", ")
+        )
+    })
+}
+
 /// Make every peer handshake now: one datagram to each netmap peer's mesh address (discard
 /// port) makes the device initiate a handshake with the key it now runs, whatever the backend.
 pub async fn poke_peers(netmap: &Netmap) {
@@ -237,12 +262,18 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
     }
     let took = started.elapsed();
     tracing::info!(old = %old, new = %rot.live_key(), took_ms = took.as_millis() as u64, "key rotated");
-    Ok(format!(
+    let mut message = format!(
         "key rotated: {} -> {} in {} ms; the old key is gone from disk",
         old.short(),
         rot.live_key().short(),
         took.as_millis()
-    ))
+    );
+    if let Some(hint) = static_peer_hint(&static_peer_names(agent.netmap())) {
+        tracing::warn!("{hint}");
+        message.push_str("; ");
+        message.push_str(&hint);
+    }
+    Ok(message)
 }
 
 async fn wait_for_followers(coord: &Coordinator, version: u64, what: &str) {
