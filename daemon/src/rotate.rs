@@ -146,6 +146,8 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
     let started = tokio::time::Instant::now();
     // The member's netmap from the commit's reply, applied at the switch.
     let mut committed_netmap: Option<Netmap> = None;
+    // The coordinator's followers that did not take its prepare in time.
+    let mut slow: Vec<IpAddr> = Vec::new();
     while let Some(action) = rot.poll_action() {
         tracing::info!(step = %action, "key rotation");
         let step: Result<&'static str, StepError> = match action {
@@ -168,7 +170,7 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
                             let version = coord
                                 .prepare_own_rotation(k, now().as_secs())
                                 .map_err(|e| StepError::Refused(e.to_string()))?;
-                            wait_for_followers(coord, version, "prepared").await;
+                            slow = wait_for_followers(coord, version, "prepared", &[]).await;
                         }
                     }
                     rot.handle_prepared().map_err(failed)?;
@@ -194,7 +196,9 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
                             let version = coord
                                 .commit_own_rotation(k, agent.key(), now().as_secs())
                                 .map_err(|e| StepError::Failed(e.to_string()))?;
-                            wait_for_followers(coord, version, "committed").await;
+                            // Hosts too slow to take the prepare are not waited for again: they
+                            // catch up from a key notice, and everyone else gets the switch now.
+                            wait_for_followers(coord, version, "committed", &slow).await;
                         }
                     }
                     rot.handle_committed().map_err(failed)?;
@@ -276,10 +280,18 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
     Ok(message)
 }
 
-async fn wait_for_followers(coord: &Coordinator, version: u64, what: &str) {
+/// Wait for the coordinator's followers (but `skip`) to take `version`; returns those that did
+/// not in time.
+async fn wait_for_followers(
+    coord: &Coordinator,
+    version: u64,
+    what: &str,
+    skip: &[IpAddr],
+) -> Vec<IpAddr> {
     // Not ourselves: our own loop is busy with this rotation.
-    let own = coord.settings().own_address;
-    let out = coord.wait_acknowledged(version, &[own], ACK_TIMEOUT).await;
+    let mut except = vec![coord.settings().own_address];
+    except.extend_from_slice(skip);
+    let out = coord.wait_acknowledged(version, &except, ACK_TIMEOUT).await;
     if out.missing.is_empty() {
         tracing::info!(
             step = what,
@@ -295,6 +307,7 @@ async fn wait_for_followers(coord: &Coordinator, version: u64, what: &str) {
             "some hosts did not take the netmap in time; they catch up later"
         );
     }
+    out.missing
 }
 
 /// A host whose rotation was committed by the coordinator but never switched (the commit's
