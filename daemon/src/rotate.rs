@@ -249,6 +249,19 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
                 ));
             }
             Err(StepError::Unreachable(e)) => {
+                // A commit without an answer may still have gone through; then nobody accepts
+                // the old key any more and we could not even ask. Try the next key now.
+                if let (Action::Commit(_), Registrar::Remote(api)) = (action, &registrar) {
+                    if probe_next_key(agent, state, *api).await {
+                        return Ok(format!(
+                            "key rotated: {} -> {}; the commit's reply was lost ({e}), and the \
+                             coordinator answered through the new key; the old key is gone \
+                             from disk",
+                            old.short(),
+                            next.public_key().short()
+                        ));
+                    }
+                }
                 tracing::warn!(error = %e, step = %action, "key rotation deferred");
                 return Ok(format!(
                     "rotation deferred: the coordinator did not answer ({e}); the key is \
