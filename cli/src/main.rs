@@ -56,6 +56,12 @@ enum Cmd {
         /// The host to ask (default: this host, at once).
         name: Option<String>,
     },
+    /// Print a static peer's current wg-quick configuration (after rotations, to install on
+    /// the device; its private key stays a placeholder).
+    StaticConfig {
+        /// The static peer's name.
+        name: String,
+    },
     /// Invite a host: prints its one-line token (or, with --static, a wg-quick config).
     Invite {
         /// The new host's name.
@@ -307,6 +313,7 @@ fn send(cli: Cli) -> Result<()> {
         Cmd::Reload => Request::Reload,
         Cmd::Rotate { name: None } => Request::Rotate,
         Cmd::Rotate { name: Some(name) } => Request::RotateHost { name: name.clone() },
+        Cmd::StaticConfig { name } => Request::StaticConfig { name: name.clone() },
         Cmd::Join { token, file } => {
             let token = match (token, file) {
                 (Some(t), _) => t.trim().to_string(),
@@ -379,6 +386,7 @@ fn send(cli: Cli) -> Result<()> {
         (Cmd::Status { json: false }, Response::Status(status)) => {
             out(&render_status(&status, now()))
         }
+        (Cmd::StaticConfig { .. }, Response::Ok { message }) => out(&message),
         (Cmd::Reload | Cmd::Rotate { .. } | Cmd::Down { .. }, Response::Ok { message }) => {
             out(&format!("{message}\n"))
         }

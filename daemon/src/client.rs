@@ -147,6 +147,16 @@ pub async fn request_rotation(at: SocketAddr, name: &str) -> Result<(), CallErro
     check(at, request(at, "POST", &path, None, CALL_TIMEOUT).await?).map(|_| ())
 }
 
+/// `meshctl static-config NAME` relayed from an admin host.
+pub async fn static_config(at: SocketAddr, name: &str) -> Result<String, CallError> {
+    let path = format!("/v1/admin/hosts/{}/wg-quick", path_segment(name));
+    let raw = check(at, request(at, "GET", &path, None, CALL_TIMEOUT).await?)?;
+    String::from_utf8(raw.body).map_err(|e| CallError::Protocol {
+        addr: at,
+        message: format!("the configuration is not UTF-8: {e}"),
+    })
+}
+
 /// The coordinator's key notices for `host` (`mesh_proto::notice`), from `at`: the
 /// coordinator's WireGuard endpoint, over TCP outside the tunnel.
 pub async fn key_notices(

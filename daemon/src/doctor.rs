@@ -62,6 +62,8 @@ pub struct Input {
     pub daemon: Option<DaemonFacts>,
     /// The integrations' latest results (daemon only: offline there are none).
     pub integrations: Vec<mesh_proto::integrate::IntegrationStatus>,
+    /// Static peers in the netmap: they list our key by hand, so scheduled rotation waits.
+    pub static_peers: Vec<String>,
 }
 
 /// The facts from the running agent.
@@ -94,6 +96,7 @@ pub async fn gather<W: WgBackend, L: LinkBackend>(agent: &mut Agent<W, L>) -> In
             pid: std::process::id(),
         }),
         integrations: Vec::new(),
+        static_peers: crate::rotate::static_peer_names(agent.netmap()),
     }
 }
 
@@ -153,6 +156,7 @@ pub async fn run_offline(settings: Settings) -> Report {
         peer_specs,
         daemon: None,
         integrations: Vec::new(),
+        static_peers: crate::rotate::static_peer_names(netmap.as_ref()),
     })
     .await;
     if !managed {
@@ -227,6 +231,7 @@ pub async fn run(input: Input) -> Report {
         now_unix,
         s.rotate_every.map(|d| d.as_secs()),
         crate::keyfile::next_path(&s.private_key_file).exists(),
+        &input.static_peers,
     ));
 
     // The files meshd keeps (one check each: OK, or FAIL with the error; the old file stays).

@@ -512,6 +512,8 @@ pub struct MemberRuntime {
     /// A key notice request is running, or when the last one started.
     notice_in_flight: bool,
     last_notice_try: Option<tokio::time::Instant>,
+    /// The warning that static peers hold the schedule was logged.
+    held_logged: bool,
 }
 
 impl std::fmt::Debug for MemberRuntime {
@@ -538,6 +540,7 @@ impl MemberRuntime {
             probe_next_at_start: false,
             notice_in_flight: false,
             last_notice_try: None,
+            held_logged: false,
         }
     }
 
@@ -818,6 +821,20 @@ impl MemberRuntime {
             _ => false,
         };
         if !(due || pending || asked) {
+            return;
+        }
+        // A schedule never breaks a static peer's tunnel: it lists our key by hand.
+        let statics = crate::rotate::static_peer_names(agent.netmap());
+        if due && !pending && !asked && !statics.is_empty() {
+            if !self.held_logged {
+                self.held_logged = true;
+                tracing::warn!(
+                    static_peers = ?statics,
+                    "scheduled key rotation held: these static peers list our key by hand and \
+                     would lose us; rotate with `meshctl rotate`, then update them with \
+                     `meshctl static-config NAME` on the coordinator"
+                );
+            }
             return;
         }
         tracing::info!(due, pending, asked, "key rotation");
@@ -1187,6 +1204,8 @@ mod tests {
         let mut m = membership();
         m.coordinator_address = "127.0.0.1".parse().expect("ip");
         m.api_port = 9; // discard: nothing listens
+                        // Key notices are asked for there too (loopback: nothing leaves the machine).
+        m.coordinator_endpoints = vec!["127.0.0.1:9".parse().expect("sa")];
         st.save_membership(&m).expect("save");
         let nm = netmap(
             &own,
@@ -1221,6 +1240,19 @@ mod tests {
         rt.on_event(&mut a, ev).await;
         assert_eq!(a.mesh_state().reachable, Some(false));
         assert_eq!(a.status().netmap_version, Some(9));
+        // Unreachable: the host asks the coordinator's endpoint for key notices (nobody
+        // answers here), in the background.
+        let ev = loop {
+            let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("event in time")
+                .expect("event");
+            if matches!(ev, MeshEvent::CoordinatorKey(_)) {
+                break ev;
+            }
+        };
+        assert!(matches!(ev, MeshEvent::CoordinatorKey(Err(_))), "{ev:?}");
+        rt.on_event(&mut a, ev).await;
         // A newer netmap is applied at once and cached.
         let nm2 = netmap(&own, 10, Vec::new());
         rt.on_event(&mut a, MeshEvent::Netmap(Box::new(nm2))).await;
@@ -1230,6 +1262,44 @@ mod tests {
             std::fs::metadata(st.netmap_path()).expect("meta").mode() & 0o777,
             0o600
         );
+    }
+
+    #[tokio::test]
+    async fn a_verified_key_notice_moves_the_coordinator_to_its_new_key_and_is_cached() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = StateDir::new(dir.path().join("state"));
+        let own = key(60);
+        let mut m = membership();
+        m.coordinator_address = "127.0.0.1".parse().expect("ip");
+        m.api_port = 9;
+        m.coordinator_endpoints = vec!["127.0.0.1:9".parse().expect("sa")];
+        st.save_membership(&m).expect("save");
+        let mut coord = netmap_peer("dock-load", 100, "127.0.0.1", "127.0.0.1:9");
+        coord.next_public_key = None;
+        st.save_netmap(&netmap(&own, 9, vec![coord])).expect("save");
+        let mut a = unjoined(dir.path());
+        let (tx, _rx) = mpsc::channel(8);
+        let mut rt = MemberRuntime::new(st.clone(), tx);
+        rt.restore(&mut a);
+        a.reconcile(now()).await;
+        let old = key(100).public_key();
+        let new = key(101).public_key();
+        assert!(a.wg.device.peers.contains_key(&old));
+
+        // A notice for a key we do not hold for the coordinator changes nothing.
+        let other = key(102).public_key();
+        rt.on_event(&mut a, MeshEvent::CoordinatorKey(Ok((other, new))))
+            .await;
+        assert!(a.wg.device.peers.contains_key(&old));
+
+        rt.on_event(&mut a, MeshEvent::CoordinatorKey(Ok((old, new))))
+            .await;
+        assert!(a.wg.device.peers.contains_key(&new), "{:?}", a.wg.device);
+        assert!(!a.wg.device.peers.contains_key(&old));
+        let cached = st.load_netmap().expect("load").expect("netmap");
+        assert_eq!(cached.peers[0].public_key, new);
+        let saved = st.load_membership().expect("load").expect("membership");
+        assert_eq!(saved.coordinator_public_key, new);
     }
 
     #[test]

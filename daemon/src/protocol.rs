@@ -163,7 +163,8 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
         | Request::RevokeInvite { .. }
         | Request::Hosts
         | Request::Remove { .. }
-        | Request::RotateHost { .. } => Response::error("not an admin request".to_string()),
+        | Request::RotateHost { .. }
+        | Request::StaticConfig { .. } => Response::error("not an admin request".to_string()),
     }
 }
 
@@ -185,6 +186,7 @@ pub fn is_admin(request: &Request) -> bool {
             | Request::Hosts
             | Request::Remove { .. }
             | Request::RotateHost { .. }
+            | Request::StaticConfig { .. }
     )
 }
 
@@ -218,6 +220,10 @@ pub fn relay_admin(api: SocketAddr, request: Request) -> AdminCall {
             },
             Request::RotateHost { name } => match client::request_rotation(api, &name).await {
                 Ok(()) => Response::ok(rotation_asked_message(&name)),
+                Err(e) => refused(e),
+            },
+            Request::StaticConfig { name } => match client::static_config(api, &name).await {
+                Ok(config) => Response::ok(config),
                 Err(e) => refused(e),
             },
             _ => Response::error("not an admin request"),

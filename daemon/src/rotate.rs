@@ -63,6 +63,31 @@ fn failed(e: impl std::fmt::Display) -> StepError {
     StepError::Failed(e.to_string())
 }
 
+/// The static peers in a netmap: devices configured by hand from a wg-quick file, which list
+/// our key and cannot follow a rotation of it.
+pub fn static_peer_names(netmap: Option<&Netmap>) -> Vec<String> {
+    netmap
+        .map(|nm| {
+            nm.peers
+                .iter()
+                .filter(|p| p.static_peer)
+                .map(|p| p.name.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What the operator must do for the static peers after we rotated.
+pub fn static_peer_hint(statics: &[String]) -> Option<String> {
+    (!statics.is_empty()).then(|| {
+        format!(
+            "the static peers {} still list the old key: on the coordinator, `meshctl \
+             static-config NAME` prints each one's new wg-quick configuration to install there",
+            statics.join(", ")
+        )
+    })
+}
+
 /// Make every peer handshake now: one datagram to each netmap peer's mesh address (discard
 /// port) makes the device initiate a handshake with the key it now runs, whatever the backend.
 pub async fn poke_peers(netmap: &Netmap) {
@@ -121,6 +146,8 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
     let started = tokio::time::Instant::now();
     // The member's netmap from the commit's reply, applied at the switch.
     let mut committed_netmap: Option<Netmap> = None;
+    // The coordinator's followers that did not take its prepare in time.
+    let mut slow: Vec<IpAddr> = Vec::new();
     while let Some(action) = rot.poll_action() {
         tracing::info!(step = %action, "key rotation");
         let step: Result<&'static str, StepError> = match action {
@@ -143,7 +170,7 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
                             let version = coord
                                 .prepare_own_rotation(k, now().as_secs())
                                 .map_err(|e| StepError::Refused(e.to_string()))?;
-                            wait_for_followers(coord, version, "prepared").await;
+                            slow = wait_for_followers(coord, version, "prepared", &[]).await;
                         }
                     }
                     rot.handle_prepared().map_err(failed)?;
@@ -169,7 +196,9 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
                             let version = coord
                                 .commit_own_rotation(k, agent.key(), now().as_secs())
                                 .map_err(|e| StepError::Failed(e.to_string()))?;
-                            wait_for_followers(coord, version, "committed").await;
+                            // Hosts too slow to take the prepare are not waited for again: they
+                            // catch up from a key notice, and everyone else gets the switch now.
+                            wait_for_followers(coord, version, "committed", &slow).await;
                         }
                     }
                     rot.handle_committed().map_err(failed)?;
@@ -220,6 +249,19 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
                 ));
             }
             Err(StepError::Unreachable(e)) => {
+                // A commit without an answer may still have gone through; then nobody accepts
+                // the old key any more and we could not even ask. Try the next key now.
+                if let (Action::Commit(_), Registrar::Remote(api)) = (action, &registrar) {
+                    if probe_next_key(agent, state, *api).await {
+                        return Ok(format!(
+                            "key rotated: {} -> {}; the commit's reply was lost ({e}), and the \
+                             coordinator answered through the new key; the old key is gone \
+                             from disk",
+                            old.short(),
+                            next.public_key().short()
+                        ));
+                    }
+                }
                 tracing::warn!(error = %e, step = %action, "key rotation deferred");
                 return Ok(format!(
                     "rotation deferred: the coordinator did not answer ({e}); the key is \
@@ -237,18 +279,32 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
     }
     let took = started.elapsed();
     tracing::info!(old = %old, new = %rot.live_key(), took_ms = took.as_millis() as u64, "key rotated");
-    Ok(format!(
+    let mut message = format!(
         "key rotated: {} -> {} in {} ms; the old key is gone from disk",
         old.short(),
         rot.live_key().short(),
         took.as_millis()
-    ))
+    );
+    if let Some(hint) = static_peer_hint(&static_peer_names(agent.netmap())) {
+        tracing::warn!("{hint}");
+        message.push_str("; ");
+        message.push_str(&hint);
+    }
+    Ok(message)
 }
 
-async fn wait_for_followers(coord: &Coordinator, version: u64, what: &str) {
+/// Wait for the coordinator's followers (but `skip`) to take `version`; returns those that did
+/// not in time.
+async fn wait_for_followers(
+    coord: &Coordinator,
+    version: u64,
+    what: &str,
+    skip: &[IpAddr],
+) -> Vec<IpAddr> {
     // Not ourselves: our own loop is busy with this rotation.
-    let own = coord.settings().own_address;
-    let out = coord.wait_acknowledged(version, &[own], ACK_TIMEOUT).await;
+    let mut except = vec![coord.settings().own_address];
+    except.extend_from_slice(skip);
+    let out = coord.wait_acknowledged(version, &except, ACK_TIMEOUT).await;
     if out.missing.is_empty() {
         tracing::info!(
             step = what,
@@ -264,6 +320,7 @@ async fn wait_for_followers(coord: &Coordinator, version: u64, what: &str) {
             "some hosts did not take the netmap in time; they catch up later"
         );
     }
+    out.missing
 }
 
 /// A host whose rotation was committed by the coordinator but never switched (the commit's

@@ -355,6 +355,7 @@ fn admin_handler(coord: Coordinator) -> AdminHandler {
                 Request::RotateHost { name } => coord
                     .request_rotation(&name, now_unix)
                     .map(|_| Response::ok(crate::protocol::rotation_asked_message(&name))),
+                Request::StaticConfig { name } => coord.static_config(&name).map(Response::ok),
                 _ => Ok(Response::error("not an admin request")),
             })
             .await;

@@ -20,6 +20,8 @@
 //! DELETE /v1/admin/hosts/NAME              -> 204
 //! POST /v1/admin/hosts/NAME/rotate         -> 204   (NAME rotates its key when its netmap
 //!                            says so; see `crate::rotation`)
+//! GET  /v1/admin/hosts/NAME/wg-quick       -> text   (a static peer's current wg-quick
+//!                            configuration, private key left out)
 //!
 //! Outside the tunnel, on TCP at the coordinator's WireGuard endpoint (same port number):
 //! GET  /v1/key-notices/HOSTKEY              -> `crate::notice::KeyNoticesResponse`

@@ -62,6 +62,11 @@ pub enum Request {
     RotateHost {
         name: String,
     },
+    /// A static peer's current wg-quick configuration (`meshctl static-config NAME`),
+    /// answered with `ok` carrying the text.
+    StaticConfig {
+        name: String,
+    },
     /// Run the doctor's checks (`meshctl doctor`); answered with [`Response::Doctor`].
     Doctor,
     /// Remove everything meshd owns on this host (interface, routes, nftables table,

@@ -306,6 +306,7 @@ pub fn key_age_check(
     now_unix: u64,
     every_secs: Option<u64>,
     pending_next: bool,
+    static_peers: &[String],
 ) -> Check {
     let name = "key age";
     if pending_next {
@@ -329,10 +330,31 @@ pub fn key_age_check(
     };
     let age = now_unix.saturating_sub(created);
     let shown = format!("created {} ago", span(age));
+    let statics = static_peers.join(", ");
     match every_secs {
         None => Check::ok(
             name,
             format!("{shown}; scheduled rotation is off (daemon.rotate_every_days = 0)"),
+        ),
+        Some(every) if age > every && !static_peers.is_empty() => Check::warn(
+            name,
+            format!(
+                "{shown}, past its rotation schedule of {}; scheduled rotation is held because \
+                 the static peers {statics} list this key by hand and cannot follow it",
+                span(every)
+            ),
+            format!(
+                "meshctl rotate, then on the coordinator `meshctl static-config NAME` for each of \
+                 {statics} and install the printed configuration there"
+            ),
+        ),
+        Some(every) if !static_peers.is_empty() => Check::ok(
+            name,
+            format!(
+                "{shown}; due in {}, then held for an operator: the static peers {statics} \
+                 list this key by hand",
+                span(every - age)
+            ),
         ),
         Some(every) if age > every => Check::warn(
             name,
@@ -699,21 +721,34 @@ mod tests {
     fn key_age_warns_past_the_schedule_and_on_an_interrupted_rotation() {
         const DAY: u64 = 86_400;
         let now = 100 * DAY;
-        let fresh = key_age_check(Some(now - DAY), now, Some(30 * DAY), false);
+        let fresh = key_age_check(Some(now - DAY), now, Some(30 * DAY), false, &[]);
         assert_eq!(fresh.status, CheckStatus::Ok, "{fresh:?}");
         assert_eq!(fresh.detail, "created 1d 0h ago; rotates within 29d 0h");
-        let old = key_age_check(Some(now - 31 * DAY), now, Some(30 * DAY), false);
+        let old = key_age_check(Some(now - 31 * DAY), now, Some(30 * DAY), false, &[]);
         assert_eq!(old.status, CheckStatus::Warn, "{old:?}");
         assert!(old.detail.contains("past its rotation schedule"), "{old:?}");
-        let off = key_age_check(Some(0), now + 300 * DAY, None, false);
+        let off = key_age_check(Some(0), now + 300 * DAY, None, false, &[]);
         assert_eq!(off.status, CheckStatus::Ok, "{off:?}");
-        let pending = key_age_check(Some(now - DAY), now, Some(30 * DAY), true);
+        let pending = key_age_check(Some(now - DAY), now, Some(30 * DAY), true, &[]);
+        let nas = ["nas".to_string()];
+        let held = key_age_check(Some(now - 31 * DAY), now, Some(30 * DAY), false, &nas);
+        assert_eq!(held.status, CheckStatus::Warn, "{held:?}");
+        assert!(held.detail.contains("held"), "{held:?}");
+        assert!(
+            held.fix
+                .as_deref()
+                .is_some_and(|f| f.contains("static-config")),
+            "{held:?}"
+        );
+        let waits = key_age_check(Some(now - DAY), now, Some(30 * DAY), false, &nas);
+        assert_eq!(waits.status, CheckStatus::Ok, "{waits:?}");
+        assert!(waits.detail.contains("static peers nas"), "{waits:?}");
         assert_eq!(pending.status, CheckStatus::Warn, "{pending:?}");
         assert!(pending
             .fix
             .as_deref()
             .is_some_and(|f| f.contains("meshctl rotate")));
-        let unknown = key_age_check(None, now, Some(30 * DAY), false);
+        let unknown = key_age_check(None, now, Some(30 * DAY), false, &[]);
         assert_eq!(unknown.status, CheckStatus::Warn, "{unknown:?}");
     }
 }

@@ -21,7 +21,9 @@
 //! - **Prepared**: the coordinator knows the next public key (`POST /v1/rotate/prepare`,
 //!   idempotent). Every peer's netmap lists it as the host's `next_public_key`, and each peer
 //!   adds it to its device as a peer *with no allowed IPs*: a handshake from the next key is
-//!   accepted, but no traffic is routed to it yet. The old key still carries everything.
+//!   accepted, but no traffic is routed to it yet. The old key still carries everything. The
+//!   prepare's reply comes once every host that follows the coordinator has taken that netmap
+//!   (its next long-poll says so), at most 3 s: the commit never outruns a peer's device.
 //! - **Committed**: the coordinator made the next key the host's key (`POST /v1/rotate/commit`,
 //!   sent through the tunnel that still runs the old key): the registry holds it with a new
 //!   `key_created_unix`, every peer's netmap moves the host's allowed IPs to it and drops the
@@ -42,6 +44,26 @@
 //! tunnel keyed with the next key while the coordinator still routes the host's address to
 //! the old key, so the call itself would be lost. Committing first and switching on the reply
 //! uses the same grace the join already relies on.
+//!
+//! # The coordinator's own key
+//!
+//! The coordinator host runs the same machine against its registry in-process: prepare and
+//! commit are registry writes, and the switch waits until the hosts that follow it took the
+//! netmap with the new key (they reach the coordinator, API included, through that key; a host
+//! that did not take the prepare in time is not waited for again). The commit also stores a
+//! key notice per host (`crate::notice`) so a host that missed it follows without the tunnel.
+//!
+//! # Requests, deferral and static peers
+//!
+//! A rotation starts from the schedule ([`rotation_due_unix`]), from `meshctl rotate`, or from
+//! an admin's `meshctl rotate NAME`, which the coordinator puts into NAME's netmap
+//! (`rotate_requested`) until NAME commits. When the coordinator does not answer, the
+//! rotation is deferred: the next key stays on disk and the rotation resumes when the
+//! coordinator answers again. A scheduled rotation is held while static peers (hand-written
+//! wg-quick configurations) list the key; an operator's rotation goes ahead and names them.
+//!
+//! Per-pair preshared keys are not rotated along: the coordinator would have to hand them out
+//! and so would know them all, which adds nothing against whoever controls it.
 //!
 //! # Crash recovery
 //!
@@ -64,6 +86,13 @@
 //! A crash in NextKeyWritten or Prepared resumes the same rotation (prepare is idempotent);
 //! in Committed or Switched the coordinator already holds the next key, so it is promoted.
 //! After a promote the old key exists nowhere, so no later crash can bring it back.
+//!
+//! The coordinator's word is the registry on the coordinator host, and on a member the key of
+//! its cached netmap. That cache can lag: a member that died after the commit but before it
+//! cached the reply decides `CurrentResume` and runs the old key, which nobody accepts any
+//! more. So a member that starts with a next key on disk and cannot reach the coordinator
+//! tries the next key once; if the coordinator answers through it and holds it, the rotation
+//! is finished (promote), otherwise the old key is put back.
 
 use crate::key::PublicKey;
 

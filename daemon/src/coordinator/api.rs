@@ -412,6 +412,26 @@ async fn admin_rotate(
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn admin_static_config(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    name: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let caller = caller_ip(peer);
+    require_admin(&st.coord, caller).await?;
+    let name = path_name(name)?;
+    let coord = st.coord.clone();
+    let config = blocking(move || coord.static_config(&name)).await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        )],
+        config,
+    )
+        .into_response())
+}
+
 async fn not_found(uri: Uri) -> Failure {
     Failure(CoordError::NotFound(uri.path().to_string()))
 }
@@ -438,6 +458,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/admin/hosts", get(admin_hosts))
         .route("/v1/admin/hosts/{name}", delete(admin_remove))
         .route("/v1/admin/hosts/{name}/rotate", post(admin_rotate))
+        .route("/v1/admin/hosts/{name}/wg-quick", get(admin_static_config))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))

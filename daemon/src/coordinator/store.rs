@@ -1349,6 +1349,36 @@ impl Coordinator {
         })
     }
 
+    /// `meshctl static-config NAME`: the static peer's wg-quick configuration as it should be
+    /// now (current keys of every host, after rotations), with its private key left as a
+    /// placeholder (the coordinator never stored it).
+    pub fn static_config(&self, name: &str) -> Result<String, CoordError> {
+        let port = {
+            let guard = self.lock()?;
+            let Some(host) = live_host_by_name(&guard.conn, name)? else {
+                return Err(CoordError::NoSuchHost(name.to_string()));
+            };
+            if !host.static_peer {
+                return Err(CoordError::Conflict(format!(
+                    "{name} is not a static peer: meshd on it follows its netmap by itself"
+                )));
+            }
+            reported_endpoints(&guard.conn, host.id)?
+                .first()
+                .map(|e| e.port())
+        };
+        let netmap = self
+            .netmap_for_name(name)?
+            .ok_or_else(|| CoordError::NoSuchHost(name.to_string()))?;
+        Ok(wgquick::render(
+            &netmap,
+            None,
+            port,
+            self.settings.keepalive_secs,
+            &self.settings.own_name,
+        ))
+    }
+
     /// The coordinator's own rotation, first half: `next` becomes its next key, so every
     /// peer's netmap lists it and peers accept handshakes from it. Idempotent. Returns the
     /// netmap version that carries it.

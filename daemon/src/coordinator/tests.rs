@@ -1677,6 +1677,21 @@ fn the_coordinators_own_rotation_prepares_commits_and_leaves_notices_for_every_h
         .unwrap()
         .public_key;
     assert!(c.key_notices_for(&nas_key).unwrap().is_empty());
+    // The static peer cannot follow; its configuration, printed again, has the new key.
+    let conf = c.static_config("nas").unwrap();
+    assert!(
+        conf.contains(&format!("PublicKey = {}", next.public_key().to_base64())),
+        "{conf}"
+    );
+    assert!(!conf.contains(&own_old.public_key().to_base64()), "{conf}");
+    assert!(conf.contains("ListenPort = 51820"), "{conf}");
+    assert!(conf.contains("# PrivateKey = <"), "{conf}");
+    let err = c.static_config("dock-mirror").unwrap_err();
+    assert!(err.to_string().contains("not a static peer"), "{err}");
+    assert!(matches!(
+        c.static_config("nope"),
+        Err(CoordError::NoSuchHost(_))
+    ));
     // Someone else's notice does not check out with our key.
     let theirs = c.key_notices_for(&edge.public_key()).unwrap();
     assert!(mesh_proto::notice::follow(&theirs, &mirror, own_old.public_key()).is_err());
