@@ -16,7 +16,8 @@ use meshlab::{poll_for, poll_until, HostEntry, JoinMode, Lab, LabOpts, COORDINAT
 const MESH_TIMEOUT: Duration = Duration::from_secs(90);
 /// Rotations measured in a row.
 const ROTATIONS: usize = 20;
-/// Pings per rotation window, one every 10 ms (the rotation takes about 1.1 s of it).
+/// Pings per rotation window, one every 10 ms (a rotation takes 50-100 ms of it; the rest
+/// catches a late cut-over).
 const PINGS: u32 = 200;
 /// The goal: at most this many lost pings per rotation.
 const LOSS_GOAL: u32 = 2;

@@ -137,7 +137,10 @@ fn coordinator_rotations(lab: &Lab, f: &mut ManagedFleet, t_form: Instant) -> Re
     lab.cut_underlay(OFFLINE)?;
     let online: Vec<&str> = DAEMONS.iter().copied().filter(|h| *h != OFFLINE).collect();
     let mut k = k1.clone();
+    // The private key each rotation retires (the last one is probed at the end).
+    let mut retired_private = String::new();
     for i in 1..=2 {
+        retired_private = lab.read_file(COORDINATOR, KEY_PATH)?;
         let t0 = Instant::now();
         let msg = rotate_coordinator(lab)?;
         let next = lab.wait_key_consistent(COORDINATOR, &online, SETTLE)?;
@@ -211,18 +214,25 @@ fn coordinator_rotations(lab: &Lab, f: &mut ManagedFleet, t_form: Instant) -> Re
         lab.probe_handshake(&control, Duration::from_secs(10))?,
         "control: a key dock-prod accepts must complete a handshake from the probe"
     );
-    let old = Probe {
-        private_key: &first_private,
-        own_addr: lab.mesh_addr(COORDINATOR)?,
-        ..control.clone()
-    };
-    let refused = !lab.probe_handshake(&old, Duration::from_secs(7))?;
-    assert!(
-        refused,
-        "the coordinator's old key still completes a handshake with dock-prod"
-    );
-    eprintln!(
-        "MEASURED coordinator's old key refused by dock-prod: no handshake in 7 s, while an accepted key shook hands from the same probe"
-    );
+    // The first key (retired with every host online) and the last one retired (while
+    // dock-edge was away; dock-edge caught up from its key notice).
+    for (what, private) in [
+        ("first", &first_private),
+        ("last retired", &retired_private),
+    ] {
+        let old = Probe {
+            private_key: private,
+            own_addr: lab.mesh_addr(COORDINATOR)?,
+            ..control.clone()
+        };
+        let refused = !lab.probe_handshake(&old, Duration::from_secs(7))?;
+        assert!(
+            refused,
+            "the coordinator's {what} key still completes a handshake with dock-prod"
+        );
+        eprintln!(
+            "MEASURED coordinator's {what} key refused by dock-prod: no handshake in 7 s, while an accepted key shook hands from the same probe"
+        );
+    }
     Ok(())
 }
