@@ -1,8 +1,8 @@
 //! The coordinator's own key rotates (issue 6, "Must show"): with every host online
 //! (`meshctl rotate` on dock-load; the ping loss from two members to dock-load during the
-//! cut-over is printed), then twice while dock-edge (behind the NAT) is offline; dock-edge
-//! catches up by itself on return, without a new token (a key notice fetched over TCP from the
-//! coordinator's endpoint). Afterwards the coordinator's old key is refused: a peer configured
+//! cut-over is printed), then twice while dock-edge (behind the NAT) is offline (dock-prod
+//! rotates meanwhile too); dock-edge catches up by itself on return, without a new token (a
+//! key notice fetched over TCP from the coordinator's endpoint). Afterwards the coordinator's old key is refused: a peer configured
 //! with it cannot complete a handshake with a member.
 //!
 //! Needs meshd, meshctl and meshd-wg next to the test binary (or in `$MESHLAB_BIN_DIR`), `wg`,
@@ -157,6 +157,15 @@ fn coordinator_rotations(lab: &Lab, f: &mut ManagedFleet, t_form: Instant) -> Re
         k = next;
     }
     let k3 = k;
+    // A member rotates too while dock-edge is away.
+    let prod_before = lab.registry_key(PROD)?;
+    let out = lab.meshctl_output(PROD, &["rotate"])?;
+    meshlab::check_output(out, "[dock-prod] meshctl rotate")?;
+    let prod_key = lab.wait_key_consistent(PROD, &online, SETTLE)?;
+    assert_ne!(
+        prod_key, prod_before,
+        "dock-prod's rotation changed nothing"
+    );
     assert!(
         lab.wg_peers(OFFLINE)?.contains(&k1),
         "{OFFLINE} was offline but its interface no longer has the coordinator's key from before"
@@ -187,6 +196,7 @@ fn coordinator_rotations(lab: &Lab, f: &mut ManagedFleet, t_form: Instant) -> Re
         lab.meshd_log_tail(OFFLINE, 30)
     );
     assert_eq!(lab.wait_key_consistent(COORDINATOR, &DAEMONS, SETTLE)?, k3);
+    assert_eq!(lab.wait_key_consistent(PROD, &DAEMONS, SETTLE)?, prod_key);
 
     // 4. The coordinator's first key is refused: a probe in the NAS (outside the mesh)
     //    holding it cannot complete a handshake with dock-prod. Control: from the same probe, a
@@ -199,13 +209,13 @@ fn coordinator_rotations(lab: &Lab, f: &mut ManagedFleet, t_form: Instant) -> Re
     poll_until(SETTLE, "dock-prod to add the NAS's key", || {
         Ok(lab.wg_peers(PROD)?.contains(&nas_public))
     })?;
-    let prod_key = lab.device_key(PROD)?;
+    let prod_device = lab.device_key(PROD)?;
     let prod_endpoint = format!("{}:{}", lab.host_addr(PROD)?, meshlab::topology::MESH_PORT);
     let control = Probe {
         host: NAS,
         iface: PROBE_IFACE,
         private_key: &nas_private,
-        peer_key: &prod_key,
+        peer_key: &prod_device,
         peer_endpoint: &prod_endpoint,
         peer_addr: lab.mesh_addr(PROD)?,
         own_addr: lab.mesh_addr(NAS)?,

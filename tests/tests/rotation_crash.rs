@@ -75,6 +75,11 @@ fn crash_and_recover(lab: &Lab, f: &mut ManagedFleet, host: &str, step: &str) ->
     if files.current.is_none() && files.next.is_none() {
         bail!("{host} has no key file at all after a crash after {step}");
     }
+    // Never a mix: the interface (still up: only meshd died) runs a key that is on disk.
+    let device = lab.device_key(host)?;
+    if files.current.as_ref() != Some(&device) && files.next.as_ref() != Some(&device) {
+        bail!("after a crash after {step}, {host}'s interface runs {device}, a key in no key file ({files:?})");
+    }
 
     let t0 = Instant::now();
     f.meshd.insert(host.into(), lab.start_meshd(host)?);
