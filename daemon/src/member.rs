@@ -420,7 +420,11 @@ pub fn spawn_follower(api: SocketAddr, since: u64, tx: mpsc::Sender<MeshEvent>) 
         let mut backoff = BACKOFF_MIN;
         let mut reachable = None;
         loop {
-            let result = client::fetch_netmap(api, since).await;
+            // Until the coordinator has answered (at start, and after failures) ask for the
+            // current netmap without parking: the answer comes at once, so the loop learns the
+            // coordinator is back now, not when a long-poll on an unchanged netmap ends.
+            let ask = if reachable == Some(true) { since } else { 0 };
+            let result = client::fetch_netmap(api, ask).await;
             let ok = result.is_ok();
             let event = match result {
                 Ok(Some(nm)) => {

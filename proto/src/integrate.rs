@@ -219,7 +219,7 @@ fn template_error(e: &minijinja::Error) -> String {
     msg
 }
 
-/// A user template (minijinja) rendered with the view as context (see [`TemplateContext`]'s
+/// A user template (minijinja) rendered with the view as context (see `TemplateContext`'s
 /// fields: `me`, `hosts`, `version`, `mesh_cidr`, `domain`, `interface`). Undefined
 /// variables are errors. `name` only labels the error.
 pub fn render_template(

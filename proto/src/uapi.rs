@@ -1,5 +1,5 @@
 //! The cross-platform WireGuard userspace API (UAPI) text protocol, as `wg(8)` speaks it over
-//! `/var/run/wireguard/IFACE.sock` (spec: https://www.wireguard.com/xplatform/).
+//! `/var/run/wireguard/IFACE.sock` (spec: <https://www.wireguard.com/xplatform/>).
 //!
 //! Pure parsing and formatting; both our engine's UAPI server and the daemon's UAPI client use
 //! it. Parsers never panic on any input (fuzzed by property tests).
