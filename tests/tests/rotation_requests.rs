@@ -165,17 +165,15 @@ fn rotate_by_name(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
-/// Measured on main f51f44a: the deferred rotation completes about 42 s after the
-/// coordinator's meshd restarts, past the 30 s budget, for two daemon reasons the log shows:
-/// 1. The restarted coordinator removes every peer from its interface and adds it back 16 ms
-///    later (`apply op=remove peer J0AVldjo` ... `apply op=add peer J0AVldjo` right after
-///    "listen port held by our own interface; adopting it"), which drops the WireGuard
-///    sessions: members cannot reach it for about 15 s (printed below: "pinged the restarted
-///    coordinator 14.8 s after"), until their own WireGuard gives up on the dead session and
-///    handshakes again.
-/// 2. A member only notices the coordinator is back (`MeshEvent::Reachable`, "coordinator
-///    reachable", which resumes the rotation) when its netmap long-poll returns; the netmap
-///    has not changed, so that is `LONG_POLL_SECS` (25 s) after the poll got through.
+/// Measured on main 776a58b: the deferred rotation completes about 17 s after the coordinator's
+/// meshd restarts (within the 30 s budget), almost all of it one daemon defect the log shows:
+/// the restarted coordinator removes every peer from its interface and adds it back 16 ms
+/// later (`apply op=remove peer J0AVldjo` ... `apply op=add peer J0AVldjo`, right after
+/// "listen port held by our own interface; adopting it": its first reconcile pass runs before
+/// its own netmap is set), which drops the WireGuard sessions, so members cannot reach it for
+/// about 15 s (printed: "pinged the restarted coordinator 14.8 s after its meshd started")
+/// until their WireGuard gives up on the dead session and handshakes again. (Before 776a58b a
+/// member also noticed the coordinator only when its 25 s long-poll returned: 42 s in all.)
 #[test]
 fn rotation_asked_while_the_coordinator_is_down_is_deferred_then_completes() -> Result<()> {
     let _g = serial();
