@@ -262,13 +262,18 @@ impl Lab {
     /// The last `n` lines of `host`'s meshd log without colours and without the netlink
     /// crate's warnings about newer kernels (two every reconcile pass).
     pub fn meshd_log_tail(&self, host: &str, n: usize) -> String {
+        let lines = self.meshd_log_lines(host);
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// `host`'s meshd log as lines without colours (so `op=remove peer` matches) and without
+    /// the netlink crate's warnings.
+    pub fn meshd_log_lines(&self, host: &str) -> Vec<String> {
         let text = std::fs::read_to_string(self.meshd_log(host)).unwrap_or_default();
-        let lines: Vec<String> = text
-            .lines()
+        text.lines()
             .filter(|l| !l.contains("netlink_packet_route"))
             .map(strip_ansi)
-            .collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+            .collect()
     }
 
     /// Stop meshd `p` with `sig` and wait until it has gone (SIGTERM leaves the interface up).

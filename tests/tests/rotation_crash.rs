@@ -144,3 +144,62 @@ fn coordinator_sigkilled_at_each_rotation_step_converges_after_restart() -> Resu
     let _g = serial();
     each_step(COORDINATOR)
 }
+
+/// How soon members must reach a coordinator whose meshd was SIGKILLed and restarted: its
+/// interface stayed up, so nothing should have to handshake again.
+const COORDINATOR_BACK: Duration = Duration::from_secs(3);
+
+/// The restart half of every coordinator crash above, alone: the coordinator's meshd is
+/// SIGKILLed and started again; its interface and engine stayed up, so its peers and their
+/// WireGuard sessions must stay too and every member reaches it at once.
+///
+/// Fails on main 776a58b (that is why every coordinator crash step above takes about 17 s to
+/// converge): right after "listen port held by our own interface; adopting it" the restarted
+/// coordinator logs `apply op=remove peer ...` for every peer and `apply op=add peer ...` for
+/// each 16 ms later. Its first reconcile pass (daemon.rs, `run_with`) runs before its own
+/// netmap is set (`MemberRuntime::restore` only restores a member's cached netmap), so it
+/// plans every peer away. Removing a peer drops its sessions; the members keep sending on the
+/// dead session and only handshake again after WireGuard's 15 s timeout, so they cannot reach
+/// the coordinator (its API included) for about 15 s.
+#[test]
+#[ignore = "daemon defect on main 776a58b: the restarted coordinator removes and re-adds every peer (see the comment above); run with --ignored to check a fix"]
+fn coordinator_restart_keeps_its_peers_and_their_sessions() -> Result<()> {
+    let _g = serial();
+    let (lab, mut f) = fleet()?;
+    let r = coordinator_restart(&lab, &mut f);
+    drop(f);
+    lab.with_logs(&HOSTS, r)
+}
+
+fn coordinator_restart(lab: &Lab, f: &mut ManagedFleet) -> Result<()> {
+    lab.stop_meshd(f.meshd[COORDINATOR], libc::SIGKILL)?;
+    let lines_before = lab.meshd_log_lines(COORDINATOR).len();
+    let p = lab.start_meshd(COORDINATOR)?;
+    f.meshd.insert(COORDINATOR.into(), p);
+    lab.wait_meshctl(COORDINATOR, p, &["hosts"], Duration::from_secs(30))?;
+    let back = lab.time_until_reachable(&[PROD, MIRROR], lab.mesh_addr(COORDINATOR)?, CONVERGE)?;
+    for (h, d) in &back {
+        eprintln!(
+            "MEASURED {h} pinged the coordinator {:.2} s after its meshd was restarted (SIGKILL, interface kept)",
+            d.as_secs_f64()
+        );
+    }
+    let removed: Vec<String> = lab
+        .meshd_log_lines(COORDINATOR)
+        .into_iter()
+        .skip(lines_before)
+        .filter(|l| l.contains("op=remove peer"))
+        .collect();
+    if !removed.is_empty() {
+        bail!(
+            "the restarted coordinator removed peers it keeps:\n{}",
+            removed.join("\n")
+        );
+    }
+    let slow: Vec<_> = back.iter().filter(|(_, d)| *d > COORDINATOR_BACK).collect();
+    if !slow.is_empty() {
+        bail!("members reached the restarted coordinator only after {slow:?} (budget {COORDINATOR_BACK:?})");
+    }
+    lab.wait_mesh_pings(&HOSTS, CONVERGE)?;
+    Ok(())
+}
