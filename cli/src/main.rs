@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use mesh_proto::api::InviteRequest;
 use mesh_proto::control::{
     render_hosts, render_invite, render_invites, render_peers_table, render_status, Request,
@@ -120,6 +120,15 @@ enum Cmd {
         #[arg(long, env = "MESHD_CONFIG", default_value = mesh_proto::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    #[command(flatten)]
+    Hidden(Hidden),
+}
+
+#[derive(Debug, Subcommand)]
+enum Hidden {
+    /// Write man pages and shell completions under DIR (the Debian package build).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -282,6 +291,10 @@ fn out(text: &str) -> Result<()> {
 
 fn run(cli: Cli) -> Result<bool> {
     match &cli.command {
+        Cmd::Hidden(Hidden::GenerateDocs { dir }) => {
+            meshd_docgen::write_docs(Cli::command(), dir).context("cannot write the docs")?;
+            return Ok(true);
+        }
         Cmd::Doctor { json, config } => return doctor(&cli.socket, *json, config),
         Cmd::Down { config } if !daemon_up(&cli.socket)? => bail!(
             "meshd is not running (no answer on {}); to remove everything it owns without it, \
@@ -296,6 +309,7 @@ fn run(cli: Cli) -> Result<bool> {
 
 fn send(cli: Cli) -> Result<()> {
     let req = match &cli.command {
+        Cmd::Hidden(_) => bail!("not a request to meshd"),
         Cmd::Doctor { .. } => Request::Doctor,
         Cmd::Down { .. } => Request::Down,
         Cmd::Peers { .. } => Request::Peers,
@@ -391,6 +405,19 @@ fn now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn generate_docs_is_there_but_hidden() {
+        let cli = Cli::try_parse_from(["meshctl", "generate-docs", "/tmp/x"]).expect("parse");
+        assert!(
+            matches!(&cli.command, Cmd::Hidden(Hidden::GenerateDocs { dir }) if dir == Path::new("/tmp/x"))
+        );
+        let help = Cli::command().render_long_help().to_string();
+        assert!(
+            help.contains("join") && !help.contains("generate-docs"),
+            "{help}"
+        );
+    }
 
     #[test]
     fn durations() {

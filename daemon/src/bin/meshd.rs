@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use meshd::service::{check_config, doctor_offline, down_offline, serve};
 use meshd::Settings;
 
@@ -27,6 +27,9 @@ struct Args {
     /// forwarding settings) with no daemon running (what `meshctl down` does through one).
     #[arg(long, conflicts_with = "check_config")]
     down: bool,
+    /// Write man pages and shell completions under DIR and exit (the Debian package build).
+    #[arg(long, hide = true, value_name = "DIR", exclusive = true)]
+    generate_docs: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,6 +54,10 @@ fn main() -> std::process::ExitCode {
 
 /// `Ok(false)`: ran, but the outcome is a failure (a doctor check failed).
 fn real_main(args: Args) -> Result<bool> {
+    if let Some(dir) = &args.generate_docs {
+        meshd_docgen::write_docs(Args::command(), dir).context("cannot write the docs")?;
+        return Ok(true);
+    }
     if args.check_config {
         return check_config(&args.config).map(|()| true);
     }
