@@ -57,6 +57,12 @@ took() { timings+=("$(printf '%-44s %4ds' "$1" $((SECONDS - t_step)))"); }
 in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
   DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 "$@"; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
+# A maintainer script run by hand, in the environment dpkg gives it (deb-systemd-helper does
+# nothing unless DPKG_MAINTSCRIPT_PACKAGE is set).
+run_script() { local script=$1; shift; in_root DPKG_MAINTSCRIPT_PACKAGE=meshd \
+  DPKG_MAINTSCRIPT_NAME="${script##*.}" DPKG_MAINTSCRIPT_ARCH=amd64 DPKG_ROOT= "$script" "$@"; }
+# No pty in the chroot (/dev/pts is not mounted): dpkg writes its output directly.
+APT=(apt-get -o Dpkg::Use-Pty=0 -y -q)
 
 # A sorted list of the chroot's files with type and mode. Left out, and why:
 #   proc sys dev run tmp    not the package's (and /tmp holds the .debs we copy in)
@@ -77,10 +83,10 @@ snapshot() {
 apt_install() {
   mkdir -p "$ARCHIVES"
   find "$ARCHIVES" -name '*.deb' -exec cp -t "$root/var/cache/apt/archives/" {} +
-  if ! in_root apt-get install -y -q --no-install-recommends "$@"; then
+  if ! in_root "${APT[@]}" install --no-install-recommends "$@"; then
     echo "(refreshing the chroot's package lists and trying again)" >&2
-    in_root apt-get update -q
-    in_root apt-get install -y -q --no-install-recommends "$@"
+    in_root "${APT[@]}" update
+    in_root "${APT[@]}" install --no-install-recommends "$@"
   fi
   find "$root/var/cache/apt/archives" -maxdepth 1 -name '*.deb' -exec cp -n -t "$ARCHIVES/" {} +
 }
@@ -130,18 +136,21 @@ snapshot > "$work/before.lst"
 
 apt_install /tmp/meshd_prev.deb
 [[ $(in_root dpkg-query -W -f '${Version}' meshd) == "$prev" ]] || fail "meshd $prev is not installed"
+# (Outputs are captured before grep: with pipefail, `... | grep -q` can fail on SIGPIPE.)
 for dep in nftables iproute2; do
-  in_root dpkg-query -W -f '${Status}\n' "$dep" | grep -q 'install ok installed' \
-    || fail "dependency $dep was not installed"
+  out=$(in_root dpkg-query -W -f '${Status}' "$dep")
+  [[ $out == "install ok installed" ]] || fail "dependency $dep was not installed ($out)"
 done
 in_root meshd --version
-in_root meshctl --help | grep -q 'join' || fail "meshctl --help does not list join"
+out=$(in_root meshctl --help)
+grep -q 'join' <<<"$out" || fail "meshctl --help does not list join: $out"
 in_root meshd --check-config --config /etc/meshd/meshd.toml
-in_root sh -c 'MANPAGER=cat MANWIDTH=80 man meshctl' | grep -q 'meshctl-join(1)\|join' \
-  || fail "man meshctl"
-for page in meshd meshd-wg meshctl-join; do
-  in_root sh -c "MANPAGER=cat man $page" | grep -q . || fail "man $page is empty"
+for page in meshctl meshd meshd-wg meshctl-join; do
+  out=$(in_root sh -c "MANPAGER=cat MANWIDTH=80 man $page 2>&1")
+  grep -q "^NAME" <<<"$out" || fail "man $page: $out"
 done
+out=$(in_root sh -c "MANPAGER=cat MANWIDTH=80 man meshctl")
+grep -q "invite" <<<"$out" || fail "man meshctl does not describe invite"
 in_root dpkg-query -W -f '${Conffiles}\n' meshd | tee "$work/conffiles.txt"
 grep -q '/etc/meshd/meshd.toml' "$work/conffiles.txt" || fail "meshd.toml is not a conffile"
 [[ -L $root/etc/systemd/system/multi-user.target.wants/meshd.service ]] \
@@ -179,15 +188,17 @@ printf '{}\n' > "$root/var/lib/meshd/netmap.json"
 # Idempotency: every maintainer script run twice leaves the chroot as it was.
 snapshot > "$work/installed.lst"
 for run in 1 2; do
-  in_root /var/lib/dpkg/info/meshd.postinst configure "$prev"
-  in_root /var/lib/dpkg/info/meshd.postinst configure ""
+  run_script /var/lib/dpkg/info/meshd.postinst configure "$prev"
+  run_script /var/lib/dpkg/info/meshd.postinst configure ""
 done
-in_root apt-get install -y -q --reinstall /tmp/meshd_cur.deb
+in_root "${APT[@]}" install --reinstall /tmp/meshd_cur.deb
 snapshot > "$work/again.lst"
 diff -u "$work/installed.lst" "$work/again.lst" || fail "running the scripts again changed files"
-for run in 1 2; do in_root /var/lib/dpkg/info/meshd.prerm remove; done
-for run in 1 2; do in_root /var/lib/dpkg/info/meshd.postrm remove; done
-for run in 1 2; do in_root /var/lib/dpkg/info/meshd.postinst configure "$cur"; done
+for run in 1 2; do run_script /var/lib/dpkg/info/meshd.prerm remove; done
+for run in 1 2; do run_script /var/lib/dpkg/info/meshd.postrm remove; done
+# (postrm remove masked the unit, as dh's fragment does; configure unmasks it again)
+[[ -L $root/etc/systemd/system/meshd.service ]] || fail "postrm remove did not mask meshd.service"
+for run in 1 2; do run_script /var/lib/dpkg/info/meshd.postinst configure "$cur"; done
 snapshot > "$work/again.lst"
 diff -u "$work/installed.lst" "$work/again.lst" || fail "prerm/postrm/postinst run twice changed files"
 
@@ -198,10 +209,11 @@ cp -p "$root"/usr/bin/{meshd,meshctl,meshd-wg} "$pkgroot/usr/bin/"
 cp -p "$root/etc/meshd/meshd.toml" "$pkgroot/etc/meshd/"
 cp -p "$root/var/lib/dpkg/info/meshd.postrm" "$work/meshd.postrm"
 
-in_root apt-get purge -y -q meshd
-in_root apt-get autoremove --purge -y -q
-for run in 1 2; do cp "$work/meshd.postrm" "$root/tmp/postrm"; in_root /tmp/postrm purge; done
-rm -f "$root/tmp/postrm"
+in_root "${APT[@]}" purge meshd
+in_root "${APT[@]}" autoremove --purge
+cp "$work/meshd.postrm" "$root/tmp/meshd.postrm"
+for run in 1 2; do run_script /tmp/meshd.postrm purge; done
+rm -f "$root/tmp/meshd.postrm"
 [[ ! -e $root/etc/meshd && ! -e $root/var/lib/meshd ]] || fail "purge left /etc/meshd or /var/lib/meshd"
 snapshot > "$work/after.lst"
 if ! diff -u "$work/before.lst" "$work/after.lst"; then
