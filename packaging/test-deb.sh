@@ -160,6 +160,10 @@ for f in usr/share/bash-completion/completions/meshctl usr/share/zsh/vendor-comp
          usr/share/doc/meshd/changelog.Debian.gz etc/iproute2/rt_protos.d/meshd.conf; do
   [[ -s $root/$f ]] || fail "/$f is missing"
 done
+# The docs option is not something to complete.
+if grep -rl -- --generate-docs "$root"/usr/share/{bash-completion,zsh,fish}; then
+  fail "completions offer --generate-docs"
+fi
 
 apt_install /tmp/meshd_cur.deb
 [[ $(in_root dpkg-query -W -f '${Version}' meshd) == "$cur" ]] || fail "the upgrade to $cur failed"

@@ -120,15 +120,6 @@ enum Cmd {
         #[arg(long, env = "MESHD_CONFIG", default_value = mesh_proto::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
-    #[command(flatten)]
-    Hidden(Hidden),
-}
-
-#[derive(Debug, Subcommand)]
-enum Hidden {
-    /// Write man pages and shell completions under DIR (the Debian package build).
-    #[command(hide = true)]
-    GenerateDocs { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -259,6 +250,9 @@ fn doctor(socket: &Path, json: bool, config: &Path) -> Result<bool> {
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some(dir) = meshd_docgen::requested() {
+        return meshd_docgen::generate(Cli::command(), &dir);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(true) => std::process::ExitCode::SUCCESS,
@@ -291,10 +285,6 @@ fn out(text: &str) -> Result<()> {
 
 fn run(cli: Cli) -> Result<bool> {
     match &cli.command {
-        Cmd::Hidden(Hidden::GenerateDocs { dir }) => {
-            meshd_docgen::write_docs(Cli::command(), dir).context("cannot write the docs")?;
-            return Ok(true);
-        }
         Cmd::Doctor { json, config } => return doctor(&cli.socket, *json, config),
         Cmd::Down { config } if !daemon_up(&cli.socket)? => bail!(
             "meshd is not running (no answer on {}); to remove everything it owns without it, \
@@ -309,7 +299,6 @@ fn run(cli: Cli) -> Result<bool> {
 
 fn send(cli: Cli) -> Result<()> {
     let req = match &cli.command {
-        Cmd::Hidden(_) => bail!("not a request to meshd"),
         Cmd::Doctor { .. } => Request::Doctor,
         Cmd::Down { .. } => Request::Down,
         Cmd::Peers { .. } => Request::Peers,
@@ -405,19 +394,6 @@ fn now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn generate_docs_is_there_but_hidden() {
-        let cli = Cli::try_parse_from(["meshctl", "generate-docs", "/tmp/x"]).expect("parse");
-        assert!(
-            matches!(&cli.command, Cmd::Hidden(Hidden::GenerateDocs { dir }) if dir == Path::new("/tmp/x"))
-        );
-        let help = Cli::command().render_long_help().to_string();
-        assert!(
-            help.contains("join") && !help.contains("generate-docs"),
-            "{help}"
-        );
-    }
 
     #[test]
     fn durations() {

@@ -27,12 +27,12 @@ struct Args {
     /// forwarding settings) with no daemon running (what `meshctl down` does through one).
     #[arg(long, conflicts_with = "check_config")]
     down: bool,
-    /// Write man pages and shell completions under DIR and exit (the Debian package build).
-    #[arg(long, hide = true, value_name = "DIR", exclusive = true)]
-    generate_docs: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some(dir) = meshd_docgen::requested() {
+        return meshd_docgen::generate(Args::command(), &dir);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -54,10 +54,6 @@ fn main() -> std::process::ExitCode {
 
 /// `Ok(false)`: ran, but the outcome is a failure (a doctor check failed).
 fn real_main(args: Args) -> Result<bool> {
-    if let Some(dir) = &args.generate_docs {
-        meshd_docgen::write_docs(Args::command(), dir).context("cannot write the docs")?;
-        return Ok(true);
-    }
     if args.check_config {
         return check_config(&args.config).map(|()| true);
     }
