@@ -178,17 +178,22 @@ fn write_in_place(path: &Path, content: &[u8]) -> io::Result<()> {
 }
 
 /// "cannot write PATH: ERROR", with the way out when the file system is read-only: under the
-/// packaged systemd unit (`ProtectSystem=strict`) only listed directories are writable.
+/// packaged systemd unit (`ProtectSystem=strict`) only listed paths are writable. An existing
+/// file needs only itself listed (it is then written in place); a new one, its directory.
 fn write_error(path: &Path, e: &io::Error) -> String {
     let mut message = format!("cannot write {}: {e}", path.display());
     if e.raw_os_error() == Some(libc::EROFS) {
-        let dir = path.parent().unwrap_or(Path::new("/"));
+        let (allow, listed) = if path.exists() {
+            (format!("add {}", path.display()), path)
+        } else {
+            let dir = path.parent().unwrap_or(Path::new("/"));
+            (format!("create {} and add it", dir.display()), dir)
+        };
         message.push_str(&format!(
             "; meshd may write only where its systemd unit allows (ProtectSystem=strict): \
-             create {} and add it with `systemctl edit meshd` ([Service] ReadWritePaths={}), \
-             then `systemctl restart meshd`",
-            dir.display(),
-            dir.display()
+             {allow} with `systemctl edit meshd` ([Service] ReadWritePaths={}), then \
+             `systemctl restart meshd`",
+            listed.display()
         ));
     }
     message
@@ -947,15 +952,16 @@ mod tests {
             );
             write_atomic(&q.join("hosts"), long.as_bytes()).unwrap();
             assert_eq!(fs::read_to_string(q.join("hosts")).unwrap(), long);
-            // Any other file there: refused, and the message says how to allow it.
-            for name in ["other", "new"] {
+            // Any other file there: refused, and the message says what to allow: the file
+            // itself if it exists (it would be written in place), else its directory.
+            for (name, allow) in [("other", q.join("other")), ("new", q.clone())] {
                 let path = q.join(name);
                 let e = write_atomic(&path, b"new\n").unwrap_err();
                 assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{name}: {e}");
                 let m = write_error(&path, &e);
                 assert!(
                     m.contains("Read-only file system")
-                        && m.contains(&format!("ReadWritePaths={}", q.display())),
+                        && m.contains(&format!("ReadWritePaths={})", allow.display())),
                     "{m}"
                 );
             }
