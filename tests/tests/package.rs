@@ -100,6 +100,14 @@ fn a_host_running_the_packaged_meshd_joins_with_a_token() -> Result<()> {
         status.contains("not joined"),
         "as installed, meshd must wait for a join, not form a mesh:\n{status}"
     );
+    // No interface yet (userspace backend here: nothing is created before the join).
+    let link = lab.exec(HOST, &["ip", "link", "show", meshlab::MESH_IFACE])?;
+    assert!(
+        !link.status.success(),
+        "an unjoined meshd brought up {}:\n{}",
+        meshlab::MESH_IFACE,
+        String::from_utf8_lossy(&link.stdout)
+    );
 
     let token = lab.invite(HOST, &[])?;
     let t0 = std::time::Instant::now();
