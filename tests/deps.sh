@@ -51,3 +51,24 @@ meshd_install_deps() {
   [[ -c /dev/net/tun ]] || { mkdir -p /dev/net && mknod /dev/net/tun c 10 200; }
   return 0
 }
+
+# What the package test (packaging/test-deb.sh) needs on top: lintian, debootstrap (the
+# Debian 12 chroot), systemd-analyze (verify), and cargo-deb from crates.io.
+meshd_install_package_deps() {
+  local -A pkgs=([lintian]=lintian [debootstrap]=debootstrap [systemd-analyze]=systemd
+    [dpkg-deb]=dpkg [gzip]=gzip)
+  local missing=() cmd
+  for cmd in "${!pkgs[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkgs[$cmd]}")
+  done
+  if ((${#missing[@]})); then
+    echo "installing missing packages: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  if ! cargo deb --version >/dev/null 2>&1; then
+    echo "installing cargo-deb (cargo install cargo-deb --locked)" >&2
+    cargo install cargo-deb --locked
+  fi
+}

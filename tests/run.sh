@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite: what CI runs (.ci/run) and what the README's quick start calls.
 # Installs missing Debian packages, checks formatting, lints, the mesh-proto dependency rule,
-# then builds everything once and runs every test (unit, property, namespace lab).
+# then builds everything once and runs every test (unit, property, namespace lab), then the
+# Debian package test (packaging/test-deb.sh).
 set -Eeuo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source tests/deps.sh
@@ -30,3 +31,8 @@ cargo build --workspace --all-targets
 step "tests"
 # Namespace tests build their own uniquely named hosts; two test threads on these 2-core machines.
 cargo test --workspace -- --test-threads="${TEST_THREADS:-2}"
+
+step "Debian package"
+# Builds the .deb, lintian, systemd-analyze verify, install/upgrade/purge in a Debian 12
+# chroot, and a lab host running the packaged binaries joining with a token.
+bash packaging/test-deb.sh

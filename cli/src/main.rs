@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use mesh_proto::api::InviteRequest;
 use mesh_proto::control::{
     render_hosts, render_invite, render_invites, render_peers_table, render_status, Request,
@@ -260,6 +260,9 @@ fn doctor(socket: &Path, json: bool, config: &Path) -> Result<bool> {
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some(dir) = meshd_docgen::requested() {
+        return meshd_docgen::generate(Cli::command(), &dir);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(true) => std::process::ExitCode::SUCCESS,

@@ -100,8 +100,13 @@ impl CommandRunner for SystemRunner {
 
 /// Write `content` to `path` atomically: a temp file in the same directory, fsync, rename
 /// over `path`, fsync the directory. An existing file's mode and owner carry over; a new file
-/// gets 0644 (its parent directories are created, 0755). A bind-mounted file (EBUSY on
-/// rename) is written in place.
+/// gets 0644 (its parent directories are created, 0755).
+///
+/// An existing file that cannot be replaced is written in place ([`write_in_place`]): a
+/// bind-mounted file (EBUSY or EXDEV on rename: a container's /etc/hosts), and a writable file
+/// in a read-only directory (EROFS on the temp file: /etc/hosts under systemd's
+/// `ProtectSystem=strict` with `ReadWritePaths=/etc/hosts`, which bind-mounts the file
+/// writable over a read-only /etc).
 pub fn write_atomic(path: &Path, content: &[u8]) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -118,11 +123,19 @@ pub fn write_atomic(path: &Path, content: &[u8]) -> io::Result<()> {
         std::process::id()
     ));
     let result = (|| {
-        let mut f = fs::OpenOptions::new()
+        let mut f = match fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&tmp)?;
+            .open(&tmp)
+        {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EROFS) && existing.is_some() => {
+                tracing::debug!(path = %path.display(), "read-only directory: writing in place");
+                return write_in_place(path, content);
+            }
+            Err(e) => return Err(e),
+        };
         f.write_all(content)?;
         let mode = existing.as_ref().map_or(0o644, |m| m.mode() & 0o7777);
         f.set_permissions(fs::Permissions::from_mode(mode))?;
@@ -135,16 +148,10 @@ pub fn write_atomic(path: &Path, content: &[u8]) -> io::Result<()> {
         match fs::rename(&tmp, path) {
             // A bind-mounted file (a container's /etc/hosts) cannot be replaced: write it in
             // place instead (not atomic, but the only way to change it).
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EXDEV)) => {
                 let _ = fs::remove_file(&tmp);
                 tracing::debug!(path = %path.display(), "bind-mounted file: writing in place");
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .truncate(true)
-                    .open(path)?;
-                f.write_all(content)?;
-                f.sync_all()?;
-                return Ok(());
+                return write_in_place(path, content);
             }
             r => r?,
         }
@@ -157,6 +164,39 @@ pub fn write_atomic(path: &Path, content: &[u8]) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Overwrite an existing file in place: write the new content over the old, then cut it to
+/// length, then fsync. Not atomic, but a reader never sees an empty file (truncating first
+/// would leave /etc/hosts without `localhost` for a moment); it may see the new head with the
+/// old tail for the duration of one write.
+fn write_in_place(path: &Path, content: &[u8]) -> io::Result<()> {
+    let mut f = fs::OpenOptions::new().write(true).open(path)?;
+    f.write_all(content)?;
+    f.set_len(content.len() as u64)?;
+    f.sync_all()
+}
+
+/// "cannot write PATH: ERROR", with the way out when the file system is read-only: under the
+/// packaged systemd unit (`ProtectSystem=strict`) only listed paths are writable. An existing
+/// file needs only itself listed (it is then written in place); a new one, its directory.
+fn write_error(path: &Path, e: &io::Error) -> String {
+    let mut message = format!("cannot write {}: {e}", path.display());
+    if e.raw_os_error() == Some(libc::EROFS) {
+        let (allow, listed) = if path.exists() {
+            (format!("add {}", path.display()), path)
+        } else {
+            let dir = path.parent().unwrap_or(Path::new("/"));
+            (format!("create {} and add it", dir.display()), dir)
+        };
+        message.push_str(&format!(
+            "; meshd may write only where its systemd unit allows (ProtectSystem=strict): \
+             {allow} with `systemctl edit meshd` ([Service] ReadWritePaths={}), then \
+             `systemctl restart meshd`",
+            listed.display()
+        ));
+    }
+    message
 }
 
 /// Put `old` back after a failed check or reload (`None`: there was no file; remove ours).
@@ -363,11 +403,7 @@ fn apply_one(
         return Applied::StillFailing;
     }
     if let Err(e) = write_atomic(&out.path, desired.as_bytes()) {
-        return fail(
-            st,
-            format!("cannot write {}: {e}", out.path.display()),
-            Some(desired),
-        );
+        return fail(st, write_error(&out.path, &e), Some(desired));
     }
     for (what, cmd) in [("check", &out.check), ("reload", &out.reload)] {
         let Some(argv) = cmd.as_ref().filter(|a| !a.is_empty()) else {
@@ -864,5 +900,89 @@ mod tests {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Run `body` on a thread in a mount namespace of its own (root only), where `dir` is
+    /// read-only and `dir/hosts` is bind-mounted writable over it: what systemd's
+    /// `ProtectSystem=strict` with `ReadWritePaths=/etc/hosts` makes of /etc. The namespace
+    /// goes with the thread.
+    fn in_read_only_dir_with_writable_hosts(dir: &Path, body: impl FnOnce() + Send + 'static) {
+        use nix::mount::{mount, MsFlags};
+        let dir = dir.to_path_buf();
+        let handle = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare");
+            let none = None::<&str>;
+            mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).expect("private");
+            let bind = |p: &Path, ro: bool| {
+                mount(Some(p), p, none, MsFlags::MS_BIND, none).expect("bind");
+                let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND;
+                if ro {
+                    flags |= MsFlags::MS_RDONLY;
+                }
+                mount(none, p, none, flags, none).expect("remount");
+            };
+            bind(&dir, true);
+            bind(&dir.join("hosts"), false);
+            body();
+        });
+        if let Err(panic) = handle.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    #[test]
+    fn writable_file_in_read_only_dir_is_written_in_place_and_others_fail_with_the_way_out() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: needs root (a mount namespace)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().to_path_buf();
+        let long = "127.0.0.1\tlocalhost\n# BEGIN meshd\n10.99.99.2\tdock-prod\n# END meshd\n";
+        fs::write(p.join("hosts"), long).unwrap();
+        fs::write(p.join("other"), "old\n").unwrap();
+        let q = p.clone();
+        in_read_only_dir_with_writable_hosts(&p, move || {
+            // The directory really is read-only here.
+            let e = fs::write(q.join("probe"), "x").unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+            // The hosts file: written in place, shorter content cut to length.
+            write_atomic(&q.join("hosts"), b"127.0.0.1\tlocalhost\n").unwrap();
+            assert_eq!(
+                fs::read_to_string(q.join("hosts")).unwrap(),
+                "127.0.0.1\tlocalhost\n"
+            );
+            write_atomic(&q.join("hosts"), long.as_bytes()).unwrap();
+            assert_eq!(fs::read_to_string(q.join("hosts")).unwrap(), long);
+            // Any other file there: refused, and the message says what to allow: the file
+            // itself if it exists (it would be written in place), else its directory.
+            for (name, allow) in [("other", q.join("other")), ("new", q.clone())] {
+                let path = q.join(name);
+                let e = write_atomic(&path, b"new\n").unwrap_err();
+                assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{name}: {e}");
+                let m = write_error(&path, &e);
+                assert!(
+                    m.contains("Read-only file system")
+                        && m.contains(&format!("ReadWritePaths={})", allow.display())),
+                    "{m}"
+                );
+            }
+            assert_eq!(fs::read_to_string(q.join("other")).unwrap(), "old\n");
+        });
+        // Outside the namespace nothing was left behind: no temp files, no "new".
+        let mut names: Vec<String> = fs::read_dir(&p)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["hosts", "other"]);
+    }
+
+    #[test]
+    fn write_errors_other_than_read_only_carry_no_systemd_hint() {
+        let e = io::Error::from_raw_os_error(libc::EACCES);
+        let m = write_error(Path::new("/etc/x/y"), &e);
+        assert!(m.starts_with("cannot write /etc/x/y: "), "{m}");
+        assert!(!m.contains("ReadWritePaths"), "{m}");
     }
 }

@@ -141,3 +141,55 @@ fn example_fleet_is_consistent() {
         }
     }
 }
+
+/// The package's `/etc/meshd/meshd.toml` (packaging/debian/meshd.toml).
+fn packaged_default() -> (String, String) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../packaging/debian/meshd.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    (path.display().to_string(), text)
+}
+
+/// As shipped, the conffile parses and forms no mesh by itself: no name, no address, no
+/// peers, no coordinator and no token, so meshd waits for `meshctl join TOKEN`.
+#[test]
+fn the_packaged_default_config_parses_and_forms_no_mesh() {
+    let (path, text) = packaged_default();
+    let cfg = config::parse(&text, &path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.host_name(), None, "{path}");
+    assert_eq!(cfg.mesh_address(), None, "{path}");
+    assert!(cfg.peers.is_empty(), "{path}: static peers");
+    assert!(cfg.coordinator.is_none(), "{path}: a coordinator");
+    assert!(cfg.daemon.join_token_file.is_none(), "{path}: a join token");
+}
+
+/// Its commented examples are real keys with valid values: uncommenting every `#key = ...`
+/// and `#[table]` line (all but the join token, which a coordinator does not take) gives a
+/// configuration meshd accepts.
+#[test]
+fn the_packaged_default_config_examples_parse_when_uncommented() {
+    let (path, text) = packaged_default();
+    let uncommented: String = text
+        .lines()
+        .map(|line| match line.strip_prefix('#') {
+            Some(rest)
+                if !rest.starts_with("join_token_file")
+                    && (rest.starts_with('[')
+                        || rest.split_once(" = ").is_some_and(|(k, _)| {
+                            !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                        })) =>
+            {
+                rest.to_owned()
+            }
+            _ => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        // The placeholder key: a valid one (32 bytes of 0x01).
+        .replace("BASE64...", "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=");
+    let cfg = config::parse(&uncommented, &path)
+        .unwrap_or_else(|e| panic!("{e}\n--- uncommented:\n{uncommented}"));
+    assert_eq!(cfg.host_name(), Some("dock-load"));
+    assert!(cfg.coordinator.is_some());
+    assert_eq!(cfg.peers.len(), 1);
+}

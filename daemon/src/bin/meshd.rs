@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use meshd::service::{check_config, doctor_offline, down_offline, serve};
 use meshd::Settings;
 
@@ -30,6 +30,9 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some(dir) = meshd_docgen::requested() {
+        return meshd_docgen::generate(Args::command(), &dir);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
