@@ -314,5 +314,43 @@ fn inner_mixed_fleet_and_peers_shape() -> Result<()> {
     );
     println!("meshctl peers on the kernel host {kernel_host}:\n{tk}");
     println!("meshctl peers on the userspace host {user_host}:\n{tu}");
+
+    // Key rotation across both backends: a kernel member, the kernel coordinator, a userspace
+    // member. After each, the host's device runs the key the registry holds, every peer's
+    // device lists it, and every pair pings.
+    for host in ["dock-edge", COORDINATOR, "dock-prod"] {
+        let before = lab.exec_ok(host, &["wg", "show", "wgmesh0", "public-key"])?;
+        let t = Instant::now();
+        let reply = lab.meshctl(host, &["rotate"])?;
+        assert!(reply.starts_with("key rotated"), "[{host}] {reply}");
+        let after = lab.exec_ok(host, &["wg", "show", "wgmesh0", "public-key"])?;
+        assert_ne!(
+            before.trim(),
+            after.trim(),
+            "[{host}] the device key changed"
+        );
+        meshlab::poll_until(
+            Duration::from_secs(10),
+            &format!("every peer lists {host}'s new key and not its old one"),
+            || {
+                for peer in hosts.iter().filter(|h| **h != host) {
+                    let listed = lab.exec_ok(peer, &["wg", "show", "wgmesh0", "peers"])?;
+                    let has = |k: &str| listed.lines().any(|l| l.trim() == k.trim());
+                    if !has(&after) || has(&before) {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            },
+        )?;
+        lab.wait_pair_pings(&pairs, MESH_TIMEOUT)?;
+        println!(
+            "rotation of {host} ({}): {}; all {} pairs ping {:.1} s after the call",
+            backend_of(&lab, host)?,
+            reply.trim(),
+            pairs.len(),
+            t.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }

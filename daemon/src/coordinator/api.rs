@@ -384,18 +384,29 @@ async fn admin_hosts(
     Ok(Json(list).into_response())
 }
 
-async fn admin_remove(
-    State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+/// An admin call on one host by name that answers 204: check the caller, log, run `f`.
+async fn admin_on_host(
+    st: AppState,
+    peer: SocketAddr,
     name: Result<Path<String>, PathRejection>,
+    what: &'static str,
+    f: fn(&Coordinator, &str, u64) -> Result<(), CoordError>,
 ) -> ApiResult<StatusCode> {
     let caller = caller_ip(peer);
     require_admin(&st.coord, caller).await?;
     let name = path_name(name)?;
     let coord = st.coord.clone();
-    tracing::info!(caller = %caller, name = %name, "removal requested over the API");
-    blocking(move || coord.remove(&name, now_unix())).await?;
+    tracing::info!(caller = %caller, name = %name, "{what} requested over the API");
+    blocking(move || f(&coord, &name, now_unix())).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn admin_remove(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    name: Result<Path<String>, PathRejection>,
+) -> ApiResult<StatusCode> {
+    admin_on_host(st, peer, name, "removal", Coordinator::remove).await
 }
 
 async fn admin_rotate(
@@ -403,13 +414,14 @@ async fn admin_rotate(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<StatusCode> {
-    let caller = caller_ip(peer);
-    require_admin(&st.coord, caller).await?;
-    let name = path_name(name)?;
-    let coord = st.coord.clone();
-    tracing::info!(caller = %caller, name = %name, "key rotation requested over the API");
-    blocking(move || coord.request_rotation(&name, now_unix())).await?;
-    Ok(StatusCode::NO_CONTENT)
+    admin_on_host(
+        st,
+        peer,
+        name,
+        "key rotation",
+        Coordinator::request_rotation,
+    )
+    .await
 }
 
 async fn admin_static_config(

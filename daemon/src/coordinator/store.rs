@@ -198,6 +198,12 @@ fn live_host_by_address(tx: &Connection, address: IpAddr) -> Result<Option<HostR
         .optional()?)
 }
 
+/// The coordinator host's own row (always there: `Coordinator::open` registers it).
+fn own_host(tx: &Connection, own: &str) -> Result<HostRow, CoordError> {
+    live_host_by_name(tx, own)?
+        .ok_or_else(|| CoordError::Internal(format!("the coordinator host {own} is missing")))
+}
+
 fn host_by_id(tx: &Connection, id: i64) -> Result<HostRow, CoordError> {
     Ok(tx.query_row(
         &format!("SELECT {HOST_COLUMNS} FROM hosts WHERE id = ?1"),
@@ -1295,9 +1301,7 @@ impl Coordinator {
     pub fn set_own_public_key(&self, key: PublicKey, now_unix: u64) -> Result<(), CoordError> {
         let own = self.settings.own_name.clone();
         self.write(|tx| {
-            let host = live_host_by_name(tx, &own)?.ok_or_else(|| {
-                CoordError::Internal(format!("the coordinator host {own} is missing"))
-            })?;
+            let host = own_host(tx, &own)?;
             if host.public_key == key {
                 return Ok(((), false));
             }
@@ -1385,9 +1389,7 @@ impl Coordinator {
     pub fn prepare_own_rotation(&self, next: PublicKey, now_unix: u64) -> Result<u64, CoordError> {
         let own = self.settings.own_name.clone();
         self.write(|tx| {
-            let host = live_host_by_name(tx, &own)?.ok_or_else(|| {
-                CoordError::Internal(format!("the coordinator host {own} is missing"))
-            })?;
+            let host = own_host(tx, &own)?;
             if host.next_public_key == Some(next) || host.public_key == next {
                 return Ok(((), false));
             }
@@ -1422,9 +1424,7 @@ impl Coordinator {
         let own = self.settings.own_name.clone();
         let old = old_private.public_key();
         self.write(|tx| {
-            let host = live_host_by_name(tx, &own)?.ok_or_else(|| {
-                CoordError::Internal(format!("the coordinator host {own} is missing"))
-            })?;
+            let host = own_host(tx, &own)?;
             if host.public_key == next {
                 return Ok(((), false));
             }

@@ -1601,22 +1601,7 @@ fn the_coordinators_own_rotation_prepares_commits_and_leaves_notices_for_every_h
     let own_old = PrivateKey::from_bytes([1; 32]);
     let (_, mirror) = invite_join(&c, "dock-mirror");
     let (_, edge) = invite_join(&c, "dock-edge");
-    let nas = c
-        .invite(
-            InviteRequest {
-                name: "nas".into(),
-                address: None,
-                ttl_secs: None,
-                admin: false,
-                static_peer: true,
-                public_key: Some(PrivateKey::generate().public_key()),
-                endpoint: Some("192.168.1.20:51820".parse().unwrap()),
-                near: None,
-            },
-            NOW,
-        )
-        .unwrap();
-    let _ = nas;
+    invite_static_near(&c, "nas", Some("192.168.1.20:51820"), None).unwrap();
     let next = PrivateKey::generate();
 
     // A key that was not prepared is refused.
