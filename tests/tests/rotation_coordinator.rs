@@ -2,8 +2,8 @@
 //! (`meshctl rotate` on dock-load; the ping loss from two members to dock-load during the
 //! cut-over is printed), then twice while dock-edge (behind the NAT) is offline (dock-prod
 //! rotates meanwhile too); dock-edge catches up by itself on return, without a new token (a
-//! key notice fetched over TCP from the coordinator's endpoint). Afterwards the coordinator's old key is refused: a peer configured
-//! with it cannot complete a handshake with a member.
+//! key notice fetched over TCP from the coordinator's endpoint). Afterwards the coordinator's
+//! old keys are refused: a peer configured with one cannot complete a handshake with a member.
 //!
 //! Needs meshd, meshctl and meshd-wg next to the test binary (or in `$MESHLAB_BIN_DIR`), `wg`,
 //! `wireguard-go`, `nft` and `ping`: `cargo build --workspace --bins && cargo test -p meshlab
@@ -19,7 +19,7 @@ use meshlab::{poll_until, JoinMode, Lab, LabOpts, ManagedFleet, COORDINATOR, NAS
 const MESH_TIMEOUT: Duration = Duration::from_secs(90);
 /// After a rotation every host agrees on the new key and every pair pings within this.
 const SETTLE: Duration = Duration::from_secs(30);
-/// C2: a host back from offline reaches everyone again within this.
+/// A host back from offline reaches everyone again within this.
 const CATCH_UP: Duration = Duration::from_secs(60);
 /// Pings in the cut-over window, one every 10 ms.
 const PINGS: u32 = 500;

@@ -20,7 +20,7 @@ use meshlab::rotate::{CRASH_ENV, CRASH_STEPS};
 use meshlab::{JoinMode, Lab, LabOpts, ManagedFleet, COORDINATOR};
 
 const MESH_TIMEOUT: Duration = Duration::from_secs(90);
-/// C3: after the restart, the mesh converges within this.
+/// After the restart, the mesh converges within this.
 const CONVERGE: Duration = Duration::from_secs(60);
 const PROD: &str = "dock-prod";
 const MIRROR: &str = "dock-mirror";

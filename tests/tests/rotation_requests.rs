@@ -16,9 +16,9 @@ use anyhow::{anyhow, ensure, Result};
 use meshlab::{poll_for, JoinMode, Lab, LabOpts, ManagedFleet, COORDINATOR, NAS};
 
 const MESH_TIMEOUT: Duration = Duration::from_secs(90);
-/// C4: the named host rotates within this.
+/// The named host rotates within this.
 const ASKED_ROTATION: Duration = Duration::from_secs(10);
-/// C5: a deferred rotation completes within this after the coordinator is back.
+/// A deferred rotation completes within this after the coordinator is back.
 const DEFERRED_ROTATION: Duration = Duration::from_secs(30);
 const SETTLE: Duration = Duration::from_secs(30);
 const PROD: &str = "dock-prod";
