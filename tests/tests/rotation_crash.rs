@@ -153,8 +153,8 @@ const COORDINATOR_BACK: Duration = Duration::from_secs(3);
 /// SIGKILLed and started again; its interface and engine stayed up, so its peers and their
 /// WireGuard sessions must stay too and every member reaches it at once.
 ///
-/// Fails on main 776a58b and 735b16b (that is why every coordinator crash step above takes about 17 s to
-/// converge): right after "listen port held by our own interface; adopting it" the restarted
+/// Fails on main 776a58b and 735b16b (that is why every coordinator crash step above takes
+/// about 17 s to converge): right after "listen port held by our own interface; adopting it" the restarted
 /// coordinator logs `apply op=remove peer ...` for every peer and `apply op=add peer ...` for
 /// each 16 ms later. Its first reconcile pass (daemon.rs, `run_with`) runs before its own
 /// netmap is set (`MemberRuntime::restore` only restores a member's cached netmap), so it
