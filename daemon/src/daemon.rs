@@ -215,6 +215,18 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
     let mut member = MemberRuntime::new(StateDir::new(&agent.settings().state_dir), mesh_tx);
     member.coordinator = coordinator;
     member.restore(&mut agent);
+    // The coordinator host's own netmap before the first pass: without it the pass would plan
+    // every peer away on a restart (and drop their WireGuard sessions) until the feed's first
+    // netmap arrives.
+    if let Some(coord) = &member.coordinator {
+        match coord.own_netmap(std::time::Instant::now()) {
+            Ok(Some((nm, _))) => {
+                agent.set_netmap(nm);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot compute the coordinator's own netmap"),
+        }
+    }
     let mut handoff = Handoff::start(
         load_handoff(agent.config_path()).unwrap_or_default(),
         &agent.settings().interface,
