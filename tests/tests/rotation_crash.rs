@@ -153,16 +153,13 @@ const COORDINATOR_BACK: Duration = Duration::from_secs(3);
 /// SIGKILLed and started again; its interface and engine stayed up, so its peers and their
 /// WireGuard sessions must stay too and every member reaches it at once.
 ///
-/// Fails on main 776a58b and 735b16b (that is why every coordinator crash step above takes
-/// about 17 s to converge): right after "listen port held by our own interface; adopting it" the restarted
-/// coordinator logs `apply op=remove peer ...` for every peer and `apply op=add peer ...` for
-/// each 16 ms later. Its first reconcile pass (daemon.rs, `run_with`) runs before its own
-/// netmap is set (`MemberRuntime::restore` only restores a member's cached netmap), so it
-/// plans every peer away. Removing a peer drops its sessions; the members keep sending on the
-/// dead session and only handshake again after WireGuard's 15 s timeout, so they cannot reach
-/// the coordinator (its API included) for about 15 s.
+/// Found failing on main 776a58b..735b16b (every coordinator crash step above then took about
+/// 17 s to converge): right after "listen port held by our own interface; adopting it" the
+/// restarted coordinator logged `apply op=remove peer ...` for every peer and `apply op=add
+/// peer ...` for each 16 ms later, because its first reconcile pass ran before its own netmap
+/// was set. Removing a peer drops its sessions, so members could not reach the coordinator
+/// (its API included) for about 15 s, until WireGuard handshook again. Fixed by main 77d3f54.
 #[test]
-#[ignore = "daemon defect on main 776a58b..735b16b: the restarted coordinator removes and re-adds every peer (see the comment above); run with --ignored to check a fix"]
 fn coordinator_restart_keeps_its_peers_and_their_sessions() -> Result<()> {
     let _g = serial();
     let (lab, mut f) = fleet()?;
