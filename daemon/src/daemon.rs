@@ -315,6 +315,10 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
             }
             _ = timer.tick() => {
                 agent.reconcile(now()).await;
+                // An interrupted or deferred rotation resumes as soon as it can.
+                if crate::keyfile::next_path(&agent.settings().private_key_file).exists() {
+                    member.rotate_if_due(&mut agent).await;
+                }
             }
             _ = endpoint_timer.tick() => {
                 if retry_join && agent.membership().is_none() {

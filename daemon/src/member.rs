@@ -809,6 +809,16 @@ impl MemberRuntime {
         if !managed || (self.coordinator.is_none() && agent.mesh_state().reachable != Some(true)) {
             return;
         }
+        // The coordinator right after a restart: wait (without blocking the loop; the
+        // reconcile timer asks again) until its followers polled again, or they would miss
+        // the rotation and be cut off.
+        if self
+            .coordinator
+            .as_ref()
+            .is_some_and(|c| !c.followers_returned())
+        {
+            return;
+        }
         let path = agent.settings().private_key_file.clone();
         let pending = crate::keyfile::next_path(&path).exists();
         let asked = self.rotation_asked.is_some();

@@ -238,7 +238,8 @@ pub fn admin_route<W: WgBackend, L: LinkBackend>(
     match agent.membership() {
         Some(m) if m.admin => Ok(m.api_addr()),
         Some(m) => Err(format!(
-            "{} is not an admin host of the mesh: run this on the coordinator host, or invite an              admin host with `meshctl invite NAME --admin`",
+            "{} is not an admin host of the mesh: run this on the coordinator host, or invite an \
+             admin host with `meshctl invite NAME --admin`",
             m.host_name
         )),
         None => Err(

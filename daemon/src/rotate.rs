@@ -167,6 +167,12 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
                             client::rotate_prepare(*api, k).await?;
                         }
                         Registrar::Local(coord) => {
+                            // Right after a restart, let the followers reconnect first: a
+                            // rotation they do not see would cut them off.
+                            let missing = coord.wait_followers_returned().await;
+                            if !missing.is_empty() {
+                                tracing::info!(missing = ?missing, "rotating without the hosts that have not polled since the coordinator started");
+                            }
                             let version = coord
                                 .prepare_own_rotation(k, now().as_secs())
                                 .map_err(|e| StepError::Refused(e.to_string()))?;

@@ -27,6 +27,9 @@ struct Seen {
 pub struct Acks {
     seen: Mutex<HashMap<IpAddr, Seen>>,
     changed: watch::Sender<u64>,
+    /// When this coordinator process started: until every follower polled once (or
+    /// [`FOLLOWING`] passed), it cannot know who follows.
+    started: Instant,
 }
 
 impl Default for Acks {
@@ -34,6 +37,7 @@ impl Default for Acks {
         Acks {
             seen: Mutex::new(HashMap::new()),
             changed: watch::channel(0).0,
+            started: Instant::now(),
         }
     }
 }
@@ -96,6 +100,42 @@ impl Acks {
         (acked, behind)
     }
 
+    /// Right after the coordinator (re)started nobody has polled yet, so "every follower took
+    /// it" would be vacuously true. Wait until each of `expected` (the joined daemon hosts) has
+    /// polled once since the start, or until [`FOLLOWING`] after the start (an offline host
+    /// never comes; it catches up from a key notice). Returns those still missing.
+    pub async fn wait_returned(&self, expected: &[IpAddr]) -> Vec<IpAddr> {
+        let mut rx = self.changed.subscribe();
+        loop {
+            rx.borrow_and_update();
+            let missing = self.not_returned(expected);
+            let left = FOLLOWING.saturating_sub(self.started.elapsed());
+            if missing.is_empty()
+                || left.is_zero()
+                || tokio::time::timeout(left, rx.changed()).await.is_err()
+            {
+                return missing;
+            }
+        }
+    }
+
+    /// Those of `expected` that have not polled since the start.
+    fn not_returned(&self, expected: &[IpAddr]) -> Vec<IpAddr> {
+        match self.seen.lock() {
+            Ok(seen) => expected
+                .iter()
+                .filter(|ip| !seen.contains_key(ip))
+                .copied()
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Whether [`Acks::wait_returned`] would return at once.
+    pub fn returned(&self, expected: &[IpAddr]) -> bool {
+        self.started.elapsed() >= FOLLOWING || self.not_returned(expected).is_empty()
+    }
+
     /// Wait until every following host but `except` has taken `version`, at most `timeout`.
     pub async fn wait(&self, version: u64, except: &[IpAddr], timeout: Duration) -> AckOutcome {
         let started = Instant::now();
@@ -147,6 +187,25 @@ mod tests {
         assert_eq!(out.acknowledged, 2);
         assert!(out.missing.is_empty());
         assert!(out.waited < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn after_a_start_the_followers_are_awaited_until_they_polled_once() {
+        let acks = std::sync::Arc::new(Acks::default());
+        let a = acks.clone();
+        let waiter = tokio::spawn(async move { a.wait_returned(&[ip(2), ip(3)]).await });
+        acks.poll_started(ip(2), 7);
+        acks.poll_started(ip(3), 7);
+        let missing = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("in time")
+            .expect("join");
+        assert!(missing.is_empty());
+        let late = Acks {
+            started: Instant::now() - FOLLOWING,
+            ..Acks::default()
+        };
+        assert_eq!(late.wait_returned(&[ip(4)]).await, vec![ip(4)]);
     }
 
     #[tokio::test]

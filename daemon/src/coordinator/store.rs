@@ -1502,6 +1502,41 @@ impl Coordinator {
         self.acks.wait(version, except, timeout).await
     }
 
+    /// Before the coordinator's own rotation: wait until the joined daemon hosts have polled
+    /// once since this process started (see `Acks::wait_returned`). Returns the missing ones.
+    pub async fn wait_followers_returned(&self) -> Vec<IpAddr> {
+        self.acks.wait_returned(&self.joined_daemon_hosts()).await
+    }
+
+    /// Whether [`Coordinator::wait_followers_returned`] would return at once.
+    pub fn followers_returned(&self) -> bool {
+        self.acks.returned(&self.joined_daemon_hosts())
+    }
+
+    /// The mesh addresses of the joined daemon hosts other than the coordinator itself.
+    fn joined_daemon_hosts(&self) -> Vec<IpAddr> {
+        let pending = self.pending_addresses().unwrap_or_default();
+        match self.snapshot_arc() {
+            Ok(snap) => snap
+                .hosts
+                .iter()
+                .filter(|h| !h.static_peer && !h.removed && h.name != self.settings.own_name)
+                .map(|h| h.address)
+                .filter(|a| !pending.contains(a))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn pending_addresses(&self) -> Result<Vec<IpAddr>, CoordError> {
+        let guard = self.lock()?;
+        let mut stmt = guard
+            .conn
+            .prepare("SELECT address FROM hosts WHERE pending = 1 AND removed = 0")?;
+        let rows = stmt.query_map([], |r| parse_col::<IpAddr>(0, r.get(0)?))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// The coordinator host's own meshd applied netmap `version` (it takes its netmaps
     /// in-process, not over a long-poll).
     pub fn applied_own(&self, version: u64) {
