@@ -240,6 +240,12 @@ impl Lab {
 
     /// Start `meshd --config /etc/meshd/meshd.toml` in `host`, logging to `meshd.log`.
     pub fn start_meshd(&self, host: &str) -> Result<ProcId> {
+        self.start_meshd_env(host, &[])
+    }
+
+    /// [`Lab::start_meshd`] with extra environment variables (e.g. the rotation tests'
+    /// fault injection).
+    pub fn start_meshd_env(&self, host: &str, env: &[(&str, &str)]) -> Result<ProcId> {
         let meshd = self.bin_dir().join("meshd");
         if !meshd.is_file() {
             bail!(
@@ -249,14 +255,16 @@ impl Lab {
         }
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
         let meshd_s = meshd.to_string_lossy().into_owned();
+        let mut all = vec![
+            ("RUST_LOG", rust_log.as_str()),
+            // wireguard-go refuses to run on Linux without it (MESHLAB_ENGINE=wireguard-go).
+            ("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1"),
+        ];
+        all.extend_from_slice(env);
         self.spawn_env(
             host,
             &[meshd_s.as_str(), "--config", CONFIG_PATH],
-            &[
-                ("RUST_LOG", rust_log.as_str()),
-                // wireguard-go refuses to run on Linux without it (MESHLAB_ENGINE=wireguard-go).
-                ("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1"),
-            ],
+            &all,
             Some(&self.meshd_log(host)),
         )
     }

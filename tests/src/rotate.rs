@@ -13,7 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 
 use crate::coord::{parse_hosts, COORDINATOR};
-use crate::fleet::{CONFIG_PATH, KEY_PATH};
+use crate::fleet::KEY_PATH;
 use crate::lab::Lab;
 use crate::poll::poll_for;
 use crate::procs::ProcId;
@@ -219,31 +219,6 @@ fn field<T: std::str::FromStr>(text: &str, word: &str) -> Option<T> {
 }
 
 impl Lab {
-    /// Start meshd in `host` like [`Lab::start_meshd`], with extra environment variables (e.g.
-    /// [`CRASH_ENV`]).
-    pub fn start_meshd_env(&self, host: &str, env: &[(&str, &str)]) -> Result<ProcId> {
-        let meshd = self.bin_dir().join("meshd");
-        if !meshd.is_file() {
-            bail!(
-                "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
-                meshd.display()
-            );
-        }
-        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
-        let meshd_s = meshd.to_string_lossy().into_owned();
-        let mut all = vec![
-            ("RUST_LOG", rust_log.as_str()),
-            ("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1"),
-        ];
-        all.extend_from_slice(env);
-        self.spawn_env(
-            host,
-            &[meshd_s.as_str(), "--config", CONFIG_PATH],
-            &all,
-            Some(&self.meshd_log(host)),
-        )
-    }
-
     /// `r`, with the end of each of `hosts`' meshd logs added to an error (what a failed lab
     /// test needs to be diagnosed after its lab is gone).
     pub fn with_logs<T>(&self, hosts: &[&str], r: Result<T>) -> Result<T> {
