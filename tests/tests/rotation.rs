@@ -95,6 +95,15 @@ fn rotation_under_ping_costs_at_most_a_handshake_and_the_old_key_is_refused() ->
             "dock-mirror to ping dock-prod",
             || lab.ping(MIRROR, prod),
         )?;
+        // And dock-prod's new session with the coordinator is up: rotations come days apart,
+        // not inside the coordinator's 1 s join grace of the previous one (back to back, the
+        // next prepare may wait for WireGuard's 5 s handshake retry; seen once: 10 s).
+        let load = lab.mesh_addr(COORDINATOR)?;
+        poll_until(
+            Duration::from_secs(15),
+            "dock-prod to ping the coordinator",
+            || lab.ping(PROD, load),
+        )?;
         let ping = lab.spawn(
             MIRROR,
             &[
