@@ -1176,3 +1176,10 @@ pub fn exec_replace(lab: &Lab, host: &str, argv: &[String]) -> anyhow::Error {
         Err(e) => e,
     }
 }
+
+/// Labs of one test binary run one at a time (each forms a fleet; two at once would fight for
+/// the 2 cores and blur the timings). Hold the guard for the test's whole lab.
+pub fn one_lab_at_a_time() -> MutexGuard<'static, ()> {
+    static ONE_LAB: Mutex<()> = Mutex::new(());
+    lock(&ONE_LAB)
+}

@@ -7,7 +7,6 @@
 //! one at a time. Measured times are printed with `eprintln!` (`-- --nocapture` shows them).
 
 use std::net::Ipv4Addr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -29,10 +28,8 @@ const REMOVE_BUDGET: Duration = Duration::from_secs(1);
 const LOAD: Ipv4Addr = Ipv4Addr::new(10, 99, 99, 1);
 const LOAD_UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 
-static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
-
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+    meshlab::one_lab_at_a_time()
 }
 
 fn lab(hosts: &[&str]) -> Result<Lab> {

@@ -7,7 +7,6 @@
 
 use std::os::unix::net::UnixDatagram;
 use std::process::Output;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -19,10 +18,8 @@ const B: &str = "dock-prod";
 const MESH_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
-static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
-
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+    meshlab::one_lab_at_a_time()
 }
 
 /// Two hosts with keys and configs installed, nothing started.

@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -47,10 +46,8 @@ const OUTPUTS: [(&str, &str); 5] = [
     ("template:peers", "peers"),
 ];
 
-static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
-
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+    meshlab::one_lab_at_a_time()
 }
 
 fn mesh(host: &str) -> Ipv4Addr {

@@ -12,7 +12,6 @@
 //! rotation_crash -- --test-threads=1 --nocapture` (as root).
 
 use std::os::unix::process::ExitStatusExt as _;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -26,10 +25,8 @@ const PROD: &str = "dock-prod";
 const MIRROR: &str = "dock-mirror";
 const HOSTS: [&str; 3] = [COORDINATOR, PROD, MIRROR];
 
-static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
-
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+    meshlab::one_lab_at_a_time()
 }
 
 fn fleet() -> Result<(Lab, ManagedFleet)> {

@@ -9,7 +9,6 @@
 //! `wireguard-go` and `ping`: `cargo build --workspace --bins && cargo test -p meshlab --test
 //! rotation_requests -- --test-threads=1 --nocapture` (as root).
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Result};
@@ -25,10 +24,8 @@ const PROD: &str = "dock-prod";
 const MIRROR: &str = "dock-mirror";
 const HOSTS: [&str; 3] = [COORDINATOR, PROD, MIRROR];
 
-static ONE_LAB_AT_A_TIME: Mutex<()> = Mutex::new(());
-
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    ONE_LAB_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+    meshlab::one_lab_at_a_time()
 }
 
 /// The coordinator, dock-prod, and dock-mirror (an admin host with `admin`).
