@@ -1,0 +1,2 @@
+//! Security suite (servers): attacks from docs/SECURITY.md run against the lab, each asserting that
+//! the attack fails and that the mesh still works afterwards.
