@@ -9,10 +9,11 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use mesh_proto::api::InviteRequest;
 use mesh_proto::control::{
-    render_hosts, render_invite, render_invites, render_peers_table, render_status, Request,
-    Response,
+    render_hosts, render_invite, render_invites, render_peers_table, render_routes, render_status,
+    Request, Response,
 };
 use mesh_proto::doctor::Report;
+use mesh_proto::routes::RouteDecision;
 use mesh_proto::PublicKey;
 
 #[derive(Debug, Parser)]
@@ -111,6 +112,16 @@ enum Cmd {
     },
     /// Remove a host from the mesh: out of every netmap, its key refused from then on.
     Remove { name: String },
+    /// The prefixes hosts advertise (routes.advertise) and their state: pending until an admin
+    /// approves them; only approved ones reach the netmaps, and each host takes only those
+    /// its routes.accept opts in to. Without an action: list them.
+    Routes {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<RoutesCmd>,
+    },
     /// Check this host: listen port, interface and address, routes, rp_filter, K3s,
     /// coordinator, handshakes and the path MTU to every peer. One line per check (OK, WARN,
     /// FAIL) with the fix; exits 1 if any check fails. Runs `meshd --doctor` when meshd is not
@@ -130,6 +141,16 @@ enum Cmd {
         #[arg(long, env = "MESHD_CONFIG", default_value = mesh_proto::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum RoutesCmd {
+    /// List every host's advertised prefixes with their state (the default).
+    List,
+    /// Approve PREFIX of host NAME: it goes into the netmaps while NAME advertises it.
+    Approve { name: String, prefix: ipnet::IpNet },
+    /// Revoke (or refuse) PREFIX of host NAME: it leaves the netmaps until approved again.
+    Revoke { name: String, prefix: ipnet::IpNet },
 }
 
 #[derive(Debug, Subcommand)]
@@ -355,6 +376,26 @@ fn send(cli: Cli) -> Result<()> {
         Cmd::Invites { .. } => Request::Invites,
         Cmd::Hosts { .. } => Request::Hosts,
         Cmd::Remove { name } => Request::Remove { name: name.clone() },
+        Cmd::Routes {
+            action: None | Some(RoutesCmd::List),
+            ..
+        } => Request::Routes,
+        Cmd::Routes {
+            action: Some(RoutesCmd::Approve { name, prefix }),
+            ..
+        } => Request::RouteDecision {
+            decision: RouteDecision::Approve,
+            host: name.clone(),
+            prefix: *prefix,
+        },
+        Cmd::Routes {
+            action: Some(RoutesCmd::Revoke { name, prefix }),
+            ..
+        } => Request::RouteDecision {
+            decision: RouteDecision::Revoke,
+            host: name.clone(),
+            prefix: *prefix,
+        },
     };
     let resp = request(&cli.socket, &req)?;
     match (cli.command, resp) {
@@ -377,8 +418,14 @@ fn send(cli: Cli) -> Result<()> {
         (Cmd::Hosts { json: false }, Response::Hosts { hosts }) => {
             out(&render_hosts(&hosts, now()))
         }
+        (Cmd::Routes { json: true, .. }, Response::Routes { routes }) => print_json(&routes),
+        (Cmd::Routes { .. }, Response::Routes { routes }) => out(&render_routes(&routes, now())),
         (
-            Cmd::Join { .. } | Cmd::Invites { .. } | Cmd::Revoke { .. } | Cmd::Remove { .. },
+            Cmd::Join { .. }
+            | Cmd::Invites { .. }
+            | Cmd::Revoke { .. }
+            | Cmd::Remove { .. }
+            | Cmd::Routes { .. },
             Response::Ok { message },
         ) => out(&format!("{message}\n")),
         (Cmd::Peers { json: true }, Response::Peers { peers }) => print_json(&peers),

@@ -12,6 +12,7 @@ use mesh_proto::api::{
     JoinResponse, RotateRequest, RotateResponse, LONG_POLL_SECS,
 };
 use mesh_proto::netmap::Netmap;
+use mesh_proto::routes::{RouteDecision, RouteDecisionRequest, RouteInfo};
 use mesh_proto::PublicKey;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -139,6 +140,24 @@ pub async fn hosts(at: SocketAddr) -> Result<Vec<HostInfo>, CallError> {
 pub async fn remove(at: SocketAddr, name: &str) -> Result<(), CallError> {
     let path = format!("/v1/admin/hosts/{}", path_segment(name));
     check(at, request(at, "DELETE", &path, None, CALL_TIMEOUT).await?).map(|_| ())
+}
+
+/// `meshctl routes` relayed from an admin host.
+pub async fn routes(at: SocketAddr) -> Result<Vec<RouteInfo>, CallError> {
+    call_json::<(), _>(at, "GET", "/v1/admin/routes", None, CALL_TIMEOUT).await
+}
+
+/// `meshctl routes approve|revoke HOST PREFIX` relayed from an admin host.
+pub async fn decide_route(
+    at: SocketAddr,
+    decision: RouteDecision,
+    req: &RouteDecisionRequest,
+) -> Result<RouteInfo, CallError> {
+    let path = match decision {
+        RouteDecision::Approve => "/v1/admin/routes/approve",
+        RouteDecision::Revoke => "/v1/admin/routes/revoke",
+    };
+    call_json(at, "POST", path, Some(req), CALL_TIMEOUT).await
 }
 
 /// `meshctl rotate NAME` relayed from an admin host.

@@ -93,6 +93,7 @@ pub fn status(st: &AgentStatus, peers: &[PeerStatus], now_unix: u64) -> Status {
         }),
         // Filled in by the daemon loop, which holds the integration engine.
         integrations: Vec::new(),
+        skipped_routes: st.skipped_routes.clone(),
     }
 }
 
@@ -125,14 +126,24 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
         Request::Reload => match agent.handle_reload() {
             Ok(()) => {
                 let report = agent.reconcile(now()).await;
+                // A changed routes.advertise reaches the coordinator now, not at the next
+                // endpoint check.
+                let advertise = member.advertise_unreported(agent);
+                member.check_endpoints(agent).await;
+                let note = if advertise {
+                    "; routes.advertise changed: reported to the coordinator (new prefixes are \
+                     pending until an admin approves them: meshctl routes)"
+                } else {
+                    ""
+                };
                 match report.error {
                     None => Response::ok(format!(
-                        "reloaded {}: {} ops applied",
+                        "reloaded {}: {} ops applied{note}",
                         agent.config_path().display(),
                         report.ops.len()
                     )),
                     Some(e) => Response::ok(format!(
-                        "reloaded {}, but the pass had errors: {e}",
+                        "reloaded {}, but the pass had errors: {e}{note}",
                         agent.config_path().display()
                     )),
                 }
@@ -164,7 +175,9 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
         | Request::Hosts
         | Request::Remove { .. }
         | Request::RotateHost { .. }
-        | Request::StaticConfig { .. } => Response::error("not an admin request".to_string()),
+        | Request::StaticConfig { .. }
+        | Request::Routes
+        | Request::RouteDecision { .. } => Response::error("not an admin request".to_string()),
     }
 }
 
@@ -187,6 +200,24 @@ pub fn is_admin(request: &Request) -> bool {
             | Request::Remove { .. }
             | Request::RotateHost { .. }
             | Request::StaticConfig { .. }
+            | Request::Routes
+            | Request::RouteDecision { .. }
+    )
+}
+
+/// The reply to `meshctl routes approve|revoke HOST PREFIX`.
+pub fn route_decided_message(info: &mesh_proto::routes::RouteInfo) -> String {
+    use mesh_proto::routes::RouteState;
+    let effect = match (info.state, info.advertised) {
+        (RouteState::Approved, true) => {
+            "it is in the netmaps now; hosts whose routes.accept covers it route it to"
+        }
+        (RouteState::Approved, false) => "it reaches the netmaps when it is advertised again by",
+        (_, _) => "it is in no netmap; hosts that routed it stop routing it to",
+    };
+    format!(
+        "{} of {} is {}: {effect} {}",
+        info.prefix, info.host, info.state, info.host
     )
 }
 
@@ -226,6 +257,21 @@ pub fn relay_admin(api: SocketAddr, request: Request) -> AdminCall {
                 Ok(config) => Response::ok(config),
                 Err(e) => refused(e),
             },
+            Request::Routes => match client::routes(api).await {
+                Ok(routes) => Response::Routes { routes },
+                Err(e) => refused(e),
+            },
+            Request::RouteDecision {
+                decision,
+                host,
+                prefix,
+            } => {
+                let req = mesh_proto::routes::RouteDecisionRequest { host, prefix };
+                match client::decide_route(api, decision, &req).await {
+                    Ok(info) => Response::ok(route_decided_message(&info)),
+                    Err(e) => refused(e),
+                }
+            }
             _ => Response::error("not an admin request"),
         }
     })

@@ -15,7 +15,7 @@
 //! approve`, [`decide`]); netmaps carry approved prefixes only ([`granted`]). Each receiver then
 //! accepts a granted prefix only where its own `routes.accept` opts in, and never one that
 //! touches the mesh, loopback, link-local, multicast, its own underlay routes, its default
-//! gateway, a peer's endpoint or K3s's cluster/service CIDRs ([`accept_netmap`]). A prefix it
+//! gateway, the coordinator's endpoint or K3s's cluster/service CIDRs ([`accept_netmap`]). A prefix it
 //! refuses is skipped with a reason ([`SkippedRoute`]); the rest of the netmap applies.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -643,8 +643,8 @@ pub enum SkipReason {
     /// Overlaps a route of the receiver's own that is not on the mesh interface (its LAN,
     /// flannel, docker, ...).
     Underlay { route: String },
-    /// Contains the receiver's default gateway or a peer's endpoint: the tunnel would carry
-    /// its own underlay.
+    /// Contains the receiver's default gateway or an endpoint the tunnel travels to: the
+    /// tunnel would carry its own underlay.
     UnderlayAddress { address: IpAddr, what: String },
 }
 
@@ -693,7 +693,8 @@ pub struct AcceptPolicy<'a> {
     pub our_dev: &'a str,
     /// Every route of the system (all tables), as listed last.
     pub system_routes: &'a [SystemRoute],
-    /// Addresses the tunnel itself travels to: the peers' endpoints, the coordinator's.
+    /// Addresses the tunnel itself travels to that no member chooses: the coordinator's
+    /// endpoints, the configured peers' endpoints.
     pub endpoints: &'a [IpAddr],
 }
 
@@ -741,7 +742,7 @@ pub fn refusal(prefix: &IpNet, mesh: IpNet, policy: &AcceptPolicy<'_>) -> Option
     if let Some(a) = policy.endpoints.iter().find(|a| prefix.contains(*a)) {
         return Some(SkipReason::UnderlayAddress {
             address: *a,
-            what: "a peer's endpoint".into(),
+            what: "an endpoint the tunnel travels to".into(),
         });
     }
     if !policy.accept.iter().any(|a| a.contains(&prefix)) {
@@ -980,7 +981,7 @@ mod grant_tests {
             "198.51.100.0/25 from evil: overlaps this host's route 198.51.100.0/24 dev eth0",
             "224.0.0.0/8 from evil: overlaps 224.0.0.0/4 (multicast)",
             "169.254.0.0/16 from evil: overlaps 169.254.0.0/16 (link-local)",
-            "203.0.113.0/24 from evil: contains 203.0.113.9 (a peer's endpoint)",
+            "203.0.113.0/24 from evil: contains 203.0.113.9 (an endpoint the tunnel travels to)",
             "10.99.99.128/25 from evil: overlaps the mesh 10.99.99.0/24",
             "0.0.0.0/0 from evil: a default route",
         ] {

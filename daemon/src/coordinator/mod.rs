@@ -14,6 +14,7 @@ mod api;
 mod error;
 mod grace;
 mod render;
+mod routes;
 mod schema;
 mod store;
 mod wgquick;
