@@ -469,7 +469,11 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
         underlay.dedup();
         if underlay != self.underlay_routes {
             self.underlay_routes = underlay;
-            self.recompute();
+            // Only a netmap's routes depend on the underlay (and a join's bootstrap state,
+            // which has none, must not be recomputed away).
+            if self.netmap.is_some() {
+                self.recompute();
+            }
         }
         self.check_candidate(address, &existing);
         let Some(acc) = self.accepted.clone() else {
