@@ -41,16 +41,20 @@ fn status_json(lab: &Lab, host: &str) -> Result<Value> {
 
 /// Wait until every host in `hosts` holds the coordinator's current netmap version.
 fn settle(lab: &Lab, hosts: &[&str]) -> Result<u64> {
-    poll_for(SETTLE, "every host to hold the coordinator's netmap", || {
-        let want = status_json(lab, COORDINATOR)?["netmap_version"].as_u64();
-        let Some(want) = want else { return Ok(None) };
-        for h in hosts {
-            if status_json(lab, h)?["netmap_version"].as_u64() != Some(want) {
-                return Ok(None);
+    poll_for(
+        SETTLE,
+        "every host to hold the coordinator's netmap",
+        || {
+            let want = status_json(lab, COORDINATOR)?["netmap_version"].as_u64();
+            let Some(want) = want else { return Ok(None) };
+            for h in hosts {
+                if status_json(lab, h)?["netmap_version"].as_u64() != Some(want) {
+                    return Ok(None);
+                }
             }
-        }
-        Ok(Some(want))
-    })
+            Ok(Some(want))
+        },
+    )
 }
 
 /// The routes on the mesh interface of `host` (every table) and its WireGuard allowed IPs that
@@ -131,14 +135,18 @@ fn routes_are_granted_not_taken() -> Result<()> {
 
     // 1. Advertised is not granted: both prefixes are pending, and once every host holds the
     //    newest netmap, none routes them (the receivers opted in: the approval is the gate).
-    poll_until(SETTLE, "the hostile prefixes to be listed as pending", || {
-        Ok(TAKEN
-            .iter()
-            .map(|p| lab.route_state(HOSTILE, p))
-            .collect::<Result<Vec<_>>>()?
-            .iter()
-            .all(|s| s.as_deref() == Some("pending")))
-    })?;
+    poll_until(
+        SETTLE,
+        "the hostile prefixes to be listed as pending",
+        || {
+            Ok(TAKEN
+                .iter()
+                .map(|p| lab.route_state(HOSTILE, p))
+                .collect::<Result<Vec<_>>>()?
+                .iter()
+                .all(|s| s.as_deref() == Some("pending")))
+        },
+    )?;
     let table = lab.meshctl(COORDINATOR, &["routes"])?;
     for p in TAKEN {
         assert!(
@@ -169,9 +177,11 @@ fn routes_are_granted_not_taken() -> Result<()> {
     assert!(said.contains("approved"), "{said}");
     settle(&lab, &four)?;
     for h in [COORDINATOR, PROD] {
-        poll_until(SETTLE, &format!("{h} to route the approved {}", TAKEN[0]), || {
-            Ok(!routed(&lab, h, TAKEN[0])?.is_empty())
-        })?;
+        poll_until(
+            SETTLE,
+            &format!("{h} to route the approved {}", TAKEN[0]),
+            || Ok(!routed(&lab, h, TAKEN[0])?.is_empty()),
+        )?;
     }
     assert!(routed(&lab, MIRROR, TAKEN[0])?.is_empty());
     assert_eq!(
@@ -181,14 +191,20 @@ fn routes_are_granted_not_taken() -> Result<()> {
         TAKEN[0]
     );
     for h in receivers {
-        assert!(routed(&lab, h, TAKEN[1])?.is_empty(), "{h} routes {}", TAKEN[1]);
+        assert!(
+            routed(&lab, h, TAKEN[1])?.is_empty(),
+            "{h} routes {}",
+            TAKEN[1]
+        );
     }
     // Revoked: out of every netmap, no longer routed.
     route_decision(&lab, "revoke", HOSTILE, TAKEN[0])?;
     for h in receivers {
-        poll_until(SETTLE, &format!("{h} to stop routing the revoked {}", TAKEN[0]), || {
-            Ok(routed(&lab, h, TAKEN[0])?.is_empty())
-        })?;
+        poll_until(
+            SETTLE,
+            &format!("{h} to stop routing the revoked {}", TAKEN[0]),
+            || Ok(routed(&lab, h, TAKEN[0])?.is_empty()),
+        )?;
     }
 
     // 3. The hostile member now advertises loopback; `meshctl reload` brings it to the
@@ -205,9 +221,11 @@ fn routes_are_granted_not_taken() -> Result<()> {
         said.contains("routes.advertise changed"),
         "meshctl reload must say it reported the change: {said}"
     );
-    poll_until(RELOAD_REPORT, "the coordinator to list 127.0.0.0/8 after the reload", || {
-        Ok(lab.route_state(HOSTILE, LOOPBACK)?.is_some())
-    })?;
+    poll_until(
+        RELOAD_REPORT,
+        "the coordinator to list 127.0.0.0/8 after the reload",
+        || Ok(lab.route_state(HOSTILE, LOOPBACK)?.is_some()),
+    )?;
     eprintln!(
         "MEASURED reload to coordinator: {LOOPBACK} listed {:.2} s after meshctl reload",
         t0.elapsed().as_secs_f64()
@@ -217,9 +235,11 @@ fn routes_are_granted_not_taken() -> Result<()> {
     assert!(said.contains("approved"), "{said}");
     settle(&lab, &four)?;
     for h in receivers {
-        poll_until(SETTLE, &format!("{h} to report {LOOPBACK} as skipped"), || {
-            Ok(skip_reason(&lab, h, LOOPBACK)?.as_deref() == Some("reserved"))
-        })?;
+        poll_until(
+            SETTLE,
+            &format!("{h} to report {LOOPBACK} as skipped"),
+            || Ok(skip_reason(&lab, h, LOOPBACK)?.as_deref() == Some("reserved")),
+        )?;
         assert!(routed(&lab, h, LOOPBACK)?.is_empty(), "{h} routes loopback");
         let st = status_json(&lab, h)?;
         assert!(
@@ -240,8 +260,7 @@ fn routes_are_granted_not_taken() -> Result<()> {
             .and_then(|c| c.iter().find(|c| c["name"] == "peer routes"))
             .ok_or_else(|| anyhow!("{h}'s doctor has no peer routes check: {report}"))?;
         assert!(
-            check["status"] == "warn"
-                && check["detail"].as_str().unwrap_or("").contains(LOOPBACK),
+            check["status"] == "warn" && check["detail"].as_str().unwrap_or("").contains(LOOPBACK),
             "{h}'s doctor: {check}"
         );
         if !lab.ping(h, Ipv4Addr::LOCALHOST)? {
