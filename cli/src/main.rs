@@ -148,9 +148,19 @@ enum RoutesCmd {
     /// List every host's advertised prefixes with their state (the default).
     List,
     /// Approve PREFIX of host NAME: it goes into the netmaps while NAME advertises it.
-    Approve { name: String, prefix: ipnet::IpNet },
+    Approve {
+        name: String,
+        /// The prefix as the host advertises it (a bare address means /32 or /128).
+        #[arg(value_parser = parse_prefix)]
+        prefix: ipnet::IpNet,
+    },
     /// Revoke (or refuse) PREFIX of host NAME: it leaves the netmaps until approved again.
-    Revoke { name: String, prefix: ipnet::IpNet },
+    Revoke {
+        name: String,
+        /// The prefix as the host advertises it (a bare address means /32 or /128).
+        #[arg(value_parser = parse_prefix)]
+        prefix: ipnet::IpNet,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -444,6 +454,18 @@ fn send(cli: Cli) -> Result<()> {
     }
 }
 
+/// A CIDR, or a bare address as its host prefix.
+fn parse_prefix(s: &str) -> std::result::Result<ipnet::IpNet, String> {
+    if s.contains('/') {
+        s.parse()
+            .map_err(|_| format!("{s:?} is not a prefix (e.g. 192.168.1.20/32)"))
+    } else {
+        s.parse::<std::net::IpAddr>()
+            .map(ipnet::IpNet::from)
+            .map_err(|_| format!("{s:?} is neither a prefix nor an address (e.g. 192.168.1.20/32)"))
+    }
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -454,6 +476,34 @@ fn now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_prefixes() {
+        assert_eq!(
+            parse_prefix("192.168.1.20").map(|n| n.to_string()),
+            Ok("192.168.1.20/32".to_string())
+        );
+        assert_eq!(
+            parse_prefix("fd00::1").map(|n| n.to_string()),
+            Ok("fd00::1/128".to_string())
+        );
+        assert_eq!(
+            parse_prefix("1.1.1.0/24").map(|n| n.to_string()),
+            Ok("1.1.1.0/24".to_string())
+        );
+        assert!(parse_prefix("1.1.1.0/33").is_err());
+        assert!(parse_prefix("nas").is_err());
+        let cli =
+            Cli::try_parse_from(["meshctl", "routes", "approve", "dock-edge", "192.168.1.20"])
+                .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Cmd::Routes {
+                action: Some(RoutesCmd::Approve { .. }),
+                ..
+            }
+        ));
+    }
 
     #[test]
     fn durations() {

@@ -329,6 +329,55 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn route_requests_are_relayed_to_the_coordinator_api() {
+        let (at, server) = canned(vec![
+            (200, "[]"),
+            (
+                200,
+                r#"{"host":"dock-edge","prefix":"192.168.1.20/32","state":"approved","advertised":true,"decided_unix":5}"#,
+            ),
+            (404, r#"{"error":"dock-edge does not advertise 9.9.9.9/32"}"#),
+        ])
+        .await;
+        assert!(is_admin(&Request::Routes));
+        let r = relay_admin(at, Request::Routes).await;
+        assert_eq!(r, Response::Routes { routes: Vec::new() });
+        let decide = |prefix: &str, decision| Request::RouteDecision {
+            decision,
+            host: "dock-edge".into(),
+            prefix: prefix.parse().expect("net"),
+        };
+        use mesh_proto::routes::RouteDecision;
+        match relay_admin(at, decide("192.168.1.20/32", RouteDecision::Approve)).await {
+            Response::Ok { message } => assert!(
+                message.starts_with(
+                    "192.168.1.20/32 of dock-edge is approved: it is in the netmaps now"
+                ),
+                "{message}"
+            ),
+            other => panic!("unexpected {other:?}"),
+        }
+        match relay_admin(at, decide("9.9.9.9/32", RouteDecision::Revoke)).await {
+            Response::Error { message } => {
+                assert!(
+                    message.contains("does not advertise 9.9.9.9/32"),
+                    "{message}"
+                )
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let seen = server.await.expect("server");
+        assert_eq!(
+            seen,
+            vec![
+                "GET /v1/admin/routes HTTP/1.1",
+                "POST /v1/admin/routes/approve HTTP/1.1",
+                "POST /v1/admin/routes/revoke HTTP/1.1",
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn admin_requests_are_relayed_to_the_coordinator_api() {
         let (at, server) = canned(vec![
             (200, "[]"),

@@ -1419,6 +1419,105 @@ async fn api_join_netmap_and_admin_checks() {
     s.stop().await;
 }
 
+/// `meshctl routes` over the API: admins only; every malformed decision is a 400 that changes
+/// nothing; an approval is what puts a prefix into the netmaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_routes_list_approve_revoke() {
+    use mesh_proto::routes::{RouteInfo, RouteState};
+    let s = server().await;
+    let admin = addr("127.16.0.1");
+    let inv = s
+        .coord
+        .invite(
+            InviteRequest {
+                name: "dock-edge".into(),
+                address: None,
+                ttl_secs: None,
+                admin: false,
+                static_peer: false,
+                public_key: None,
+                endpoint: None,
+                near: None,
+            },
+            now_real(),
+        )
+        .unwrap();
+    let key = PrivateKey::generate().public_key();
+    let body = serde_json::to_vec(&join_req(inv.token.as_deref().unwrap(), key)).unwrap();
+    let r = http(inv.address, s.addr, "POST", "/v1/join", &body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let rep = serde_json::to_vec(&EndpointReport {
+        listen_port: 51871,
+        addresses: vec![addr("192.168.1.4")],
+        advertise: vec!["8.8.8.8/32".parse().unwrap()],
+    })
+    .unwrap();
+    let r = http(inv.address, s.addr, "POST", "/v1/endpoints", &rep).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+
+    // The advertiser itself (no admin) may neither list nor approve its own prefix.
+    let approve = br#"{"host":"dock-edge","prefix":"8.8.8.8/32"}"#;
+    for (method, path, body) in [
+        ("GET", "/v1/admin/routes", &b""[..]),
+        ("POST", "/v1/admin/routes/approve", &approve[..]),
+        ("POST", "/v1/admin/routes/revoke", &approve[..]),
+    ] {
+        let r = http(inv.address, s.addr, method, path, body).await;
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.body);
+    }
+    let r = http(admin, s.addr, "GET", "/v1/admin/routes", b"").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let list: Vec<RouteInfo> = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].state, RouteState::Pending);
+
+    // Hostile bodies: refused with 400/404, nothing changes.
+    let v = s.coord.version();
+    for (body, status) in [
+        (&b"not json"[..], 400),
+        (br#"{"host":"dock-edge"}"#, 400),
+        (br#"{"host":"dock-edge","prefix":"8.8.8.8/33"}"#, 400),
+        (br#"{"host":"dock-edge","prefix":"8.8.8.8"}"#, 400),
+        (br#"{"host":"dock-edge","prefix":"8.8.8.0/8"}"#, 400),
+        (
+            br#"{"host":"dock-edge","prefix":"8.8.8.8/32","state":"approved"}"#,
+            400,
+        ),
+        (br#"{"host":"dock-edge","prefix":"9.9.9.9/32"}"#, 404),
+        (br#"{"host":"nobody","prefix":"8.8.8.8/32"}"#, 404),
+    ] {
+        let r = http(admin, s.addr, "POST", "/v1/admin/routes/approve", body).await;
+        assert_eq!(
+            r.status,
+            status,
+            "{}: {}",
+            String::from_utf8_lossy(body),
+            r.body
+        );
+        assert!(!error_text(&r).is_empty());
+    }
+    assert_eq!(s.coord.version(), v);
+    let pending = |c: &Coordinator| {
+        c.snapshot()
+            .unwrap()
+            .hosts
+            .iter()
+            .all(|h| h.extra_allowed_ips.is_empty())
+    };
+    assert!(pending(&s.coord));
+
+    let r = http(admin, s.addr, "POST", "/v1/admin/routes/approve", approve).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let info: RouteInfo = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(info.state, RouteState::Approved);
+    assert_eq!(s.coord.version(), v + 1);
+    assert!(!pending(&s.coord));
+    let r = http(admin, s.addr, "POST", "/v1/admin/routes/revoke", approve).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(pending(&s.coord));
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_rotate() {
     let s = server().await;
