@@ -94,6 +94,8 @@ pub struct AgentStatus {
     pub mesh: MeshState,
     /// Peers' prefixes this host did not take (`mesh_proto::routes::accept_netmap`).
     pub skipped_routes: Vec<SkippedRoute>,
+    /// Our advertised prefixes no netmap carries (pending an admin's approval, or revoked).
+    pub ungranted_routes: Vec<IpNet>,
 }
 
 /// What one pass did.
@@ -261,6 +263,16 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
     /// An older version than the one held is taken too (the coordinator is the authority, e.g.
     /// after its registry was restored from a backup), with a warning.
     pub fn set_netmap(&mut self, netmap: Netmap) -> bool {
+        let ungranted_before = self.netmap.as_ref().map(|n| &n.ungranted_routes);
+        if ungranted_before != Some(&netmap.ungranted_routes) && !netmap.ungranted_routes.is_empty()
+        {
+            let list: Vec<String> = netmap
+                .ungranted_routes
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            tracing::warn!(prefixes = %list.join(", "), "advertised prefixes are in no netmap: pending an admin's approval on the coordinator (meshctl routes), or revoked");
+        }
         if let Some(held) = &self.netmap {
             if *held == netmap {
                 return false;
@@ -732,6 +744,11 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
             netmap_version: self.netmap.as_ref().map(|n| n.version),
             mesh: self.mesh.clone(),
             skipped_routes: self.skipped_routes.clone(),
+            ungranted_routes: self
+                .netmap
+                .as_ref()
+                .map(|n| n.ungranted_routes.clone())
+                .unwrap_or_default(),
         }
     }
 }
@@ -1143,6 +1160,7 @@ pub(crate) mod tests {
                 public_key: own,
                 peers,
                 rotate_requested: false,
+                ungranted_routes: Vec::new(),
             };
             a.set_netmap(netmap(
                 1,

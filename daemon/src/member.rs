@@ -982,6 +982,7 @@ mod tests {
             public_key: own.public_key(),
             peers,
             rotate_requested: false,
+            ungranted_routes: Vec::new(),
         }
     }
 

@@ -479,6 +479,7 @@ mod tests {
                 np(4, "dock-mirror", vec![]),
             ],
             rotate_requested: false,
+            ungranted_routes: Vec::new(),
         };
         (
             ObservedDevice {

@@ -94,6 +94,7 @@ pub fn status(st: &AgentStatus, peers: &[PeerStatus], now_unix: u64) -> Status {
         // Filled in by the daemon loop, which holds the integration engine.
         integrations: Vec::new(),
         skipped_routes: st.skipped_routes.clone(),
+        ungranted_routes: st.ungranted_routes.clone(),
     }
 }
 

@@ -193,6 +193,10 @@ pub struct Status {
     /// `mesh_proto::routes::refusal`); the rest of the netmap applies.
     #[serde(default)]
     pub skipped_routes: Vec<crate::routes::SkippedRoute>,
+    /// This host's advertised prefixes that no netmap carries: pending an admin's approval on
+    /// the coordinator, or revoked (`meshctl routes` there).
+    #[serde(default)]
+    pub ungranted_routes: Vec<IpNet>,
 }
 
 /// A control line that could not be decoded.
@@ -551,6 +555,16 @@ pub fn render_status(status: &Status, now_unix: u64) -> String {
     for r in &status.skipped_routes {
         fields.push(("skipped route", r.to_string()));
     }
+    for p in &status.ungranted_routes {
+        fields.push((
+            "advertised",
+            format!(
+                "{p} NOT GRANTED: pending an admin's approval on the coordinator, or revoked \
+                 (meshctl routes approve {} {p})",
+                status.host
+            ),
+        ));
+    }
     let width = fields.iter().map(|(l, _)| l.len()).max().unwrap_or(0) + 1;
     let mut out = String::new();
     for (label, value) in fields {
@@ -761,6 +775,7 @@ mod tests {
             coordinator: None,
             integrations: Vec::new(),
             skipped_routes: Vec::new(),
+            ungranted_routes: Vec::new(),
         }
     }
 
@@ -824,6 +839,13 @@ mod tests {
         o.as_object_mut().unwrap().remove("skipped_routes");
         let back: Status = serde_json::from_value(o).unwrap();
         assert!(back.skipped_routes.is_empty());
+        st.ungranted_routes = vec!["1.1.1.0/24".parse().unwrap()];
+        let text = render_status(&st, 1000);
+        assert!(
+            text.contains("1.1.1.0/24 NOT GRANTED")
+                && text.contains("meshctl routes approve dock-load 1.1.1.0/24"),
+            "{text}"
+        );
     }
 
     #[test]

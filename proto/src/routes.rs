@@ -919,6 +919,7 @@ mod grant_tests {
                 })
                 .collect(),
             rotate_requested: false,
+            ungranted_routes: Vec::new(),
         }
     }
 

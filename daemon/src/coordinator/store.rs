@@ -1633,6 +1633,12 @@ fn build_snapshot(
         let h = row?;
         // Only what an admin approved (and the host still advertises) reaches the netmaps.
         let granted = super::routes::granted_for(&decisions, h.id, &h.advertise);
+        let ungranted: Vec<IpNet> = h
+            .advertise
+            .iter()
+            .filter(|p| !granted.contains(p))
+            .copied()
+            .collect();
         hosts.push(HostRecord {
             reported: reported.remove(&h.id).unwrap_or_default(),
             name: h.name,
@@ -1643,6 +1649,7 @@ fn build_snapshot(
             removed: h.removed,
             observed: h.observed,
             extra_allowed_ips: granted,
+            ungranted_routes: ungranted,
             key_created_unix: h.key_created_unix,
             next_public_key: h.next_public_key,
             rotate_requested: h.rotate_requested,
