@@ -1031,7 +1031,88 @@ mod grant_tests {
         ]
     }
 
+    #[derive(Debug, Clone)]
+    enum RegOp {
+        Advertise(usize, Vec<IpNet>),
+        Decide(usize, IpNet, RouteDecision),
+    }
+
+    fn arb_reg_op() -> impl Strategy<Value = RegOp> {
+        let prefix = prop::sample::select(vec![
+            "192.168.1.0/24",
+            "192.168.1.20/32",
+            "8.8.8.8/32",
+            "10.1.0.0/16",
+            "10.1.2.0/24",
+        ])
+        .prop_map(net);
+        prop_oneof![
+            (0usize..3, prop::collection::vec(prefix.clone(), 0..3))
+                .prop_map(|(h, ps)| RegOp::Advertise(h, ps)),
+            (
+                0usize..3,
+                prefix,
+                prop::sample::select(vec![RouteDecision::Approve, RouteDecision::Revoke])
+            )
+                .prop_map(|(h, p, d)| RegOp::Decide(h, p, d)),
+        ]
+    }
+
     proptest! {
+        /// Whatever hosts advertise and admins decide, in any order: a host's granted prefixes
+        /// are ones it advertises and an admin approved, nothing is approved that was not
+        /// advertised at the time, and no two hosts' approved prefixes ever overlap.
+        #[test]
+        fn approvals_never_grant_unadvertised_or_overlapping_space(
+            ops in prop::collection::vec(arb_reg_op(), 0..24),
+        ) {
+            let names = ["a", "b", "c"];
+            let mut advertised: Vec<Vec<IpNet>> = vec![Vec::new(); 3];
+            let mut decisions: Vec<BTreeMap<IpNet, RouteState>> = vec![BTreeMap::new(); 3];
+            for op in ops {
+                match op {
+                    RegOp::Advertise(h, ps) => advertised[h] = ps,
+                    RegOp::Decide(h, p, d) => {
+                        let elsewhere: Vec<(String, IpNet)> = (0..3)
+                            .filter(|o| *o != h)
+                            .flat_map(|o| {
+                                decisions[o]
+                                    .iter()
+                                    .filter(|(_, s)| **s == RouteState::Approved)
+                                    .map(move |(q, _)| (names[o].to_string(), *q))
+                            })
+                            .collect();
+                        let cur = decisions[h].get(&p).copied();
+                        match decide(names[h], p, cur, advertised[h].contains(&p), &elsewhere, d) {
+                            Ok(Some(next)) => {
+                                if next == RouteState::Approved {
+                                    prop_assert!(advertised[h].contains(&p));
+                                }
+                                decisions[h].insert(p, next);
+                            }
+                            Ok(None) => {}
+                            Err(_) => {}
+                        }
+                    }
+                }
+                for h in 0..3 {
+                    for g in granted(&advertised[h], &decisions[h]) {
+                        prop_assert!(advertised[h].contains(&g));
+                        prop_assert_eq!(decisions[h].get(&g), Some(&RouteState::Approved));
+                    }
+                    for o in (0..3).filter(|o| *o != h) {
+                        for (p, s) in &decisions[h] {
+                            for (q, t) in &decisions[o] {
+                                if *s == RouteState::Approved && *t == RouteState::Approved {
+                                    prop_assert!(!overlaps(p, q), "{} and {} both approved", p, q);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
         /// A refused prefix never reaches the applied netmap (nor, through it, a route); every
         /// other entry of the netmap is applied unchanged.
         #[test]

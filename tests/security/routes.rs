@@ -167,12 +167,17 @@ fn routes_are_granted_not_taken() -> Result<()> {
     let ungranted = status_json(&lab, HOSTILE)?["ungranted_routes"].clone();
     for p in TAKEN {
         assert!(
-            ungranted.as_array().is_some_and(|a| a.iter().any(|x| x == p)),
+            ungranted
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == p)),
             "{HOSTILE}'s status must list {p} as not granted: {ungranted}"
         );
     }
     let text = lab.meshctl(HOSTILE, &["status"])?;
-    assert!(text.contains("NOT GRANTED"), "{HOSTILE}'s meshctl status:\n{text}");
+    assert!(
+        text.contains("NOT GRANTED"),
+        "{HOSTILE}'s meshctl status:\n{text}"
+    );
     // An approval of what the host does not advertise is refused and changes nothing.
     let out = lab.meshctl_output(COORDINATOR, &["routes", "approve", HOSTILE, "9.9.9.9/32"])?;
     let msg = String::from_utf8_lossy(&out.stderr).to_string();

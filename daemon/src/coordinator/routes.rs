@@ -56,6 +56,17 @@ pub(super) fn granted_for(
     mesh_proto::routes::granted(advertised, &states)
 }
 
+/// Log what a host's new advertisement means: its new prefixes are in no netmap until an admin
+/// approves them (unless an approval from before still holds).
+pub(super) fn note_advertised(name: &str, before: &[IpNet], now: &[IpNet]) {
+    for p in now.iter().filter(|p| !before.contains(p)) {
+        tracing::info!(host = %name, prefix = %p, "prefix advertised; it reaches no netmap unless an admin approves it (meshctl routes approve {name} {p})");
+    }
+    for p in before.iter().filter(|p| !now.contains(p)) {
+        tracing::info!(host = %name, prefix = %p, "prefix withdrawn; it leaves the netmaps (an approval stays recorded)");
+    }
+}
+
 fn decision_error(e: DecisionError) -> CoordError {
     match e {
         DecisionError::NotAdvertised { .. } | DecisionError::Unknown { .. } => {
@@ -102,6 +113,7 @@ impl Coordinator {
                 "UPDATE hosts SET advertise = ?2 WHERE id = ?1",
                 params![host.id, text],
             )?;
+            note_advertised(&own, &host.advertise, &nets);
             audit_row(tx, now_unix, "advertise", &own, &format!("[{text}]"))?;
             Ok((true, true))
         })

@@ -1097,6 +1097,7 @@ impl Coordinator {
                     "UPDATE hosts SET advertise = ?2 WHERE id = ?1",
                     params![host.id, advertise_text(&advertise)],
                 )?;
+                super::routes::note_advertised(&host.name, &host.advertise, &advertise);
                 audit(
                     tx,
                     now_unix,

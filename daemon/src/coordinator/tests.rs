@@ -639,6 +639,45 @@ fn advertised_subnets_reach_the_netmaps_only_once_approved() {
     assert_eq!(c.routes().unwrap(), before);
 }
 
+/// The coordinator host's own routes.advertise (it reports to no API) is pending like any
+/// other host's.
+#[test]
+fn the_coordinators_own_advertisement_is_pending_too() {
+    use mesh_proto::routes::{RouteDecision, RouteState};
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    invite_join(&c, "dock-mirror");
+    let lan: ipnet::IpNet = "192.168.9.0/24".parse().unwrap();
+    assert!(c.advertise_own(&[lan], NOW).unwrap());
+    assert!(!c.advertise_own(&[lan], NOW + 1).unwrap(), "unchanged");
+    let own = c.settings().own_name.clone();
+    let listed = c.routes().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].host.as_str(), listed[0].state),
+        (own.as_str(), RouteState::Pending)
+    );
+    let nm = c.netmap_for_name("dock-mirror").unwrap().unwrap();
+    assert!(nm.peers.iter().all(|p| !p.allowed_ips.contains(&lan)));
+    c.decide_route(&own, lan, RouteDecision::Approve, NOW + 2)
+        .unwrap();
+    let nm = c.netmap_for_name("dock-mirror").unwrap().unwrap();
+    assert!(nm.peers.iter().any(|p| p.allowed_ips.contains(&lan)));
+    for bad in ["0.0.0.0/0", "10.99.99.0/25", "192.168.9.1/24"] {
+        let net: ipnet::IpNet = bad.parse().unwrap();
+        assert!(c.advertise_own(&[net], NOW + 3).is_err(), "{bad}");
+    }
+    // The host itself learns what is not granted.
+    assert!(c
+        .advertise_own(&[lan, "192.168.10.0/24".parse().unwrap()], NOW + 4)
+        .unwrap());
+    let mine = c.netmap_for_name(&own).unwrap().unwrap();
+    assert_eq!(
+        mine.ungranted_routes,
+        vec!["192.168.10.0/24".parse::<ipnet::IpNet>().unwrap()]
+    );
+}
+
 /// A registry from before route approvals (schema 5) with an advertised prefix: the hosts keep
 /// names, addresses and keys; the prefix is pending (out of the netmaps) until approved.
 #[test]
