@@ -84,12 +84,18 @@ pub fn accepted_netmap(
     );
     endpoints.sort();
     endpoints.dedup();
+    let static_peers: Vec<(String, IpNet)> = settings
+        .peers
+        .iter()
+        .flat_map(|p| p.spec.allowed_ips.iter().map(|n| (p.name.clone(), *n)))
+        .collect();
     let policy = mesh_proto::routes::AcceptPolicy {
         accept: &settings.routes.accept,
         protected: &settings.routes.protected,
         our_dev: &settings.interface,
         system_routes,
         endpoints: &endpoints,
+        static_peers: &static_peers,
     };
     mesh_proto::routes::accept_netmap(netmap, &policy)
 }

@@ -216,10 +216,21 @@ pub fn route_decided_message(info: &mesh_proto::routes::RouteInfo) -> String {
         (RouteState::Approved, false) => "it reaches the netmaps when it is advertised again by",
         (_, _) => "it is in no netmap; hosts that routed it stop routing it to",
     };
-    format!(
+    let mut msg = format!(
         "{} of {} is {}: {effect} {}",
         info.prefix, info.host, info.state, info.host
-    )
+    );
+    if info.state == RouteState::Approved {
+        if let Some((range, what)) = mesh_proto::routes::always_refused()
+            .into_iter()
+            .find(|(r, _)| mesh_proto::routes::overlaps(r, &info.prefix))
+        {
+            msg.push_str(&format!(
+                " (but every host refuses it: it overlaps {range}, {what}; revoke it)"
+            ));
+        }
+    }
+    msg
 }
 
 /// An admin request as a future that does not borrow the agent (it may run in a task).
@@ -327,6 +338,28 @@ mod tests {
             seen
         });
         (at, task)
+    }
+
+    #[test]
+    fn an_approval_of_space_every_host_refuses_says_so() {
+        use mesh_proto::routes::{RouteInfo, RouteState};
+        let info = RouteInfo {
+            host: "dock-dash".into(),
+            prefix: "127.0.0.0/8".parse().expect("net"),
+            state: RouteState::Approved,
+            advertised: true,
+            decided_unix: Some(1),
+        };
+        let msg = route_decided_message(&info);
+        assert!(
+            msg.contains("every host refuses it: it overlaps 127.0.0.0/8, loopback"),
+            "{msg}"
+        );
+        let fine = RouteInfo {
+            prefix: "192.168.1.20/32".parse().expect("net"),
+            ..info
+        };
+        assert!(!route_decided_message(&fine).contains("refuses"));
     }
 
     #[tokio::test]

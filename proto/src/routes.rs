@@ -646,6 +646,9 @@ pub enum SkipReason {
     /// Contains the receiver's default gateway or an endpoint the tunnel travels to: the
     /// tunnel would carry its own underlay.
     UnderlayAddress { address: IpAddr, what: String },
+    /// Overlaps an allowed IP of a `[[peer]]` in the receiver's own configuration (which
+    /// wins).
+    StaticPeer { peer: String, range: IpNet },
 }
 
 impl fmt::Display for SkipReason {
@@ -662,6 +665,10 @@ impl fmt::Display for SkipReason {
             SkipReason::UnderlayAddress { address, what } => {
                 write!(f, "contains {address} ({what})")
             }
+            SkipReason::StaticPeer { peer, range } => write!(
+                f,
+                "overlaps {range} of the configured peer {peer} (the configuration wins)"
+            ),
         }
     }
 }
@@ -696,6 +703,8 @@ pub struct AcceptPolicy<'a> {
     /// Addresses the tunnel itself travels to that no member chooses: the coordinator's
     /// endpoints, the configured peers' endpoints.
     pub endpoints: &'a [IpAddr],
+    /// The allowed IPs of the `[[peer]]`s of the receiver's configuration, by peer name.
+    pub static_peers: &'a [(String, IpNet)],
 }
 
 /// The first reason `prefix` (from a peer) must be refused, if any. The hard refusals come
@@ -738,6 +747,16 @@ pub fn refusal(prefix: &IpNet, mesh: IpNet, policy: &AcceptPolicy<'_>) -> Option
                 route: r.to_string(),
             });
         }
+    }
+    if let Some((peer, range)) = policy
+        .static_peers
+        .iter()
+        .find(|(_, r)| overlaps(r, &prefix))
+    {
+        return Some(SkipReason::StaticPeer {
+            peer: peer.clone(),
+            range: *range,
+        });
     }
     if let Some(a) = policy.endpoints.iter().find(|a| prefix.contains(*a)) {
         return Some(SkipReason::UnderlayAddress {
@@ -942,6 +961,7 @@ mod grant_tests {
             our_dev: "wgmesh0",
             system_routes: &routes,
             endpoints: &endpoints,
+            static_peers: &[],
         };
         let nm = netmap_with(&[
             ("dock-edge", &["192.168.1.20/32"]),
@@ -1001,6 +1021,16 @@ mod grant_tests {
         assert_eq!(
             refusal(&net("192.0.2.0/24"), nm.mesh_cidr, &p).map(|r| r.to_string()),
             Some("contains 192.0.2.1 (this host's default gateway)".into())
+        );
+        // A configured [[peer]] holds the space: the configuration wins, only the prefix goes.
+        let statics = vec![("nas".to_string(), net("8.8.8.0/24"))];
+        let p = AcceptPolicy {
+            static_peers: &statics,
+            ..policy
+        };
+        assert_eq!(
+            refusal(&net("8.8.8.8/32"), nm.mesh_cidr, &p).map(|r| r.to_string()),
+            Some("overlaps 8.8.8.0/24 of the configured peer nas (the configuration wins)".into())
         );
         // Nothing opted in: nothing beyond the mesh addresses.
         let none = AcceptPolicy {
@@ -1131,6 +1161,7 @@ mod grant_tests {
                 our_dev: "wgmesh0",
                 system_routes: &routes,
                 endpoints: &[],
+                static_peers: &[],
             };
             let owned: Vec<(String, Vec<String>)> = prefixes
                 .iter()
