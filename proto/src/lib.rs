@@ -5,6 +5,7 @@
 
 pub mod alloc;
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod control;
 pub mod device;
