@@ -130,6 +130,9 @@ pub struct Agent<W, L> {
     accepted: Option<Accepted>,
     /// Why the current desired state is refused (route conflicts), for the status.
     route_refusal: Option<String>,
+    /// How this host signs coordinator API calls (our key toward the coordinator's current
+    /// key), shared with the follower and reporter tasks; kept current by `recompute`.
+    signer: crate::client::SignerCell,
 }
 
 /// A desired state that passed the route check.
@@ -181,7 +184,31 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
             backend: "in-memory".to_string(),
             accepted: None,
             route_refusal: None,
+            signer: crate::client::SignerCell::default(),
         }
+    }
+
+    /// The shared signer for coordinator API calls (see [`crate::client::SignerCell`]).
+    pub fn signer_cell(&self) -> crate::client::SignerCell {
+        self.signer.clone()
+    }
+
+    /// The coordinator's current key as this member knows it: its peer in our netmap, else
+    /// the membership's (from the token or a key notice). `None` when not a member.
+    pub fn coordinator_key(&self) -> Option<PublicKey> {
+        let m = self.membership.as_ref()?;
+        let from_netmap = self.netmap.as_ref().and_then(|nm| {
+            nm.peers
+                .iter()
+                .find(|p| p.address == m.coordinator_address)
+                .map(|p| p.public_key)
+        });
+        Some(from_netmap.unwrap_or(m.coordinator_public_key))
+    }
+
+    /// A signer for a coordinator API call now.
+    pub fn signer(&self) -> Result<crate::client::Signer, crate::client::CallError> {
+        self.signer.get()
     }
 
     /// Describe the engine for `meshctl status` (e.g. `userspace: /usr/bin/meshd-wg`).
@@ -317,6 +344,10 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
 
     /// Desired device and address from configuration + membership + netmap.
     fn recompute(&mut self) {
+        let signer = self
+            .coordinator_key()
+            .and_then(|c| crate::client::Signer::new(&self.key, &c).ok());
+        self.signer.set(signer);
         let address = self
             .settings
             .address

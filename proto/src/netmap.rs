@@ -78,6 +78,10 @@ pub struct HostRecord {
     /// rotation's commit.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rotate_requested: bool,
+    /// Invited, not joined yet: its key is the token's throwaway key, which only the
+    /// coordinator's own interface accepts (no other host's netmap lists a pending host).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
 }
 
 /// The registry as the netmap computation sees it.
@@ -89,6 +93,9 @@ pub struct RegistrySnapshot {
     /// Persistent keepalive, seconds, used toward peers from hosts behind NAT.
     pub keepalive_secs: u16,
     pub hosts: Vec<HostRecord>,
+    /// The coordinator host's name: the only netmap that lists pending hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
 }
 
 /// One peer in a host's netmap.
@@ -272,6 +279,9 @@ pub fn compute_netmap(reg: &RegistrySnapshot, name: &str) -> Option<Netmap> {
         .iter()
         .enumerate()
         .filter(|(i, p)| *i != me_idx && !p.removed)
+        // A pending host's throwaway key is accepted by the coordinator alone: it only needs
+        // to reach the coordinator's API, and a leaked token then reaches nobody else.
+        .filter(|(_, p)| !p.pending || reg.coordinator.as_deref() == Some(me.name.as_str()))
         .map(|(_, p)| peer_of(reg, me, p))
         .collect();
     peers.sort_by(|a, b| {
@@ -314,6 +324,7 @@ mod tests {
             key_created_unix: 100 + u64::from(n),
             next_public_key: None,
             rotate_requested: false,
+            pending: false,
         }
     }
 
@@ -355,7 +366,29 @@ mod tests {
                 nas,
                 removed,
             ],
+            coordinator: Some("dock-load".into()),
         }
+    }
+
+    #[test]
+    fn pending_hosts_reach_the_coordinator_only() {
+        let mut reg = lab();
+        let mut joiner = host("dock-dash", 5, &[], None);
+        joiner.pending = true;
+        reg.hosts.push(joiner);
+        let on_load = compute_netmap(&reg, "dock-load").unwrap();
+        assert!(on_load.peers.iter().any(|p| p.name == "dock-dash"));
+        for other in ["dock-mirror", "dock-edge"] {
+            let m = compute_netmap(&reg, other).unwrap();
+            assert!(
+                m.peers.iter().all(|p| p.name != "dock-dash"),
+                "{other}: {m:?}"
+            );
+        }
+        // Without a known coordinator, nobody lists it.
+        reg.coordinator = None;
+        let m = compute_netmap(&reg, "dock-load").unwrap();
+        assert!(m.peers.iter().all(|p| p.name != "dock-dash"));
     }
 
     fn peer<'a>(m: &'a Netmap, name: &str) -> &'a NetmapPeer {
@@ -595,6 +628,7 @@ mod tests {
                     key_created_unix: u64::from(n),
                     next_public_key: None,
                     rotate_requested: false,
+                    pending: false,
                 },
             );
         (any::<u64>(), 1u16..100, prop::collection::vec(host, 0..8)).prop_map(
@@ -607,6 +641,7 @@ mod tests {
                     version,
                     keepalive_secs: ka,
                     hosts,
+                    coordinator: None,
                 }
             },
         )
