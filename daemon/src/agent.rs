@@ -90,6 +90,8 @@ pub struct AgentStatus {
     pub last_error: Option<String>,
     pub netmap_version: Option<u64>,
     pub mesh: MeshState,
+    /// Netmaps refused lately (Unix time, why), newest last.
+    pub refused: Vec<(u64, String)>,
 }
 
 /// What one pass did.
@@ -133,6 +135,8 @@ pub struct Agent<W, L> {
     /// How this host signs coordinator API calls (our key toward the coordinator's current
     /// key), shared with the follower and reporter tasks; kept current by `recompute`.
     signer: crate::client::SignerCell,
+    /// Netmaps refused lately (Unix time, why), newest last, for the status.
+    refused: std::collections::VecDeque<(u64, String)>,
 }
 
 /// A desired state that passed the route check.
@@ -185,6 +189,7 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
             accepted: None,
             route_refusal: None,
             signer: crate::client::SignerCell::default(),
+            refused: std::collections::VecDeque::new(),
         }
     }
 
@@ -277,6 +282,17 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
     /// An older version than the one held is taken too (the coordinator is the authority, e.g.
     /// after its registry was restored from a backup), with a warning.
     pub fn set_netmap(&mut self, netmap: Netmap) -> bool {
+        // Everything in it ends up in the device, routes, /etc/hosts, DNS and templates:
+        // a netmap with a name or address we would not write is refused whole.
+        if let Err(e) = netmap.validate() {
+            tracing::error!(version = netmap.version, error = %e, "refused a netmap; keeping the one held");
+            if self.refused.len() == 8 {
+                self.refused.pop_front();
+            }
+            self.refused
+                .push_back((now_since_epoch().as_secs(), e.to_string()));
+            return false;
+        }
         if let Some(held) = &self.netmap {
             if *held == netmap {
                 return false;
@@ -714,6 +730,7 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
                 .or_else(|| self.last_report.error.clone()),
             netmap_version: self.netmap.as_ref().map(|n| n.version),
             mesh: self.mesh.clone(),
+            refused: self.refused.iter().cloned().collect(),
         }
     }
 }

@@ -236,6 +236,22 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
     if body.coordinator_endpoints.is_empty() {
         return Err("invalid token: it names no coordinator endpoint".into());
     }
+    // What the token names is written into the membership, the interface and /etc/hosts.
+    if !mesh_proto::netmap::valid_name(&body.host_name)
+        || !body.mesh_cidr.contains(&body.host_address)
+        || !body.mesh_cidr.contains(&body.coordinator_address)
+        || body.host_address == body.coordinator_address
+        || body.api_port == 0
+    {
+        return Err(JoinError::from(format!(
+            "invalid token: its host name, addresses or port are not usable (name {:?}, address \
+             {}, coordinator {}, mesh {})",
+            body.host_name.chars().take(64).collect::<String>(),
+            body.host_address,
+            body.coordinator_address,
+            body.mesh_cidr
+        )));
+    }
     let interface = agent.settings().interface.clone();
     let existed = agent.wg.observe().await.is_ok();
     let snapshot = agent.snapshot();
@@ -339,6 +355,9 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
                 resp.netmap.name, resp.netmap.address
             )));
         }
+        resp.netmap
+            .validate()
+            .map_err(|e| JoinError::from(e.to_string()))?;
         let mut key_text = own.to_base64();
         key_text.push('\n');
         write_atomic(&agent.settings().private_key_file, key_text.as_bytes())
@@ -1313,14 +1332,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let st = StateDir::new(dir.path().join("state"));
         let own = key(60);
+        // A mesh on loopback, so the follower's calls (to 127.0.0.1:9) never leave the host.
         let mut m = membership();
+        m.mesh_cidr = "127.0.0.0/8".parse().expect("net");
+        m.address = "127.16.0.3".parse().expect("ip");
         m.coordinator_address = "127.0.0.1".parse().expect("ip");
         m.api_port = 9;
         m.coordinator_endpoints = vec!["127.0.0.1:9".parse().expect("sa")];
         st.save_membership(&m).expect("save");
         let mut coord = netmap_peer("dock-load", 100, "127.0.0.1", "127.0.0.1:9");
         coord.next_public_key = None;
-        st.save_netmap(&netmap(&own, 9, vec![coord])).expect("save");
+        coord.endpoints.clear();
+        let mut nm = netmap(&own, 9, vec![coord]);
+        nm.mesh_cidr = m.mesh_cidr;
+        nm.address = m.address;
+        st.save_netmap(&nm).expect("save");
         let mut a = unjoined(dir.path());
         let (tx, _rx) = mpsc::channel(8);
         let mut rt = MemberRuntime::new(st.clone(), tx);

@@ -93,6 +93,15 @@ pub fn status(st: &AgentStatus, peers: &[PeerStatus], now_unix: u64) -> Status {
         }),
         // Filled in by the daemon loop, which holds the integration engine.
         integrations: Vec::new(),
+        refused: st
+            .refused
+            .iter()
+            .map(|(at_unix, what)| mesh_proto::control::Refusal {
+                at_unix: *at_unix,
+                what: what.clone(),
+            })
+            .collect(),
+        refused_total: None,
     }
 }
 
@@ -120,7 +129,17 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
                     .collect(),
                 Err(_) => Vec::new(),
             };
-            Response::Status(status(&agent.status(), &peers, now().as_secs()))
+            let mut st = status(&agent.status(), &peers, now().as_secs());
+            if let Some(coord) = &member.coordinator {
+                let (total, recent) = coord.api_refusals();
+                st.refused_total = Some(total);
+                st.refused.extend(
+                    recent
+                        .into_iter()
+                        .map(|(at_unix, what)| mesh_proto::control::Refusal { at_unix, what }),
+                );
+            }
+            Response::Status(st)
         }
         Request::Reload => match agent.handle_reload() {
             Ok(()) => {

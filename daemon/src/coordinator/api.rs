@@ -158,11 +158,37 @@ async fn endpoints(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<StatusCode> {
     let report: EndpointReport = parse_json(body)?;
+    st.coord.check_report(&report)?;
     let caller = who.address;
     let observed = (st.observed)(caller);
-    let coord = st.coord.clone();
-    blocking(move || coord.report_endpoints_observed(caller, observed, report, now_unix())).await?;
-    Ok(StatusCode::NO_CONTENT)
+    match st.coord.reports.handle(caller, observed, report) {
+        super::reports::Gate::Apply(observed, report) => {
+            let coord = st.coord.clone();
+            blocking(move || coord.report_endpoints_observed(caller, observed, report, now_unix()))
+                .await?;
+            Ok(StatusCode::NO_CONTENT)
+        }
+        super::reports::Gate::Later { wait, schedule } => {
+            if schedule {
+                let coord = st.coord.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    for (ip, observed, report) in coord.reports.due() {
+                        let c = coord.clone();
+                        let r = blocking(move || {
+                            c.report_endpoints_observed(ip, observed, report, now_unix())
+                        })
+                        .await;
+                        if let Err(e) = r {
+                            tracing::warn!(caller = %ip, error = %e, "a debounced endpoint report was refused");
+                        }
+                    }
+                });
+            }
+            // Taken; applied within a second.
+            Ok(StatusCode::ACCEPTED)
+        }
+    }
 }
 
 /// The rotation calls differ only in the registry method they run.

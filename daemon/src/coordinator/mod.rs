@@ -15,6 +15,7 @@ mod auth;
 mod error;
 mod grace;
 mod render;
+mod reports;
 mod schema;
 mod store;
 mod wgquick;

@@ -53,6 +53,8 @@ pub struct Coordinator {
     pub(super) acks: Arc<Acks>,
     /// Our own private keys and the replay cache, for the API's proof of key.
     pub(super) auth: Arc<super::auth::ApiAuth>,
+    /// Endpoint reports, at most one applied per host and second.
+    pub(super) reports: Arc<super::reports::ReportGate>,
 }
 
 /// One host row.
@@ -320,14 +322,7 @@ fn random_hex(n: usize) -> String {
 
 /// Host names are DNS labels: 1 to 63 of `a-z0-9-`, not starting or ending with `-`.
 pub fn validate_name(name: &str) -> Result<(), CoordError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
+    if mesh_proto::netmap::valid_name(name) {
         Ok(())
     } else {
         Err(CoordError::Malformed(format!(
@@ -445,6 +440,7 @@ impl Coordinator {
             recent: Arc::new(RecentJoins::default()),
             acks: Arc::new(Acks::default()),
             auth: Arc::new(super::auth::ApiAuth::default()),
+            reports: Arc::new(super::reports::ReportGate::default()),
         })
     }
 
@@ -1060,6 +1056,13 @@ impl Coordinator {
             CoordError::Internal(format!("no netmap for {name} after its key rotation"))
         })?;
         Ok(RotateResponse { netmap })
+    }
+
+    /// The checks of a report that need no registry (so a debounced report is refused at
+    /// once, not when it is applied).
+    pub fn check_report(&self, report: &EndpointReport) -> Result<(), CoordError> {
+        check_report(report.listen_port, &report.addresses)?;
+        check_advertise(self.settings.mesh_cidr, &report.advertise).map(drop)
     }
 
     /// A host reports its interface addresses and listen port; `observed` is where the

@@ -1703,6 +1703,64 @@ async fn api_rotate() {
     s.stop().await;
 }
 
+/// A member flooding endpoint reports: at most one applied (one netmap version) per second,
+/// the last one wins, and nothing else is disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_endpoint_reports_are_debounced() {
+    let s = server().await;
+    let member = s.member("dock-prod", false);
+    let v0 = s.coord.version();
+    let audit0 = s.coord.audit_log().unwrap().len();
+    let started = Instant::now();
+    let mut codes = std::collections::BTreeMap::new();
+    let n = 200u16;
+    for i in 0..n {
+        let rep = serde_json::to_vec(&EndpointReport {
+            listen_port: 20000 + i,
+            addresses: vec![addr("192.168.1.2")],
+            advertise: vec![],
+        })
+        .unwrap();
+        let r = signed(&s, &member, None, "POST", "/v1/endpoints", &rep).await;
+        *codes.entry(r.status).or_insert(0u32) += 1;
+    }
+    let took = started.elapsed();
+    assert_eq!(
+        codes.keys().copied().collect::<Vec<_>>(),
+        vec![202, 204],
+        "{codes:?}"
+    );
+    // The last report lands within a second of the flood's end.
+    let want = format!("{}", 20000 + n - 1);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let nm = s.coord.netmap_for_name("dock-load").unwrap().unwrap();
+        let p = nm.peers.iter().find(|p| p.name == "dock-prod").unwrap();
+        if p.endpoints
+            .iter()
+            .any(|e| e.addr.port().to_string() == want)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the last report never applied: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let versions = s.coord.version() - v0;
+    let budget = took.as_secs() + 2;
+    eprintln!(
+        "{n} reports in {took:?}: {codes:?}, {versions} netmap versions, {} audit rows",
+        s.coord.audit_log().unwrap().len() - audit0
+    );
+    assert!(
+        versions <= budget,
+        "{versions} versions for {n} reports in {took:?}"
+    );
+    s.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_malformed_oversized_and_unknown_requests() {
     let s = server().await;
