@@ -197,6 +197,20 @@ pub struct Status {
     /// the coordinator, or revoked (`meshctl routes` there).
     #[serde(default)]
     pub ungranted_routes: Vec<IpNet>,
+    /// Input refused lately, newest last: on the coordinator, API requests without a valid
+    /// proof of key; on a member, netmaps it would not take.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<Refusal>,
+    /// How many requests the coordinator API refused since meshd started (coordinator only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_total: Option<u64>,
+}
+
+/// One refused input, for `meshctl status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub at_unix: u64,
+    pub what: String,
 }
 
 /// A control line that could not be decoded.
@@ -565,6 +579,19 @@ pub fn render_status(status: &Status, now_unix: u64) -> String {
             ),
         ));
     }
+    if let Some(n) = status.refused_total {
+        fields.push(("api refusals", format!("{n} since start")));
+    }
+    for r in &status.refused {
+        fields.push((
+            "refused",
+            format!(
+                "{} ago: {}",
+                format_age(now_unix.saturating_sub(r.at_unix)),
+                r.what
+            ),
+        ));
+    }
     let width = fields.iter().map(|(l, _)| l.len()).max().unwrap_or(0) + 1;
     let mut out = String::new();
     for (label, value) in fields {
@@ -776,6 +803,8 @@ mod tests {
             integrations: Vec::new(),
             skipped_routes: Vec::new(),
             ungranted_routes: Vec::new(),
+            refused: Vec::new(),
+            refused_total: None,
         }
     }
 

@@ -78,7 +78,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         at_unix INTEGER NOT NULL,
         PRIMARY KEY (host_key, old_key)
      );",
-    // 6: routes are granted, not taken: an admin's decision on each advertised prefix of a
+    // 6: with each key notice, the MAC key the host proves its key with when it asks for its
+    // notices (`mesh_proto::auth`; the old coordinator key it signs toward is gone). Notices
+    // written before have none: such a host needs a new token.
+    "ALTER TABLE key_notices ADD COLUMN auth_key BLOB;",
+    // 7: routes are granted, not taken: an admin's decision on each advertised prefix of a
     // host (`meshctl routes approve|revoke`). A prefix without a row is pending; so are the
     // prefixes advertised before this migration (they leave the netmaps until approved).
     "CREATE TABLE route_decisions (
