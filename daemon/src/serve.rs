@@ -117,6 +117,39 @@ impl Limits {
     };
 }
 
+impl Limits {
+    /// `max_connections` no larger than half the soft RLIMIT_NOFILE: a server full of
+    /// connections still leaves descriptors for everything else (the control socket, the
+    /// registry, netlink).
+    pub fn within_fd_limit(self) -> Limits {
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(1024);
+        let share = usize::try_from(soft / 2).unwrap_or(usize::MAX).max(16);
+        Limits {
+            max_connections: self.max_connections.min(share),
+            ..self
+        }
+    }
+}
+
+/// Raise the soft RLIMIT_NOFILE to the hard one (what the unit's LimitNOFILE allows): the
+/// servers' caps are sized from it. Returns the soft limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the file descriptor limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 1024,
+    }
+}
+
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -328,6 +361,7 @@ pub async fn serve_http(
     name: &'static str,
     shutdown: impl Future<Output = ()>,
 ) {
+    let limits = limits.within_fd_limit();
     let limiter = ConnLimiter::new(&limits);
     serve_http_with(listener, router, limits, limiter, name, shutdown).await
 }
