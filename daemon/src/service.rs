@@ -112,6 +112,10 @@ pub async fn serve(settings: Settings) -> Result<()> {
         tracing::info!(port = settings.listen_port, interface = %settings.interface, "listen port held by our own interface; adopting it");
     }
     let key = recover_key(&settings)?;
+    // The servers' connection caps are sized from the descriptor limit (the unit's
+    // LimitNOFILE is the hard limit; the soft one is often 1024).
+    let nofile = crate::serve::raise_fd_limit();
+    tracing::debug!(nofile, "file descriptor limit");
     let shutdown = crate::daemon::shutdown_signal()?;
     let engine = settings
         .engine_command
@@ -246,8 +250,10 @@ fn start_coordinator(
         });
     }
 
-    // The API, inside the tunnel. The interface may not exist yet (first pass) or may come
-    // back after an engine restart: bind again until it works.
+    // The API, inside the tunnel, bound to the mesh interface. The interface may not exist
+    // yet (first pass) or may be deleted and created again (`ip link del`, an engine
+    // restart): `serve_api` returns when the interface's index changes, and this loop binds
+    // again until it works.
     let bind = SocketAddr::new(own_address, cc.api_port);
     let device = settings.interface.clone();
     let observed_fn: Arc<dyn Fn(std::net::IpAddr) -> Option<SocketAddr> + Send + Sync> =

@@ -695,8 +695,11 @@ pub async fn serve_key_notices(
         }
         Err(_) => bind_v4(port)?,
     };
+    // A deep accept queue: over-cap connections are accepted and closed at once, so a burst
+    // of them is not left waiting in the kernel's queues (where honest clients would wait
+    // behind them).
     socket
-        .listen(64)
+        .listen(1024)
         .map_err(|e| CoordError::io(ctx("listen"), e))?;
     socket
         .set_nonblocking(true)
