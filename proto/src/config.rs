@@ -1980,6 +1980,8 @@ public_endpoints = ["198.51.100.1:51871"]
         );
         assert!(!c.metrics.enable);
         assert!(c.metrics.mesh_interface_only);
+        assert!(c.integrations.k3s.is_some());
+        assert!(c.integrations.hosts.is_some());
         let c = parse(
             &format!("{}\n[metrics]\nmesh_interface_only = false\n", base()),
             FILE,
@@ -1987,8 +1989,6 @@ public_endpoints = ["198.51.100.1:51871"]
         .expect("metrics off the mesh interface too");
         assert!(!c.metrics.mesh_interface_only);
         assert!(c.dns.mesh_interface_only);
-        assert!(c.integrations.k3s.is_some());
-        assert!(c.integrations.hosts.is_some());
     }
 
     #[test]
