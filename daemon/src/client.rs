@@ -491,10 +491,17 @@ async fn exchange(
             .auth
             .verify_response(header.as_deref(), &nonce, status, &body)
         {
+            // What an unproven error answer says may help the operator (e.g. a clock
+            // skew); a would-be netmap is not shown.
+            let message = if (200..300).contains(&status) {
+                e.to_string()
+            } else {
+                format!("{e}; it said: {}", error_text(at, status, &body))
+            };
             return Err(CallError::Unverified {
                 addr: at,
                 status,
-                message: format!("{e}; it said: {}", error_text(at, status, &body)),
+                message,
             });
         }
         Ok(RawResponse { status, body })

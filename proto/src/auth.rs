@@ -440,7 +440,7 @@ fn unhex16(s: &str) -> Option<[u8; 16]> {
 }
 
 /// Equal lengths and bytes, in time independent of where they differ.
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -477,7 +477,8 @@ mod tests {
         let reg = lab();
         let good = compute_netmap(&reg, "dock-mirror").unwrap();
         assert_eq!(good.validate(), Ok(()));
-        let hostile: Vec<(&str, Box<dyn Fn(&mut Netmap)>)> = vec![
+        type Mangle = Box<dyn Fn(&mut Netmap)>;
+        let hostile: Vec<(&str, Mangle)> = vec![
             (
                 "our own name",
                 Box::new(|m| m.name = "x\n10.0.0.1 evil".into()),
