@@ -94,8 +94,6 @@ struct FloodReport {
     closed_later: Vec<Duration>,
     /// Still open when the flood gave up waiting.
     still_open: usize,
-    /// The most connections open at the same time.
-    peak_open: usize,
 }
 
 impl FloodReport {
@@ -123,7 +121,6 @@ fn flood(target: SocketAddr, count: usize, half: &'static [u8], watch: Duration)
     let deadline = Instant::now() + watch;
     let mut buf = [0u8; 512];
     while !open.is_empty() && Instant::now() < deadline {
-        r.peak_open = r.peak_open.max(open.len());
         open.retain_mut(|(s, since)| match s.read(&mut buf) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
             // Closed (EOF or reset), or an answer (a 408 and close): the server let go.
