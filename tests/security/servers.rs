@@ -2,8 +2,8 @@
 //! the attack fails and that the mesh still works afterwards.
 //!
 //! - ~1000 half-sent requests from an underlay neighbour to the coordinator's key-notice port
-//!   and from a mesh member to the coordinator API: the connections over the caps are closed
-//!   at once, the rest after the header timeout; meanwhile and afterwards `meshctl status`
+//!   and from a mesh member to the coordinator API, its /metrics and its mesh DNS over TCP: the
+//!   connections over the caps are closed at once, the rest after the header timeout; meanwhile and afterwards `meshctl status`
 //!   answers, a host joins, key-notice requests from elsewhere are answered, every pair pings, and
 //!   meshd's descriptors come back to where they were.
 //! - DNS and /metrics do not answer an underlay neighbour (neither at the underlay address nor
@@ -36,6 +36,10 @@ const KEY_NOTICES_PER_SOURCE: usize = 4;
 const KEY_NOTICES_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const API_PER_SOURCE: usize = 16;
 const API_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const METRICS_PER_SOURCE: usize = 4;
+const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const DNS_TCP_PER_SOURCE: usize = 8;
+const DNS_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     meshlab::one_lab_at_a_time()
@@ -226,6 +230,24 @@ fn half_sent_request_floods_do_not_starve_anyone() -> Result<()> {
         ))
     })?;
 
+    // And its /metrics and mesh DNS over TCP (half a length prefix).
+    let metrics_flood = spawn_in_host(&lab, "dock-prod", || {
+        Ok(flood(
+            SocketAddr::from((LOAD, METRICS_PORT)),
+            FLOOD,
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+            METRICS_HEADER_TIMEOUT + Duration::from_secs(10),
+        ))
+    })?;
+    let dns_flood = spawn_in_host(&lab, "dock-prod", || {
+        Ok(flood(
+            SocketAddr::from((LOAD, 53)),
+            FLOOD,
+            b"\x00",
+            DNS_TCP_IDLE_TIMEOUT + Duration::from_secs(10),
+        ))
+    })?;
+
     // Meanwhile: the coordinator answers its control socket, serves an honest key-notice
     // request from another underlay address, and a new host joins.
     std::thread::sleep(Duration::from_secs(1));
@@ -254,6 +276,12 @@ fn half_sent_request_floods_do_not_starve_anyone() -> Result<()> {
     lab.join_host("dock-mirror", &token, JoinMode::Command)
         .context("a join during the floods")?;
     let join_took = t.elapsed();
+    // The new host (another source) gets DNS and /metrics while dock-prod floods them.
+    poll_until(
+        Duration::from_secs(10),
+        "DNS and /metrics of dock-load from dock-mirror during the floods",
+        || served_over_mesh(&lab, "dock-mirror", LOAD),
+    )?;
 
     let notices = notice_flood
         .join()
@@ -261,14 +289,29 @@ fn half_sent_request_floods_do_not_starve_anyone() -> Result<()> {
     let api = api_flood
         .join()
         .map_err(|_| anyhow!("the API flood panicked"))??;
-    eprintln!(
-        "key-notice flood from dock-dash: {notices:?}; longest held {:?}",
-        notices.longest()
-    );
-    eprintln!(
-        "API flood from dock-prod: {api:?}; longest held {:?}",
-        api.longest()
-    );
+    let metrics = metrics_flood
+        .join()
+        .map_err(|_| anyhow!("the /metrics flood panicked"))??;
+    let dns = dns_flood
+        .join()
+        .map_err(|_| anyhow!("the DNS flood panicked"))??;
+    for (what, r) in [
+        ("key-notice flood from dock-dash", &notices),
+        ("API flood from dock-prod", &api),
+        ("/metrics flood from dock-prod", &metrics),
+        ("DNS-over-TCP flood from dock-prod", &dns),
+    ] {
+        eprintln!(
+            "{what}: {} opened ({} not), {} closed at once, {} later (longest held {:?}), {} \
+             left open",
+            r.opened,
+            r.not_connected,
+            r.closed_at_once,
+            r.closed_later.len(),
+            r.longest(),
+            r.still_open
+        );
+    }
     eprintln!(
         "coordinator meshd descriptors: {fds_before} before, {fds_during} during; meshctl \
          status took {status_took:?}, the join {join_took:?}"
@@ -281,6 +324,18 @@ fn half_sent_request_floods_do_not_starve_anyone() -> Result<()> {
             KEY_NOTICES_HEADER_TIMEOUT,
         ),
         ("API", &api, API_PER_SOURCE, API_HEADER_TIMEOUT),
+        (
+            "/metrics",
+            &metrics,
+            METRICS_PER_SOURCE,
+            METRICS_HEADER_TIMEOUT,
+        ),
+        (
+            "DNS over TCP",
+            &dns,
+            DNS_TCP_PER_SOURCE,
+            DNS_TCP_IDLE_TIMEOUT,
+        ),
     ] {
         assert!(
             r.opened >= FLOOD * 9 / 10,
