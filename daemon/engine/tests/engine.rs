@@ -735,7 +735,18 @@ fn a_replayed_initiation_is_answered_but_never_moves_the_endpoint() {
 
 #[test]
 fn a_real_peer_completes_a_handshake_through_cookies_during_a_flood() {
-    let p = tunnel(Impl::Ours, Impl::Ours);
+    handshake_through_cookies(Impl::Ours);
+}
+
+/// The cookie replies are the protocol's: wireguard-go takes them and retries with MAC2.
+#[test]
+fn wireguard_go_completes_a_handshake_through_our_cookies_during_a_flood() {
+    handshake_through_cookies(Impl::WireguardGo);
+}
+
+/// A (`initiator`) handshakes with our engine B while B is under a flood.
+fn handshake_through_cookies(initiator: Impl) {
+    let p = tunnel(initiator, Impl::Ours);
     p.wait_ping('a', p.b.mesh4);
     attacker_network_in_a(&p);
     let flood = p
