@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The engine under a handshake flood from an underlay neighbour.
 #
-#   sudo bench/flood.sh            # DURATION=30 RATE=20000 SOURCES=256 BASELINE=10
+#   sudo bench/flood.sh            # DURATION=30 RATE=20000 SOURCES=256 BASELINE=10 COOKIES=1
 #
 # Builds four network namespaces of its own (names end in this script's PID): A and B run
 # meshd-wg (release build) with each other as peer; X is the attacker, on the same underlay
@@ -9,7 +9,10 @@
 # BASELINE seconds without a flood, then for DURATION seconds while X sends handshake
 # initiations to B's engine with a valid MAC1 for B's public key, each claiming A's public key
 # (an attacker knows public keys), from SOURCES addresses of 198.18.0.0/16 and ephemeral
-# ports, at RATE datagrams a second (the tool caps it at 50000). Everything stays inside the
+# ports, at RATE datagrams a second (the tool caps it at 50000). With COOKIES=1 (default) a
+# third phase repeats the flood as an attacker that owns its source addresses: it decrypts
+# B's cookie replies and sends with a valid MAC2 from then on, so only the per-source and
+# device-wide handshake budgets stand between it and B's CPU. Everything stays inside the
 # namespaces; everything made here is removed on exit, and only processes started here are
 # stopped (by PID).
 #
@@ -23,6 +26,7 @@ DURATION=${DURATION:-30}
 RATE=${RATE:-20000}
 SOURCES=${SOURCES:-256}
 BASELINE=${BASELINE:-10}
+COOKIES=${COOKIES:-1}
 
 [ "$(id -u)" = 0 ] || { echo "flood.sh: needs root (network namespaces)" >&2; exit 2; }
 for tool in ip wg ping awk sort; do
@@ -102,25 +106,30 @@ total() {
     { grep -o "$1=[0-9]*" "$work/b.log" || true; } | tail -1 | cut -d= -f2
 }
 
-# One phase: ping every 10 ms for $2 seconds (with the flood if $1 = flood); print figures.
+# One phase: ping every 10 ms for $2 seconds (baseline: no flood; flood; cookies: the flood
+# with cookies); print figures.
 phase() {
     local name=$1 secs=$2
     local ca0 cb0 ca1 cb1 c0 c1
     c0=$(total cookies_sent); c0=${c0:-0}
     local p0; p0=$(total processed); p0=${p0:-0}
+    local r0; r0=$(( $(total rate_limited || true) + $(total busy || true) + 0 ))
     ca0=$(cpu $ENGINE_A); cb0=$(cpu $ENGINE_B)
-    if [ "$name" = flood ]; then
+    if [ "$name" != baseline ]; then
+        local wc=0; [ "$name" = cookies ] && wc=1
         ip netns exec $NX "$FLOOD" flood --target 192.0.2.2:51820 --target-key "$PB" --claim-key "$PA" \
-            --sources "$SOURCES" --rate "$RATE" --duration "$secs" > "$work/flood.out" &
+            --sources "$SOURCES" --rate "$RATE" --duration "$secs" --with-cookies $wc \
+            > "$work/$name.out" &
         pids+=($!); local fpid=$!
     fi
     in_ns $NA ping -i 0.01 -W 1 -w "$secs" 10.201.0.2 > "$work/$name.ping" 2>&1 || true
     ca1=$(cpu $ENGINE_A); cb1=$(cpu $ENGINE_B)
-    [ "$name" = flood ] && wait "$fpid"
+    [ "$name" != baseline ] && wait "$fpid"
     # The engine logs its totals every 5 s.
     sleep 6
     c1=$(total cookies_sent); c1=${c1:-0}
     local p1; p1=$(total processed); p1=${p1:-0}
+    local r1; r1=$(( $(total rate_limited || true) + $(total busy || true) + 0 ))
     local summary
     summary=$(grep -E 'packets transmitted' "$work/$name.ping")
     grep -o 'time=[0-9.]*' "$work/$name.ping" | cut -d= -f2 | sort -n > "$work/$name.rtt"
@@ -133,12 +142,13 @@ phase() {
     awk -v a0="$ca0" -v a1="$ca1" -v b0="$cb0" -v b1="$cb1" -v hz="$hz" -v s="$secs" 'BEGIN {
         printf "engine_cpu_seconds target(B)=%.2f (%.0f%% of a core) peer(A)=%.2f\n",
             (b1-b0)/hz, 100*(b1-b0)/hz/s, (a1-a0)/hz }'
-    echo "cookies_sent_by_B=$((c1 - c0)) handshakes_processed_by_B=$((p1 - p0)) (Diffie-Hellman work; the rest got cookies)"
-    if [ "$name" = flood ]; then sed 's/^/flooder: /' "$work/flood.out"; fi
+    echo "cookies_sent_by_B=$((c1 - c0)) handshakes_processed_by_B=$((p1 - p0)) (Diffie-Hellman work) refused_by_the_budgets=$((r1 - r0))"
+    if [ "$name" != baseline ]; then sed 's/^/flooder: /' "$work/$name.out"; fi
     echo "B's endpoint for A: $(endpoint_at_b) (expected 192.0.2.1:51820); endpoint moves logged by B: $(total endpoint_moves)"
 }
 
 echo "meshd-wg flood benchmark: rate=$RATE/s sources=$SOURCES duration=${DURATION}s, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 [ "$BASELINE" -gt 0 ] && phase baseline "$BASELINE"
 phase flood "$DURATION"
+[ "$COOKIES" = 1 ] && phase cookies "$DURATION"
 { grep -h 'under load\|handshake gate totals' "$work/b.log" || true; } | tail -3 | sed 's/^/B log: /'

@@ -201,7 +201,7 @@ fn replayed_handshake_messages_from_an_underlay_neighbour_move_no_endpoint() -> 
             "--out",
             tap,
             "--count",
-            "4",
+            "2",
             "--timeout",
             "60",
         ],

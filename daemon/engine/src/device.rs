@@ -173,6 +173,9 @@ pub struct HandshakeStats {
     pub bad_mac: AtomicU64,
     /// Handshake messages with valid MACs refused by the per-source limit.
     pub rate_limited: AtomicU64,
+    /// Handshake messages with valid MACs refused because the device's handshake budget was
+    /// spent (senders holding cookies for many addresses).
+    pub busy: AtomicU64,
     /// Handshake messages passed on to the noise state (Diffie-Hellman work).
     pub processed: AtomicU64,
     /// Times a peer's endpoint moved (only ever on an authenticated packet).
@@ -180,11 +183,12 @@ pub struct HandshakeStats {
 }
 
 impl HandshakeStats {
-    fn snapshot(&self) -> [u64; 5] {
+    fn snapshot(&self) -> [u64; 6] {
         [
             self.cookies_sent.load(Ordering::Relaxed),
             self.bad_mac.load(Ordering::Relaxed),
             self.rate_limited.load(Ordering::Relaxed),
+            self.busy.load(Ordering::Relaxed),
             self.processed.load(Ordering::Relaxed),
             self.endpoint_moves.load(Ordering::Relaxed),
         ]
@@ -656,10 +660,18 @@ impl Device {
                 };
                 *handshakes += 1;
                 gate.note_handshake(now);
-                if gate.admit(ip, now, need_cookie) == Admit::RateLimited {
-                    self.handshakes.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    tracing::trace!(%from, "handshake refused: source over its limit");
-                    return None;
+                match gate.admit(ip, now, need_cookie) {
+                    Admit::Process => {}
+                    Admit::RateLimited => {
+                        self.handshakes.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        tracing::trace!(%from, "handshake refused: source over its limit");
+                        return None;
+                    }
+                    Admit::Busy => {
+                        self.handshakes.busy.fetch_add(1, Ordering::Relaxed);
+                        tracing::trace!(%from, "handshake refused: device handshake budget spent");
+                        return None;
+                    }
                 }
                 self.handshakes.processed.fetch_add(1, Ordering::Relaxed);
                 match packet {
@@ -720,11 +732,13 @@ impl Device {
                 let now = self.handshakes.snapshot();
                 if now != reported {
                     reported = now;
-                    let [cookies_sent, bad_mac, rate_limited, processed, endpoint_moves] = now;
+                    let [cookies_sent, bad_mac, rate_limited, busy, processed, endpoint_moves] =
+                        now;
                     tracing::info!(
                         cookies_sent,
                         bad_mac,
                         rate_limited,
+                        busy,
                         processed,
                         endpoint_moves,
                         "handshake gate totals"

@@ -19,6 +19,10 @@
 //!   drained source is asked for a cookie rather than refused: the real owner gets the cookie
 //!   and comes back through the *proven* bucket, which only a sender that receives at the
 //!   address can use.
+//! * **Bounded work.** Admitted handshakes also take from one device-wide bucket
+//!   ([`GateConfig::work`]), so that senders who do hold cookies for many addresses they own
+//!   cannot spend more than that on Diffie-Hellman work and starve the data path (which the
+//!   same workers serve).
 //! * **Bounded memory.** At most [`GateConfig::max_sources`] addresses are tracked. An entry
 //!   whose buckets are both full says nothing a missing entry would not, so it is dropped when
 //!   room is needed; when every entry is busy a new source is refused until one idles.
@@ -94,6 +98,8 @@ pub struct GateConfig {
     pub anonymous: BucketConfig,
     /// Handshakes a source that showed a valid cookie may have handled.
     pub proven: BucketConfig,
+    /// Handshakes the whole device handles (Diffie-Hellman work), whoever sends them.
+    pub work: BucketConfig,
     /// Most source addresses tracked at once.
     pub max_sources: usize,
 }
@@ -119,6 +125,12 @@ impl Default for GateConfig {
                 per_sec: 20.0,
                 burst: 10.0,
             },
+            // Each handshake costs three X25519 operations (one to learn the sender, two in the
+            // noise state), roughly 0.1 ms: 1000 a second is a tenth of a core.
+            work: BucketConfig {
+                per_sec: 1000.0,
+                burst: 200.0,
+            },
             max_sources: 4096,
         }
     }
@@ -131,6 +143,8 @@ pub enum Admit {
     Process,
     /// Refused: this source used up its budget (or the table is full of busy sources).
     RateLimited,
+    /// Refused: the device spent its handshake budget for now.
+    Busy,
 }
 
 /// The key a source is tracked under: IPv4 addresses whole, IPv6 by /64 (one host usually
@@ -168,6 +182,7 @@ struct Source {
 pub struct HandshakeGate {
     cfg: GateConfig,
     load: TokenBucket,
+    work: TokenBucket,
     under_load_until: Option<Duration>,
     sources: HashMap<SourceKey, Source>,
     /// When the table was last swept for idle entries (a full table is swept at most once per
@@ -179,6 +194,7 @@ impl HandshakeGate {
     pub fn new(cfg: GateConfig, now: Duration) -> Self {
         HandshakeGate {
             load: TokenBucket::full(&cfg.load, now),
+            work: TokenBucket::full(&cfg.work, now),
             under_load_until: None,
             sources: HashMap::new(),
             last_sweep: None,
@@ -252,10 +268,12 @@ impl HandshakeGate {
         } else {
             s.anonymous.take(&anon_cfg, now)
         };
-        if ok {
-            Admit::Process
-        } else {
+        if !ok {
             Admit::RateLimited
+        } else if !self.work.take(&self.cfg.work, now) {
+            Admit::Busy
+        } else {
+            Admit::Process
         }
     }
 
@@ -428,6 +446,30 @@ mod tests {
         assert_ne!(
             SourceKey::of(IpAddr::V6(Ipv6Addr::LOCALHOST)),
             SourceKey::of(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        );
+    }
+
+    #[test]
+    fn many_cookie_holding_sources_together_get_no_more_than_the_device_budget() {
+        let mut g = HandshakeGate::new(GateConfig::default(), ms(0));
+        // 1000 sources that each hold a valid cookie, 20 handshakes a second each (their own
+        // limit) for 5 s: 100000 handshakes offered.
+        let mut processed = 0;
+        for t in 0..100u64 {
+            for i in 0..1000 {
+                if g.admit(v4(i), ms(t * 50), true) == Admit::Process {
+                    processed += 1;
+                }
+            }
+        }
+        // burst 200 + 1000/s over 4.95 s.
+        assert!(
+            processed <= 200 + 4950 + 1,
+            "{processed} handshakes processed"
+        );
+        assert!(
+            processed >= 4000,
+            "{processed}: the budget is used, not starved"
         );
     }
 

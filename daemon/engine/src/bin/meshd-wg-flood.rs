@@ -4,7 +4,7 @@
 //! ```text
 //! meshd-wg-flood flood --target ADDR:PORT --target-key B64 [--claim-key B64]
 //!                      [--source-net 198.18.0.0/16] [--sources 64] [--rate 5000]
-//!                      [--duration 30]
+//!                      [--duration 30] [--with-cookies 1]
 //! meshd-wg-flood capture --port PORT --out FILE [--count 4] [--timeout 20]
 //! meshd-wg-flood replay --target ADDR:PORT --in FILE [--source ADDR] [--repeat 3]
 //! ```
@@ -15,8 +15,10 @@
 //! needs the claimed peer's private key, fails). They leave from `--sources` UDP sockets bound
 //! to addresses of `--source-net` (the caller makes that network local in the flooder's
 //! namespace: `ip route add local NET dev lo`) and ephemeral ports, at most `--rate` datagrams
-//! a second (capped at 50000). Cookie replies that come back are counted. It prints
-//! `key=value` lines.
+//! a second (capped at 50000). Cookie replies that come back are counted. With
+//! `--with-cookies 1` the flooder behaves like an attacker that owns its source addresses: it
+//! decrypts each cookie reply (the key derives from the target's public key) and from then on
+//! sends from that address with a valid MAC2. It prints `key=value` lines.
 //!
 //! `capture` reads IPv4 UDP datagrams to or from `--port` on every interface of its network
 //! namespace (an AF_PACKET socket: run it where a wire tap would be) and writes the WireGuard
@@ -25,7 +27,7 @@
 //! `replay` sends each captured message from `--source` (default any) to the target,
 //! `--repeat` times.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -44,6 +46,7 @@ use rand_core::{OsRng, RngCore};
 const CONSTRUCTION: &[u8] = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s";
 const IDENTIFIER: &[u8] = b"WireGuard v1 zx2c4 Jason@zx2c4.com";
 const LABEL_MAC1: &[u8] = b"mac1----";
+const LABEL_COOKIE: &[u8] = b"cookie--";
 const INIT_LEN: usize = 148;
 const MAX_RATE: u64 = 50_000;
 
@@ -71,9 +74,9 @@ fn kdf2(key: &[u8; 32], input: &[u8]) -> ([u8; 32], [u8; 32]) {
     (t1, t2)
 }
 
-fn mac16(key: &[u8; 32], data: &[u8]) -> [u8; 16] {
+fn mac16(key: &[u8], data: &[u8]) -> [u8; 16] {
     let mut m = <Blake2sMac<blake2::digest::consts::U16> as KeyInit>::new_from_slice(key)
-        .expect("a 32-byte key");
+        .expect("a key of at most 32 bytes");
     Update::update(&mut m, data);
     m.finalize_fixed().into()
 }
@@ -128,6 +131,30 @@ fn forged_initiation(target: &[u8; 32], claimed: &[u8; 32], sender_index: u32) -
 
 fn mac1_key(target: &[u8; 32]) -> [u8; 32] {
     hash(&[LABEL_MAC1, target])
+}
+
+/// The cookie in a cookie reply, if it was sealed for one of the MAC1s in `recent`.
+fn open_cookie(target: &[u8; 32], reply: &[u8], recent: &VecDeque<[u8; 16]>) -> Option<[u8; 16]> {
+    use chacha20poly1305::aead::{Aead, Payload};
+    use chacha20poly1305::{KeyInit as _, XChaCha20Poly1305};
+    if reply.len() != 64 || reply[0] != 3 {
+        return None;
+    }
+    let key = hash(&[LABEL_COOKIE, target]);
+    let cipher = XChaCha20Poly1305::new(&key.into());
+    let nonce = chacha20poly1305::XNonce::from_slice(&reply[8..32]);
+    recent.iter().rev().find_map(|mac1| {
+        let plain = cipher
+            .decrypt(
+                nonce,
+                Payload {
+                    msg: &reply[32..64],
+                    aad: mac1,
+                },
+            )
+            .ok()?;
+        plain.try_into().ok()
+    })
 }
 
 fn key_arg(s: &str) -> anyhow::Result<[u8; 32]> {
@@ -193,6 +220,7 @@ fn flood(a: &Args) -> anyhow::Result<()> {
     let sources: usize = a.num("sources", 64)?;
     let rate: u64 = a.num("rate", 5000u64)?.clamp(1, MAX_RATE);
     let duration = Duration::from_secs_f64(a.num("duration", 30.0f64)?);
+    let with_cookies = a.num("with-cookies", 0u8)? != 0;
     if sources == 0 || sources > 4096 {
         bail!("--sources must be 1..=4096");
     }
@@ -227,6 +255,12 @@ fn flood(a: &Args) -> anyhow::Result<()> {
         })
         .collect();
     let mut next_drain = Instant::now();
+    // Per source: its cookie (once learned) and the MAC1s of its latest messages (a cookie
+    // reply is sealed with the MAC1 of the message it answers).
+    let mut cookie: Vec<Option<[u8; 16]>> = vec![None; socks.len()];
+    let mut recent: Vec<VecDeque<[u8; 16]>> = vec![VecDeque::new(); socks.len()];
+    let mut cookies_learned: u64 = 0;
+    let mut sent_with_mac2: u64 = 0;
     while started.elapsed() < duration {
         // Pace: as many datagrams as the rate allows by now.
         let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
@@ -234,6 +268,19 @@ fn flood(a: &Args) -> anyhow::Result<()> {
             let i = (sent % socks.len() as u64) as usize;
             let t = (sent % templates.len() as u64) as usize;
             stamp(&mut templates[t], &mac1, OsRng.next_u32());
+            if with_cookies {
+                let mut m1 = [0u8; 16];
+                m1.copy_from_slice(&templates[t][116..132]);
+                if recent[i].len() == 32 {
+                    recent[i].pop_front();
+                }
+                recent[i].push_back(m1);
+                if let Some(c) = cookie[i] {
+                    let mac2 = mac16(&c, &templates[t][..132]);
+                    templates[t][132..148].copy_from_slice(&mac2);
+                    sent_with_mac2 += 1;
+                }
+            }
             match socks[i].send_to(&templates[t], target) {
                 Ok(_) => {}
                 Err(_) => send_errors += 1,
@@ -245,11 +292,20 @@ fn flood(a: &Args) -> anyhow::Result<()> {
             // SAFETY: valid pollfds for sockets that live across the call.
             let r = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, 0) };
             if r > 0 {
-                for (pfd, s) in pollfds.iter_mut().zip(&socks) {
+                for (i, (pfd, s)) in pollfds.iter_mut().zip(&socks).enumerate() {
                     if pfd.revents != 0 {
                         while let Ok(n) = s.recv(&mut buf) {
                             if n == 64 && buf[0] == 3 {
                                 cookies += 1;
+                                if with_cookies {
+                                    if let Some(c) = open_cookie(&target_key, &buf[..n], &recent[i])
+                                    {
+                                        if cookie[i] != Some(c) {
+                                            cookies_learned += 1;
+                                        }
+                                        cookie[i] = Some(c);
+                                    }
+                                }
                             } else {
                                 other_replies += 1;
                             }
@@ -269,6 +325,10 @@ fn flood(a: &Args) -> anyhow::Result<()> {
     println!("sources={}", socks.len());
     println!("cookie_replies_received={cookies}");
     println!("other_replies_received={other_replies}");
+    if with_cookies {
+        println!("cookies_learned={cookies_learned}");
+        println!("sent_with_valid_cookie={sent_with_mac2}");
+    }
     Ok(())
 }
 
@@ -439,6 +499,34 @@ mod tests {
         let mut dst = [0u8; 2048];
         let r = tunn.decapsulate(None, &msg, &mut dst);
         assert!(matches!(r, TunnResult::Err(_)), "{r:?}");
+    }
+
+    #[test]
+    fn a_cookie_reply_opens_and_the_mac2_made_with_it_passes_the_target() {
+        let target = StaticSecret::random_from_rng(OsRng);
+        let target_pub = PublicKey::from(&target);
+        let mut msg = forged_initiation(target_pub.as_bytes(), &[9u8; 32], 1);
+        // Always under load: demands MAC2, answers with a cookie.
+        let limiter = RateLimiter::new(&target_pub, 0);
+        let src: std::net::IpAddr = "198.18.0.9".parse().unwrap();
+        let mut dst = [0u8; 256];
+        let reply = match limiter.verify_packet(Some(src), &msg, &mut dst) {
+            Err(TunnResult::WriteToNetwork(r)) => r.to_vec(),
+            _ => panic!("expected a cookie reply"),
+        };
+        let mut recent = VecDeque::new();
+        recent.push_back([0u8; 16]);
+        let mut m1 = [0u8; 16];
+        m1.copy_from_slice(&msg[116..132]);
+        recent.push_back(m1);
+        let c = open_cookie(target_pub.as_bytes(), &reply, &recent).expect("cookie opens");
+        stamp(&mut msg, &mac1_key(target_pub.as_bytes()), 2);
+        let mac2 = mac16(&c, &msg[..132]);
+        msg[132..148].copy_from_slice(&mac2);
+        assert!(limiter.verify_packet(Some(src), &msg, &mut dst).is_ok());
+        // From another address the cookie is worth nothing.
+        let other: std::net::IpAddr = "198.18.0.10".parse().unwrap();
+        assert!(limiter.verify_packet(Some(other), &msg, &mut dst).is_err());
     }
 
     #[test]
