@@ -532,7 +532,14 @@ impl Device {
             let mut accepted = false;
             // The packet proves it came from the peer (see above): it may move the endpoint.
             let mut authenticated = false;
-            let packet = match tunn.decapsulate(Some(from.ip()), datagram, &mut b.scratch) {
+            let handshake = matches!(kind, Kind::Initiation | Kind::Response);
+            let started = handshake.then(Instant::now);
+            let result = tunn.decapsulate(Some(from.ip()), datagram, &mut b.scratch);
+            if let Some(t) = started {
+                // Handshake work counts against the device's time budget.
+                self.gate.lock().charge_work(now, t.elapsed());
+            }
+            let packet = match result {
                 TunnResult::WriteToNetwork(reply) => {
                     // Our response to an initiation, or the keepalive that confirms a
                     // handshake our initiation started (the `Tunn`'s limiter never answers with
@@ -676,7 +683,10 @@ impl Device {
                 self.handshakes.processed.fetch_add(1, Ordering::Relaxed);
                 match packet {
                     Packet::HandshakeInit(init) => {
-                        let half = parse_handshake_anon(&keys.secret, &keys.public, &init).ok()?;
+                        let started = Instant::now();
+                        let half = parse_handshake_anon(&keys.secret, &keys.public, &init);
+                        gate.charge_work(now, started.elapsed());
+                        let half = half.ok()?;
                         st.peers
                             .get(&half.peer_static_public)
                             .cloned()

@@ -19,10 +19,14 @@
 //!   drained source is asked for a cookie rather than refused: the real owner gets the cookie
 //!   and comes back through the *proven* bucket, which only a sender that receives at the
 //!   address can use.
-//! * **Bounded work.** Admitted handshakes also take from one device-wide bucket
-//!   ([`GateConfig::work`]), so that senders who do hold cookies for many addresses they own
-//!   cannot spend more than that on Diffie-Hellman work and starve the data path (which the
-//!   same workers serve).
+//! * **Bounded work.** The time the engine spends on handshakes (Diffie-Hellman work, measured
+//!   by the caller and charged with [`HandshakeGate::charge_work`]) comes out of one
+//!   device-wide bucket of seconds ([`GateConfig::work`]); while it is in debt and the engine
+//!   is under load, handshakes are refused (outside load at most the load budget of
+//!   handshakes arrives anyway, and a legitimate one is never refused for a thread that was
+//!   merely descheduled while it was timed). Senders who do hold cookies for many addresses they own thus cannot take more
+//!   than that share of a core and starve the data path (which the same workers serve). It is
+//!   a time budget, not a count, so it holds on a slow machine or a debug build too.
 //! * **Bounded memory.** At most [`GateConfig::max_sources`] addresses are tracked. An entry
 //!   whose buckets are both full says nothing a missing entry would not, so it is dropped when
 //!   room is needed; when every entry is busy a new source is refused until one idles.
@@ -80,6 +84,19 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket holds anything at `now` (it may be in debt after [`Self::spend`]).
+    pub fn has_credit(&mut self, cfg: &BucketConfig, now: Duration) -> bool {
+        self.refill(cfg, now);
+        self.tokens > 0.0
+    }
+
+    /// Spend `amount` (which may exceed what is there: the debt, bounded by one burst, is
+    /// paid back by the refill before anything more is allowed).
+    pub fn spend(&mut self, cfg: &BucketConfig, now: Duration, amount: f64) {
+        self.refill(cfg, now);
+        self.tokens = (self.tokens - amount).max(-cfg.burst);
+    }
+
     /// Whether the bucket is full at `now` (an idle bucket, equivalent to a fresh one).
     pub fn is_full(&mut self, cfg: &BucketConfig, now: Duration) -> bool {
         self.refill(cfg, now);
@@ -98,7 +115,8 @@ pub struct GateConfig {
     pub anonymous: BucketConfig,
     /// Handshakes a source that showed a valid cookie may have handled.
     pub proven: BucketConfig,
-    /// Handshakes the whole device handles (Diffie-Hellman work), whoever sends them.
+    /// Seconds of handshake work (Diffie-Hellman) the whole device spends per second, whoever
+    /// the senders are.
     pub work: BucketConfig,
     /// Most source addresses tracked at once.
     pub max_sources: usize,
@@ -125,11 +143,11 @@ impl Default for GateConfig {
                 per_sec: 20.0,
                 burst: 10.0,
             },
-            // Each handshake costs three X25519 operations (one to learn the sender, two in the
-            // noise state), roughly 0.1 ms: 1000 a second is a tenth of a core.
+            // A tenth of a core (a handshake is three X25519 operations, about 0.1 ms in a
+            // release build: some 1000 a second).
             work: BucketConfig {
-                per_sec: 1000.0,
-                burst: 200.0,
+                per_sec: 0.1,
+                burst: 0.02,
             },
             max_sources: 4096,
         }
@@ -143,7 +161,7 @@ pub enum Admit {
     Process,
     /// Refused: this source used up its budget (or the table is full of busy sources).
     RateLimited,
-    /// Refused: the device spent its handshake budget for now.
+    /// Refused: the device spent its handshake time budget for now.
     Busy,
 }
 
@@ -270,11 +288,17 @@ impl HandshakeGate {
         };
         if !ok {
             Admit::RateLimited
-        } else if !self.work.take(&self.cfg.work, now) {
+        } else if self.under_load(now) && !self.work.has_credit(&self.cfg.work, now) {
             Admit::Busy
         } else {
             Admit::Process
         }
+    }
+
+    /// An admitted handshake took `spent` of work: charge it to the device's budget.
+    pub fn charge_work(&mut self, now: Duration, spent: Duration) {
+        let cfg = self.cfg.work;
+        self.work.spend(&cfg, now, spent.as_secs_f64());
     }
 
     /// Make room for one more source; false if the table is full of busy sources.
@@ -450,27 +474,47 @@ mod tests {
     }
 
     #[test]
-    fn many_cookie_holding_sources_together_get_no_more_than_the_device_budget() {
+    fn many_cookie_holding_sources_together_get_no_more_than_the_time_budget() {
         let mut g = HandshakeGate::new(GateConfig::default(), ms(0));
         // 1000 sources that each hold a valid cookie, 20 handshakes a second each (their own
-        // limit) for 5 s: 100000 handshakes offered.
+        // limit) for 5 s, each handshake taking 1 ms (a slow machine): 100 s of work offered.
         let mut processed = 0;
         for t in 0..100u64 {
             for i in 0..1000 {
-                if g.admit(v4(i), ms(t * 50), true) == Admit::Process {
+                let now = ms(t * 50);
+                g.note_handshake(now);
+                if g.admit(v4(i), now, true) == Admit::Process {
+                    g.charge_work(now, ms(1));
                     processed += 1;
                 }
             }
         }
-        // burst 200 + 1000/s over 4.95 s.
+        // 0.1 s of work a second for 5 s plus the burst: about 520 ms of work, i.e. some 520
+        // handshakes of 1 ms (one of overdraft per refill step at most).
+        assert!(processed <= 620, "{processed} handshakes processed");
         assert!(
-            processed <= 200 + 4950 + 1,
-            "{processed} handshakes processed"
-        );
-        assert!(
-            processed >= 4000,
+            processed >= 400,
             "{processed}: the budget is used, not starved"
         );
+    }
+
+    #[test]
+    fn a_debt_is_paid_back_before_the_next_handshake() {
+        let mut g = HandshakeGate::new(GateConfig::default(), ms(0));
+        for _ in 0..200 {
+            g.note_handshake(ms(0));
+        }
+        assert_eq!(g.admit(v4(1), ms(0), true), Admit::Process);
+        // One very slow handshake: the debt is capped at one burst (20 ms of work)...
+        g.charge_work(ms(0), Duration::from_secs(5));
+        assert_eq!(g.admit(v4(2), ms(100), true), Admit::Busy);
+        // ...and repaid at 0.1 s a second: from -20 ms back above zero takes 200 ms.
+        assert_eq!(g.admit(v4(3), ms(190), true), Admit::Busy);
+        assert_eq!(g.admit(v4(4), ms(210), true), Admit::Process);
+        // Outside load the time budget refuses nothing.
+        g.charge_work(ms(210), Duration::from_secs(5));
+        assert!(!g.under_load(ms(1500)));
+        assert_eq!(g.admit(v4(5), ms(1500), false), Admit::Process);
     }
 
     #[test]
