@@ -229,8 +229,8 @@ pub struct Device {
     /// Counters of packets dropped by cryptokey routing (for tests and diagnostics).
     pub dropped_no_route: AtomicU64,
     pub dropped_bad_source: AtomicU64,
-    /// Which handshake messages get Diffie-Hellman work (used by the inbound path only, which
-    /// is serialised by `udp_lock`, so this lock is never contended).
+    /// Which handshake messages get Diffie-Hellman work. Used by the inbound path, which
+    /// `udp_lock` serialises, and for a moment by the timer thread (load state, sweeps).
     gate: Mutex<HandshakeGate>,
     pub handshakes: HandshakeStats,
 }
