@@ -126,8 +126,15 @@ if [[ $RECORD == 1 ]]; then
   sleep 0.5
   ina iperf3 -c 10.99.98.2 -p 5201 -t "$DURATION" -J > "$OUTDIR/record-tcp1.json"
   wait "$rec_pid" || true
-  echo "hottest functions, both engines, TCP 1 stream (perf record -e cpu-clock):" | tee -a "$OUTDIR/summary.txt"
-  perf report -i "$OUTDIR/perf.data" --stdio --no-children --sort dso,symbol --percent-limit 1.5 2>/dev/null |
-    grep -v '^#' | grep -v '^$' | head -30 | tee -a "$OUTDIR/summary.txt"
+  report() { # perf report lines without comments and the empty trailing columns
+    perf report -i "$OUTDIR/perf.data" --stdio --no-children "$@" 2>/dev/null |
+      grep -v '^#' | grep -v '^$' | sed 's/[[:space:]-]*$//'
+  }
+  {
+    echo "CPU samples of both engines, TCP 1 stream (perf record -e cpu-clock), by object:"
+    report --sort dso | head -6
+    echo "hottest functions ([k] kernel, [.] user space):"
+    report --sort symbol --percent-limit 0.8 | head -30
+  } | tee -a "$OUTDIR/summary.txt"
 fi
 echo "profile.sh: results in $OUTDIR" >&2

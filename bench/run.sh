@@ -2,7 +2,7 @@
 # run.sh - the data-plane benchmark in one command: meshd-wg, boringtun-cli 0.7.1 and
 # wireguard-go (Debian) alternately in one run, plus the one-core ChaCha20-Poly1305 limit.
 #
-#   sudo bench/run.sh            # 3 rounds of 10 s per test, about 10 minutes
+#   sudo bench/run.sh            # 3 rounds of 10 s per test, about 11 minutes
 #   sudo bench/run.sh --smoke    # meshd-wg only, 1 round of 2 s: checks the bench end to end
 #
 # What it needs it installs: the Debian packages (wireguard-tools wireguard-go iperf3

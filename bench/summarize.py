@@ -96,14 +96,22 @@ if crypto and SUBJECT in impls:
 print("| metric | " + " | ".join(head) + " |")
 print("|---|" + "---|" * len(head))
 for m, desc in metrics:
+    if m.endswith("_waited_quiet_s"):
+        continue
     cells = [cell(list(data.get((i, m), {}).values())) for i in impls]
     if SUBJECT in impls:
         subj = data.get((SUBJECT, m), {})
-        cells += [ratio(subj, data.get((r, m), {})) for r in refs]
+        # ratios only for the figures of the implementations, not for the noise indicators
+        noise = any(w in m for w in ("foreign", "sys_busy", "waited"))
+        cells += ["" if noise else ratio(subj, data.get((r, m), {})) for r in refs]
         if crypto:
             cells.append(ratio(subj, crypto) if m.endswith("cpu_s_per_GB") else "")
     print(f"| {desc} | " + " | ".join(cells) + " |")
 
+waited = [v for (i, m), d in data.items() if m.endswith("_waited_quiet_s") for v in d.values()]
+if waited:
+    print()
+    print(f"Waited for a quieter machine before {len(waited)} tests, {sum(waited):.0f} s in all.")
 if crypto:
     enc = list(data.get(("crypto", "enc_gbps"), {}).values())
     dec = list(data.get(("crypto", "dec_gbps"), {}).values())
