@@ -2,10 +2,8 @@
 //! (`membership.json`) and the cached netmap (`netmap.json`). Every file is written atomically
 //! (temporary file, fsync, rename) with mode 0600, in a directory created with mode 0700.
 
-use std::fs::{self, DirBuilder, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
@@ -121,43 +119,11 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     write_atomic(path, &text)
 }
 
-/// Write `data` to `path` atomically with mode 0600 (parent created with mode 0700).
+/// Write `data` to `path` atomically with mode 0600 (parent created with mode 0700), through
+/// the one writer ([`crate::disk::write_file`]): a symlink at `path` is refused.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if !dir.exists() {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| state_err(path, format!("cannot create {}: {e}", dir.display())))?;
-    }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "state".to_owned());
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let _ = fs::remove_file(&tmp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        state_err(path, format!("cannot write: {e}"))
-    })
+    crate::disk::write_file(path, data, crate::disk::WriteOptions::PRIVATE)
+        .map_err(|e| state_err(path, format!("cannot write: {e}")))
 }
 
 #[cfg(test)]
