@@ -88,6 +88,43 @@ impl StateDir {
         write_json(&self.netmap_path(), n)
     }
 
+    /// Create the state directory 0700, or narrow an existing one to 0700 (an older package
+    /// made it 0755): it holds the membership, the registry and its WAL. A symbolic link is
+    /// refused.
+    pub fn ensure_private(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        crate::disk::create_dir_all(&self.dir, 0o700)
+            .map_err(|e| state_err(&self.dir, format!("cannot create: {e}")))?;
+        let dir = fs::File::open(&self.dir)
+            .map_err(|e| state_err(&self.dir, format!("cannot open: {e}")))?;
+        let meta = fs::symlink_metadata(&self.dir)
+            .map_err(|e| state_err(&self.dir, format!("cannot stat: {e}")))?;
+        if meta.file_type().is_symlink() {
+            // A link root (or meshd's user) made, e.g. to another disk, is followed; its target
+            // gets the mode.
+            if !(meta.uid() == 0 || meta.uid() == nix::unistd::geteuid().as_raw()) {
+                return Err(state_err(
+                    &self.dir,
+                    format!(
+                        "is a symbolic link owned by uid {}; refusing it",
+                        meta.uid()
+                    ),
+                ));
+            }
+        }
+        let mode = dir
+            .metadata()
+            .map_err(|e| state_err(&self.dir, format!("cannot stat: {e}")))?
+            .mode()
+            & 0o7777;
+        if mode & 0o077 != 0 {
+            nix::sys::stat::fchmod(&dir, nix::sys::stat::Mode::from_bits_truncate(0o700))
+                .map_err(|e| state_err(&self.dir, format!("cannot make it 0700: {e}")))?;
+            tracing::info!(path = %self.dir.display(), old_mode = format!("{mode:o}"), "state directory narrowed to 0700");
+        }
+        Ok(())
+    }
+
     /// Forget the membership and the cached netmap (a failed or undone join).
     pub fn clear(&self) -> Result<()> {
         for p in [self.membership_path(), self.netmap_path()] {
@@ -154,6 +191,11 @@ mod tests {
         assert_eq!(fs::metadata(&st.dir).expect("dir").mode() & 0o777, 0o700);
         assert_eq!(m.interface_address().to_string(), "10.99.99.3/24");
         st.clear().expect("clear");
+        // An existing 0755 directory is narrowed.
+        fs::set_permissions(&st.dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        st.ensure_private().expect("ensure");
+        assert_eq!(fs::metadata(&st.dir).expect("dir").mode() & 0o777, 0o700);
         assert_eq!(st.load_membership().expect("load"), None);
     }
 }
