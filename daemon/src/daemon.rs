@@ -94,7 +94,7 @@ pub fn is_ready(st: &AgentStatus, managed: bool) -> bool {
 /// The `STATUS=` line for systemd.
 pub fn status_line(st: &AgentStatus, managed: bool) -> String {
     match (st.address, &st.last_error) {
-        (None, _) => "not joined: waiting for `meshctl join TOKEN`".to_owned(),
+        (None, _) => "not joined: waiting for `meshctl join -` (the token on stdin)".to_owned(),
         (Some(_), Some(e)) => format!("last pass failed: {e}"),
         (Some(a), None) if st.ifindex.is_none() => format!("bringing {} up with {a}", st.interface),
         (Some(_), None) if managed && st.netmap_version.is_none() => {
@@ -172,16 +172,26 @@ async fn join_from_file<W: WgBackend, L: LinkBackend>(
     if agent.membership().is_some() || agent.settings().coordinator.is_some() {
         return false;
     }
-    let token = match std::fs::read_to_string(&path) {
+    let token = match crate::disk::read_secret_file(&path) {
         Ok(t) => t,
         Err(e) => {
-            tracing::error!(file = %path.display(), error = %e, "cannot read the join token file");
+            tracing::error!(file = %path.display(), error = %e, "cannot use the join token file");
             return false;
         }
     };
     match crate::member::join(agent, &member.state, &token, &HttpApi).await {
         Ok(m) => {
             tracing::info!(file = %path.display(), host = %m.host_name, address = %m.address, "joined from the token file");
+            // The token is spent: do not leave it on disk.
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(file = %path.display(), "removed the spent join token file")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot remove the spent join token file")
+                }
+            }
             member.joined(agent).await;
             false
         }

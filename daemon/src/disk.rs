@@ -415,6 +415,50 @@ pub fn read_to_string_nofollow(path: &Path) -> io::Result<Option<String>> {
     Ok(Some(s))
 }
 
+/// Read a file holding a secret (a join token): not a symbolic link, a regular file owned by
+/// root and accessible to root only ([`mesh_proto::secret_file::check_secret_file`]).
+pub fn read_secret_file(path: &Path) -> io::Result<String> {
+    let fd = fcntl::open(
+        path,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        Errno::ELOOP => io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "refusing the token file {}: it is a symbolic link",
+                path.display()
+            ),
+        ),
+        e => io::Error::new(
+            errno(e).kind(),
+            format!("cannot read {}: {e}", path.display()),
+        ),
+    })?;
+    let mut f = File::from(fd);
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "refusing the token file {}: not a regular file",
+                path.display()
+            ),
+        ));
+    }
+    mesh_proto::secret_file::check_secret_file(
+        &path.display().to_string(),
+        meta.mode(),
+        meta.uid(),
+        meta.len(),
+    )
+    .map_err(|why| io::Error::new(io::ErrorKind::PermissionDenied, why))?;
+    let mut s = String::new();
+    f.read_to_string(&mut s)?;
+    Ok(s)
+}
+
 /// The path of a temp file [`write_file`] would use for `path` (tests, recovery).
 pub fn temp_path_prefix(path: &Path) -> Option<PathBuf> {
     let (dir, name) = split(path).ok()?;
@@ -646,6 +690,24 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
         assert_eq!(fs::read(&q).unwrap(), b"k1");
         assert_eq!(names(d.path()), vec!["f", "key"]);
+    }
+
+    #[test]
+    fn secret_files_must_be_private_and_not_links() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("join.token");
+        fs::write(&p, "meshd1.x\n").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_secret_file(&p).unwrap_err();
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        let l = d.path().join("link");
+        symlink(&p, &l).unwrap();
+        let e = read_secret_file(&l).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        if unistd::geteuid().is_root() {
+            assert_eq!(read_secret_file(&p).unwrap(), "meshd1.x\n");
+        }
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub enum Request {
     Peers,
     Status,
     Reload,
-    /// Join a mesh with an invitation token (`meshctl join TOKEN`).
+    /// Join a mesh with an invitation token (`meshctl join -`, the token on stdin).
     Join {
         token: String,
     },
@@ -599,7 +599,7 @@ pub fn render_invite(inv: &InviteResponse) -> String {
     if let Some(token) = &inv.token {
         let _ = writeln!(
             out,
-            "invitation for {} ({}), single use{expires}; on the new host run: meshctl join TOKEN",
+            "invitation for {} ({}), single use{expires}; on the new host run: meshctl join - and paste the token",
             inv.name, inv.address
         );
         let _ = writeln!(out, "{token}");
@@ -1082,7 +1082,7 @@ mod tests {
             text.lines().collect::<Vec<_>>(),
             [
                 "invitation for dock-mirror (10.99.99.3), single use, expires 1970-01-01 \
-                 00:00:00 UTC; on the new host run: meshctl join TOKEN",
+                 00:00:00 UTC; on the new host run: meshctl join - and paste the token",
                 "meshd1.abc_-"
             ]
         );
