@@ -178,8 +178,15 @@ MANPATH=$root/usr/share/man systemd-analyze verify --root="$root" \
   2>&1 | tee "$work/verify.txt"
 if [[ -s $work/verify.txt ]]; then fail "systemd-analyze verify reported the above"; fi
 echo "ok: no findings"
-systemd-analyze security --offline=yes --root="$root" "$root/usr/lib/systemd/system/meshd.service" \
-  2>/dev/null | tail -n 1 || true
+# The unit's sandbox must stay at an overall exposure of 3.0 or less (issue 14).
+exposure_line=$(systemd-analyze security --offline=yes --root="$root" \
+  "$root/usr/lib/systemd/system/meshd.service" 2>/dev/null | tail -n 1 || true)
+echo "$exposure_line"
+exposure=$(grep -oE 'level for meshd.service: [0-9]+\.[0-9]+' <<<"$exposure_line" | grep -oE '[0-9]+\.[0-9]+$' || true)
+[[ -n $exposure ]] || fail "systemd-analyze security printed no exposure: $exposure_line"
+awk -v e="$exposure" 'BEGIN { exit !(e <= 3.0) }' \
+  || fail "meshd.service's exposure is $exposure, above 3.0: see packaging/README.md"
+echo "ok: exposure $exposure <= 3.0"
 took "systemd-analyze verify"
 step "maintainer scripts twice, purge"
 
