@@ -415,14 +415,18 @@ fn join_token(arg: Option<&str>, file: Option<&Path>) -> Result<String> {
     use std::io::{IsTerminal as _, Read as _};
     let text = match (arg, file) {
         (Some(a), _) if a != "-" => bail!(
-            "refusing a token on the command line: every local user can read it there              (ps, /proc/PID/cmdline). Pass it on stdin: `meshctl join -` and paste it, or              `meshctl join - < FILE`; or from a file: `meshctl join --token-file FILE` (mode              0600, owned by root; removed after the join)"
+            "refusing a token on the command line: every local user can read it there \
+             (ps, /proc/PID/cmdline). Pass it on stdin: `meshctl join -` and paste it, or \
+             `meshctl join - < FILE`; or from a file: `meshctl join --token-file FILE` (mode \
+             0600, owned by root; removed after the join)"
         ),
         (None, Some(f)) => read_token_file(f)?,
         (Some(_), _) | (None, None) => {
             let stdin = std::io::stdin();
             if arg.is_none() && stdin.is_terminal() {
                 bail!(
-                    "no token: pass it on stdin (`meshctl join -`, then paste it and press                      Enter and Ctrl-D) or with `--token-file FILE`"
+                    "no token: pass it on stdin (`meshctl join -`, then paste it and press \
+                     Enter and Ctrl-D) or with `--token-file FILE`"
                 );
             }
             let mut buf = String::new();
