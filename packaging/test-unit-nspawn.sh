@@ -55,6 +55,8 @@ if ! in_root "${APT[@]}" install --no-install-recommends /tmp/meshd.deb >"$work/
 fi
 rm -f "$root/usr/sbin/policy-rc.d"
 
+# debootstrap's minbase has no /etc/hosts; an installed system has one.
+printf '127.0.0.1\tlocalhost\n' > "$root/etc/hosts"
 # A coordinator: its own key, DNS on :53, /metrics, /etc/hosts and file_sd integrations.
 mkdir -p "$root/etc/prometheus/file_sd"
 cat > "$root/etc/meshd/meshd.toml" <<'EOF'
