@@ -29,6 +29,8 @@ meshd_install_deps() {
   for cmd in "${!pkgs[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkgs[$cmd]}")
   done
+  # The security suite runs Debian's python3 as `nobody` (a toolchain under /root is not theirs).
+  [[ -x /usr/bin/python3 ]] || missing+=(python3)
   # The VM's initramfs has no libc: it needs busybox-static's /bin/busybox, not busybox's.
   if [[ ! -x /bin/busybox ]] || ldd /bin/busybox >/dev/null 2>&1; then
     missing+=(busybox-static)

@@ -90,6 +90,8 @@ pub struct AgentStatus {
     pub last_error: Option<String>,
     pub netmap_version: Option<u64>,
     pub mesh: MeshState,
+    /// Netmaps refused lately (Unix time, why), newest last.
+    pub refused: Vec<(u64, String)>,
 }
 
 /// What one pass did.
@@ -130,6 +132,11 @@ pub struct Agent<W, L> {
     accepted: Option<Accepted>,
     /// Why the current desired state is refused (route conflicts), for the status.
     route_refusal: Option<String>,
+    /// How this host signs coordinator API calls (our key toward the coordinator's current
+    /// key), shared with the follower and reporter tasks; kept current by `recompute`.
+    signer: crate::client::SignerCell,
+    /// Netmaps refused lately (Unix time, why), newest last, for the status.
+    refused: std::collections::VecDeque<(u64, String)>,
 }
 
 /// A desired state that passed the route check.
@@ -181,7 +188,32 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
             backend: "in-memory".to_string(),
             accepted: None,
             route_refusal: None,
+            signer: crate::client::SignerCell::default(),
+            refused: std::collections::VecDeque::new(),
         }
+    }
+
+    /// The shared signer for coordinator API calls (see [`crate::client::SignerCell`]).
+    pub fn signer_cell(&self) -> crate::client::SignerCell {
+        self.signer.clone()
+    }
+
+    /// The coordinator's current key as this member knows it: its peer in our netmap, else
+    /// the membership's (from the token or a key notice). `None` when not a member.
+    pub fn coordinator_key(&self) -> Option<PublicKey> {
+        let m = self.membership.as_ref()?;
+        let from_netmap = self.netmap.as_ref().and_then(|nm| {
+            nm.peers
+                .iter()
+                .find(|p| p.address == m.coordinator_address)
+                .map(|p| p.public_key)
+        });
+        Some(from_netmap.unwrap_or(m.coordinator_public_key))
+    }
+
+    /// A signer for a coordinator API call now.
+    pub fn signer(&self) -> Result<crate::client::Signer, crate::client::CallError> {
+        self.signer.get()
     }
 
     /// Describe the engine for `meshctl status` (e.g. `userspace: /usr/bin/meshd-wg`).
@@ -250,6 +282,17 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
     /// An older version than the one held is taken too (the coordinator is the authority, e.g.
     /// after its registry was restored from a backup), with a warning.
     pub fn set_netmap(&mut self, netmap: Netmap) -> bool {
+        // Everything in it ends up in the device, routes, /etc/hosts, DNS and templates:
+        // a netmap with a name or address we would not write is refused whole.
+        if let Err(e) = netmap.validate() {
+            tracing::error!(version = netmap.version, error = %e, "refused a netmap; keeping the one held");
+            if self.refused.len() == 8 {
+                self.refused.pop_front();
+            }
+            self.refused
+                .push_back((now_since_epoch().as_secs(), e.to_string()));
+            return false;
+        }
         if let Some(held) = &self.netmap {
             if *held == netmap {
                 return false;
@@ -317,6 +360,10 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
 
     /// Desired device and address from configuration + membership + netmap.
     fn recompute(&mut self) {
+        let signer = self
+            .coordinator_key()
+            .and_then(|c| crate::client::Signer::new(&self.key, &c).ok());
+        self.signer.set(signer);
         let address = self
             .settings
             .address
@@ -683,6 +730,7 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
                 .or_else(|| self.last_report.error.clone()),
             netmap_version: self.netmap.as_ref().map(|n| n.version),
             mesh: self.mesh.clone(),
+            refused: self.refused.iter().cloned().collect(),
         }
     }
 }

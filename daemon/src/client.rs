@@ -1,21 +1,23 @@
-//! A small HTTP/1.1 client for the coordinator API (inside the tunnel): one request per
-//! connection (`Connection: close`), JSON bodies, a deadline on the whole exchange. The
-//! coordinator is our own axum server, so this needs no more than status line, headers,
-//! `Content-Length` or chunked bodies.
+//! The coordinator API client (inside the tunnel): hyper's HTTP/1.1 client, one request per
+//! connection, JSON bodies, a deadline on the whole exchange. Every request is signed with the
+//! host's key and every answer must prove the coordinator's key (`mesh_proto::auth`): an
+//! answer without that proof is [`CallError::Unverified`] and is never acted on.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use mesh_proto::api::{
     ApiError, EndpointReport, HostInfo, InviteInfo, InviteRequest, InviteResponse, JoinRequest,
     JoinResponse, RotateRequest, RotateResponse, LONG_POLL_SECS,
 };
+use mesh_proto::auth::AuthKey;
 use mesh_proto::netmap::Netmap;
-use mesh_proto::PublicKey;
+use mesh_proto::{PrivateKey, PublicKey};
+use rand_core::RngCore as _;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Largest response we accept (a netmap of a few thousand hosts fits easily).
@@ -36,26 +38,110 @@ pub enum CallError {
     /// No answer (connect failed or the deadline passed): the coordinator is unreachable.
     #[error("coordinator API at {addr} unreachable: {message}")]
     Unreachable { addr: SocketAddr, message: String },
-    /// The coordinator answered with an error; `message` is its own words.
+    /// The coordinator answered with an error (a proven answer); `message` is its own words.
     #[error("{message}")]
     Refused { status: u16, message: String },
+    /// An answer that does not prove the coordinator's key: something else answers at that
+    /// address (or the coordinator could not identify us). Never acted on; treated like no
+    /// answer by the callers.
+    #[error(
+        "the answer from {addr} (HTTP {status}) does not prove the coordinator's key, so it \
+         is ignored: {message}"
+    )]
+    Unverified {
+        addr: SocketAddr,
+        status: u16,
+        message: String,
+    },
     /// The answer could not be understood.
     #[error("bad answer from the coordinator API at {addr}: {message}")]
     Protocol { addr: SocketAddr, message: String },
+    /// We cannot sign (a low-order key).
+    #[error("cannot sign the request: {0}")]
+    Sign(String),
 }
 
-/// A raw HTTP answer.
+impl CallError {
+    /// No usable answer: unreachable, or an answer without the coordinator's proof.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            CallError::Unreachable { .. } | CallError::Unverified { .. }
+        )
+    }
+}
+
+/// Who signs a request: the host's key toward the coordinator's key, and for joins and
+/// rotations a second key whose possession the request proves too.
+#[derive(Debug, Clone)]
+pub struct Signer {
+    auth: AuthKey,
+    next: Option<AuthKey>,
+}
+
+impl Signer {
+    /// `host` signs toward `coordinator`.
+    pub fn new(host: &PrivateKey, coordinator: &PublicKey) -> Result<Signer, CallError> {
+        Ok(Signer {
+            auth: AuthKey::for_host(host, coordinator)
+                .map_err(|e| CallError::Sign(e.to_string()))?,
+            next: None,
+        })
+    }
+
+    /// The request also proves `next` (a join's new key, a rotation's next key).
+    pub fn with_next(mut self, next: &PrivateKey) -> Result<Signer, CallError> {
+        self.next = Some(
+            AuthKey::for_host(next, &self.auth.coordinator())
+                .map_err(|e| CallError::Sign(e.to_string()))?,
+        );
+        Ok(self)
+    }
+
+    /// The key we sign with.
+    pub fn key(&self) -> PublicKey {
+        self.auth.host()
+    }
+}
+
+/// The signer of a member's API calls, shared between the loop (which replaces it whenever
+/// our key or the coordinator's changes) and the tasks that call the API.
+#[derive(Debug, Clone, Default)]
+pub struct SignerCell(std::sync::Arc<std::sync::RwLock<Option<Signer>>>);
+
+impl SignerCell {
+    pub fn set(&self, signer: Option<Signer>) {
+        match self.0.write() {
+            Ok(mut g) => *g = signer,
+            Err(poisoned) => *poisoned.into_inner() = signer,
+        }
+    }
+
+    /// The current signer, or why there is none.
+    pub fn get(&self) -> Result<Signer, CallError> {
+        let g = match self.0.read() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        g.clone().ok_or_else(|| {
+            CallError::Sign("not a member of a managed mesh: no key to sign with".into())
+        })
+    }
+}
+
+/// A raw HTTP answer (its proof checked).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawResponse {
     pub status: u16,
     pub body: Vec<u8>,
 }
 
-/// The coordinator API, as the joining and following code needs it (faked in tests).
+/// The coordinator API, as the joining code needs it (faked in tests).
 pub trait Api: Send + Sync {
     fn join(
         &self,
         at: SocketAddr,
+        signer: &Signer,
         req: &JoinRequest,
         timeout: Duration,
     ) -> impl Future<Output = Result<JoinResponse, CallError>> + Send;
@@ -74,100 +160,171 @@ impl Api for HttpApi {
     async fn join(
         &self,
         at: SocketAddr,
+        signer: &Signer,
         req: &JoinRequest,
         timeout: Duration,
     ) -> Result<JoinResponse, CallError> {
-        call_json(at, "POST", "/v1/join", Some(req), timeout).await
+        call_json(at, signer, "POST", "/v1/join", Some(req), timeout).await
     }
 }
 
 /// `GET /v1/netmap?since=V`: `Some` when a newer netmap arrived, `None` on 304.
-pub async fn fetch_netmap(at: SocketAddr, since: u64) -> Result<Option<Netmap>, CallError> {
-    let raw = request(
-        at,
-        "GET",
-        &format!("/v1/netmap?since={since}"),
-        None,
-        POLL_TIMEOUT,
-    )
-    .await?;
+pub async fn fetch_netmap(
+    at: SocketAddr,
+    signer: &Signer,
+    since: u64,
+) -> Result<Option<Netmap>, CallError> {
+    let path = format!("/v1/netmap?since={since}");
+    let raw = request(at, signer, "GET", &path, None, POLL_TIMEOUT).await?;
     if raw.status == 304 {
         return Ok(None);
     }
     decode(at, raw).map(Some)
 }
 
-pub async fn report_endpoints(at: SocketAddr, report: &EndpointReport) -> Result<(), CallError> {
+pub async fn report_endpoints(
+    at: SocketAddr,
+    signer: &Signer,
+    report: &EndpointReport,
+) -> Result<(), CallError> {
     let body = encode(at, report)?;
-    let raw = request(at, "POST", "/v1/endpoints", Some(body), CALL_TIMEOUT).await?;
+    let raw = request(
+        at,
+        signer,
+        "POST",
+        "/v1/endpoints",
+        Some(body),
+        CALL_TIMEOUT,
+    )
+    .await?;
     check(at, raw).map(|_| ())
 }
 
-/// `POST /v1/rotate/prepare`: `key` becomes our next key (peers accept its handshakes).
-pub async fn rotate_prepare(at: SocketAddr, key: PublicKey) -> Result<Netmap, CallError> {
+/// `POST /v1/rotate/prepare`: `signer`'s next key becomes our next key (peers accept its
+/// handshakes).
+pub async fn rotate_prepare(
+    at: SocketAddr,
+    signer: &Signer,
+    key: PublicKey,
+) -> Result<Netmap, CallError> {
     let req = RotateRequest { public_key: key };
-    call_json::<_, RotateResponse>(at, "POST", "/v1/rotate/prepare", Some(&req), CALL_TIMEOUT)
-        .await
-        .map(|r| r.netmap)
+    call_json::<_, RotateResponse>(
+        at,
+        signer,
+        "POST",
+        "/v1/rotate/prepare",
+        Some(&req),
+        CALL_TIMEOUT,
+    )
+    .await
+    .map(|r| r.netmap)
 }
 
-/// `POST /v1/rotate/commit`: the prepared `key` replaces ours everywhere.
-pub async fn rotate_commit(at: SocketAddr, key: PublicKey) -> Result<Netmap, CallError> {
+/// `POST /v1/rotate/commit`: the prepared key replaces ours everywhere.
+pub async fn rotate_commit(
+    at: SocketAddr,
+    signer: &Signer,
+    key: PublicKey,
+) -> Result<Netmap, CallError> {
     let req = RotateRequest { public_key: key };
-    call_json::<_, RotateResponse>(at, "POST", "/v1/rotate/commit", Some(&req), CALL_TIMEOUT)
-        .await
-        .map(|r| r.netmap)
+    call_json::<_, RotateResponse>(
+        at,
+        signer,
+        "POST",
+        "/v1/rotate/commit",
+        Some(&req),
+        CALL_TIMEOUT,
+    )
+    .await
+    .map(|r| r.netmap)
 }
 
-pub async fn invite(at: SocketAddr, req: &InviteRequest) -> Result<InviteResponse, CallError> {
-    call_json(at, "POST", "/v1/admin/invite", Some(req), CALL_TIMEOUT).await
+pub async fn invite(
+    at: SocketAddr,
+    signer: &Signer,
+    req: &InviteRequest,
+) -> Result<InviteResponse, CallError> {
+    call_json(
+        at,
+        signer,
+        "POST",
+        "/v1/admin/invite",
+        Some(req),
+        CALL_TIMEOUT,
+    )
+    .await
 }
 
-pub async fn invites(at: SocketAddr) -> Result<Vec<InviteInfo>, CallError> {
-    call_json::<(), _>(at, "GET", "/v1/admin/invites", None, CALL_TIMEOUT).await
+pub async fn invites(at: SocketAddr, signer: &Signer) -> Result<Vec<InviteInfo>, CallError> {
+    call_json::<(), _>(at, signer, "GET", "/v1/admin/invites", None, CALL_TIMEOUT).await
 }
 
-pub async fn revoke_invite(at: SocketAddr, name: &str) -> Result<(), CallError> {
+pub async fn revoke_invite(at: SocketAddr, signer: &Signer, name: &str) -> Result<(), CallError> {
     let path = format!("/v1/admin/invites/{}", path_segment(name));
-    check(at, request(at, "DELETE", &path, None, CALL_TIMEOUT).await?).map(|_| ())
+    check(
+        at,
+        request(at, signer, "DELETE", &path, None, CALL_TIMEOUT).await?,
+    )
+    .map(|_| ())
 }
 
-pub async fn hosts(at: SocketAddr) -> Result<Vec<HostInfo>, CallError> {
-    call_json::<(), _>(at, "GET", "/v1/admin/hosts", None, CALL_TIMEOUT).await
+pub async fn hosts(at: SocketAddr, signer: &Signer) -> Result<Vec<HostInfo>, CallError> {
+    call_json::<(), _>(at, signer, "GET", "/v1/admin/hosts", None, CALL_TIMEOUT).await
 }
 
-pub async fn remove(at: SocketAddr, name: &str) -> Result<(), CallError> {
+pub async fn remove(at: SocketAddr, signer: &Signer, name: &str) -> Result<(), CallError> {
     let path = format!("/v1/admin/hosts/{}", path_segment(name));
-    check(at, request(at, "DELETE", &path, None, CALL_TIMEOUT).await?).map(|_| ())
+    check(
+        at,
+        request(at, signer, "DELETE", &path, None, CALL_TIMEOUT).await?,
+    )
+    .map(|_| ())
 }
 
 /// `meshctl rotate NAME` relayed from an admin host.
-pub async fn request_rotation(at: SocketAddr, name: &str) -> Result<(), CallError> {
+pub async fn request_rotation(
+    at: SocketAddr,
+    signer: &Signer,
+    name: &str,
+) -> Result<(), CallError> {
     let path = format!("/v1/admin/hosts/{}/rotate", path_segment(name));
-    check(at, request(at, "POST", &path, None, CALL_TIMEOUT).await?).map(|_| ())
+    check(
+        at,
+        request(at, signer, "POST", &path, None, CALL_TIMEOUT).await?,
+    )
+    .map(|_| ())
 }
 
 /// `meshctl static-config NAME` relayed from an admin host.
-pub async fn static_config(at: SocketAddr, name: &str) -> Result<String, CallError> {
+pub async fn static_config(
+    at: SocketAddr,
+    signer: &Signer,
+    name: &str,
+) -> Result<String, CallError> {
     let path = format!("/v1/admin/hosts/{}/wg-quick", path_segment(name));
-    let raw = check(at, request(at, "GET", &path, None, CALL_TIMEOUT).await?)?;
+    let raw = check(
+        at,
+        request(at, signer, "GET", &path, None, CALL_TIMEOUT).await?,
+    )?;
     String::from_utf8(raw.body).map_err(|e| CallError::Protocol {
         addr: at,
         message: format!("the configuration is not UTF-8: {e}"),
     })
 }
 
-/// The coordinator's key notices for `host` (`mesh_proto::notice`), from `at`: the
-/// coordinator's WireGuard endpoint, over TCP outside the tunnel.
+/// The coordinator's key notices for the signer's host (`mesh_proto::notice`), from `at`: the
+/// coordinator's WireGuard endpoint, over TCP outside the tunnel. `signer` signs toward the
+/// *old* coordinator key the host knows: only a requester proving the host's key is answered.
 pub async fn key_notices(
     at: SocketAddr,
-    host: &PublicKey,
+    signer: &Signer,
     timeout: Duration,
 ) -> Result<Vec<mesh_proto::notice::KeyNotice>, CallError> {
     call_json::<(), mesh_proto::notice::KeyNoticesResponse>(
         at,
+        signer,
         "GET",
-        &mesh_proto::notice::path(host),
+        &mesh_proto::notice::path(&signer.key()),
         None,
         timeout,
     )
@@ -190,6 +347,7 @@ fn path_segment(s: &str) -> String {
 
 async fn call_json<B: Serialize, T: DeserializeOwned>(
     at: SocketAddr,
+    signer: &Signer,
     method: &str,
     path: &str,
     body: Option<&B>,
@@ -199,7 +357,7 @@ async fn call_json<B: Serialize, T: DeserializeOwned>(
         Some(b) => Some(encode(at, b)?),
         None => None,
     };
-    let raw = request(at, method, path, body, timeout).await?;
+    let raw = request(at, signer, method, path, body, timeout).await?;
     decode(at, raw)
 }
 
@@ -214,20 +372,9 @@ fn check(at: SocketAddr, raw: RawResponse) -> Result<RawResponse, CallError> {
     if (200..300).contains(&raw.status) {
         return Ok(raw);
     }
-    let message = match serde_json::from_slice::<ApiError>(&raw.body) {
-        Ok(e) => e.error,
-        Err(_) => {
-            let text = String::from_utf8_lossy(&raw.body).trim().to_string();
-            if text.is_empty() {
-                format!("coordinator API at {at} answered HTTP {}", raw.status)
-            } else {
-                text
-            }
-        }
-    };
     Err(CallError::Refused {
         status: raw.status,
-        message,
+        message: error_text(at, raw.status, &raw.body),
     })
 }
 
@@ -239,15 +386,17 @@ fn decode<T: DeserializeOwned>(at: SocketAddr, raw: RawResponse) -> Result<T, Ca
     })
 }
 
-/// One HTTP exchange with a deadline on the whole of it.
+/// One signed HTTP exchange with a deadline on the whole of it; the answer must prove the
+/// coordinator's key (`mesh_proto::auth`), else it is [`CallError::Unverified`].
 pub async fn request(
     at: SocketAddr,
+    signer: &Signer,
     method: &str,
     path: &str,
     body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<RawResponse, CallError> {
-    match tokio::time::timeout(timeout, exchange(at, method, path, body)).await {
+    match tokio::time::timeout(timeout, exchange(at, signer, method, path, body)).await {
         Ok(r) => r,
         Err(_) => Err(CallError::Unreachable {
             addr: at,
@@ -256,198 +405,297 @@ pub async fn request(
     }
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 async fn exchange(
     at: SocketAddr,
+    signer: &Signer,
     method: &str,
     path: &str,
     body: Option<Vec<u8>>,
 ) -> Result<RawResponse, CallError> {
-    let unreachable = |e: std::io::Error| CallError::Unreachable {
-        addr: at,
-        message: e.to_string(),
-    };
-    let mut stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(at)).await {
-        Ok(r) => r.map_err(unreachable)?,
+    use http_body_util::{BodyExt as _, Full, Limited};
+    use hyper::header::{HeaderValue, ACCEPT, CONTENT_TYPE, HOST};
+    let unreachable = |message: String| CallError::Unreachable { addr: at, message };
+    let protocol = |message: String| CallError::Protocol { addr: at, message };
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(at)).await {
+        Ok(r) => r.map_err(|e| unreachable(e.to_string()))?,
         Err(_) => {
-            return Err(CallError::Unreachable {
-                addr: at,
-                message: format!("no connection within {}s", CONNECT_TIMEOUT.as_secs()),
-            })
+            return Err(unreachable(format!(
+                "no connection within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            )))
         }
     };
     let body = body.unwrap_or_default();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {at}\r\nConnection: close\r\nAccept: application/json\r\n"
-    );
-    if !body.is_empty() || method == "POST" {
-        head.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+    let mut nonce = [0u8; mesh_proto::auth::NONCE_LEN];
+    rand_core::OsRng.fill_bytes(&mut nonce);
+    let ts = unix_now();
+    let proof = signer.auth.sign(method, path, &body, ts, nonce);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(HOST, at.to_string())
+        .header(ACCEPT, "application/json")
+        .header(mesh_proto::auth::AUTH_HEADER, proof.header_value());
+    if let Some(next) = &signer.next {
+        let p = next.sign(method, path, &body, ts, nonce);
+        req = req.header(mesh_proto::auth::NEXT_HEADER, p.header_value());
     }
-    head.push_str("\r\n");
-    let mut out = head.into_bytes();
-    out.extend_from_slice(&body);
-    stream.write_all(&out).await.map_err(unreachable)?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        let n = stream.read(&mut chunk).await.map_err(unreachable)?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.len() > MAX_RESPONSE {
-            return Err(CallError::Protocol {
+    if !body.is_empty() || method == "POST" {
+        req = req.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| protocol(format!("cannot build the request: {e}")))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+    let driver = tokio::spawn(async move {
+        // Its error shows in send_request or in the body; nothing to add here.
+        let _ = conn.await;
+    });
+    let result = async {
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(format!("the connection failed: {e}")))?;
+        let (parts, body) = resp.into_parts();
+        let status = parts.status.as_u16();
+        let header = parts
+            .headers
+            .get(mesh_proto::auth::AUTH_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = Limited::new(body, MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    protocol(format!("answer larger than {MAX_RESPONSE} bytes"))
+                } else {
+                    protocol(format!("the answer was cut short: {e}"))
+                }
+            })?
+            .to_bytes()
+            .to_vec();
+        if let Err(e) = signer
+            .auth
+            .verify_response(header.as_deref(), &nonce, status, &body)
+        {
+            // What an unproven error answer says may help the operator (e.g. a clock
+            // skew); a would-be netmap is not shown.
+            let message = if (200..300).contains(&status) {
+                e.to_string()
+            } else {
+                format!("{e}; it said: {}", error_text(at, status, &body))
+            };
+            return Err(CallError::Unverified {
                 addr: at,
-                message: format!("answer larger than {MAX_RESPONSE} bytes"),
+                status,
+                message,
             });
         }
+        Ok(RawResponse { status, body })
     }
-    parse_response(&buf).map_err(|message| CallError::Protocol { addr: at, message })
+    .await;
+    driver.abort();
+    result
 }
 
-/// Parse a complete HTTP/1.1 response (the connection was closed after it).
-pub fn parse_response(buf: &[u8]) -> Result<RawResponse, String> {
-    let end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("the answer has no complete header")?;
-    let head = std::str::from_utf8(&buf[..end]).map_err(|_| "the header is not UTF-8")?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.split_whitespace();
-    let version = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("not an HTTP/1 answer: {status_line:?}"));
-    }
-    let status: u16 = parts
-        .next()
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let mut content_length = None;
-    let mut chunked = false;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            content_length = Some(
-                value
-                    .parse::<usize>()
-                    .map_err(|_| format!("bad Content-Length {value:?}"))?,
-            );
-        } else if name.eq_ignore_ascii_case("transfer-encoding")
-            && value.to_ascii_lowercase().contains("chunked")
-        {
-            chunked = true;
+/// What an error answer says: the coordinator's own words when it sent `ApiError` JSON.
+fn error_text(at: SocketAddr, status: u16, body: &[u8]) -> String {
+    match serde_json::from_slice::<ApiError>(body) {
+        Ok(e) => e.error,
+        Err(_) => {
+            let text: String = String::from_utf8_lossy(body)
+                .trim()
+                .chars()
+                .take(300)
+                .collect();
+            if text.is_empty() {
+                format!("coordinator API at {at} answered HTTP {status}")
+            } else {
+                text
+            }
         }
-    }
-    let rest = &buf[end + 4..];
-    let body = if chunked {
-        dechunk(rest)?
-    } else if let Some(n) = content_length {
-        if rest.len() < n {
-            return Err(format!(
-                "the answer was cut short ({} of {n} bytes)",
-                rest.len()
-            ));
-        }
-        rest[..n].to_vec()
-    } else {
-        rest.to_vec()
-    };
-    Ok(RawResponse { status, body })
-}
-
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    loop {
-        let eol = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("bad chunked body")?;
-        let size_text = std::str::from_utf8(&data[..eol]).map_err(|_| "bad chunk size")?;
-        let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| "bad chunk size")?;
-        data = &data[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if data.len() < size + 2 {
-            return Err("the chunked answer was cut short".into());
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    #[test]
-    fn parses_length_and_chunked_bodies() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").expect("ok");
-        assert_eq!((r.status, r.body.as_slice()), (200, &b"{}"[..]));
-        let r = parse_response(
-            b"HTTP/1.1 409 Conflict\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
-        )
-        .expect("ok");
-        assert_eq!((r.status, r.body.as_slice()), (409, &b"abcde"[..]));
-        let r = parse_response(b"HTTP/1.1 304 Not Modified\r\n\r\n").expect("ok");
-        assert_eq!(r.status, 304);
-        assert!(parse_response(b"garbage").is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n{}").is_err());
-    }
-
-    #[test]
-    fn coordinator_errors_are_passed_on_verbatim() {
-        let at: SocketAddr = "10.99.99.1:51872".parse().expect("sa");
-        let raw = RawResponse {
-            status: 409,
-            body: br#"{"error":"invitation for dock-mirror was already used"}"#.to_vec(),
-        };
-        let err = check(at, raw).expect_err("refused");
-        assert_eq!(
-            err.to_string(),
-            "invitation for dock-mirror was already used"
-        );
-        assert_eq!(path_segment("a/b c"), "a%2Fb%20c");
-    }
-
-    #[tokio::test]
-    async fn round_trip_against_a_tiny_server() {
+    /// A server that answers one request with whatever `answer` makes of the request's proof.
+    async fn one_answer(
+        answer: impl FnOnce(mesh_proto::auth::Proof) -> Vec<u8> + Send + 'static,
+    ) -> (SocketAddr, tokio::task::JoinHandle<String>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let at = listener.local_addr().expect("addr");
-        let server = tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.expect("accept");
-            let mut buf = vec![0u8; 4096];
+            let mut buf = vec![0u8; 8192];
             let n = s.read(&mut buf).await.expect("read");
             let req = String::from_utf8_lossy(&buf[..n]).to_string();
-            s.write_all(b"HTTP/1.1 304 Not Modified\r\n\r\n")
-                .await
-                .expect("write");
+            let proof = req
+                .lines()
+                .find_map(|l| l.strip_prefix("x-meshd-auth: "))
+                .map(|v| mesh_proto::auth::Proof::parse(v.trim()).expect("proof"))
+                .expect("signed");
+            let _ = s.write_all(&answer(proof)).await;
+            let _ = s.shutdown().await;
             req
         });
-        let got = fetch_netmap(at, 7).await.expect("call");
-        assert_eq!(got, None);
-        let req = server.await.expect("join");
+        (at, task)
+    }
+
+    fn keys() -> (PrivateKey, PrivateKey, Signer) {
+        let host = PrivateKey::generate();
+        let coord = PrivateKey::generate();
+        let signer = Signer::new(&host, &coord.public_key()).expect("signer");
+        (host, coord, signer)
+    }
+
+    fn answer(status: u16, sig: Option<String>, body: &str) -> Vec<u8> {
+        let sig = sig
+            .map(|s| format!("x-meshd-auth: {s}\r\n"))
+            .unwrap_or_default();
+        format!(
+            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{sig}content-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn a_proven_answer_is_taken() {
+        let (_host, coord, signer) = keys();
+        let (at, server) = one_answer(move |p| {
+            let k = AuthKey::for_coordinator(&coord, &p.key).expect("key");
+            answer(304, Some(k.sign_response(&p.nonce, 304, b"")), "")
+        })
+        .await;
+        assert_eq!(fetch_netmap(at, &signer, 7).await.expect("call"), None);
+        let req = server.await.expect("server");
         assert!(
             req.starts_with("GET /v1/netmap?since=7 HTTP/1.1\r\n"),
             "{req}"
         );
-        // Nobody listening: unreachable, quickly.
-        drop(got);
+    }
+
+    #[tokio::test]
+    async fn a_squatter_cannot_answer() {
+        // No proof at all (something else listens on the port while meshd is down).
+        let (_host, _coord, signer) = keys();
+        let (at, _s) = one_answer(|_| answer(200, None, r#"{"version":1}"#)).await;
+        let err = fetch_netmap(at, &signer, 0).await.expect_err("unverified");
+        assert!(
+            matches!(err, CallError::Unverified { status: 200, .. }),
+            "{err}"
+        );
+        assert!(err.is_unreachable());
+        // A proof under another key.
+        let (_host, _coord, signer) = keys();
+        let (at, _s) = one_answer(|p| {
+            let squatter = PrivateKey::generate();
+            let k = AuthKey::for_coordinator(&squatter, &p.key).expect("key");
+            answer(304, Some(k.sign_response(&p.nonce, 304, b"")), "")
+        })
+        .await;
+        let err = fetch_netmap(at, &signer, 0).await.expect_err("forged");
+        assert!(
+            err.to_string()
+                .contains("does not come from the coordinator"),
+            "{err}"
+        );
+        // A proof for another request (replayed answer).
+        let (_host, coord, signer) = keys();
+        let (at, _s) = one_answer(move |p| {
+            let k = AuthKey::for_coordinator(&coord, &p.key).expect("key");
+            answer(304, Some(k.sign_response(&[0; 16], 304, b"")), "")
+        })
+        .await;
+        assert!(matches!(
+            fetch_netmap(at, &signer, 0).await,
+            Err(CallError::Unverified { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn hostile_framing_is_an_error_not_a_panic() {
+        let cases: Vec<Vec<u8>> = vec![
+            // A chunk size near usize::MAX.
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nffffffffffffffff\r\nab\r\n0\r\n\r\n".to_vec(),
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nfffffffffffffffffffff\r\n".to_vec(),
+            // Content-Length beyond what arrives, and absurd.
+            b"HTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\n{}".to_vec(),
+            b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999999\r\n\r\n{}".to_vec(),
+            // Larger than we take.
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", MAX_RESPONSE + 1).into_bytes(),
+            b"garbage\r\n\r\n".to_vec(),
+            Vec::new(),
+        ];
+        for raw in cases {
+            let (_host, _coord, signer) = keys();
+            let shown = String::from_utf8_lossy(&raw)
+                .chars()
+                .take(60)
+                .collect::<String>();
+            let (at, _s) = one_answer(move |_| raw).await;
+            let r = request(
+                at,
+                &signer,
+                "GET",
+                "/v1/netmap?since=0",
+                None,
+                Duration::from_secs(5),
+            )
+            .await;
+            assert!(r.is_err(), "{shown:?} was taken: {r:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn errors_are_passed_on_verbatim_and_nobody_is_unreachable() {
+        let (_host, coord, signer) = keys();
+        let body = r#"{"error":"invitation for dock-mirror was already used"}"#;
+        let (at, _s) = one_answer(move |p| {
+            let k = AuthKey::for_coordinator(&coord, &p.key).expect("key");
+            answer(
+                410,
+                Some(k.sign_response(&p.nonce, 410, body.as_bytes())),
+                body,
+            )
+        })
+        .await;
+        let err = hosts(at, &signer).await.expect_err("refused");
+        assert_eq!(
+            err,
+            CallError::Refused {
+                status: 410,
+                message: "invitation for dock-mirror was already used".into()
+            }
+        );
+        assert_eq!(path_segment("a/b c"), "a%2Fb%20c");
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let dead = closed.local_addr().expect("addr");
         drop(closed);
-        let err = fetch_netmap(dead, 0).await.expect_err("unreachable");
+        let err = fetch_netmap(dead, &signer, 0)
+            .await
+            .expect_err("unreachable");
         assert!(matches!(err, CallError::Unreachable { .. }), "{err}");
     }
 }

@@ -305,7 +305,13 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                     let Command { request, reply } = cmd;
                     let call = match (&admin, admin_route(&agent)) {
                         (Some(handler), _) => handler(request),
-                        (None, Ok(api)) => relay_admin(api, request),
+                        (None, Ok(api)) => match agent.signer() {
+                            Ok(signer) => relay_admin(api, signer, request),
+                            Err(e) => {
+                                let e = e.to_string();
+                                Box::pin(async move { Response::error(e) })
+                            }
+                        },
                         (None, Err(e)) => Box::pin(async move { Response::error(e) }),
                     };
                     tokio::spawn(async move {

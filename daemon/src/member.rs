@@ -230,10 +230,27 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
     let throwaway = token
         .throwaway_key()
         .map_err(|e| JoinError::from(format!("invalid token: {e}")))?;
+    let throwaway_signing = throwaway.clone();
     let address = IpNet::new(body.host_address, body.mesh_cidr.prefix_len())
         .map_err(|e| JoinError::from(format!("invalid token: bad address: {e}")))?;
     if body.coordinator_endpoints.is_empty() {
         return Err("invalid token: it names no coordinator endpoint".into());
+    }
+    // What the token names is written into the membership, the interface and /etc/hosts.
+    if !mesh_proto::netmap::valid_name(&body.host_name)
+        || !body.mesh_cidr.contains(&body.host_address)
+        || !body.mesh_cidr.contains(&body.coordinator_address)
+        || body.host_address == body.coordinator_address
+        || body.api_port == 0
+    {
+        return Err(JoinError::from(format!(
+            "invalid token: its host name, addresses or port are not usable (name {:?}, address \
+             {}, coordinator {}, mesh {})",
+            body.host_name.chars().take(64).collect::<String>(),
+            body.host_address,
+            body.coordinator_address,
+            body.mesh_cidr
+        )));
     }
     let interface = agent.settings().interface.clone();
     let existed = agent.wg.observe().await.is_ok();
@@ -274,18 +291,22 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
             addresses,
         };
         let at = SocketAddr::new(body.coordinator_address, body.api_port);
+        // Signed with the throwaway key the invitation registered, proving the new key too.
+        let signer = client::Signer::new(&throwaway_signing, &body.coordinator_public_key)
+            .and_then(|s| s.with_next(&own))
+            .map_err(|e| JoinError::from(e.to_string()))?;
         // The handshake and the coordinator's API may take a moment: retry what looks like
         // "not there yet" until the deadline.
         let window = api.join_deadline();
         let deadline = tokio::time::Instant::now() + window;
         let resp = loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match api.join(at, &req, left).await {
-                Err(CallError::Unreachable { message, .. })
+            match api.join(at, &signer, &req, left).await {
+                Err(e @ (CallError::Unreachable { .. } | CallError::Unverified { .. }))
                     if deadline.saturating_duration_since(tokio::time::Instant::now())
                         > JOIN_RETRY =>
                 {
-                    tracing::debug!(error = %message, "coordinator not reachable yet; retrying");
+                    tracing::debug!(error = %e, "coordinator not reachable yet; retrying");
                     tokio::time::sleep(JOIN_RETRY).await;
                 }
                 other => break other,
@@ -293,7 +314,8 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
         };
         let resp = match resp {
             Ok(r) => r,
-            Err(CallError::Unreachable { message, .. }) => {
+            Err(e @ (CallError::Unreachable { .. } | CallError::Unverified { .. })) => {
+                let message = e.to_string();
                 // Did the coordinator accept the token's key (a WireGuard handshake)?
                 let handshake = agent.wg.observe().await.ok().and_then(|d| {
                     d.peers
@@ -333,6 +355,9 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
                 resp.netmap.name, resp.netmap.address
             )));
         }
+        resp.netmap
+            .validate()
+            .map_err(|e| JoinError::from(e.to_string()))?;
         let mut key_text = own.to_base64();
         key_text.push('\n');
         write_atomic(&agent.settings().private_key_file, key_text.as_bytes())
@@ -414,7 +439,12 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
 
 /// Follow the netmap: long-poll the coordinator, send each newer netmap to the loop; on
 /// errors back off (0.5 s doubling to 5 s) and keep going.
-pub fn spawn_follower(api: SocketAddr, since: u64, tx: mpsc::Sender<MeshEvent>) -> JoinHandle<()> {
+pub fn spawn_follower(
+    api: SocketAddr,
+    signer: client::SignerCell,
+    since: u64,
+    tx: mpsc::Sender<MeshEvent>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut since = since;
         let mut backoff = BACKOFF_MIN;
@@ -424,7 +454,10 @@ pub fn spawn_follower(api: SocketAddr, since: u64, tx: mpsc::Sender<MeshEvent>) 
             // current netmap without parking: the answer comes at once, so the loop learns the
             // coordinator is back now, not when a long-poll on an unchanged netmap ends.
             let ask = if reachable == Some(true) { since } else { 0 };
-            let result = client::fetch_netmap(api, ask).await;
+            let result = match signer.get() {
+                Ok(signer) => client::fetch_netmap(api, &signer, ask).await,
+                Err(e) => Err(e),
+            };
             let ok = result.is_ok();
             let event = match result {
                 Ok(Some(nm)) => {
@@ -456,9 +489,17 @@ pub fn spawn_follower(api: SocketAddr, since: u64, tx: mpsc::Sender<MeshEvent>) 
 }
 
 /// Report `report` to the coordinator in the background; the outcome comes back as an event.
-pub fn spawn_report(api: SocketAddr, report: EndpointReport, tx: mpsc::Sender<MeshEvent>) {
+pub fn spawn_report(
+    api: SocketAddr,
+    signer: client::SignerCell,
+    report: EndpointReport,
+    tx: mpsc::Sender<MeshEvent>,
+) {
     tokio::spawn(async move {
-        let outcome = client::report_endpoints(api, &report).await;
+        let outcome = match signer.get() {
+            Ok(signer) => client::report_endpoints(api, &signer, &report).await,
+            Err(e) => Err(e),
+        };
         let event = match outcome {
             Ok(()) => MeshEvent::EndpointsReported(Ok(report)),
             Err(e) => MeshEvent::EndpointsReported(Err(e.to_string())),
@@ -584,7 +625,12 @@ impl MemberRuntime {
             return;
         };
         let since = agent.netmap().map(|n| n.version).unwrap_or(0);
-        self.follower = Some(spawn_follower(api, since, self.tx.clone()));
+        self.follower = Some(spawn_follower(
+            api,
+            agent.signer_cell(),
+            since,
+            self.tx.clone(),
+        ));
         self.last_reported = None;
     }
 
@@ -776,7 +822,7 @@ impl MemberRuntime {
             return;
         }
         self.report_in_flight = true;
-        spawn_report(api, report, self.tx.clone());
+        spawn_report(api, agent.signer_cell(), report, self.tx.clone());
     }
 
     /// Rotate now (`meshctl rotate`, the schedule, an admin's request): see [`rotate`].
@@ -1066,9 +1112,12 @@ mod tests {
         async fn join(
             &self,
             at: SocketAddr,
+            signer: &client::Signer,
             req: &JoinRequest,
             _timeout: Duration,
         ) -> Result<JoinResponse, CallError> {
+            // Signed with the token's throwaway key (never the host's new key).
+            assert_ne!(signer.key(), req.public_key);
             self.seen.lock().expect("lock").push((at, req.clone()));
             if let Some(e) = &self.refuse {
                 return Err(e.clone());
@@ -1283,14 +1332,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let st = StateDir::new(dir.path().join("state"));
         let own = key(60);
+        // A mesh on loopback, so the follower's calls (to 127.0.0.1:9) never leave the host.
         let mut m = membership();
+        m.mesh_cidr = "127.0.0.0/8".parse().expect("net");
+        m.address = "127.16.0.3".parse().expect("ip");
         m.coordinator_address = "127.0.0.1".parse().expect("ip");
         m.api_port = 9;
         m.coordinator_endpoints = vec!["127.0.0.1:9".parse().expect("sa")];
         st.save_membership(&m).expect("save");
         let mut coord = netmap_peer("dock-load", 100, "127.0.0.1", "127.0.0.1:9");
         coord.next_public_key = None;
-        st.save_netmap(&netmap(&own, 9, vec![coord])).expect("save");
+        coord.endpoints.clear();
+        let mut nm = netmap(&own, 9, vec![coord]);
+        nm.mesh_cidr = m.mesh_cidr;
+        nm.address = m.address;
+        st.save_netmap(&nm).expect("save");
         let mut a = unjoined(dir.path());
         let (tx, _rx) = mpsc::channel(8);
         let mut rt = MemberRuntime::new(st.clone(), tx);

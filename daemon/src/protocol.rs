@@ -93,6 +93,15 @@ pub fn status(st: &AgentStatus, peers: &[PeerStatus], now_unix: u64) -> Status {
         }),
         // Filled in by the daemon loop, which holds the integration engine.
         integrations: Vec::new(),
+        refused: st
+            .refused
+            .iter()
+            .map(|(at_unix, what)| mesh_proto::control::Refusal {
+                at_unix: *at_unix,
+                what: what.clone(),
+            })
+            .collect(),
+        refused_total: None,
     }
 }
 
@@ -120,7 +129,17 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
                     .collect(),
                 Err(_) => Vec::new(),
             };
-            Response::Status(status(&agent.status(), &peers, now().as_secs()))
+            let mut st = status(&agent.status(), &peers, now().as_secs());
+            if let Some(coord) = &member.coordinator {
+                let (total, recent) = coord.api_refusals();
+                st.refused_total = Some(total);
+                st.refused.extend(
+                    recent
+                        .into_iter()
+                        .map(|(at_unix, what)| mesh_proto::control::Refusal { at_unix, what }),
+                );
+            }
+            Response::Status(st)
         }
         Request::Reload => match agent.handle_reload() {
             Ok(()) => {
@@ -194,35 +213,40 @@ pub fn is_admin(request: &Request) -> bool {
 pub type AdminCall = Pin<Box<dyn Future<Output = Response> + Send>>;
 
 /// Relay an admin request to the coordinator API (this host is flagged admin).
-pub fn relay_admin(api: SocketAddr, request: Request) -> AdminCall {
+pub fn relay_admin(api: SocketAddr, signer: client::Signer, request: Request) -> AdminCall {
     Box::pin(async move {
+        let signer = &signer;
         let refused = |e: client::CallError| Response::error(format!("coordinator: {e}"));
         match request {
-            Request::Invite(req) => match client::invite(api, &req).await {
+            Request::Invite(req) => match client::invite(api, signer, &req).await {
                 Ok(r) => Response::Invite(r),
                 Err(e) => refused(e),
             },
-            Request::Invites => match client::invites(api).await {
+            Request::Invites => match client::invites(api, signer).await {
                 Ok(invites) => Response::Invites { invites },
                 Err(e) => refused(e),
             },
-            Request::RevokeInvite { name } => match client::revoke_invite(api, &name).await {
+            Request::RevokeInvite { name } => match client::revoke_invite(api, signer, &name).await
+            {
                 Ok(()) => Response::ok(format!("invitation for {name} revoked")),
                 Err(e) => refused(e),
             },
-            Request::Hosts => match client::hosts(api).await {
+            Request::Hosts => match client::hosts(api, signer).await {
                 Ok(hosts) => Response::Hosts { hosts },
                 Err(e) => refused(e),
             },
-            Request::Remove { name } => match client::remove(api, &name).await {
+            Request::Remove { name } => match client::remove(api, signer, &name).await {
                 Ok(()) => Response::ok(format!("{name} removed from the mesh")),
                 Err(e) => refused(e),
             },
-            Request::RotateHost { name } => match client::request_rotation(api, &name).await {
-                Ok(()) => Response::ok(rotation_asked_message(&name)),
-                Err(e) => refused(e),
-            },
-            Request::StaticConfig { name } => match client::static_config(api, &name).await {
+            Request::RotateHost { name } => {
+                match client::request_rotation(api, signer, &name).await {
+                    Ok(()) => Response::ok(rotation_asked_message(&name)),
+                    Err(e) => refused(e),
+                }
+            }
+            Request::StaticConfig { name } => match client::static_config(api, signer, &name).await
+            {
                 Ok(config) => Response::ok(config),
                 Err(e) => refused(e),
             },
@@ -254,9 +278,11 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A one-connection-per-answer HTTP server: answers each request with the next canned
-    /// (status, body) and records the request line.
+    /// A one-connection-per-answer HTTP server holding the coordinator key `coord`: answers
+    /// each request with the next canned (status, body), signed for the request's proof, and
+    /// records the request line.
     async fn canned(
+        coord: mesh_proto::PrivateKey,
         answers: Vec<(u16, &'static str)>,
     ) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -271,8 +297,16 @@ mod tests {
                 let n = s.read(&mut buf).await.expect("read");
                 let req = String::from_utf8_lossy(&buf[..n]).to_string();
                 seen.push(req.lines().next().unwrap_or_default().to_string());
+                let proof = req
+                    .lines()
+                    .find_map(|l| l.strip_prefix("x-meshd-auth: "))
+                    .map(|v| mesh_proto::auth::Proof::parse(v.trim()).expect("proof"))
+                    .expect("the request is signed");
+                let key = mesh_proto::auth::AuthKey::for_coordinator(&coord, &proof.key)
+                    .expect("auth key");
+                let sig = key.sign_response(&proof.nonce, status, body.as_bytes());
                 let resp = format!(
-                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\nx-meshd-auth: {sig}\r\ncontent-length: {}\r\n\r\n{body}",
                     body.len()
                 );
                 s.write_all(resp.as_bytes()).await.expect("write");
@@ -284,16 +318,23 @@ mod tests {
 
     #[tokio::test]
     async fn admin_requests_are_relayed_to_the_coordinator_api() {
-        let (at, server) = canned(vec![
-            (200, "[]"),
-            (204, ""),
-            (403, r#"{"error":"10.99.99.3 is not an admin host"}"#),
-        ])
+        let coord = mesh_proto::PrivateKey::generate();
+        let signer = client::Signer::new(&mesh_proto::PrivateKey::generate(), &coord.public_key())
+            .expect("signer");
+        let (at, server) = canned(
+            coord,
+            vec![
+                (200, "[]"),
+                (204, ""),
+                (403, r#"{"error":"10.99.99.3 is not an admin host"}"#),
+            ],
+        )
         .await;
-        let r = relay_admin(at, Request::Hosts).await;
+        let r = relay_admin(at, signer.clone(), Request::Hosts).await;
         assert_eq!(r, Response::Hosts { hosts: Vec::new() });
         let r = relay_admin(
             at,
+            signer.clone(),
             Request::RevokeInvite {
                 name: "dock-dash".into(),
             },
@@ -302,6 +343,7 @@ mod tests {
         assert!(matches!(r, Response::Ok { .. }), "{r:?}");
         let r = relay_admin(
             at,
+            signer.clone(),
             Request::Remove {
                 name: "dock-dash".into(),
             },

@@ -54,6 +54,7 @@ impl From<CallError> for StepError {
     fn from(e: CallError) -> Self {
         match e {
             CallError::Refused { status, .. } if status < 500 => StepError::Refused(e.to_string()),
+            CallError::Sign(_) => StepError::Failed(e.to_string()),
             e => StepError::Unreachable(e.to_string()),
         }
     }
@@ -164,7 +165,8 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
                 async {
                     match &registrar {
                         Registrar::Remote(api) => {
-                            client::rotate_prepare(*api, k).await?;
+                            let signer = agent.signer()?.with_next(&next)?;
+                            client::rotate_prepare(*api, &signer, k).await?;
                         }
                         Registrar::Local(coord) => {
                             // Right after a restart, let the followers reconnect first: a
@@ -188,7 +190,8 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
                 async {
                     match &registrar {
                         Registrar::Remote(api) => {
-                            let nm = client::rotate_commit(*api, k).await?;
+                            let signer = agent.signer()?.with_next(&next)?;
+                            let nm = client::rotate_commit(*api, &signer, k).await?;
                             if nm.public_key != k {
                                 return Err(StepError::Failed(format!(
                                 "the coordinator's reply names key {} for us, not the committed {}",
@@ -214,6 +217,11 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
             }
             Action::Switch(_) => {
                 agent.set_key(next.clone());
+                if let Registrar::Local(coord) = &registrar {
+                    // The API proves requests with the new key now (and the old one for
+                    // hosts that have not taken the switch yet).
+                    coord.set_own_private_key(&next);
+                }
                 if let Some(nm) = committed_netmap.take() {
                     agent.set_netmap(nm);
                 }
@@ -349,7 +357,10 @@ pub async fn probe_next_key<W: WgBackend, L: LinkBackend>(
     tracing::info!(next = %next.public_key(), "coordinator unreachable with a rotation pending: trying the next key");
     agent.set_key(next.clone());
     agent.reconcile(now()).await;
-    let answer = client::fetch_netmap(api, 0).await;
+    let answer = match agent.signer() {
+        Ok(signer) => client::fetch_netmap(api, &signer, 0).await,
+        Err(e) => Err(e),
+    };
     match answer {
         Ok(Some(nm)) if nm.public_key == next.public_key() => {
             if let Err(e) = crate::keyfile::promote(&path) {
@@ -381,8 +392,11 @@ pub async fn coordinator_key_from_notices(
     known: PublicKey,
 ) -> Result<PublicKey, String> {
     let mut errors = Vec::new();
+    // Signed toward the coordinator key we know (the old one): the coordinator kept that
+    // key's proof for us when it rotated, and answers nobody else.
+    let signer = client::Signer::new(host, &known).map_err(|e| e.to_string())?;
     for ep in endpoints {
-        match client::key_notices(*ep, &host.public_key(), Duration::from_secs(5)).await {
+        match client::key_notices(*ep, &signer, Duration::from_secs(5)).await {
             Ok(notices) => {
                 return mesh_proto::notice::follow(&notices, host, known).map_err(|e| e.to_string())
             }

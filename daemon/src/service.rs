@@ -224,6 +224,7 @@ fn start_coordinator(
     coord
         .set_own_public_key(key.public_key(), now_unix)
         .context("cannot register the coordinator's own key")?;
+    coord.set_own_private_key(key);
     tracing::info!(database = %cc.database.display(), mesh = %cc.mesh_cidr, version = coord.version(), "coordinator");
 
     // Our own netmap, re-read on every registry change and when a join's grace ends.

@@ -1,19 +1,24 @@
 //! The coordinator's HTTP/JSON API, which listens on the coordinator's mesh address only, on a
-//! socket bound to the mesh interface: the caller's mesh source address is its identity.
+//! socket bound to the mesh interface. Every request proves its caller's key and every answer
+//! the coordinator's ([`crate::auth`]); the source address must match the proven key's host.
 //! Paths are versioned (`/v1/...`). Bodies are JSON; bodies over `MAX_BODY` get 413.
 //!
 //! ```text
-//! POST /v1/join             JoinRequest    -> JoinResponse      (caller = the invited address)
-//! POST /v1/endpoints        EndpointReport -> 204
-//! POST /v1/rotate           RotateRequest  -> RotateResponse    (caller = a joined daemon host;
-//!                            its new key replaces its current one everywhere at once)
+//! POST /v1/join             JoinRequest    -> JoinResponse      (signed with the token's throwaway
+//!                            key from the invited address, proving the new key too)
+//! POST /v1/endpoints        EndpointReport -> 204 (applied) or 202 (kept: at most one report
+//!                            per host and second is applied, the latest wins)
 //! POST /v1/rotate/prepare   RotateRequest  -> RotateResponse    (the key becomes the caller's
-//!                            next key: peers accept its handshakes; idempotent)
+//!                            next key: peers accept its handshakes; idempotent; proves the
+//!                            current and the next key)
 //! POST /v1/rotate/commit    RotateRequest  -> RotateResponse    (the prepared next key replaces
 //!                            the caller's key everywhere; idempotent; see `crate::rotation`)
 //! GET  /v1/netmap?since=V   (long-poll up to LONG_POLL_SECS; 200 Netmap when version > V,
 //!                            304 when nothing changed in time)
-//! POST /v1/admin/invite     InviteRequest  -> InviteResponse   (admin hosts only)
+//! GET  /v1/prometheus/targets             -> file_sd JSON (unsigned: Prometheus cannot sign;
+//!                            only to a mesh host's source address; the host list every
+//!                            member's netmap holds anyway)
+//! POST /v1/admin/invite     InviteRequest  -> InviteResponse   (admin hosts only, proven key)
 //! GET  /v1/admin/invites                   -> Vec<InviteInfo>
 //! DELETE /v1/admin/invites/NAME            -> 204
 //! GET  /v1/admin/hosts                     -> Vec<HostInfo>
@@ -24,7 +29,9 @@
 //!                            configuration, private key left out)
 //!
 //! Outside the tunnel, on TCP at the coordinator's WireGuard endpoint (same port number):
-//! GET  /v1/key-notices/HOSTKEY              -> `crate::notice::KeyNoticesResponse`
+//! GET  /v1/key-notices/HOSTKEY              -> `crate::notice::KeyNoticesResponse` (only to a
+//!                            requester proving HOSTKEY toward the coordinator key it knows;
+//!                            anything else gets the same 403)
 //! errors: ApiError JSON with a 4xx/5xx status
 //! ```
 

@@ -176,6 +176,20 @@ pub struct Status {
     /// The files meshd keeps for K3s, DRBD, Prometheus, `/etc/hosts` and user templates.
     #[serde(default)]
     pub integrations: Vec<crate::integrate::IntegrationStatus>,
+    /// Input refused lately, newest last: on the coordinator, API requests without a valid
+    /// proof of key; on a member, netmaps it would not take.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<Refusal>,
+    /// How many requests the coordinator API refused since meshd started (coordinator only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_total: Option<u64>,
+}
+
+/// One refused input, for `meshctl status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub at_unix: u64,
+    pub what: String,
 }
 
 /// A control line that could not be decoded.
@@ -531,6 +545,19 @@ pub fn render_status(status: &Status, now_unix: u64) -> String {
     for i in &status.integrations {
         fields.push(("integration", integration_cell(i, now_unix)));
     }
+    if let Some(n) = status.refused_total {
+        fields.push(("api refusals", format!("{n} since start")));
+    }
+    for r in &status.refused {
+        fields.push((
+            "refused",
+            format!(
+                "{} ago: {}",
+                format_age(now_unix.saturating_sub(r.at_unix)),
+                r.what
+            ),
+        ));
+    }
     let width = fields.iter().map(|(l, _)| l.len()).max().unwrap_or(0) + 1;
     let mut out = String::new();
     for (label, value) in fields {
@@ -720,6 +747,8 @@ mod tests {
             netmap_version: None,
             coordinator: None,
             integrations: Vec::new(),
+            refused: Vec::new(),
+            refused_total: None,
         }
     }
 

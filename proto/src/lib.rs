@@ -5,8 +5,10 @@
 
 pub mod alloc;
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod control;
+pub mod debounce;
 pub mod device;
 pub mod doctor;
 pub mod integrate;

@@ -78,6 +78,10 @@ pub struct HostRecord {
     /// rotation's commit.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rotate_requested: bool,
+    /// Invited, not joined yet: its key is the token's throwaway key, which only the
+    /// coordinator's own interface accepts (no other host's netmap lists a pending host).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
 }
 
 /// The registry as the netmap computation sees it.
@@ -89,6 +93,9 @@ pub struct RegistrySnapshot {
     /// Persistent keepalive, seconds, used toward peers from hosts behind NAT.
     pub keepalive_secs: u16,
     pub hosts: Vec<HostRecord>,
+    /// The coordinator host's name: the only netmap that lists pending hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
 }
 
 /// One peer in a host's netmap.
@@ -128,6 +135,108 @@ pub struct Netmap {
     /// as it sees this.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rotate_requested: bool,
+}
+
+/// Host names are DNS labels: 1 to 63 of `a-z0-9-`, not starting or ending with `-`. They end
+/// up in `/etc/hosts`, DNS answers, file names and templates, so nothing else is accepted,
+/// from an operator or from a coordinator.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// Why a member refuses a netmap (it changes nothing and keeps the one it has).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refused a netmap from the coordinator (version {version}): {reason}")]
+pub struct NetmapError {
+    pub version: u64,
+    pub reason: String,
+}
+
+impl Netmap {
+    /// Check everything a member writes somewhere (device, routes, `/etc/hosts`, DNS,
+    /// templates) before it takes the netmap: names are DNS labels, addresses sit in the mesh
+    /// and are unique, each peer's allowed IPs hold its address, endpoints are usable.
+    pub fn validate(&self) -> Result<(), NetmapError> {
+        let fail = |reason: String| NetmapError {
+            version: self.version,
+            reason,
+        };
+        let shown = |s: &str| {
+            s.chars()
+                .take(64)
+                .collect::<String>()
+                .escape_debug()
+                .to_string()
+        };
+        if !valid_name(&self.name) {
+            return Err(fail(format!(
+                "our own name \"{}\" is not a valid host name",
+                shown(&self.name)
+            )));
+        }
+        if !self.mesh_cidr.contains(&self.address) {
+            return Err(fail(format!(
+                "our address {} is outside the mesh {}",
+                self.address, self.mesh_cidr
+            )));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        let mut addresses = std::collections::BTreeSet::new();
+        names.insert(self.name.as_str());
+        addresses.insert(self.address);
+        for p in &self.peers {
+            if !valid_name(&p.name) {
+                return Err(fail(format!(
+                    "peer name \"{}\" is not a valid host name",
+                    shown(&p.name)
+                )));
+            }
+            if !names.insert(p.name.as_str()) {
+                return Err(fail(format!("the name {} is listed twice", p.name)));
+            }
+            if !self.mesh_cidr.contains(&p.address) {
+                return Err(fail(format!(
+                    "peer {} has the address {}, outside the mesh {}",
+                    p.name, p.address, self.mesh_cidr
+                )));
+            }
+            if !addresses.insert(p.address) {
+                return Err(fail(format!("the address {} is listed twice", p.address)));
+            }
+            if !p.allowed_ips.contains(&IpNet::from(p.address)) {
+                return Err(fail(format!(
+                    "peer {}'s allowed IPs do not hold its address {}",
+                    p.name, p.address
+                )));
+            }
+            if p.allowed_ips.len() > 1024 || p.endpoints.len() > 64 {
+                return Err(fail(format!(
+                    "peer {} lists too many allowed IPs or endpoints",
+                    p.name
+                )));
+            }
+            for e in &p.endpoints {
+                let ip = e.addr.ip();
+                if e.addr.port() == 0
+                    || ip.is_unspecified()
+                    || ip.is_multicast()
+                    || ip.is_loopback()
+                {
+                    return Err(fail(format!(
+                        "peer {} has the unusable endpoint {}",
+                        p.name, e.addr
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Whether `h` is behind NAT: the coordinator observed it at an IP it did not report.
@@ -272,6 +381,9 @@ pub fn compute_netmap(reg: &RegistrySnapshot, name: &str) -> Option<Netmap> {
         .iter()
         .enumerate()
         .filter(|(i, p)| *i != me_idx && !p.removed)
+        // A pending host's throwaway key is accepted by the coordinator alone: it only needs
+        // to reach the coordinator's API, and a leaked token then reaches nobody else.
+        .filter(|(_, p)| !p.pending || reg.coordinator.as_deref() == Some(me.name.as_str()))
         .map(|(_, p)| peer_of(reg, me, p))
         .collect();
     peers.sort_by(|a, b| {
@@ -314,6 +426,7 @@ mod tests {
             key_created_unix: 100 + u64::from(n),
             next_public_key: None,
             rotate_requested: false,
+            pending: false,
         }
     }
 
@@ -355,7 +468,97 @@ mod tests {
                 nas,
                 removed,
             ],
+            coordinator: Some("dock-load".into()),
         }
+    }
+
+    #[test]
+    fn members_refuse_hostile_netmaps() {
+        let reg = lab();
+        let good = compute_netmap(&reg, "dock-mirror").unwrap();
+        assert_eq!(good.validate(), Ok(()));
+        type Mangle = Box<dyn Fn(&mut Netmap)>;
+        let hostile: Vec<(&str, Mangle)> = vec![
+            (
+                "our own name",
+                Box::new(|m| m.name = "x\n10.0.0.1 evil".into()),
+            ),
+            (
+                "not a valid host name",
+                Box::new(|m| m.peers[0].name = "../../etc/passwd".into()),
+            ),
+            (
+                "not a valid host name",
+                Box::new(|m| m.peers[0].name = "{{ 7*7 }}".into()),
+            ),
+            (
+                "not a valid host name",
+                Box::new(|m| m.peers[0].name = "Dock".into()),
+            ),
+            (
+                "not a valid host name",
+                Box::new(|m| m.peers[0].name = String::new()),
+            ),
+            (
+                "outside the mesh",
+                Box::new(|m| m.peers[0].address = "8.8.8.8".parse().unwrap()),
+            ),
+            (
+                "outside the mesh",
+                Box::new(|m| m.address = "127.0.0.1".parse().unwrap()),
+            ),
+            (
+                "listed twice",
+                Box::new(|m| {
+                    let n = m.peers[0].name.clone();
+                    m.peers[1].name = n;
+                }),
+            ),
+            (
+                "do not hold its address",
+                Box::new(|m| m.peers[0].allowed_ips.clear()),
+            ),
+            (
+                "unusable endpoint",
+                Box::new(|m| {
+                    if let Some(e) = m
+                        .peers
+                        .iter_mut()
+                        .flat_map(|p| p.endpoints.iter_mut())
+                        .next()
+                    {
+                        e.addr = "0.0.0.0:51871".parse().unwrap();
+                    }
+                }),
+            ),
+        ];
+        for (want, f) in hostile {
+            let mut m = good.clone();
+            f(&mut m);
+            let err = m.validate().expect_err(want);
+            assert!(err.to_string().contains(want), "{want}: {err}");
+        }
+    }
+
+    #[test]
+    fn pending_hosts_reach_the_coordinator_only() {
+        let mut reg = lab();
+        let mut joiner = host("dock-dash", 5, &[], None);
+        joiner.pending = true;
+        reg.hosts.push(joiner);
+        let on_load = compute_netmap(&reg, "dock-load").unwrap();
+        assert!(on_load.peers.iter().any(|p| p.name == "dock-dash"));
+        for other in ["dock-mirror", "dock-edge"] {
+            let m = compute_netmap(&reg, other).unwrap();
+            assert!(
+                m.peers.iter().all(|p| p.name != "dock-dash"),
+                "{other}: {m:?}"
+            );
+        }
+        // Without a known coordinator, nobody lists it.
+        reg.coordinator = None;
+        let m = compute_netmap(&reg, "dock-load").unwrap();
+        assert!(m.peers.iter().all(|p| p.name != "dock-dash"));
     }
 
     fn peer<'a>(m: &'a Netmap, name: &str) -> &'a NetmapPeer {
@@ -595,6 +798,7 @@ mod tests {
                     key_created_unix: u64::from(n),
                     next_public_key: None,
                     rotate_requested: false,
+                    pending: false,
                 },
             );
         (any::<u64>(), 1u16..100, prop::collection::vec(host, 0..8)).prop_map(
@@ -607,6 +811,7 @@ mod tests {
                     version,
                     keepalive_secs: ka,
                     hosts,
+                    coordinator: None,
                 }
             },
         )

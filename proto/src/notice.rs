@@ -135,10 +135,7 @@ pub fn follow(
     Ok(current)
 }
 
-/// Equal lengths and bytes, in time independent of where they differ.
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+use crate::auth::constant_eq;
 
 #[cfg(test)]
 mod tests {

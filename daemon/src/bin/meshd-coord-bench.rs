@@ -58,6 +58,14 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// The i-th simulated host's private key: fixed bytes, so the client process can sign for
+/// every host without being handed a thousand keys (a benchmark on loopback, nothing else).
+fn host_key(i: usize) -> PrivateKey {
+    let mut b = [0x42u8; 32];
+    b[8..16].copy_from_slice(&(i as u64).to_le_bytes());
+    PrivateKey::from_bytes(b)
+}
+
 /// The i-th simulated host's mesh address: 127.16.0.2 upward (127.16.0.1 is the coordinator).
 fn host_address(i: usize) -> IpAddr {
     let n = 2 + i as u32;
@@ -68,6 +76,7 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let mut hosts = 1000usize;
     let mut clients_mode: Option<String> = None;
+    let mut coordinator_key: Option<mesh_proto::PublicKey> = None;
     let mut i = 1;
     while i < args.len() {
         match args[i].as_str() {
@@ -84,6 +93,16 @@ fn main() -> anyhow::Result<()> {
                     args.get(i + 1)
                         .ok_or_else(|| anyhow!("--clients-of needs an address"))?
                         .clone(),
+                );
+                i += 2;
+            }
+            "--coordinator-key" => {
+                let hex = args
+                    .get(i + 1)
+                    .ok_or_else(|| anyhow!("--coordinator-key needs a key in hex"))?;
+                coordinator_key = Some(
+                    mesh_proto::PublicKey::from_hex(hex)
+                        .map_err(|e| anyhow!("--coordinator-key: {e}"))?,
                 );
                 i += 2;
             }
@@ -106,6 +125,7 @@ fn main() -> anyhow::Result<()> {
     match clients_mode {
         Some(server) => rt.block_on(clients_main(
             server.parse().context("server address")?,
+            coordinator_key.ok_or_else(|| anyhow!("--clients-of needs --coordinator-key"))?,
             hosts,
         )),
         None => rt.block_on(coordinator_main(hosts)),
@@ -137,6 +157,7 @@ async fn coordinator_run(hosts: usize, dir: &std::path::Path) -> anyhow::Result<
         own_public_key: own_key.public_key(),
     };
     let coord = Coordinator::open(settings, now_unix())?;
+    coord.set_own_private_key(&own_key);
 
     let started = Instant::now();
     let reg = coord.clone();
@@ -173,7 +194,7 @@ async fn coordinator_run(hosts: usize, dir: &std::path::Path) -> anyhow::Result<
                 inv.address,
                 JoinRequest {
                     token,
-                    public_key: PrivateKey::generate().public_key(),
+                    public_key: host_key(i).public_key(),
                     listen_port: 51871,
                     addresses: vec![lan],
                 },
@@ -218,6 +239,8 @@ async fn coordinator_run(hosts: usize, dir: &std::path::Path) -> anyhow::Result<
         .arg(hosts.to_string())
         .arg("--clients-of")
         .arg(api.to_string())
+        .arg("--coordinator-key")
+        .arg(own_key.public_key().to_hex())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -338,7 +361,11 @@ struct Event {
     body_len: usize,
 }
 
-async fn clients_main(server: SocketAddr, hosts: usize) -> anyhow::Result<()> {
+async fn clients_main(
+    server: SocketAddr,
+    coordinator: mesh_proto::PublicKey,
+    hosts: usize,
+) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
     for i in 0..hosts {
         let tx = tx.clone();
@@ -346,8 +373,15 @@ async fn clients_main(server: SocketAddr, hosts: usize) -> anyhow::Result<()> {
             // Stagger connection set-up a little so the accept queue is not flooded at once.
             tokio::time::sleep(Duration::from_micros((i as u64 % 100) * 200)).await;
             let mut since = 0u64;
+            let auth = match mesh_proto::auth::AuthKey::for_host(&host_key(i), &coordinator) {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("client {i}: {e}");
+                    return;
+                }
+            };
             loop {
-                match poll_loop(i, server, &mut since, &tx).await {
+                match poll_loop(i, server, &auth, &mut since, &tx).await {
                     Ok(()) => return,
                     Err(e) => {
                         eprintln!("client {i}: {e:#}; reconnecting");
@@ -451,6 +485,7 @@ async fn clients_main(server: SocketAddr, hosts: usize) -> anyhow::Result<()> {
 async fn poll_loop(
     i: usize,
     server: SocketAddr,
+    auth: &mesh_proto::auth::AuthKey,
     since: &mut u64,
     tx: &mpsc::UnboundedSender<Event>,
 ) -> anyhow::Result<()> {
@@ -461,7 +496,17 @@ async fn poll_loop(
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut scratch = vec![0u8; 16 * 1024];
     loop {
-        let req = format!("GET /v1/netmap?since={since} HTTP/1.1\r\nHost: coordinator\r\n\r\n");
+        // Signed like a daemon's request (the answer's proof is not checked here).
+        let path = format!("/v1/netmap?since={since}");
+        let mut nonce = [0u8; 16];
+        nonce[..8].copy_from_slice(&(now_nanos() as u64).to_le_bytes());
+        nonce[8..].copy_from_slice(&(i as u64).to_le_bytes());
+        let proof = auth.sign("GET", &path, b"", now_unix(), nonce);
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: coordinator\r\n{}: {}\r\n\r\n",
+            mesh_proto::auth::AUTH_HEADER,
+            proof.header_value()
+        );
         s.write_all(req.as_bytes()).await.context("write")?;
         // Headers.
         let hdr_end = loop {

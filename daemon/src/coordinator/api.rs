@@ -1,6 +1,7 @@
 //! The HTTP/JSON API (axum), served on the coordinator's mesh address from a socket bound to
-//! the mesh interface (SO_BINDTODEVICE): a request's TCP source address is the caller's mesh
-//! identity, which WireGuard's cryptokey routing guarantees. Paths and bodies: see
+//! the mesh interface (SO_BINDTODEVICE). Every request proves its caller's key and every answer
+//! the coordinator's (`mesh_proto::auth`, checked by `super::auth::authenticate`); the source
+//! address must be the proven key's mesh address too. Paths and bodies: see
 //! `mesh_proto::api`. Every error is `{"error": "..."}` with a 4xx/5xx status.
 
 use std::future::Future;
@@ -14,6 +15,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use mesh_proto::api::{
     ApiError, EndpointReport, InviteRequest, JoinRequest, RotateRequest, RotateResponse,
@@ -23,6 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use super::auth::Caller;
 use super::{CoordError, Coordinator};
 
 /// Where the coordinator's WireGuard sees a mesh address's packets come from (the peer's
@@ -110,25 +113,40 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| CoordError::Internal(format!("registry task failed: {e}")))?
 }
 
-async fn require_admin(coord: &Coordinator, caller: IpAddr) -> Result<(), CoordError> {
-    let c = coord.clone();
-    let admin = tokio::task::spawn_blocking(move || c.is_admin(caller))
-        .await
-        .unwrap_or(false);
-    if admin {
+/// Admin calls come from admin hosts proving their key (the coordinator host's own go through
+/// its control socket, in-process).
+fn require_admin(caller: &Caller) -> Result<(), CoordError> {
+    if caller.admin {
         Ok(())
     } else {
-        Err(CoordError::NotAdmin(caller))
+        Err(CoordError::NotAdmin(caller.address))
+    }
+}
+
+/// A request that introduces a key must prove it too (`mesh_proto::auth`, second proof).
+fn require_proven_next(caller: &Caller, key: &mesh_proto::PublicKey) -> Result<(), CoordError> {
+    if caller.next == Some(*key) {
+        Ok(())
+    } else {
+        Err(CoordError::Unproven(format!(
+            "the request does not prove the key {} it introduces (a second proof of key is \
+             required)",
+            key.short()
+        )))
     }
 }
 
 async fn join(
     State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(who): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let req: JoinRequest = parse_json(body)?;
-    let caller = caller_ip(peer);
+    if !who.pending {
+        return Err(CoordError::Conflict(format!("{} has joined already", who.name)).into());
+    }
+    require_proven_next(&who, &req.public_key)?;
+    let caller = who.address;
     let coord = st.coord.clone();
     let resp = blocking(move || coord.join(caller, req, now_unix())).await?;
     Ok(Json(resp).into_response())
@@ -136,15 +154,41 @@ async fn join(
 
 async fn endpoints(
     State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(who): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<StatusCode> {
     let report: EndpointReport = parse_json(body)?;
-    let caller = caller_ip(peer);
+    st.coord.check_report(&report)?;
+    let caller = who.address;
     let observed = (st.observed)(caller);
-    let coord = st.coord.clone();
-    blocking(move || coord.report_endpoints_observed(caller, observed, report, now_unix())).await?;
-    Ok(StatusCode::NO_CONTENT)
+    match st.coord.reports.handle(caller, observed, report) {
+        super::reports::Gate::Apply(observed, report) => {
+            let coord = st.coord.clone();
+            blocking(move || coord.report_endpoints_observed(caller, observed, report, now_unix()))
+                .await?;
+            Ok(StatusCode::NO_CONTENT)
+        }
+        super::reports::Gate::Later { wait, schedule } => {
+            if schedule {
+                let coord = st.coord.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    for (ip, observed, report) in coord.reports.due() {
+                        let c = coord.clone();
+                        let r = blocking(move || {
+                            c.report_endpoints_observed(ip, observed, report, now_unix())
+                        })
+                        .await;
+                        if let Err(e) = r {
+                            tracing::warn!(caller = %ip, error = %e, "a debounced endpoint report was refused");
+                        }
+                    }
+                });
+            }
+            // Taken; applied within a second.
+            Ok(StatusCode::ACCEPTED)
+        }
+    }
 }
 
 /// The rotation calls differ only in the registry method they run.
@@ -153,23 +197,16 @@ type RotationStep =
 
 async fn rotation_call(
     st: AppState,
-    peer: SocketAddr,
+    who: Caller,
     body: Result<Bytes, BytesRejection>,
     step: RotationStep,
 ) -> ApiResult<Response> {
     let req: RotateRequest = parse_json(body)?;
-    let caller = caller_ip(peer);
+    require_proven_next(&who, &req.public_key)?;
+    let caller = who.address;
     let coord = st.coord.clone();
     let resp = blocking(move || step(&coord, caller, req, now_unix())).await?;
     Ok(Json(resp).into_response())
-}
-
-async fn rotate(
-    State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    body: Result<Bytes, BytesRejection>,
-) -> ApiResult<Response> {
-    rotation_call(st, peer, body, Coordinator::rotate_key).await
 }
 
 /// How long a prepare waits for the other hosts to take the netmap with the next key.
@@ -181,11 +218,12 @@ pub const PREPARE_ACK_TIMEOUT: Duration = Duration::from_secs(3);
 /// its peers' devices accept the next key, and never before.
 async fn rotate_prepare(
     State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(who): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let req: RotateRequest = parse_json(body)?;
-    let caller = caller_ip(peer);
+    require_proven_next(&who, &req.public_key)?;
+    let caller = who.address;
     let coord = st.coord.clone();
     let resp = blocking(move || coord.prepare_rotation(caller, req, now_unix())).await?;
     let out = st
@@ -202,10 +240,10 @@ async fn rotate_prepare(
 
 async fn rotate_commit(
     State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(who): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    rotation_call(st, peer, body, Coordinator::commit_rotation).await
+    rotation_call(st, who, body, Coordinator::commit_rotation).await
 }
 
 /// Marks a long-poll as returned however the handler ends (a reply, an error, or the client
@@ -229,7 +267,7 @@ struct NetmapQuery {
 
 async fn netmap(
     State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(who): Extension<Caller>,
     query: Result<Query<NetmapQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
     let since = query
@@ -237,7 +275,7 @@ async fn netmap(
         .0
         .since
         .unwrap_or(0);
-    let caller = caller_ip(peer);
+    let caller = who.address;
     let coord = &st.coord;
     let mut rx = coord.subscribe();
     let current = *rx.borrow_and_update();
@@ -333,11 +371,11 @@ async fn prometheus_targets(
 
 async fn admin_invite(
     State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(who): Extension<Caller>,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let caller = caller_ip(peer);
-    require_admin(&st.coord, caller).await?;
+    require_admin(&who)?;
+    let caller = &who.name;
     let req: InviteRequest = parse_json(body)?;
     let coord = st.coord.clone();
     tracing::info!(caller = %caller, name = %req.name, "invite requested over the API");
@@ -347,9 +385,9 @@ async fn admin_invite(
 
 async fn admin_invites(
     State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(who): Extension<Caller>,
 ) -> ApiResult<Response> {
-    require_admin(&st.coord, caller_ip(peer)).await?;
+    require_admin(&who)?;
     let coord = st.coord.clone();
     let list = blocking(move || coord.invites(now_unix())).await?;
     Ok(Json(list).into_response())
@@ -362,11 +400,11 @@ fn path_name(p: Result<Path<String>, PathRejection>) -> Result<String, CoordErro
 
 async fn admin_revoke(
     State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(who): Extension<Caller>,
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<StatusCode> {
-    let caller = caller_ip(peer);
-    require_admin(&st.coord, caller).await?;
+    require_admin(&who)?;
+    let caller = &who.name;
     let name = path_name(name)?;
     let coord = st.coord.clone();
     tracing::info!(caller = %caller, name = %name, "revoke requested over the API");
@@ -376,9 +414,9 @@ async fn admin_revoke(
 
 async fn admin_hosts(
     State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(who): Extension<Caller>,
 ) -> ApiResult<Response> {
-    require_admin(&st.coord, caller_ip(peer)).await?;
+    require_admin(&who)?;
     let coord = st.coord.clone();
     let list = blocking(move || coord.hosts()).await?;
     Ok(Json(list).into_response())
@@ -387,13 +425,13 @@ async fn admin_hosts(
 /// An admin call on one host by name that answers 204: check the caller, log, run `f`.
 async fn admin_on_host(
     st: AppState,
-    peer: SocketAddr,
+    who: Caller,
     name: Result<Path<String>, PathRejection>,
     what: &'static str,
     f: fn(&Coordinator, &str, u64) -> Result<(), CoordError>,
 ) -> ApiResult<StatusCode> {
-    let caller = caller_ip(peer);
-    require_admin(&st.coord, caller).await?;
+    require_admin(&who)?;
+    let caller = &who.name;
     let name = path_name(name)?;
     let coord = st.coord.clone();
     tracing::info!(caller = %caller, name = %name, "{what} requested over the API");
@@ -403,34 +441,26 @@ async fn admin_on_host(
 
 async fn admin_remove(
     State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(who): Extension<Caller>,
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<StatusCode> {
-    admin_on_host(st, peer, name, "removal", Coordinator::remove).await
+    admin_on_host(st, who, name, "removal", Coordinator::remove).await
 }
 
 async fn admin_rotate(
     State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(who): Extension<Caller>,
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<StatusCode> {
-    admin_on_host(
-        st,
-        peer,
-        name,
-        "key rotation",
-        Coordinator::request_rotation,
-    )
-    .await
+    admin_on_host(st, who, name, "key rotation", Coordinator::request_rotation).await
 }
 
 async fn admin_static_config(
     State(st): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(who): Extension<Caller>,
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Response> {
-    let caller = caller_ip(peer);
-    require_admin(&st.coord, caller).await?;
+    require_admin(&who)?;
     let name = path_name(name)?;
     let coord = st.coord.clone();
     let config = blocking(move || coord.static_config(&name)).await?;
@@ -459,7 +489,6 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/join", post(join))
         .route("/v1/endpoints", post(endpoints))
-        .route("/v1/rotate", post(rotate))
         .route("/v1/rotate/prepare", post(rotate_prepare))
         .route("/v1/rotate/commit", post(rotate_commit))
         .route("/v1/netmap", get(netmap))
@@ -473,6 +502,10 @@ fn router(state: AppState) -> Router {
         .route("/v1/admin/hosts/{name}/wg-quick", get(admin_static_config))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.coord.clone(),
+            super::auth::authenticate,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -593,22 +626,66 @@ pub async fn serve_api_on(
 }
 
 /// `GET /v1/key-notices/HOSTKEY` (hex): the coordinator key notices for that host. Served
-/// outside the tunnel, to anyone: a notice holds public keys and a MAC only the host can check
-/// (`mesh_proto::notice`).
+/// outside the tunnel, only to a requester that proves HOSTKEY toward the coordinator key it
+/// knows (`mesh_proto::auth`; for a key we rotated away, with the MAC key kept at that
+/// rotation). Every failure gets the same refusal, so nobody learns whether a key has notices.
 async fn key_notices(
     State(coord): State<Coordinator>,
+    headers: axum::http::HeaderMap,
+    uri: Uri,
     key: Result<Path<String>, PathRejection>,
-) -> ApiResult<Response> {
-    let Path(hex) = key.map_err(|r| CoordError::Malformed(r.body_text()))?;
-    let host = mesh_proto::PublicKey::from_hex(&hex)
-        .map_err(|e| CoordError::Malformed(format!("the host key is not 64 hex digits: {e}")))?;
+) -> Response {
+    let refused = || {
+        (
+            StatusCode::FORBIDDEN,
+            Json(ApiError {
+                error: "key notices are given only to a host proving its key (auth v1)".into(),
+            }),
+        )
+            .into_response()
+    };
+    let Ok(Path(hex)) = key else {
+        return refused();
+    };
+    let Ok(host) = mesh_proto::PublicKey::from_hex(&hex) else {
+        return refused();
+    };
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
     let c = coord.clone();
-    let notices = blocking(move || c.key_notices_for(&host)).await?;
-    Ok((
+    let proven = blocking(move || {
+        Ok(super::auth::prove_notice_request(
+            &c.auth,
+            |h, old| c.key_notice_auth(h, old),
+            "GET",
+            &path,
+            &headers,
+            now_unix(),
+        ))
+    })
+    .await;
+    let (proven_key, auth_key, nonce) = match proven {
+        Ok(Ok(p)) if p.0 == host => p,
+        Ok(Ok(_)) | Ok(Err(_)) | Err(_) => {
+            if let Ok(Err(e)) = &proven {
+                tracing::debug!(error = %e, "key notice request refused");
+            }
+            return refused();
+        }
+    };
+    let c = coord.clone();
+    let notices = match blocking(move || c.key_notices_for(&proven_key)).await {
+        Ok(n) => n,
+        Err(e) => return Failure(e).into_response(),
+    };
+    let answer = (
         [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
         Json(mesh_proto::notice::KeyNoticesResponse { notices }),
     )
-        .into_response())
+        .into_response();
+    super::auth::sign_answer(answer, &auth_key, &nonce).await
 }
 
 /// Serve the key notices on TCP `port` of every address (the coordinator's WireGuard port

@@ -35,6 +35,9 @@ pub enum CoordError {
     /// An admin call from a host that is not an admin.
     #[error("{0} is not an admin host")]
     NotAdmin(IpAddr),
+    /// A request that introduces a key without proving it.
+    #[error("{0}")]
+    Unproven(String),
     /// A call from an address that is no (joined) host of this mesh.
     #[error("{0} is not a joined host of this mesh")]
     NotAHost(IpAddr),
@@ -86,6 +89,7 @@ impl CoordError {
             CoordError::Malformed(_) | CoordError::BadToken(_) => 400,
             CoordError::Tampered
             | CoordError::NotAdmin(_)
+            | CoordError::Unproven(_)
             | CoordError::NotAHost(_)
             | CoordError::WrongCaller { .. } => 403,
             CoordError::NoSuchInvite(_) | CoordError::NoSuchHost(_) | CoordError::NotFound(_) => {

@@ -11,9 +11,11 @@ use mesh_proto::PublicKey;
 
 mod acks;
 mod api;
+mod auth;
 mod error;
 mod grace;
 mod render;
+mod reports;
 mod schema;
 mod store;
 mod wgquick;
@@ -25,6 +27,7 @@ pub use acks::AckOutcome;
 pub use api::{
     bind_api_listener, serve_api, serve_api_on, serve_key_notices, ObservedFn, VERSION_HEADER,
 };
+pub use auth::Caller;
 pub use error::CoordError;
 pub use grace::{apply_join_grace, RecentJoin, JOIN_KEY_GRACE};
 pub use store::{

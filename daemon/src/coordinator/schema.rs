@@ -78,6 +78,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         at_unix INTEGER NOT NULL,
         PRIMARY KEY (host_key, old_key)
      );",
+    // 6: with each key notice, the MAC key the host proves its key with when it asks for its
+    // notices (`mesh_proto::auth`; the old coordinator key it signs toward is gone). Notices
+    // written before have none: such a host needs a new token.
+    "ALTER TABLE key_notices ADD COLUMN auth_key BLOB;",
 ];
 
 /// Bring the database up to the newest schema. Refuses a database written by a newer meshd.

@@ -51,6 +51,10 @@ pub struct Coordinator {
     pub(super) recent: Arc<RecentJoins>,
     /// The netmap version each host has taken (from its long-polls).
     pub(super) acks: Arc<Acks>,
+    /// Our own private keys and the replay cache, for the API's proof of key.
+    pub(super) auth: Arc<super::auth::ApiAuth>,
+    /// Endpoint reports, at most one applied per host and second.
+    pub(super) reports: Arc<super::reports::ReportGate>,
 }
 
 /// One host row.
@@ -337,14 +341,7 @@ fn random_hex(n: usize) -> String {
 
 /// Host names are DNS labels: 1 to 63 of `a-z0-9-`, not starting or ending with `-`.
 pub fn validate_name(name: &str) -> Result<(), CoordError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
-    if ok {
+    if mesh_proto::netmap::valid_name(name) {
         Ok(())
     } else {
         Err(CoordError::Malformed(format!(
@@ -462,6 +459,8 @@ impl Coordinator {
             peer_json: Arc::new(PeerJsonCache::default()),
             recent: Arc::new(RecentJoins::default()),
             acks: Arc::new(Acks::default()),
+            auth: Arc::new(super::auth::ApiAuth::default()),
+            reports: Arc::new(super::reports::ReportGate::default()),
         })
     }
 
@@ -675,9 +674,12 @@ impl Coordinator {
                         expires as i64
                     ],
                 )?;
+                // The coordinator's key as registered now (it rotates; the key it started
+                // with may be long gone).
+                let coordinator_key = own_host(tx, &settings.own_name)?.public_key;
                 let body = TokenBody {
                     invite_id: invite_id.clone(),
-                    coordinator_public_key: settings.own_public_key,
+                    coordinator_public_key: coordinator_key,
                     coordinator_endpoints: settings.public_endpoints.clone(),
                     coordinator_address: settings.own_address,
                     api_port: settings.api_port,
@@ -1076,6 +1078,13 @@ impl Coordinator {
         Ok(RotateResponse { netmap })
     }
 
+    /// The checks of a report that need no registry (so a debounced report is refused at
+    /// once, not when it is applied).
+    pub fn check_report(&self, report: &EndpointReport) -> Result<(), CoordError> {
+        check_report(report.listen_port, &report.addresses)?;
+        check_advertise(self.settings.mesh_cidr, &report.advertise).map(drop)
+    }
+
     /// A host reports its interface addresses and listen port; `observed` is where the
     /// coordinator sees its WireGuard packets come from. The version moves only when the
     /// endpoints changed; `last_seen` is always updated.
@@ -1471,15 +1480,22 @@ impl Coordinator {
             };
             for h in &holders {
                 let n = mesh_proto::notice::issue(old_private, h, next, now_unix);
+                // The host asks for its notices proving its key toward `old`, whose private
+                // half is about to go: keep that MAC key (none for a low-order host key).
+                let auth_key = mesh_proto::auth::AuthKey::for_coordinator(old_private, h)
+                    .ok()
+                    .map(|k| k.raw().to_vec());
                 tx.execute(
-                    "INSERT OR REPLACE INTO key_notices (host_key, old_key, new_key, tag, at_unix)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT OR REPLACE INTO key_notices
+                        (host_key, old_key, new_key, tag, at_unix, auth_key)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                     params![
                         h.0.as_slice(),
                         old.0.as_slice(),
                         next.0.as_slice(),
                         n.tag,
-                        now_unix as i64
+                        now_unix as i64,
+                        auth_key
                     ],
                 )?;
             }
@@ -1561,6 +1577,34 @@ impl Coordinator {
     /// in-process, not over a long-poll).
     pub fn applied_own(&self, version: u64) {
         self.acks.poll_ended(self.settings.own_address, version);
+    }
+
+    /// The MAC key kept for `host_key` proving its key toward our rotated-away key `old`.
+    pub fn key_notice_auth(&self, host_key: &PublicKey, old: &PublicKey) -> Option<[u8; 32]> {
+        let guard = self.lock().ok()?;
+        let raw: Option<Vec<u8>> = guard
+            .conn
+            .query_row(
+                "SELECT auth_key FROM key_notices WHERE host_key = ?1 AND old_key = ?2",
+                params![host_key.0.as_slice(), old.0.as_slice()],
+                |r| r.get(0),
+            )
+            .optional()
+            .ok()
+            .flatten()
+            .flatten();
+        raw.and_then(|b| <[u8; 32]>::try_from(b).ok())
+    }
+
+    /// Our own private key is now `key` (at start and at our rotation's switch): the API
+    /// proves requests and signs answers with it (and with the one before, for a while).
+    pub fn set_own_private_key(&self, key: &PrivateKey) {
+        self.auth.set_own_key(key);
+    }
+
+    /// The API's refusals since start and the newest few (Unix time, what).
+    pub fn api_refusals(&self) -> (u64, Vec<(u64, String)>) {
+        self.auth.refusals()
     }
 
     /// The coordinator key notices for the host holding `host_key`, oldest first (empty for
@@ -1682,6 +1726,7 @@ fn build_snapshot(
             key_created_unix: h.key_created_unix,
             next_public_key: h.next_public_key,
             rotate_requested: h.rotate_requested,
+            pending: h.pending,
         });
     }
     resolve_near(conn, &mut hosts)?;
@@ -1690,6 +1735,7 @@ fn build_snapshot(
         version,
         keepalive_secs: settings.keepalive_secs,
         hosts,
+        coordinator: Some(settings.own_name.clone()),
     })
 }
 

@@ -1113,17 +1113,30 @@ fn bad_invites_are_refused() {
 
 struct Reply {
     status: u16,
+    head: String,
     body: String,
 }
 
-async fn http(src: IpAddr, dst: SocketAddr, method: &str, path: &str, body: &[u8]) -> Reply {
+/// One raw HTTP exchange from `src` with extra request headers.
+async fn http_with(
+    src: IpAddr,
+    dst: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    headers: &[(String, String)],
+) -> Reply {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind(SocketAddr::new(src, 0)).unwrap();
     let mut s = sock.connect(dst).await.unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: coord\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: coord\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
         body.len()
     );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
     s.write_all(head.as_bytes()).await.unwrap();
     // The server may answer (413) before reading the whole body.
     let _ = s.write_all(body).await;
@@ -1135,17 +1148,96 @@ async fn http(src: IpAddr, dst: SocketAddr, method: &str, path: &str, body: &[u8
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = text
+    let (head, body) = text
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
+        .map(|(h, b)| (h.to_string(), b.to_string()))
         .unwrap_or_default();
-    Reply { status, body }
+    Reply { status, head, body }
+}
+
+/// An unsigned request (what a local process without the host's key can send).
+async fn http(src: IpAddr, dst: SocketAddr, method: &str, path: &str, body: &[u8]) -> Reply {
+    http_with(src, dst, method, path, body, &[]).await
 }
 
 fn error_text(r: &Reply) -> String {
     let v: mesh_proto::api::ApiError = serde_json::from_str(&r.body)
         .unwrap_or_else(|e| panic!("not an ApiError ({e}): {:?}", r.body));
     v.error
+}
+
+/// The coordinator's private key in the API tests.
+fn coord_private() -> PrivateKey {
+    PrivateKey::from_bytes([1; 32])
+}
+
+/// A simulated host: its mesh address and key.
+struct Host {
+    address: IpAddr,
+    key: PrivateKey,
+}
+
+/// The headers of a request signed by `from` (and proving `next`), at time `ts`.
+fn proof_headers(
+    from: &PrivateKey,
+    next: Option<&PrivateKey>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    ts: u64,
+    nonce: [u8; 16],
+) -> (Vec<(String, String)>, mesh_proto::auth::AuthKey) {
+    use mesh_proto::auth::{AuthKey, AUTH_HEADER, NEXT_HEADER};
+    let coord = coord_private().public_key();
+    let auth = AuthKey::for_host(from, &coord).unwrap();
+    let mut h = vec![(
+        AUTH_HEADER.to_string(),
+        auth.sign(method, path, body, ts, nonce).header_value(),
+    )];
+    if let Some(n) = next {
+        let nk = AuthKey::for_host(n, &coord).unwrap();
+        h.push((
+            NEXT_HEADER.to_string(),
+            nk.sign(method, path, body, ts, nonce).header_value(),
+        ));
+    }
+    (h, auth)
+}
+
+fn fresh_nonce() -> [u8; 16] {
+    let mut n = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut n);
+    n
+}
+
+/// A signed request from `from`; the answer's proof of the coordinator's key is checked.
+async fn signed(
+    s: &Server,
+    from: &Host,
+    next: Option<&PrivateKey>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Reply {
+    let nonce = fresh_nonce();
+    let (headers, auth) = proof_headers(&from.key, next, method, path, body, now_real(), nonce);
+    let r = http_with(from.address, s.addr, method, path, body, &headers).await;
+    let proof = r.head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(mesh_proto::auth::AUTH_HEADER)
+            .then(|| v.trim().to_string())
+    });
+    // Refusals before the key was proven carry no proof; everything else must.
+    if proof.is_some() || ![400, 401, 413, 429].contains(&r.status) {
+        auth.verify_response(proof.as_deref(), &nonce, r.status, r.body.as_bytes())
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{method} {path}: the answer is not proven ({e}): {}",
+                    r.body
+                )
+            });
+    }
+    r
 }
 
 struct Server {
@@ -1160,6 +1252,7 @@ async fn server() -> Server {
     let dir = tempfile::tempdir().unwrap();
     let coord =
         Coordinator::open(settings(dir.path(), "127.16.0.0/16", "127.16.0.1"), NOW).unwrap();
+    coord.set_own_private_key(&coord_private());
     let listener = bind_api_listener("127.16.0.1:0".parse().unwrap(), None).unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -1187,6 +1280,38 @@ impl Server {
             .unwrap()
             .unwrap();
     }
+
+    /// Invite and join `name` through the registry; its key is its own.
+    fn member(&self, name: &str, admin: bool) -> Host {
+        let inv = self
+            .coord
+            .invite(
+                InviteRequest {
+                    name: name.into(),
+                    address: None,
+                    ttl_secs: None,
+                    admin,
+                    static_peer: false,
+                    public_key: None,
+                    endpoint: None,
+                    near: None,
+                },
+                now_real(),
+            )
+            .unwrap();
+        let key = PrivateKey::generate();
+        self.coord
+            .join(
+                inv.address,
+                join_req(inv.token.as_deref().unwrap(), key.public_key()),
+                now_real(),
+            )
+            .unwrap();
+        Host {
+            address: inv.address,
+            key,
+        }
+    }
 }
 
 fn now_real() -> u64 {
@@ -1196,62 +1321,102 @@ fn now_real() -> u64 {
         .as_secs()
 }
 
+fn plain_invite(name: &str, admin: bool) -> InviteRequest {
+    InviteRequest {
+        name: name.into(),
+        address: None,
+        ttl_secs: None,
+        admin,
+        static_peer: false,
+        public_key: None,
+        endpoint: None,
+        near: None,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_join_netmap_and_admin_checks() {
     let s = server().await;
-    let admin = addr("127.16.0.1");
+    let admin = s.member("dock-admin", true);
     let inv = s
         .coord
-        .invite(
-            InviteRequest {
-                name: "dock-mirror".into(),
-                address: None,
-                ttl_secs: None,
-                admin: false,
-                static_peer: false,
-                public_key: None,
-                endpoint: None,
-                near: None,
-            },
-            now_real(),
-        )
+        .invite(plain_invite("dock-mirror", false), now_real())
         .unwrap();
-    let key = PrivateKey::generate().public_key();
-    let body = serde_json::to_vec(&join_req(inv.token.as_deref().unwrap(), key)).unwrap();
+    let token = inv.token.clone().unwrap();
+    let throwaway = Token::decode(&token).unwrap().throwaway_key().unwrap();
+    let own = PrivateKey::generate();
+    let body = serde_json::to_vec(&join_req(&token, own.public_key())).unwrap();
+    let joiner = Host {
+        address: inv.address,
+        key: throwaway,
+    };
 
-    // From the wrong source address.
-    let r = http(addr("127.16.0.99"), s.addr, "POST", "/v1/join", &body).await;
+    // Without proof of the token's key: refused, unsigned.
+    let r = http(inv.address, s.addr, "POST", "/v1/join", &body).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    // With the throwaway key but without proving the new key.
+    let r = signed(&s, &joiner, None, "POST", "/v1/join", &body).await;
     assert_eq!(r.status, 403, "{}", r.body);
-    assert!(error_text(&r).contains("must come from"));
-
-    let r = http(inv.address, s.addr, "POST", "/v1/join", &body).await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let jr: mesh_proto::api::JoinResponse = serde_json::from_str(&r.body).unwrap();
-    assert_eq!(jr.netmap.public_key, key);
-
-    // Again: used.
-    let r = http(inv.address, s.addr, "POST", "/v1/join", &body).await;
-    assert_eq!(r.status, 410);
-    assert_eq!(
-        error_text(&r),
-        "invitation for dock-mirror was already used"
+    assert!(
+        error_text(&r).contains("does not prove the key"),
+        "{}",
+        r.body
+    );
+    // Proving a different new key than the body names.
+    let other = PrivateKey::generate();
+    let r = signed(&s, &joiner, Some(&other), "POST", "/v1/join", &body).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    // From the wrong source address, properly signed: the address is a second check.
+    let nonce = fresh_nonce();
+    let (h, _) = proof_headers(
+        &joiner.key,
+        Some(&own),
+        "POST",
+        "/v1/join",
+        &body,
+        now_real(),
+        nonce,
+    );
+    let r = http_with(addr("127.16.0.99"), s.addr, "POST", "/v1/join", &body, &h).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(
+        error_text(&r).contains("request came from 127.16.0.99"),
+        "{}",
+        r.body
     );
 
+    let r = signed(&s, &joiner, Some(&own), "POST", "/v1/join", &body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let jr: mesh_proto::api::JoinResponse = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(jr.netmap.public_key, own.public_key());
+    let member = Host {
+        address: inv.address,
+        key: own,
+    };
+    // The throwaway key is dead now.
+    let r = signed(
+        &s,
+        &joiner,
+        Some(&PrivateKey::generate()),
+        "POST",
+        "/v1/join",
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.body);
+
     // Netmap with since=0 answers at once.
-    let r = http(inv.address, s.addr, "GET", "/v1/netmap?since=0", b"").await;
+    let r = signed(&s, &member, None, "GET", "/v1/netmap?since=0", b"").await;
     assert_eq!(r.status, 200, "{}", r.body);
     let nm: mesh_proto::netmap::Netmap = serde_json::from_str(&r.body).unwrap();
     assert_eq!(nm.version, s.coord.version());
-    // A stranger gets no netmap.
-    let r = http(
-        addr("127.16.0.99"),
-        s.addr,
-        "GET",
-        "/v1/netmap?since=0",
-        b"",
-    )
-    .await;
-    assert_eq!(r.status, 403);
+    // A stranger (unknown key) gets no netmap.
+    let stranger = Host {
+        address: addr("127.16.0.99"),
+        key: PrivateKey::generate(),
+    };
+    let r = signed(&s, &stranger, None, "GET", "/v1/netmap?since=0", b"").await;
+    assert_eq!(r.status, 401);
 
     // Endpoint report: 204, observed from the provider.
     let rep = serde_json::to_vec(&EndpointReport {
@@ -1260,7 +1425,7 @@ async fn api_join_netmap_and_admin_checks() {
         advertise: vec![],
     })
     .unwrap();
-    let r = http(inv.address, s.addr, "POST", "/v1/endpoints", &rep).await;
+    let r = signed(&s, &member, None, "POST", "/v1/endpoints", &rep).await;
     assert_eq!(r.status, 204, "{}", r.body);
     let h = s
         .coord
@@ -1271,14 +1436,14 @@ async fn api_join_netmap_and_admin_checks() {
         .unwrap();
     assert_eq!(h.observed, Some(SocketAddr::new(inv.address, 51871)));
 
-    // Admin calls: refused to the plain host, served to the coordinator.
+    // Admin calls: refused to the plain host, served to the admin host.
     for (method, path) in [
         ("GET", "/v1/admin/hosts"),
         ("GET", "/v1/admin/invites"),
         ("DELETE", "/v1/admin/hosts/dock-mirror"),
         ("DELETE", "/v1/admin/invites/x"),
     ] {
-        let r = http(inv.address, s.addr, method, path, b"").await;
+        let r = signed(&s, &member, None, method, path, b"").await;
         assert_eq!(r.status, 403, "{method} {path}: {}", r.body);
         assert_eq!(
             error_text(&r),
@@ -1286,109 +1451,324 @@ async fn api_join_netmap_and_admin_checks() {
         );
     }
     let inv_body = br#"{"name":"dock-edge","address":null,"ttl_secs":600}"#;
-    let r = http(inv.address, s.addr, "POST", "/v1/admin/invite", inv_body).await;
+    let r = signed(&s, &member, None, "POST", "/v1/admin/invite", inv_body).await;
     assert_eq!(r.status, 403);
-    let r = http(admin, s.addr, "POST", "/v1/admin/invite", inv_body).await;
+    let r = signed(&s, &admin, None, "POST", "/v1/admin/invite", inv_body).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let ir: mesh_proto::api::InviteResponse = serde_json::from_str(&r.body).unwrap();
     assert!(ir.token.unwrap().starts_with("meshd1."));
-    let r = http(admin, s.addr, "GET", "/v1/admin/invites", b"").await;
+    let r = signed(&s, &admin, None, "GET", "/v1/admin/invites", b"").await;
     assert_eq!(r.status, 200);
     let list: Vec<mesh_proto::api::InviteInfo> = serde_json::from_str(&r.body).unwrap();
     assert_eq!(list.len(), 1);
-    let r = http(admin, s.addr, "DELETE", "/v1/admin/invites/dock-edge", b"").await;
+    let r = signed(
+        &s,
+        &admin,
+        None,
+        "DELETE",
+        "/v1/admin/invites/dock-edge",
+        b"",
+    )
+    .await;
     assert_eq!(r.status, 204, "{}", r.body);
-    let r = http(admin, s.addr, "DELETE", "/v1/admin/invites/dock-edge", b"").await;
+    let r = signed(
+        &s,
+        &admin,
+        None,
+        "DELETE",
+        "/v1/admin/invites/dock-edge",
+        b"",
+    )
+    .await;
     assert_eq!(r.status, 404);
-    let r = http(admin, s.addr, "DELETE", "/v1/admin/hosts/dock-mirror", b"").await;
+    let r = signed(
+        &s,
+        &admin,
+        None,
+        "DELETE",
+        "/v1/admin/hosts/dock-mirror",
+        b"",
+    )
+    .await;
     assert_eq!(r.status, 204, "{}", r.body);
-    let r = http(admin, s.addr, "GET", "/v1/admin/hosts", b"").await;
+    let r = signed(&s, &admin, None, "GET", "/v1/admin/hosts", b"").await;
     let hosts: Vec<mesh_proto::api::HostInfo> = serde_json::from_str(&r.body).unwrap();
     assert!(hosts.iter().any(|h| h.name == "dock-mirror" && h.removed));
     // The removed host is no longer served.
-    let r = http(inv.address, s.addr, "GET", "/v1/netmap?since=0", b"").await;
-    assert_eq!(r.status, 403);
+    let r = signed(&s, &member, None, "GET", "/v1/netmap?since=0", b"").await;
+    assert_eq!(r.status, 401);
+    s.stop().await;
+}
+
+/// The attacks on the proof itself: no proof, a local process on the coordinator host (its
+/// own mesh address, no key), a forged or tampered MAC, a replay, a stale time, another
+/// version. Each is refused and changes nothing; the refusals show in `api_refusals`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_refuses_requests_without_a_valid_proof_of_key() {
+    let s = server().await;
+    let member = s.member("dock-prod", false);
+    let before = s.coord.snapshot().unwrap();
+    let inv_body = br#"{"name":"intruder","address":null,"ttl_secs":600}"#;
+
+    // An unprivileged process on the coordinator host reaches the API from the coordinator's
+    // own mesh address, which used to be the admin test: no key, nothing.
+    for (method, path, body) in [
+        ("POST", "/v1/admin/invite", &inv_body[..]),
+        ("GET", "/v1/admin/hosts", b""),
+        ("GET", "/v1/netmap?since=0", b""),
+    ] {
+        let r = http(addr("127.16.0.1"), s.addr, method, path, body).await;
+        assert_eq!(r.status, 401, "{method} {path}: {}", r.body);
+        assert!(error_text(&r).contains("not signed"), "{}", r.body);
+        assert!(
+            r.head
+                .to_ascii_lowercase()
+                .contains("x-meshd-auth-versions: v1"),
+            "{}",
+            r.head
+        );
+        assert!(
+            !r.head.to_ascii_lowercase().contains("x-meshd-auth:"),
+            "refusals are unsigned"
+        );
+    }
+    // Even signed with the coordinator's own key: the coordinator host uses its socket.
+    let own = Host {
+        address: addr("127.16.0.1"),
+        key: coord_private(),
+    };
+    let nonce = fresh_nonce();
+    let (h, _) = proof_headers(
+        &own.key,
+        None,
+        "GET",
+        "/v1/admin/hosts",
+        b"",
+        now_real(),
+        nonce,
+    );
+    let r = http_with(own.address, s.addr, "GET", "/v1/admin/hosts", b"", &h).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+
+    // A member's proof on another body (tampered in flight) or path.
+    let rep = br#"{"listen_port":51871,"addresses":["192.168.1.2"]}"#;
+    let nonce = fresh_nonce();
+    let (h, _) = proof_headers(
+        &member.key,
+        None,
+        "POST",
+        "/v1/endpoints",
+        rep,
+        now_real(),
+        nonce,
+    );
+    let tampered = br#"{"listen_port":51872,"addresses":["192.168.1.2"]}"#;
+    let r = http_with(
+        member.address,
+        s.addr,
+        "POST",
+        "/v1/endpoints",
+        tampered,
+        &h,
+    )
+    .await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(
+        error_text(&r).contains("signature does not verify"),
+        "{}",
+        r.body
+    );
+    let r = http_with(member.address, s.addr, "POST", "/v1/admin/invite", rep, &h).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+
+    // A replay: the first passes, the same bytes again are refused.
+    let nonce = fresh_nonce();
+    let path = "/v1/netmap?since=0";
+    let (h, _) = proof_headers(&member.key, None, "GET", path, b"", now_real(), nonce);
+    let r = http_with(member.address, s.addr, "GET", path, b"", &h).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = http_with(member.address, s.addr, "GET", path, b"", &h).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(error_text(&r).contains("replayed"), "{}", r.body);
+
+    // A stale time (an old captured request), and one from the future.
+    for ts in [now_real() - 3600, now_real() + 3600] {
+        let (h, _) = proof_headers(&member.key, None, "GET", path, b"", ts, fresh_nonce());
+        let r = http_with(member.address, s.addr, "GET", path, b"", &h).await;
+        assert_eq!(r.status, 401, "{}", r.body);
+        assert!(
+            error_text(&r).contains("off this host's clock"),
+            "{}",
+            r.body
+        );
+    }
+
+    // Garbage, another version, a key for another coordinator.
+    for (v, status, text) in [
+        ("v1 key=AAAA", 400, "malformed"),
+        ("v9 whatever", 400, "not spoken here"),
+        (&"x".repeat(4000)[..], 400, "malformed"),
+    ] {
+        let h = vec![("x-meshd-auth".to_string(), v.to_string())];
+        let r = http_with(member.address, s.addr, "GET", path, b"", &h).await;
+        assert_eq!(r.status, status, "{v}: {}", r.body);
+        assert!(error_text(&r).contains(text), "{v}: {}", r.body);
+    }
+    let elsewhere = PrivateKey::generate().public_key();
+    let auth = mesh_proto::auth::AuthKey::for_host(&member.key, &elsewhere).unwrap();
+    let p = auth.sign("GET", path, b"", now_real(), fresh_nonce());
+    let h = vec![("x-meshd-auth".to_string(), p.header_value())];
+    let r = http_with(member.address, s.addr, "GET", path, b"", &h).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(
+        error_text(&r).contains("not this coordinator's"),
+        "{}",
+        r.body
+    );
+
+    assert_eq!(s.coord.snapshot().unwrap(), before, "nothing changed");
+    let (refused, recent) = s.coord.api_refusals();
+    assert!(refused >= 10, "{refused}");
+    assert!(
+        recent.iter().any(|(_, w)| w.contains("replayed")),
+        "{recent:?}"
+    );
+    // Still serving the member.
+    let r = signed(&s, &member, None, "GET", path, b"").await;
+    assert_eq!(r.status, 200, "{}", r.body);
     s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_rotate() {
     let s = server().await;
-    let inv = s
-        .coord
-        .invite(
-            InviteRequest {
-                name: "dock-mirror".into(),
-                address: None,
-                ttl_secs: None,
-                admin: false,
-                static_peer: false,
-                public_key: None,
-                endpoint: None,
-                near: None,
-            },
-            now_real(),
-        )
-        .unwrap();
-    let old = PrivateKey::generate().public_key();
-    s.coord
-        .join(
-            inv.address,
-            join_req(inv.token.as_deref().unwrap(), old),
-            now_real(),
-        )
-        .unwrap();
+    let member = s.member("dock-mirror", false);
     let v = s.coord.version();
-    let new_key = PrivateKey::generate().public_key();
-    let body = serde_json::to_vec(&rotate(new_key)).unwrap();
+    let next = PrivateKey::generate();
+    let body = serde_json::to_vec(&rotate(next.public_key())).unwrap();
 
-    // From a stranger, and from the coordinator: refused, nothing changes.
-    let r = http(addr("127.16.0.99"), s.addr, "POST", "/v1/rotate", &body).await;
+    // Without proof of the current key (a local process on the member): nothing.
+    let r = http(member.address, s.addr, "POST", "/v1/rotate/prepare", &body).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    // Without proof of the next key: whoever chose it may not hold it.
+    let r = signed(&s, &member, None, "POST", "/v1/rotate/prepare", &body).await;
     assert_eq!(r.status, 403, "{}", r.body);
-    assert_eq!(
-        error_text(&r),
-        "127.16.0.99 is not a joined host of this mesh"
-    );
-    let r = http(addr("127.16.0.1"), s.addr, "POST", "/v1/rotate", &body).await;
-    assert_eq!(r.status, 409, "{}", r.body);
-    assert!(error_text(&r).contains("coordinator itself"));
+    // The one-step rotation is gone.
+    let r = signed(&s, &member, Some(&next), "POST", "/v1/rotate", &body).await;
+    assert_eq!(r.status, 404, "{}", r.body);
     // Malformed, unknown fields, oversized, wrong method.
     for (method, b, status) in [
         ("POST", b"{not json".to_vec(), 400),
         ("POST", br#"{"public_key":"AAAA","x":1}"#.to_vec(), 400),
-        ("POST", vec![b' '; MAX_BODY + 1], 413),
         ("GET", vec![], 405),
     ] {
-        let r = http(inv.address, s.addr, method, "/v1/rotate", &b).await;
+        let r = signed(&s, &member, Some(&next), method, "/v1/rotate/prepare", &b).await;
         assert_eq!(r.status, status, "{method}: {}", r.body);
         assert!(!error_text(&r).is_empty());
     }
+    let r = http(
+        member.address,
+        s.addr,
+        "POST",
+        "/v1/rotate/prepare",
+        &vec![b' '; MAX_BODY + 1],
+    )
+    .await;
+    assert_eq!(r.status, 413, "{}", r.body);
     assert_eq!(s.coord.version(), v);
 
-    let r = http(inv.address, s.addr, "POST", "/v1/rotate", &body).await;
+    let r = signed(
+        &s,
+        &member,
+        Some(&next),
+        "POST",
+        "/v1/rotate/prepare",
+        &body,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = signed(&s, &member, Some(&next), "POST", "/v1/rotate/commit", &body).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let rr: mesh_proto::api::RotateResponse = serde_json::from_str(&r.body).unwrap();
-    assert_eq!(rr.netmap.public_key, new_key);
-    assert_eq!(rr.netmap.version, v + 1);
-    assert_eq!(s.coord.version(), v + 1);
-    // Again with the same key: it is in use now.
-    let r = http(inv.address, s.addr, "POST", "/v1/rotate", &body).await;
-    assert_eq!(r.status, 409, "{}", r.body);
-    assert!(error_text(&r).contains("already registered to host dock-mirror"));
-    assert_eq!(s.coord.version(), v + 1);
+    assert_eq!(rr.netmap.public_key, next.public_key());
+    // The old key is refused from now on; the new one is served.
+    let r = signed(&s, &member, None, "GET", "/v1/netmap?since=0", b"").await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    let moved = Host {
+        address: member.address,
+        key: next,
+    };
+    let r = signed(&s, &moved, None, "GET", "/v1/netmap?since=0", b"").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    s.stop().await;
+}
+
+/// A member flooding endpoint reports: at most one applied (one netmap version) per second,
+/// the last one wins, and nothing else is disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_endpoint_reports_are_debounced() {
+    let s = server().await;
+    let member = s.member("dock-prod", false);
+    let v0 = s.coord.version();
+    let audit0 = s.coord.audit_log().unwrap().len();
+    let started = Instant::now();
+    let mut codes = std::collections::BTreeMap::new();
+    let n = 200u16;
+    for i in 0..n {
+        let rep = serde_json::to_vec(&EndpointReport {
+            listen_port: 20000 + i,
+            addresses: vec![addr("192.168.1.2")],
+            advertise: vec![],
+        })
+        .unwrap();
+        let r = signed(&s, &member, None, "POST", "/v1/endpoints", &rep).await;
+        *codes.entry(r.status).or_insert(0u32) += 1;
+    }
+    let took = started.elapsed();
+    assert_eq!(
+        codes.keys().copied().collect::<Vec<_>>(),
+        vec![202, 204],
+        "{codes:?}"
+    );
+    // The last report lands within a second of the flood's end.
+    let want = format!("{}", 20000 + n - 1);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let nm = s.coord.netmap_for_name("dock-load").unwrap().unwrap();
+        let p = nm.peers.iter().find(|p| p.name == "dock-prod").unwrap();
+        if p.endpoints
+            .iter()
+            .any(|e| e.addr.port().to_string() == want)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the last report never applied: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let versions = s.coord.version() - v0;
+    let budget = took.as_secs() + 2;
+    eprintln!(
+        "{n} reports in {took:?}: {codes:?}, {versions} netmap versions, {} audit rows",
+        s.coord.audit_log().unwrap().len() - audit0
+    );
+    assert!(
+        versions <= budget,
+        "{versions} versions for {n} reports in {took:?}"
+    );
     s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_malformed_oversized_and_unknown_requests() {
     let s = server().await;
-    let admin = addr("127.16.0.1");
+    let admin = s.member("dock-admin", true);
     let before = s.coord.snapshot().unwrap();
     let cases: Vec<(&str, &str, Vec<u8>, u16)> = vec![
         ("POST", "/v1/join", b"{not json".to_vec(), 400),
         ("POST", "/v1/join", br#"{"token":"meshd1.x"}"#.to_vec(), 400),
-        ("POST", "/v1/join", vec![b'x'; MAX_BODY + 1], 413),
-        ("POST", "/v1/admin/invite", vec![b' '; 4 * MAX_BODY], 413),
         (
             "POST",
             "/v1/admin/invite",
@@ -1402,27 +1782,48 @@ async fn api_malformed_oversized_and_unknown_requests() {
         ("GET", "/v1/join", vec![], 405),
     ];
     for (method, path, body, status) in cases {
-        let r = http(admin, s.addr, method, path, &body).await;
+        let r = signed(&s, &admin, None, method, path, &body).await;
         assert_eq!(r.status, status, "{method} {path}: {}", r.body);
         assert!(!error_text(&r).is_empty());
     }
+    for (path, size) in [
+        ("/v1/join", MAX_BODY + 1),
+        ("/v1/admin/invite", 4 * MAX_BODY),
+    ] {
+        let r = http(admin.address, s.addr, "POST", path, &vec![b' '; size]).await;
+        assert_eq!(r.status, 413, "{path}: {}", r.body);
+    }
     assert_eq!(s.coord.snapshot().unwrap(), before, "nothing changed");
     // Still serving.
-    let r = http(admin, s.addr, "GET", "/v1/netmap?since=0", b"").await;
+    let r = signed(&s, &admin, None, "GET", "/v1/netmap?since=0", b"").await;
     assert_eq!(r.status, 200, "{}", r.body);
     s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_long_poll_returns_within_a_second_of_a_change() {
-    let s = server().await;
-    let admin = addr("127.16.0.1");
-    let v = s.coord.version();
-    let coord = s.coord.clone();
+    let s = Arc::new(tokio::sync::Mutex::new(Some(server().await)));
+    let (coord, member) = {
+        let g = s.lock().await;
+        let srv = g.as_ref().unwrap();
+        (srv.coord.clone(), srv.member("dock-prod", false))
+    };
+    let member = Arc::new(member);
+    let v = coord.version();
     let poll = tokio::spawn({
-        let dst = s.addr;
+        let s = s.clone();
+        let member = member.clone();
         async move {
-            let r = http(admin, dst, "GET", &format!("/v1/netmap?since={v}"), b"").await;
+            let g = s.lock().await;
+            let r = signed(
+                g.as_ref().unwrap(),
+                &member,
+                None,
+                "GET",
+                &format!("/v1/netmap?since={v}"),
+                b"",
+            )
+            .await;
             (r, Instant::now())
         }
     });
@@ -1432,21 +1833,9 @@ async fn api_long_poll_returns_within_a_second_of_a_change() {
         "the long-poll waits while nothing changes"
     );
     let changed_at = Instant::now();
+    let c = coord.clone();
     tokio::task::spawn_blocking(move || {
-        coord
-            .invite(
-                InviteRequest {
-                    name: "new-host".into(),
-                    address: None,
-                    ttl_secs: None,
-                    admin: false,
-                    static_peer: false,
-                    public_key: None,
-                    endpoint: None,
-                    near: None,
-                },
-                now_real(),
-            )
+        c.invite(plain_invite("new-host", false), now_real())
             .unwrap()
     })
     .await
@@ -1458,16 +1847,22 @@ async fn api_long_poll_returns_within_a_second_of_a_change() {
     assert_eq!(r.status, 200, "{}", r.body);
     let nm: mesh_proto::netmap::Netmap = serde_json::from_str(&r.body).unwrap();
     assert!(nm.version > v);
-    assert!(nm.peers.iter().any(|p| p.name == "new-host"));
+    // A pending host is listed on the coordinator only, not in a member's netmap.
+    assert!(nm.peers.iter().all(|p| p.name != "new-host"));
     assert!(at.duration_since(changed_at) < Duration::from_secs(1));
     // Shutdown ends a pending long-poll promptly.
-    let v = s.coord.version();
-    let dst = s.addr;
-    let pending = tokio::spawn(async move {
-        http(admin, dst, "GET", &format!("/v1/netmap?since={v}"), b"").await
-    });
+    let v = coord.version();
+    let (dst, nonce) = {
+        let g = s.lock().await;
+        (g.as_ref().unwrap().addr, fresh_nonce())
+    };
+    let path = format!("/v1/netmap?since={v}");
+    let (h, _) = proof_headers(&member.key, None, "GET", &path, b"", now_real(), nonce);
+    let address = member.address;
+    let pending = tokio::spawn(async move { http_with(address, dst, "GET", &path, b"", &h).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    s.stop().await;
+    let srv = s.lock().await.take().unwrap();
+    srv.stop().await;
     let r = tokio::time::timeout(Duration::from_secs(5), pending)
         .await
         .unwrap()
@@ -1546,6 +1941,7 @@ async fn api_bound_to_another_device_is_not_reachable_over_loopback() {
     let task = tokio::spawn(serve_api_on(coord.clone(), lo, observed.clone(), async {
         let _ = rx.await;
     }));
+    // Served (refused for want of a proof, which shows it answered).
     let r = http(
         addr("127.16.0.1"),
         lo_addr,
@@ -1554,7 +1950,7 @@ async fn api_bound_to_another_device_is_not_reachable_over_loopback() {
         b"",
     )
     .await;
-    assert_eq!(r.status, 200);
+    assert_eq!(r.status, 401);
     let _ = tx.send(());
     task.await.unwrap().unwrap();
 
