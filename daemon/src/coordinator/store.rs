@@ -409,7 +409,6 @@ impl Coordinator {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         schema::migrate(&mut conn)?;
-        restrict_permissions(&settings.database);
 
         let tx = conn.transaction()?;
         let secret: Option<Vec<u8>> = tx
@@ -1920,14 +1919,6 @@ fn prepare_database_files(db: &std::path::Path) -> Result<(), CoordError> {
             .map_err(|e| CoordError::io(format!("restricting {}", path.display()), e))?;
     }
     Ok(())
-}
-
-/// The registry holds the token secret: owner-only.
-fn restrict_permissions(path: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt as _;
-    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
-        tracing::warn!(path = %path.display(), error = %e, "cannot restrict the registry's permissions");
-    }
 }
 
 #[cfg(test)]
