@@ -131,10 +131,12 @@ fn planted_symlinks_in_an_output_directory_are_refused() -> Result<()> {
     as_nobody_ok(&lab, PROD, &format!("ln -s {VICTIM} {FILE_SD}"))?;
 
     let token = lab.invite(PROD, &[])?;
+    // Unattended join (the token file): the same for every meshd version, so this test also
+    // runs against an older build (MESHLAB_BIN_DIR) to show that it catches the old writer.
     let prod = lab.join_host_with(
         PROD,
         &token,
-        JoinMode::Command,
+        JoinMode::TokenFile,
         "\n[integrations.prometheus]\n",
     )?;
     pings_both_ways(&lab, &[COORDINATOR, PROD])?;
@@ -179,7 +181,7 @@ fn planted_symlinks_in_an_output_directory_are_refused() -> Result<()> {
     )?;
     // A netmap change makes meshd render the file again: dock-dash joins.
     let token = lab.invite(DASH, &[])?;
-    lab.join_host(DASH, &token, JoinMode::Command)?;
+    lab.join_host(DASH, &token, JoinMode::TokenFile)?;
     poll_until(TIMEOUT, "dock-prod's file_sd to list dock-dash", || {
         Ok(
             stat(&lab, PROD, "%F", FILE_SD).ok().as_deref() == Some("regular file")
