@@ -275,7 +275,9 @@ pub fn write_file(path: &Path, content: &[u8], opts: WriteOptions) -> io::Result
     let (mode, owner) = match opts.ownership {
         Ownership::Fixed { mode } => (mode, None),
         Ownership::KeepExisting { mode } => match &old {
-            Some(st) => (st.st_mode & 0o7777, Some((st.st_uid, st.st_gid))),
+            // Permission bits only: a file meshd writes is never setuid, setgid or sticky,
+            // whatever the owner of the directory left there.
+            Some(st) => (st.st_mode & 0o777, Some((st.st_uid, st.st_gid))),
             None => (mode, None),
         },
         Ownership::Explicit { mode, uid, gid } => (mode, Some((uid, gid))),
@@ -617,6 +619,10 @@ mod tests {
         fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
         write_file(&p, b"new", WriteOptions::SHARED).unwrap();
         assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o640);
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o6755)).unwrap();
+        write_file(&p, b"new", WriteOptions::SHARED).unwrap();
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o755);
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
         let uid = unistd::geteuid().as_raw();
         let gid = unistd::getegid().as_raw();
         let opts = WriteOptions {
