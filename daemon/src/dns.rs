@@ -7,27 +7,27 @@
 //! The records live behind a [`SharedRecords`] the daemon replaces when the netmap changes
 //! ([`update_records`]); queries in flight see either the old or the new set.
 
-use std::io;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
-
 use hickory_server::net::runtime::Time;
+use hickory_server::net::runtime::TokioTime;
+use hickory_server::net::xfer::Protocol;
 use hickory_server::proto::op::{
     Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode,
 };
 use hickory_server::proto::rr::rdata::{A, AAAA, NS, PTR, SOA};
 use hickory_server::proto::rr::{Name, RData, Record, RecordType};
+use hickory_server::proto::serialize::binary::BinEncoder;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::Server;
 use mesh_proto::integrate::{DnsAnswer, DnsQuery, DnsRecords, MeshView, MESH_DOMAIN};
-use tokio::net::{TcpListener, UdpSocket};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+
+use crate::serve::{ConnLimiter, Limits};
 
 /// Time to live of our answers: short, the mesh changes when hosts join.
 pub const TTL: u32 = 30;
-/// How long an idle TCP client may hold its connection.
-pub const TCP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The records the server answers from; swap them with [`update_records`].
 pub type SharedRecords = Arc<RwLock<DnsRecords>>;
@@ -216,9 +216,111 @@ async fn send<'a, R: ResponseHandler>(
     }
 }
 
+/// Captures the encoded answer of one query (DNS over TCP is served by [`serve_tcp`]).
+#[derive(Clone, Default)]
+struct Capture(Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+
+#[async_trait::async_trait]
+impl ResponseHandler for Capture {
+    async fn send_response<'a>(
+        &mut self,
+        response: hickory_server::zone_handler::MessageResponse<
+            '_,
+            'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+            impl Iterator<Item = &'a Record> + Send + 'a,
+        >,
+    ) -> Result<ResponseInfo, hickory_server::net::NetError> {
+        let mut bytes = Vec::with_capacity(512);
+        let mut encoder = BinEncoder::new(&mut bytes);
+        encoder.set_max_size(u16::MAX);
+        let info = response
+            .destructive_emit(&mut encoder)
+            .map_err(|e| hickory_server::net::NetError::from(format!("encoding: {e}")))?;
+        match self.0.lock() {
+            Ok(mut g) => *g = Some(bytes),
+            Err(poisoned) => *poisoned.into_inner() = Some(bytes),
+        }
+        Ok(info)
+    }
+}
+
+impl Capture {
+    fn take(&self) -> Option<Vec<u8>> {
+        match self.0.lock() {
+            Ok(mut g) => g.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        }
+    }
+}
+
+/// One DNS-over-TCP connection: length-prefixed queries, each answered before the next is
+/// read; closed when a length does not arrive within the idle timeout, a query within the
+/// request timeout, after `max_requests` queries or the lifetime, or on a malformed query.
+async fn dns_tcp_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    handler: Arc<MeshDnsHandler>,
+    limits: Limits,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let started = tokio::time::Instant::now();
+    let (mut rd, mut wr) = stream.into_split();
+    for _ in 0..limits.max_requests {
+        let mut len = [0u8; 2];
+        tokio::select! {
+            r = tokio::time::timeout(limits.header_timeout, rd.read_exact(&mut len)) => match r {
+                Ok(Ok(_)) => {}
+                _ => return,
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let n = usize::from(u16::from_be_bytes(len));
+        let mut buf = vec![0u8; n];
+        match tokio::time::timeout(limits.request_timeout, rd.read_exact(&mut buf)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let request = match Request::from_bytes(buf, peer, Protocol::Tcp) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(peer = %peer, error = %e, "malformed DNS query over TCP");
+                return;
+            }
+        };
+        let capture = Capture::default();
+        handler
+            .handle_request::<_, TokioTime>(&request, capture.clone())
+            .await;
+        let Some(answer) = capture.take() else {
+            return;
+        };
+        let Ok(alen) = u16::try_from(answer.len()) else {
+            return;
+        };
+        let mut out = Vec::with_capacity(answer.len() + 2);
+        out.extend_from_slice(&alen.to_be_bytes());
+        out.extend_from_slice(&answer);
+        match tokio::time::timeout(limits.request_timeout, wr.write_all(&out)).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+        if started.elapsed() >= limits.max_lifetime {
+            return;
+        }
+    }
+}
+
 /// A running mesh DNS server (UDP and TCP on the same address).
 pub struct MeshDns {
     server: Server<MeshDnsHandler>,
+    tcp: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
     local_addr: SocketAddr,
 }
 
@@ -226,14 +328,50 @@ impl MeshDns {
     /// Serve `records` on `addr` (production: the mesh address, port 53; tests: port 0, the
     /// TCP listener then takes the UDP socket's port). Needs a tokio runtime.
     pub async fn bind(addr: SocketAddr, records: SharedRecords) -> io::Result<MeshDns> {
-        let udp = UdpSocket::bind(addr).await?;
+        Self::bind_on(addr, None, records)
+    }
+
+    /// [`MeshDns::bind`], the sockets bound to `device` when given (SO_BINDTODEVICE: queries
+    /// that arrive on other interfaces are not answered). TCP has the limits of
+    /// `serve::Limits::DNS_TCP`.
+    pub fn bind_on(
+        addr: SocketAddr,
+        device: Option<&str>,
+        records: SharedRecords,
+    ) -> io::Result<MeshDns> {
+        Self::bind_with(addr, device, records, Limits::DNS_TCP.within_fd_limit())
+    }
+
+    /// [`MeshDns::bind_on`] with other TCP limits (tests).
+    pub fn bind_with(
+        addr: SocketAddr,
+        device: Option<&str>,
+        records: SharedRecords,
+        limits: Limits,
+    ) -> io::Result<MeshDns> {
+        let udp = crate::serve::bind_udp(addr, device, "mesh DNS (UDP)")?;
         let local_addr = udp.local_addr()?;
-        let tcp = TcpListener::bind(local_addr).await?;
-        let mut server = Server::new(MeshDnsHandler::new(records));
+        let tcp = crate::serve::bind_tcp(local_addr, device, 128, "mesh DNS (TCP)")?;
+        let mut server = Server::new(MeshDnsHandler::new(records.clone()));
         server.register_socket(udp);
-        server.register_listener(tcp, TCP_TIMEOUT, 64 * 1024);
-        tracing::info!(addr = %local_addr, zone = MESH_DOMAIN, "mesh DNS listening");
-        Ok(MeshDns { server, local_addr })
+        let handler = Arc::new(MeshDnsHandler::new(records));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let limiter = ConnLimiter::new(&limits);
+        let task = tokio::spawn(async move {
+            let handle = move |stream, peer, stop| {
+                dns_tcp_connection(stream, peer, handler.clone(), limits, stop)
+            };
+            crate::serve::accept_loop(tcp, limiter, "mesh DNS (TCP)", handle, async move {
+                let _ = stop_rx.await;
+            })
+            .await
+        });
+        tracing::info!(addr = %local_addr, device = device.unwrap_or("(any)"), zone = MESH_DOMAIN, "mesh DNS listening");
+        Ok(MeshDns {
+            server,
+            tcp: Some((stop_tx, task)),
+            local_addr,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -242,6 +380,10 @@ impl MeshDns {
 
     /// Stop serving and wait for the sockets to close.
     pub async fn shutdown(mut self) -> io::Result<()> {
+        if let Some((stop, task)) = self.tcp.take() {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
         self.server
             .shutdown_gracefully()
             .await
@@ -257,6 +399,8 @@ mod tests {
     use hickory_server::proto::op::{Message, Query};
     use mesh_proto::netmap::{Netmap, NetmapPeer};
     use mesh_proto::PublicKey;
+    use std::time::Duration;
+    use tokio::net::UdpSocket;
 
     fn view(peers: &[(&str, u8)], version: u64) -> MeshView {
         let netmap = Netmap {
@@ -397,6 +541,64 @@ mod tests {
             matches!(r.answers.first().map(|a| &a.data), Some(RData::SOA(s)) if s.serial == 9),
             "{r:?}"
         );
+        dns.shutdown().await.unwrap();
+    }
+
+    /// DNS over TCP: a connection that sends half a length prefix is closed after the idle
+    /// timeout, one over the per-source cap is closed at once, and a query from another
+    /// source is answered meanwhile.
+    #[tokio::test]
+    async fn tcp_half_queries_are_cut_and_over_cap_closed() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let records = shared_records(Some(&view(&[("dock-prod", 2)], 9)));
+        let limits = Limits {
+            max_per_source: 3,
+            header_timeout: Duration::from_millis(500),
+            ..Limits::DNS_TCP
+        };
+        let dns =
+            MeshDns::bind_with("127.0.0.1:0".parse().unwrap(), None, records, limits).unwrap();
+        let at = dns.local_addr();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut s = tokio::net::TcpStream::connect(at).await.unwrap();
+            s.write_all(&[0]).await.unwrap();
+            held.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut extra = tokio::net::TcpStream::connect(at).await.unwrap();
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_millis(300), extra.read(&mut b))
+            .await
+            .expect("over-cap connection closed at once");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        // Another source is answered.
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = sock.connect(at).await.unwrap();
+        let mut msg = Message::query();
+        msg.metadata.id = 9;
+        msg.add_query(Query::query(
+            Name::from_ascii("dock-prod.mesh.internal.").unwrap(),
+            RecordType::A,
+        ));
+        let bytes = msg.to_vec().unwrap();
+        s.write_all(&u16::try_from(bytes.len()).unwrap().to_be_bytes())
+            .await
+            .unwrap();
+        s.write_all(&bytes).await.unwrap();
+        let mut len = [0u8; 2];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut len))
+            .await
+            .expect("answered")
+            .unwrap();
+        // The half-sent ones are closed by the idle timeout.
+        for mut h in held {
+            let n = tokio::time::timeout(Duration::from_secs(3), h.read(&mut b))
+                .await
+                .expect("half query closed after the timeout");
+            assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        }
         dns.shutdown().await.unwrap();
     }
 }

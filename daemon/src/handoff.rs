@@ -165,7 +165,7 @@ async fn split_dns_worker(mut rx: watch::Receiver<Option<(String, IpAddr)>>) {
 }
 
 struct MetricsServer {
-    addr: SocketAddr,
+    at: Listen,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
 }
@@ -177,14 +177,14 @@ pub struct Handoff {
     worker: Option<JoinHandle<()>>,
     statuses: Statuses,
     records: SharedRecords,
-    dns: Option<MeshDns>,
+    dns: Option<(MeshDns, Listen)>,
     split: Option<watch::Sender<Option<(String, IpAddr)>>>,
     split_worker: Option<JoinHandle<()>>,
     metrics: Arc<Metrics>,
     metrics_server: Option<MetricsServer>,
-    /// The address a bind last failed on (logged once per address).
-    dns_bind_failed: Option<SocketAddr>,
-    metrics_bind_failed: Option<SocketAddr>,
+    /// Where a bind last failed (logged once per place).
+    dns_bind_failed: Option<Listen>,
+    metrics_bind_failed: Option<Listen>,
     passes_seen: u64,
     /// The view handed to DNS and the integrations (its version: the one of the last change
     /// they show).
@@ -254,11 +254,11 @@ impl Handoff {
 
     /// Where mesh DNS and `/metrics` listen now.
     pub fn dns_addr(&self) -> Option<SocketAddr> {
-        self.dns.as_ref().map(MeshDns::local_addr)
+        self.dns.as_ref().map(|(d, _)| d.local_addr())
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_server.as_ref().map(|m| m.addr)
+        self.metrics_server.as_ref().map(|m| m.at.addr)
     }
 
     /// After every loop turn: hand a changed mesh view to the integrations and DNS, start or
@@ -296,34 +296,38 @@ impl Handoff {
         }
         // Our address is on the interface once a pass configured the link.
         let on_link = st.ifindex.and(st.address).map(|a| a.addr());
-        self.ensure_dns(on_link, &st).await;
-        self.ensure_metrics(on_link).await;
+        let link = OnLink {
+            ip: on_link,
+            interface: &st.interface,
+            ifindex: st.ifindex,
+        };
+        self.ensure_dns(link, &st).await;
+        self.ensure_metrics(link).await;
         if st.passes != self.passes_seen {
             self.passes_seen = st.passes;
             self.observe(agent, &st).await;
         }
     }
 
-    async fn ensure_dns(&mut self, on_link: Option<IpAddr>, st: &AgentStatus) {
-        let want = want_addr(self.settings.dns, on_link);
-        if self.dns_addr() != want {
-            if let Some(old) = self.dns.take() {
-                let addr = old.local_addr();
+    async fn ensure_dns(&mut self, link: OnLink<'_>, st: &AgentStatus) {
+        let want = want_listen(self.settings.dns, link);
+        if self.dns.as_ref().map(|(_, at)| at) != want.as_ref() {
+            if let Some((old, at)) = self.dns.take() {
                 if let Err(e) = old.shutdown().await {
-                    tracing::warn!(addr = %addr, error = %e, "mesh DNS did not stop cleanly");
+                    tracing::warn!(addr = %at.addr, error = %e, "mesh DNS did not stop cleanly");
                 }
             }
-            if let Some(addr) = want {
-                match MeshDns::bind(addr, self.records.clone()).await {
+            if let Some(at) = want {
+                match MeshDns::bind_on(at.addr, at.device(), self.records.clone()) {
                     Ok(dns) => {
-                        self.dns = Some(dns);
+                        self.dns = Some((dns, at));
                         self.dns_bind_failed = None;
                     }
                     Err(e) => {
-                        if self.dns_bind_failed != Some(addr) {
-                            tracing::warn!(addr = %addr, error = %e, "cannot serve mesh DNS; retrying after each pass (set [dns] listen_port or enable = false)");
+                        if self.dns_bind_failed.as_ref() != Some(&at) {
+                            tracing::warn!(addr = %at.addr, error = %e, "cannot serve mesh DNS; retrying after each pass (set [dns] listen_port or enable = false)");
                         }
-                        self.dns_bind_failed = Some(addr);
+                        self.dns_bind_failed = Some(at);
                     }
                 }
             }
@@ -343,19 +347,19 @@ impl Handoff {
         }
     }
 
-    async fn ensure_metrics(&mut self, on_link: Option<IpAddr>) {
-        let want = want_addr(self.settings.metrics, on_link);
-        if self.metrics_addr() == want {
+    async fn ensure_metrics(&mut self, link: OnLink<'_>) {
+        let want = want_listen(self.settings.metrics, link);
+        if self.metrics_server.as_ref().map(|m| &m.at) == want.as_ref() {
             return;
         }
         if let Some(old) = self.metrics_server.take() {
             let _ = old.stop.send(());
             let _ = old.task.await;
         }
-        let Some(addr) = want else {
+        let Some(at) = want else {
             return;
         };
-        match tokio::net::TcpListener::bind(addr).await {
+        match crate::serve::bind_tcp(at.addr, at.device(), 128, "metrics") {
             Ok(listener) => {
                 let (stop, stop_rx) = oneshot::channel::<()>();
                 let metrics = self.metrics.clone();
@@ -363,18 +367,16 @@ impl Handoff {
                     let shutdown = async move {
                         let _ = stop_rx.await;
                     };
-                    if let Err(e) = crate::metrics::serve(listener, metrics, shutdown).await {
-                        tracing::warn!(addr = %addr, error = %e, "metrics server stopped");
-                    }
+                    crate::metrics::serve(listener, metrics, shutdown).await;
                 });
-                self.metrics_server = Some(MetricsServer { addr, stop, task });
+                self.metrics_server = Some(MetricsServer { at, stop, task });
                 self.metrics_bind_failed = None;
             }
             Err(e) => {
-                if self.metrics_bind_failed != Some(addr) {
-                    tracing::warn!(addr = %addr, error = %e, "cannot serve /metrics; retrying after each pass (set [metrics] listen_port or enable = false)");
+                if self.metrics_bind_failed.as_ref() != Some(&at) {
+                    tracing::warn!(addr = %at.addr, error = %e, "cannot serve /metrics; retrying after each pass (set [metrics] listen_port or enable = false)");
                 }
-                self.metrics_bind_failed = Some(addr);
+                self.metrics_bind_failed = Some(at);
             }
         }
     }
@@ -437,7 +439,7 @@ impl Handoff {
                 abort.abort();
             }
         }
-        if let Some(dns) = self.dns.take() {
+        if let Some((dns, _)) = self.dns.take() {
             let _ = dns.shutdown().await;
         }
         if let Some(m) = self.metrics_server.take() {
@@ -445,6 +447,40 @@ impl Handoff {
             let _ = m.task.await;
         }
     }
+}
+
+/// Our mesh address and interface after the last pass.
+#[derive(Debug, Clone, Copy)]
+struct OnLink<'a> {
+    /// `None` until a pass put our address on the interface.
+    ip: Option<IpAddr>,
+    interface: &'a str,
+    ifindex: Option<u32>,
+}
+
+/// Where a server listens: the address and, when bound to the mesh interface, that
+/// interface and its index at the time (a recreated interface has a new index: the sockets
+/// bound to the old one receive nothing, so the server binds again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Listen {
+    addr: SocketAddr,
+    device: Option<(String, Option<u32>)>,
+}
+
+impl Listen {
+    fn device(&self) -> Option<&str> {
+        self.device.as_ref().map(|(d, _)| d.as_str())
+    }
+}
+
+fn want_listen(cfg: ServiceConfig, link: OnLink<'_>) -> Option<Listen> {
+    let addr = want_addr(cfg, link.ip)?;
+    Some(Listen {
+        addr,
+        device: cfg
+            .mesh_interface_only
+            .then(|| (link.interface.to_owned(), link.ifindex)),
+    })
 }
 
 fn want_addr(cfg: ServiceConfig, on_link: Option<IpAddr>) -> Option<SocketAddr> {
@@ -489,8 +525,29 @@ mod tests {
         let on = ServiceConfig {
             enable: true,
             listen_port: 5353,
+            mesh_interface_only: true,
         };
         assert_eq!(want_addr(on, Some(ip)), Some(SocketAddr::new(ip, 5353)));
+        // Bound to the mesh interface: a new ifindex (the interface was recreated) is a new
+        // place to listen; without the binding it is not.
+        let link = |ifindex| OnLink {
+            ip: Some(ip),
+            interface: "wgmesh0",
+            ifindex: Some(ifindex),
+        };
+        let first = want_listen(on, link(7)).unwrap();
+        assert_eq!(first.device(), Some("wgmesh0"));
+        assert_ne!(want_listen(on, link(9)), Some(first.clone()));
+        assert_eq!(want_listen(on, link(7)), Some(first));
+        let anywhere = ServiceConfig {
+            mesh_interface_only: false,
+            ..on
+        };
+        assert_eq!(
+            want_listen(anywhere, link(7)),
+            want_listen(anywhere, link(9))
+        );
+        assert_eq!(want_listen(anywhere, link(7)).unwrap().device(), None);
         assert_eq!(want_addr(on, None), None);
         let off = ServiceConfig {
             enable: false,

@@ -27,6 +27,7 @@ pub mod resolved;
 pub mod rotate;
 pub mod routes;
 pub mod select;
+pub mod serve;
 pub mod service;
 pub mod settings;
 pub mod state;

@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -397,18 +396,24 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
         .with_state(metrics)
 }
 
-/// Serve `/metrics` on `listener` (production: bound to the mesh address, port
-/// `mesh_proto::integrate::METRICS_PORT`) until `shutdown` completes.
+/// Serve `/metrics` on `listener` (production: bound to the mesh address and interface,
+/// port `mesh_proto::integrate::METRICS_PORT`) until `shutdown` completes, with the limits of
+/// `serve::Limits::METRICS`.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> io::Result<()> {
-    let local = listener.local_addr()?;
-    tracing::info!(address = %local, "metrics listening on /metrics");
-    axum::serve(listener, router(metrics))
-        .with_graceful_shutdown(shutdown)
-        .await
+) {
+    let local = listener.local_addr().ok();
+    tracing::info!(address = ?local, "metrics listening on /metrics");
+    crate::serve::serve_http(
+        listener,
+        router(metrics),
+        crate::serve::Limits::METRICS,
+        "metrics",
+        shutdown,
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -616,7 +621,7 @@ mod tests {
         assert!(body.contains("wireguard_received_bytes_total{"), "{body}");
         assert!(http_get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
         let _ = stop_tx.send(());
-        server.await.unwrap().unwrap();
+        server.await.unwrap();
 
         let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
             .into_iter()

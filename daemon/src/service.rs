@@ -112,6 +112,10 @@ pub async fn serve(settings: Settings) -> Result<()> {
         tracing::info!(port = settings.listen_port, interface = %settings.interface, "listen port held by our own interface; adopting it");
     }
     let key = recover_key(&settings)?;
+    // The servers' connection caps are sized from the descriptor limit (the unit's
+    // LimitNOFILE is the hard limit; the soft one is often 1024).
+    let nofile = crate::serve::raise_fd_limit();
+    tracing::debug!(nofile, "file descriptor limit");
     let shutdown = crate::daemon::shutdown_signal()?;
     let engine = settings
         .engine_command
@@ -232,23 +236,45 @@ fn start_coordinator(
 
     // Key notices, outside the tunnel on TCP at our WireGuard port number, for hosts that
     // missed a rotation of our key (`mesh_proto::notice`). Without it those hosts need a new
-    // token, so a failure is loud but not fatal.
+    // token, so a failure is loud but not fatal, and the bind is tried again (the port may be
+    // free later).
     {
         let notices = coord.clone();
         let port = settings.listen_port;
-        let mut stop_notices = stop.clone();
+        let mut stop = stop.clone();
         tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = stop_notices.wait_for(|s| *s).await;
-            };
-            if let Err(e) = crate::coordinator::serve_key_notices(notices, port, shutdown).await {
-                tracing::error!(error = %e, "cannot serve coordinator key notices: hosts that miss a rotation of this coordinator's key will need a new token");
+            let mut failures = 0u32;
+            loop {
+                let mut stop_notices = stop.clone();
+                let shutdown = async move {
+                    let _ = stop_notices.wait_for(|s| *s).await;
+                };
+                match crate::coordinator::serve_key_notices(notices.clone(), port, shutdown).await {
+                    Ok(()) => failures = 0,
+                    Err(e) if failures.is_multiple_of(60) => {
+                        failures += 1;
+                        tracing::error!(error = %e, "cannot serve coordinator key notices (retrying): hosts that miss a rotation of this coordinator's key will need a new token");
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        tracing::debug!(error = %e, "cannot serve coordinator key notices; retrying");
+                    }
+                }
+                if *stop.borrow() {
+                    return;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = stop.changed() => return,
+                }
             }
         });
     }
 
-    // The API, inside the tunnel. The interface may not exist yet (first pass) or may come
-    // back after an engine restart: bind again until it works.
+    // The API, inside the tunnel, bound to the mesh interface. The interface may not exist
+    // yet (first pass) or may be deleted and created again (`ip link del`, an engine
+    // restart): `serve_api` returns when the interface's index changes, and this loop binds
+    // again until it works.
     let bind = SocketAddr::new(own_address, cc.api_port);
     let device = settings.interface.clone();
     let observed_fn: Arc<dyn Fn(std::net::IpAddr) -> Option<SocketAddr> + Send + Sync> =

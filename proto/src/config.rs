@@ -41,10 +41,14 @@
 //! [dns]                              # optional: mesh DNS on this host's mesh address
 //! enable = true                      # default true
 //! listen_port = 53                   # default 53 (UDP and TCP)
+//! mesh_interface_only = true         # default true: answer only what arrives over the mesh
+//!                                    # interface (and this host's own processes); false:
+//!                                    # also the mesh address reached over other interfaces
 //!
 //! [metrics]                          # optional: Prometheus /metrics on the mesh address
 //! enable = true                      # default true
 //! listen_port = 9586                 # default 9586 (the WireGuard exporter's port)
+//! mesh_interface_only = true         # default true, as for [dns]
 //!
 //! [integrations.k3s]                 # optional: files meshd keeps for K3s, DRBD, Prometheus,
 //! role = "server"                    # /etc/hosts and user templates; see
@@ -120,6 +124,10 @@ pub const DEFAULT_DNS_PORT: u16 = 53;
 pub struct ServiceConfig {
     pub enable: bool,
     pub listen_port: u16,
+    /// Bind the server's sockets to the mesh interface (SO_BINDTODEVICE): a packet for the
+    /// mesh address that arrives on any other interface (an underlay neighbour routing the
+    /// mesh prefix to this host) is not answered. Default true.
+    pub mesh_interface_only: bool,
 }
 
 impl ServiceConfig {
@@ -128,6 +136,7 @@ impl ServiceConfig {
         ServiceConfig {
             enable: true,
             listen_port: DEFAULT_DNS_PORT,
+            mesh_interface_only: true,
         }
     }
 
@@ -136,6 +145,7 @@ impl ServiceConfig {
         ServiceConfig {
             enable: true,
             listen_port: crate::integrate::METRICS_PORT,
+            mesh_interface_only: true,
         }
     }
 }
@@ -407,6 +417,7 @@ struct RawConfig {
 struct RawService {
     enable: Option<bool>,
     listen_port: Option<i64>,
+    mesh_interface_only: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -575,6 +586,9 @@ fn validate_service(
     Ok(ServiceConfig {
         enable: raw.enable.unwrap_or(default.enable),
         listen_port,
+        mesh_interface_only: raw
+            .mesh_interface_only
+            .unwrap_or(default.mesh_interface_only),
     })
 }
 
@@ -1960,12 +1974,21 @@ public_endpoints = ["198.51.100.1:51871"]
             c.dns,
             ServiceConfig {
                 enable: true,
-                listen_port: 5353
+                listen_port: 5353,
+                mesh_interface_only: true,
             }
         );
         assert!(!c.metrics.enable);
+        assert!(c.metrics.mesh_interface_only);
         assert!(c.integrations.k3s.is_some());
         assert!(c.integrations.hosts.is_some());
+        let c = parse(
+            &format!("{}\n[metrics]\nmesh_interface_only = false\n", base()),
+            FILE,
+        )
+        .expect("metrics off the mesh interface too");
+        assert!(!c.metrics.mesh_interface_only);
+        assert!(c.dns.mesh_interface_only);
     }
 
     #[test]
@@ -1979,6 +2002,11 @@ public_endpoints = ["198.51.100.1:51871"]
             &format!("{}\n[metrics]\nport = 1\n", base()),
             "metrics.port",
             "unknown field",
+        );
+        refuse(
+            &format!("{}\n[dns]\nmesh_interface_only = \"yes\"\n", base()),
+            "dns.mesh_interface_only",
+            "bool",
         );
         refuse(
             &format!("{}\n[dns]\nlisten_port = 9586\n", base()),

@@ -518,47 +518,14 @@ pub fn bind_api_listener(
     bind: SocketAddr,
     bind_device: Option<&str>,
 ) -> Result<tokio::net::TcpListener, CoordError> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let ctx = |what: &str| format!("API socket on {bind}: {what}");
-    let socket = Socket::new(Domain::for_address(bind), Type::STREAM, Some(Protocol::TCP))
-        .map_err(|e| CoordError::io(ctx("creating"), e))?;
-    socket
-        .set_reuse_address(true)
-        .map_err(|e| CoordError::io(ctx("SO_REUSEADDR"), e))?;
-    if let Some(dev) = bind_device {
-        socket
-            .bind_device(Some(dev.as_bytes()))
-            .map_err(|e| CoordError::io(ctx(&format!("binding to the interface {dev}")), e))?;
-    }
-    match bind {
-        SocketAddr::V4(_) => socket
-            .set_freebind_v4(true)
-            .map_err(|e| CoordError::io(ctx("IP_FREEBIND"), e))?,
-        SocketAddr::V6(_) => {
-            socket
-                .set_only_v6(true)
-                .map_err(|e| CoordError::io(ctx("IPV6_V6ONLY"), e))?;
-            socket
-                .set_freebind_v6(true)
-                .map_err(|e| CoordError::io(ctx("IPV6_FREEBIND"), e))?
-        }
-    }
-    socket
-        .set_nonblocking(true)
-        .map_err(|e| CoordError::io(ctx("non-blocking"), e))?;
-    socket
-        .bind(&bind.into())
-        .map_err(|e| CoordError::io(ctx("bind"), e))?;
-    socket
-        .listen(4096)
-        .map_err(|e| CoordError::io(ctx("listen"), e))?;
-    let std_listener: std::net::TcpListener = socket.into();
-    tokio::net::TcpListener::from_std(std_listener)
-        .map_err(|e| CoordError::io(ctx("registering with the runtime"), e))
+    crate::serve::bind_tcp(bind, bind_device, 4096, "API")
+        .map_err(|e| CoordError::io(format!("API socket on {bind}"), e))
 }
 
 /// Serve the API on `bind` (the coordinator's mesh address and API port) until `shutdown`
-/// completes; see `bind_api_listener` for `bind_device`.
+/// completes; see `bind_api_listener` for `bind_device`. Bound to a device, it also returns
+/// (`Ok`) when that interface is deleted or recreated: a socket bound to the old interface
+/// receives nothing, so the caller binds again.
 pub async fn serve_api(
     coord: Coordinator,
     bind: SocketAddr,
@@ -566,15 +533,58 @@ pub async fn serve_api(
     observed: ObservedFn,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordError> {
-    let listener = bind_api_listener(bind, bind_device.as_deref())?;
-    serve_api_on(coord, listener, observed, shutdown).await
+    let Some(dev) = bind_device else {
+        let listener = bind_api_listener(bind, None)?;
+        return serve_api_on(coord, listener, observed, shutdown).await;
+    };
+    let before = crate::serve::ifindex(&dev);
+    let listener = bind_api_listener(bind, Some(&dev))?;
+    let Some(index) = before.filter(|i| crate::serve::ifindex(&dev) == Some(*i)) else {
+        return Err(CoordError::io(
+            format!("API socket on {bind}"),
+            std::io::Error::other(format!("the interface {dev} changed while binding")),
+        ));
+    };
+    let replaced = {
+        let dev = dev.clone();
+        async move {
+            crate::serve::device_replaced(&dev, index).await;
+            tracing::info!(interface = %dev, old_ifindex = index, "the mesh interface was recreated: binding the coordinator API again");
+        }
+    };
+    let until = async move {
+        tokio::select! {
+            () = shutdown => {}
+            () = replaced => {}
+        }
+    };
+    serve_api_on(coord, listener, observed, until).await
 }
 
-/// Serve the API on an already bound listener (tests and benchmarks bind port 0).
+/// Serve the API on an already bound listener (tests and benchmarks bind port 0), with the
+/// limits of `serve::Limits::API`.
 pub async fn serve_api_on(
     coord: Coordinator,
     listener: tokio::net::TcpListener,
     observed: ObservedFn,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordError> {
+    serve_api_with(
+        coord,
+        listener,
+        observed,
+        crate::serve::Limits::API,
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve_api_on`] with other limits (tests).
+pub async fn serve_api_with(
+    coord: Coordinator,
+    listener: tokio::net::TcpListener,
+    observed: ObservedFn,
+    limits: crate::serve::Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordError> {
     let local = listener
@@ -612,15 +622,8 @@ pub async fn serve_api_on(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    let served = axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(graceful)
-    .await
-    .map_err(|e| CoordError::io(format!("serving the API on {local}"), e));
+    crate::serve::serve_http(listener, router(state), limits, "coordinator API", graceful).await;
     expiry.abort();
-    served?;
     tracing::info!(address = %local, "coordinator API stopped");
     Ok(())
 }
@@ -688,9 +691,65 @@ async fn key_notices(
     super::auth::sign_answer(answer, &auth_key, &nonce).await
 }
 
+/// The key-notice port answers one thing: `GET /v1/key-notices/HOSTKEY` without a body.
+/// Anything else is refused before the router sees it (and the connection closes).
+async fn key_notice_gate(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let refuse = |status: StatusCode, why: &'static str| {
+        let mut r = (
+            status,
+            Json(ApiError {
+                error: why.to_owned(),
+            }),
+        )
+            .into_response();
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
+    };
+    if req.method() != Method::GET {
+        return refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET /v1/key-notices/HOSTKEY is served on this port",
+        );
+    }
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if has_body {
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "a key-notice request has no body",
+        );
+    }
+    if req.uri().query().is_some() || req.uri().path().len() > KEY_NOTICE_PATH_MAX {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "only GET /v1/key-notices/HOSTKEY is served on this port",
+        );
+    }
+    next.run(req).await
+}
+
+/// `/v1/key-notices/` and 64 hex digits.
+const KEY_NOTICE_PATH_MAX: usize = "/v1/key-notices/".len() + 64;
+
+/// The key-notice router (also for tests on loopback).
+pub fn key_notice_router(coord: Coordinator) -> Router {
+    Router::new()
+        .route("/v1/key-notices/{key}", get(key_notices))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(1024))
+        .layer(axum::middleware::from_fn(key_notice_gate))
+        .with_state(coord)
+}
+
 /// Serve the key notices on TCP `port` of every address (the coordinator's WireGuard port
 /// number: hosts find it at the endpoint they already know), until `shutdown`. Nothing else is
-/// served there.
+/// served there, with the tiny limits of `serve::Limits::KEY_NOTICES`: the port faces the
+/// internet.
 pub async fn serve_key_notices(
     coord: Coordinator,
     port: u16,
@@ -713,8 +772,11 @@ pub async fn serve_key_notices(
         }
         Err(_) => bind_v4(port)?,
     };
+    // A deep accept queue: over-cap connections are accepted and closed at once, so a burst
+    // of them is not left waiting in the kernel's queues (where honest clients would wait
+    // behind them).
     socket
-        .listen(64)
+        .listen(1024)
         .map_err(|e| CoordError::io(ctx("listen"), e))?;
     socket
         .set_nonblocking(true)
@@ -725,16 +787,15 @@ pub async fn serve_key_notices(
         port,
         "coordinator key notices served (TCP, outside the tunnel)"
     );
-    let app = Router::new()
-        .route("/v1/key-notices/{key}", get(key_notices))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(1024))
-        .with_state(coord);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| CoordError::io(ctx("serving"), e))
+    crate::serve::serve_http(
+        listener,
+        key_notice_router(coord),
+        crate::serve::Limits::KEY_NOTICES,
+        "key notices",
+        shutdown,
+    )
+    .await;
+    Ok(())
 }
 
 fn bind_v4(port: u16) -> Result<socket2::Socket, CoordError> {

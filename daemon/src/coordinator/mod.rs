@@ -25,7 +25,8 @@ mod tests;
 
 pub use acks::AckOutcome;
 pub use api::{
-    bind_api_listener, serve_api, serve_api_on, serve_key_notices, ObservedFn, VERSION_HEADER,
+    bind_api_listener, key_notice_router, serve_api, serve_api_on, serve_api_with,
+    serve_key_notices, ObservedFn, VERSION_HEADER,
 };
 pub use auth::Caller;
 pub use error::CoordError;

@@ -2139,3 +2139,96 @@ fn an_admins_rotation_request_rides_in_the_hosts_netmap_until_its_commit() {
     c.request_rotation("dock-load", NOW + 6).unwrap();
     assert!(nm("dock-load").rotate_requested);
 }
+
+// ---------------------------------------------------------------- serving limits
+
+/// The key-notice port answers its one GET (here with the handler's refusal: the request
+/// proves no key) and refuses everything else before the router.
+#[tokio::test]
+async fn key_notice_port_answers_only_its_get() {
+    let dir = tempfile::tempdir().unwrap();
+    let coord =
+        Coordinator::open(settings(dir.path(), "127.16.0.0/16", "127.16.0.1"), NOW).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.16.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(crate::serve::serve_http(
+        listener,
+        key_notice_router(coord),
+        crate::serve::Limits::KEY_NOTICES,
+        "key notices",
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let src: IpAddr = "127.0.0.9".parse().unwrap();
+    let key = PrivateKey::from_bytes([5; 32]).public_key().to_hex();
+    let path = format!("/v1/key-notices/{key}");
+    let unproven = http(src, addr, "GET", &path, b"").await;
+    assert_eq!(unproven.status, 403, "{}", unproven.body);
+    assert!(
+        error_text(&unproven).contains("proving its key"),
+        "{}",
+        unproven.body
+    );
+    for (method, path, body, want) in [
+        ("POST", path.as_str(), &b"{}"[..], 405),
+        ("DELETE", path.as_str(), b"", 405),
+        ("GET", path.as_str(), b"x", 413),
+        ("GET", "/v1/netmap", b"", 404),
+        ("GET", "/v1/admin/hosts", b"", 404),
+        ("GET", "/v1/key-notices/zz", b"", 403),
+    ] {
+        let r = http(src, addr, method, path, body).await;
+        assert_eq!(r.status, want, "{method} {path}: {}", r.body);
+        assert!(!error_text(&r).is_empty());
+    }
+    let q = http(src, addr, "GET", &format!("{path}?x=1"), b"").await;
+    assert_eq!(q.status, 404, "{}", q.body);
+    let _ = tx.send(());
+    task.await.unwrap();
+}
+
+/// A member holding its whole share of half-sent requests: the next connection from it is
+/// closed at once, another host's call is served meanwhile, and the member is served again
+/// once its half-sent requests are gone.
+#[tokio::test]
+async fn api_caps_connections_per_source() {
+    let server = server().await;
+    let flooder: IpAddr = "127.16.0.50".parse().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..crate::serve::Limits::API.max_per_source {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(flooder, 0)).unwrap();
+        let mut s = sock.connect(server.addr).await.unwrap();
+        s.write_all(b"GET /v1/netmap HTTP/1.1\r\nHost: c")
+            .await
+            .unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(flooder, 0)).unwrap();
+    let mut extra = sock.connect(server.addr).await.unwrap();
+    let mut b = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(1), extra.read(&mut b))
+        .await
+        .expect("over-cap connection closed at once");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    // Another source gets an answer (a refusal by name: the request is not signed), not a
+    // closed socket.
+    let other = http(
+        "127.16.0.60".parse().unwrap(),
+        server.addr,
+        "GET",
+        "/v1/netmap",
+        b"",
+    )
+    .await;
+    assert_eq!(other.status, 401, "{}", other.body);
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let again = http(flooder, server.addr, "GET", "/v1/netmap", b"").await;
+    assert_eq!(again.status, 401, "{}", again.body);
+    server.stop().await;
+}
