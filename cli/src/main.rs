@@ -9,10 +9,11 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use mesh_proto::api::InviteRequest;
 use mesh_proto::control::{
-    render_hosts, render_invite, render_invites, render_peers_table, render_status, Request,
-    Response,
+    render_hosts, render_invite, render_invites, render_peers_table, render_routes, render_status,
+    Request, Response,
 };
 use mesh_proto::doctor::Report;
+use mesh_proto::routes::RouteDecision;
 use mesh_proto::PublicKey;
 
 #[derive(Debug, Parser)]
@@ -114,6 +115,16 @@ enum Cmd {
     },
     /// Remove a host from the mesh: out of every netmap, its key refused from then on.
     Remove { name: String },
+    /// The prefixes hosts advertise (routes.advertise) and their state: pending until an admin
+    /// approves them; only approved ones reach the netmaps, and each host takes only those
+    /// its routes.accept opts in to. Without an action: list them.
+    Routes {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<RoutesCmd>,
+    },
     /// Check this host: listen port, interface and address, routes, rp_filter, K3s,
     /// coordinator, handshakes and the path MTU to every peer. One line per check (OK, WARN,
     /// FAIL) with the fix; exits 1 if any check fails. Runs `meshd --doctor` when meshd is not
@@ -132,6 +143,26 @@ enum Cmd {
         /// meshd's configuration (for the offline hint).
         #[arg(long, env = "MESHD_CONFIG", default_value = mesh_proto::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RoutesCmd {
+    /// List every host's advertised prefixes with their state (the default).
+    List,
+    /// Approve PREFIX of host NAME: it goes into the netmaps while NAME advertises it.
+    Approve {
+        name: String,
+        /// The prefix as the host advertises it (a bare address means /32 or /128).
+        #[arg(value_parser = parse_prefix)]
+        prefix: ipnet::IpNet,
+    },
+    /// Revoke (or refuse) PREFIX of host NAME: it leaves the netmaps until approved again.
+    Revoke {
+        name: String,
+        /// The prefix as the host advertises it (a bare address means /32 or /128).
+        #[arg(value_parser = parse_prefix)]
+        prefix: ipnet::IpNet,
     },
 }
 
@@ -350,6 +381,26 @@ fn send(cli: Cli) -> Result<()> {
         Cmd::Invites { .. } => Request::Invites,
         Cmd::Hosts { .. } => Request::Hosts,
         Cmd::Remove { name } => Request::Remove { name: name.clone() },
+        Cmd::Routes {
+            action: None | Some(RoutesCmd::List),
+            ..
+        } => Request::Routes,
+        Cmd::Routes {
+            action: Some(RoutesCmd::Approve { name, prefix }),
+            ..
+        } => Request::RouteDecision {
+            decision: RouteDecision::Approve,
+            host: name.clone(),
+            prefix: *prefix,
+        },
+        Cmd::Routes {
+            action: Some(RoutesCmd::Revoke { name, prefix }),
+            ..
+        } => Request::RouteDecision {
+            decision: RouteDecision::Revoke,
+            host: name.clone(),
+            prefix: *prefix,
+        },
     };
     let resp = request(&cli.socket, &req)?;
     if let (
@@ -388,8 +439,14 @@ fn send(cli: Cli) -> Result<()> {
         (Cmd::Hosts { json: false }, Response::Hosts { hosts }) => {
             out(&render_hosts(&hosts, now()))
         }
+        (Cmd::Routes { json: true, .. }, Response::Routes { routes }) => print_json(&routes),
+        (Cmd::Routes { .. }, Response::Routes { routes }) => out(&render_routes(&routes, now())),
         (
-            Cmd::Join { .. } | Cmd::Invites { .. } | Cmd::Revoke { .. } | Cmd::Remove { .. },
+            Cmd::Join { .. }
+            | Cmd::Invites { .. }
+            | Cmd::Revoke { .. }
+            | Cmd::Remove { .. }
+            | Cmd::Routes { .. },
             Response::Ok { message },
         ) => out(&format!("{message}\n")),
         (Cmd::Peers { json: true }, Response::Peers { peers }) => print_json(&peers),
@@ -488,6 +545,18 @@ fn read_token_file(path: &Path) -> Result<String> {
     Ok(text)
 }
 
+/// A CIDR, or a bare address as its host prefix.
+fn parse_prefix(s: &str) -> std::result::Result<ipnet::IpNet, String> {
+    if s.contains('/') {
+        s.parse()
+            .map_err(|_| format!("{s:?} is not a prefix (e.g. 192.168.1.20/32)"))
+    } else {
+        s.parse::<std::net::IpAddr>()
+            .map(ipnet::IpNet::from)
+            .map_err(|_| format!("{s:?} is neither a prefix nor an address (e.g. 192.168.1.20/32)"))
+    }
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -532,6 +601,34 @@ mod tests {
             Err(e) => assert!(e.to_string().contains("not root"), "{e}"),
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn route_prefixes() {
+        assert_eq!(
+            parse_prefix("192.168.1.20").map(|n| n.to_string()),
+            Ok("192.168.1.20/32".to_string())
+        );
+        assert_eq!(
+            parse_prefix("fd00::1").map(|n| n.to_string()),
+            Ok("fd00::1/128".to_string())
+        );
+        assert_eq!(
+            parse_prefix("1.1.1.0/24").map(|n| n.to_string()),
+            Ok("1.1.1.0/24".to_string())
+        );
+        assert!(parse_prefix("1.1.1.0/33").is_err());
+        assert!(parse_prefix("nas").is_err());
+        let cli =
+            Cli::try_parse_from(["meshctl", "routes", "approve", "dock-edge", "192.168.1.20"])
+                .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Cmd::Routes {
+                action: Some(RoutesCmd::Approve { .. }),
+                ..
+            }
+        ));
     }
 
     #[test]

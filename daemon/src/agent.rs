@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use mesh_proto::netmap::{Netmap, NetmapPeer};
-use mesh_proto::routes::{conflicts, desired_routes, plan_routes, refusal_message, SystemRoute};
+use mesh_proto::routes::{
+    conflicts, desired_routes, plan_routes, refusal_message, SkippedRoute, SystemRoute,
+};
 #[cfg(test)]
 use mesh_proto::Op;
 use mesh_proto::{plan, DeviceSpec, ObservedPeer, PeerSpec, PrivateKey, PublicKey};
@@ -90,6 +92,10 @@ pub struct AgentStatus {
     pub last_error: Option<String>,
     pub netmap_version: Option<u64>,
     pub mesh: MeshState,
+    /// Peers' prefixes this host did not take (`mesh_proto::routes::accept_netmap`).
+    pub skipped_routes: Vec<SkippedRoute>,
+    /// Our advertised prefixes no netmap carries (pending an admin's approval, or revoked).
+    pub ungranted_routes: Vec<IpNet>,
     /// Netmaps refused lately (Unix time, why), newest last.
     pub refused: Vec<(u64, String)>,
 }
@@ -132,6 +138,11 @@ pub struct Agent<W, L> {
     accepted: Option<Accepted>,
     /// Why the current desired state is refused (route conflicts), for the status.
     route_refusal: Option<String>,
+    /// The routes of the system not on our interface, as last listed: the underlay a peer's
+    /// prefix must stay clear of.
+    underlay_routes: Vec<SystemRoute>,
+    /// Peers' prefixes the netmap carries that this host does not take, and why.
+    skipped_routes: Vec<SkippedRoute>,
     /// How this host signs coordinator API calls (our key toward the coordinator's current
     /// key), shared with the follower and reporter tasks; kept current by `recompute`.
     signer: crate::client::SignerCell,
@@ -188,6 +199,8 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
             backend: "in-memory".to_string(),
             accepted: None,
             route_refusal: None,
+            underlay_routes: Vec::new(),
+            skipped_routes: Vec::new(),
             signer: crate::client::SignerCell::default(),
             refused: std::collections::VecDeque::new(),
         }
@@ -293,6 +306,16 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
                 .push_back((now_since_epoch().as_secs(), e.to_string()));
             return false;
         }
+        let ungranted_before = self.netmap.as_ref().map(|n| &n.ungranted_routes);
+        if ungranted_before != Some(&netmap.ungranted_routes) && !netmap.ungranted_routes.is_empty()
+        {
+            let list: Vec<String> = netmap
+                .ungranted_routes
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            tracing::warn!(prefixes = %list.join(", "), "advertised prefixes are in no netmap: pending an admin's approval on the coordinator (meshctl routes), or revoked");
+        }
         if let Some(held) = &self.netmap {
             if *held == netmap {
                 return false;
@@ -369,11 +392,32 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
             .address
             .or_else(|| self.membership.as_ref().map(Membership::interface_address));
         self.set_address(address);
+        // Routes are granted, not taken: the peers' prefixes this host does not opt in to, or
+        // that would take the mesh, loopback, its underlay, ..., are skipped; the rest of the
+        // netmap applies.
+        let (netmap, skipped) = match &self.netmap {
+            Some(nm) => {
+                let (nm, skipped) = crate::member::accepted_netmap(
+                    &self.settings,
+                    self.membership.as_ref(),
+                    nm,
+                    &self.underlay_routes,
+                );
+                (Some(nm), skipped)
+            }
+            None => (None, Vec::new()),
+        };
+        if skipped != self.skipped_routes {
+            for r in skipped.iter().filter(|r| !self.skipped_routes.contains(r)) {
+                tracing::warn!(peer = %r.peer, prefix = %r.prefix, reason = %r.reason, "peer route refused; the rest of the netmap applies");
+            }
+            self.skipped_routes = skipped;
+        }
         let (desired, conflicts) = desired_device(
             &self.settings,
             &self.key,
             self.membership.as_ref(),
-            self.netmap.as_ref(),
+            netmap.as_ref(),
         );
         if conflicts != self.conflicts {
             for c in &conflicts {
@@ -474,6 +518,22 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
                 return report;
             }
         };
+        let iface = self.settings.interface.clone();
+        let mut underlay: Vec<SystemRoute> = existing
+            .iter()
+            .filter(|r| r.dev.as_deref() != Some(iface.as_str()))
+            .cloned()
+            .collect();
+        underlay.sort();
+        underlay.dedup();
+        if underlay != self.underlay_routes {
+            self.underlay_routes = underlay;
+            // Only a netmap's routes depend on the underlay (and a join's bootstrap state,
+            // which has none, must not be recomputed away).
+            if self.netmap.is_some() {
+                self.recompute();
+            }
+        }
         self.check_candidate(address, &existing);
         let Some(acc) = self.accepted.clone() else {
             // Nothing acceptable yet (the first desired state clashes): apply nothing.
@@ -730,6 +790,12 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
                 .or_else(|| self.last_report.error.clone()),
             netmap_version: self.netmap.as_ref().map(|n| n.version),
             mesh: self.mesh.clone(),
+            skipped_routes: self.skipped_routes.clone(),
+            ungranted_routes: self
+                .netmap
+                .as_ref()
+                .map(|n| n.ungranted_routes.clone())
+                .unwrap_or_default(),
             refused: self.refused.iter().cloned().collect(),
         }
     }
@@ -1001,6 +1067,7 @@ pub(crate) mod tests {
             dev: Some(dev.into()),
             protocol: 2,
             kind: "unicast".into(),
+            gateway: None,
         }
     }
 
@@ -1102,6 +1169,113 @@ pub(crate) mod tests {
             assert_eq!(a.wg.device.peers.len(), 3);
             assert!(our_routes(&a).contains(&"10.42.5.0/24".to_string()));
             assert!(a.status().last_error.is_none());
+        });
+    }
+
+    fn netmap_peer(name: &str, i: u8, extra: &[&str]) -> mesh_proto::netmap::NetmapPeer {
+        let address: std::net::IpAddr = format!("10.99.99.{}", 40 + i).parse().expect("ip");
+        let mut allowed_ips = vec![IpNet::from(address)];
+        allowed_ips.extend(extra.iter().map(|p| p.parse::<IpNet>().expect("net")));
+        mesh_proto::netmap::NetmapPeer {
+            name: name.into(),
+            address,
+            public_key: PrivateKey::from_bytes([i; 32]).public_key(),
+            allowed_ips,
+            endpoints: vec![],
+            persistent_keepalive: None,
+            static_peer: false,
+            admin: false,
+            key_created_unix: 0,
+            next_public_key: None,
+        }
+    }
+
+    /// Routes are granted, not taken: a netmap carrying a peer's prefix this host does not opt
+    /// in to, or one it must never take (loopback, its own LAN), is applied without them; the
+    /// rest of it (peers, accepted routes) applies, and later netmaps still apply.
+    #[test]
+    fn refused_peer_routes_are_skipped_and_the_rest_of_the_netmap_applies() {
+        block_on(async {
+            let mut a = agent(vec![peer(1, None)], Default::default());
+            a.settings.routes.accept = vec!["192.168.1.0/24".parse().expect("net")];
+            a.link.routes.push(foreign("192.168.7.0/24", "eth0"));
+            let own = PrivateKey::from_bytes([200; 32]).public_key();
+            let netmap = |version: u64, peers| Netmap {
+                version,
+                mesh_cidr: "10.99.99.0/24".parse().expect("net"),
+                name: "dock-load".into(),
+                address: "10.99.99.1".parse().expect("ip"),
+                public_key: own,
+                peers,
+                rotate_requested: false,
+                ungranted_routes: Vec::new(),
+            };
+            a.set_netmap(netmap(
+                1,
+                vec![
+                    netmap_peer("dock-edge", 51, &["192.168.1.20/32"]),
+                    netmap_peer(
+                        "evil",
+                        52,
+                        &["127.0.0.0/8", "8.8.8.8/32", "1.1.1.0/24", "192.168.7.0/25"],
+                    ),
+                ],
+            ));
+            let r = a.reconcile(NOW).await;
+            assert!(r.error.is_none(), "{r:?}");
+            let routes = our_routes(&a);
+            assert!(
+                routes.contains(&"192.168.1.20/32".to_string()),
+                "{routes:?}"
+            );
+            for refused in ["127.0.0.0/8", "8.8.8.8/32", "1.1.1.0/24", "192.168.7.0/25"] {
+                assert!(!routes.contains(&refused.to_string()), "{refused} routed");
+            }
+            let evil = PrivateKey::from_bytes([52; 32]).public_key();
+            let on_device = &a.wg.device.peers[&evil].allowed_ips;
+            assert_eq!(
+                on_device,
+                &vec!["10.99.99.92/32".parse::<IpNet>().expect("net")]
+            );
+            let skipped: Vec<String> = a
+                .status()
+                .skipped_routes
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(skipped.len(), 4, "{skipped:?}");
+            assert!(
+                skipped.iter().any(
+                    |s| s.starts_with("127.0.0.0/8 from evil: overlaps 127.0.0.0/8 (loopback)")
+                ),
+                "{skipped:?}"
+            );
+            assert!(
+                skipped.iter().any(|s| s.starts_with(
+                    "192.168.7.0/25 from evil: overlaps this host's route 192.168.7.0/24 dev eth0"
+                )),
+                "{skipped:?}"
+            );
+            assert!(
+                skipped
+                    .iter()
+                    .any(|s| s.starts_with("8.8.8.8/32 from evil: not opted in")),
+                "{skipped:?}"
+            );
+            // A later netmap (a new host joins) still applies.
+            a.set_netmap(netmap(
+                2,
+                vec![
+                    netmap_peer("dock-edge", 51, &["192.168.1.20/32"]),
+                    netmap_peer("evil", 52, &["127.0.0.0/8"]),
+                    netmap_peer("dock-new", 53, &[]),
+                ],
+            ));
+            let r = a.reconcile(NOW).await;
+            assert!(r.error.is_none(), "{r:?}");
+            let new = PrivateKey::from_bytes([53; 32]).public_key();
+            assert!(a.wg.device.peers.contains_key(&new));
+            assert_eq!(a.status().skipped_routes.len(), 1);
         });
     }
 

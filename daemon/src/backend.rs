@@ -206,6 +206,7 @@ impl LinkBackend for FakeLink {
             dev: Some(interface.to_string()),
             protocol: RT_PROTO_MESHD,
             kind: "unicast".into(),
+            gateway: None,
         };
         for op in ops {
             self.route_writes += 1;

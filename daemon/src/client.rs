@@ -14,6 +14,7 @@ use mesh_proto::api::{
 };
 use mesh_proto::auth::AuthKey;
 use mesh_proto::netmap::Netmap;
+use mesh_proto::routes::{RouteDecision, RouteDecisionRequest, RouteInfo};
 use mesh_proto::{PrivateKey, PublicKey};
 use rand_core::RngCore as _;
 use serde::de::DeserializeOwned;
@@ -279,6 +280,25 @@ pub async fn remove(at: SocketAddr, signer: &Signer, name: &str) -> Result<(), C
         request(at, signer, "DELETE", &path, None, CALL_TIMEOUT).await?,
     )
     .map(|_| ())
+}
+
+/// `meshctl routes` relayed from an admin host.
+pub async fn routes(at: SocketAddr, signer: &Signer) -> Result<Vec<RouteInfo>, CallError> {
+    call_json::<(), _>(at, signer, "GET", "/v1/admin/routes", None, CALL_TIMEOUT).await
+}
+
+/// `meshctl routes approve|revoke HOST PREFIX` relayed from an admin host.
+pub async fn decide_route(
+    at: SocketAddr,
+    signer: &Signer,
+    decision: RouteDecision,
+    req: &RouteDecisionRequest,
+) -> Result<RouteInfo, CallError> {
+    let path = match decision {
+        RouteDecision::Approve => "/v1/admin/routes/approve",
+        RouteDecision::Revoke => "/v1/admin/routes/revoke",
+    };
+    call_json(at, signer, "POST", path, Some(req), CALL_TIMEOUT).await
 }
 
 /// `meshctl rotate NAME` relayed from an admin host.

@@ -267,6 +267,8 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                     reload_handoff(&agent, &mut handoff);
                 }
                 agent.reconcile(now()).await;
+                // A changed routes.advertise reaches the coordinator now.
+                member.check_endpoints(&mut agent).await;
             }
             Some(event) = mesh_rx.recv() => {
                 member.on_event(&mut agent, event).await;

@@ -425,6 +425,7 @@ mod tests {
                 })
                 .collect(),
             rotate_requested: false,
+            ungranted_routes: Vec::new(),
         };
         MeshView::new(&netmap, Some("dock-load"))
     }

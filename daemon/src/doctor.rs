@@ -64,6 +64,8 @@ pub struct Input {
     pub integrations: Vec<mesh_proto::integrate::IntegrationStatus>,
     /// Static peers in the netmap: they list our key by hand, so scheduled rotation waits.
     pub static_peers: Vec<String>,
+    /// Peers' prefixes this host does not take (`mesh_proto::routes::accept_netmap`).
+    pub skipped_routes: Vec<mesh_proto::routes::SkippedRoute>,
 }
 
 /// The facts from the running agent.
@@ -84,6 +86,7 @@ pub async fn gather<W: WgBackend, L: LinkBackend>(agent: &mut Agent<W, L>) -> In
         Err(_) => Vec::new(),
     };
     let status = agent.status();
+    let skipped_routes = status.skipped_routes.clone();
     Input {
         settings: agent.settings().clone(),
         host: agent.host_name(),
@@ -97,6 +100,7 @@ pub async fn gather<W: WgBackend, L: LinkBackend>(agent: &mut Agent<W, L>) -> In
         }),
         integrations: Vec::new(),
         static_peers: crate::rotate::static_peer_names(agent.netmap()),
+        skipped_routes,
     }
 }
 
@@ -110,6 +114,26 @@ pub async fn run_offline(settings: Settings) -> Report {
     let state = StateDir::new(&settings.state_dir);
     let membership = state.load_membership().ok().flatten();
     let netmap = state.load_netmap().ok().flatten();
+    // The netmap as the daemon applies it: the peers' prefixes this host does not take are
+    // left out (and reported).
+    let system_routes = match crate::routes::connect() {
+        Ok(handle) => crate::routes::system_routes(&handle)
+            .await
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    let (netmap, skipped_routes) = match netmap {
+        Some(nm) => {
+            let underlay: Vec<_> = system_routes
+                .into_iter()
+                .filter(|r| r.dev.as_deref() != Some(settings.interface.as_str()))
+                .collect();
+            let (nm, skipped) =
+                crate::member::accepted_netmap(&settings, membership.as_ref(), &nm, &underlay);
+            (Some(nm), skipped)
+        }
+        None => (None, Vec::new()),
+    };
     let mut peer_specs: Vec<PeerSpec> = settings.peers.iter().map(|p| p.spec.clone()).collect();
     let mut peers: Vec<PeerFact> = settings
         .peers
@@ -157,6 +181,7 @@ pub async fn run_offline(settings: Settings) -> Report {
         daemon: None,
         integrations: Vec::new(),
         static_peers: crate::rotate::static_peer_names(netmap.as_ref()),
+        skipped_routes,
     })
     .await;
     if !managed {
@@ -211,6 +236,11 @@ pub async fn run(input: Input) -> Report {
 
     // Route overlaps: the mesh CIDR and the peers' routes against everyone else's routes.
     checks.push(routes(&input).await);
+    // The peers' routes this host skipped (routes.accept, the always-refused space).
+    checks.push(mesh_proto::doctor::peer_routes_check(
+        &s.routes.accept,
+        &input.skipped_routes,
+    ));
 
     // rp_filter (the kernel uses the larger of `all` and the interface's).
     checks.push(rp_filter_check(

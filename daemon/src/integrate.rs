@@ -434,6 +434,7 @@ mod tests {
             public_key: PublicKey([2; 32]),
             peers: peers.iter().map(|(n, l)| peer(n, *l)).collect(),
             rotate_requested: false,
+            ungranted_routes: Vec::new(),
         };
         MeshView::new(&netmap, Some("dock-load"))
     }
@@ -708,6 +709,7 @@ mod tests {
                 public_key: PublicKey([1; 32]),
                 peers: vec![peer("dock-prod", 2)],
                 rotate_requested: false,
+                ungranted_routes: Vec::new(),
             },
             Some("dock-load"),
         );

@@ -59,6 +59,47 @@ pub fn coordinator_peer(m: &Membership) -> PeerSpec {
     }
 }
 
+/// The netmap this host applies, and the peers' prefixes it skips: `routes.accept` opts in,
+/// `mesh_proto::routes::refusal` refuses the mesh, loopback, link-local, multicast, K3s's
+/// CIDRs, `routes.protected`, the underlay (`system_routes` not on our interface, the default
+/// gateway) and the addresses the tunnel itself travels to (the coordinator's endpoints and
+/// the configured peers' endpoints).
+pub fn accepted_netmap(
+    settings: &Settings,
+    membership: Option<&Membership>,
+    netmap: &Netmap,
+    system_routes: &[mesh_proto::routes::SystemRoute],
+) -> (Netmap, Vec<mesh_proto::routes::SkippedRoute>) {
+    // Only endpoints no member can choose: a member's reported addresses are its own word,
+    // and counting them would let it veto another host's approved route.
+    let mut endpoints: Vec<IpAddr> = Vec::new();
+    if let Some(m) = membership {
+        endpoints.extend(m.coordinator_endpoints.iter().map(|e| e.ip()));
+    }
+    endpoints.extend(
+        settings
+            .peers
+            .iter()
+            .filter_map(|p| p.spec.endpoint.map(|e| e.ip())),
+    );
+    endpoints.sort();
+    endpoints.dedup();
+    let static_peers: Vec<(String, IpNet)> = settings
+        .peers
+        .iter()
+        .flat_map(|p| p.spec.allowed_ips.iter().map(|n| (p.name.clone(), *n)))
+        .collect();
+    let policy = mesh_proto::routes::AcceptPolicy {
+        accept: &settings.routes.accept,
+        protected: &settings.routes.protected,
+        our_dev: &settings.interface,
+        system_routes,
+        endpoints: &endpoints,
+        static_peers: &static_peers,
+    };
+    mesh_proto::routes::accept_netmap(netmap, &policy)
+}
+
 /// The desired device: the static `[[peer]]`s of the configuration plus the netmap's peers
 /// (endpoint = first candidate). A netmap peer with the key of a static peer, or with an
 /// allowed IP a static peer holds, is left out: the configuration wins. Returns the device and
@@ -800,8 +841,33 @@ impl MemberRuntime {
         self.follow(agent);
     }
 
+    /// Whether our `routes.advertise` differs from what the coordinator last took.
+    pub fn advertise_unreported<W: WgBackend, L: LinkBackend>(&self, agent: &Agent<W, L>) -> bool {
+        if agent.membership().is_none() {
+            // The coordinator host records its own in-process (`check_endpoints`).
+            return false;
+        }
+        match &self.last_reported {
+            Some(r) => r.advertise != agent.settings().routes.advertise,
+            None => !agent.settings().routes.advertise.is_empty(),
+        }
+    }
+
     /// Report our endpoints when they changed since the last successful report.
     pub async fn check_endpoints<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
+        if let Some(coord) = &self.coordinator {
+            let advertise = agent.settings().routes.advertise.clone();
+            let coord = coord.clone();
+            let now_unix = crate::agent::now().as_secs();
+            match tokio::task::spawn_blocking(move || coord.advertise_own(&advertise, now_unix))
+                .await
+            {
+                Ok(Ok(true)) => tracing::info!("routes.advertise recorded in the registry; pending until an admin approves each prefix"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot record our routes.advertise"),
+                Err(e) => tracing::warn!(error = %e, "cannot record our routes.advertise"),
+            }
+        }
         let Some(api) = agent.membership().map(Membership::api_addr) else {
             return;
         };
@@ -968,6 +1034,7 @@ mod tests {
             public_key: own.public_key(),
             peers,
             rotate_requested: false,
+            ungranted_routes: Vec::new(),
         }
     }
 

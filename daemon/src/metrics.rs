@@ -484,6 +484,7 @@ mod tests {
                 np(4, "dock-mirror", vec![]),
             ],
             rotate_requested: false,
+            ungranted_routes: Vec::new(),
         };
         (
             ObservedDevice {

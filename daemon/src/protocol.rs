@@ -93,6 +93,8 @@ pub fn status(st: &AgentStatus, peers: &[PeerStatus], now_unix: u64) -> Status {
         }),
         // Filled in by the daemon loop, which holds the integration engine.
         integrations: Vec::new(),
+        skipped_routes: st.skipped_routes.clone(),
+        ungranted_routes: st.ungranted_routes.clone(),
         refused: st
             .refused
             .iter()
@@ -144,14 +146,24 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
         Request::Reload => match agent.handle_reload() {
             Ok(()) => {
                 let report = agent.reconcile(now()).await;
+                // A changed routes.advertise reaches the coordinator now, not at the next
+                // endpoint check.
+                let advertise = member.advertise_unreported(agent);
+                member.check_endpoints(agent).await;
+                let note = if advertise {
+                    "; routes.advertise changed: reported to the coordinator (new prefixes are \
+                     pending until an admin approves them: meshctl routes)"
+                } else {
+                    ""
+                };
                 match report.error {
                     None => Response::ok(format!(
-                        "reloaded {}: {} ops applied",
+                        "reloaded {}: {} ops applied{note}",
                         agent.config_path().display(),
                         report.ops.len()
                     )),
                     Some(e) => Response::ok(format!(
-                        "reloaded {}, but the pass had errors: {e}",
+                        "reloaded {}, but the pass had errors: {e}{note}",
                         agent.config_path().display()
                     )),
                 }
@@ -183,7 +195,9 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
         | Request::Hosts
         | Request::Remove { .. }
         | Request::RotateHost { .. }
-        | Request::StaticConfig { .. } => Response::error("not an admin request".to_string()),
+        | Request::StaticConfig { .. }
+        | Request::Routes
+        | Request::RouteDecision { .. } => Response::error("not an admin request".to_string()),
     }
 }
 
@@ -206,7 +220,36 @@ pub fn is_admin(request: &Request) -> bool {
             | Request::Remove { .. }
             | Request::RotateHost { .. }
             | Request::StaticConfig { .. }
+            | Request::Routes
+            | Request::RouteDecision { .. }
     )
+}
+
+/// The reply to `meshctl routes approve|revoke HOST PREFIX`.
+pub fn route_decided_message(info: &mesh_proto::routes::RouteInfo) -> String {
+    use mesh_proto::routes::RouteState;
+    let effect = match (info.state, info.advertised) {
+        (RouteState::Approved, true) => {
+            "it is in the netmaps now; hosts whose routes.accept covers it route it to"
+        }
+        (RouteState::Approved, false) => "it reaches the netmaps when it is advertised again by",
+        (_, _) => "it is in no netmap; hosts that routed it stop routing it to",
+    };
+    let mut msg = format!(
+        "{} of {} is {}: {effect} {}",
+        info.prefix, info.host, info.state, info.host
+    );
+    if info.state == RouteState::Approved {
+        if let Some((range, what)) = mesh_proto::routes::always_refused()
+            .into_iter()
+            .find(|(r, _)| mesh_proto::routes::overlaps(r, &info.prefix))
+        {
+            msg.push_str(&format!(
+                " (but every host refuses it: it overlaps {range}, {what}; revoke it)"
+            ));
+        }
+    }
+    msg
 }
 
 /// An admin request as a future that does not borrow the agent (it may run in a task).
@@ -250,6 +293,21 @@ pub fn relay_admin(api: SocketAddr, signer: client::Signer, request: Request) ->
                 Ok(config) => Response::ok(config),
                 Err(e) => refused(e),
             },
+            Request::Routes => match client::routes(api, signer).await {
+                Ok(routes) => Response::Routes { routes },
+                Err(e) => refused(e),
+            },
+            Request::RouteDecision {
+                decision,
+                host,
+                prefix,
+            } => {
+                let req = mesh_proto::routes::RouteDecisionRequest { host, prefix };
+                match client::decide_route(api, signer, decision, &req).await {
+                    Ok(info) => Response::ok(route_decided_message(&info)),
+                    Err(e) => refused(e),
+                }
+            }
             _ => Response::error("not an admin request"),
         }
     })
@@ -314,6 +372,92 @@ mod tests {
             seen
         });
         (at, task)
+    }
+
+    #[test]
+    fn an_approval_of_space_every_host_refuses_says_so() {
+        use mesh_proto::routes::{RouteInfo, RouteState};
+        let info = RouteInfo {
+            host: "dock-dash".into(),
+            prefix: "127.0.0.0/8".parse().expect("net"),
+            state: RouteState::Approved,
+            advertised: true,
+            decided_unix: Some(1),
+        };
+        let msg = route_decided_message(&info);
+        assert!(
+            msg.contains("every host refuses it: it overlaps 127.0.0.0/8, loopback"),
+            "{msg}"
+        );
+        let fine = RouteInfo {
+            prefix: "192.168.1.20/32".parse().expect("net"),
+            ..info
+        };
+        assert!(!route_decided_message(&fine).contains("refuses"));
+    }
+
+    #[tokio::test]
+    async fn route_requests_are_relayed_to_the_coordinator_api() {
+        let coord = mesh_proto::PrivateKey::generate();
+        let signer = client::Signer::new(&mesh_proto::PrivateKey::generate(), &coord.public_key())
+            .expect("signer");
+        let (at, server) = canned(coord, vec![
+            (200, "[]"),
+            (
+                200,
+                r#"{"host":"dock-edge","prefix":"192.168.1.20/32","state":"approved","advertised":true,"decided_unix":5}"#,
+            ),
+            (404, r#"{"error":"dock-edge does not advertise 9.9.9.9/32"}"#),
+        ])
+        .await;
+        assert!(is_admin(&Request::Routes));
+        let r = relay_admin(at, signer.clone(), Request::Routes).await;
+        assert_eq!(r, Response::Routes { routes: Vec::new() });
+        let decide = |prefix: &str, decision| Request::RouteDecision {
+            decision,
+            host: "dock-edge".into(),
+            prefix: prefix.parse().expect("net"),
+        };
+        use mesh_proto::routes::RouteDecision;
+        match relay_admin(
+            at,
+            signer.clone(),
+            decide("192.168.1.20/32", RouteDecision::Approve),
+        )
+        .await
+        {
+            Response::Ok { message } => assert!(
+                message.starts_with(
+                    "192.168.1.20/32 of dock-edge is approved: it is in the netmaps now"
+                ),
+                "{message}"
+            ),
+            other => panic!("unexpected {other:?}"),
+        }
+        match relay_admin(
+            at,
+            signer.clone(),
+            decide("9.9.9.9/32", RouteDecision::Revoke),
+        )
+        .await
+        {
+            Response::Error { message } => {
+                assert!(
+                    message.contains("does not advertise 9.9.9.9/32"),
+                    "{message}"
+                )
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let seen = server.await.expect("server");
+        assert_eq!(
+            seen,
+            vec![
+                "GET /v1/admin/routes HTTP/1.1",
+                "POST /v1/admin/routes/approve HTTP/1.1",
+                "POST /v1/admin/routes/revoke HTTP/1.1",
+            ]
+        );
     }
 
     #[tokio::test]

@@ -78,12 +78,15 @@ fn to_system(msg: &RouteMessage, names: &BTreeMap<u32, String>) -> Option<System
     let mut dst = None;
     let mut table = u32::from(msg.header.table);
     let mut oif = None;
+    let mut gateway = None;
     for a in &msg.attributes {
         match a {
             RouteAttribute::Destination(RouteAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
             RouteAttribute::Destination(RouteAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
             RouteAttribute::Table(t) => table = *t,
             RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Gateway(RouteAddress::Inet(v4)) => gateway = Some(IpAddr::V4(*v4)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(v6)) => gateway = Some(IpAddr::V6(*v6)),
             _ => {}
         }
     }
@@ -99,6 +102,7 @@ fn to_system(msg: &RouteMessage, names: &BTreeMap<u32, String>) -> Option<System
         dev: oif.map(|i| names.get(&i).cloned().unwrap_or_else(|| format!("if{i}"))),
         protocol: u8::from(msg.header.protocol),
         kind: kind_name(msg.header.kind),
+        gateway,
     })
 }
 

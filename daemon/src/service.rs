@@ -383,6 +383,14 @@ fn admin_handler(coord: Coordinator) -> AdminHandler {
                     .request_rotation(&name, now_unix)
                     .map(|_| Response::ok(crate::protocol::rotation_asked_message(&name))),
                 Request::StaticConfig { name } => coord.static_config(&name).map(Response::ok),
+                Request::Routes => coord.routes().map(|routes| Response::Routes { routes }),
+                Request::RouteDecision {
+                    decision,
+                    host,
+                    prefix,
+                } => coord
+                    .decide_route(&host, prefix, decision, now_unix)
+                    .map(|info| Response::ok(crate::protocol::route_decided_message(&info))),
                 _ => Ok(Response::error("not an admin request")),
             })
             .await;

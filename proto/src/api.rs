@@ -27,6 +27,12 @@
 //!                            says so; see `crate::rotation`)
 //! GET  /v1/admin/hosts/NAME/wg-quick       -> text   (a static peer's current wg-quick
 //!                            configuration, private key left out)
+//! GET  /v1/admin/routes                    -> Vec<RouteInfo> (every host's advertised
+//!                            prefixes: pending, approved or revoked; `crate::routes`)
+//! POST /v1/admin/routes/approve RouteDecisionRequest -> RouteInfo (into the netmaps while
+//!                            advertised; 404 if not advertised, 409 if another host's
+//!                            approved prefix overlaps)
+//! POST /v1/admin/routes/revoke  RouteDecisionRequest -> RouteInfo (out of every netmap)
 //!
 //! Outside the tunnel, on TCP at the coordinator's WireGuard endpoint (same port number):
 //! GET  /v1/key-notices/HOSTKEY              -> `crate::notice::KeyNoticesResponse` (only to a

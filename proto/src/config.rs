@@ -36,6 +36,9 @@
 //!                                    # masquerade); host bits zero, never /0, not the mesh
 //! protected = ["10.42.0.0/16", "10.43.0.0/16"]  # never routed over the mesh (K3s pods,
 //!                                    # services): routes overlapping them are refused
+//! accept = ["192.168.1.0/24"]        # default []: the peers' routes (approved on the
+//!                                    # coordinator) this host takes, each inside one of these;
+//!                                    # see mesh_proto::routes::refusal for what is never taken
 //! nft_table = "meshd"                # our nftables table (family inet), default meshd
 //!
 //! [dns]                              # optional: mesh DNS on this host's mesh address
@@ -157,6 +160,9 @@ pub struct RoutesConfig {
     pub advertise: Vec<IpNet>,
     /// CIDRs the mesh must never route (K3s pods and services, ...).
     pub protected: Vec<IpNet>,
+    /// The peers' routes this host takes (opt-in): a peer's prefix must lie inside one of
+    /// these (and clear of everything `mesh_proto::routes::refusal` refuses).
+    pub accept: Vec<IpNet>,
     /// Our nftables table, family `inet`.
     pub nft_table: String,
 }
@@ -166,6 +172,7 @@ impl Default for RoutesConfig {
         RoutesConfig {
             advertise: Vec::new(),
             protected: Vec::new(),
+            accept: Vec::new(),
             nft_table: crate::routes::DEFAULT_NFT_TABLE.to_string(),
         }
     }
@@ -464,6 +471,8 @@ struct RawRoutes {
     advertise: Vec<String>,
     #[serde(default)]
     protected: Vec<String>,
+    #[serde(default)]
+    accept: Vec<String>,
     nft_table: Option<String>,
 }
 
@@ -1057,6 +1066,43 @@ fn validate_routes(
         }
         advertise.push(net);
     }
+    let mut accept: Vec<IpNet> = Vec::with_capacity(raw.accept.len());
+    for (i, a) in raw.accept.iter().enumerate() {
+        let key = format!("routes.accept[{i}]");
+        let net = parse_allowed_ip(a).map_err(|m| cx.err(key.clone(), m))?;
+        if net.prefix_len() == 0 {
+            return Err(cx.err(
+                key,
+                format!(
+                    "{net} is a default route; meshd never takes a default route from a peer: \
+                     list the subnets to accept"
+                ),
+            ));
+        }
+        if let Some(m) = host.address.filter(|m| overlaps(&m.trunc(), &net)) {
+            return Err(cx.err(
+                key,
+                format!(
+                    "{net} overlaps the mesh {} (host.address); the mesh needs no accepting, \
+                     list subnets outside it",
+                    m.trunc()
+                ),
+            ));
+        }
+        if let Some(p) = protected.iter().find(|p| overlaps(p, &net)) {
+            return Err(cx.err(
+                key,
+                format!("{net} overlaps routes.protected {p}; remove one of them"),
+            ));
+        }
+        if let Some(o) = advertise.iter().find(|o| overlaps(o, &net)) {
+            return Err(cx.err(
+                key,
+                format!("{net} overlaps routes.advertise {o}: this host routes that subnet itself"),
+            ));
+        }
+        accept.push(net);
+    }
     for (i, p) in peers.iter().enumerate() {
         for (k, net) in p.allowed_ips.iter().enumerate() {
             if let Some(pr) = protected.iter().find(|pr| overlaps(pr, net)) {
@@ -1094,6 +1140,7 @@ fn validate_routes(
     Ok(RoutesConfig {
         advertise,
         protected,
+        accept,
         nft_table,
     })
 }
@@ -1947,6 +1994,34 @@ public_endpoints = ["198.51.100.1:51871"]
             "routes.nft_table",
             "not a table name",
         );
+        refuse(
+            &r("accept = [\"0.0.0.0/0\"]"),
+            "routes.accept[0]",
+            "default route",
+        );
+        refuse(
+            &r("accept = [\"10.99.0.0/16\"]"),
+            "routes.accept[0]",
+            "overlaps the mesh",
+        );
+        refuse(
+            &r("accept = [\"192.168.1.1/24\"]"),
+            "routes.accept[0]",
+            "host bits",
+        );
+        refuse(&r("accept = [\"banana\"]"), "routes.accept[0]", "");
+        refuse(
+            &r("accept = [\"10.42.0.0/24\"]\nprotected = [\"10.42.0.0/16\"]"),
+            "routes.accept[0]",
+            "routes.protected 10.42.0.0/16",
+        );
+        refuse(
+            &r("advertise = [\"192.168.1.0/24\"]\naccept = [\"192.168.1.20/32\"]"),
+            "routes.accept[0]",
+            "routes.advertise 192.168.1.0/24",
+        );
+        let c = parse(&r("accept = [\"192.168.1.0/24\", \"fd00:1::/64\"]"), FILE).unwrap();
+        assert_eq!(c.routes.accept.len(), 2);
         let peer_in_protected =
             base().replace("10.99.99.3/32\"]", "10.99.99.3/32\", \"10.42.5.0/24\"]");
         refuse(

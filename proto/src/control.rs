@@ -67,6 +67,16 @@ pub enum Request {
     StaticConfig {
         name: String,
     },
+    /// The advertised prefixes of every host with their approval state (`meshctl routes`);
+    /// answered with [`Response::Routes`].
+    Routes,
+    /// Approve or revoke one prefix of one host (`meshctl routes approve|revoke HOST PREFIX`);
+    /// answered with `ok`.
+    RouteDecision {
+        decision: crate::routes::RouteDecision,
+        host: String,
+        prefix: IpNet,
+    },
     /// Run the doctor's checks (`meshctl doctor`); answered with [`Response::Doctor`].
     Doctor,
     /// Remove everything meshd owns on this host (interface, routes, nftables table,
@@ -97,6 +107,9 @@ pub enum Response {
         hosts: Vec<crate::api::HostInfo>,
     },
     Doctor(crate::doctor::Report),
+    Routes {
+        routes: Vec<crate::routes::RouteInfo>,
+    },
 }
 
 /// One peer as `meshctl peers` shows it.
@@ -176,6 +189,14 @@ pub struct Status {
     /// The files meshd keeps for K3s, DRBD, Prometheus, `/etc/hosts` and user templates.
     #[serde(default)]
     pub integrations: Vec<crate::integrate::IntegrationStatus>,
+    /// Peers' prefixes this host did not take, and why (`routes.accept`,
+    /// `mesh_proto::routes::refusal`); the rest of the netmap applies.
+    #[serde(default)]
+    pub skipped_routes: Vec<crate::routes::SkippedRoute>,
+    /// This host's advertised prefixes that no netmap carries: pending an admin's approval on
+    /// the coordinator, or revoked (`meshctl routes` there).
+    #[serde(default)]
+    pub ungranted_routes: Vec<IpNet>,
     /// Input refused lately, newest last: on the coordinator, API requests without a valid
     /// proof of key; on a member, netmaps it would not take.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -545,6 +566,19 @@ pub fn render_status(status: &Status, now_unix: u64) -> String {
     for i in &status.integrations {
         fields.push(("integration", integration_cell(i, now_unix)));
     }
+    for r in &status.skipped_routes {
+        fields.push(("skipped route", r.to_string()));
+    }
+    for p in &status.ungranted_routes {
+        fields.push((
+            "advertised",
+            format!(
+                "{p} NOT GRANTED: pending an admin's approval on the coordinator, or revoked \
+                 (meshctl routes approve {} {p})",
+                status.host
+            ),
+        ));
+    }
     if let Some(n) = status.refused_total {
         fields.push(("api refusals", format!("{n} since start")));
     }
@@ -662,6 +696,26 @@ pub fn render_invites(invites: &[InviteInfo], now_unix: u64) -> String {
     render_table(&rows)
 }
 
+/// The `meshctl routes` table: HOST, PREFIX, STATE, ADVERTISED, DECIDED.
+pub fn render_routes(routes: &[crate::routes::RouteInfo], now_unix: u64) -> String {
+    let mut rows = vec![["HOST", "PREFIX", "STATE", "ADVERTISED", "DECIDED"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()];
+    for r in routes {
+        rows.push(vec![
+            r.host.clone(),
+            r.prefix.to_string(),
+            r.state.to_string(),
+            if r.advertised { "yes" } else { "no" }.to_string(),
+            r.decided_unix
+                .map(|t| format_age(now_unix.saturating_sub(t)))
+                .unwrap_or_else(|| "-".to_string()),
+        ]);
+    }
+    render_table(&rows)
+}
+
 /// The `meshctl hosts` table: NAME, ADDRESS, KEY, FLAGS, LAST SEEN, OBSERVED, CREATED.
 /// FLAGS lists `admin`, `static` and `removed` (comma-separated, "-" for none).
 pub fn render_hosts(hosts: &[HostInfo], now_unix: u64) -> String {
@@ -747,9 +801,80 @@ mod tests {
             netmap_version: None,
             coordinator: None,
             integrations: Vec::new(),
+            skipped_routes: Vec::new(),
+            ungranted_routes: Vec::new(),
             refused: Vec::new(),
             refused_total: None,
         }
+    }
+
+    #[test]
+    fn routes_requests_round_trip_and_render() {
+        use crate::routes::{RouteDecision, RouteInfo, RouteState, SkipReason, SkippedRoute};
+        let req = Request::RouteDecision {
+            decision: RouteDecision::Approve,
+            host: "dock-edge".into(),
+            prefix: "192.168.1.20/32".parse().unwrap(),
+        };
+        let line = req.to_line();
+        assert_eq!(
+            line,
+            "{\"request\":\"route_decision\",\"decision\":\"approve\",\"host\":\"dock-edge\",\"prefix\":\"192.168.1.20/32\"}\n"
+        );
+        assert_eq!(Request::from_line(&line).unwrap(), req);
+        assert_eq!(
+            Request::from_line("{\"request\":\"routes\"}").unwrap(),
+            Request::Routes
+        );
+        assert!(Request::from_line(
+            "{\"request\":\"route_decision\",\"decision\":\"grant\",\"host\":\"a\",\"prefix\":\"1.1.1.0/24\"}"
+        )
+        .is_err());
+        let routes = vec![RouteInfo {
+            host: "dock-edge".into(),
+            prefix: "192.168.1.20/32".parse().unwrap(),
+            state: RouteState::Pending,
+            advertised: true,
+            decided_unix: None,
+        }];
+        let r = Response::Routes {
+            routes: routes.clone(),
+        };
+        assert_eq!(Response::from_line(&r.to_line()).unwrap(), r);
+        let table = render_routes(&routes, 0);
+        assert!(table.starts_with("HOST"), "{table}");
+        assert!(
+            table.contains("dock-edge") && table.contains("pending"),
+            "{table}"
+        );
+        let mut st = status();
+        st.skipped_routes = vec![SkippedRoute {
+            peer: "evil".into(),
+            prefix: "127.0.0.0/8".parse().unwrap(),
+            reason: SkipReason::Reserved {
+                range: "127.0.0.0/8".parse().unwrap(),
+                what: "loopback".into(),
+            },
+        }];
+        let text = render_status(&st, 1000);
+        assert!(
+            text.contains("skipped route:  127.0.0.0/8 from evil: overlaps 127.0.0.0/8 (loopback)"),
+            "{text}"
+        );
+        let v = serde_json::to_value(&st).unwrap();
+        assert_eq!(v["skipped_routes"][0]["reason"], "reserved");
+        // An older meshd's status (no skipped_routes) still reads.
+        let mut o = v.clone();
+        o.as_object_mut().unwrap().remove("skipped_routes");
+        let back: Status = serde_json::from_value(o).unwrap();
+        assert!(back.skipped_routes.is_empty());
+        st.ungranted_routes = vec!["1.1.1.0/24".parse().unwrap()];
+        let text = render_status(&st, 1000);
+        assert!(
+            text.contains("1.1.1.0/24 NOT GRANTED")
+                && text.contains("meshctl routes approve dock-load 1.1.1.0/24"),
+            "{text}"
+        );
     }
 
     #[test]

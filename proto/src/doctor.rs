@@ -463,6 +463,50 @@ pub fn routes_check(wanted: usize, conflicts: &[crate::routes::RouteConflict]) -
     )
 }
 
+/// The peers' routes this host skipped (`crate::routes::accept_netmap`): OK when none, else a
+/// warning listing each with its reason; the rest of the netmap applies either way.
+pub fn peer_routes_check(
+    accept: &[ipnet::IpNet],
+    skipped: &[crate::routes::SkippedRoute],
+) -> Check {
+    let name = "peer routes";
+    if skipped.is_empty() {
+        return Check::ok(
+            name,
+            if accept.is_empty() {
+                "no peer route offered beyond the mesh (routes.accept is empty: none would be taken)"
+                    .to_string()
+            } else {
+                format!(
+                    "every peer route offered is taken (routes.accept {})",
+                    accept
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            },
+        );
+    }
+    let list: Vec<String> = skipped.iter().map(ToString::to_string).collect();
+    let only_opt_in = skipped
+        .iter()
+        .all(|r| r.reason == crate::routes::SkipReason::NotAccepted);
+    Check::warn(
+        name,
+        format!(
+            "skipped (the rest of the netmap applies): {}",
+            list.join("; ")
+        ),
+        if only_opt_in {
+            "to use one, add it to routes.accept in this host's configuration and meshctl reload"
+        } else {
+            "a refused prefix is never taken; on the coordinator, meshctl routes revoke HOST \
+             PREFIX takes it out of the netmaps"
+        },
+    )
+}
+
 /// The forwarding verdict where we advertise subnets: `interfaces` are our interface and the
 /// advertised subnets' egress interfaces with `net.ipv4.conf.IFACE.forwarding` (`None`:
 /// unreadable).

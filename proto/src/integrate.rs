@@ -844,6 +844,7 @@ mod tests {
                 .map(|h| peer(h.0, h.1, h.2))
                 .collect(),
             rotate_requested: false,
+            ungranted_routes: Vec::new(),
         };
         MeshView::new(&netmap, Some("dock-load"))
     }

@@ -67,8 +67,13 @@ pub struct HostRecord {
     pub reported: Vec<SocketAddr>,
     /// The address the coordinator saw the host's last report come from.
     pub observed: Option<SocketAddr>,
-    /// Extra prefixes the host routes for the mesh (beyond its /32); empty for now.
+    /// The prefixes the host routes for the mesh (beyond its /32) that an admin approved:
+    /// the only ones the other hosts' netmaps carry (see `crate::routes`).
     pub extra_allowed_ips: Vec<IpNet>,
+    /// The prefixes the host advertises that are in no netmap (pending an admin's approval,
+    /// or revoked): told to the host itself only, so it can say so.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ungranted_routes: Vec<IpNet>,
     /// When the host's current public key was registered (seconds since the UNIX epoch).
     pub key_created_unix: u64,
     /// The key the host is rotating to (prepared, not committed); see `crate::rotation`.
@@ -135,6 +140,10 @@ pub struct Netmap {
     /// as it sees this.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rotate_requested: bool,
+    /// This host's advertised prefixes that no netmap carries: pending an admin's approval
+    /// on the coordinator, or revoked (`meshctl routes`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ungranted_routes: Vec<IpNet>,
 }
 
 /// Host names are DNS labels: 1 to 63 of `a-z0-9-`, not starting or ending with `-`. They end
@@ -397,6 +406,7 @@ pub fn compute_netmap(reg: &RegistrySnapshot, name: &str) -> Option<Netmap> {
         public_key: me.public_key,
         peers,
         rotate_requested: me.rotate_requested,
+        ungranted_routes: me.ungranted_routes.clone(),
     })
 }
 
@@ -423,6 +433,7 @@ mod tests {
             reported: reported.iter().map(|s| sa(s)).collect(),
             observed: observed.map(sa),
             extra_allowed_ips: vec![],
+            ungranted_routes: vec![],
             key_created_unix: 100 + u64::from(n),
             next_public_key: None,
             rotate_requested: false,
@@ -795,6 +806,7 @@ mod tests {
                     reported,
                     observed,
                     extra_allowed_ips: extra,
+                    ungranted_routes: vec![],
                     key_created_unix: u64::from(n),
                     next_public_key: None,
                     rotate_requested: false,

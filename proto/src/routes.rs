@@ -9,13 +9,25 @@
 //! The daemon lists routes and runs `nft`; this module says what to want ([`desired_routes`]),
 //! what clashes ([`conflicts`]), what to change ([`plan_routes`]) and what our nftables table
 //! holds ([`Firewall::render`]).
+//!
+//! Routes are granted, not taken. A prefix a host advertises (`routes.advertise`) is
+//! [`RouteState::Pending`] on the coordinator until an admin approves it (`meshctl routes
+//! approve`, [`decide`]); netmaps carry approved prefixes only ([`granted`]). Each receiver then
+//! accepts a granted prefix only where its own `routes.accept` opts in, and never one that
+//! touches the mesh, loopback, link-local, multicast, its own underlay routes, its default
+//! gateway, the coordinator's endpoint or K3s's cluster/service CIDRs ([`accept_netmap`]). A prefix it
+//! refuses is skipped with a reason ([`SkippedRoute`]); the rest of the netmap applies.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
 
 use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
 
 use crate::device::PeerSpec;
+use crate::netmap::Netmap;
 
 /// Our `rtm_protocol` value. 171 is unassigned in the kernel's and iproute2's lists
 /// (`/etc/iproute2/rt_protos`), far from the daemons' numbers (bird 12, zebra 11, babel 42,
@@ -47,6 +59,8 @@ pub struct SystemRoute {
     pub protocol: u8,
     /// `unicast`, `local`, `broadcast`, `multicast`, `blackhole`, `unreachable`, ...
     pub kind: String,
+    /// The next hop (`via`), if the route has one: a default route's gateway.
+    pub gateway: Option<IpAddr>,
 }
 
 /// iproute2's name for a table number.
@@ -389,6 +403,821 @@ impl Firewall {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Routes are granted, not taken: the coordinator's approvals and each receiver's acceptance.
+
+/// Where an advertised prefix stands on the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteState {
+    /// Advertised, no admin decided yet: in no netmap.
+    Pending,
+    /// An admin approved it: in the netmaps while its host advertises it.
+    Approved,
+    /// An admin revoked (or refused) it: in no netmap, even when advertised again, until an
+    /// admin approves it.
+    Revoked,
+}
+
+impl RouteState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteState::Pending => "pending",
+            RouteState::Approved => "approved",
+            RouteState::Revoked => "revoked",
+        }
+    }
+}
+
+impl fmt::Display for RouteState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RouteState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pending" => Ok(RouteState::Pending),
+            "approved" => Ok(RouteState::Approved),
+            "revoked" => Ok(RouteState::Revoked),
+            other => Err(format!("unknown route state {other:?}")),
+        }
+    }
+}
+
+/// What an admin decides about one prefix of one host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteDecision {
+    Approve,
+    Revoke,
+}
+
+impl fmt::Display for RouteDecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RouteDecision::Approve => "approve",
+            RouteDecision::Revoke => "revoke",
+        })
+    }
+}
+
+/// An admin's decision as it travels (`meshctl routes approve|revoke HOST PREFIX`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteDecisionRequest {
+    pub host: String,
+    pub prefix: IpNet,
+}
+
+/// One prefix of one host as `meshctl routes` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RouteInfo {
+    pub host: String,
+    pub prefix: IpNet,
+    pub state: RouteState,
+    /// Whether the host advertises it now (an approval outlives a withdrawal: it applies
+    /// again when the host advertises the prefix again).
+    pub advertised: bool,
+    /// When an admin last decided (seconds since the UNIX epoch); `None`: never.
+    #[serde(default)]
+    pub decided_unix: Option<u64>,
+}
+
+/// Why a decision is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecisionError {
+    #[error("{host} does not advertise {prefix}; approve only what a host advertises (its routes.advertise, listed by `meshctl routes`)")]
+    NotAdvertised { host: String, prefix: IpNet },
+    #[error("{host} neither advertises {prefix} nor has a decision on it; nothing to revoke")]
+    Unknown { host: String, prefix: IpNet },
+    #[error("{prefix} of {host} overlaps {other_prefix}, approved for {other_host}; an address routes to one host only: revoke that one first")]
+    Overlap {
+        host: String,
+        prefix: IpNet,
+        other_host: String,
+        other_prefix: IpNet,
+    },
+}
+
+/// The state of a prefix from the admin's last decision (none yet: pending).
+pub fn state_of(decision: Option<RouteState>) -> RouteState {
+    decision.unwrap_or(RouteState::Pending)
+}
+
+/// The approval state machine. `current` is the recorded decision (none: pending),
+/// `advertised` whether the host advertises `prefix` now, `approved_elsewhere` the prefixes
+/// approved for other live hosts. Returns the new state to record, or `None` when nothing
+/// changes (approving an approved prefix, revoking a revoked one).
+///
+/// - approve: pending or revoked → approved, only while advertised and clear of every prefix
+///   approved for another host;
+/// - revoke: pending or approved → revoked (a pending one is thereby refused); a prefix the
+///   host never advertised and nobody decided is unknown.
+pub fn decide(
+    host: &str,
+    prefix: IpNet,
+    current: Option<RouteState>,
+    advertised: bool,
+    approved_elsewhere: &[(String, IpNet)],
+    decision: RouteDecision,
+) -> Result<Option<RouteState>, DecisionError> {
+    let state = state_of(current);
+    match decision {
+        RouteDecision::Approve => {
+            if state == RouteState::Approved {
+                return Ok(None);
+            }
+            if !advertised {
+                return Err(DecisionError::NotAdvertised {
+                    host: host.to_string(),
+                    prefix,
+                });
+            }
+            if let Some((other_host, other_prefix)) = approved_elsewhere
+                .iter()
+                .find(|(h, p)| h != host && overlaps(p, &prefix))
+            {
+                return Err(DecisionError::Overlap {
+                    host: host.to_string(),
+                    prefix,
+                    other_host: other_host.clone(),
+                    other_prefix: *other_prefix,
+                });
+            }
+            Ok(Some(RouteState::Approved))
+        }
+        RouteDecision::Revoke => {
+            if state == RouteState::Revoked {
+                return Ok(None);
+            }
+            if current.is_none() && !advertised {
+                return Err(DecisionError::Unknown {
+                    host: host.to_string(),
+                    prefix,
+                });
+            }
+            Ok(Some(RouteState::Revoked))
+        }
+    }
+}
+
+/// The prefixes of a host that go into the netmaps: advertised and approved. Sorted.
+pub fn granted(advertised: &[IpNet], decisions: &BTreeMap<IpNet, RouteState>) -> Vec<IpNet> {
+    let mut out: Vec<IpNet> = advertised
+        .iter()
+        .filter(|p| decisions.get(p) == Some(&RouteState::Approved))
+        .copied()
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The listing of one host's prefixes: every advertised one (pending unless decided) and every
+/// decided one it no longer advertises. Sorted by prefix.
+pub fn route_list(
+    host: &str,
+    advertised: &[IpNet],
+    decisions: &BTreeMap<IpNet, (RouteState, u64)>,
+) -> Vec<RouteInfo> {
+    let mut prefixes: BTreeSet<IpNet> = advertised.iter().copied().collect();
+    prefixes.extend(decisions.keys().copied());
+    prefixes
+        .into_iter()
+        .map(|prefix| {
+            let d = decisions.get(&prefix);
+            RouteInfo {
+                host: host.to_string(),
+                prefix,
+                state: state_of(d.map(|(s, _)| *s)),
+                advertised: advertised.contains(&prefix),
+                decided_unix: d.map(|(_, at)| *at),
+            }
+        })
+        .collect()
+}
+
+/// K3s's default cluster (pod) CIDR: never routed over the mesh.
+pub const K3S_CLUSTER_CIDR: &str = "10.42.0.0/16";
+/// K3s's default service CIDR: never routed over the mesh.
+pub const K3S_SERVICE_CIDR: &str = "10.43.0.0/16";
+
+/// Address space no peer's route may ever take on a receiver, whatever its configuration:
+/// (prefix, what it is).
+pub fn always_refused() -> Vec<(IpNet, &'static str)> {
+    [
+        ("0.0.0.0/8", "the unspecified/\"this network\" range"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("224.0.0.0/4", "multicast"),
+        ("255.255.255.255/32", "broadcast"),
+        ("::/128", "the unspecified address"),
+        ("::1/128", "loopback"),
+        ("fe80::/10", "link-local"),
+        ("ff00::/8", "multicast"),
+        (K3S_CLUSTER_CIDR, "K3s's cluster (pod) CIDR"),
+        (K3S_SERVICE_CIDR, "K3s's service CIDR"),
+    ]
+    .into_iter()
+    .filter_map(|(p, what)| p.parse().ok().map(|n| (n, what)))
+    .collect()
+}
+
+/// Why a receiver skips a peer's prefix.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum SkipReason {
+    /// Not inside any `routes.accept` entry of the receiver.
+    NotAccepted,
+    /// A default route (/0).
+    DefaultRoute,
+    /// Inside (or containing) the mesh.
+    Mesh { mesh: IpNet },
+    /// Loopback, link-local, multicast, K3s's CIDRs, ...
+    Reserved { range: IpNet, what: String },
+    /// Overlaps the receiver's `routes.protected`.
+    Protected { range: IpNet },
+    /// Overlaps a route of the receiver's own that is not on the mesh interface (its LAN,
+    /// flannel, docker, ...).
+    Underlay { route: String },
+    /// Contains the receiver's default gateway or an endpoint the tunnel travels to: the
+    /// tunnel would carry its own underlay.
+    UnderlayAddress { address: IpAddr, what: String },
+    /// Overlaps an allowed IP of a `[[peer]]` in the receiver's own configuration (which
+    /// wins).
+    StaticPeer { peer: String, range: IpNet },
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SkipReason::NotAccepted => {
+                f.write_str("not opted in (add it to routes.accept on this host to use it)")
+            }
+            SkipReason::DefaultRoute => f.write_str("a default route is never taken from a peer"),
+            SkipReason::Mesh { mesh } => write!(f, "overlaps the mesh {mesh}"),
+            SkipReason::Reserved { range, what } => write!(f, "overlaps {range} ({what})"),
+            SkipReason::Protected { range } => write!(f, "overlaps routes.protected {range}"),
+            SkipReason::Underlay { route } => write!(f, "overlaps this host's route {route}"),
+            SkipReason::UnderlayAddress { address, what } => {
+                write!(f, "contains {address} ({what})")
+            }
+            SkipReason::StaticPeer { peer, range } => write!(
+                f,
+                "overlaps {range} of the configured peer {peer} (the configuration wins)"
+            ),
+        }
+    }
+}
+
+/// A peer's prefix the receiver did not take.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SkippedRoute {
+    pub peer: String,
+    pub prefix: IpNet,
+    #[serde(flatten)]
+    pub reason: SkipReason,
+}
+
+impl fmt::Display for SkippedRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} from {}: {}", self.prefix, self.peer, self.reason)
+    }
+}
+
+/// What a receiver takes from peers, and what it knows about its own underlay.
+#[derive(Debug, Clone, Copy)]
+pub struct AcceptPolicy<'a> {
+    /// `routes.accept`: the prefixes this host opts in to (a peer's prefix must lie inside
+    /// one of them).
+    pub accept: &'a [IpNet],
+    /// `routes.protected`.
+    pub protected: &'a [IpNet],
+    /// The mesh interface: routes on it are ours, not the underlay.
+    pub our_dev: &'a str,
+    /// Every route of the system (all tables), as listed last.
+    pub system_routes: &'a [SystemRoute],
+    /// Addresses the tunnel itself travels to that no member chooses: the coordinator's
+    /// endpoints, the configured peers' endpoints.
+    pub endpoints: &'a [IpAddr],
+    /// The allowed IPs of the `[[peer]]`s of the receiver's configuration, by peer name.
+    pub static_peers: &'a [(String, IpNet)],
+}
+
+/// The first reason `prefix` (from a peer) must be refused, if any. The hard refusals come
+/// before the opt-in, so the reason names the real obstacle.
+pub fn refusal(prefix: &IpNet, mesh: IpNet, policy: &AcceptPolicy<'_>) -> Option<SkipReason> {
+    let prefix = prefix.trunc();
+    if prefix.prefix_len() == 0 {
+        return Some(SkipReason::DefaultRoute);
+    }
+    if overlaps(&prefix, &mesh.trunc()) {
+        return Some(SkipReason::Mesh { mesh: mesh.trunc() });
+    }
+    if let Some((range, what)) = always_refused()
+        .into_iter()
+        .find(|(r, _)| overlaps(r, &prefix))
+    {
+        return Some(SkipReason::Reserved {
+            range,
+            what: what.to_string(),
+        });
+    }
+    if let Some(p) = policy.protected.iter().find(|p| overlaps(p, &prefix)) {
+        return Some(SkipReason::Protected { range: *p });
+    }
+    for r in policy.system_routes {
+        if r.dev.as_deref() == Some(policy.our_dev) {
+            continue;
+        }
+        if r.dst.prefix_len() == 0 {
+            if let Some(gw) = r.gateway.filter(|g| prefix.contains(g)) {
+                return Some(SkipReason::UnderlayAddress {
+                    address: gw,
+                    what: "this host's default gateway".into(),
+                });
+            }
+            continue;
+        }
+        if overlaps(&prefix, &r.dst) {
+            return Some(SkipReason::Underlay {
+                route: r.to_string(),
+            });
+        }
+    }
+    if let Some((peer, range)) = policy
+        .static_peers
+        .iter()
+        .find(|(_, r)| overlaps(r, &prefix))
+    {
+        return Some(SkipReason::StaticPeer {
+            peer: peer.clone(),
+            range: *range,
+        });
+    }
+    if let Some(a) = policy.endpoints.iter().find(|a| prefix.contains(*a)) {
+        return Some(SkipReason::UnderlayAddress {
+            address: *a,
+            what: "an endpoint the tunnel travels to".into(),
+        });
+    }
+    if !policy.accept.iter().any(|a| a.contains(&prefix)) {
+        return Some(SkipReason::NotAccepted);
+    }
+    None
+}
+
+/// The netmap this receiver applies: every peer's prefixes beyond its own mesh address are
+/// checked with [`refusal`]; refused ones are left out of that peer's allowed IPs (so neither
+/// WireGuard nor the routes carry them) and returned, sorted. Everything else is untouched.
+pub fn accept_netmap(netmap: &Netmap, policy: &AcceptPolicy<'_>) -> (Netmap, Vec<SkippedRoute>) {
+    let mut out = netmap.clone();
+    let mut skipped = Vec::new();
+    for p in &mut out.peers {
+        let own = IpNet::from(p.address);
+        p.allowed_ips.retain(|prefix| {
+            if *prefix == own {
+                return true;
+            }
+            match refusal(prefix, netmap.mesh_cidr, policy) {
+                None => true,
+                Some(reason) => {
+                    skipped.push(SkippedRoute {
+                        peer: p.name.clone(),
+                        prefix: *prefix,
+                        reason,
+                    });
+                    false
+                }
+            }
+        });
+    }
+    skipped.sort();
+    skipped.dedup();
+    (out, skipped)
+}
+
+#[cfg(test)]
+mod grant_tests {
+    use super::*;
+    use crate::key::PublicKey;
+    use crate::netmap::NetmapPeer;
+    use proptest::prelude::*;
+
+    fn net(s: &str) -> IpNet {
+        s.parse().expect("net")
+    }
+
+    #[test]
+    fn approval_state_machine() {
+        let p = net("192.168.1.20/32");
+        let d = |cur, adv, dec| decide("dock-edge", p, cur, adv, &[], dec);
+        // Advertised, undecided: pending; approve → approved; again: no change.
+        assert_eq!(state_of(None), RouteState::Pending);
+        assert_eq!(
+            d(None, true, RouteDecision::Approve),
+            Ok(Some(RouteState::Approved))
+        );
+        assert_eq!(
+            d(Some(RouteState::Approved), true, RouteDecision::Approve),
+            Ok(None)
+        );
+        // Revoke approved or pending → revoked; again: no change; approve again → approved.
+        assert_eq!(
+            d(Some(RouteState::Approved), true, RouteDecision::Revoke),
+            Ok(Some(RouteState::Revoked))
+        );
+        assert_eq!(
+            d(None, true, RouteDecision::Revoke),
+            Ok(Some(RouteState::Revoked))
+        );
+        assert_eq!(
+            d(Some(RouteState::Revoked), true, RouteDecision::Revoke),
+            Ok(None)
+        );
+        assert_eq!(
+            d(Some(RouteState::Revoked), true, RouteDecision::Approve),
+            Ok(Some(RouteState::Approved))
+        );
+        // Not advertised: no approval; revoking an approval it no longer advertises works.
+        let e = d(None, false, RouteDecision::Approve).unwrap_err();
+        assert!(
+            e.to_string().contains("does not advertise 192.168.1.20/32"),
+            "{e}"
+        );
+        assert!(matches!(
+            d(None, false, RouteDecision::Revoke),
+            Err(DecisionError::Unknown { .. })
+        ));
+        assert_eq!(
+            d(Some(RouteState::Approved), false, RouteDecision::Revoke),
+            Ok(Some(RouteState::Revoked))
+        );
+        // One address routes to one host only.
+        let taken = vec![("dock-mirror".to_string(), net("192.168.1.0/24"))];
+        let e = decide("dock-edge", p, None, true, &taken, RouteDecision::Approve).unwrap_err();
+        assert!(e.to_string().contains("approved for dock-mirror"), "{e}");
+        assert_eq!(
+            decide("dock-mirror", p, None, true, &taken, RouteDecision::Approve),
+            Ok(Some(RouteState::Approved)),
+            "its own approvals do not count"
+        );
+    }
+
+    #[test]
+    fn only_advertised_and_approved_prefixes_are_granted() {
+        let mut decisions = BTreeMap::new();
+        decisions.insert(net("192.168.1.20/32"), RouteState::Approved);
+        decisions.insert(net("8.8.8.8/32"), RouteState::Revoked);
+        decisions.insert(net("10.1.0.0/16"), RouteState::Approved);
+        let advertised = [net("8.8.8.8/32"), net("1.1.1.0/24"), net("192.168.1.20/32")];
+        assert_eq!(
+            granted(&advertised, &decisions),
+            vec![net("192.168.1.20/32")]
+        );
+        let mut with_at = BTreeMap::new();
+        for (k, v) in &decisions {
+            with_at.insert(*k, (*v, 7));
+        }
+        let list = route_list("h", &advertised, &with_at);
+        let shown: Vec<String> = list
+            .iter()
+            .map(|r| format!("{} {} {}", r.prefix, r.state, r.advertised))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "1.1.1.0/24 pending true",
+                "8.8.8.8/32 revoked true",
+                "10.1.0.0/16 approved false",
+                "192.168.1.20/32 approved true"
+            ]
+        );
+    }
+
+    fn sysroute(dst: &str, dev: &str, gateway: Option<&str>) -> SystemRoute {
+        SystemRoute {
+            table: TABLE_MAIN,
+            dst: net(dst),
+            dev: Some(dev.into()),
+            protocol: 2,
+            kind: "unicast".into(),
+            gateway: gateway.map(|g| g.parse().expect("ip")),
+        }
+    }
+
+    fn netmap_with(extra: &[(&str, &[&str])]) -> Netmap {
+        Netmap {
+            version: 1,
+            mesh_cidr: net("10.99.99.0/24"),
+            name: "dock-load".into(),
+            address: "10.99.99.1".parse().expect("ip"),
+            public_key: PublicKey([1; 32]),
+            peers: extra
+                .iter()
+                .enumerate()
+                .map(|(i, (name, prefixes))| {
+                    let address: IpAddr = format!("10.99.99.{}", i + 2).parse().expect("ip");
+                    let mut allowed_ips = vec![IpNet::from(address)];
+                    allowed_ips.extend(prefixes.iter().map(|p| net(p)));
+                    NetmapPeer {
+                        name: name.to_string(),
+                        address,
+                        public_key: PublicKey([i as u8 + 2; 32]),
+                        allowed_ips,
+                        endpoints: vec![],
+                        persistent_keepalive: None,
+                        static_peer: false,
+                        admin: false,
+                        key_created_unix: 0,
+                        next_public_key: None,
+                    }
+                })
+                .collect(),
+            rotate_requested: false,
+            ungranted_routes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn receivers_take_only_what_they_opt_in_to_and_never_the_forbidden_space() {
+        let routes = vec![
+            sysroute("0.0.0.0/0", "eth0", Some("198.51.100.254")),
+            sysroute("198.51.100.0/24", "eth0", None),
+            sysroute("10.99.99.0/24", "wgmesh0", None),
+        ];
+        let accept = [
+            net("192.168.1.0/24"),
+            net("8.0.0.0/8"),
+            net("203.0.113.0/24"),
+        ];
+        let endpoints: Vec<IpAddr> = vec!["203.0.113.9".parse().expect("ip")];
+        let policy = AcceptPolicy {
+            accept: &accept,
+            protected: &[],
+            our_dev: "wgmesh0",
+            system_routes: &routes,
+            endpoints: &endpoints,
+            static_peers: &[],
+        };
+        let nm = netmap_with(&[
+            ("dock-edge", &["192.168.1.20/32"]),
+            (
+                "evil",
+                &[
+                    "127.0.0.0/8",
+                    "8.8.8.8/32",
+                    "1.1.1.0/24",
+                    "10.42.0.0/24",
+                    "198.51.100.0/25",
+                    "198.51.100.100/32",
+                    "224.0.0.0/8",
+                    "169.254.0.0/16",
+                    "203.0.113.0/24",
+                    "10.99.99.128/25",
+                    "0.0.0.0/0",
+                ],
+            ),
+        ]);
+        let (applied, skipped) = accept_netmap(&nm, &policy);
+        let edge = &applied.peers[0];
+        assert_eq!(
+            edge.allowed_ips,
+            vec![net("10.99.99.2/32"), net("192.168.1.20/32")]
+        );
+        let evil = &applied.peers[1];
+        // 8.8.8.8/32 is inside an accept entry and clear of everything: taken.
+        assert_eq!(
+            evil.allowed_ips,
+            vec![net("10.99.99.3/32"), net("8.8.8.8/32")]
+        );
+        let text: Vec<String> = skipped.iter().map(ToString::to_string).collect();
+        for want in [
+            "127.0.0.0/8 from evil: overlaps 127.0.0.0/8 (loopback)",
+            "1.1.1.0/24 from evil: not opted in",
+            "10.42.0.0/24 from evil: overlaps 10.42.0.0/16 (K3s's cluster (pod) CIDR)",
+            "198.51.100.0/25 from evil: overlaps this host's route 198.51.100.0/24 dev eth0",
+            "224.0.0.0/8 from evil: overlaps 224.0.0.0/4 (multicast)",
+            "169.254.0.0/16 from evil: overlaps 169.254.0.0/16 (link-local)",
+            "203.0.113.0/24 from evil: contains 203.0.113.9 (an endpoint the tunnel travels to)",
+            "10.99.99.128/25 from evil: overlaps the mesh 10.99.99.0/24",
+            "0.0.0.0/0 from evil: a default route",
+        ] {
+            assert!(text.iter().any(|t| t.starts_with(want)), "{want}: {text:?}");
+        }
+        assert_eq!(skipped.len(), 10, "{text:?}");
+        // The gateway rule, on its own (no connected route holds it).
+        let gw_only = vec![sysroute("0.0.0.0/0", "eth0", Some("192.0.2.1"))];
+        let accept = [net("192.0.2.0/24")];
+        let p = AcceptPolicy {
+            accept: &accept,
+            system_routes: &gw_only,
+            endpoints: &[],
+            ..policy
+        };
+        assert_eq!(
+            refusal(&net("192.0.2.0/24"), nm.mesh_cidr, &p).map(|r| r.to_string()),
+            Some("contains 192.0.2.1 (this host's default gateway)".into())
+        );
+        // A configured [[peer]] holds the space: the configuration wins, only the prefix goes.
+        let statics = vec![("nas".to_string(), net("8.8.8.0/24"))];
+        let p = AcceptPolicy {
+            static_peers: &statics,
+            ..policy
+        };
+        assert_eq!(
+            refusal(&net("8.8.8.8/32"), nm.mesh_cidr, &p).map(|r| r.to_string()),
+            Some("overlaps 8.8.8.0/24 of the configured peer nas (the configuration wins)".into())
+        );
+        // Nothing opted in: nothing beyond the mesh addresses.
+        let none = AcceptPolicy {
+            accept: &[],
+            ..policy
+        };
+        let (applied, _) = accept_netmap(&nm, &none);
+        assert!(applied.peers.iter().all(|p| p.allowed_ips.len() == 1));
+    }
+
+    fn arb_prefix() -> impl Strategy<Value = IpNet> {
+        prop_oneof![
+            (any::<u32>(), 0u8..=32).prop_map(|(a, l)| IpNet::from(
+                ipnet::Ipv4Net::new(a.into(), l).expect("len").trunc()
+            )),
+            (prop::sample::select(vec![
+                "127.0.0.0/8",
+                "10.99.99.0/25",
+                "192.168.1.0/24",
+                "10.42.3.0/24",
+                "0.0.0.0/0",
+                "198.51.100.0/24",
+                "8.8.8.8/32",
+                "1.1.1.0/24",
+                "169.254.1.0/24"
+            ]))
+            .prop_map(net),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    enum RegOp {
+        Advertise(usize, Vec<IpNet>),
+        Decide(usize, IpNet, RouteDecision),
+    }
+
+    fn arb_reg_op() -> impl Strategy<Value = RegOp> {
+        let prefix = prop::sample::select(vec![
+            "192.168.1.0/24",
+            "192.168.1.20/32",
+            "8.8.8.8/32",
+            "10.1.0.0/16",
+            "10.1.2.0/24",
+        ])
+        .prop_map(net);
+        prop_oneof![
+            (0usize..3, prop::collection::vec(prefix.clone(), 0..3))
+                .prop_map(|(h, ps)| RegOp::Advertise(h, ps)),
+            (
+                0usize..3,
+                prefix,
+                prop::sample::select(vec![RouteDecision::Approve, RouteDecision::Revoke])
+            )
+                .prop_map(|(h, p, d)| RegOp::Decide(h, p, d)),
+        ]
+    }
+
+    proptest! {
+        /// Whatever hosts advertise and admins decide, in any order: a host's granted prefixes
+        /// are ones it advertises and an admin approved, nothing is approved that was not
+        /// advertised at the time, and no two hosts' approved prefixes ever overlap.
+        #[test]
+        fn approvals_never_grant_unadvertised_or_overlapping_space(
+            ops in prop::collection::vec(arb_reg_op(), 0..24),
+        ) {
+            let names = ["a", "b", "c"];
+            let mut advertised: Vec<Vec<IpNet>> = vec![Vec::new(); 3];
+            let mut decisions: Vec<BTreeMap<IpNet, RouteState>> = vec![BTreeMap::new(); 3];
+            for op in ops {
+                match op {
+                    RegOp::Advertise(h, ps) => advertised[h] = ps,
+                    RegOp::Decide(h, p, d) => {
+                        let elsewhere: Vec<(String, IpNet)> = (0..3)
+                            .filter(|o| *o != h)
+                            .flat_map(|o| {
+                                decisions[o]
+                                    .iter()
+                                    .filter(|(_, s)| **s == RouteState::Approved)
+                                    .map(move |(q, _)| (names[o].to_string(), *q))
+                            })
+                            .collect();
+                        let cur = decisions[h].get(&p).copied();
+                        match decide(names[h], p, cur, advertised[h].contains(&p), &elsewhere, d) {
+                            Ok(Some(next)) => {
+                                if next == RouteState::Approved {
+                                    prop_assert!(advertised[h].contains(&p));
+                                }
+                                decisions[h].insert(p, next);
+                            }
+                            Ok(None) => {}
+                            Err(_) => {}
+                        }
+                    }
+                }
+                for h in 0..3 {
+                    for g in granted(&advertised[h], &decisions[h]) {
+                        prop_assert!(advertised[h].contains(&g));
+                        prop_assert_eq!(decisions[h].get(&g), Some(&RouteState::Approved));
+                    }
+                    for o in (0..3).filter(|o| *o != h) {
+                        for (p, s) in &decisions[h] {
+                            for (q, t) in &decisions[o] {
+                                if *s == RouteState::Approved && *t == RouteState::Approved {
+                                    prop_assert!(!overlaps(p, q), "{} and {} both approved", p, q);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// A refused prefix never reaches the applied netmap (nor, through it, a route); every
+        /// other entry of the netmap is applied unchanged.
+        #[test]
+        fn refused_prefixes_never_apply_and_the_rest_does(
+            prefixes in prop::collection::vec(prop::collection::vec(arb_prefix(), 0..5), 1..4),
+            accept in prop::collection::vec(arb_prefix(), 0..3),
+            protected in prop::collection::vec(arb_prefix(), 0..2),
+        ) {
+            let routes = vec![
+                sysroute("0.0.0.0/0", "eth0", Some("192.168.1.1")),
+                sysroute("192.168.1.0/24", "eth0", None),
+            ];
+            let policy = AcceptPolicy {
+                accept: &accept,
+                protected: &protected,
+                our_dev: "wgmesh0",
+                system_routes: &routes,
+                endpoints: &[],
+                static_peers: &[],
+            };
+            let owned: Vec<(String, Vec<String>)> = prefixes
+                .iter()
+                .enumerate()
+                .map(|(i, ps)| (format!("p{i}"), ps.iter().map(ToString::to_string).collect()))
+                .collect();
+            let borrowed: Vec<Vec<&str>> =
+                owned.iter().map(|(_, ps)| ps.iter().map(String::as_str).collect()).collect();
+            let spec: Vec<(&str, &[&str])> = owned
+                .iter()
+                .zip(&borrowed)
+                .map(|((n, _), ps)| (n.as_str(), ps.as_slice()))
+                .collect();
+            let nm = netmap_with(&spec);
+            let (applied, skipped) = accept_netmap(&nm, &policy);
+            prop_assert_eq!(applied.peers.len(), nm.peers.len());
+            for (a, orig) in applied.peers.iter().zip(&nm.peers) {
+                prop_assert!(a.allowed_ips.contains(&IpNet::from(a.address)));
+                prop_assert_eq!(&a.endpoints, &orig.endpoints);
+                prop_assert_eq!(a.public_key, orig.public_key);
+                for p in &orig.allowed_ips {
+                    let refused = skipped.iter().any(|s| s.peer == orig.name && s.prefix == *p);
+                    prop_assert_eq!(a.allowed_ips.contains(p), !refused || *p == IpNet::from(a.address));
+                    if a.allowed_ips.contains(p) && *p != IpNet::from(a.address) {
+                        prop_assert!(refusal(p, nm.mesh_cidr, &policy).is_none());
+                        prop_assert!(accept.iter().any(|x| x.contains(p)));
+                        prop_assert!(!overlaps(p, &net("127.0.0.0/8")));
+                        prop_assert!(!overlaps(p, &net("192.168.1.0/24")));
+                        prop_assert!(!overlaps(p, &nm.mesh_cidr));
+                        prop_assert!(p.prefix_len() != 0);
+                    }
+                }
+            }
+            // The routes the receiver wants never include a refused prefix.
+            let specs: Vec<PeerSpec> = applied
+                .peers
+                .iter()
+                .map(|p| PeerSpec {
+                    public_key: p.public_key,
+                    preshared_key: None,
+                    endpoint: None,
+                    allowed_ips: p.allowed_ips.clone(),
+                    persistent_keepalive: None,
+                })
+                .collect();
+            for r in desired_routes(net("10.99.99.1/24"), &specs) {
+                if r == nm.mesh_cidr {
+                    continue;
+                }
+                prop_assert!(refusal(&r, nm.mesh_cidr, &policy).is_none(), "{} routed", r);
+            }
+            prop_assert_eq!(accept_netmap(&nm, &policy), (applied, skipped));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,6 +1235,7 @@ mod tests {
             dev: dev.map(str::to_string),
             protocol,
             kind: "unicast".into(),
+            gateway: None,
         }
     }
 
@@ -597,6 +1427,7 @@ mod tests {
                 dev: Some(dev.to_string()),
                 protocol,
                 kind: "unicast".into(),
+                gateway: None,
             })
     }
 

@@ -39,6 +39,25 @@ pub const NAS: &str = "nas";
 /// The port wireguard-go listens on in the NAS (its wg-quick `ListenPort`, from the
 /// invitation's `--endpoint`).
 pub const NAS_LISTEN_PORT: u16 = 51820;
+/// The home host that routes the NAS's LAN address for the mesh (`routes.advertise`).
+pub const NAS_ROUTER: &str = "dock-edge";
+/// The NAS's LAN address as dock-edge advertises it.
+pub const NAS_ROUTE: &str = "192.168.1.20/32";
+/// What the hosts outside the home LAN opt in to (`routes.accept`).
+pub const HOME_LAN: &str = "192.168.1.0/24";
+
+/// The `[routes]` table of a managed host: dock-edge advertises the NAS, the hosts outside the
+/// home LAN accept it (dock-mirror shares the LAN: its own LAN route reaches the NAS).
+pub fn routes_toml(host: &str) -> String {
+    if host == NAS_ROUTER {
+        format!("[routes]\nadvertise = [\"{NAS_ROUTE}\"]\n")
+    } else if topology::host(host).is_some_and(|h| h.role == topology::Role::Public) {
+        format!("[routes]\naccept = [\"{HOME_LAN}\"]\n")
+    } else {
+        String::new()
+    }
+}
+
 /// How long `meshctl join` / `meshctl invite` may take before the lab calls it hung.
 pub const CLI_TIMEOUT_SECS: u32 = 60;
 
@@ -379,6 +398,43 @@ impl Lab {
         let p = self.start_meshd(host)?;
         self.wait_meshctl(host, p, &["status"], Duration::from_secs(30))?;
         Ok(p)
+    }
+
+    /// `meshctl routes --json` on the coordinator: every host's prefixes with their state.
+    pub fn routes(&self) -> Result<Vec<Value>> {
+        let out = self.meshctl_output(COORDINATOR, &["routes", "--json"])?;
+        let text = check_output(out, &format!("[{COORDINATOR}] meshctl routes --json"))?;
+        match serde_json::from_str::<Value>(&text)
+            .with_context(|| format!("meshctl routes --json printed {text:?}"))?
+        {
+            Value::Array(a) => Ok(a),
+            other => bail!("meshctl routes --json printed no array: {other}"),
+        }
+    }
+
+    /// The state of `prefix` of `host` in `meshctl routes --json` (`pending`, `approved`,
+    /// `revoked`), `None` when not listed.
+    pub fn route_state(&self, host: &str, prefix: &str) -> Result<Option<String>> {
+        Ok(self
+            .routes()?
+            .iter()
+            .find(|r| r["host"] == host && r["prefix"] == prefix)
+            .and_then(|r| r["state"].as_str().map(str::to_owned)))
+    }
+
+    /// What an operator does: wait until `host` advertises `prefix` (listed by `meshctl
+    /// routes`), then `meshctl routes approve HOST PREFIX` on the coordinator.
+    pub fn approve_route(&self, host: &str, prefix: &str, timeout: Duration) -> Result<String> {
+        crate::poll::poll_until(
+            timeout,
+            &format!("{host} to advertise {prefix} (meshctl routes on {COORDINATOR})"),
+            || Ok(self.route_state(host, prefix)?.is_some()),
+        )?;
+        let out = self.meshctl_output(COORDINATOR, &["routes", "approve", host, prefix])?;
+        check_output(
+            out,
+            &format!("[{COORDINATOR}] meshctl routes approve {host} {prefix}"),
+        )
     }
 
     /// `meshctl join -` in `host` with `token` on stdin (never in argv, where other local

@@ -82,8 +82,11 @@ fn init_logging() {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESHD_WG_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // Colours only on a terminal: logs usually go to a file (and are grepped).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
 }

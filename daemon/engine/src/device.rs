@@ -18,10 +18,14 @@ use parking_lot::{Mutex, RwLock};
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::allowed_ips::AllowedIps;
+use crate::gate::{Admit, GateConfig, HandshakeGate};
 use crate::udp::{canonical, RecvBatch, SendBatch, UdpSocket};
 
-/// Handshakes per second before cookies are required (as boringtun's device).
-const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// A `RateLimiter` limit that is never reached: the limiter only checks MAC1.
+const NEVER_UNDER_LOAD: u64 = u64::MAX;
+/// A `RateLimiter` limit that is always reached: the limiter demands a valid MAC2 (cookie) and
+/// formats the cookie reply when there is none.
+const ALWAYS_UNDER_LOAD: u64 = 0;
 /// Largest datagram or IP packet we handle.
 const MAX_PACKET: usize = 65535;
 /// WireGuard data overhead: 16 header + 16 tag.
@@ -79,7 +83,7 @@ struct InBufs {
     scratch: Vec<u8>,
     tun_bufs: Vec<Vec<u8>>,
     gro: GROTable,
-    peers: Vec<Option<Arc<Peer>>>,
+    peers: Vec<Option<(Arc<Peer>, Kind)>>,
 }
 
 impl InBufs {
@@ -137,7 +141,67 @@ struct State {
     by_index: HashMap<u32, Arc<Peer>>,
     routes: AllowedIps<PeerRef>,
     next_index: u32,
-    rate_limiter: Arc<RateLimiter>,
+    limiters: Limiters,
+}
+
+/// boringtun's `RateLimiter` checks a handshake message's MACs and formats cookie replies, but
+/// decides "under load" by its own packet count. The engine decides that itself (the
+/// [`HandshakeGate`]) and picks one of two limiters keyed with our public key: `mac1` never
+/// under load (MAC1 only; also given to every `Tunn`, whose `decapsulate` re-checks MAC1 and so
+/// can never answer with a cookie of its own), `cookie` always under load (MAC1 and a valid
+/// MAC2, or a cookie reply to send).
+struct Limiters {
+    mac1: Arc<RateLimiter>,
+    cookie: Arc<RateLimiter>,
+}
+
+impl Limiters {
+    fn new(public: &XPublic) -> Self {
+        Limiters {
+            mac1: Arc::new(RateLimiter::new(public, NEVER_UNDER_LOAD)),
+            cookie: Arc::new(RateLimiter::new(public, ALWAYS_UNDER_LOAD)),
+        }
+    }
+}
+
+/// What the engine did with handshake messages (for logs, tests and the flood benchmark).
+#[derive(Default)]
+pub struct HandshakeStats {
+    /// Cookie replies sent (under load, or to a source past its budget).
+    pub cookies_sent: AtomicU64,
+    /// Handshake messages dropped for a bad MAC1.
+    pub bad_mac: AtomicU64,
+    /// Handshake messages with valid MACs refused by the per-source limit.
+    pub rate_limited: AtomicU64,
+    /// Handshake messages with valid MACs refused because the device's handshake budget was
+    /// spent (senders holding cookies for many addresses).
+    pub busy: AtomicU64,
+    /// Handshake messages passed on to the noise state (Diffie-Hellman work).
+    pub processed: AtomicU64,
+    /// Times a peer's endpoint moved (only ever on an authenticated packet).
+    pub endpoint_moves: AtomicU64,
+}
+
+impl HandshakeStats {
+    fn snapshot(&self) -> [u64; 6] {
+        [
+            self.cookies_sent.load(Ordering::Relaxed),
+            self.bad_mac.load(Ordering::Relaxed),
+            self.rate_limited.load(Ordering::Relaxed),
+            self.busy.load(Ordering::Relaxed),
+            self.processed.load(Ordering::Relaxed),
+            self.endpoint_moves.load(Ordering::Relaxed),
+        ]
+    }
+}
+
+/// What kind of datagram a demultiplexed packet is (decides what may move an endpoint).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Initiation,
+    Response,
+    CookieReply,
+    Data,
 }
 
 /// A peer compared by identity, for the routing table.
@@ -165,6 +229,10 @@ pub struct Device {
     /// Counters of packets dropped by cryptokey routing (for tests and diagnostics).
     pub dropped_no_route: AtomicU64,
     pub dropped_bad_source: AtomicU64,
+    /// Which handshake messages get Diffie-Hellman work. Used by the inbound path, which
+    /// `udp_lock` serialises, and for a moment by the timer thread (load state, sweeps).
+    gate: Mutex<HandshakeGate>,
+    pub handshakes: HandshakeStats,
 }
 
 fn placeholder_keys() -> Keys {
@@ -201,10 +269,7 @@ impl Device {
             .if_index()
             .context("reading the new interface's index")?;
         let socket = UdpSocket::bind(0, 0).context("binding the UDP socket")?;
-        let rate_limiter = Arc::new(RateLimiter::new(
-            &placeholder_keys().public,
-            HANDSHAKE_RATE_LIMIT,
-        ));
+        let limiters = Limiters::new(&placeholder_keys().public);
         Ok(Arc::new(Device {
             name: name.to_string(),
             ifindex,
@@ -219,13 +284,15 @@ impl Device {
                 by_index: HashMap::new(),
                 routes: AllowedIps::default(),
                 next_index: rand_index(),
-                rate_limiter,
+                limiters,
             }),
             socket: RwLock::new(Arc::new(socket)),
             epoch: Instant::now(),
             stopping: AtomicBool::new(false),
             dropped_no_route: AtomicU64::new(0),
             dropped_bad_source: AtomicU64::new(0),
+            gate: Mutex::new(HandshakeGate::new(GateConfig::default(), Duration::ZERO)),
+            handshakes: HandshakeStats::default(),
         }))
     }
 
@@ -409,6 +476,18 @@ impl Device {
 
     /// Receive a batch of datagrams, decrypt, check the inner source, and write the packets
     /// to the TUN (GRO-coalesced where offloads are on).
+    ///
+    /// A peer's endpoint moves only on a packet that proves it came from the peer: a transport
+    /// packet (data or keepalive) that decrypted under a session key, or a handshake response
+    /// that completed our own initiation. Both are bound to keys only the peer holds and to
+    /// fresh state of ours (a session counter window, our ephemeral key), so neither can be
+    /// forged or replayed from elsewhere. A handshake *initiation* is answered at its source
+    /// but moves nothing: its only freshness is the TAI64N timestamp remembered in the noise
+    /// state, and that memory is lost whenever the state is rebuilt (a new preshared key, the
+    /// peer removed and added again, an engine restart), after which a captured initiation
+    /// replays cleanly. The initiator's first transport packet, which the protocol makes it
+    /// send before the responder may send anything, moves the endpoint one round trip later.
+    /// Cookie replies (encrypted under a key derived from a public key) never move anything.
     fn inbound_batch(&self, sock: &Arc<UdpSocket>, b: &mut InBufs) {
         let n = match sock.recv_batch(&mut b.rx) {
             Ok(n) => n,
@@ -421,40 +500,69 @@ impl Device {
             return;
         }
         let offset = if self.offload { VIRTIO_NET_HDR_LEN } else { 0 };
+        let now = self.epoch.elapsed();
         b.peers.clear();
         {
             let st = self.state.read();
+            let mut gate = self.gate.lock();
+            let mut handshakes = 0;
             for i in 0..n {
                 b.peers.push(self.demux(
                     &st,
+                    &mut gate,
+                    now,
                     sock,
                     &b.rx.bufs[i][..b.rx.lens[i]],
                     b.rx.addrs[i],
                     &mut b.scratch,
+                    &mut handshakes,
                 ));
             }
+            gate.note_backlog(now, n, UDP_BATCH, handshakes);
         }
         let mut ready = 0;
         for (i, slot) in b.peers.iter_mut().enumerate().take(n) {
-            let Some(peer) = slot.take() else {
+            let Some((peer, kind)) = slot.take() else {
                 continue;
             };
             let from = b.rx.addrs[i];
             let datagram = &b.rx.bufs[i][..b.rx.lens[i]];
             let mut tunn = peer.tunn.lock();
+            // The noise state accepted the packet.
+            let mut accepted = false;
+            // The packet proves it came from the peer (see above): it may move the endpoint.
             let mut authenticated = false;
-            let packet = match tunn.decapsulate(Some(from.ip()), datagram, &mut b.scratch) {
+            let handshake = matches!(kind, Kind::Initiation | Kind::Response);
+            let started = handshake.then(Instant::now);
+            let result = tunn.decapsulate(Some(from.ip()), datagram, &mut b.scratch);
+            if let Some(t) = started {
+                // Handshake work counts against the device's time budget.
+                self.gate.lock().charge_work(now, t.elapsed());
+            }
+            let packet = match result {
                 TunnResult::WriteToNetwork(reply) => {
-                    authenticated = true;
+                    // Our response to an initiation, or the keepalive that confirms a
+                    // handshake our initiation started (the `Tunn`'s limiter never answers with
+                    // a cookie: the gate did that already).
+                    accepted = true;
+                    authenticated = kind == Kind::Response;
                     let _ = sock.send_to(reply, from);
                     peer.tx_bytes
                         .fetch_add(reply.len() as u64, Ordering::Relaxed);
-                    // Flush packets queued while the handshake was pending.
+                    // Packets queued while the handshake was pending go where the peer is: the
+                    // source of a completed handshake, else the endpoint we already trust.
+                    let target = if authenticated {
+                        Some(from)
+                    } else {
+                        peer.endpoint().or(Some(from))
+                    };
                     while let TunnResult::WriteToNetwork(p) =
                         tunn.decapsulate(None, &[], &mut b.scratch)
                     {
-                        let _ = sock.send_to(p, from);
-                        peer.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
+                        if let Some(to) = target {
+                            let _ = sock.send_to(p, to);
+                            peer.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
+                        }
                     }
                     peer.last_tx_ms.store(self.now_ms(), Ordering::Relaxed);
                     None
@@ -462,16 +570,20 @@ impl Device {
                 TunnResult::WriteToTunnelV4(p, src) => Some((p, IpAddr::V4(src))),
                 TunnResult::WriteToTunnelV6(p, src) => Some((p, IpAddr::V6(src))),
                 TunnResult::Done => {
-                    authenticated = true; // keepalive or handshake consumed
+                    // A keepalive, or a cookie reply stored for our next initiation.
+                    accepted = true;
+                    authenticated = kind == Kind::Data;
                     None
                 }
                 TunnResult::Err(e) => {
-                    tracing::trace!(error = ?e, %from, "decapsulate failed");
+                    tracing::trace!(error = ?e, %from, ?kind, "decapsulate failed");
                     None
                 }
             };
             if let Some((p, src)) = packet {
-                authenticated = true;
+                // Decrypted under a session key: authentic, whatever its inner source.
+                accepted = true;
+                authenticated = kind == Kind::Data;
                 if self.source_allowed(&peer, src) {
                     let buf = &mut b.tun_bufs[ready];
                     buf.clear();
@@ -481,13 +593,21 @@ impl Device {
                 }
             }
             drop(tunn);
-            if authenticated {
+            if accepted {
                 peer.rx_bytes
                     .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+            }
+            if authenticated {
                 // Roaming: the endpoint follows authenticated packets.
                 let mut ep = peer.endpoint.lock();
                 if *ep != Some(from) {
-                    *ep = Some(from);
+                    let old = ep.replace(from);
+                    drop(ep);
+                    self.handshakes
+                        .endpoint_moves
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(peer_index = peer.index, from = ?old, to = %from, ?kind,
+                        "peer endpoint moved on an authenticated packet");
                 }
             }
         }
@@ -501,39 +621,83 @@ impl Device {
         }
     }
 
-    /// Find the peer a datagram belongs to. Handshake initiations are matched by the sender's
-    /// static key (after the rate limiter's cookie check); everything else by receiver index.
+    /// Find the peer a datagram belongs to. Handshake messages first pass the gate: MAC1 is
+    /// checked, the message counts towards the load, and under load (or past its source's
+    /// anonymous budget) it must carry a valid cookie or gets a cookie reply and nothing more;
+    /// then the per-source limit. Only then does an initiation cost a Diffie-Hellman (to learn
+    /// the sender's static key, by which it is matched); everything else is matched by
+    /// receiver index.
+    #[allow(clippy::too_many_arguments)]
     fn demux(
         &self,
         st: &State,
+        gate: &mut HandshakeGate,
+        now: Duration,
         sock: &UdpSocket,
         datagram: &[u8],
         from: SocketAddr,
         scratch: &mut [u8],
-    ) -> Option<Arc<Peer>> {
+        handshakes: &mut usize,
+    ) -> Option<(Arc<Peer>, Kind)> {
         let keys = st.keys.as_ref()?;
+        let by_index =
+            |idx: u32, kind: Kind| st.by_index.get(&(idx >> 8)).cloned().map(|p| (p, kind));
         match Tunn::parse_incoming_packet(datagram) {
-            Ok(Packet::HandshakeInit(_)) => {
-                let packet = match st
-                    .rate_limiter
-                    .verify_packet(Some(from.ip()), datagram, scratch)
-                {
+            Ok(Packet::HandshakeInit(_)) | Ok(Packet::HandshakeResponse(_)) => {
+                let ip = from.ip();
+                let need_cookie = gate.cookie_required(ip, now);
+                let limiter = if need_cookie {
+                    &st.limiters.cookie
+                } else {
+                    &st.limiters.mac1
+                };
+                let packet = match limiter.verify_packet(Some(ip), datagram, scratch) {
                     Ok(p) => p,
                     Err(TunnResult::WriteToNetwork(cookie)) => {
+                        *handshakes += 1;
+                        gate.note_handshake(now);
                         let _ = sock.send_to(cookie, from);
+                        self.handshakes.cookies_sent.fetch_add(1, Ordering::Relaxed);
                         return None;
                     }
-                    Err(_) => return None,
+                    Err(_) => {
+                        self.handshakes.bad_mac.fetch_add(1, Ordering::Relaxed);
+                        return None;
+                    }
                 };
-                let Packet::HandshakeInit(init) = packet else {
-                    return None;
-                };
-                let half = parse_handshake_anon(&keys.secret, &keys.public, &init).ok()?;
-                st.peers.get(&half.peer_static_public).cloned()
+                *handshakes += 1;
+                gate.note_handshake(now);
+                match gate.admit(ip, now, need_cookie) {
+                    Admit::Process => {}
+                    Admit::RateLimited => {
+                        self.handshakes.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        tracing::trace!(%from, "handshake refused: source over its limit");
+                        return None;
+                    }
+                    Admit::Busy => {
+                        self.handshakes.busy.fetch_add(1, Ordering::Relaxed);
+                        tracing::trace!(%from, "handshake refused: device handshake budget spent");
+                        return None;
+                    }
+                }
+                self.handshakes.processed.fetch_add(1, Ordering::Relaxed);
+                match packet {
+                    Packet::HandshakeInit(init) => {
+                        let started = Instant::now();
+                        let half = parse_handshake_anon(&keys.secret, &keys.public, &init);
+                        gate.charge_work(now, started.elapsed());
+                        let half = half.ok()?;
+                        st.peers
+                            .get(&half.peer_static_public)
+                            .cloned()
+                            .map(|p| (p, Kind::Initiation))
+                    }
+                    Packet::HandshakeResponse(p) => by_index(p.receiver_idx, Kind::Response),
+                    _ => None,
+                }
             }
-            Ok(Packet::HandshakeResponse(p)) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
-            Ok(Packet::PacketCookieReply(p)) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
-            Ok(Packet::PacketData(p)) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+            Ok(Packet::PacketCookieReply(p)) => by_index(p.receiver_idx, Kind::CookieReply),
+            Ok(Packet::PacketData(p)) => by_index(p.receiver_idx, Kind::Data),
             Err(_) => None,
         }
     }
@@ -557,13 +721,39 @@ impl Device {
 
     fn timer_loop(self: Arc<Self>) {
         let mut buf = vec![0u8; MAX_PACKET];
-        let mut last_reset = Instant::now();
         let mut last_iface_check = Instant::now();
+        let mut last_report = Instant::now();
+        let mut reported = self.handshakes.snapshot();
+        let mut was_under_load = false;
         while !self.is_stopping() {
             std::thread::sleep(Duration::from_millis(250));
-            if last_reset.elapsed() >= Duration::from_secs(1) {
-                last_reset = Instant::now();
-                self.state.read().rate_limiter.reset_count();
+            let under_load = self.gate.lock().under_load(self.epoch.elapsed());
+            if under_load != was_under_load {
+                was_under_load = under_load;
+                if under_load {
+                    tracing::warn!("under load: handshake messages now need a cookie");
+                } else {
+                    tracing::info!("no longer under load");
+                }
+            }
+            if last_report.elapsed() >= Duration::from_secs(5) {
+                last_report = Instant::now();
+                self.gate.lock().sweep(self.epoch.elapsed());
+                let now = self.handshakes.snapshot();
+                if now != reported {
+                    reported = now;
+                    let [cookies_sent, bad_mac, rate_limited, busy, processed, endpoint_moves] =
+                        now;
+                    tracing::info!(
+                        cookies_sent,
+                        bad_mac,
+                        rate_limited,
+                        busy,
+                        processed,
+                        endpoint_moves,
+                        "handshake gate totals"
+                    );
+                }
             }
             if last_iface_check.elapsed() >= Duration::from_secs(1) {
                 last_iface_check = Instant::now();
@@ -669,7 +859,7 @@ impl Device {
             } else {
                 let secret = StaticSecret::from(key);
                 let public = XPublic::from(&secret);
-                st.rate_limiter = Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT));
+                st.limiters = Limiters::new(&public);
                 // A peer with our own public key is removed, as the kernel does.
                 if let Some(p) = st.peers.get(public.as_bytes()).cloned() {
                     remove_peer(&mut st, &p);
@@ -678,7 +868,7 @@ impl Device {
                     p.tunn.lock().set_static_private(
                         secret.clone(),
                         public,
-                        Some(Arc::clone(&st.rate_limiter)),
+                        Some(Arc::clone(&st.limiters.mac1)),
                     );
                 }
                 st.keys = Some(Keys { secret, public });
@@ -804,7 +994,7 @@ fn new_tunn(st: &State, peer_public: [u8; 32], psk: Option<[u8; 32]>, index: u32
         psk,
         None,
         index,
-        Some(Arc::clone(&st.rate_limiter)),
+        Some(Arc::clone(&st.limiters.mac1)),
     )
 }
 

@@ -13,6 +13,7 @@
 pub mod allowed_ips;
 pub mod cli;
 pub mod device;
+pub mod gate;
 pub mod uapi;
 pub mod udp;
 

@@ -474,6 +474,50 @@ async fn admin_static_config(
         .into_response())
 }
 
+async fn admin_routes(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+) -> ApiResult<Response> {
+    require_admin(&who)?;
+    let coord = st.coord.clone();
+    let list = blocking(move || coord.routes()).await?;
+    Ok(Json(list).into_response())
+}
+
+/// `POST /v1/admin/routes/{approve,revoke}` with a `RouteDecisionRequest`: answers the
+/// prefix's `RouteInfo` afterwards.
+async fn admin_route_decision(
+    st: AppState,
+    who: Caller,
+    body: Result<Bytes, BytesRejection>,
+    decision: mesh_proto::routes::RouteDecision,
+) -> ApiResult<Response> {
+    require_admin(&who)?;
+    let caller = &who.name;
+    let req: mesh_proto::routes::RouteDecisionRequest = parse_json(body)?;
+    let coord = st.coord.clone();
+    tracing::info!(caller = %caller, host = %req.host, prefix = %req.prefix, decision = %decision, "route decision over the API");
+    let info =
+        blocking(move || coord.decide_route(&req.host, req.prefix, decision, now_unix())).await?;
+    Ok(Json(info).into_response())
+}
+
+async fn admin_route_approve(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    admin_route_decision(st, who, body, mesh_proto::routes::RouteDecision::Approve).await
+}
+
+async fn admin_route_revoke(
+    State(st): State<AppState>,
+    Extension(who): Extension<Caller>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    admin_route_decision(st, who, body, mesh_proto::routes::RouteDecision::Revoke).await
+}
+
 async fn not_found(uri: Uri) -> Failure {
     Failure(CoordError::NotFound(uri.path().to_string()))
 }
@@ -500,6 +544,9 @@ fn router(state: AppState) -> Router {
         .route("/v1/admin/hosts/{name}", delete(admin_remove))
         .route("/v1/admin/hosts/{name}/rotate", post(admin_rotate))
         .route("/v1/admin/hosts/{name}/wg-quick", get(admin_static_config))
+        .route("/v1/admin/routes", get(admin_routes))
+        .route("/v1/admin/routes/approve", post(admin_route_approve))
+        .route("/v1/admin/routes/revoke", post(admin_route_revoke))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

@@ -54,6 +54,9 @@ pub enum CoordError {
     /// No such host.
     #[error("no host named {0}")]
     NoSuchHost(String),
+    /// A route decision on a prefix the host does not advertise (and nobody decided).
+    #[error("{0}")]
+    NoSuchRoute(String),
     /// Unknown API path.
     #[error("no such API path: {0}")]
     NotFound(String),
@@ -92,9 +95,10 @@ impl CoordError {
             | CoordError::Unproven(_)
             | CoordError::NotAHost(_)
             | CoordError::WrongCaller { .. } => 403,
-            CoordError::NoSuchInvite(_) | CoordError::NoSuchHost(_) | CoordError::NotFound(_) => {
-                404
-            }
+            CoordError::NoSuchInvite(_)
+            | CoordError::NoSuchHost(_)
+            | CoordError::NoSuchRoute(_)
+            | CoordError::NotFound(_) => 404,
             CoordError::MethodNotAllowed { .. } => 405,
             CoordError::Conflict(_) => 409,
             CoordError::Alloc(e) => match e {

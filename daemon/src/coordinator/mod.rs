@@ -16,6 +16,7 @@ mod error;
 mod grace;
 mod render;
 mod reports;
+mod routes;
 mod schema;
 mod store;
 mod wgquick;

@@ -82,6 +82,16 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     // notices (`mesh_proto::auth`; the old coordinator key it signs toward is gone). Notices
     // written before have none: such a host needs a new token.
     "ALTER TABLE key_notices ADD COLUMN auth_key BLOB;",
+    // 7: routes are granted, not taken: an admin's decision on each advertised prefix of a
+    // host (`meshctl routes approve|revoke`). A prefix without a row is pending; so are the
+    // prefixes advertised before this migration (they leave the netmaps until approved).
+    "CREATE TABLE route_decisions (
+        host_id INTEGER NOT NULL REFERENCES hosts(id),
+        prefix TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('approved', 'revoked')),
+        decided_unix INTEGER NOT NULL,
+        PRIMARY KEY (host_id, prefix)
+     );",
 ];
 
 /// Bring the database up to the newest schema. Refuses a database written by a newer meshd.

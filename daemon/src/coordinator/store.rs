@@ -32,8 +32,8 @@ pub const MAX_REPORTED_ADDRESSES: usize = 32;
 const META_VERSION: &str = "netmap_version";
 const META_SECRET: &str = "token_secret";
 
-struct Inner {
-    conn: Connection,
+pub(super) struct Inner {
+    pub(super) conn: Connection,
     /// The snapshot of the current version, built on first use after a change.
     snapshot: Option<Arc<RegistrySnapshot>>,
 }
@@ -59,21 +59,22 @@ pub struct Coordinator {
 
 /// One host row.
 #[derive(Debug, Clone)]
-struct HostRow {
-    id: i64,
-    name: String,
+pub(super) struct HostRow {
+    pub(super) id: i64,
+    pub(super) name: String,
     address: IpAddr,
     public_key: PublicKey,
     admin: bool,
     static_peer: bool,
-    pending: bool,
-    removed: bool,
+    pub(super) pending: bool,
+    pub(super) removed: bool,
     created_unix: u64,
     last_seen_unix: Option<u64>,
     key_created_unix: u64,
     observed: Option<SocketAddr>,
-    /// The subnets the host routes for the mesh, as it last reported them.
-    advertise: Vec<IpNet>,
+    /// The subnets the host routes for the mesh, as it last reported them (pending until an
+    /// admin approves each: see `super::routes`).
+    pub(super) advertise: Vec<IpNet>,
     /// The prepared next key of a rotation in progress.
     next_public_key: Option<PublicKey>,
     /// An admin asked the host to rotate (`meshctl rotate NAME`), not committed yet.
@@ -467,7 +468,7 @@ impl Coordinator {
         &self.settings
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, Inner>, CoordError> {
+    pub(super) fn lock(&self) -> Result<MutexGuard<'_, Inner>, CoordError> {
         self.inner
             .lock()
             .map_err(|_| CoordError::Internal("the registry lock is poisoned".into()))
@@ -475,7 +476,7 @@ impl Coordinator {
 
     /// Run `f` in one transaction; when it reports a change, bump and persist the version,
     /// commit, and wake the long-polls.
-    fn write<T>(
+    pub(super) fn write<T>(
         &self,
         f: impl FnOnce(&Transaction<'_>) -> Result<(T, bool), CoordError>,
     ) -> Result<T, CoordError> {
@@ -1117,33 +1118,14 @@ impl Coordinator {
             };
             let mut advertise_changed = false;
             if advertise != host.advertise {
-                // An address routes to one peer only: two hosts cannot advertise the same
-                // space.
-                let mut stmt = tx.prepare(&format!(
-                    "SELECT {HOST_COLUMNS} FROM hosts WHERE removed = 0 AND id != ?1"
-                ))?;
-                let others = stmt
-                    .query_map([host.id], host_from_row)?
-                    .collect::<Result<Vec<_>, _>>()?;
-                for other in &others {
-                    if let Some((a, b)) = advertise.iter().find_map(|a| {
-                        other
-                            .advertise
-                            .iter()
-                            .find(|b| mesh_proto::routes::overlaps(a, b))
-                            .map(|b| (a, b))
-                    }) {
-                        return Err(CoordError::Conflict(format!(
-                            "advertised {a} overlaps {b}, advertised by {}; a subnet can be \
-                             routed by one host only",
-                            other.name
-                        )));
-                    }
-                }
+                // Advertised prefixes are pending until an admin approves them (one address
+                // routes to one host only: checked at the approval, `super::routes`), so an
+                // advertisement alone never blocks another host's report.
                 tx.execute(
                     "UPDATE hosts SET advertise = ?2 WHERE id = ?1",
                     params![host.id, advertise_text(&advertise)],
                 )?;
+                super::routes::note_advertised(&host.name, &host.advertise, &advertise);
                 audit(
                     tx,
                     now_unix,
@@ -1705,6 +1687,7 @@ fn build_snapshot(
             reported.entry(id).or_default().push(addr);
         }
     }
+    let decisions = super::routes::decisions(conn)?;
     let mut stmt = conn.prepare(&format!(
         "SELECT {HOST_COLUMNS} FROM hosts WHERE removed = 0 ORDER BY name"
     ))?;
@@ -1712,6 +1695,14 @@ fn build_snapshot(
     let mut hosts = Vec::new();
     for row in rows {
         let h = row?;
+        // Only what an admin approved (and the host still advertises) reaches the netmaps.
+        let granted = super::routes::granted_for(&decisions, h.id, &h.advertise);
+        let ungranted: Vec<IpNet> = h
+            .advertise
+            .iter()
+            .filter(|p| !granted.contains(p))
+            .copied()
+            .collect();
         hosts.push(HostRecord {
             reported: reported.remove(&h.id).unwrap_or_default(),
             name: h.name,
@@ -1721,7 +1712,8 @@ fn build_snapshot(
             static_peer: h.static_peer,
             removed: h.removed,
             observed: h.observed,
-            extra_allowed_ips: h.advertise,
+            extra_allowed_ips: granted,
+            ungranted_routes: ungranted,
             key_created_unix: h.key_created_unix,
             next_public_key: h.next_public_key,
             rotate_requested: h.rotate_requested,
@@ -1919,6 +1911,29 @@ fn prepare_database_files(db: &std::path::Path) -> Result<(), CoordError> {
             .map_err(|e| CoordError::io(format!("restricting {}", path.display()), e))?;
     }
     Ok(())
+}
+
+// The registry access `super::routes` (route approvals) builds on.
+
+pub(super) fn live_host_row(tx: &Connection, name: &str) -> Result<Option<HostRow>, CoordError> {
+    live_host_by_name(tx, name)
+}
+
+/// Every host row, removed ones included.
+pub(super) fn host_rows(conn: &Connection) -> Result<Vec<HostRow>, CoordError> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {HOST_COLUMNS} FROM hosts ORDER BY id"))?;
+    let rows = stmt.query_map([], host_from_row)?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+pub(super) fn audit_row(
+    tx: &Connection,
+    now_unix: u64,
+    action: &str,
+    subject: &str,
+    detail: &str,
+) -> Result<(), CoordError> {
+    audit(tx, now_unix, action, subject, detail)
 }
 
 #[cfg(test)]

@@ -505,7 +505,8 @@ fn endpoint_reports_bump_only_on_change() {
 }
 
 #[test]
-fn advertised_subnets_reach_the_other_hosts_netmaps() {
+fn advertised_subnets_reach_the_netmaps_only_once_approved() {
+    use mesh_proto::routes::{RouteDecision, RouteState};
     let dir = tempfile::tempdir().unwrap();
     let c = open(dir.path());
     let (edge, _) = invite_join(&c, "dock-edge");
@@ -516,36 +517,87 @@ fn advertised_subnets_reach_the_other_hosts_netmaps() {
         addresses: vec![addr("192.168.1.4")],
         advertise: advertise.iter().map(|s| s.parse().unwrap()).collect(),
     };
+    let nas: ipnet::IpNet = "192.168.1.20/32".parse().unwrap();
+    let edge_extra = |c: &Coordinator| {
+        let snap = c.snapshot().unwrap();
+        snap.hosts
+            .iter()
+            .find(|h| h.name == "dock-edge")
+            .unwrap()
+            .extra_allowed_ips
+            .clone()
+    };
     c.report_endpoints(edge, obs, report(&["192.168.1.20/32"]), NOW + 2)
         .unwrap();
-    let snap = c.snapshot().unwrap();
-    let rec = snap.hosts.iter().find(|h| h.name == "dock-edge").unwrap();
+    // Advertised: pending, in no netmap.
+    assert!(edge_extra(&c).is_empty());
+    let routes = c.routes().unwrap();
+    assert_eq!(routes.len(), 1, "{routes:?}");
     assert_eq!(
-        rec.extra_allowed_ips,
-        vec!["192.168.1.20/32".parse::<ipnet::IpNet>().unwrap()]
+        (
+            routes[0].host.as_str(),
+            routes[0].prefix,
+            routes[0].state,
+            routes[0].advertised
+        ),
+        ("dock-edge", nas, RouteState::Pending, true)
     );
+    // Approved: in the other hosts' netmaps, with a new version.
+    let v = c.version();
+    let info = c
+        .decide_route("dock-edge", nas, RouteDecision::Approve, NOW + 3)
+        .unwrap();
+    assert_eq!(info.state, RouteState::Approved);
+    assert_eq!(c.version(), v + 1);
+    assert_eq!(edge_extra(&c), vec![nas]);
     let nm = c.netmap_for_name("dock-mirror").unwrap().unwrap();
     let peer = nm
         .peers
         .into_iter()
         .find(|p| p.name == "dock-edge")
         .unwrap();
-    assert!(
-        peer.allowed_ips
-            .contains(&"192.168.1.20/32".parse().unwrap()),
-        "{:?}",
-        peer.allowed_ips
-    );
+    assert!(peer.allowed_ips.contains(&nas), "{:?}", peer.allowed_ips);
+    // Approving again changes nothing.
+    c.decide_route("dock-edge", nas, RouteDecision::Approve, NOW + 4)
+        .unwrap();
+    assert_eq!(c.version(), v + 1);
     // The same report again: no new version.
-    let v = c.version();
     c.report_endpoints(edge, obs, report(&["192.168.1.20/32"]), NOW + 3)
         .unwrap();
-    assert_eq!(c.version(), v);
-    // Another host cannot take the same space; the mesh and /0 are refused.
+    assert_eq!(c.version(), v + 1);
+    // Another host may advertise the same space (its report goes through: endpoints must
+    // never be blocked by a prefix), but an approval of it is refused while dock-edge's holds.
+    c.report_endpoints(mirror, obs, report(&["192.168.1.0/24"]), NOW + 4)
+        .unwrap();
     let err = c
-        .report_endpoints(mirror, obs, report(&["192.168.1.0/24"]), NOW + 4)
+        .decide_route(
+            "dock-mirror",
+            "192.168.1.0/24".parse().unwrap(),
+            RouteDecision::Approve,
+            NOW + 4,
+        )
         .unwrap_err();
-    assert!(err.to_string().contains("dock-edge"), "{err}");
+    assert_eq!(err.http_status(), 409);
+    assert!(err.to_string().contains("approved for dock-edge"), "{err}");
+    // Unknown prefix, unknown host, host bits: refused, nothing changes.
+    let v = c.version();
+    for (host, prefix, status) in [
+        ("dock-edge", "8.8.8.8/32", 404),
+        ("nobody", "8.8.8.8/32", 404),
+        ("dock-edge", "192.168.1.20/24", 400),
+    ] {
+        let err = c
+            .decide_route(
+                host,
+                prefix.parse().unwrap(),
+                RouteDecision::Approve,
+                NOW + 5,
+            )
+            .unwrap_err();
+        assert_eq!(err.http_status(), status, "{host} {prefix}: {err}");
+    }
+    assert_eq!(c.version(), v);
+    // The mesh and /0 are refused in reports.
     for bad in ["0.0.0.0/0", "10.99.99.0/25"] {
         assert!(
             c.report_endpoints(mirror, obs, report(&[bad]), NOW + 4)
@@ -553,13 +605,108 @@ fn advertised_subnets_reach_the_other_hosts_netmaps() {
             "{bad}"
         );
     }
-    // Withdrawn: gone from the netmaps, and the space is free again.
+    // Withdrawn: gone from the netmaps; the approval stays and applies when it comes back.
     c.report_endpoints(edge, obs, report(&[]), NOW + 5).unwrap();
-    let snap = c.snapshot().unwrap();
-    let rec = snap.hosts.iter().find(|h| h.name == "dock-edge").unwrap();
-    assert!(rec.extra_allowed_ips.is_empty());
-    c.report_endpoints(mirror, obs, report(&["192.168.1.0/24"]), NOW + 6)
+    assert!(edge_extra(&c).is_empty());
+    let listed = c.routes().unwrap();
+    assert!(listed
+        .iter()
+        .any(|r| r.host == "dock-edge" && r.state == RouteState::Approved && !r.advertised));
+    c.report_endpoints(edge, obs, report(&["192.168.1.20/32"]), NOW + 6)
         .unwrap();
+    assert_eq!(edge_extra(&c), vec![nas]);
+    // Revoked: out of the netmaps, and it stays out when advertised again.
+    let v = c.version();
+    c.decide_route("dock-edge", nas, RouteDecision::Revoke, NOW + 7)
+        .unwrap();
+    assert_eq!(c.version(), v + 1);
+    assert!(edge_extra(&c).is_empty());
+    c.report_endpoints(edge, obs, report(&[]), NOW + 8).unwrap();
+    c.report_endpoints(edge, obs, report(&["192.168.1.20/32"]), NOW + 9)
+        .unwrap();
+    assert!(edge_extra(&c).is_empty());
+    // Now dock-mirror's /24 can be approved; decisions survive a restart.
+    c.decide_route(
+        "dock-mirror",
+        "192.168.1.0/24".parse().unwrap(),
+        RouteDecision::Approve,
+        NOW + 10,
+    )
+    .unwrap();
+    let before = c.routes().unwrap();
+    drop(c);
+    let c = open(dir.path());
+    assert_eq!(c.routes().unwrap(), before);
+}
+
+/// The coordinator host's own routes.advertise (it reports to no API) is pending like any
+/// other host's.
+#[test]
+fn the_coordinators_own_advertisement_is_pending_too() {
+    use mesh_proto::routes::{RouteDecision, RouteState};
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    invite_join(&c, "dock-mirror");
+    let lan: ipnet::IpNet = "192.168.9.0/24".parse().unwrap();
+    assert!(c.advertise_own(&[lan], NOW).unwrap());
+    assert!(!c.advertise_own(&[lan], NOW + 1).unwrap(), "unchanged");
+    let own = c.settings().own_name.clone();
+    let listed = c.routes().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].host.as_str(), listed[0].state),
+        (own.as_str(), RouteState::Pending)
+    );
+    let nm = c.netmap_for_name("dock-mirror").unwrap().unwrap();
+    assert!(nm.peers.iter().all(|p| !p.allowed_ips.contains(&lan)));
+    c.decide_route(&own, lan, RouteDecision::Approve, NOW + 2)
+        .unwrap();
+    let nm = c.netmap_for_name("dock-mirror").unwrap().unwrap();
+    assert!(nm.peers.iter().any(|p| p.allowed_ips.contains(&lan)));
+    for bad in ["0.0.0.0/0", "10.99.99.0/25", "192.168.9.1/24"] {
+        let net: ipnet::IpNet = bad.parse().unwrap();
+        assert!(c.advertise_own(&[net], NOW + 3).is_err(), "{bad}");
+    }
+    // The host itself learns what is not granted.
+    assert!(c
+        .advertise_own(&[lan, "192.168.10.0/24".parse().unwrap()], NOW + 4)
+        .unwrap());
+    let mine = c.netmap_for_name(&own).unwrap().unwrap();
+    assert_eq!(
+        mine.ungranted_routes,
+        vec!["192.168.10.0/24".parse::<ipnet::IpNet>().unwrap()]
+    );
+}
+
+/// A registry from before route approvals (schema 6) with an advertised prefix: the hosts keep
+/// names, addresses and keys; the prefix is pending (out of the netmaps) until approved.
+#[test]
+fn prefixes_advertised_before_the_upgrade_are_pending() {
+    use mesh_proto::routes::RouteState;
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let (edge, key) = invite_join(&c, "dock-edge");
+    let hosts = c.hosts().unwrap();
+    drop(c);
+    {
+        // Back to schema 6, as an older meshd left it: the prefix in hosts.advertise.
+        let conn = rusqlite::Connection::open(dir.path().join("registry.sqlite")).unwrap();
+        conn.execute_batch(
+            "DROP TABLE route_decisions;
+             DELETE FROM schema_version WHERE version > 6;
+             UPDATE hosts SET advertise = '192.168.1.20/32' WHERE name = 'dock-edge';",
+        )
+        .unwrap();
+    }
+    let c = open(dir.path());
+    assert_eq!(c.hosts().unwrap(), hosts);
+    let nm = c.netmap_for_address(edge).unwrap().unwrap();
+    assert_eq!(nm.public_key, key.public_key());
+    let routes = c.routes().unwrap();
+    assert_eq!(routes.len(), 1);
+    assert_eq!(routes[0].state, RouteState::Pending);
+    let snap = c.snapshot().unwrap();
+    assert!(snap.hosts.iter().all(|h| h.extra_allowed_ips.is_empty()));
 }
 
 #[test]
@@ -1636,6 +1783,102 @@ async fn api_refuses_requests_without_a_valid_proof_of_key() {
     // Still serving the member.
     let r = signed(&s, &member, None, "GET", path, b"").await;
     assert_eq!(r.status, 200, "{}", r.body);
+    s.stop().await;
+}
+
+/// `meshctl routes` over the API: admins only (a signed request from an admin host); every
+/// malformed decision is a 4xx that changes nothing; an approval is what puts a prefix into
+/// the netmaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_routes_list_approve_revoke() {
+    use mesh_proto::routes::{RouteInfo, RouteState};
+    let s = server().await;
+    let admin = s.member("dock-admin", true);
+    let edge = s.member("dock-edge", false);
+    s.coord
+        .report_endpoints(
+            edge.address,
+            SocketAddr::new(edge.address, 51871),
+            EndpointReport {
+                listen_port: 51871,
+                addresses: vec![addr("192.168.1.4")],
+                advertise: vec!["8.8.8.8/32".parse().unwrap()],
+            },
+            now_real(),
+        )
+        .unwrap();
+
+    // The advertiser itself (no admin) may neither list nor approve its own prefix; nor may
+    // an unsigned request from the admin's address.
+    let approve = br#"{"host":"dock-edge","prefix":"8.8.8.8/32"}"#;
+    for (method, path, body) in [
+        ("GET", "/v1/admin/routes", &b""[..]),
+        ("POST", "/v1/admin/routes/approve", &approve[..]),
+        ("POST", "/v1/admin/routes/revoke", &approve[..]),
+    ] {
+        let r = signed(&s, &edge, None, method, path, body).await;
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.body);
+        let r = http(admin.address, s.addr, method, path, body).await;
+        assert_eq!(r.status, 401, "{method} {path}: {}", r.body);
+    }
+    let r = signed(&s, &admin, None, "GET", "/v1/admin/routes", b"").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let list: Vec<RouteInfo> = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].state, RouteState::Pending);
+
+    // Hostile bodies: refused with 400/404, nothing changes.
+    let v = s.coord.version();
+    for (body, status) in [
+        (&b"not json"[..], 400),
+        (br#"{"host":"dock-edge"}"#, 400),
+        (br#"{"host":"dock-edge","prefix":"8.8.8.8/33"}"#, 400),
+        (br#"{"host":"dock-edge","prefix":"8.8.8.8"}"#, 400),
+        (br#"{"host":"dock-edge","prefix":"8.8.8.0/8"}"#, 400),
+        (
+            br#"{"host":"dock-edge","prefix":"8.8.8.8/32","state":"approved"}"#,
+            400,
+        ),
+        (br#"{"host":"dock-edge","prefix":"9.9.9.9/32"}"#, 404),
+        (br#"{"host":"nobody","prefix":"8.8.8.8/32"}"#, 404),
+    ] {
+        let r = signed(&s, &admin, None, "POST", "/v1/admin/routes/approve", body).await;
+        assert_eq!(
+            r.status,
+            status,
+            "{}: {}",
+            String::from_utf8_lossy(body),
+            r.body
+        );
+        assert!(!error_text(&r).is_empty());
+    }
+    assert_eq!(s.coord.version(), v);
+    let pending = |c: &Coordinator| {
+        c.snapshot()
+            .unwrap()
+            .hosts
+            .iter()
+            .all(|h| h.extra_allowed_ips.is_empty())
+    };
+    assert!(pending(&s.coord));
+
+    let r = signed(
+        &s,
+        &admin,
+        None,
+        "POST",
+        "/v1/admin/routes/approve",
+        approve,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let info: RouteInfo = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(info.state, RouteState::Approved);
+    assert_eq!(s.coord.version(), v + 1);
+    assert!(!pending(&s.coord));
+    let r = signed(&s, &admin, None, "POST", "/v1/admin/routes/revoke", approve).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(pending(&s.coord));
     s.stop().await;
 }
 

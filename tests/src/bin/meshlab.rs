@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use meshlab::coord::{routes_toml, HOME_LAN, NAS_ROUTE, NAS_ROUTER};
 use meshlab::{state, topology, Fleet, JoinMode, Lab, LabOpts, COORDINATOR, DAEMON_HOSTS, NAS};
 
 #[derive(Parser)]
@@ -238,7 +239,7 @@ fn start_static(lab: &Lab) -> Result<Vec<String>> {
 /// Form the fleet from invitations; the hosts that must ping each other.
 fn start_managed(lab: &Lab, mode: JoinMode) -> Result<Vec<String>> {
     let engine = meshlab::engine_command(lab.bin_dir());
-    let p = lab.start_coordinator(&engine)?;
+    let p = lab.start_coordinator_with(&engine, &routes_toml(COORDINATOR))?;
     println!(
         "coordinator on {COORDINATOR}: meshd pid {} (log {})",
         p.pid,
@@ -251,7 +252,7 @@ fn start_managed(lab: &Lab, mode: JoinMode) -> Result<Vec<String>> {
             "$ meshctl invite {h}   -> {}...",
             &token[..token.len().min(24)]
         );
-        let p = lab.join_host(h, &token, mode)?;
+        let p = lab.join_host_with(h, &token, mode, &routes_toml(h))?;
         let how = match mode {
             JoinMode::TokenFile => "join_token_file",
             JoinMode::Command => "meshctl join",
@@ -268,6 +269,9 @@ fn start_managed(lab: &Lab, mode: JoinMode) -> Result<Vec<String>> {
     lab.start_static_peer(NAS, &conf)?;
     println!("{NAS}: wg-quick up (wireguard-go)");
     hosts.push(NAS.to_string());
+    // Routes are granted, not taken: dock-edge's NAS route is pending until approved.
+    lab.approve_route(NAS_ROUTER, NAS_ROUTE, Duration::from_secs(60))?;
+    println!("$ meshctl routes approve {NAS_ROUTER} {NAS_ROUTE}   (the hosts outside the home LAN accept {HOME_LAN})");
     Ok(hosts)
 }
 
@@ -281,6 +285,7 @@ fn up(root: &std::path::Path, mode: UpMode, timeout: Duration, keep: bool) -> Re
     let id = lab.id().to_owned();
     println!("lab {id} built under {}", lab.dir().display());
     let mut ok = true;
+    let managed = matches!(mode, UpMode::Managed(_));
     let started = match mode {
         UpMode::NoDaemons => Ok(Vec::new()),
         UpMode::Static => start_static(&lab),
@@ -298,6 +303,17 @@ fn up(root: &std::path::Path, mode: UpMode, timeout: Duration, keep: bool) -> Re
         lab.wait_mesh_pings(&names, timeout)?;
         let n = names.len();
         println!("mesh is up: all {} ordered pairs ping", n * (n - 1));
+        if managed {
+            // The approved NAS route: a host outside the home LAN reaches the NAS's LAN
+            // address through dock-edge.
+            let nas_lan = std::net::Ipv4Addr::new(192, 168, 1, 20);
+            meshlab::poll_until(
+                timeout,
+                &format!("dock-prod to ping the NAS's LAN address {nas_lan} through {NAS_ROUTER}"),
+                || lab.ping("dock-prod", nas_lan),
+            )?;
+            println!("dock-prod reaches {nas_lan} through {NAS_ROUTER} (route approved)");
+        }
         match lab.meshctl(COORDINATOR, &["peers"]) {
             Ok(out) => println!("\n$ meshlab exec {COORDINATOR} meshctl peers\n{out}"),
             Err(e) => println!("\nmeshctl peers on {COORDINATOR} failed: {e:#}"),

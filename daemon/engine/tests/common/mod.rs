@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 pub const ENGINE: &str = env!("CARGO_BIN_EXE_meshd-wg");
+pub const FLOOD: &str = env!("CARGO_BIN_EXE_meshd-wg-flood");
 
 pub fn poll_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -168,6 +169,7 @@ impl Pair {
             Impl::WireguardGo => cmd.args(["wireguard-go", "-f", &iface]),
         };
         let child = cmd
+            .env("LOG_LEVEL", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
