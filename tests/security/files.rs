@@ -281,7 +281,17 @@ fn state_registry_and_tokens_are_private() -> Result<()> {
     eprintln!("meshd's refusal: {line}");
     assert!(line.contains("0644") && line.contains(TOKEN_PATH), "{line}");
     assert!(!line.contains(&token), "the refusal logs the token: {line}");
-    assert!(lab.meshctl(DASH, &["status"])?.contains("not joined"));
+    let status = lab.meshctl(DASH, &["status"])?;
+    assert!(status.contains("not joined"), "{status}");
+    let refused = status
+        .lines()
+        .find(|l| l.contains("join_token_file"))
+        .unwrap_or_default();
+    eprintln!("meshctl status: {}", refused.trim());
+    assert!(
+        refused.contains("refused") && refused.contains("0644"),
+        "meshctl status does not report the refused token file:\n{status}"
+    );
 
     // The token in argv: refused before anything is sent, with the way to pass it.
     let out = lab.meshctl_output(DASH, &["join", &token])?;
