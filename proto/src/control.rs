@@ -586,7 +586,7 @@ pub fn render_status(status: &Status, now_unix: u64) -> String {
         fields.push((
             "refused",
             format!(
-                "{} ago: {}",
+                "{}: {}",
                 format_age(now_unix.saturating_sub(r.at_unix)),
                 r.what
             ),
