@@ -62,18 +62,23 @@ impl Default for ApiAuth {
 }
 
 impl ApiAuth {
-    /// Remember a refused request (the newest few are kept).
-    pub fn note_refusal(&self, what: String) {
+    /// Remember a refused request (the newest few are kept). Returns whether to log it at
+    /// info: the first refusal of each second is, the rest go to debug, so a caller sending
+    /// thousands of bad requests cannot flood the log (they are all counted).
+    pub fn note_refusal(&self, what: String) -> bool {
         self.refused_total
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = now_unix();
         let mut g = match self.refusals.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
+        let loud = g.back().is_none_or(|(at, _)| *at != now);
         if g.len() == REFUSALS_KEPT {
             g.pop_front();
         }
-        g.push_back((now_unix(), what));
+        g.push_back((now, what));
+        loud
     }
 
     /// The refusals since start, and the newest few (Unix time, what).
@@ -158,7 +163,6 @@ fn refuse(e: &AuthError) -> Response {
         AuthError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
         _ => StatusCode::UNAUTHORIZED,
     };
-    tracing::info!(error = %e, "API request refused: no proof of key");
     let mut resp = (
         status,
         Json(ApiError {
@@ -310,12 +314,16 @@ pub async fn authenticate(
     ) {
         Ok(p) => p,
         Err(e) => {
-            tracing::info!(caller = %source, path = %parts.uri.path(), "refused an API request: {e}");
-            coord.auth.note_refusal(format!(
+            let loud = coord.auth.note_refusal(format!(
                 "{source} {} {}: {e}",
                 parts.method,
                 parts.uri.path()
             ));
+            if loud {
+                tracing::info!(caller = %source, path = %parts.uri.path(), "refused an API request: {e}");
+            } else {
+                tracing::debug!(caller = %source, path = %parts.uri.path(), "refused an API request: {e}");
+            }
             return refuse(&e);
         }
     };
