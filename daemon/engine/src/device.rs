@@ -39,6 +39,8 @@ pub struct EngineOptions {
     pub mtu: u16,
     /// Try TUN offloads (virtio-net header, TSO/GSO, GRO); falls back when refused.
     pub offload: bool,
+    /// Try UDP offloads (`UDP_SEGMENT` sends, `UDP_GRO` receives); falls back when refused.
+    pub udp_offload: bool,
 }
 
 impl Default for EngineOptions {
@@ -46,6 +48,7 @@ impl Default for EngineOptions {
         EngineOptions {
             mtu: mesh_proto::DEFAULT_MTU,
             offload: true,
+            udp_offload: true,
         }
     }
 }
@@ -81,6 +84,7 @@ impl OutBufs {
 struct InBufs {
     rx: RecvBatch,
     scratch: Vec<u8>,
+    /// Decrypted packets waiting for the TUN, each behind room for a virtio-net header.
     tun_bufs: Vec<Vec<u8>>,
     gro: GROTable,
     peers: Vec<Option<(Arc<Peer>, Kind)>>,
@@ -91,9 +95,8 @@ impl InBufs {
         InBufs {
             rx: RecvBatch::new(UDP_BATCH, MAX_PACKET),
             scratch: vec![0u8; MAX_PACKET],
-            tun_bufs: (0..UDP_BATCH)
-                .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET))
-                .collect(),
+            // Grown on demand: a UDP_GRO batch holds many more datagrams than messages.
+            tun_bufs: Vec::new(),
             gro: GROTable::default(),
             peers: Vec::with_capacity(UDP_BATCH),
         }
@@ -220,6 +223,7 @@ pub struct Device {
     ifindex: u32,
     tun: SyncDevice,
     offload: bool,
+    udp_offload: bool,
     tun_lock: Mutex<()>,
     udp_lock: Mutex<()>,
     state: RwLock<State>,
@@ -268,13 +272,15 @@ impl Device {
         let ifindex = tun
             .if_index()
             .context("reading the new interface's index")?;
-        let socket = UdpSocket::bind(0, 0).context("binding the UDP socket")?;
+        let socket = UdpSocket::bind(0, 0, opts.udp_offload).context("binding the UDP socket")?;
+        tracing::info!(tun_offload = offload, udp = ?socket.offloads(), "offloads");
         let limiters = Limiters::new(&placeholder_keys().public);
         Ok(Arc::new(Device {
             name: name.to_string(),
             ifindex,
             tun,
             offload,
+            udp_offload: opts.udp_offload,
             tun_lock: Mutex::new(()),
             udp_lock: Mutex::new(()),
             state: RwLock::new(State {
@@ -506,14 +512,14 @@ impl Device {
             let st = self.state.read();
             let mut gate = self.gate.lock();
             let mut handshakes = 0;
-            for i in 0..n {
+            for &d in &b.rx.datagrams {
                 b.peers.push(self.demux(
                     &st,
                     &mut gate,
                     now,
                     sock,
-                    &b.rx.bufs[i][..b.rx.lens[i]],
-                    b.rx.addrs[i],
+                    b.rx.datagram(d),
+                    b.rx.addrs[d.msg],
                     &mut b.scratch,
                     &mut handshakes,
                 ));
@@ -521,12 +527,13 @@ impl Device {
             gate.note_backlog(now, n, UDP_BATCH, handshakes);
         }
         let mut ready = 0;
-        for (i, slot) in b.peers.iter_mut().enumerate().take(n) {
+        for (i, slot) in b.peers.iter_mut().enumerate() {
             let Some((peer, kind)) = slot.take() else {
                 continue;
             };
-            let from = b.rx.addrs[i];
-            let datagram = &b.rx.bufs[i][..b.rx.lens[i]];
+            let d = b.rx.datagrams[i];
+            let from = b.rx.addrs[d.msg];
+            let datagram = b.rx.datagram(d);
             let mut tunn = peer.tunn.lock();
             // The noise state accepted the packet.
             let mut accepted = false;
@@ -534,7 +541,19 @@ impl Device {
             let mut authenticated = false;
             let handshake = matches!(kind, Kind::Initiation | Kind::Response);
             let started = handshake.then(Instant::now);
-            let result = tunn.decapsulate(Some(from.ip()), datagram, &mut b.scratch);
+            // Data decrypts straight into the next TUN buffer, behind room for the virtio-net
+            // header; anything else (a handshake reply) goes to the scratch buffer.
+            if b.tun_bufs.len() <= ready {
+                b.tun_bufs.push(Vec::new());
+            }
+            let dst: &mut [u8] = if kind == Kind::Data {
+                let buf = &mut b.tun_bufs[ready];
+                buf.resize(offset + datagram.len().max(148), 0);
+                &mut buf[offset..]
+            } else {
+                &mut b.scratch
+            };
+            let result = tunn.decapsulate(Some(from.ip()), datagram, dst);
             if let Some(t) = started {
                 // Handshake work counts against the device's time budget.
                 self.gate.lock().charge_work(now, t.elapsed());
@@ -567,8 +586,8 @@ impl Device {
                     peer.last_tx_ms.store(self.now_ms(), Ordering::Relaxed);
                     None
                 }
-                TunnResult::WriteToTunnelV4(p, src) => Some((p, IpAddr::V4(src))),
-                TunnResult::WriteToTunnelV6(p, src) => Some((p, IpAddr::V6(src))),
+                TunnResult::WriteToTunnelV4(p, src) => Some((p.len(), IpAddr::V4(src))),
+                TunnResult::WriteToTunnelV6(p, src) => Some((p.len(), IpAddr::V6(src))),
                 TunnResult::Done => {
                     // A keepalive, or a cookie reply stored for our next initiation.
                     accepted = true;
@@ -580,15 +599,15 @@ impl Device {
                     None
                 }
             };
-            if let Some((p, src)) = packet {
+            if let Some((len, src)) = packet {
                 // Decrypted under a session key: authentic, whatever its inner source.
                 accepted = true;
                 authenticated = kind == Kind::Data;
                 if self.source_allowed(&peer, src) {
+                    // The packet is in place: the TUN buffer keeps it (and a zeroed header).
                     let buf = &mut b.tun_bufs[ready];
-                    buf.clear();
-                    buf.resize(offset, 0);
-                    buf.extend_from_slice(p);
+                    buf.truncate(offset + len);
+                    buf[..offset].fill(0);
                     ready += 1;
                 }
             }
@@ -881,7 +900,7 @@ impl Device {
         if let Some(port) = set.listen_port {
             let current = self.socket.read().port();
             if port == 0 || port != current {
-                let sock = UdpSocket::bind(port, st.fwmark).map_err(|e| {
+                let sock = UdpSocket::bind(port, st.fwmark, self.udp_offload).map_err(|e| {
                     tracing::warn!(port, error = %e, "cannot bind listen port");
                     UapiError::Errno(libc::EADDRINUSE)
                 })?;
