@@ -95,7 +95,8 @@ impl InBufs {
         InBufs {
             rx: RecvBatch::new(UDP_BATCH, MAX_PACKET),
             scratch: vec![0u8; MAX_PACKET],
-            // Grown on demand: a UDP_GRO batch holds many more datagrams than messages.
+            // Grown on demand: a UDP_GRO batch can hold many more datagrams than messages
+            // (at most 64 each).
             tun_bufs: Vec::new(),
             gro: GROTable::default(),
             peers: Vec::with_capacity(UDP_BATCH),
@@ -544,7 +545,11 @@ impl Device {
             // Data decrypts straight into the next TUN buffer, behind room for the virtio-net
             // header; anything else (a handshake reply) goes to the scratch buffer.
             if b.tun_bufs.len() <= ready {
-                b.tun_bufs.push(Vec::new());
+                // Full capacity: the TUN's GRO coalesces a flow's packets into its first
+                // buffer only where that buffer has room for a whole super-packet. Pages no
+                // packet touches stay unallocated.
+                b.tun_bufs
+                    .push(Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + MAX_PACKET));
             }
             let dst: &mut [u8] = if kind == Kind::Data {
                 let buf = &mut b.tun_bufs[ready];
