@@ -32,6 +32,8 @@ const MAX_PACKET: usize = 65535;
 const WG_OVERHEAD: usize = 32;
 /// Datagrams read per `recvmmsg`.
 const UDP_BATCH: usize = 64;
+/// Decrypted packets written to the TUN at a time (its GRO coalesces within one write).
+const TUN_FLUSH: usize = 128;
 
 /// How the engine is set up at start.
 #[derive(Debug, Clone)]
@@ -634,14 +636,23 @@ impl Device {
                         "peer endpoint moved on an authenticated packet");
                 }
             }
-        }
-        if ready > 0 {
-            if let Err(e) = self
-                .tun
-                .send_multiple(&mut b.gro, &mut b.tun_bufs[..ready], offset)
-            {
-                tracing::debug!(error = %e, "TUN write failed");
+            if ready == TUN_FLUSH {
+                // A UDP_GRO batch can hold thousands of packets: hand them on in chunks so
+                // the first are not held back (TCP's loss probes fire on a few ms of delay).
+                self.write_tun(&mut b.gro, &mut b.tun_bufs[..ready], offset);
+                ready = 0;
             }
+        }
+        self.write_tun(&mut b.gro, &mut b.tun_bufs[..ready], offset);
+    }
+
+    /// Write decrypted packets to the TUN (GRO-coalesced where offloads are on).
+    fn write_tun(&self, gro: &mut GROTable, bufs: &mut [Vec<u8>], offset: usize) {
+        if bufs.is_empty() {
+            return;
+        }
+        if let Err(e) = self.tun.send_multiple(gro, bufs, offset) {
+            tracing::debug!(error = %e, "TUN write failed");
         }
     }
 
