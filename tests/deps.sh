@@ -58,7 +58,9 @@ meshd_install_deps() {
 # Debian 12 chroot), systemd-analyze (verify), and cargo-deb from crates.io.
 meshd_install_package_deps() {
   local -A pkgs=([lintian]=lintian [debootstrap]=debootstrap [systemd-analyze]=systemd
-    [dpkg-deb]=dpkg [gzip]=gzip)
+    [dpkg-deb]=dpkg [gzip]=gzip
+    # The hardened unit is booted under systemd-nspawn (packaging/test-unit-nspawn.sh).
+    [systemd-nspawn]=systemd-container)
   local missing=() cmd
   for cmd in "${!pkgs[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkgs[$cmd]}")

@@ -42,14 +42,17 @@ enum Cmd {
     },
     /// Re-read the configuration file (like SIGHUP).
     Reload,
-    /// Join a mesh with an invitation token (from `meshctl invite` on the coordinator).
+    /// Join a mesh with an invitation token (from `meshctl invite` on the coordinator). The
+    /// token is read from stdin (`meshctl join -`, or `meshctl join` with stdin not a
+    /// terminal) or from a file (`--token-file F`: mode 0600, owned by root; removed after a
+    /// successful join), never from the command line, where any local user can read it.
     Join {
-        /// The token (`meshd1....`).
-        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        /// `-`: read the token from stdin.
+        #[arg(conflicts_with = "token_file", value_name = "-")]
         token: Option<String>,
-        /// Read the token from this file instead.
-        #[arg(long)]
-        file: Option<PathBuf>,
+        /// Read the token from this file (mode 0600, owned by root); removed after the join.
+        #[arg(long, alias = "file", value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
     /// Rotate this host's WireGuard key now, through the coordinator (peers switch with it);
     /// with NAME (on the coordinator or an admin host), ask that host to rotate its key.
@@ -348,17 +351,9 @@ fn send(cli: Cli) -> Result<()> {
         Cmd::Rotate { name: None } => Request::Rotate,
         Cmd::Rotate { name: Some(name) } => Request::RotateHost { name: name.clone() },
         Cmd::StaticConfig { name } => Request::StaticConfig { name: name.clone() },
-        Cmd::Join { token, file } => {
-            let token = match (token, file) {
-                (Some(t), _) => t.trim().to_string(),
-                (None, Some(f)) => std::fs::read_to_string(f)
-                    .with_context(|| format!("cannot read the token file {}", f.display()))?
-                    .trim()
-                    .to_string(),
-                (None, None) => bail!("give a token or --file PATH"),
-            };
-            Request::Join { token }
-        }
+        Cmd::Join { token, token_file } => Request::Join {
+            token: join_token(token.as_deref(), token_file.as_deref())?,
+        },
         Cmd::Invite {
             name,
             ip,
@@ -408,6 +403,22 @@ fn send(cli: Cli) -> Result<()> {
         },
     };
     let resp = request(&cli.socket, &req)?;
+    if let (
+        Cmd::Join {
+            token_file: Some(f),
+            ..
+        },
+        Response::Ok { .. },
+    ) = (&cli.command, &resp)
+    {
+        // Joined: the token is spent; do not leave it on disk.
+        if let Err(e) = std::fs::remove_file(f) {
+            eprintln!(
+                "meshctl: joined, but cannot remove the token file {}: {e}",
+                f.display()
+            );
+        }
+    }
     match (cli.command, resp) {
         (_, Response::Error { message }) => bail!("{message}"),
         (Cmd::Invite { .. }, Response::Invite(inv)) => match &inv.token {
@@ -454,6 +465,86 @@ fn send(cli: Cli) -> Result<()> {
     }
 }
 
+/// The join token: from stdin (`-`, or no argument with stdin not a terminal) or from a
+/// root-owned 0600 file; a token given on the command line is refused (it is visible to every
+/// local user in `ps` and /proc/PID/cmdline while meshctl runs).
+fn join_token(arg: Option<&str>, file: Option<&Path>) -> Result<String> {
+    use std::io::{IsTerminal as _, Read as _};
+    let text = match (arg, file) {
+        (Some(a), _) if a != "-" => bail!(
+            "refusing a token on the command line: every local user can read it there \
+             (ps, /proc/PID/cmdline). Pass it on stdin: `meshctl join -` and paste it, or \
+             `meshctl join - < FILE`; or from a file: `meshctl join --token-file FILE` (mode \
+             0600, owned by root; removed after the join)"
+        ),
+        (None, Some(f)) => read_token_file(f)?,
+        (Some(_), _) | (None, None) => {
+            let stdin = std::io::stdin();
+            if arg.is_none() && stdin.is_terminal() {
+                bail!(
+                    "no token: pass it on stdin (`meshctl join -`, then paste it and press \
+                     Enter and Ctrl-D) or with `--token-file FILE`"
+                );
+            }
+            let mut buf = String::new();
+            stdin
+                .lock()
+                .take(mesh_proto::secret_file::MAX_TOKEN_FILE_BYTES + 1)
+                .read_to_string(&mut buf)
+                .context("cannot read the token from stdin")?;
+            if buf.len() as u64 > mesh_proto::secret_file::MAX_TOKEN_FILE_BYTES {
+                bail!("refusing stdin: more than a token");
+            }
+            buf
+        }
+    };
+    let token = text.trim();
+    if token.is_empty() {
+        bail!("no token: stdin or the token file was empty");
+    }
+    Ok(token.to_owned())
+}
+
+/// Read a token file that is not a symbolic link, is owned by root and readable by root only.
+fn read_token_file(path: &Path) -> Result<String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                anyhow::anyhow!(
+                    "refusing the token file {}: it is a symbolic link",
+                    path.display()
+                )
+            } else {
+                anyhow::anyhow!("cannot read the token file {}: {e}", path.display())
+            }
+        })?;
+    let meta = f
+        .metadata()
+        .with_context(|| format!("cannot stat the token file {}", path.display()))?;
+    if !meta.is_file() {
+        bail!(
+            "refusing the token file {}: not a regular file",
+            path.display()
+        );
+    }
+    mesh_proto::secret_file::check_secret_file(
+        &path.display().to_string(),
+        meta.mode(),
+        meta.uid(),
+        meta.len(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let mut text = String::new();
+    f.read_to_string(&mut text)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    Ok(text)
+}
+
 /// A CIDR, or a bare address as its host prefix.
 fn parse_prefix(s: &str) -> std::result::Result<ipnet::IpNet, String> {
     if s.contains('/') {
@@ -476,6 +567,41 @@ fn now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_in_argv_is_refused_with_the_way_to_pass_it() {
+        let e = join_token(Some("meshd1.secret"), None)
+            .expect_err("argv")
+            .to_string();
+        assert!(e.contains("command line"), "{e}");
+        assert!(e.contains("meshctl join -"), "{e}");
+        assert!(e.contains("--token-file"), "{e}");
+        assert!(!e.contains("secret"), "the refusal echoes the token: {e}");
+    }
+
+    #[test]
+    fn token_files_must_be_private_regular_and_not_links() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("meshctl-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let f = dir.join("join.token");
+        std::fs::write(&f, "meshd1.abc\n").expect("write");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = read_token_file(&f).expect_err("0644").to_string();
+        assert!(e.contains("0644") && e.contains("chmod 600"), "{e}");
+        let link = dir.join("link.token");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&f, &link).expect("symlink");
+        let e = read_token_file(&link).expect_err("link").to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        // Owned by whoever runs the test: root passes, anyone else is refused by owner.
+        match read_token_file(&f) {
+            Ok(t) => assert_eq!(join_token(None, Some(&f)).expect("token"), t.trim()),
+            Err(e) => assert!(e.to_string().contains("not root"), "{e}"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn route_prefixes() {
@@ -571,9 +697,25 @@ mod tests {
         let cli = Cli::try_parse_from(["meshctl", "rotate", "dock-prod"]).expect("parse");
         assert!(matches!(cli.command, Cmd::Rotate { name: Some(ref n) } if n == "dock-prod"));
         assert!(Cli::try_parse_from(["meshctl", "rotate", "a", "b"]).is_err());
-        assert!(Cli::try_parse_from(["meshctl", "join"]).is_err());
-        let cli = Cli::try_parse_from(["meshctl", "join", "--file", "/tmp/t"]).expect("parse");
-        assert!(matches!(cli.command, Cmd::Join { file: Some(_), .. }));
+        let cli = Cli::try_parse_from(["meshctl", "join"]).expect("parse");
+        assert!(matches!(
+            cli.command,
+            Cmd::Join {
+                token: None,
+                token_file: None
+            }
+        ));
+        for flag in ["--file", "--token-file"] {
+            let cli = Cli::try_parse_from(["meshctl", "join", flag, "/tmp/t"]).expect("parse");
+            assert!(matches!(
+                cli.command,
+                Cmd::Join {
+                    token_file: Some(_),
+                    ..
+                }
+            ));
+        }
+        assert!(Cli::try_parse_from(["meshctl", "join", "-", "--token-file", "/t"]).is_err());
         let cli = Cli::try_parse_from(["meshctl", "doctor", "--json", "--config", "/x.toml"])
             .expect("parse");
         assert!(

@@ -94,7 +94,7 @@ pub fn is_ready(st: &AgentStatus, managed: bool) -> bool {
 /// The `STATUS=` line for systemd.
 pub fn status_line(st: &AgentStatus, managed: bool) -> String {
     match (st.address, &st.last_error) {
-        (None, _) => "not joined: waiting for `meshctl join TOKEN`".to_owned(),
+        (None, _) => "not joined: waiting for `meshctl join -` (the token on stdin)".to_owned(),
         (Some(_), Some(e)) => format!("last pass failed: {e}"),
         (Some(a), None) if st.ifindex.is_none() => format!("bringing {} up with {a}", st.interface),
         (Some(_), None) if managed && st.netmap_version.is_none() => {
@@ -161,10 +161,13 @@ async fn down<W: WgBackend, L: LinkBackend>(
 }
 
 /// Join from `[daemon] join_token_file` when not a member yet (unattended installs). Returns
-/// whether to try again later (the coordinator did not answer).
+/// whether to try again later (the coordinator did not answer). A token file refused (a
+/// symbolic link, not root's, group- or world-readable) is kept in `refusal` for `meshctl
+/// status`.
 async fn join_from_file<W: WgBackend, L: LinkBackend>(
     agent: &mut Agent<W, L>,
     member: &mut MemberRuntime,
+    refusal: &mut Option<mesh_proto::control::Refusal>,
 ) -> bool {
     let Some(path) = agent.settings().join_token_file.clone() else {
         return false;
@@ -172,16 +175,31 @@ async fn join_from_file<W: WgBackend, L: LinkBackend>(
     if agent.membership().is_some() || agent.settings().coordinator.is_some() {
         return false;
     }
-    let token = match std::fs::read_to_string(&path) {
+    let token = match crate::disk::read_secret_file(&path) {
         Ok(t) => t,
         Err(e) => {
-            tracing::error!(file = %path.display(), error = %e, "cannot read the join token file");
+            tracing::error!(file = %path.display(), error = %e, "cannot use the join token file");
+            *refusal = Some(mesh_proto::control::Refusal {
+                at_unix: now().as_secs(),
+                what: format!("join_token_file: {e}"),
+            });
             return false;
         }
     };
+    *refusal = None;
     match crate::member::join(agent, &member.state, &token, &HttpApi).await {
         Ok(m) => {
             tracing::info!(file = %path.display(), host = %m.host_name, address = %m.address, "joined from the token file");
+            // The token is spent: do not leave it on disk.
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(file = %path.display(), "removed the spent join token file")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot remove the spent join token file")
+                }
+            }
             member.joined(agent).await;
             false
         }
@@ -244,7 +262,8 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
     agent.reconcile(now()).await;
     handoff.after_pass(&mut agent).await;
     notify_state(&agent, &mut notifier);
-    let mut retry_join = join_from_file(&mut agent, &mut member).await;
+    let mut join_refusal = None;
+    let mut retry_join = join_from_file(&mut agent, &mut member, &mut join_refusal).await;
     let mut endpoint_timer = ticker(ENDPOINT_CHECK);
     loop {
         tokio::select! {
@@ -317,6 +336,9 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                     }
                     if let Response::Status(st) = &mut response {
                         st.integrations = handoff.statuses();
+                        if agent.membership().is_none() {
+                            st.refused.extend(join_refusal.clone());
+                        }
                     }
                     let _ = cmd.reply.send(response);
                 }
@@ -330,7 +352,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
             }
             _ = endpoint_timer.tick() => {
                 if retry_join && agent.membership().is_none() {
-                    retry_join = join_from_file(&mut agent, &mut member).await;
+                    retry_join = join_from_file(&mut agent, &mut member, &mut join_refusal).await;
                 }
                 member.check_endpoints(&mut agent).await;
                 member.rotate_if_due(&mut agent).await;

@@ -342,7 +342,7 @@ async fn routes(input: &Input) -> Check {
         return Check::warn(
             "routes",
             "no mesh address yet (not joined): nothing to route",
-            "meshctl join TOKEN",
+            "meshctl join - (the token from `meshctl invite NAME` on stdin)",
         );
     };
     let wanted = mesh_proto::routes::desired_routes(address, &input.peer_specs).len();
@@ -514,7 +514,7 @@ fn interface_check(
         return Check::fail(
             "interface",
             "this host has no mesh address yet (not joined)",
-            "meshctl join TOKEN (from `meshctl invite NAME` on the coordinator)",
+            "meshctl join - (paste the token from `meshctl invite NAME` on the coordinator)",
         );
     };
     let Some(l) = link else {

@@ -16,8 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Write as _};
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::io;
 use std::path::Path;
 #[cfg(test)]
 use std::path::PathBuf;
@@ -28,6 +27,8 @@ use mesh_proto::integrate::{
     outputs, replace_hosts_block, IntegrationStatus, MeshView, Output, OutputKind,
 };
 use mesh_proto::integrations_config::IntegrationsConfig;
+
+use crate::disk::WriteOptions;
 
 /// How long a check or reload command may run before it is killed and counted as failed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
@@ -98,89 +99,31 @@ impl CommandRunner for SystemRunner {
     }
 }
 
-/// Write `content` to `path` atomically: a temp file in the same directory, fsync, rename
-/// over `path`, fsync the directory. An existing file's mode and owner carry over; a new file
-/// gets 0644 (its parent directories are created, 0755).
+/// Write `content` to `path` with the one writer ([`crate::disk::write_file`], options
+/// [`WriteOptions::SHARED`]): a random temp file created `O_EXCL|O_NOFOLLOW` in the same
+/// directory, fsync, rename over `path`, fsync the directory. An existing file's mode and owner
+/// carry over (set on the descriptor); a new file gets 0644 (its parent directories are
+/// created, 0755). A symbolic link at `path` (or a symlinked directory not owned by root) is
+/// refused with an error naming it: the owner of an output directory cannot steer root's
+/// write elsewhere.
 ///
-/// An existing file that cannot be replaced is written in place ([`write_in_place`]): a
+/// An existing file that cannot be replaced is written in place (opened `O_NOFOLLOW`): a
 /// bind-mounted file (EBUSY or EXDEV on rename: a container's /etc/hosts), and a writable file
 /// in a read-only directory (EROFS on the temp file: /etc/hosts under systemd's
 /// `ProtectSystem=strict` with `ReadWritePaths=/etc/hosts`, which bind-mounts the file
 /// writable over a read-only /etc).
 pub fn write_atomic(path: &Path, content: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    fs::create_dir_all(dir)?;
-    let existing = fs::metadata(path).ok();
-    let tmp = dir.join(format!(
-        ".{}.meshd-{}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = match fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-        {
-            Ok(f) => f,
-            Err(e) if e.raw_os_error() == Some(libc::EROFS) && existing.is_some() => {
-                tracing::debug!(path = %path.display(), "read-only directory: writing in place");
-                return write_in_place(path, content);
-            }
-            Err(e) => return Err(e),
-        };
-        f.write_all(content)?;
-        let mode = existing.as_ref().map_or(0o644, |m| m.mode() & 0o7777);
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        if let Some(m) = &existing {
-            // Keep the owner (root-owned files written by root: a no-op; tests: our own uid).
-            std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()))?;
-        }
-        f.sync_all()?;
-        drop(f);
-        match fs::rename(&tmp, path) {
-            // A bind-mounted file (a container's /etc/hosts) cannot be replaced: write it in
-            // place instead (not atomic, but the only way to change it).
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::EXDEV)) => {
-                let _ = fs::remove_file(&tmp);
-                tracing::debug!(path = %path.display(), "bind-mounted file: writing in place");
-                return write_in_place(path, content);
-            }
-            r => r?,
-        }
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Overwrite an existing file in place: write the new content over the old, then cut it to
-/// length, then fsync. Not atomic, but a reader never sees an empty file (truncating first
-/// would leave /etc/hosts without `localhost` for a moment); it may see the new head with the
-/// old tail for the duration of one write.
-fn write_in_place(path: &Path, content: &[u8]) -> io::Result<()> {
-    let mut f = fs::OpenOptions::new().write(true).open(path)?;
-    f.write_all(content)?;
-    f.set_len(content.len() as u64)?;
-    f.sync_all()
+    crate::disk::write_file(path, content, WriteOptions::SHARED)
 }
 
 /// "cannot write PATH: ERROR", with the way out when the file system is read-only: under the
 /// packaged systemd unit (`ProtectSystem=strict`) only listed paths are writable. An existing
 /// file needs only itself listed (it is then written in place); a new one, its directory.
 fn write_error(path: &Path, e: &io::Error) -> String {
+    if e.kind() == io::ErrorKind::InvalidInput {
+        // The writer's refusal ("refusing to write PATH: it is a symbolic link ...").
+        return e.to_string();
+    }
     let mut message = format!("cannot write {}: {e}", path.display());
     if e.raw_os_error() == Some(libc::EROFS) {
         let (allow, listed) = if path.exists() {
@@ -210,12 +153,9 @@ fn restore(path: &Path, old: Option<&str>) -> io::Result<()> {
     }
 }
 
+/// The output's current text (`None`: no file); a symbolic link is refused, not followed.
 fn read_existing(path: &Path) -> io::Result<Option<String>> {
-    match fs::read_to_string(path) {
-        Ok(s) => Ok(Some(s)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
+    crate::disk::read_to_string_nofollow(path)
 }
 
 #[derive(Debug, Clone)]
@@ -383,6 +323,8 @@ fn apply_one(
     };
     let existing = match read_existing(&out.path) {
         Ok(e) => e,
+        // A refusal (a symbolic link) names the path already.
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => return fail(st, e.to_string(), None),
         Err(e) => return fail(st, format!("cannot read {}: {e}", out.path.display()), None),
     };
     let desired = if out.kind == OutputKind::HostsBlock {
@@ -436,6 +378,7 @@ mod tests {
     use mesh_proto::netmap::{Netmap, NetmapPeer};
     use mesh_proto::PublicKey;
     use std::net::IpAddr;
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     use std::sync::{Arc, Mutex};
 
     /// Records commands; fails those whose program is in `fail`.

@@ -7,9 +7,8 @@
 //! the rename), [`discard_next`] deletes an abandoned one, and [`recover`] decides at start
 //! which key is live.
 
-use std::fs::{self, DirBuilder, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use mesh_proto::rotation::{self, KeyFiles, Recovery};
@@ -76,50 +75,17 @@ pub fn load_or_generate(path: &Path) -> Result<PrivateKey> {
     }
 }
 
+/// Write a new key file (0600, directory 0700) with the one writer; refuses to replace a key
+/// that appeared meanwhile (the temp file is linked, not renamed, into place).
 fn write_new(path: &Path, key: &PrivateKey) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
+    let mut text = key.to_base64();
+    text.push('\n');
+    let opts = crate::disk::WriteOptions {
+        replace: false,
+        ..crate::disk::WriteOptions::PRIVATE
     };
-    if !dir.exists() {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| {
-                key_err(
-                    path,
-                    format!("cannot create directory {}: {e}", dir.display()),
-                )
-            })?;
-    }
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "private.key".to_owned());
-    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        // The umask cannot widen 0600, but be explicit in case the file system ignores mode.
-        f.set_permissions(fs::Permissions::from_mode(0o600))?;
-        let mut text = key.to_base64();
-        text.push('\n');
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        // Refuse to replace a key that appeared meanwhile: link fails if `path` exists.
-        fs::hard_link(&tmp, path)?;
-        Ok(())
-    })();
-    let _ = fs::remove_file(&tmp);
-    result.map_err(|e| key_err(path, format!("cannot write a new key: {e}")))?;
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::disk::write_file(path, text.as_bytes(), opts)
+        .map_err(|e| key_err(path, format!("cannot write a new key: {e}")))
 }
 
 fn dir_of(path: &Path) -> &Path {
@@ -130,7 +96,7 @@ fn dir_of(path: &Path) -> &Path {
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    fs::File::open(dir)?.sync_all()
+    crate::disk::sync_dir(dir)
 }
 
 /// The pending next key's file for the key file `path` (`private.key` → `private.key.next`).
@@ -160,7 +126,7 @@ pub fn write_next(path: &Path, key: &PrivateKey) -> Result<()> {
     let next = next_path(path);
     let mut text = key.to_base64();
     text.push('\n');
-    // The temp file is `.{next name}.tmp.{pid}`: the names `next_tmp_prefix` finds.
+    // The temp file is `.{next name}.tmp.{random}`: the names `next_tmp_prefix` finds.
     crate::state::write_atomic(&next, text.as_bytes())
         .map_err(|e| key_err(&next, format!("cannot write the next key: {e}")))
 }
@@ -275,6 +241,7 @@ pub fn recover(path: &Path, coordinator: Option<PublicKey>) -> Result<Recovered>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     #[test]
     fn generates_with_0600_in_0700_dir_and_reloads_same_key() {

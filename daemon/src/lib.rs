@@ -7,6 +7,7 @@ pub mod client;
 pub mod control;
 pub mod coordinator;
 pub mod daemon;
+pub mod disk;
 pub mod dns;
 pub mod doctor;
 pub mod error;

@@ -325,7 +325,8 @@ pub fn admin_route<W: WgBackend, L: LinkBackend>(
             m.host_name
         )),
         None => Err(
-            "this meshd is not part of a managed mesh (no [coordinator] in its configuration              and not joined); run this on the coordinator host"
+            "this meshd is not part of a managed mesh (no [coordinator] in its configuration \
+             and not joined); run this on the coordinator host"
                 .to_string(),
         ),
     }

@@ -283,12 +283,8 @@ fn save_record(state_dir: &Path, record: &ForwardingRecord) -> Result<()> {
             _ => Ok(()),
         };
     }
-    std::fs::create_dir_all(state_dir)
-        .map_err(|e| Error::io(format!("cannot create {}", state_dir.display()), e))?;
-    let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_string_pretty(record).unwrap_or_default();
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, &path))
+    crate::disk::write_file(&path, text.as_bytes(), crate::disk::WriteOptions::PRIVATE)
         .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
 }
 

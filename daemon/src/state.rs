@@ -2,10 +2,8 @@
 //! (`membership.json`) and the cached netmap (`netmap.json`). Every file is written atomically
 //! (temporary file, fsync, rename) with mode 0600, in a directory created with mode 0700.
 
-use std::fs::{self, DirBuilder, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
@@ -90,6 +88,43 @@ impl StateDir {
         write_json(&self.netmap_path(), n)
     }
 
+    /// Create the state directory 0700, or narrow an existing one to 0700 (an older package
+    /// made it 0755): it holds the membership, the registry and its WAL. A symbolic link is
+    /// refused.
+    pub fn ensure_private(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt as _;
+        crate::disk::create_dir_all(&self.dir, 0o700)
+            .map_err(|e| state_err(&self.dir, format!("cannot create: {e}")))?;
+        let dir = fs::File::open(&self.dir)
+            .map_err(|e| state_err(&self.dir, format!("cannot open: {e}")))?;
+        let meta = fs::symlink_metadata(&self.dir)
+            .map_err(|e| state_err(&self.dir, format!("cannot stat: {e}")))?;
+        if meta.file_type().is_symlink() {
+            // A link root (or meshd's user) made, e.g. to another disk, is followed; its target
+            // gets the mode.
+            if !(meta.uid() == 0 || meta.uid() == nix::unistd::geteuid().as_raw()) {
+                return Err(state_err(
+                    &self.dir,
+                    format!(
+                        "is a symbolic link owned by uid {}; refusing it",
+                        meta.uid()
+                    ),
+                ));
+            }
+        }
+        let mode = dir
+            .metadata()
+            .map_err(|e| state_err(&self.dir, format!("cannot stat: {e}")))?
+            .mode()
+            & 0o7777;
+        if mode & 0o077 != 0 {
+            nix::sys::stat::fchmod(&dir, nix::sys::stat::Mode::from_bits_truncate(0o700))
+                .map_err(|e| state_err(&self.dir, format!("cannot make it 0700: {e}")))?;
+            tracing::info!(path = %self.dir.display(), old_mode = format!("{mode:o}"), "state directory narrowed to 0700");
+        }
+        Ok(())
+    }
+
     /// Forget the membership and the cached netmap (a failed or undone join).
     pub fn clear(&self) -> Result<()> {
         for p in [self.membership_path(), self.netmap_path()] {
@@ -121,43 +156,11 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     write_atomic(path, &text)
 }
 
-/// Write `data` to `path` atomically with mode 0600 (parent created with mode 0700).
+/// Write `data` to `path` atomically with mode 0600 (parent created with mode 0700), through
+/// the one writer ([`crate::disk::write_file`]): a symlink at `path` is refused.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if !dir.exists() {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| state_err(path, format!("cannot create {}: {e}", dir.display())))?;
-    }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "state".to_owned());
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let _ = fs::remove_file(&tmp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        state_err(path, format!("cannot write: {e}"))
-    })
+    crate::disk::write_file(path, data, crate::disk::WriteOptions::PRIVATE)
+        .map_err(|e| state_err(path, format!("cannot write: {e}")))
 }
 
 #[cfg(test)]
@@ -188,6 +191,11 @@ mod tests {
         assert_eq!(fs::metadata(&st.dir).expect("dir").mode() & 0o777, 0o700);
         assert_eq!(m.interface_address().to_string(), "10.99.99.3/24");
         st.clear().expect("clear");
+        // An existing 0755 directory is narrowed.
+        fs::set_permissions(&st.dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod");
+        st.ensure_private().expect("ensure");
+        assert_eq!(fs::metadata(&st.dir).expect("dir").mode() & 0o777, 0o700);
         assert_eq!(st.load_membership().expect("load"), None);
     }
 }

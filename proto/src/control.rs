@@ -41,7 +41,7 @@ pub enum Request {
     Peers,
     Status,
     Reload,
-    /// Join a mesh with an invitation token (`meshctl join TOKEN`).
+    /// Join a mesh with an invitation token (`meshctl join -`, the token on stdin).
     Join {
         token: String,
     },
@@ -586,7 +586,7 @@ pub fn render_status(status: &Status, now_unix: u64) -> String {
         fields.push((
             "refused",
             format!(
-                "{} ago: {}",
+                "{}: {}",
                 format_age(now_unix.saturating_sub(r.at_unix)),
                 r.what
             ),
@@ -660,7 +660,7 @@ pub fn render_invite(inv: &InviteResponse) -> String {
     if let Some(token) = &inv.token {
         let _ = writeln!(
             out,
-            "invitation for {} ({}), single use{expires}; on the new host run: meshctl join TOKEN",
+            "invitation for {} ({}), single use{expires}; on the new host run: meshctl join - and paste the token",
             inv.name, inv.address
         );
         let _ = writeln!(out, "{token}");
@@ -1236,7 +1236,7 @@ mod tests {
             text.lines().collect::<Vec<_>>(),
             [
                 "invitation for dock-mirror (10.99.99.3), single use, expires 1970-01-01 \
-                 00:00:00 UTC; on the new host run: meshctl join TOKEN",
+                 00:00:00 UTC; on the new host run: meshctl join - and paste the token",
                 "meshd1.abc_-"
             ]
         );

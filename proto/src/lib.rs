@@ -19,6 +19,7 @@ pub mod notice;
 pub mod plan;
 pub mod rotation;
 pub mod routes;
+pub mod secret_file;
 pub mod token;
 pub mod uapi;
 

@@ -151,7 +151,7 @@ fn packaged_default() -> (String, String) {
 }
 
 /// As shipped, the conffile parses and forms no mesh by itself: no name, no address, no
-/// peers, no coordinator and no token, so meshd waits for `meshctl join TOKEN`.
+/// peers, no coordinator and no token, so meshd waits for `meshctl join -`.
 #[test]
 fn the_packaged_default_config_parses_and_forms_no_mesh() {
     let (path, text) = packaged_default();

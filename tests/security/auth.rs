@@ -138,8 +138,11 @@ fn local_users_get_nothing_from_the_control_plane() -> Result<()> {
                 "nobody on dock-mirror: POST {path} got {code}, want 401"
             );
         }
-        // meshctl needs the root-owned control socket; the key file is the root's alone.
+        // meshctl needs the root-owned control socket; the key file is the root's alone (0600,
+        // whatever the directories around it allow).
         for host in MEMBERS {
+            let mode = lab.exec_ok(host, &["stat", "-c", "%a:%U", "/etc/meshd/private.key"])?;
+            ensure!(mode.trim() == "600:root", "{host}'s private key is {mode}");
             let out = as_nobody(&lab, host, &["meshctl", "invite", "intruder"])?;
             ensure!(!out.status.success(), "nobody ran meshctl invite on {host}");
             let out = as_nobody(&lab, host, &["cat", "/etc/meshd/private.key"])?;

@@ -4,7 +4,8 @@
 //!
 //! Configs follow the documented format: the coordinator has a full `[host]` and a
 //! `[coordinator]` table; a joining host has no name or address (the token brings them) and
-//! either a `join_token_file` (unattended install) or a `meshctl join TOKEN` after start.
+//! either a `join_token_file` (unattended install) or a `meshctl join -` (token on stdin) after
+//! start.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -130,7 +131,7 @@ pub fn render_member_config(host: &str, engine_command: &str, token_file: bool) 
 pub enum JoinMode {
     /// `join_token_file` in the config, read by meshd at first start.
     TokenFile,
-    /// meshd started without a token, then `meshctl join TOKEN`.
+    /// meshd started without a token, then `meshctl join -` with the token on stdin.
     Command,
 }
 
@@ -354,7 +355,7 @@ impl Lab {
     }
 
     /// Write a joining host's config (and token file), start meshd; in `Command` mode run
-    /// `meshctl join TOKEN` once meshd answers. Returns meshd's process.
+    /// `meshctl join -` (token on stdin) once meshd answers. Returns meshd's process.
     pub fn join_host(&self, host: &str, token: &str, mode: JoinMode) -> Result<ProcId> {
         self.join_host_with(host, token, mode, "")
     }
@@ -436,10 +437,21 @@ impl Lab {
         )
     }
 
-    /// `meshctl join TOKEN` in `host`; an error (with meshctl's message) if it fails.
+    /// `meshctl join -` in `host` with `token` on stdin (never in argv, where other local
+    /// users could read it); an error (with meshctl's message) if it fails.
     pub fn join(&self, host: &str, token: &str) -> Result<String> {
-        let out = self.meshctl_output(host, &["join", token])?;
+        let out = self.join_output(host, token)?;
         check_output(out, &format!("[{host}] meshctl join"))
+    }
+
+    /// `meshctl join -` in `host` with `token` on stdin, under the CLI timeout: its output.
+    pub fn join_output(&self, host: &str, token: &str) -> Result<Output> {
+        let t = CLI_TIMEOUT_SECS.to_string();
+        self.exec_input(
+            host,
+            &["timeout", t.as_str(), "meshctl", "join", "-"],
+            format!("{token}\n").as_bytes(),
+        )
     }
 
     /// Bring the static peer up from the coordinator's wg-quick config: wg-quick with

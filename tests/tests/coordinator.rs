@@ -579,10 +579,11 @@ fn corrupt(token: &str) -> String {
     chars.into_iter().collect()
 }
 
-/// `meshctl join TOKEN` in `host` must fail (not hang) with a message naming one of `words`.
+/// `meshctl join -` (token on stdin) in `host` must fail (not hang) with a message naming one
+/// of `words`.
 fn assert_refused(lab: &Lab, host: &str, token: &str, what: &str, words: &[&str]) -> Result<()> {
     let t0 = Instant::now();
-    let out = lab.meshctl_output(host, &["join", token])?;
+    let out = lab.join_output(host, token)?;
     let msg = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stderr),

@@ -112,7 +112,11 @@ fn a_host_running_the_packaged_meshd_joins_with_a_token() -> Result<()> {
     let token = lab.invite(HOST, &[])?;
     let t0 = std::time::Instant::now();
     check_output(
-        lab.exec(HOST, &["timeout", "60", meshctl.as_str(), "join", &token])?,
+        lab.exec_input(
+            HOST,
+            &["timeout", "60", meshctl.as_str(), "join", "-"],
+            format!("{token}\n").as_bytes(),
+        )?,
         &format!("[{HOST}] packaged meshctl join"),
     )?;
     lab.wait_pair_pings(&[(HOST, COORDINATOR), (COORDINATOR, HOST)], TIMEOUT)?;

@@ -41,6 +41,10 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Everything meshd creates is private unless it says otherwise (files other programs read
+    // get their mode set explicitly): the state directory, the registry, its WAL. The packaged
+    // unit sets UMask=0077 too; this covers meshd started any other way.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let args = Args::parse();
     match real_main(args) {
         Ok(true) => std::process::ExitCode::SUCCESS,
@@ -83,5 +87,8 @@ fn real_main(args: Args) -> Result<bool> {
         }
         return Ok(true);
     }
+    meshd::state::StateDir::new(&settings.state_dir)
+        .ensure_private()
+        .context("preparing the state directory")?;
     runtime.block_on(serve(settings)).map(|()| true)
 }

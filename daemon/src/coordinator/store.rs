@@ -255,8 +255,25 @@ fn ensure_key_unused(tx: &Connection, key: &PublicKey) -> Result<(), CoordError>
     }
 }
 
+/// How many audit rows the registry keeps: the newest; older ones are pruned as new ones are
+/// written (a member cannot grow the registry without bound by making it audit).
+pub const AUDIT_KEEP: i64 = 10_000;
+
 fn audit(
     tx: &Connection,
+    now_unix: u64,
+    action: &str,
+    subject: &str,
+    detail: &str,
+) -> Result<(), CoordError> {
+    audit_bounded(tx, AUDIT_KEEP, now_unix, action, subject, detail)
+}
+
+/// Append an audit row and, in the same transaction, delete all but the newest `keep` (ids
+/// only grow: AUTOINCREMENT; the delete walks the primary key, usually one row).
+fn audit_bounded(
+    tx: &Connection,
+    keep: i64,
     now_unix: u64,
     action: &str,
     subject: &str,
@@ -266,6 +283,8 @@ fn audit(
         "INSERT INTO audit (at_unix, action, subject, detail) VALUES (?1, ?2, ?3, ?4)",
         params![now_unix as i64, action, subject, detail],
     )?;
+    let id = tx.last_insert_rowid();
+    tx.execute("DELETE FROM audit WHERE id <= ?1", [id - keep])?;
     Ok(())
 }
 
@@ -379,18 +398,18 @@ impl Coordinator {
         validate_name(&settings.own_name)?;
         if let Some(dir) = settings.database.parent() {
             if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir).map_err(|e| {
+                crate::disk::create_dir_all(dir, 0o700).map_err(|e| {
                     CoordError::io(format!("creating the state directory {}", dir.display()), e)
                 })?;
             }
         }
+        prepare_database_files(&settings.database)?;
         let mut conn = Connection::open(&settings.database)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         schema::migrate(&mut conn)?;
-        restrict_permissions(&settings.database);
 
         let tx = conn.transaction()?;
         let secret: Option<Vec<u8>> = tx
@@ -1848,12 +1867,50 @@ fn register_self(
     }
 }
 
-/// The registry holds the token secret: owner-only.
-fn restrict_permissions(path: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt as _;
-    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
-        tracing::warn!(path = %path.display(), error = %e, "cannot restrict the registry's permissions");
+/// The registry holds the token secret, and so may its WAL: every file owner-only from its
+/// creation. SQLite creates `-wal` and `-shm` with the database file's mode, so the database
+/// is created 0600 here (`O_NOFOLLOW`: a symlink is refused) before SQLite opens it, and an
+/// existing one (an older meshd made it 0644) and its leftover `-wal`/`-shm` are narrowed to
+/// 0600 on their descriptors.
+fn prepare_database_files(db: &std::path::Path) -> Result<(), CoordError> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut paths = vec![db.to_path_buf()];
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(suffix);
+        paths.push(p.into());
     }
+    for (i, path) in paths.iter().enumerate() {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(i == 0)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path);
+        let f = match f {
+            Ok(f) => f,
+            Err(e) if i > 0 && e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(CoordError::io(
+                    format!(
+                        "refusing to open the registry file {}: it is a symbolic link",
+                        path.display()
+                    ),
+                    e,
+                ))
+            }
+            Err(e) => {
+                return Err(CoordError::io(
+                    format!("opening the registry file {}", path.display()),
+                    e,
+                ))
+            }
+        };
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| CoordError::io(format!("restricting {}", path.display()), e))?;
+    }
+    Ok(())
 }
 
 // The registry access `super::routes` (route approvals) builds on.
@@ -1877,4 +1934,74 @@ pub(super) fn audit_row(
     detail: &str,
 ) -> Result<(), CoordError> {
     audit(tx, now_unix, action, subject, detail)
+}
+
+#[cfg(test)]
+mod file_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+
+    #[test]
+    fn the_audit_table_keeps_the_newest_rows_only() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        schema::migrate(&mut conn).unwrap();
+        for i in 0..250u64 {
+            let tx = conn.transaction().unwrap();
+            audit_bounded(&tx, 100, i, "endpoints", &format!("h{i}"), "").unwrap();
+            tx.commit().unwrap();
+        }
+        let (n, min, max): (i64, i64, i64) = conn
+            .query_row(
+                "SELECT COUNT(*), MIN(at_unix), MAX(at_unix) FROM audit",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!((n, min, max), (100, 150, 249));
+    }
+
+    #[test]
+    fn the_database_and_its_wal_and_shm_are_0600_from_creation() {
+        // A umask that would leave them world-readable; restored afterwards.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("state/registry.sqlite");
+        crate::disk::create_dir_all(&dir.path().join("state"), 0o700).unwrap();
+        prepare_database_files(&db).unwrap();
+        let conn = Connection::open(&db).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        nix::sys::stat::umask(old);
+        for suffix in ["", "-wal", "-shm"] {
+            let p = format!("{}{suffix}", db.display());
+            let mode = std::fs::metadata(&p).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{p}");
+        }
+        assert_eq!(
+            std::fs::metadata(dir.path().join("state")).unwrap().mode() & 0o777,
+            0o700
+        );
+        drop(conn);
+        // An older database left 0644 with its WAL: narrowed on the next open.
+        for suffix in ["", "-wal"] {
+            let p = format!("{}{suffix}", db.display());
+            std::fs::write(&p, b"").ok();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+                .unwrap();
+        }
+        prepare_database_files(&db).unwrap();
+        for suffix in ["", "-wal"] {
+            let p = format!("{}{suffix}", db.display());
+            assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600, "{p}");
+        }
+        // A planted symlink is refused.
+        let link = dir.path().join("link.sqlite");
+        std::os::unix::fs::symlink(dir.path().join("victim"), &link).unwrap();
+        let e = prepare_database_files(&link).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert!(!dir.path().join("victim").exists());
+    }
 }

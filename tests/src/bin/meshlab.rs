@@ -35,7 +35,7 @@ enum Cmd {
         #[arg(long = "static")]
         static_fleet: bool,
         /// Joining hosts read their token from join_token_file at first start instead of
-        /// `meshctl join TOKEN` after meshd started.
+        /// `meshctl join -` (token on stdin) after meshd started.
         #[arg(long, conflicts_with = "static_fleet")]
         token_file: bool,
         /// Seconds to wait for every pair of daemon hosts to ping over the mesh.
