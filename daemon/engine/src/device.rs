@@ -69,7 +69,8 @@ struct OutBufs {
 
 impl OutBufs {
     fn new(offload: bool) -> Self {
-        let batch = IDEAL_BATCH_SIZE;
+        // Room for one read's worth of TSO segments beyond a batch of single-packet reads.
+        let batch = 2 * IDEAL_BATCH_SIZE;
         // With offloads a read is split into MTU-sized segments; without, one packet of any size.
         let seg_size = if offload { 9216 } else { MAX_PACKET };
         OutBufs {
@@ -109,8 +110,8 @@ impl InBufs {
 /// Batches served back to back while a descriptor keeps having data, before polling again.
 const DRAIN_ROUNDS: usize = 8;
 
-/// Serve one direction until it has nothing (a read that finds nothing costs what the poll it
-/// saves would) or for `DRAIN_ROUNDS` batches.
+/// Serve one direction again while it says more may be waiting (it stopped for lack of room,
+/// not because the descriptor was empty), at most `DRAIN_ROUNDS` times, before polling again.
 fn drain(mut serve: impl FnMut() -> bool) {
     for _ in 0..DRAIN_ROUNDS {
         if !serve() {
@@ -418,30 +419,49 @@ impl Device {
     }
 
     /// Read what the TUN has (a TSO super-packet is split into segments), route, encrypt and
-    /// send it in one `sendmmsg`.
+    /// send it in one `sendmmsg`. Returns whether more may be waiting.
     fn outbound_batch(&self, b: &mut OutBufs) -> bool {
-        let n = match self
-            .tun
-            .recv_multiple(&mut b.original, &mut b.bufs, &mut b.sizes, 0)
-        {
-            Ok(n) => n,
-            Err(e) => {
-                match e.raw_os_error() {
-                    Some(libc::EAGAIN) | Some(libc::EINTR) => {}
-                    Some(libc::EBADFD) | Some(libc::EIO) | Some(libc::ENODEV) => {
-                        tracing::info!(error = %e, "TUN interface is gone; stopping");
-                        self.stop();
+        // Read until the TUN is empty or too little room is left for one more read (a TSO
+        // super-packet splits into up to IDEAL_BATCH_SIZE segments): packets that come one
+        // per read (UDP, or no offloads) still leave in one `sendmmsg`.
+        let mut n = 0;
+        let mut more = false;
+        loop {
+            match self
+                .tun
+                .recv_multiple(&mut b.original, &mut b.bufs[n..], &mut b.sizes[n..], 0)
+            {
+                Ok(k) => {
+                    n += k;
+                    if k == 0 {
+                        break;
                     }
-                    _ => tracing::debug!(error = %e, "TUN read failed"),
+                    if b.bufs.len() - n < IDEAL_BATCH_SIZE {
+                        more = true;
+                        break;
+                    }
                 }
-                return false;
+                Err(e) => {
+                    match e.raw_os_error() {
+                        Some(libc::EAGAIN) | Some(libc::EINTR) => {}
+                        Some(libc::EBADFD) | Some(libc::EIO) | Some(libc::ENODEV) => {
+                            tracing::info!(error = %e, "TUN interface is gone; stopping");
+                            self.stop();
+                        }
+                        _ => tracing::debug!(error = %e, "TUN read failed"),
+                    }
+                    break;
+                }
             }
-        };
+        }
+        if n == 0 {
+            return false;
+        }
         b.targets.clear();
         {
             let st = self.state.read();
             if st.keys.is_none() {
-                return true;
+                return more;
             }
             for i in 0..n {
                 let pkt = &b.bufs[i][..b.sizes[i]];
@@ -487,7 +507,7 @@ impl Device {
             }
         }
         self.flush(&mut b.out);
-        true
+        more
     }
 
     fn flush(&self, out: &mut SendBatch) {
@@ -511,6 +531,8 @@ impl Device {
     /// replays cleanly. The initiator's first transport packet, which the protocol makes it
     /// send before the responder may send anything, moves the endpoint one round trip later.
     /// Cookie replies (encrypted under a key derived from a public key) never move anything.
+    ///
+    /// Returns whether more may be waiting (the batch was full).
     fn inbound_batch(&self, sock: &Arc<UdpSocket>, b: &mut InBufs) -> bool {
         let n = match sock.recv_batch(&mut b.rx) {
             Ok(n) => n,
@@ -658,7 +680,8 @@ impl Device {
             }
         }
         self.write_tun(&mut b.gro, &mut b.tun_bufs[..ready], offset);
-        true
+        // A full batch: more may be waiting.
+        n == UDP_BATCH
     }
 
     /// Write decrypted packets to the TUN (GRO-coalesced where offloads are on).
