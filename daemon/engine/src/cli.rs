@@ -23,7 +23,8 @@ Environment:
   LOG_LEVEL=error|info|debug   log level (default error; logs go to stderr)
   MESHD_WG_LOG_FILE=PATH       when detaching, append logs here instead of discarding them
   MESHD_WG_MTU=N               initial MTU (default 1420)
-  MESHD_WG_OFFLOAD=0           do not use TUN offloads";
+  MESHD_WG_OFFLOAD=0           do not use TUN offloads (TSO/GSO on read, GRO on write)
+  MESHD_WG_UDP_OFFLOAD=0       do not use UDP offloads (UDP_SEGMENT sends, UDP_GRO receives)";
 
 /// The file descriptor through which a detached child reports readiness to its parent.
 const READY_FD_ENV: &str = "MESHD_WG_READY_FD";
@@ -101,6 +102,9 @@ fn options() -> EngineOptions {
     }
     if std::env::var("MESHD_WG_OFFLOAD").as_deref() == Ok("0") {
         o.offload = false;
+    }
+    if std::env::var("MESHD_WG_UDP_OFFLOAD").as_deref() == Ok("0") {
+        o.udp_offload = false;
     }
     o
 }

@@ -32,6 +32,8 @@ const MAX_PACKET: usize = 65535;
 const WG_OVERHEAD: usize = 32;
 /// Datagrams read per `recvmmsg`.
 const UDP_BATCH: usize = 64;
+/// Decrypted packets written to the TUN at a time (its GRO coalesces within one write).
+const TUN_FLUSH: usize = 128;
 
 /// How the engine is set up at start.
 #[derive(Debug, Clone)]
@@ -39,6 +41,8 @@ pub struct EngineOptions {
     pub mtu: u16,
     /// Try TUN offloads (virtio-net header, TSO/GSO, GRO); falls back when refused.
     pub offload: bool,
+    /// Try UDP offloads (`UDP_SEGMENT` sends, `UDP_GRO` receives); falls back when refused.
+    pub udp_offload: bool,
 }
 
 impl Default for EngineOptions {
@@ -46,6 +50,7 @@ impl Default for EngineOptions {
         EngineOptions {
             mtu: mesh_proto::DEFAULT_MTU,
             offload: true,
+            udp_offload: true,
         }
     }
 }
@@ -64,7 +69,8 @@ struct OutBufs {
 
 impl OutBufs {
     fn new(offload: bool) -> Self {
-        let batch = IDEAL_BATCH_SIZE;
+        // Room for one read's worth of TSO segments beyond a batch of single-packet reads.
+        let batch = 2 * IDEAL_BATCH_SIZE;
         // With offloads a read is split into MTU-sized segments; without, one packet of any size.
         let seg_size = if offload { 9216 } else { MAX_PACKET };
         OutBufs {
@@ -81,6 +87,7 @@ impl OutBufs {
 struct InBufs {
     rx: RecvBatch,
     scratch: Vec<u8>,
+    /// Decrypted packets waiting for the TUN, each behind room for a virtio-net header.
     tun_bufs: Vec<Vec<u8>>,
     gro: GROTable,
     peers: Vec<Option<(Arc<Peer>, Kind)>>,
@@ -91,11 +98,24 @@ impl InBufs {
         InBufs {
             rx: RecvBatch::new(UDP_BATCH, MAX_PACKET),
             scratch: vec![0u8; MAX_PACKET],
-            tun_bufs: (0..UDP_BATCH)
-                .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + MAX_PACKET))
-                .collect(),
+            // Grown on demand: a UDP_GRO batch can hold many more datagrams than messages
+            // (at most 64 each).
+            tun_bufs: Vec::new(),
             gro: GROTable::default(),
             peers: Vec::with_capacity(UDP_BATCH),
+        }
+    }
+}
+
+/// Batches served back to back while a descriptor keeps having data, before polling again.
+const DRAIN_ROUNDS: usize = 8;
+
+/// Serve one direction again while it says more may be waiting (it stopped for lack of room,
+/// not because the descriptor was empty), at most `DRAIN_ROUNDS` times, before polling again.
+fn drain(mut serve: impl FnMut() -> bool) {
+    for _ in 0..DRAIN_ROUNDS {
+        if !serve() {
+            break;
         }
     }
 }
@@ -220,6 +240,7 @@ pub struct Device {
     ifindex: u32,
     tun: SyncDevice,
     offload: bool,
+    udp_offload: bool,
     tun_lock: Mutex<()>,
     udp_lock: Mutex<()>,
     state: RwLock<State>,
@@ -268,13 +289,15 @@ impl Device {
         let ifindex = tun
             .if_index()
             .context("reading the new interface's index")?;
-        let socket = UdpSocket::bind(0, 0).context("binding the UDP socket")?;
+        let socket = UdpSocket::bind(0, 0, opts.udp_offload).context("binding the UDP socket")?;
+        tracing::info!(tun_offload = offload, udp = ?socket.offloads(), "offloads");
         let limiters = Limiters::new(&placeholder_keys().public);
         Ok(Arc::new(Device {
             name: name.to_string(),
             ifindex,
             tun,
             offload,
+            udp_offload: opts.udp_offload,
             tun_lock: Mutex::new(()),
             udp_lock: Mutex::new(()),
             state: RwLock::new(State {
@@ -372,13 +395,13 @@ impl Device {
             let mut served = false;
             if tun_ready {
                 if let Some(_guard) = self.tun_lock.try_lock() {
-                    self.outbound_batch(&mut out);
+                    drain(|| self.outbound_batch(&mut out));
                     served = true;
                 }
             }
             if udp_ready {
                 if let Some(_guard) = self.udp_lock.try_lock() {
-                    self.inbound_batch(&sock, &mut inb);
+                    drain(|| self.inbound_batch(&sock, &mut inb));
                     served = true;
                 }
             }
@@ -386,40 +409,59 @@ impl Device {
                 // The other worker holds what is ready: wait for it rather than spin.
                 if tun_ready {
                     let _guard = self.tun_lock.lock();
-                    self.outbound_batch(&mut out);
+                    drain(|| self.outbound_batch(&mut out));
                 } else {
                     let _guard = self.udp_lock.lock();
-                    self.inbound_batch(&sock, &mut inb);
+                    drain(|| self.inbound_batch(&sock, &mut inb));
                 }
             }
         }
     }
 
     /// Read what the TUN has (a TSO super-packet is split into segments), route, encrypt and
-    /// send it in one `sendmmsg`.
-    fn outbound_batch(&self, b: &mut OutBufs) {
-        let n = match self
-            .tun
-            .recv_multiple(&mut b.original, &mut b.bufs, &mut b.sizes, 0)
-        {
-            Ok(n) => n,
-            Err(e) => {
-                match e.raw_os_error() {
-                    Some(libc::EAGAIN) | Some(libc::EINTR) => {}
-                    Some(libc::EBADFD) | Some(libc::EIO) | Some(libc::ENODEV) => {
-                        tracing::info!(error = %e, "TUN interface is gone; stopping");
-                        self.stop();
+    /// send it in one `sendmmsg`. Returns whether more may be waiting.
+    fn outbound_batch(&self, b: &mut OutBufs) -> bool {
+        // Read until the TUN is empty or too little room is left for one more read (a TSO
+        // super-packet splits into up to IDEAL_BATCH_SIZE segments): packets that come one
+        // per read (UDP, or no offloads) still leave in one `sendmmsg`.
+        let mut n = 0;
+        let mut more = false;
+        loop {
+            match self
+                .tun
+                .recv_multiple(&mut b.original, &mut b.bufs[n..], &mut b.sizes[n..], 0)
+            {
+                Ok(k) => {
+                    n += k;
+                    if k == 0 {
+                        break;
                     }
-                    _ => tracing::debug!(error = %e, "TUN read failed"),
+                    if b.bufs.len() - n < IDEAL_BATCH_SIZE {
+                        more = true;
+                        break;
+                    }
                 }
-                return;
+                Err(e) => {
+                    match e.raw_os_error() {
+                        Some(libc::EAGAIN) | Some(libc::EINTR) => {}
+                        Some(libc::EBADFD) | Some(libc::EIO) | Some(libc::ENODEV) => {
+                            tracing::info!(error = %e, "TUN interface is gone; stopping");
+                            self.stop();
+                        }
+                        _ => tracing::debug!(error = %e, "TUN read failed"),
+                    }
+                    break;
+                }
             }
-        };
+        }
+        if n == 0 {
+            return false;
+        }
         b.targets.clear();
         {
             let st = self.state.read();
             if st.keys.is_none() {
-                return;
+                return more;
             }
             for i in 0..n {
                 let pkt = &b.bufs[i][..b.sizes[i]];
@@ -465,6 +507,7 @@ impl Device {
             }
         }
         self.flush(&mut b.out);
+        more
     }
 
     fn flush(&self, out: &mut SendBatch) {
@@ -488,16 +531,18 @@ impl Device {
     /// replays cleanly. The initiator's first transport packet, which the protocol makes it
     /// send before the responder may send anything, moves the endpoint one round trip later.
     /// Cookie replies (encrypted under a key derived from a public key) never move anything.
-    fn inbound_batch(&self, sock: &Arc<UdpSocket>, b: &mut InBufs) {
+    ///
+    /// Returns whether more may be waiting (the batch was full).
+    fn inbound_batch(&self, sock: &Arc<UdpSocket>, b: &mut InBufs) -> bool {
         let n = match sock.recv_batch(&mut b.rx) {
             Ok(n) => n,
             Err(e) => {
                 tracing::debug!(error = %e, "UDP receive failed");
-                return;
+                return false;
             }
         };
         if n == 0 {
-            return;
+            return false;
         }
         let offset = if self.offload { VIRTIO_NET_HDR_LEN } else { 0 };
         let now = self.epoch.elapsed();
@@ -506,14 +551,14 @@ impl Device {
             let st = self.state.read();
             let mut gate = self.gate.lock();
             let mut handshakes = 0;
-            for i in 0..n {
+            for &d in &b.rx.datagrams {
                 b.peers.push(self.demux(
                     &st,
                     &mut gate,
                     now,
                     sock,
-                    &b.rx.bufs[i][..b.rx.lens[i]],
-                    b.rx.addrs[i],
+                    b.rx.datagram(d),
+                    b.rx.addrs[d.msg],
                     &mut b.scratch,
                     &mut handshakes,
                 ));
@@ -521,12 +566,13 @@ impl Device {
             gate.note_backlog(now, n, UDP_BATCH, handshakes);
         }
         let mut ready = 0;
-        for (i, slot) in b.peers.iter_mut().enumerate().take(n) {
+        for (i, slot) in b.peers.iter_mut().enumerate() {
             let Some((peer, kind)) = slot.take() else {
                 continue;
             };
-            let from = b.rx.addrs[i];
-            let datagram = &b.rx.bufs[i][..b.rx.lens[i]];
+            let d = b.rx.datagrams[i];
+            let from = b.rx.addrs[d.msg];
+            let datagram = b.rx.datagram(d);
             let mut tunn = peer.tunn.lock();
             // The noise state accepted the packet.
             let mut accepted = false;
@@ -534,7 +580,23 @@ impl Device {
             let mut authenticated = false;
             let handshake = matches!(kind, Kind::Initiation | Kind::Response);
             let started = handshake.then(Instant::now);
-            let result = tunn.decapsulate(Some(from.ip()), datagram, &mut b.scratch);
+            // Data decrypts straight into the next TUN buffer, behind room for the virtio-net
+            // header; anything else (a handshake reply) goes to the scratch buffer.
+            if b.tun_bufs.len() <= ready {
+                // Full capacity: the TUN's GRO coalesces a flow's packets into its first
+                // buffer only where that buffer has room for a whole super-packet. Pages no
+                // packet touches stay unallocated.
+                b.tun_bufs
+                    .push(Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + MAX_PACKET));
+            }
+            let dst: &mut [u8] = if kind == Kind::Data {
+                let buf = &mut b.tun_bufs[ready];
+                buf.resize(offset + datagram.len().max(148), 0);
+                &mut buf[offset..]
+            } else {
+                &mut b.scratch
+            };
+            let result = tunn.decapsulate(Some(from.ip()), datagram, dst);
             if let Some(t) = started {
                 // Handshake work counts against the device's time budget.
                 self.gate.lock().charge_work(now, t.elapsed());
@@ -567,8 +629,8 @@ impl Device {
                     peer.last_tx_ms.store(self.now_ms(), Ordering::Relaxed);
                     None
                 }
-                TunnResult::WriteToTunnelV4(p, src) => Some((p, IpAddr::V4(src))),
-                TunnResult::WriteToTunnelV6(p, src) => Some((p, IpAddr::V6(src))),
+                TunnResult::WriteToTunnelV4(p, src) => Some((p.len(), IpAddr::V4(src))),
+                TunnResult::WriteToTunnelV6(p, src) => Some((p.len(), IpAddr::V6(src))),
                 TunnResult::Done => {
                     // A keepalive, or a cookie reply stored for our next initiation.
                     accepted = true;
@@ -580,15 +642,15 @@ impl Device {
                     None
                 }
             };
-            if let Some((p, src)) = packet {
+            if let Some((len, src)) = packet {
                 // Decrypted under a session key: authentic, whatever its inner source.
                 accepted = true;
                 authenticated = kind == Kind::Data;
                 if self.source_allowed(&peer, src) {
+                    // The packet is in place: the TUN buffer keeps it (and a zeroed header).
                     let buf = &mut b.tun_bufs[ready];
-                    buf.clear();
-                    buf.resize(offset, 0);
-                    buf.extend_from_slice(p);
+                    buf.truncate(offset + len);
+                    buf[..offset].fill(0);
                     ready += 1;
                 }
             }
@@ -610,14 +672,25 @@ impl Device {
                         "peer endpoint moved on an authenticated packet");
                 }
             }
-        }
-        if ready > 0 {
-            if let Err(e) = self
-                .tun
-                .send_multiple(&mut b.gro, &mut b.tun_bufs[..ready], offset)
-            {
-                tracing::debug!(error = %e, "TUN write failed");
+            if ready == TUN_FLUSH {
+                // A UDP_GRO batch can hold thousands of packets: hand them on in chunks so
+                // the first are not held back (TCP's loss probes fire on a few ms of delay).
+                self.write_tun(&mut b.gro, &mut b.tun_bufs[..ready], offset);
+                ready = 0;
             }
+        }
+        self.write_tun(&mut b.gro, &mut b.tun_bufs[..ready], offset);
+        // A full batch: more may be waiting.
+        n == UDP_BATCH
+    }
+
+    /// Write decrypted packets to the TUN (GRO-coalesced where offloads are on).
+    fn write_tun(&self, gro: &mut GROTable, bufs: &mut [Vec<u8>], offset: usize) {
+        if bufs.is_empty() {
+            return;
+        }
+        if let Err(e) = self.tun.send_multiple(gro, bufs, offset) {
+            tracing::debug!(error = %e, "TUN write failed");
         }
     }
 
@@ -881,7 +954,7 @@ impl Device {
         if let Some(port) = set.listen_port {
             let current = self.socket.read().port();
             if port == 0 || port != current {
-                let sock = UdpSocket::bind(port, st.fwmark).map_err(|e| {
+                let sock = UdpSocket::bind(port, st.fwmark, self.udp_offload).map_err(|e| {
                     tracing::warn!(port, error = %e, "cannot bind listen port");
                     UapiError::Errno(libc::EADDRINUSE)
                 })?;

@@ -78,6 +78,37 @@ fn ours_with_ours() {
     interop(Impl::Ours, Impl::Ours);
 }
 
+/// The engine's log line that says which offloads it runs with.
+fn offload_line(p: &Pair, which: char) -> String {
+    let log = std::fs::read_to_string(p.dir.path().join(format!("{which}.log"))).expect("log");
+    log.lines()
+        .find(|l| l.contains("offloads"))
+        .unwrap_or_else(|| panic!("no offloads line in {which}'s log:\n{log}"))
+        .to_string()
+}
+
+#[test]
+fn udp_and_tun_offloads_on_one_side_and_off_on_the_other_interoperate() {
+    // A: every offload (UDP_SEGMENT sends, UDP_GRO receives, TUN TSO/GRO); B: none. Bulk
+    // TCP both ways must arrive intact: A's segmented sends reach a socket that takes single
+    // datagrams, B's single datagrams reach a UDP_GRO socket.
+    const OFF: &[(&str, &str)] = &[("MESHD_WG_UDP_OFFLOAD", "0"), ("MESHD_WG_OFFLOAD", "0")];
+    const ON: &[(&str, &str)] = &[("MESHD_WG_UDP_OFFLOAD", "1"), ("MESHD_WG_OFFLOAD", "1")];
+    let p = tunnel(Impl::OursWith(ON), Impl::OursWith(OFF));
+    p.wait_ping('a', p.b.mesh4);
+    tcp_transfer(&p, 'a', 'b', p.b.mesh4, 40);
+    tcp_transfer(&p, 'b', 'a', p.a.mesh6, 40);
+    let (a, b) = (offload_line(&p, 'a'), offload_line(&p, 'b'));
+    assert!(
+        a.contains("tun_offload=true") && a.contains("gso: true, gro: true"),
+        "A runs with every offload on this kernel: {a}"
+    );
+    assert!(
+        b.contains("tun_offload=false") && b.contains("gso: false, gro: false"),
+        "B runs without offloads: {b}"
+    );
+}
+
 #[test]
 fn ours_with_wireguard_go() {
     interop(Impl::Ours, Impl::WireguardGo);

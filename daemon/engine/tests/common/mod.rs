@@ -45,6 +45,8 @@ pub fn ok(mut cmd: impl BorrowMut<Command>) -> String {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Impl {
     Ours,
+    /// Ours with these environment variables (offload switches).
+    OursWith(&'static [(&'static str, &'static str)]),
     WireguardGo,
 }
 
@@ -166,6 +168,7 @@ impl Pair {
         cmd.args(["netns", "exec", &ns]);
         match imp {
             Impl::Ours => cmd.args([ENGINE, "-f", &iface]),
+            Impl::OursWith(env) => cmd.args([ENGINE, "-f", &iface]).envs(env.iter().copied()),
             Impl::WireguardGo => cmd.args(["wireguard-go", "-f", &iface]),
         };
         let child = cmd
