@@ -28,6 +28,9 @@ const JOIN_RETRY: Duration = Duration::from_millis(250);
 pub const ENDPOINT_CHECK: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long the follower waits for the loop to apply a netmap before it polls again anyway
+/// (the loop is busy, e.g. with a rotation of our own, which no coordinator waits for).
+pub const APPLY_WAIT: Duration = Duration::from_secs(5);
 
 /// Something from the mesh side for the agent loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -480,11 +483,17 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
 
 /// Follow the netmap: long-poll the coordinator, send each newer netmap to the loop; on
 /// errors back off (0.5 s doubling to 5 s) and keep going.
+///
+/// The next poll (`since=V`) is what tells the coordinator we took version V, and a rotation
+/// relies on it: a peer's prepare waits for it so our device holds the peer's next key before
+/// the peer switches. So the next poll waits until the loop has applied V to the device
+/// (`applied`, at most [`APPLY_WAIT`]), not merely received it.
 pub fn spawn_follower(
     api: SocketAddr,
     signer: client::SignerCell,
     since: u64,
     tx: mpsc::Sender<MeshEvent>,
+    mut applied: tokio::sync::watch::Receiver<u64>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut since = since;
@@ -506,6 +515,13 @@ pub fn spawn_follower(
                     backoff = BACKOFF_MIN;
                     if tx.send(MeshEvent::Netmap(Box::new(nm))).await.is_err() {
                         return;
+                    }
+                    let wait = applied.wait_for(|v| *v >= since);
+                    if tokio::time::timeout(APPLY_WAIT, wait).await.is_err() {
+                        tracing::debug!(
+                            version = since,
+                            "the loop has not applied the netmap yet; polling again anyway"
+                        );
                     }
                     MeshEvent::Reachable
                 }
@@ -600,6 +616,8 @@ pub struct MemberRuntime {
     last_notice_try: Option<tokio::time::Instant>,
     /// The warning that static peers hold the schedule was logged.
     held_logged: bool,
+    /// The newest netmap version applied to the device (the follower waits for it).
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for MemberRuntime {
@@ -627,6 +645,7 @@ impl MemberRuntime {
             notice_in_flight: false,
             last_notice_try: None,
             held_logged: false,
+            applied: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -666,11 +685,14 @@ impl MemberRuntime {
             return;
         };
         let since = agent.netmap().map(|n| n.version).unwrap_or(0);
+        // What runs now is applied; an older membership's versions mean nothing here.
+        self.applied.send_replace(since);
         self.follower = Some(spawn_follower(
             api,
             agent.signer_cell(),
             since,
             self.tx.clone(),
+            self.applied.subscribe(),
         ));
         self.last_reported = None;
     }
@@ -701,6 +723,15 @@ impl MemberRuntime {
                     }
                     agent.reconcile(now()).await;
                 }
+                // Applied (or already older than what runs): the follower may poll again,
+                // which acknowledges the version to the coordinator.
+                self.applied.send_if_modified(|v| {
+                    let newer = version > *v;
+                    if newer {
+                        *v = version;
+                    }
+                    newer
+                });
                 if let Some(coord) = &self.coordinator {
                     coord.applied_own(version);
                 }
