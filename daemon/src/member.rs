@@ -707,6 +707,18 @@ impl MemberRuntime {
             MeshEvent::Netmap(nm) => {
                 let nm = *nm;
                 let version = nm.version;
+                if version < self.rotated_at_version && nm.public_key != agent.key().public_key() {
+                    // Fetched before our own rotation's commit and queued while the rotation
+                    // held the loop: it names our old key, and the commit's reply already
+                    // gave us a newer one. Taking it would step the device back for a moment.
+                    tracing::debug!(
+                        version,
+                        held = self.rotated_at_version,
+                        "skipped a netmap from before our rotation"
+                    );
+                    self.mark_applied(version);
+                    return;
+                }
                 if nm.rotate_requested
                     && nm.version > self.rotated_at_version
                     && nm.public_key == agent.key().public_key()
@@ -723,15 +735,7 @@ impl MemberRuntime {
                     }
                     agent.reconcile(now()).await;
                 }
-                // Applied (or already older than what runs): the follower may poll again,
-                // which acknowledges the version to the coordinator.
-                self.applied.send_if_modified(|v| {
-                    let newer = version > *v;
-                    if newer {
-                        *v = version;
-                    }
-                    newer
-                });
+                self.mark_applied(version);
                 if let Some(coord) = &self.coordinator {
                     coord.applied_own(version);
                 }
@@ -920,6 +924,18 @@ impl MemberRuntime {
         }
         self.report_in_flight = true;
         spawn_report(api, agent.signer_cell(), report, self.tx.clone());
+    }
+
+    /// Netmap `version` is applied (or older than what runs): the follower may poll again,
+    /// which acknowledges the version to the coordinator.
+    fn mark_applied(&self, version: u64) {
+        self.applied.send_if_modified(|v| {
+            let newer = version > *v;
+            if newer {
+                *v = version;
+            }
+            newer
+        });
     }
 
     /// Rotate now (`meshctl rotate`, the schedule, an admin's request): see [`rotate`].
@@ -1423,6 +1439,42 @@ mod tests {
             std::fs::metadata(st.netmap_path()).expect("meta").mode() & 0o777,
             0o600
         );
+    }
+
+    /// A rotation holds the loop while the follower queues the prepare's netmap (naming our
+    /// old key); the commit's reply already gave us a newer one. The queued one is skipped
+    /// (the device does not step back) but acknowledged, so the follower polls on.
+    #[tokio::test]
+    async fn a_netmap_queued_before_our_rotation_is_skipped_but_acknowledged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = StateDir::new(dir.path().join("state"));
+        let mut a = unjoined(dir.path());
+        a.set_membership(Some(membership()));
+        let (old, new) = (key(61), key(62));
+        a.set_key(new.clone());
+        let (tx, _rx) = mpsc::channel(8);
+        let mut rt = MemberRuntime::new(st.clone(), tx);
+        let mut applied = rt.applied.subscribe();
+        let edge = netmap_peer("dock-edge", 22, "10.99.99.5", "192.168.1.5:51871");
+        // The commit's reply, applied at the switch.
+        let committed = netmap(&new, 10, vec![edge]);
+        rt.on_event(&mut a, MeshEvent::Netmap(Box::new(committed)))
+            .await;
+        rt.rotated_at_version = 10;
+        // The prepare's netmap, queued behind the rotation.
+        let stale = netmap(&old, 9, Vec::new());
+        rt.on_event(&mut a, MeshEvent::Netmap(Box::new(stale)))
+            .await;
+        assert_eq!(a.status().netmap_version, Some(10));
+        assert!(a.wg.device.peers.contains_key(&key(22).public_key()));
+        assert_eq!(*applied.borrow_and_update(), 10);
+        // An older netmap naming the key we run is still the coordinator's word (a registry
+        // restored from a backup): taken.
+        let restored = netmap(&new, 8, Vec::new());
+        rt.on_event(&mut a, MeshEvent::Netmap(Box::new(restored)))
+            .await;
+        assert_eq!(a.status().netmap_version, Some(8));
+        assert!(!a.wg.device.peers.contains_key(&key(22).public_key()));
     }
 
     #[tokio::test]
