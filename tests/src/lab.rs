@@ -245,6 +245,12 @@ impl Lab {
         &self.id
     }
 
+    /// Print the last `lines` lines of each log of `hosts` (meshd, the engine, helpers): what
+    /// a test shows before it fails on something slow, to say where the time went.
+    pub fn print_logs(&self, hosts: &[&str], lines: usize) {
+        dump_logs(&lock(&self.state), Some(hosts), lines);
+    }
+
     /// The lab's state directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -617,7 +623,21 @@ impl Lab {
             let _ = c.wait();
         }
         if std::thread::panicking() || std::env::var_os("MESHLAB_KEEP_LOGS").is_some() {
-            dump_logs(&st);
+            dump_logs(&st, None, DUMP_LINES);
+        }
+        if let Some(to) = std::env::var_os("MESHLAB_SAVE_DIR") {
+            // A post-mortem copy of everything the lab wrote (configs, logs, state).
+            match std::process::Command::new("cp")
+                .arg("-a")
+                .arg(&self.dir)
+                .arg(&to)
+                .status()
+            {
+                Ok(st) if st.success() => {
+                    eprintln!("lab {} saved to {}", self.id, Path::new(&to).display())
+                }
+                other => errors.push(format!("saving the lab to {to:?}: {other:?}")),
+            }
         }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             if self.dir.exists() {
@@ -1062,9 +1082,16 @@ fn terminate_all(procs: &[ProcId], grace: Duration, errors: &mut Vec<String>) {
     }
 }
 
-/// Print the tail of every log in the lab (called when a test panics).
-fn dump_logs(st: &LabState) {
+/// How many lines of each log a panicking test prints.
+const DUMP_LINES: usize = 40;
+
+/// Print the last `lines` lines of every log of `hosts` (all hosts when `None`); called when
+/// a test panics.
+fn dump_logs(st: &LabState, hosts: Option<&[&str]>, lines: usize) {
     for host in st.hosts.keys() {
+        if hosts.is_some_and(|h| !h.contains(&host.as_str())) {
+            continue;
+        }
         let Ok(dir) = std::fs::read_dir(st.dir.join(host)) else {
             continue;
         };
@@ -1079,8 +1106,8 @@ fn dump_logs(st: &LabState) {
             if text.trim().is_empty() {
                 continue;
             }
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(40)..];
+            let all: Vec<&str> = text.lines().collect();
+            let tail = &all[all.len().saturating_sub(lines)..];
             eprintln!(
                 "----- lab {} {host}: {} (last {} lines)",
                 st.id,

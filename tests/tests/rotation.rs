@@ -131,6 +131,7 @@ fn rotation_under_ping_costs_at_most_a_handshake_and_the_old_key_is_refused() ->
             })?;
         let (sent, got) = ping_summary(&std::fs::read_to_string(&log)?)?;
         if !still_pinging {
+            lab.print_logs(&[PROD, COORDINATOR], 150);
             bail!(
                 "the ping window ({PINGS} pings) ended before the rotation did ({took:?}); {msg}"
             );
@@ -142,6 +143,10 @@ fn rotation_under_ping_costs_at_most_a_handshake_and_the_old_key_is_refused() ->
             took.as_secs_f64() * 1000.0,
             msg.trim()
         );
+        if lost > LOSS_GOAL {
+            // Say where the time went before the test fails at the end.
+            lab.print_logs(&[PROD, MIRROR], 80);
+        }
         losses.push(lost);
 
         // The registry, the key file and the peer's device agree on the new key; the next
