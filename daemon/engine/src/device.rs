@@ -642,6 +642,10 @@ impl Device {
                     None
                 }
             };
+            // Before the source check: it reads the device state, and `set` takes the state
+            // before each peer's noise lock, so holding both the other way round deadlocks
+            // (seen: a key change under traffic wedged the engine for good).
+            drop(tunn);
             if let Some((len, src)) = packet {
                 // Decrypted under a session key: authentic, whatever its inner source.
                 accepted = true;
@@ -654,7 +658,6 @@ impl Device {
                     ready += 1;
                 }
             }
-            drop(tunn);
             if accepted {
                 peer.rx_bytes
                     .fetch_add(datagram.len() as u64, Ordering::Relaxed);

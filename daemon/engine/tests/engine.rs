@@ -287,6 +287,54 @@ fn wg_set_changes_a_live_interface_while_traffic_flows() {
     assert!(p.ping('a', p.b.mesh6, 2));
 }
 
+/// A key change takes the device state, then each peer's noise state; the receive path once
+/// held a peer's noise state while it read the device state, and a key change under traffic
+/// deadlocked the engine for good (`wg set` hung, the tunnel went dead). Under floods both
+/// ways (b's own traffic makes it handshake again at once after each change, so a's packets
+/// keep being decrypted on b's receive path), every change of b's private key must finish.
+#[test]
+fn private_key_changes_during_a_flood_never_wedge_the_engine() {
+    let mut p = tunnel(Impl::Ours, Impl::Ours);
+    p.wait_ping('a', p.b.mesh4);
+    for (from, to) in [('a', p.b.mesh4), ('b', p.a.mesh4)] {
+        let flood = p
+            .ns(from, &["ping", "-f", "-q", "-w", "600", to])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("ping -f");
+        // Ended (by PID) when the pair is torn down.
+        p.adopt(flood);
+    }
+    let (iface, key) = (p.b.iface.clone(), p.key_file('b'));
+    let received = |p: &Pair| -> u64 {
+        p.wg_dump('b')
+            .iter()
+            .find(|l| l.len() > 5 && l[0] == p.a.public_key)
+            .and_then(|l| l[5].parse().ok())
+            .unwrap_or(0)
+    };
+    for round in 0..80 {
+        // The same key: every session is reset all the same, and a's config stays right.
+        let out = run(p.ns(
+            'b',
+            &["timeout", "5", "wg", "set", &iface, "private-key", &key],
+        ));
+        assert!(
+            out.status.success(),
+            "round {round}: `wg set private-key` did not finish within 5 s ({:?}); engine log:\n{}",
+            out.status,
+            p.log('b')
+        );
+        // Wait until a's packets are decrypted again before the next change.
+        let before = received(&p);
+        poll_until(
+            &format!("round {round}: b to receive from a again"),
+            Duration::from_secs(10),
+            || received(&p) > before,
+        );
+    }
+}
+
 #[test]
 fn cryptokey_routing_drops_spoofed_sources_and_unrouted_destinations() {
     let p = tunnel(Impl::Ours, Impl::Ours);
