@@ -642,6 +642,17 @@ impl Device {
                     None
                 }
             };
+            if packet.is_some() {
+                // A data packet on a session we answered confirms that session: what we queued
+                // for the peer while the handshake was pending goes out now (boringtun sends
+                // its queue only when asked), not whenever our next handshake event comes.
+                while let TunnResult::WriteToNetwork(p) =
+                    tunn.decapsulate(None, &[], &mut b.scratch)
+                {
+                    let _ = sock.send_to(p, from);
+                    peer.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
+                }
+            }
             // Before the source check: it reads the device state, and `set` takes the state
             // before each peer's noise lock, so holding both the other way round deadlocks
             // (seen: a key change under traffic wedged the engine for good).
