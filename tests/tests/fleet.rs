@@ -81,6 +81,15 @@ fn every_ordered_pair_pings_over_the_mesh() -> Result<()> {
         want.sort();
         assert_eq!(peers, want, "{h}'s peers");
         assert!(r.lab.is_running(r.meshd[h]), "meshd on {h} exited");
+        // The log an operator reads (a file here, the journal under systemd): no colour
+        // codes, and no dependency's warning on every netlink dump.
+        let log = std::fs::read_to_string(r.lab.meshd_log(h))?;
+        assert!(log.contains("INFO"), "{h}'s meshd log is empty");
+        assert!(!log.contains('\x1b'), "{h}'s meshd log has colour codes");
+        assert!(
+            !log.contains("IFLA_INET6_CONF"),
+            "{h}'s meshd log has netlink-packet-route's noise"
+        );
     }
     Ok(())
 }

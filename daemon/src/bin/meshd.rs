@@ -33,14 +33,7 @@ fn main() -> std::process::ExitCode {
     if let Some(dir) = meshd_docgen::requested() {
         return meshd_docgen::generate(Args::command(), &dir);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     // Everything meshd creates is private unless it says otherwise (files other programs read
     // get their mode set explicitly): the state directory, the registry, its WAL. The packaged
     // unit sets UMask=0077 too; this covers meshd started any other way.
@@ -54,6 +47,27 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Log to stderr (journald under systemd): `RUST_LOG` filters (default `info`); colour codes
+/// only on a terminal, never into a file or the journal. netlink-packet-route warns on every
+/// netlink dump on kernels newer than it knows (`IFLA_INET6_CONF` holding more than it
+/// expects): noise to an operator, kept out unless `RUST_LOG` names that crate.
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let rust_log = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if !rust_log.contains("netlink_packet_route") {
+        if let Ok(quiet) = "netlink_packet_route=error".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// `Ok(false)`: ran, but the outcome is a failure (a doctor check failed).
