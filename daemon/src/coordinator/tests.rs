@@ -1434,12 +1434,17 @@ impl Server {
 
     /// Invite and join `name` through the registry; its key is its own.
     fn member(&self, name: &str, admin: bool) -> Host {
+        self.member_at(name, admin, None)
+    }
+
+    /// Like [`Server::member`], at `address` when given.
+    fn member_at(&self, name: &str, admin: bool, address: Option<IpAddr>) -> Host {
         let inv = self
             .coord
             .invite(
                 InviteRequest {
                     name: name.into(),
-                    address: None,
+                    address,
                     ttl_secs: None,
                     admin,
                     static_peer: false,
@@ -2488,33 +2493,10 @@ async fn api_caps_connections_per_source() {
 async fn the_follower_acknowledges_a_netmap_only_once_the_loop_applied_it() {
     // The member is 127.0.0.1, the source the kernel picks towards the loopback server.
     let s = server_on("127.0.0.0/16", "127.0.0.2").await;
-    let inv = s
-        .coord
-        .invite(
-            InviteRequest {
-                name: "follower".into(),
-                address: Some("127.0.0.1".parse().unwrap()),
-                ttl_secs: None,
-                admin: false,
-                static_peer: false,
-                public_key: None,
-                endpoint: None,
-                near: None,
-            },
-            now_real(),
-        )
-        .unwrap();
-    let key = PrivateKey::generate();
-    s.coord
-        .join(
-            inv.address,
-            join_req(inv.token.as_deref().unwrap(), key.public_key()),
-            now_real(),
-        )
-        .unwrap();
+    let member = s.member_at("follower", false, Some("127.0.0.1".parse().unwrap()));
     let cell = crate::client::SignerCell::default();
     cell.set(Some(
-        crate::client::Signer::new(&key, &coord_private().public_key()).unwrap(),
+        crate::client::Signer::new(&member.key, &coord_private().public_key()).unwrap(),
     ));
     let (tx, mut rx) = tokio::sync::mpsc::channel(8);
     let (applied, applied_rx) = tokio::sync::watch::channel(0u64);
@@ -2532,7 +2514,7 @@ async fn the_follower_acknowledges_a_netmap_only_once_the_loop_applied_it() {
         .coord
         .wait_acknowledged(version, &[own], Duration::from_millis(500))
         .await;
-    assert_eq!(out.missing, vec![inv.address], "{out:?}");
+    assert_eq!(out.missing, vec![member.address], "{out:?}");
     // Applied: acknowledged at once.
     applied.send_replace(version);
     let out = s
