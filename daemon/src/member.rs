@@ -28,9 +28,6 @@ const JOIN_RETRY: Duration = Duration::from_millis(250);
 pub const ENDPOINT_CHECK: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// How long the follower waits for the loop to apply a netmap before it polls again anyway
-/// (the loop is busy, e.g. with a rotation of our own, which no coordinator waits for).
-pub const APPLY_WAIT: Duration = Duration::from_secs(5);
 
 /// Something from the mesh side for the agent loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -483,17 +480,11 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
 
 /// Follow the netmap: long-poll the coordinator, send each newer netmap to the loop; on
 /// errors back off (0.5 s doubling to 5 s) and keep going.
-///
-/// The next poll (`since=V`) is what tells the coordinator we took version V, and a rotation
-/// relies on it: a peer's prepare waits for it so our device holds the peer's next key before
-/// the peer switches. So the next poll waits until the loop has applied V to the device
-/// (`applied`, at most [`APPLY_WAIT`]), not merely received it.
 pub fn spawn_follower(
     api: SocketAddr,
     signer: client::SignerCell,
     since: u64,
     tx: mpsc::Sender<MeshEvent>,
-    mut applied: tokio::sync::watch::Receiver<u64>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut since = since;
@@ -515,13 +506,6 @@ pub fn spawn_follower(
                     backoff = BACKOFF_MIN;
                     if tx.send(MeshEvent::Netmap(Box::new(nm))).await.is_err() {
                         return;
-                    }
-                    let wait = applied.wait_for(|v| *v >= since);
-                    if tokio::time::timeout(APPLY_WAIT, wait).await.is_err() {
-                        tracing::debug!(
-                            version = since,
-                            "the loop has not applied the netmap yet; polling again anyway"
-                        );
                     }
                     MeshEvent::Reachable
                 }
@@ -616,8 +600,6 @@ pub struct MemberRuntime {
     last_notice_try: Option<tokio::time::Instant>,
     /// The warning that static peers hold the schedule was logged.
     held_logged: bool,
-    /// The newest netmap version applied to the device (the follower waits for it).
-    applied: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for MemberRuntime {
@@ -645,7 +627,6 @@ impl MemberRuntime {
             notice_in_flight: false,
             last_notice_try: None,
             held_logged: false,
-            applied: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -685,14 +666,11 @@ impl MemberRuntime {
             return;
         };
         let since = agent.netmap().map(|n| n.version).unwrap_or(0);
-        // What runs now is applied; an older membership's versions mean nothing here.
-        self.applied.send_replace(since);
         self.follower = Some(spawn_follower(
             api,
             agent.signer_cell(),
             since,
             self.tx.clone(),
-            self.applied.subscribe(),
         ));
         self.last_reported = None;
     }
@@ -716,7 +694,6 @@ impl MemberRuntime {
                         held = self.rotated_at_version,
                         "skipped a netmap from before our rotation"
                     );
-                    self.mark_applied(version);
                     return;
                 }
                 if nm.rotate_requested
@@ -735,7 +712,6 @@ impl MemberRuntime {
                     }
                     agent.reconcile(now()).await;
                 }
-                self.mark_applied(version);
                 if let Some(coord) = &self.coordinator {
                     coord.applied_own(version);
                 }
@@ -924,18 +900,6 @@ impl MemberRuntime {
         }
         self.report_in_flight = true;
         spawn_report(api, agent.signer_cell(), report, self.tx.clone());
-    }
-
-    /// Netmap `version` is applied (or older than what runs): the follower may poll again,
-    /// which acknowledges the version to the coordinator.
-    fn mark_applied(&self, version: u64) {
-        self.applied.send_if_modified(|v| {
-            let newer = version > *v;
-            if newer {
-                *v = version;
-            }
-            newer
-        });
     }
 
     /// Rotate now (`meshctl rotate`, the schedule, an admin's request): see [`rotate`].
@@ -1442,10 +1406,10 @@ mod tests {
     }
 
     /// A rotation holds the loop while the follower queues the prepare's netmap (naming our
-    /// old key); the commit's reply already gave us a newer one. The queued one is skipped
-    /// (the device does not step back) but acknowledged, so the follower polls on.
+    /// old key); the commit's reply already gave us a newer one. The queued one is skipped:
+    /// the device does not step back.
     #[tokio::test]
-    async fn a_netmap_queued_before_our_rotation_is_skipped_but_acknowledged() {
+    async fn a_netmap_queued_before_our_rotation_is_skipped() {
         let dir = tempfile::tempdir().expect("tempdir");
         let st = StateDir::new(dir.path().join("state"));
         let mut a = unjoined(dir.path());
@@ -1454,7 +1418,6 @@ mod tests {
         a.set_key(new.clone());
         let (tx, _rx) = mpsc::channel(8);
         let mut rt = MemberRuntime::new(st.clone(), tx);
-        let mut applied = rt.applied.subscribe();
         let edge = netmap_peer("dock-edge", 22, "10.99.99.5", "192.168.1.5:51871");
         // The commit's reply, applied at the switch.
         let committed = netmap(&new, 10, vec![edge]);
@@ -1467,7 +1430,6 @@ mod tests {
             .await;
         assert_eq!(a.status().netmap_version, Some(10));
         assert!(a.wg.device.peers.contains_key(&key(22).public_key()));
-        assert_eq!(*applied.borrow_and_update(), 10);
         // An older netmap naming the key we run is still the coordinator's word (a registry
         // restored from a backup): taken.
         let restored = netmap(&new, 8, Vec::new());
