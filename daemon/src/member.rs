@@ -462,18 +462,12 @@ pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
 pub async fn rotate<W: WgBackend, L: LinkBackend>(
     agent: &mut Agent<W, L>,
     member: &MemberRuntime,
-) -> Result<String, String> {
+) -> Result<crate::rotate::Outcome, crate::rotate::RotateError> {
     use crate::rotate::Registrar;
     let registrar = match (&member.coordinator, agent.membership()) {
         (Some(coord), _) => Registrar::Local(coord),
         (None, Some(m)) => Registrar::Remote(m.api_addr()),
-        (None, None) => {
-            return Err(
-                "not a member of a managed mesh: there is no coordinator to rotate with \
-                 (a static fleet changes keys by editing the configuration)"
-                    .into(),
-            )
-        }
+        (None, None) => return Err(crate::rotate::RotateError::NotManaged),
     };
     crate::rotate::rotate(agent, &member.state, registrar).await
 }
@@ -906,9 +900,9 @@ impl MemberRuntime {
     pub async fn rotate_now<W: WgBackend, L: LinkBackend>(
         &mut self,
         agent: &mut Agent<W, L>,
-    ) -> Result<String, String> {
+    ) -> Result<crate::rotate::Outcome, crate::rotate::RotateError> {
         let r = rotate(agent, self).await;
-        if !crate::keyfile::next_path(&agent.settings().private_key_file).exists() && r.is_ok() {
+        if r.as_ref().is_ok_and(|o| o.is_done()) {
             // Done (not deferred): any request queued before the commit is served.
             self.rotation_asked = None;
             self.rotated_at_version = self
@@ -976,7 +970,8 @@ impl MemberRuntime {
         }
         tracing::info!(due, pending, asked, "key rotation");
         match self.rotate_now(agent).await {
-            Ok(message) => tracing::info!(%message, "key rotation done"),
+            Ok(outcome) if outcome.is_done() => tracing::info!(%outcome, "key rotation done"),
+            Ok(outcome) => tracing::info!(%outcome, "key rotation deferred"),
             Err(e) => {
                 tracing::warn!(error = %e, "key rotation failed; retrying at the next check")
             }

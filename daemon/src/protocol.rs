@@ -183,8 +183,8 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
             }
         }
         Request::Rotate => match member.rotate_now(agent).await {
-            Ok(message) => Response::ok(message),
-            Err(e) => Response::error(e),
+            Ok(outcome) => Response::ok(outcome.to_string()),
+            Err(e) => Response::error(e.to_string()),
         },
         Request::Doctor => Response::Doctor(crate::doctor::run_daemon(agent).await),
         // The loop answers `down` itself (it has to stop after answering).

@@ -40,6 +40,107 @@ pub enum Registrar<'a> {
     Local(&'a Coordinator),
 }
 
+/// How a rotation that did not fail ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The new key is live, the coordinator holds it and the old key is gone from disk.
+    Rotated {
+        old: PublicKey,
+        new: PublicKey,
+        took: Duration,
+        /// Static peers that list the old key by hand (the operator updates them).
+        static_peers: Vec<String>,
+        /// The pass right after the switch had errors (the device may not run the new key
+        /// yet); later passes retry it.
+        switch_error: Option<String>,
+        /// The commit's reply was lost and the coordinator answered through the new key.
+        reply_lost: Option<String>,
+    },
+    /// The coordinator did not answer at `step`: the key is unchanged, the next key is kept,
+    /// and the rotation resumes by itself when the coordinator answers.
+    Deferred { step: Action, reason: String },
+}
+
+impl Outcome {
+    /// Whether the rotation finished (nothing is pending any more).
+    pub fn is_done(&self) -> bool {
+        matches!(self, Outcome::Rotated { .. })
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Rotated {
+                old,
+                new,
+                took,
+                static_peers,
+                switch_error,
+                reply_lost,
+            } => {
+                match reply_lost {
+                    Some(e) => write!(
+                        f,
+                        "key rotated: {} -> {}; the commit's reply was lost ({e}), and the \
+                         coordinator answered through the new key; the old key is gone from disk",
+                        old.short(),
+                        new.short()
+                    )?,
+                    None => write!(
+                        f,
+                        "key rotated: {} -> {} in {} ms; the old key is gone from disk",
+                        old.short(),
+                        new.short(),
+                        took.as_millis()
+                    )?,
+                }
+                if let Some(e) = switch_error {
+                    write!(
+                        f,
+                        "; but the pass after the switch had errors ({e}): meshd retries it on \
+                         every pass, see `meshctl status`"
+                    )?;
+                }
+                if let Some(hint) = static_peer_hint(static_peers) {
+                    write!(f, "; {hint}")?;
+                }
+                Ok(())
+            }
+            Outcome::Deferred { step, reason } => write!(
+                f,
+                "rotation deferred at \"{step}\": the coordinator did not answer ({reason}); the \
+                 key is unchanged, the next key is kept, and the rotation resumes by itself when \
+                 the coordinator answers"
+            ),
+        }
+    }
+}
+
+/// Why a rotation did not happen or did not finish.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RotateError {
+    /// Not a member of a managed mesh: nobody to rotate with.
+    #[error(
+        "not a member of a managed mesh: there is no coordinator to rotate with (a static fleet \
+         changes keys by editing the configuration)"
+    )]
+    NotManaged,
+    /// The next-key file left by an earlier rotation cannot be read.
+    #[error("{0}")]
+    NextKeyFile(String),
+    /// The coordinator said no for good: the next key is discarded, the key is unchanged.
+    #[error("the coordinator refused the rotation ({step}): {reason}; the key is unchanged")]
+    Refused { step: Action, reason: String },
+    /// A step failed here (a file, the state machine, a bad reply): the next key is kept and
+    /// the rotation resumes by itself.
+    #[error(
+        "the rotation ({step}) failed: {reason}; the next key is kept and the rotation resumes \
+         by itself"
+    )]
+    Failed { step: Action, reason: String },
+}
+
 /// A step that did not go through.
 enum StepError {
     /// The coordinator said no for good: the rotation is abandoned before its commit.
@@ -118,20 +219,19 @@ pub async fn poke_peers(netmap: &Netmap) {
 /// the followers took the netmap with the new key: they reach the coordinator (API included)
 /// through it, so switching earlier would cut them off.
 ///
-/// Returns the operator's message; a rotation the coordinator could not be reached for is
-/// deferred (the next key is kept and the rotation resumes when the coordinator answers),
-/// which is not an error.
+/// A rotation the coordinator could not be reached for is [`Outcome::Deferred`] (the next key
+/// is kept and the rotation resumes when the coordinator answers), which is not an error.
 pub async fn rotate<W: WgBackend, L: LinkBackend>(
     agent: &mut Agent<W, L>,
     state: &StateDir,
     registrar: Registrar<'_>,
-) -> Result<String, String> {
+) -> Result<Outcome, RotateError> {
     let path = agent.settings().private_key_file.clone();
     let old = agent.key().public_key();
     let pending = match crate::keyfile::inspect(&crate::keyfile::next_path(&path)) {
         Ok(crate::keyfile::KeyFileState::Valid(k)) if k.public_key() != old => Some(k),
         Ok(_) => None,
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(RotateError::NextKeyFile(e.to_string())),
     };
     let (mut rot, next) = match pending {
         Some(k) => {
@@ -149,6 +249,7 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
     let mut committed_netmap: Option<Netmap> = None;
     // The coordinator's followers that did not take its prepare in time.
     let mut slow: Vec<IpAddr> = Vec::new();
+    let mut switch_error = None;
     while let Some(action) = rot.poll_action() {
         tracing::info!(step = %action, "key rotation");
         let step: Result<&'static str, StepError> = match action {
@@ -231,6 +332,7 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
                 }
                 if let Some(e) = report.error {
                     tracing::warn!(error = %e, "the pass after the key switch had errors");
+                    switch_error = Some(e.to_string());
                 }
                 if agent.membership().is_some() {
                     if let Some(nm) = agent.netmap() {
@@ -248,63 +350,64 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
         };
         match step {
             Ok(done) => crash_point(done),
-            Err(StepError::Refused(e)) => {
+            Err(StepError::Refused(reason)) => {
                 if rot.handle_refused().is_ok() {
                     if let Err(de) = crate::keyfile::discard_next(&path) {
                         tracing::warn!(error = %de, "cannot delete the abandoned next key");
                     }
-                    return Err(format!(
-                        "the coordinator refused the rotation ({action}): {e}; the key is unchanged"
-                    ));
+                    return Err(RotateError::Refused {
+                        step: action,
+                        reason,
+                    });
                 }
-                return Err(format!(
-                    "the rotation ({action}) failed: {e}; the next key is kept and the rotation \
-                     resumes by itself"
-                ));
+                return Err(RotateError::Failed {
+                    step: action,
+                    reason,
+                });
             }
-            Err(StepError::Unreachable(e)) => {
+            Err(StepError::Unreachable(reason)) => {
                 // A commit without an answer may still have gone through; then nobody accepts
                 // the old key any more and we could not even ask. Try the next key now.
                 if let (Action::Commit(_), Registrar::Remote(api)) = (action, &registrar) {
                     if probe_next_key(agent, state, *api).await {
-                        return Ok(format!(
-                            "key rotated: {} -> {}; the commit's reply was lost ({e}), and the \
-                             coordinator answered through the new key; the old key is gone \
-                             from disk",
-                            old.short(),
-                            next.public_key().short()
-                        ));
+                        return Ok(Outcome::Rotated {
+                            old,
+                            new: next.public_key(),
+                            took: started.elapsed(),
+                            static_peers: static_peer_names(agent.netmap()),
+                            switch_error: None,
+                            reply_lost: Some(reason),
+                        });
                     }
                 }
-                tracing::warn!(error = %e, step = %action, "key rotation deferred");
-                return Ok(format!(
-                    "rotation deferred: the coordinator did not answer ({e}); the key is \
-                     unchanged, the next key is kept, and the rotation resumes by itself when \
-                     the coordinator answers"
-                ));
+                tracing::warn!(error = %reason, step = %action, "key rotation deferred");
+                return Ok(Outcome::Deferred {
+                    step: action,
+                    reason,
+                });
             }
-            Err(StepError::Failed(e)) => {
-                return Err(format!(
-                    "the rotation ({action}) failed: {e}; the next key is kept and the rotation \
-                     resumes by itself"
-                ))
+            Err(StepError::Failed(reason)) => {
+                return Err(RotateError::Failed {
+                    step: action,
+                    reason,
+                })
             }
         }
     }
     let took = started.elapsed();
     tracing::info!(old = %old, new = %rot.live_key(), took_ms = took.as_millis() as u64, "key rotated");
-    let mut message = format!(
-        "key rotated: {} -> {} in {} ms; the old key is gone from disk",
-        old.short(),
-        rot.live_key().short(),
-        took.as_millis()
-    );
-    if let Some(hint) = static_peer_hint(&static_peer_names(agent.netmap())) {
+    let static_peers = static_peer_names(agent.netmap());
+    if let Some(hint) = static_peer_hint(&static_peers) {
         tracing::warn!("{hint}");
-        message.push_str("; ");
-        message.push_str(&hint);
     }
-    Ok(message)
+    Ok(Outcome::Rotated {
+        old,
+        new: rot.live_key(),
+        took,
+        static_peers,
+        switch_error,
+        reply_lost: None,
+    })
 }
 
 /// Wait for the coordinator's followers (but `skip`) to take `version`; returns those that did
@@ -408,4 +511,183 @@ pub async fn coordinator_key_from_notices(
     } else {
         errors.join("; ")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::backend::{FakeBackend, FakeLink};
+    use crate::coordinator::CoordinatorSettings;
+    use crate::member::MemberRuntime;
+    use crate::state::Membership;
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn agent(dir: &std::path::Path, key: &PrivateKey) -> Agent<FakeBackend, FakeLink> {
+        let mut s = crate::agent::tests::settings(Vec::new());
+        s.private_key_file = dir.join("private.key");
+        s.state_dir = dir.join("state");
+        let mut text = key.to_base64();
+        text.push('\n');
+        crate::state::write_atomic(&s.private_key_file, text.as_bytes()).expect("key file");
+        Agent::new(FakeBackend::default(), FakeLink::default(), s, key.clone())
+    }
+
+    fn coordinator(dir: &std::path::Path, own: &PrivateKey) -> Coordinator {
+        let settings = CoordinatorSettings {
+            mesh_cidr: "10.99.99.0/24".parse().expect("net"),
+            api_port: mesh_proto::api::DEFAULT_API_PORT,
+            public_endpoints: vec!["192.0.2.1:51871".parse().expect("sa")],
+            reserved: vec![],
+            static_assignments: BTreeMap::new(),
+            keepalive_secs: 25,
+            database: dir.join("registry.sqlite"),
+            own_name: "dock-load".into(),
+            own_address: "10.99.99.1".parse().expect("ip"),
+            own_public_key: own.public_key(),
+        };
+        Coordinator::open(settings, NOW).expect("open")
+    }
+
+    fn runtime(dir: &std::path::Path) -> MemberRuntime {
+        let (tx, _rx) = tokio::sync::mpsc::channel(8);
+        MemberRuntime::new(StateDir::new(dir.join("state")), tx)
+    }
+
+    fn key_on_disk(agent: &Agent<FakeBackend, FakeLink>) -> PublicKey {
+        match crate::keyfile::inspect(&agent.settings().private_key_file) {
+            Ok(crate::keyfile::KeyFileState::Valid(k)) => k.public_key(),
+            other => panic!("key file: {other:?}"),
+        }
+    }
+
+    fn next_on_disk(agent: &Agent<FakeBackend, FakeLink>) -> Option<PublicKey> {
+        match crate::keyfile::inspect(&crate::keyfile::next_path(
+            &agent.settings().private_key_file,
+        )) {
+            Ok(crate::keyfile::KeyFileState::Valid(k)) => Some(k.public_key()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_coordinator_hosts_rotation_ends_rotated_with_the_new_key_everywhere() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let own = PrivateKey::from_bytes([1; 32]);
+        let mut a = agent(dir.path(), &own);
+        let mut rt = runtime(dir.path());
+        rt.coordinator = Some(coordinator(dir.path(), &own));
+        let out = rt.rotate_now(&mut a).await.expect("rotated");
+        let Outcome::Rotated {
+            old,
+            new,
+            switch_error,
+            reply_lost,
+            ..
+        } = &out
+        else {
+            panic!("not rotated: {out}");
+        };
+        assert!(out.is_done());
+        assert_eq!(*old, own.public_key());
+        assert_ne!(*new, *old);
+        assert_eq!((switch_error, reply_lost), (&None, &None));
+        assert_eq!(a.key().public_key(), *new, "the agent runs the new key");
+        assert_eq!(key_on_disk(&a), *new, "the key file holds the new key");
+        assert_eq!(next_on_disk(&a), None, "no next key left");
+        let registry = rt
+            .coordinator
+            .as_ref()
+            .expect("coordinator")
+            .netmap_for_name("dock-load")
+            .expect("netmap")
+            .expect("own netmap");
+        assert_eq!(registry.public_key, *new);
+        let text = out.to_string();
+        assert!(text.starts_with("key rotated: "), "{text}");
+        assert!(!text.contains("errors"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_switch_the_device_did_not_take_is_reported_not_hidden() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let own = PrivateKey::from_bytes([1; 32]);
+        let mut a = agent(dir.path(), &own);
+        // The engine stops answering: the pass that should put the new key on the device fails.
+        a.wg.fail_observe = true;
+        let mut rt = runtime(dir.path());
+        rt.coordinator = Some(coordinator(dir.path(), &own));
+        let out = rt.rotate_now(&mut a).await.expect("committed");
+        match &out {
+            Outcome::Rotated {
+                switch_error: Some(e),
+                ..
+            } => assert!(e.contains("device unreachable"), "{e}"),
+            other => panic!("the failed switch was not reported: {other:?}"),
+        }
+        let text = out.to_string();
+        assert!(
+            text.contains("the pass after the switch had errors"),
+            "{text}"
+        );
+        // Level-triggered: the next pass that reaches the engine puts the new key on it.
+        a.wg.fail_observe = false;
+        let r = a.reconcile(now()).await;
+        assert!(r.error.is_none(), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_coordinator_defers_and_keeps_the_same_next_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let own = PrivateKey::from_bytes([60; 32]);
+        let mut a = agent(dir.path(), &own);
+        a.set_membership(Some(Membership {
+            host_name: "dock-mirror".into(),
+            address: "10.99.99.3".parse().expect("ip"),
+            mesh_cidr: "10.99.99.0/24".parse().expect("net"),
+            coordinator_public_key: PrivateKey::from_bytes([100; 32]).public_key(),
+            coordinator_endpoints: vec!["127.0.0.1:9".parse().expect("sa")],
+            // Loopback's discard port: nothing answers, nothing leaves the machine.
+            coordinator_address: "127.0.0.1".parse().expect("ip"),
+            api_port: 9,
+            admin: false,
+            joined_unix: 1,
+        }));
+        let mut rt = runtime(dir.path());
+        let first = rt.rotate_now(&mut a).await.expect("deferred, not failed");
+        let Outcome::Deferred {
+            step: Action::Prepare(next),
+            ..
+        } = first
+        else {
+            panic!("not deferred at the prepare: {first:?}");
+        };
+        assert!(!first.is_done());
+        assert!(
+            first.to_string().starts_with("rotation deferred"),
+            "{first}"
+        );
+        assert_eq!(a.key().public_key(), own.public_key(), "key unchanged");
+        assert_eq!(key_on_disk(&a), own.public_key());
+        assert_eq!(next_on_disk(&a), Some(next), "the next key is kept");
+        // Asked again: the same next key is resumed, not a new one made.
+        let again = rt.rotate_now(&mut a).await.expect("deferred");
+        assert!(
+            matches!(again, Outcome::Deferred { step: Action::Prepare(k), .. } if k == next),
+            "{again:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_host_outside_a_managed_mesh_has_nothing_to_rotate_with() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let own = PrivateKey::from_bytes([60; 32]);
+        let mut a = agent(dir.path(), &own);
+        let mut rt = runtime(dir.path());
+        assert_eq!(rt.rotate_now(&mut a).await, Err(RotateError::NotManaged));
+        assert_eq!(next_on_disk(&a), None, "no next key written");
+        assert_eq!(key_on_disk(&a), own.public_key());
+    }
 }
