@@ -86,7 +86,6 @@ pub(super) struct HostRow {
 enum RotationStep {
     Prepare,
     Commit,
-    Both,
 }
 
 const HOST_COLUMNS: &str = "id, name, address, public_key, admin, static_peer, pending, removed, \
@@ -923,18 +922,6 @@ impl Coordinator {
         Ok(JoinResponse { netmap })
     }
 
-    /// A joined daemon host at `caller` replaces its key with `req.public_key` (which no host
-    /// may ever have held) in one step: prepare and commit together (see
-    /// [`Coordinator::commit_rotation`]). Returns the caller's netmap.
-    pub fn rotate_key(
-        &self,
-        caller: IpAddr,
-        req: RotateRequest,
-        now_unix: u64,
-    ) -> Result<RotateResponse, CoordError> {
-        self.rotation_step(caller, req, now_unix, RotationStep::Both)
-    }
-
     /// Rotation, first half (`mesh_proto::rotation`): `req.public_key` becomes the caller's
     /// *next* key. Every peer's netmap lists it (`next_public_key`), so peers accept a
     /// handshake from it; nothing routes to it yet. Idempotent; a different next key replaces
@@ -1040,7 +1027,6 @@ impl Coordinator {
                         )));
                     }
                 }
-                RotationStep::Both => ensure_key_unused(tx, &key)?,
             }
             tx.execute(
                 "INSERT OR IGNORE INTO retired_keys (public_key, host, retired_unix)

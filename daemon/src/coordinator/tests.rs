@@ -7,7 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mesh_proto::api::{EndpointReport, InviteRequest, JoinRequest, RotateRequest, MAX_BODY};
+use mesh_proto::api::{
+    EndpointReport, InviteRequest, JoinRequest, RotateRequest, RotateResponse, MAX_BODY,
+};
 use mesh_proto::token::Token;
 use mesh_proto::{PrivateKey, PublicKey};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -978,6 +980,17 @@ fn admin_flag_and_own_key_rotation() {
     );
 }
 
+/// A whole rotation of `caller`'s key, as a member's meshd makes it: prepare, then commit.
+fn prepare_commit(
+    c: &Coordinator,
+    caller: IpAddr,
+    req: RotateRequest,
+    now_unix: u64,
+) -> Result<RotateResponse, CoordError> {
+    c.prepare_rotation(caller, req.clone(), now_unix)?;
+    c.commit_rotation(caller, req, now_unix)
+}
+
 fn rotate(key: PublicKey) -> RotateRequest {
     RotateRequest { public_key: key }
 }
@@ -1001,17 +1014,18 @@ fn key_created(c: &Coordinator, name: &str) -> u64 {
 }
 
 #[test]
-fn rotate_key_replaces_the_key_everywhere() {
+fn a_rotation_replaces_the_key_everywhere() {
     let dir = tempfile::tempdir().unwrap();
     let c = open(dir.path());
     let (a, old) = invite_join(&c, "dock-mirror");
     let (b, _) = invite_join(&c, "dock-edge");
     let v = c.version();
     let new_key = PrivateKey::generate().public_key();
-    let resp = c.rotate_key(a, rotate(new_key), NOW + 100).unwrap();
-    assert_eq!(c.version(), v + 1);
+    let resp = prepare_commit(&c, a, rotate(new_key), NOW + 100).unwrap();
+    // One version for the prepare (peers learn the next key), one for the commit.
+    assert_eq!(c.version(), v + 2);
     assert_eq!(resp.netmap.public_key, new_key);
-    assert_eq!(resp.netmap.version, v + 1);
+    assert_eq!(resp.netmap.version, v + 2);
     assert_eq!(resp.netmap, c.netmap_for_address(a).unwrap().unwrap());
     // Every other host's netmap (the registry's view of the coordinator's too) has the new key.
     for from in [b, addr("10.99.99.1")] {
@@ -1034,8 +1048,8 @@ fn rotate_key_replaces_the_key_everywhere() {
     );
     // A second rotation works the same way.
     let newer = PrivateKey::generate().public_key();
-    c.rotate_key(a, rotate(newer), NOW + 200).unwrap();
-    assert_eq!(c.version(), v + 2);
+    prepare_commit(&c, a, rotate(newer), NOW + 200).unwrap();
+    assert_eq!(c.version(), v + 4);
     assert_eq!(host_info(&c, "dock-mirror").public_key, newer);
 }
 
@@ -1099,7 +1113,7 @@ fn prepare_then_commit_moves_the_key_in_two_steps() {
 }
 
 #[test]
-fn rotate_key_keeps_the_old_key_on_the_coordinator_during_the_grace() {
+fn a_rotation_keeps_the_old_key_on_the_coordinator_during_the_grace() {
     let dir = tempfile::tempdir().unwrap();
     let c = open(dir.path());
     let (a, old) = invite_join(&c, "dock-mirror");
@@ -1111,7 +1125,7 @@ fn rotate_key_keeps_the_old_key_on_the_coordinator_during_the_grace() {
     assert!(c.recent_joins(Instant::now()).is_empty());
     let new_key = PrivateKey::generate().public_key();
     let before = Instant::now();
-    c.rotate_key(a, rotate(new_key), NOW + 100).unwrap();
+    prepare_commit(&c, a, rotate(new_key), NOW + 100).unwrap();
     let after = Instant::now();
 
     let joins = c.recent_joins(after);
@@ -1163,7 +1177,7 @@ fn bad_rotations_are_refused_and_change_nothing() {
         .unwrap();
     // dock-edge rotates once; its current key is then b2.
     let b2 = PrivateKey::generate().public_key();
-    c.rotate_key(b, rotate(b2), NOW + 3).unwrap();
+    prepare_commit(&c, b, rotate(b2), NOW + 3).unwrap();
     let audit_len = c.audit_log().unwrap().len();
     let deadline = Instant::now() + JOIN_KEY_GRACE + Duration::from_secs(5);
     while !c.recent_joins(Instant::now()).is_empty() && Instant::now() < deadline {
@@ -1174,39 +1188,45 @@ fn bad_rotations_are_refused_and_change_nothing() {
 
     // Keys in use, or held by a removed host.
     refused(&c, 409, "already registered to host dock-edge", || {
-        c.rotate_key(a, rotate(b2), at).map(drop)
-    });
-    refused(&c, 409, "already registered to host dock-mirror", || {
-        c.rotate_key(a, rotate(key_a.public_key()), at).map(drop)
+        prepare_commit(&c, a, rotate(b2), at).map(drop)
     });
     refused(&c, 409, "already registered to host dock-load", || {
-        c.rotate_key(a, rotate(PrivateKey::from_bytes([1; 32]).public_key()), at)
-            .map(drop)
+        prepare_commit(
+            &c,
+            a,
+            rotate(PrivateKey::from_bytes([1; 32]).public_key()),
+            at,
+        )
+        .map(drop)
     });
     refused(&c, 409, "removed host dock-old", || {
-        c.rotate_key(a, rotate(gone_key), at).map(drop)
+        prepare_commit(&c, a, rotate(gone_key), at).map(drop)
     });
     // Unknown caller, a pending (not yet joined) host, a removed host.
     refused(&c, 403, "10.99.99.77 is not a joined host", || {
-        c.rotate_key(addr("10.99.99.77"), fresh(), at).map(drop)
+        prepare_commit(&c, addr("10.99.99.77"), fresh(), at).map(drop)
     });
     refused(&c, 403, "is not a joined host", || {
-        c.rotate_key(pending.address, fresh(), at).map(drop)
+        prepare_commit(&c, pending.address, fresh(), at).map(drop)
     });
     refused(&c, 410, "host dock-old was removed", || {
-        c.rotate_key(gone, fresh(), at).map(drop)
+        prepare_commit(&c, gone, fresh(), at).map(drop)
     });
     // A static peer, and the coordinator itself.
     refused(&c, 409, "nas is a static peer", || {
-        c.rotate_key(nas.address, fresh(), at).map(drop)
+        prepare_commit(&c, nas.address, fresh(), at).map(drop)
     });
     refused(&c, 409, "is the coordinator itself", || {
-        c.rotate_key(addr("10.99.99.1"), fresh(), at).map(drop)
+        prepare_commit(&c, addr("10.99.99.1"), fresh(), at).map(drop)
     });
     refused(&c, 409, "is the coordinator itself", || {
-        c.rotate_key("::ffff:10.99.99.1".parse().unwrap(), fresh(), at)
-            .map(drop)
+        prepare_commit(&c, "::ffff:10.99.99.1".parse().unwrap(), fresh(), at).map(drop)
     });
+    // The key the caller already holds: a retried step whose reply was lost, so a no-op.
+    let v = c.version();
+    let resp = prepare_commit(&c, a, rotate(key_a.public_key()), at).unwrap();
+    assert_eq!(resp.netmap.public_key, key_a.public_key());
+    assert_eq!(c.version(), v, "no new version");
     assert_eq!(c.audit_log().unwrap().len(), audit_len, "no audit rows");
     assert!(c.recent_joins(Instant::now()).is_empty(), "no grace");
     assert_eq!(key_created(&c, "dock-mirror"), NOW + 1);
