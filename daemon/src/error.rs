@@ -35,7 +35,8 @@ pub enum Error {
     /// Joining or following the mesh failed (the message is for the operator as is).
     #[error("{0}")]
     Mesh(String),
-    /// An operation on the in-memory fake was made to fail (tests).
+    /// An operation on the in-memory fake was made to fail (tests only).
+    #[cfg(any(test, feature = "test-fakes"))]
     #[error("injected failure: {0}")]
     Injected(String),
     /// Any other I/O error, with what we were doing.
