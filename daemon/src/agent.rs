@@ -859,6 +859,7 @@ pub(crate) mod tests {
             coordinator: None,
             routes: Default::default(),
             rotate_every: None,
+            handoff: Default::default(),
         }
     }
 
@@ -1039,6 +1040,33 @@ pub(crate) mod tests {
             let addrs: Vec<String> = a.link.addresses.iter().map(|n| n.to_string()).collect();
             assert_eq!(addrs, vec!["10.99.99.7/24".to_string()]);
         });
+    }
+
+    #[test]
+    fn a_reload_takes_the_hand_off_settings_from_the_same_parse_or_none_of_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("meshd.toml");
+        let text = |port: &str| {
+            format!(
+                "{}\n[metrics]\nlisten_port = {port}\n",
+                config_text(dir.path(), "10.99.99.1/24", &[peer(1, None)])
+            )
+        };
+        std::fs::write(&path, text("9101")).expect("write");
+        let settings = Settings::load(&path).expect("valid config");
+        assert_eq!(settings.handoff.metrics.listen_port, 9101);
+        let key = crate::keyfile::load_or_generate(&settings.private_key_file).expect("key");
+        let mut a = Agent::new(FakeBackend::default(), FakeLink::default(), settings, key);
+        std::fs::write(&path, text("9102")).expect("write");
+        a.handle_reload().expect("valid");
+        assert_eq!(a.settings().handoff.metrics.listen_port, 9102);
+        // A file whose hand-off part is invalid is refused as a whole: neither part changes.
+        let mut bad = text("99999");
+        bad = bad.replace("[[peer]]", "[[peer]]\npersistent_keepalive = 25");
+        std::fs::write(&path, bad).expect("write");
+        a.handle_reload().expect_err("port 99999 refused");
+        assert_eq!(a.settings().handoff.metrics.listen_port, 9102);
+        assert_eq!(a.settings().peers[0].spec.persistent_keepalive, None);
     }
 
     #[test]

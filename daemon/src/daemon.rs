@@ -20,7 +20,6 @@ use crate::handoff::Handoff;
 use crate::member::{MemberRuntime, MeshEvent, ENDPOINT_CHECK};
 use crate::notify::Notifier;
 use crate::protocol::{admin_route, handle_request, is_admin, relay_admin, AdminCall};
-use crate::settings::HandoffSettings;
 use crate::state::StateDir;
 
 /// Serves admin requests in-process (the coordinator host).
@@ -246,7 +245,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
         }
     }
     let mut handoff = Handoff::start(
-        load_handoff(agent.config_path()).unwrap_or_default(),
+        agent.settings().handoff.clone(),
         &agent.settings().interface,
     );
     let mut hup = signal(SignalKind::hangup())
@@ -273,7 +272,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading {}", agent.config_path().display());
                 if agent.handle_reload().is_ok() {
-                    reload_handoff(&agent, &mut handoff);
+                    handoff.reload(agent.settings().handoff.clone());
                 }
                 agent.reconcile(now()).await;
                 // A changed routes.advertise reaches the coordinator now.
@@ -332,7 +331,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                     let reload = cmd.request == Request::Reload;
                     let mut response = handle_request(&mut agent, &mut member, cmd.request).await;
                     if reload && matches!(response, Response::Ok { .. }) {
-                        reload_handoff(&agent, &mut handoff);
+                        handoff.reload(agent.settings().handoff.clone());
                     }
                     if let Response::Status(st) = &mut response {
                         st.integrations = handoff.statuses();
@@ -372,25 +371,6 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
         notifier.stopping("stopping; the interface and its peers stay up");
     }
     Ok((agent, stop))
-}
-
-/// `[dns]`, `[metrics]` and `[integrations]` of the configuration file (logged and `None` when
-/// it cannot be read: the agent reports the same error).
-fn load_handoff(path: &std::path::Path) -> Option<HandoffSettings> {
-    match HandoffSettings::load(path) {
-        Ok(h) => Some(h),
-        Err(e) => {
-            tracing::warn!(error = %e, "dns, metrics and integrations settings not loaded");
-            None
-        }
-    }
-}
-
-/// After an accepted reload: the same file's `[dns]`, `[metrics]` and `[integrations]`.
-fn reload_handoff<W: WgBackend, L: LinkBackend>(agent: &Agent<W, L>, handoff: &mut Handoff) {
-    if let Some(h) = load_handoff(agent.config_path()) {
-        handoff.reload(h);
-    }
 }
 
 /// Install the SIGTERM/SIGINT handlers now and return a future that resolves on either.

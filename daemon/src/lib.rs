@@ -34,8 +34,8 @@ pub mod state;
 pub mod uapi;
 
 pub use agent::{Agent, AgentStatus, PassReport, PeerView};
-pub use backend::{LinkBackend, LinkReport, LinkSpec, WgBackend};
 #[cfg(any(test, feature = "test-fakes"))]
 pub use backend::{FakeBackend, FakeLink};
+pub use backend::{LinkBackend, LinkReport, LinkSpec, WgBackend};
 pub use error::{Error, Result};
 pub use settings::{HandoffSettings, PeerSettings, Settings};

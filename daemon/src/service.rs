@@ -68,17 +68,11 @@ pub async fn down_offline(settings: &Settings) -> Result<Vec<String>> {
          stops meshd)",
     )?;
     let mut removed = teardown_owned(settings).await?;
-    // The hosts block and split DNS (the configuration's [integrations]; a file that no
-    // longer parses leaves them, with a warning).
-    match crate::settings::HandoffSettings::load(&settings.config_path) {
-        Ok(h) => {
-            let (r, failed) = crate::handoff::teardown(&settings.interface, &h.integrations);
-            removed.extend(r);
-            for f in failed {
-                tracing::warn!(error = %f, "down");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "down: the /etc/hosts block is left in place"),
+    // The hosts block and split DNS (the configuration's [integrations]).
+    let (r, failed) = crate::handoff::teardown(&settings.interface, &settings.handoff.integrations);
+    removed.extend(r);
+    for f in failed {
+        tracing::warn!(error = %f, "down");
     }
     let mut link = NetlinkLink::connect()?;
     match link.kind(&settings.interface).await? {

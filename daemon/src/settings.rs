@@ -47,6 +47,9 @@ pub struct Settings {
     pub routes: mesh_proto::config::RoutesConfig,
     /// `daemon.rotate_every_days`: the key rotation period (`None`: never).
     pub rotate_every: Option<Duration>,
+    /// `[dns]`, `[metrics]`, `[integrations]`: what the daemon hands to other software, from
+    /// the same parse of the same file, so the agent and the hand-offs never disagree.
+    pub handoff: HandoffSettings,
 }
 
 impl Settings {
@@ -68,6 +71,12 @@ impl Settings {
 
     fn from_config(config: mesh_proto::config::Config, path: &Path) -> Settings {
         let mut specs = config.peer_specs();
+        let handoff = HandoffSettings {
+            static_view: mesh_proto::integrate::MeshView::from_config(&config),
+            dns: config.dns,
+            metrics: config.metrics,
+            integrations: config.integrations,
+        };
         let host = config.host;
         let daemon = config.daemon;
         Settings {
@@ -98,6 +107,7 @@ impl Settings {
                 .then(|| Duration::from_secs(u64::from(daemon.rotate_every_days) * 86_400)),
             coordinator: config.coordinator,
             routes: config.routes,
+            handoff,
         }
     }
 
@@ -117,8 +127,8 @@ impl Settings {
 }
 
 /// What the daemon hands to other software: `[dns]`, `[metrics]`, `[integrations]`, and the
-/// mesh as a static configuration describes it. Read from the same file as [`Settings`]
-/// (at start and on every reload).
+/// mesh as a static configuration describes it. Part of [`Settings`] (`Settings::handoff`):
+/// parsed with it, once per start or reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandoffSettings {
     pub dns: mesh_proto::config::ServiceConfig,
@@ -137,26 +147,5 @@ impl Default for HandoffSettings {
             integrations: Default::default(),
             static_view: None,
         }
-    }
-}
-
-impl HandoffSettings {
-    /// Read and validate `path` (errors name the file and the key).
-    pub fn load(path: &Path) -> Result<HandoffSettings> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: format!("cannot read: {e}"),
-        })?;
-        Self::parse(&text, path)
-    }
-
-    pub fn parse(text: &str, path: &Path) -> Result<HandoffSettings> {
-        let config = mesh_proto::config::parse(text, &path.display().to_string())?;
-        Ok(HandoffSettings {
-            static_view: mesh_proto::integrate::MeshView::from_config(&config),
-            dns: config.dns,
-            metrics: config.metrics,
-            integrations: config.integrations,
-        })
     }
 }
