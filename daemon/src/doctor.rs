@@ -116,7 +116,7 @@ pub async fn run_offline(settings: Settings) -> Report {
     let netmap = state.load_netmap().ok().flatten();
     // The netmap as the daemon applies it: the peers' prefixes this host does not take are
     // left out (and reported).
-    let system_routes = match crate::routes::connect() {
+    let system_routes = match crate::netlink::connect() {
         Ok(handle) => crate::routes::system_routes(&handle)
             .await
             .unwrap_or_default(),
@@ -360,7 +360,7 @@ async fn ip_forward(s: &Settings) -> Check {
     let advertise = &s.routes.advertise;
     let mut interfaces = vec![s.interface.clone()];
     if !advertise.is_empty() {
-        if let Ok(handle) = crate::routes::connect() {
+        if let Ok(handle) = crate::netlink::connect() {
             for net in advertise.iter().filter(|n| matches!(n, IpNet::V4(_))) {
                 if let Ok(Some(dev)) = crate::routes::egress_interface(&handle, *net).await {
                     if !interfaces.contains(&dev) {
@@ -459,9 +459,9 @@ pub struct LinkFacts {
 
 /// The interface, over netlink (`None`: no such interface).
 pub async fn read_link(iface: &str) -> Option<LinkFacts> {
-    let (conn, handle, _) = rtnetlink::new_connection().ok()?;
-    let task = tokio::spawn(conn);
-    let result = async {
+    let netlink = crate::netlink::Scoped::open().ok()?;
+    let handle = &netlink.handle;
+    async {
         let link = handle
             .link()
             .get()
@@ -499,9 +499,7 @@ pub async fn read_link(iface: &str) -> Option<LinkFacts> {
             addresses,
         })
     }
-    .await;
-    task.abort();
-    result
+    .await
 }
 
 fn interface_check(
@@ -564,11 +562,7 @@ fn interface_check(
 
 /// `/proc/sys/net/ipv4/conf/DEV/KEY` as a number.
 fn read_sysctl(dev: &str, key: &str) -> Option<u8> {
-    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{dev}/{key}"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    crate::sysctl::read_number(&crate::sysctl::ipv4_conf(dev, key))
 }
 
 /// K3s configuration files in the order K3s reads them, with their text.

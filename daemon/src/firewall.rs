@@ -67,18 +67,6 @@ pub fn apply_firewall(fw: &Firewall) -> Result<()> {
         .map_err(|e| Error::Mesh(format!("nft refused our table inet {}: {e}", fw.table)))
 }
 
-/// A short fingerprint of the table's content, stored as the table's comment so a restarted
-/// daemon recognises its own table and does not rewrite it.
-pub fn fingerprint(fw: &Firewall) -> String {
-    // FNV-1a 64: stable across builds and platforms.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in fw.render().bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("meshd {h:016x}")
-}
-
 fn with_fingerprint(fw: &Firewall) -> String {
     let text = fw.render();
     if fw.is_empty() {
@@ -87,7 +75,7 @@ fn with_fingerprint(fw: &Firewall) -> String {
     let head = format!("table inet {} {{\n", fw.table);
     text.replacen(
         &head,
-        &format!("{head}\tcomment \"{}\"\n", fingerprint(fw)),
+        &format!("{head}\tcomment \"{}\"\n", fw.fingerprint()),
         1,
     )
 }
@@ -127,7 +115,7 @@ impl FirewallState {
             return Ok(vec![format!("removed table inet {}", fw.table)]);
         }
         // A restarted daemon adopts its own identical table instead of rewriting it.
-        let mark = format!("comment \"{}\"", fingerprint(fw));
+        let mark = format!("comment \"{}\"", fw.fingerprint());
         if self.applied.is_none() && now.as_deref().is_some_and(|t| t.contains(&mark)) {
             self.applied = Some((fw.clone(), now));
             return Ok(Vec::new());

@@ -20,6 +20,7 @@ pub mod link;
 pub mod lock;
 pub mod member;
 pub mod metrics;
+pub mod netlink;
 pub mod notify;
 pub mod ports;
 pub mod protocol;
@@ -31,6 +32,7 @@ pub mod serve;
 pub mod service;
 pub mod settings;
 pub mod state;
+pub mod sysctl;
 pub mod uapi;
 
 pub use agent::{Agent, AgentStatus, PassReport, PeerView};

@@ -44,11 +44,8 @@ impl NetlinkLink {
     /// Open a netlink connection; its driver runs as a tokio task. Must be called inside a
     /// tokio runtime.
     pub fn connect() -> Result<Self> {
-        let (connection, handle, _) = rtnetlink::new_connection()
-            .map_err(|e| Error::io("cannot open a netlink socket", e))?;
-        tokio::spawn(connection);
         Ok(NetlinkLink {
-            handle,
+            handle: crate::netlink::connect()?,
             firewall: FirewallState::default(),
         })
     }

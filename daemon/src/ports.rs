@@ -83,12 +83,11 @@ pub async fn wireguard_ports(run_dir: &Path) -> Vec<(String, u16, &'static str)>
 async fn kernel_wireguard_links() -> Vec<String> {
     use futures::TryStreamExt;
     use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
-    let Ok((connection, handle, _)) = rtnetlink::new_connection() else {
+    let Ok(netlink) = crate::netlink::Scoped::open() else {
         return Vec::new();
     };
-    let driver = tokio::spawn(connection);
     let mut names = Vec::new();
-    let mut links = handle.link().get().execute();
+    let mut links = netlink.handle.link().get().execute();
     while let Ok(Some(link)) = links.try_next().await {
         let mut name = None;
         let mut wireguard = false;
@@ -107,7 +106,6 @@ async fn kernel_wireguard_links() -> Vec<String> {
             names.push(n);
         }
     }
-    driver.abort();
     names
 }
 

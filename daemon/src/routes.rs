@@ -30,13 +30,6 @@ fn nl(what: &str, e: rtnetlink::Error) -> Error {
     Error::Netlink(format!("{what}: {e}"))
 }
 
-/// Open a netlink connection whose driver runs as a tokio task.
-pub fn connect() -> Result<Handle> {
-    let (connection, handle, _) =
-        rtnetlink::new_connection().map_err(|e| Error::io("cannot open a netlink socket", e))?;
-    tokio::spawn(connection);
-    Ok(handle)
-}
 
 /// Interface index → name, for every interface.
 pub async fn link_names(handle: &Handle) -> Result<BTreeMap<u32, String>> {
@@ -251,7 +244,7 @@ pub async fn egress_interface(handle: &Handle, net: IpNet) -> Result<Option<Stri
 const FORWARDING_RECORD: &str = "forwarding.json";
 
 fn forwarding_path(interface: &str) -> PathBuf {
-    PathBuf::from(format!("/proc/sys/net/ipv4/conf/{interface}/forwarding"))
+    crate::sysctl::ipv4_conf(interface, "forwarding")
 }
 
 /// The forwarding sysctls meshd changed: `/proc/sys/...` path → value before meshd.
@@ -288,17 +281,6 @@ fn save_record(state_dir: &Path, record: &ForwardingRecord) -> Result<()> {
         .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))
 }
 
-fn read_sysctl(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))
-}
-
-fn write_sysctl(path: &Path, value: &str) -> Result<()> {
-    std::fs::write(path, value)
-        .map_err(|e| Error::io(format!("cannot write {value} to {}", path.display()), e))
-}
-
 /// Turn IPv4 forwarding on for `needed` interfaces where it is off, recording the previous
 /// value; restore the ones we changed that are no longer needed. Returns the changes and the
 /// interfaces whose forwarding meshd turned on (to be limited by our table).
@@ -311,12 +293,12 @@ pub fn converge_forwarding(
     for iface in needed {
         let path = forwarding_path(iface);
         let key = path.display().to_string();
-        let now = read_sysctl(&path)?;
+        let now = crate::sysctl::read(&path)?;
         if now == "0" {
             record.entry(key.clone()).or_insert_with(|| now.clone());
             // Record first: a crash between the two leaves a record, never an unknown change.
             save_record(state_dir, &record)?;
-            write_sysctl(&path, "1")?;
+            crate::sysctl::write(&path, "1")?;
             changes.push(format!("{key} = 1 (was 0)"));
         }
     }
@@ -333,7 +315,7 @@ pub fn converge_forwarding(
         let prior = record.remove(&key).unwrap_or_default();
         let path = PathBuf::from(&key);
         if path.exists() {
-            write_sysctl(&path, &prior)?;
+            crate::sysctl::write(&path, &prior)?;
             changes.push(format!("{key} = {prior} (restored)"));
         }
         save_record(state_dir, &record)?;
@@ -376,7 +358,7 @@ pub async fn converge_advertise(
         }
     }
     if advertise.iter().any(|n| matches!(n, IpNet::V6(_)))
-        && read_sysctl(Path::new("/proc/sys/net/ipv6/conf/all/forwarding")).is_ok_and(|v| v == "0")
+        && crate::sysctl::read(Path::new("/proc/sys/net/ipv6/conf/all/forwarding")).is_ok_and(|v| v == "0")
     {
         tracing::warn!("IPv6 subnets are advertised but net.ipv6.conf.all.forwarding is 0; meshd does not turn IPv6 forwarding on");
     }
@@ -397,7 +379,7 @@ pub async fn check(settings: &Settings, peers: &[PeerSpec]) -> Result<Vec<RouteC
     let Some(address) = settings.address else {
         return Ok(Vec::new());
     };
-    let handle = connect()?;
+    let handle = crate::netlink::connect()?;
     let existing = system_routes(&handle).await?;
     Ok(conflicts(
         &desired_routes(address, peers),
@@ -416,7 +398,7 @@ pub async fn teardown(settings: &Settings) -> Result<Vec<String>> {
     if firewall::remove(table)? {
         done.push(format!("removed nftables table inet {table}"));
     }
-    let handle = connect()?;
+    let handle = crate::netlink::connect()?;
     for (r, m) in list(&handle).await? {
         if r.is_ours(&settings.interface) && u8::from(m.header.protocol) == RT_PROTO_MESHD {
             handle
@@ -432,7 +414,7 @@ pub async fn teardown(settings: &Settings) -> Result<Vec<String>> {
     for (key, prior) in &record {
         let path = PathBuf::from(key);
         if path.exists() {
-            write_sysctl(&path, prior)?;
+            crate::sysctl::write(&path, prior)?;
             done.push(format!("restored {key} = {prior}"));
         }
     }

@@ -94,7 +94,7 @@ fn agent(path: &Path, wg: FakeBackend) -> RealAgent {
 }
 
 async fn routes() -> Vec<SystemRoute> {
-    let handle = meshd::routes::connect().expect("netlink");
+    let handle = meshd::netlink::connect().expect("netlink");
     meshd::routes::system_routes(&handle).await.expect("routes")
 }
 

@@ -320,6 +320,16 @@ impl Firewall {
         self.advertise.is_empty()
     }
 
+    /// A short fingerprint of the rendered table (the first 8 bytes of its SHA-256, the hash
+    /// mesh-proto uses everywhere), stored as the table's comment so a restarted daemon
+    /// recognises its own table and does not rewrite it.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest as _, Sha256};
+        let digest = Sha256::digest(self.render().as_bytes());
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        format!("meshd {hex}")
+    }
+
     /// The whole table as one `nft -f -` transaction that replaces it atomically (create it
     /// if absent, delete it, define it again), or only removes it when empty. Nothing outside
     /// our table is named.
@@ -1399,6 +1409,13 @@ mod tests {
             !none.render().contains("chain forward"),
             "no drops unless we enabled forwarding"
         );
+        // The fingerprint follows the content and only the content.
+        let print = fw.fingerprint();
+        assert_eq!(print, fw.clone().fingerprint());
+        assert_ne!(print, none.fingerprint());
+        let hex = print.strip_prefix("meshd ").expect("prefix");
+        assert_eq!(hex.len(), 16);
+        assert!(hex.bytes().all(|b| b.is_ascii_hexdigit()), "{print}");
         let empty = Firewall {
             advertise: vec![],
             ..fw
