@@ -149,7 +149,7 @@ pub trait Api: Send + Sync {
 
     /// How long a join keeps trying to reach the coordinator through the tunnel.
     fn join_deadline(&self) -> Duration {
-        crate::member::JOIN_TIMEOUT
+        crate::join::JOIN_TIMEOUT
     }
 }
 

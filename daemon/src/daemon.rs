@@ -186,7 +186,7 @@ async fn join_from_file<W: WgBackend, L: LinkBackend>(
         }
     };
     *refusal = None;
-    match crate::member::join(agent, &member.state, &token, &HttpApi).await {
+    match crate::join::join(agent, &member.state, &token, &HttpApi).await {
         Ok(m) => {
             tracing::info!(file = %path.display(), host = %m.host_name, address = %m.address, "joined from the token file");
             // The token is spent: do not leave it on disk.

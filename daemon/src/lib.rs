@@ -14,6 +14,7 @@ pub mod error;
 pub mod firewall;
 pub mod handoff;
 pub mod integrate;
+pub mod join;
 pub mod kernel;
 pub mod keyfile;
 pub mod link;

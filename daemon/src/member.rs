@@ -6,24 +6,20 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use mesh_proto::api::{EndpointReport, JoinRequest};
+use mesh_proto::api::EndpointReport;
 use mesh_proto::netmap::Netmap;
-use mesh_proto::token::Token;
 use mesh_proto::{DeviceSpec, PeerSpec, PrivateKey, PublicKey};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::agent::{now, Agent};
 use crate::backend::{LinkBackend, WgBackend};
-use crate::client::{self, Api, CallError};
+use crate::client;
 use crate::settings::Settings;
-use crate::state::{write_atomic, Membership, StateDir};
+use crate::state::{Membership, StateDir};
 
 /// Keepalive toward the coordinator while joining (and before the first netmap).
 pub const BOOTSTRAP_KEEPALIVE: u16 = 25;
-/// How long a join may take to reach the coordinator through the tunnel.
-pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
-const JOIN_RETRY: Duration = Duration::from_millis(250);
 /// How often the interface addresses are checked for changes.
 pub const ENDPOINT_CHECK: Duration = Duration::from_secs(30);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -194,266 +190,6 @@ pub fn desired_device(
 
 fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
-}
-
-/// Why a join failed, for the operator; `retryable` when trying again later may work (the
-/// coordinator did not answer), not when the token itself was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JoinError {
-    pub message: String,
-    pub retryable: bool,
-}
-
-impl JoinError {
-    fn retryable(message: String) -> Self {
-        JoinError {
-            message,
-            retryable: true,
-        }
-    }
-}
-
-impl From<String> for JoinError {
-    fn from(message: String) -> Self {
-        JoinError {
-            message,
-            retryable: false,
-        }
-    }
-}
-
-impl From<&str> for JoinError {
-    fn from(message: &str) -> Self {
-        JoinError::from(message.to_string())
-    }
-}
-
-impl std::fmt::Display for JoinError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-/// Join the mesh of `token_text`. On success the interface runs with the host's own new key,
-/// the membership and netmap are saved, and the message for the operator is returned. On
-/// failure everything is put back (an interface the join created is deleted) and the error
-/// says why, in the coordinator's own words when it refused.
-pub async fn join<W: WgBackend, L: LinkBackend, A: Api>(
-    agent: &mut Agent<W, L>,
-    state: &StateDir,
-    token_text: &str,
-    api: &A,
-) -> Result<Membership, JoinError> {
-    let token_text = token_text.trim();
-    if agent.settings().coordinator.is_some() {
-        return Err("this host runs the coordinator; it is already the mesh".into());
-    }
-    if let Some(m) = agent.membership() {
-        return Err(JoinError::from(format!(
-            "already a member of mesh {} as {} ({}); remove {} to join another mesh",
-            m.mesh_cidr,
-            m.host_name,
-            m.address,
-            state.membership_path().display()
-        )));
-    }
-    let token =
-        Token::decode(token_text).map_err(|e| JoinError::from(format!("invalid token: {e}")))?;
-    let body = token.body.clone();
-    let now_unix = now().as_secs();
-    if body.expires_unix <= now_unix {
-        return Err(JoinError::from(format!(
-            "the invitation for {} expired {}s ago (by this host's clock); ask for a new one",
-            body.host_name,
-            now_unix - body.expires_unix
-        )));
-    }
-    let throwaway = token
-        .throwaway_key()
-        .map_err(|e| JoinError::from(format!("invalid token: {e}")))?;
-    let throwaway_signing = throwaway.clone();
-    let address = IpNet::new(body.host_address, body.mesh_cidr.prefix_len())
-        .map_err(|e| JoinError::from(format!("invalid token: bad address: {e}")))?;
-    if body.coordinator_endpoints.is_empty() {
-        return Err("invalid token: it names no coordinator endpoint".into());
-    }
-    // What the token names is written into the membership, the interface and /etc/hosts.
-    if !mesh_proto::netmap::valid_name(&body.host_name)
-        || !body.mesh_cidr.contains(&body.host_address)
-        || !body.mesh_cidr.contains(&body.coordinator_address)
-        || body.host_address == body.coordinator_address
-        || body.api_port == 0
-    {
-        return Err(JoinError::from(format!(
-            "invalid token: its host name, addresses or port are not usable (name {:?}, address \
-             {}, coordinator {}, mesh {})",
-            body.host_name.chars().take(64).collect::<String>(),
-            body.host_address,
-            body.coordinator_address,
-            body.mesh_cidr
-        )));
-    }
-    let interface = agent.settings().interface.clone();
-    let existed = agent.wg.observe().await.is_ok();
-    let snapshot = agent.snapshot();
-    tracing::info!(
-        host = %body.host_name,
-        address = %address,
-        coordinator = %body.coordinator_address,
-        "joining the mesh"
-    );
-    let bootstrap = PeerSpec {
-        public_key: body.coordinator_public_key,
-        preshared_key: None,
-        endpoint: body.coordinator_endpoints.first().copied(),
-        allowed_ips: vec![host_net(body.coordinator_address)],
-        persistent_keepalive: Some(BOOTSTRAP_KEEPALIVE),
-    };
-    agent.set_bootstrap(throwaway, address, bootstrap);
-
-    let result = async {
-        let report = agent.reconcile(now()).await;
-        if let Some(e) = report.error {
-            return Err(JoinError::retryable(format!(
-                "cannot bring {interface} up for the join: {e}"
-            )));
-        }
-        let own = PrivateKey::generate();
-        let underlay = agent
-            .link
-            .underlay_addresses(&interface)
-            .await
-            .unwrap_or_default();
-        let addresses = endpoint_report(0, underlay, Some(address)).addresses;
-        let req = JoinRequest {
-            token: token_text.to_string(),
-            public_key: own.public_key(),
-            listen_port: agent.settings().listen_port,
-            addresses,
-        };
-        let at = SocketAddr::new(body.coordinator_address, body.api_port);
-        // Signed with the throwaway key the invitation registered, proving the new key too.
-        let signer = client::Signer::new(&throwaway_signing, &body.coordinator_public_key)
-            .and_then(|s| s.with_next(&own))
-            .map_err(|e| JoinError::from(e.to_string()))?;
-        // The handshake and the coordinator's API may take a moment: retry what looks like
-        // "not there yet" until the deadline.
-        let window = api.join_deadline();
-        let deadline = tokio::time::Instant::now() + window;
-        let resp = loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match api.join(at, &signer, &req, left).await {
-                Err(e @ (CallError::Unreachable { .. } | CallError::Unverified { .. }))
-                    if deadline.saturating_duration_since(tokio::time::Instant::now())
-                        > JOIN_RETRY =>
-                {
-                    tracing::debug!(error = %e, "coordinator not reachable yet; retrying");
-                    tokio::time::sleep(JOIN_RETRY).await;
-                }
-                other => break other,
-            }
-        };
-        let resp = match resp {
-            Ok(r) => r,
-            Err(e @ (CallError::Unreachable { .. } | CallError::Unverified { .. })) => {
-                let message = e.to_string();
-                // Did the coordinator accept the token's key (a WireGuard handshake)?
-                let handshake = agent.wg.observe().await.ok().and_then(|d| {
-                    d.peers
-                        .get(&body.coordinator_public_key)
-                        .and_then(|p| p.last_handshake)
-                });
-                let endpoints = body
-                    .coordinator_endpoints
-                    .iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                return Err(JoinError::retryable(match handshake {
-                    Some(_) => format!(
-                        "the coordinator accepted the token's key but its API at {at} did not \
-                         answer within {}s ({message}); is the coordinator running?",
-                        window.as_secs()
-                    ),
-                    None => format!(
-                        "no answer from the coordinator {at} through the tunnel within {}s \
-                         ({message}), not even a WireGuard handshake: the coordinator does not \
-                         accept this token's key, so the invitation was already used, revoked \
-                         or expired, or the token belongs to another mesh; or the coordinator's \
-                         endpoint {endpoints} is unreachable from here",
-                        window.as_secs()
-                    ),
-                }));
-            }
-            Err(CallError::Refused { status, message }) if status >= 500 => {
-                return Err(JoinError::retryable(message))
-            }
-            Err(e) => return Err(e.to_string().into()),
-        };
-        if resp.netmap.public_key != own.public_key() || resp.netmap.address != body.host_address {
-            return Err(JoinError::from(format!(
-                "the coordinator answered with a netmap for {} ({}), not for us",
-                resp.netmap.name, resp.netmap.address
-            )));
-        }
-        resp.netmap
-            .validate()
-            .map_err(|e| JoinError::from(e.to_string()))?;
-        let mut key_text = own.to_base64();
-        key_text.push('\n');
-        write_atomic(&agent.settings().private_key_file, key_text.as_bytes())
-            .map_err(|e| JoinError::from(e.to_string()))?;
-        let membership = Membership {
-            host_name: body.host_name.clone(),
-            address: body.host_address,
-            mesh_cidr: body.mesh_cidr,
-            coordinator_public_key: body.coordinator_public_key,
-            coordinator_endpoints: body.coordinator_endpoints.clone(),
-            coordinator_address: body.coordinator_address,
-            api_port: body.api_port,
-            admin: body.admin,
-            joined_unix: now_unix,
-        };
-        state
-            .save_netmap(&resp.netmap)
-            .map_err(|e| JoinError::from(e.to_string()))?;
-        state
-            .save_membership(&membership)
-            .map_err(|e| JoinError::from(e.to_string()))?;
-        Ok((own, membership, resp.netmap))
-    }
-    .await;
-
-    match result {
-        Ok((own, membership, netmap)) => {
-            agent.set_key(own);
-            agent.set_membership(Some(membership.clone()));
-            agent.set_netmap(netmap);
-            let st = agent.mesh_state_mut();
-            st.reachable = Some(true);
-            st.last_error = None;
-            st.last_contact_unix = Some(now().as_secs());
-            let report = agent.reconcile(now()).await;
-            if let Some(e) = report.error {
-                tracing::warn!(error = %e, "first pass after the join had errors");
-            }
-            tracing::info!(host = %membership.host_name, address = %membership.address, "joined");
-            Ok(membership)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "join failed; restoring the previous state");
-            agent.restore(snapshot);
-            if let Err(se) = state.clear() {
-                tracing::warn!(error = %se, "cannot clear the state directory");
-            }
-            if existed {
-                agent.reconcile(now()).await;
-            } else if let Err(de) = agent.link.delete(&interface).await {
-                tracing::warn!(error = %de, interface = %interface, "cannot delete the interface the join created");
-            }
-            Err(e)
-        }
-    }
 }
 
 /// Rotate this host's static key now (`meshctl rotate`, the schedule, or an admin's request):
@@ -998,9 +734,11 @@ mod tests {
     use super::*;
     use crate::agent::tests::{peer, settings};
     use crate::backend::{FakeBackend, FakeLink};
-    use mesh_proto::api::JoinResponse;
+    use crate::client::{Api, CallError};
+    use crate::join::join;
+    use mesh_proto::api::{JoinRequest, JoinResponse};
     use mesh_proto::netmap::{EndpointCandidate, EndpointKind, NetmapPeer};
-    use mesh_proto::token::TokenBody;
+    use mesh_proto::token::{Token, TokenBody};
     use std::os::unix::fs::MetadataExt;
 
     fn key(i: u8) -> PrivateKey {

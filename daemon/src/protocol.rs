@@ -171,7 +171,7 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
             Err(e) => Response::error(format!("{e}")),
         },
         Request::Join { token } => {
-            match crate::member::join(agent, &member.state, &token, &HttpApi).await {
+            match crate::join::join(agent, &member.state, &token, &HttpApi).await {
                 Ok(m) => {
                     member.joined(agent).await;
                     Response::ok(format!(
