@@ -13,13 +13,12 @@ use mesh_proto::control::{Request, Response};
 
 use crate::agent::{now, Agent, AgentStatus};
 use crate::backend::{LinkBackend, WgBackend};
-use crate::client::HttpApi;
 use crate::control::{accept_loop, Command};
 use crate::error::{Error, Result};
 use crate::handoff::Handoff;
-use crate::member::{MemberRuntime, MeshEvent, ENDPOINT_CHECK};
+use crate::member::{JoinOrigin, MemberRuntime, MeshEvent, ENDPOINT_CHECK};
 use crate::notify::Notifier;
-use crate::protocol::{admin_route, handle_request, is_admin, relay_admin, AdminCall};
+use crate::protocol::{admin_route, handle_request, is_admin, relay_admin, AdminCall, Answer};
 use crate::state::StateDir;
 
 /// Serves admin requests in-process (the coordinator host).
@@ -159,20 +158,21 @@ async fn down<W: WgBackend, L: LinkBackend>(
     }
 }
 
-/// Join from `[daemon] join_token_file` when not a member yet (unattended installs). Returns
-/// whether to try again later (the coordinator did not answer). A token file refused (a
-/// symbolic link, not root's, group- or world-readable) is kept in `refusal` for `meshctl
+/// Join from `[daemon] join_token_file` when not a member yet (unattended installs): the join
+/// starts now and ends on the loop (`MemberRuntime::start_join`), which removes the spent file
+/// or sets `member.file_join_retry` when the coordinator did not answer. A token file refused
+/// (a symbolic link, not root's, group- or world-readable) is kept in `refusal` for `meshctl
 /// status`.
 async fn join_from_file<W: WgBackend, L: LinkBackend>(
     agent: &mut Agent<W, L>,
     member: &mut MemberRuntime,
     refusal: &mut Option<mesh_proto::control::Refusal>,
-) -> bool {
+) {
     let Some(path) = agent.settings().join_token_file.clone() else {
-        return false;
+        return;
     };
-    if agent.membership().is_some() || agent.settings().coordinator.is_some() {
-        return false;
+    if agent.membership().is_some() || agent.settings().coordinator.is_some() || member.joining() {
+        return;
     }
     let token = match crate::disk::read_secret_file(&path) {
         Ok(t) => t,
@@ -182,36 +182,28 @@ async fn join_from_file<W: WgBackend, L: LinkBackend>(
                 at_unix: now().as_secs(),
                 what: format!("join_token_file: {e}"),
             });
-            return false;
+            return;
         }
     };
     *refusal = None;
-    match crate::join::join(agent, &member.state, &token, &HttpApi).await {
-        Ok(m) => {
-            tracing::info!(file = %path.display(), host = %m.host_name, address = %m.address, "joined from the token file");
-            // The token is spent: do not leave it on disk.
-            match std::fs::remove_file(&path) {
-                Ok(()) => {
-                    tracing::info!(file = %path.display(), "removed the spent join token file")
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "cannot remove the spent join token file")
-                }
-            }
-            member.joined(agent).await;
-            false
-        }
-        Err(e) => {
-            tracing::error!(
-                file = %path.display(),
-                error = %e,
-                retry = e.retryable,
-                "join from the token file failed"
-            );
-            e.retryable
-        }
+    member
+        .start_join(agent, &token, JoinOrigin::File(path))
+        .await;
+}
+
+/// SIGHUP: reload the configuration (the agent's part and the hand-offs', from one parse),
+/// then a pass; a changed routes.advertise reaches the coordinator now.
+async fn sighup<W: WgBackend, L: LinkBackend>(
+    agent: &mut Agent<W, L>,
+    member: &mut MemberRuntime,
+    handoff: &mut Handoff,
+) {
+    tracing::info!("SIGHUP: reloading {}", agent.config_path().display());
+    if agent.handle_reload().is_ok() {
+        handoff.reload(agent.settings().handoff.clone());
     }
+    agent.reconcile(now()).await;
+    member.check_endpoints(agent).await;
 }
 
 /// `run` with the mesh wiring (coordinator host: in-process admin and netmaps).
@@ -262,21 +254,22 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
     handoff.after_pass(&mut agent).await;
     notify_state(&agent, &mut notifier);
     let mut join_refusal = None;
-    let mut retry_join = join_from_file(&mut agent, &mut member, &mut join_refusal).await;
+    join_from_file(&mut agent, &mut member, &mut join_refusal).await;
     let mut endpoint_timer = ticker(ENDPOINT_CHECK);
+    let mut reload_after_join = false;
     loop {
         tokio::select! {
             biased;
             () = &mut shutdown => break,
             () = &mut accept => {}
             _ = hup.recv() => {
-                tracing::info!("SIGHUP: reloading {}", agent.config_path().display());
-                if agent.handle_reload().is_ok() {
-                    handoff.reload(agent.settings().handoff.clone());
+                if member.joining() {
+                    // The join runs with its bootstrap key and peer: reload once it ended.
+                    tracing::info!("SIGHUP during a join: reloading once the join has ended");
+                    reload_after_join = true;
+                } else {
+                    sighup(&mut agent, &mut member, &mut handoff).await;
                 }
-                agent.reconcile(now()).await;
-                // A changed routes.advertise reaches the coordinator now.
-                member.check_endpoints(&mut agent).await;
             }
             Some(event) = mesh_rx.recv() => {
                 member.on_event(&mut agent, event).await;
@@ -329,17 +322,28 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                     });
                 } else {
                     let reload = cmd.request == Request::Reload;
-                    let mut response = handle_request(&mut agent, &mut member, cmd.request).await;
-                    if reload && matches!(response, Response::Ok { .. }) {
-                        handoff.reload(agent.settings().handoff.clone());
-                    }
-                    if let Response::Status(st) = &mut response {
-                        st.integrations = handoff.statuses();
-                        if agent.membership().is_none() {
-                            st.refused.extend(join_refusal.clone());
+                    match handle_request(&mut agent, &mut member, cmd.request).await {
+                        // A join or a rotation: answered when it ends, the loop goes on.
+                        Answer::Later(call) => {
+                            let reply = cmd.reply;
+                            tokio::spawn(async move {
+                                let _ = reply.send(call.await);
+                            });
+                        }
+                        Answer::Now(response) => {
+                            let mut response = *response;
+                            if reload && matches!(response, Response::Ok { .. }) {
+                                handoff.reload(agent.settings().handoff.clone());
+                            }
+                            if let Response::Status(st) = &mut response {
+                                st.integrations = handoff.statuses();
+                                if agent.membership().is_none() {
+                                    st.refused.extend(join_refusal.clone());
+                                }
+                            }
+                            let _ = cmd.reply.send(response);
                         }
                     }
-                    let _ = cmd.reply.send(response);
                 }
             }
             _ = timer.tick() => {
@@ -350,12 +354,16 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                 }
             }
             _ = endpoint_timer.tick() => {
-                if retry_join && agent.membership().is_none() {
-                    retry_join = join_from_file(&mut agent, &mut member, &mut join_refusal).await;
+                if std::mem::take(&mut member.file_join_retry) && agent.membership().is_none() {
+                    join_from_file(&mut agent, &mut member, &mut join_refusal).await;
                 }
                 member.check_endpoints(&mut agent).await;
                 member.rotate_if_due(&mut agent).await;
             }
+        }
+        if reload_after_join && !member.joining() {
+            reload_after_join = false;
+            sighup(&mut agent, &mut member, &mut handoff).await;
         }
         handoff.after_pass(&mut agent).await;
         if agent.settings().reconcile_interval != period {
@@ -547,5 +555,227 @@ mod tests {
         unjoined.address = None;
         assert!(!is_ready(&unjoined, false));
         assert!(status_line(&unjoined, false).starts_with("not joined"));
+    }
+
+    /// A coordinator API that accepts connections and never answers: a join or a rotation
+    /// waits on it for as long as the test likes. Sends each request's first line; aborting
+    /// the task closes every connection.
+    async fn silent_api(
+        ip: &str,
+    ) -> (
+        std::net::SocketAddr,
+        mpsc::UnboundedReceiver<String>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                let mut r = BufReader::new(stream);
+                let mut line = String::new();
+                if r.read_line(&mut line).await.is_ok() {
+                    let _ = tx.send(line);
+                }
+                held.push(r);
+            }
+        });
+        (addr, rx, task)
+    }
+
+    async fn wait_for_request(seen: &mut mpsc::UnboundedReceiver<String>, path: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::time::timeout_at(deadline, seen.recv()).await {
+                Ok(Some(line)) if line.contains(path) => return,
+                Ok(Some(_)) => {}
+                _ => panic!("no request for {path} reached the coordinator in time"),
+            }
+        }
+    }
+
+    /// `meshctl status` five times; every answer's latency.
+    async fn status_latencies(path: &std::path::Path) -> Vec<Duration> {
+        let mut out = Vec::new();
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            let reply = tokio::time::timeout(
+                Duration::from_secs(5),
+                exchange(path, &Request::Status.to_line()),
+            )
+            .await
+            .expect("status answered within 5 s while the loop is busy")
+            .expect("reply");
+            out.push(t.elapsed());
+            assert!(
+                matches!(Response::from_line(&reply), Ok(Response::Status(_))),
+                "{reply}"
+            );
+        }
+        out
+    }
+
+    fn assert_prompt(what: &str, mut latencies: Vec<Duration>) {
+        latencies.sort();
+        println!("MEASURED meshctl status during {what}: {latencies:?}");
+        assert!(
+            latencies[latencies.len() / 2] < Duration::from_millis(100),
+            "status took {latencies:?} (median over 100 ms) while {what} was in flight"
+        );
+    }
+
+    fn key_file(dir: &std::path::Path, key: &PrivateKey) -> std::path::PathBuf {
+        let path = dir.join("private.key");
+        crate::state::write_atomic(&path, format!("{}\n", key.to_base64()).as_bytes())
+            .expect("key file");
+        path
+    }
+
+    #[tokio::test]
+    async fn status_answers_while_a_rotation_waits_on_the_coordinator() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("run/meshd.sock");
+        let socket = ControlSocket::bind(&sock).expect("bind");
+        let (api, mut seen, server) = silent_api("127.0.0.1").await;
+        let key = PrivateKey::from_bytes([60; 32]);
+        let mut settings = crate::agent::tests::settings(Vec::new());
+        settings.private_key_file = key_file(dir.path(), &key);
+        settings.state_dir = dir.path().join("state");
+        crate::state::StateDir::new(&settings.state_dir)
+            .save_membership(&crate::state::Membership {
+                host_name: "dock-mirror".into(),
+                address: "10.99.99.3".parse().expect("ip"),
+                mesh_cidr: "10.99.99.0/24".parse().expect("net"),
+                coordinator_public_key: PrivateKey::from_bytes([100; 32]).public_key(),
+                // Loopback only: nothing leaves the machine.
+                coordinator_endpoints: vec!["127.0.0.1:9".parse().expect("sa")],
+                coordinator_address: api.ip(),
+                api_port: api.port(),
+                admin: false,
+                joined_unix: 1,
+            })
+            .expect("membership");
+        let agent = Agent::new(FakeBackend::default(), FakeLink::default(), settings, key);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stop_rx.await;
+        };
+        let client = async {
+            let path = sock.clone();
+            let rotate =
+                tokio::spawn(async move { exchange(&path, &Request::Rotate.to_line()).await });
+            wait_for_request(&mut seen, "/v1/rotate/prepare").await;
+            let latencies = status_latencies(&sock).await;
+            assert!(!rotate.is_finished(), "the rotation is still waiting");
+            assert_prompt("a key rotation", latencies);
+            // The coordinator goes away: the rotation is deferred, and says so.
+            server.abort();
+            let reply = tokio::time::timeout(Duration::from_secs(20), rotate)
+                .await
+                .expect("the rotation ended")
+                .expect("task")
+                .expect("reply");
+            match Response::from_line(&reply).expect("decode") {
+                Response::Ok { message } => {
+                    assert!(message.starts_with("rotation deferred"), "{message}")
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            let _ = stop_tx.send(());
+        };
+        let (out, ()) = tokio::join!(run(agent, &socket.listener, shutdown), client);
+        out.expect("run");
+    }
+
+    #[tokio::test]
+    async fn status_answers_while_a_join_waits_on_the_coordinator() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sock = dir.path().join("run/meshd.sock");
+        let socket = ControlSocket::bind(&sock).expect("bind");
+        // The whole mesh on loopback (127.0.0.0/8): nothing leaves the machine.
+        let (api, mut seen, _server) = silent_api("127.0.0.2").await;
+        let body = mesh_proto::token::TokenBody {
+            invite_id: "00ff".into(),
+            coordinator_public_key: PrivateKey::from_bytes([100; 32]).public_key(),
+            coordinator_endpoints: vec!["127.0.0.2:9".parse().expect("sa")],
+            coordinator_address: api.ip(),
+            api_port: api.port(),
+            mesh_cidr: "127.0.0.0/8".parse().expect("net"),
+            host_name: "dock-mirror".into(),
+            host_address: "127.0.0.3".parse().expect("ip"),
+            throwaway_private_key: PrivateKey::from_bytes([77; 32]).to_base64(),
+            expires_unix: now().as_secs() + 3600,
+            admin: false,
+        };
+        let token = mesh_proto::token::Token::sign(body, &[9; 32]).encode();
+        let mut settings = crate::agent::tests::settings(Vec::new());
+        settings.host_name = None;
+        settings.address = None;
+        settings.private_key_file = key_file(dir.path(), &PrivateKey::from_bytes([60; 32]));
+        settings.state_dir = dir.path().join("state");
+        let wg = FakeBackend {
+            absent: true,
+            ..FakeBackend::default()
+        };
+        let agent = Agent::new(
+            wg,
+            FakeLink::default(),
+            settings,
+            PrivateKey::from_bytes([60; 32]),
+        );
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stop_rx.await;
+        };
+        let client = async {
+            let path = sock.clone();
+            let join =
+                tokio::spawn(
+                    async move { exchange(&path, &Request::Join { token }.to_line()).await },
+                );
+            wait_for_request(&mut seen, "/v1/join").await;
+            let latencies = status_latencies(&sock).await;
+            assert!(!join.is_finished(), "the join is still waiting");
+            assert_prompt("a join", latencies);
+            // A second join meanwhile is refused, not queued behind the first.
+            let again = exchange(&sock, &Request::Join { token: "x".into() }.to_line())
+                .await
+                .expect("reply");
+            match Response::from_line(&again).expect("decode") {
+                Response::Error { message } => {
+                    assert!(message.contains("already in progress"), "{message}")
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            // So is a reload: the join runs with its bootstrap key.
+            let rl = exchange(&sock, &Request::Reload.to_line())
+                .await
+                .expect("reply");
+            match Response::from_line(&rl).expect("decode") {
+                Response::Error { message } => {
+                    assert!(message.contains("join is in progress"), "{message}")
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            // meshd stops while the join waits: the caller hears it.
+            let _ = stop_tx.send(());
+            let reply = tokio::time::timeout(Duration::from_secs(5), join)
+                .await
+                .expect("answered")
+                .expect("task")
+                .expect("reply");
+            match Response::from_line(&reply).expect("decode") {
+                Response::Error { message } => {
+                    assert!(
+                        message.contains("stopped before the join ended"),
+                        "{message}"
+                    )
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        let (out, ()) = tokio::join!(run(agent, &socket.listener, shutdown), client);
+        out.expect("run");
     }
 }

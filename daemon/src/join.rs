@@ -107,6 +107,15 @@ pub struct Answer {
     waited: Duration,
 }
 
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer")
+            .field("ok", &self.result.is_ok())
+            .field("waited", &self.waited)
+            .finish()
+    }
+}
+
 impl Call {
     /// Ask the coordinator, retrying what looks like "not there yet" (no handshake yet, the
     /// API not up yet) until `api.join_deadline()`.
@@ -325,7 +334,8 @@ async fn take<W: WgBackend, L: LinkBackend>(
         }
         Err(e) => return Err(e.to_string().into()),
     };
-    if resp.netmap.public_key != pending.own.public_key() || resp.netmap.address != body.host_address
+    if resp.netmap.public_key != pending.own.public_key()
+        || resp.netmap.address != body.host_address
     {
         return Err(JoinError::from(format!(
             "the coordinator answered with a netmap for {} ({}), not for us",

@@ -9,12 +9,14 @@ use ipnet::IpNet;
 use mesh_proto::api::EndpointReport;
 use mesh_proto::netmap::Netmap;
 use mesh_proto::{DeviceSpec, PeerSpec, PrivateKey, PublicKey};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::agent::{now, Agent};
 use crate::backend::{LinkBackend, WgBackend};
 use crate::client;
+use crate::join::JoinError;
+use crate::rotate::{Outcome, RotateError};
 use crate::settings::Settings;
 use crate::state::{Membership, StateDir};
 
@@ -26,7 +28,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Something from the mesh side for the agent loop.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum MeshEvent {
     /// A newer netmap (from the coordinator API, or from the in-process coordinator).
     Netmap(Box<Netmap>),
@@ -38,6 +40,20 @@ pub enum MeshEvent {
     EndpointsReported(Result<EndpointReport, String>),
     /// A key notice request finished: the coordinator key we knew and its current one.
     CoordinatorKey(Result<(PublicKey, PublicKey), String>),
+    /// A step of our key rotation that waited on the coordinator finished.
+    RotationStep(Box<crate::rotate::StepDone>),
+    /// The coordinator answered our join (or did not, in time).
+    JoinAnswer(Box<crate::join::Answer>),
+}
+
+/// Where a join came from, and so who hears how it ended.
+#[derive(Debug)]
+pub enum JoinOrigin {
+    /// `meshctl join`: the reply waits for the outcome.
+    Control(oneshot::Sender<Result<Membership, JoinError>>),
+    /// `[daemon] join_token_file`: removed once spent, tried again later when the coordinator
+    /// did not answer.
+    File(std::path::PathBuf),
 }
 
 fn host_net(ip: IpAddr) -> IpNet {
@@ -192,20 +208,18 @@ fn overlaps(a: &IpNet, b: &IpNet) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-/// Rotate this host's static key now (`meshctl rotate`, the schedule, or an admin's request):
-/// see [`crate::rotate::rotate`]. A member rotates through its coordinator's API, the
-/// coordinator host through its own registry.
-pub async fn rotate<W: WgBackend, L: LinkBackend>(
-    agent: &mut Agent<W, L>,
+/// Who this host rotates its key with: its own registry on the coordinator host, the
+/// coordinator's API on a member.
+pub fn registrar<W: WgBackend, L: LinkBackend>(
+    agent: &Agent<W, L>,
     member: &MemberRuntime,
-) -> Result<crate::rotate::Outcome, crate::rotate::RotateError> {
+) -> Result<crate::rotate::Registrar, RotateError> {
     use crate::rotate::Registrar;
-    let registrar = match (&member.coordinator, agent.membership()) {
-        (Some(coord), _) => Registrar::Local(coord),
-        (None, Some(m)) => Registrar::Remote(m.api_addr()),
-        (None, None) => return Err(crate::rotate::RotateError::NotManaged),
-    };
-    crate::rotate::rotate(agent, &member.state, registrar).await
+    match (&member.coordinator, agent.membership()) {
+        (Some(coord), _) => Ok(Registrar::Local(coord.clone())),
+        (None, Some(m)) => Ok(Registrar::Remote(m.api_addr())),
+        (None, None) => Err(RotateError::NotManaged),
+    }
 }
 
 /// Follow the netmap: long-poll the coordinator, send each newer netmap to the loop; on
@@ -330,7 +344,16 @@ pub struct MemberRuntime {
     last_notice_try: Option<tokio::time::Instant>,
     /// The warning that static peers hold the schedule was logged.
     held_logged: bool,
+    /// Our key rotation in progress, and who waits for its outcome.
+    rotation: Option<(crate::rotate::Run, Vec<RotationWaiter>)>,
+    /// Our join in progress (waiting for the coordinator's answer).
+    join: Option<(crate::join::Pending, JoinOrigin)>,
+    /// The last join from `join_token_file` found no coordinator: try again later.
+    pub file_join_retry: bool,
 }
+
+/// Someone waiting for the outcome of our key rotation (`meshctl rotate`).
+pub type RotationWaiter = oneshot::Sender<Result<Outcome, RotateError>>;
 
 impl std::fmt::Debug for MemberRuntime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -338,6 +361,7 @@ impl std::fmt::Debug for MemberRuntime {
             .field("state", &self.state)
             .field("coordinator", &self.coordinator.is_some())
             .field("rotation_asked", &self.rotation_asked)
+            .field("rotation", &self.rotation.as_ref().map(|(run, _)| run))
             .finish_non_exhaustive()
     }
 }
@@ -357,6 +381,9 @@ impl MemberRuntime {
             notice_in_flight: false,
             last_notice_try: None,
             held_logged: false,
+            rotation: None,
+            join: None,
+            file_join_retry: false,
         }
     }
 
@@ -483,6 +510,21 @@ impl MemberRuntime {
                     Err(e) => tracing::warn!(error = %e, "cannot report endpoints; retrying later"),
                 }
             }
+            MeshEvent::JoinAnswer(answer) => {
+                let Some((pending, origin)) = self.join.take() else {
+                    return;
+                };
+                let r = crate::join::finish(agent, &self.state, pending, *answer).await;
+                self.join_ended(agent, r, origin).await;
+            }
+            MeshEvent::RotationStep(done) => {
+                let Some((mut run, waiters)) = self.rotation.take() else {
+                    return;
+                };
+                let progress = run.step_done(agent, &self.state, *done).await;
+                self.rotation = Some((run, waiters));
+                self.rotation_progress(agent, progress);
+            }
             MeshEvent::CoordinatorKey(r) => {
                 self.notice_in_flight = false;
                 match r {
@@ -504,7 +546,9 @@ impl MemberRuntime {
         if self.coordinator.is_some() {
             return;
         }
-        if std::mem::take(&mut self.probe_next_at_start)
+        // Not while our own rotation runs: its next key is that rotation's, not a leftover.
+        if !self.rotating()
+            && std::mem::take(&mut self.probe_next_at_start)
             && crate::rotate::probe_next_key(agent, &self.state, m.api_addr()).await
         {
             self.follow(agent);
@@ -632,23 +676,84 @@ impl MemberRuntime {
         spawn_report(api, agent.signer_cell(), report, self.tx.clone());
     }
 
-    /// Rotate now (`meshctl rotate`, the schedule, an admin's request): see [`rotate`].
+    /// Rotate now (`meshctl rotate`, the schedule, an admin's request): start a
+    /// [`crate::rotate::Run`], or join the one in progress. The steps on this host run now;
+    /// the ones that wait on the coordinator run as tasks whose results come back as
+    /// [`MeshEvent::RotationStep`], so the loop is never held. `waiter` gets the outcome.
     pub async fn rotate_now<W: WgBackend, L: LinkBackend>(
         &mut self,
         agent: &mut Agent<W, L>,
-    ) -> Result<crate::rotate::Outcome, crate::rotate::RotateError> {
-        let r = rotate(agent, self).await;
-        if r.as_ref().is_ok_and(|o| o.is_done()) {
-            // Done (not deferred): any request queued before the commit is served.
-            self.rotation_asked = None;
-            self.rotated_at_version = self
-                .coordinator
-                .as_ref()
-                .map(|c| c.version())
-                .or_else(|| agent.netmap().map(|n| n.version))
-                .unwrap_or(0);
+        waiter: Option<RotationWaiter>,
+    ) {
+        if let Some((_, waiters)) = &mut self.rotation {
+            waiters.extend(waiter);
+            return;
         }
-        r
+        let started = registrar(agent, self)
+            .and_then(|registrar| crate::rotate::Run::start(agent, registrar));
+        let mut run = match started {
+            Ok(run) => run,
+            Err(e) => {
+                self.rotation_ended(agent, Err(e), waiter.into_iter().collect());
+                return;
+            }
+        };
+        let progress = run.advance(agent, &self.state).await;
+        self.rotation = Some((run, waiter.into_iter().collect()));
+        self.rotation_progress(agent, progress);
+    }
+
+    /// Whether a key rotation is in progress.
+    pub fn rotating(&self) -> bool {
+        self.rotation.is_some()
+    }
+
+    fn rotation_progress<W: WgBackend, L: LinkBackend>(
+        &mut self,
+        agent: &Agent<W, L>,
+        progress: crate::rotate::Progress,
+    ) {
+        match progress {
+            crate::rotate::Progress::Waiting(wait) => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let done = wait.await;
+                    let _ = tx.send(MeshEvent::RotationStep(Box::new(done))).await;
+                });
+            }
+            crate::rotate::Progress::Done(r) => {
+                let waiters = self.rotation.take().map(|(_, w)| w).unwrap_or_default();
+                self.rotation_ended(agent, r, waiters);
+            }
+        }
+    }
+
+    fn rotation_ended<W: WgBackend, L: LinkBackend>(
+        &mut self,
+        agent: &Agent<W, L>,
+        r: Result<Outcome, RotateError>,
+        waiters: Vec<RotationWaiter>,
+    ) {
+        match &r {
+            Ok(outcome) if outcome.is_done() => {
+                tracing::info!(%outcome, "key rotation done");
+                // Any request queued before the commit is served.
+                self.rotation_asked = None;
+                self.rotated_at_version = self
+                    .coordinator
+                    .as_ref()
+                    .map(|c| c.version())
+                    .or_else(|| agent.netmap().map(|n| n.version))
+                    .unwrap_or(0);
+            }
+            Ok(outcome) => tracing::info!(%outcome, "key rotation deferred"),
+            Err(e) => {
+                tracing::warn!(error = %e, "key rotation failed; retrying at the next check")
+            }
+        }
+        for w in waiters {
+            let _ = w.send(r.clone());
+        }
     }
 
     /// Rotate when it is time (`daemon.rotate_every_days`, checked every [`ENDPOINT_CHECK`]:
@@ -658,6 +763,9 @@ impl MemberRuntime {
     /// coordinator answers (always, on the coordinator host); otherwise the rotation waits
     /// for the coordinator to be back.
     pub async fn rotate_if_due<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
+        if self.rotating() {
+            return;
+        }
         let managed = self.coordinator.is_some() || agent.membership().is_some();
         if !managed || (self.coordinator.is_none() && agent.mesh_state().reachable != Some(true)) {
             return;
@@ -705,12 +813,78 @@ impl MemberRuntime {
             return;
         }
         tracing::info!(due, pending, asked, "key rotation");
-        match self.rotate_now(agent).await {
-            Ok(outcome) if outcome.is_done() => tracing::info!(%outcome, "key rotation done"),
-            Ok(outcome) => tracing::info!(%outcome, "key rotation deferred"),
-            Err(e) => {
-                tracing::warn!(error = %e, "key rotation failed; retrying at the next check")
+        self.rotate_now(agent, None).await;
+    }
+
+    /// Join the mesh of `token`: [`crate::join::start`] now, the coordinator asked from a task
+    /// (its answer comes back as [`MeshEvent::JoinAnswer`]), so the loop is never held.
+    pub async fn start_join<W: WgBackend, L: LinkBackend>(
+        &mut self,
+        agent: &mut Agent<W, L>,
+        token: &str,
+        origin: JoinOrigin,
+    ) {
+        if self.join.is_some() {
+            let e = JoinError::from("a join is already in progress; wait for its outcome");
+            self.join_ended(agent, Err(e), origin).await;
+            return;
+        }
+        match crate::join::start(agent, &self.state, token).await {
+            Ok((pending, call)) => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let answer = call.run(&client::HttpApi).await;
+                    let _ = tx.send(MeshEvent::JoinAnswer(Box::new(answer))).await;
+                });
+                self.join = Some((pending, origin));
             }
+            Err(e) => self.join_ended(agent, Err(e), origin).await,
+        }
+    }
+
+    /// Whether a join is in progress.
+    pub fn joining(&self) -> bool {
+        self.join.is_some()
+    }
+
+    async fn join_ended<W: WgBackend, L: LinkBackend>(
+        &mut self,
+        agent: &mut Agent<W, L>,
+        r: Result<Membership, JoinError>,
+        origin: JoinOrigin,
+    ) {
+        if r.is_ok() {
+            self.joined(agent).await;
+        }
+        match origin {
+            JoinOrigin::Control(tx) => {
+                let _ = tx.send(r);
+            }
+            JoinOrigin::File(path) => match r {
+                Ok(m) => {
+                    self.file_join_retry = false;
+                    tracing::info!(file = %path.display(), host = %m.host_name, address = %m.address, "joined from the token file");
+                    // The token is spent: do not leave it on disk.
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => {
+                            tracing::info!(file = %path.display(), "removed the spent join token file")
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            tracing::warn!(file = %path.display(), error = %e, "cannot remove the spent join token file")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(
+                        file = %path.display(),
+                        error = %e,
+                        retry = e.retryable,
+                        "join from the token file failed"
+                    );
+                    self.file_join_retry = e.retryable;
+                }
+            },
         }
     }
 

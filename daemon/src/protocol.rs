@@ -11,7 +11,7 @@ use mesh_proto::control::{
 
 use crate::agent::{now, Agent, AgentStatus, PeerView};
 use crate::backend::{LinkBackend, WgBackend};
-use crate::client::{self, HttpApi};
+use crate::client;
 use crate::member::MemberRuntime;
 
 /// A desired peer as `meshctl peers` shows it (live data if the device has the peer, what the
@@ -107,13 +107,47 @@ pub fn status(st: &AgentStatus, peers: &[PeerStatus], now_unix: u64) -> Status {
     }
 }
 
+/// The answer to a control request: now, or from a future the loop spawns (a join or a key
+/// rotation waits on the coordinator, and the loop must not).
+pub enum Answer {
+    Now(Box<Response>),
+    Later(AdminCall),
+}
+
 /// Answer one control request.
 pub async fn handle_request<W: WgBackend, L: LinkBackend>(
     agent: &mut Agent<W, L>,
     member: &mut MemberRuntime,
     request: Request,
-) -> Response {
-    match request {
+) -> Answer {
+    let now_response = match request {
+        Request::Join { token } => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            member
+                .start_join(agent, &token, crate::member::JoinOrigin::Control(tx))
+                .await;
+            return Answer::Later(Box::pin(async move {
+                match rx.await {
+                    Ok(Ok(m)) => Response::ok(format!(
+                        "joined the mesh {} as {} with address {}",
+                        m.mesh_cidr, m.host_name, m.address
+                    )),
+                    Ok(Err(e)) => Response::error(e.message),
+                    Err(_) => Response::error("meshd stopped before the join ended"),
+                }
+            }));
+        }
+        Request::Rotate => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            member.rotate_now(agent, Some(tx)).await;
+            return Answer::Later(Box::pin(async move {
+                match rx.await {
+                    Ok(Ok(outcome)) => Response::ok(outcome.to_string()),
+                    Ok(Err(e)) => Response::error(e.to_string()),
+                    Err(_) => Response::error("meshd stopped before the key rotation ended"),
+                }
+            }));
+        }
         Request::Peers => match agent.peers().await {
             Ok(views) => Response::Peers {
                 peers: views
@@ -143,6 +177,11 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
             }
             Response::Status(st)
         }
+        // The join runs with its bootstrap key and peer; a reload would put the configured
+        // key back under it.
+        Request::Reload if member.joining() => {
+            Response::error("a join is in progress: reload once it has ended (see meshctl status)")
+        }
         Request::Reload => match agent.handle_reload() {
             Ok(()) => {
                 let report = agent.reconcile(now()).await;
@@ -170,22 +209,6 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
             }
             Err(e) => Response::error(format!("{e}")),
         },
-        Request::Join { token } => {
-            match crate::join::join(agent, &member.state, &token, &HttpApi).await {
-                Ok(m) => {
-                    member.joined(agent).await;
-                    Response::ok(format!(
-                        "joined the mesh {} as {} with address {}",
-                        m.mesh_cidr, m.host_name, m.address
-                    ))
-                }
-                Err(e) => Response::error(e.message),
-            }
-        }
-        Request::Rotate => match member.rotate_now(agent).await {
-            Ok(outcome) => Response::ok(outcome.to_string()),
-            Err(e) => Response::error(e.to_string()),
-        },
         Request::Doctor => Response::Doctor(crate::doctor::run_daemon(agent).await),
         // The loop answers `down` itself (it has to stop after answering).
         Request::Down => Response::error("down is handled by the daemon loop"),
@@ -198,7 +221,8 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
         | Request::StaticConfig { .. }
         | Request::Routes
         | Request::RouteDecision { .. } => Response::error("not an admin request".to_string()),
-    }
+    };
+    Answer::Now(Box::new(now_response))
 }
 
 /// The reply to `meshctl rotate NAME` once the coordinator took the request.

@@ -2,7 +2,10 @@
 //! coordinator over the API) and for the coordinator host itself (its registry in-process),
 //! the stranded-key probe, and the catch-up from coordinator key notices.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::time::Duration;
 
 use mesh_proto::netmap::Netmap;
@@ -33,11 +36,12 @@ fn crash_point(step: &str) {
 }
 
 /// Who holds the registry for the rotating host.
-pub enum Registrar<'a> {
+#[derive(Clone)]
+pub enum Registrar {
     /// A member: the coordinator API, inside the tunnel.
     Remote(SocketAddr),
     /// The coordinator host: its registry, in-process.
-    Local(&'a Coordinator),
+    Local(Coordinator),
 }
 
 /// How a rotation that did not fail ended.
@@ -209,150 +213,333 @@ pub async fn poke_peers(netmap: &Netmap) {
     }
 }
 
-/// Rotate this host's static key now, following `mesh_proto::rotation`: write the next key,
-/// prepare it (peers put it on their devices with no allowed IPs; the prepare returns once the
-/// hosts that follow the coordinator took it), commit, switch the device and handshake every
-/// peer, then promote the key file (the old key leaves the disk; the old `PrivateKey` is
-/// dropped, which zeroizes it). A next key left by an interrupted rotation is resumed.
+/// A rotation in progress, following `mesh_proto::rotation`: write the next key, prepare it
+/// (peers put it on their devices with no allowed IPs; the prepare returns once the hosts that
+/// follow the coordinator took it), commit, switch the device and handshake every peer, then
+/// promote the key file (the old key leaves the disk; the old `PrivateKey` is dropped, which
+/// zeroizes it). A next key left by an interrupted rotation is resumed.
 ///
 /// For the coordinator host the commit also writes the key notices, and the switch waits until
 /// the followers took the netmap with the new key: they reach the coordinator (API included)
 /// through it, so switching earlier would cut them off.
 ///
-/// A rotation the coordinator could not be reached for is [`Outcome::Deferred`] (the next key
-/// is kept and the rotation resumes when the coordinator answers), which is not an error.
-pub async fn rotate<W: WgBackend, L: LinkBackend>(
-    agent: &mut Agent<W, L>,
-    state: &StateDir,
-    registrar: Registrar<'_>,
-) -> Result<Outcome, RotateError> {
-    let path = agent.settings().private_key_file.clone();
-    let old = agent.key().public_key();
-    let pending = match crate::keyfile::inspect(&crate::keyfile::next_path(&path)) {
-        Ok(crate::keyfile::KeyFileState::Valid(k)) if k.public_key() != old => Some(k),
-        Ok(_) => None,
-        Err(e) => return Err(RotateError::NextKeyFile(e.to_string())),
-    };
-    let (mut rot, next) = match pending {
-        Some(k) => {
-            tracing::info!(next = %k.public_key(), "resuming an interrupted key rotation");
-            (Rotation::resume(old, k.public_key()), k)
-        }
-        None => {
-            let mut rot = Rotation::idle(old);
-            rot.handle_request();
-            (rot, PrivateKey::generate())
-        }
-    };
-    let started = tokio::time::Instant::now();
-    // The member's netmap from the commit's reply, applied at the switch.
-    let mut committed_netmap: Option<Netmap> = None;
-    // The coordinator's followers that did not take its prepare in time.
-    let mut slow: Vec<IpAddr> = Vec::new();
-    let mut switch_error = None;
-    while let Some(action) = rot.poll_action() {
-        tracing::info!(step = %action, "key rotation");
-        let step: Result<&'static str, StepError> = match action {
-            Action::WriteNextKey => {
-                async {
-                    crate::keyfile::write_next(&path, &next).map_err(failed)?;
-                    rot.handle_next_key_written(next.public_key())
-                        .map_err(failed)?;
-                    Ok("next-key-written")
-                }
-                .await
-            }
-            Action::Prepare(k) => {
-                async {
-                    match &registrar {
-                        Registrar::Remote(api) => {
-                            let signer = agent.signer()?.with_next(&next)?;
-                            client::rotate_prepare(*api, &signer, k).await?;
-                        }
-                        Registrar::Local(coord) => {
-                            // Right after a restart, let the followers reconnect first: a
-                            // rotation they do not see would cut them off.
-                            let missing = coord.wait_followers_returned().await;
-                            if !missing.is_empty() {
-                                tracing::info!(missing = ?missing, "rotating without the hosts that have not polled since the coordinator started");
-                            }
-                            let version = coord
-                                .prepare_own_rotation(k, now().as_secs())
-                                .map_err(|e| StepError::Refused(e.to_string()))?;
-                            slow = wait_for_followers(coord, version, "prepared", &[]).await;
-                        }
-                    }
-                    rot.handle_prepared().map_err(failed)?;
-                    Ok("prepared")
-                }
-                .await
-            }
-            Action::Commit(k) => {
-                async {
-                    match &registrar {
-                        Registrar::Remote(api) => {
-                            let signer = agent.signer()?.with_next(&next)?;
-                            let nm = client::rotate_commit(*api, &signer, k).await?;
-                            if nm.public_key != k {
-                                return Err(StepError::Failed(format!(
-                                "the coordinator's reply names key {} for us, not the committed {}",
-                                nm.public_key.short(),
-                                k.short()
-                            )));
-                            }
-                            committed_netmap = Some(nm);
-                        }
-                        Registrar::Local(coord) => {
-                            let version = coord
-                                .commit_own_rotation(k, agent.key(), now().as_secs())
-                                .map_err(|e| StepError::Failed(e.to_string()))?;
-                            // Hosts too slow to take the prepare are not waited for again: they
-                            // catch up from a key notice, and everyone else gets the switch now.
-                            wait_for_followers(coord, version, "committed", &slow).await;
-                        }
-                    }
-                    rot.handle_committed().map_err(failed)?;
-                    Ok("committed")
-                }
-                .await
-            }
-            Action::Switch(_) => {
-                agent.set_key(next.clone());
-                if let Registrar::Local(coord) = &registrar {
-                    // The API proves requests with the new key now (and the old one for
-                    // hosts that have not taken the switch yet).
-                    coord.set_own_private_key(&next);
-                }
-                if let Some(nm) = committed_netmap.take() {
-                    agent.set_netmap(nm);
-                }
-                let report = agent.reconcile(now()).await;
-                if let Some(nm) = agent.netmap() {
-                    poke_peers(nm).await;
-                }
-                if let Some(e) = report.error {
-                    tracing::warn!(error = %e, "the pass after the key switch had errors");
-                    switch_error = Some(e.to_string());
-                }
-                if agent.membership().is_some() {
-                    if let Some(nm) = agent.netmap() {
-                        if let Err(e) = state.save_netmap(nm) {
-                            tracing::warn!(error = %e, "cannot cache the netmap");
-                        }
-                    }
-                }
-                rot.handle_switched().map(|()| "switched").map_err(failed)
-            }
-            Action::Promote => crate::keyfile::promote(&path)
-                .map_err(failed)
-                .and_then(|()| rot.handle_promoted().map_err(failed))
-                .map(|()| "promoted"),
+/// The steps on this host (files, the device) run on the agent loop in [`Run::advance`]; the
+/// two that wait on the coordinator (prepare, commit) are [`Progress::Waiting`] futures that
+/// need no agent, so the loop runs them as tasks and goes on; their [`StepDone`] comes back
+/// to [`Run::step_done`].
+pub struct Run {
+    rot: Rotation,
+    next: PrivateKey,
+    old: PublicKey,
+    path: PathBuf,
+    registrar: Registrar,
+    started: tokio::time::Instant,
+    /// The member's netmap from the commit's reply, applied at the switch.
+    committed_netmap: Option<Netmap>,
+    /// The coordinator's followers that did not take its prepare in time.
+    slow: Vec<IpAddr>,
+    switch_error: Option<String>,
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Run")
+            .field("phase", &self.rot.phase())
+            .field("old", &self.old)
+            .field("next", &self.next.public_key())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A prepare or commit waiting on the coordinator, for the loop to run as a task.
+pub type Wait = Pin<Box<dyn Future<Output = StepDone> + Send>>;
+
+/// What a waiting step brought back.
+pub struct StepDone {
+    action: Action,
+    result: Result<StepOut, StepError>,
+}
+
+impl std::fmt::Debug for StepDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StepDone({}, ok: {})", self.action, self.result.is_ok())
+    }
+}
+
+enum StepOut {
+    Prepared { slow: Vec<IpAddr> },
+    Committed { netmap: Option<Netmap> },
+}
+
+/// Where a rotation stands after a step.
+pub enum Progress {
+    /// A step waits on the coordinator: run this, then give its result to [`Run::step_done`].
+    Waiting(Wait),
+    /// The rotation ended (a deferred one resumes later from its kept next key).
+    Done(Result<Outcome, RotateError>),
+}
+
+impl Run {
+    /// A new rotation, or the resumption of one whose next key is on disk.
+    pub fn start<W: WgBackend, L: LinkBackend>(
+        agent: &Agent<W, L>,
+        registrar: Registrar,
+    ) -> Result<Run, RotateError> {
+        let path = agent.settings().private_key_file.clone();
+        let old = agent.key().public_key();
+        let pending = match crate::keyfile::inspect(&crate::keyfile::next_path(&path)) {
+            Ok(crate::keyfile::KeyFileState::Valid(k)) if k.public_key() != old => Some(k),
+            Ok(_) => None,
+            Err(e) => return Err(RotateError::NextKeyFile(e.to_string())),
         };
+        let (rot, next) = match pending {
+            Some(k) => {
+                tracing::info!(next = %k.public_key(), "resuming an interrupted key rotation");
+                (Rotation::resume(old, k.public_key()), k)
+            }
+            None => {
+                let mut rot = Rotation::idle(old);
+                rot.handle_request();
+                (rot, PrivateKey::generate())
+            }
+        };
+        Ok(Run {
+            rot,
+            next,
+            old,
+            path,
+            registrar,
+            started: tokio::time::Instant::now(),
+            committed_netmap: None,
+            slow: Vec::new(),
+            switch_error: None,
+        })
+    }
+
+    /// Run this host's steps until one waits on the coordinator, or the rotation ends.
+    pub async fn advance<W: WgBackend, L: LinkBackend>(
+        &mut self,
+        agent: &mut Agent<W, L>,
+        state: &StateDir,
+    ) -> Progress {
+        while let Some(action) = self.rot.poll_action() {
+            tracing::info!(step = %action, "key rotation");
+            let step: Result<&'static str, StepError> = match action {
+                Action::WriteNextKey => crate::keyfile::write_next(&self.path, &self.next)
+                    .map_err(failed)
+                    .and_then(|()| {
+                        self.rot
+                            .handle_next_key_written(self.next.public_key())
+                            .map_err(failed)
+                    })
+                    .map(|()| "next-key-written"),
+                Action::Prepare(k) => match self.prepare(agent, k) {
+                    Ok(wait) => return Progress::Waiting(wait),
+                    Err(e) => Err(e),
+                },
+                Action::Commit(k) => match self.commit(agent, k) {
+                    Ok(wait) => return Progress::Waiting(wait),
+                    Err(e) => Err(e),
+                },
+                Action::Switch(_) => self.switch(agent, state).await,
+                Action::Promote => crate::keyfile::promote(&self.path)
+                    .map_err(failed)
+                    .and_then(|()| self.rot.handle_promoted().map_err(failed))
+                    .map(|()| "promoted"),
+            };
+            match step {
+                Ok(done) => crash_point(done),
+                Err(e) => return Progress::Done(self.stopped(agent, state, action, e).await),
+            }
+        }
+        let took = self.started.elapsed();
+        tracing::info!(old = %self.old, new = %self.rot.live_key(), took_ms = took.as_millis() as u64, "key rotated");
+        let static_peers = static_peer_names(agent.netmap());
+        if let Some(hint) = static_peer_hint(&static_peers) {
+            tracing::warn!("{hint}");
+        }
+        Progress::Done(Ok(Outcome::Rotated {
+            old: self.old,
+            new: self.rot.live_key(),
+            took,
+            static_peers,
+            switch_error: self.switch_error.take(),
+            reply_lost: None,
+        }))
+    }
+
+    /// The result of a step that waited on the coordinator; then on to the next steps.
+    pub async fn step_done<W: WgBackend, L: LinkBackend>(
+        &mut self,
+        agent: &mut Agent<W, L>,
+        state: &StateDir,
+        done: StepDone,
+    ) -> Progress {
+        let StepDone { action, result } = done;
+        let step = result.and_then(|out| match out {
+            StepOut::Prepared { slow } => {
+                self.slow = slow;
+                self.rot
+                    .handle_prepared()
+                    .map(|()| "prepared")
+                    .map_err(failed)
+            }
+            StepOut::Committed { netmap } => {
+                self.committed_netmap = netmap;
+                self.rot
+                    .handle_committed()
+                    .map(|()| "committed")
+                    .map_err(failed)
+            }
+        });
         match step {
             Ok(done) => crash_point(done),
-            Err(StepError::Refused(reason)) => {
-                if rot.handle_refused().is_ok() {
-                    if let Err(de) = crate::keyfile::discard_next(&path) {
+            Err(e) => return Progress::Done(self.stopped(agent, state, action, e).await),
+        }
+        self.advance(agent, state).await
+    }
+
+    fn prepare<W: WgBackend, L: LinkBackend>(
+        &self,
+        agent: &Agent<W, L>,
+        k: PublicKey,
+    ) -> Result<Wait, StepError> {
+        let action = Action::Prepare(k);
+        match &self.registrar {
+            Registrar::Remote(api) => {
+                let api = *api;
+                let signer = agent.signer()?.with_next(&self.next)?;
+                Ok(Box::pin(async move {
+                    let result = client::rotate_prepare(api, &signer, k)
+                        .await
+                        .map(|_| StepOut::Prepared { slow: Vec::new() })
+                        .map_err(StepError::from);
+                    StepDone { action, result }
+                }))
+            }
+            Registrar::Local(coord) => {
+                let coord = coord.clone();
+                Ok(Box::pin(async move {
+                    // Right after a restart, let the followers reconnect first: a rotation
+                    // they do not see would cut them off.
+                    let missing = coord.wait_followers_returned().await;
+                    if !missing.is_empty() {
+                        tracing::info!(missing = ?missing, "rotating without the hosts that have not polled since the coordinator started");
+                    }
+                    let result =
+                        match registry(&coord, move |c| c.prepare_own_rotation(k, now().as_secs()))
+                            .await
+                        {
+                            Ok(version) => Ok(StepOut::Prepared {
+                                slow: wait_for_followers(&coord, version, "prepared", &[]).await,
+                            }),
+                            Err(e) => Err(StepError::Refused(e)),
+                        };
+                    StepDone { action, result }
+                }))
+            }
+        }
+    }
+
+    fn commit<W: WgBackend, L: LinkBackend>(
+        &self,
+        agent: &Agent<W, L>,
+        k: PublicKey,
+    ) -> Result<Wait, StepError> {
+        let action = Action::Commit(k);
+        match &self.registrar {
+            Registrar::Remote(api) => {
+                let api = *api;
+                let signer = agent.signer()?.with_next(&self.next)?;
+                Ok(Box::pin(async move {
+                    let result = match client::rotate_commit(api, &signer, k).await {
+                        Ok(nm) if nm.public_key != k => Err(StepError::Failed(format!(
+                            "the coordinator's reply names key {} for us, not the committed {}",
+                            nm.public_key.short(),
+                            k.short()
+                        ))),
+                        Ok(nm) => Ok(StepOut::Committed { netmap: Some(nm) }),
+                        Err(e) => Err(StepError::from(e)),
+                    };
+                    StepDone { action, result }
+                }))
+            }
+            Registrar::Local(coord) => {
+                let coord = coord.clone();
+                let old = agent.key().clone();
+                let slow = self.slow.clone();
+                Ok(Box::pin(async move {
+                    let result = match registry(&coord, move |c| {
+                        c.commit_own_rotation(k, &old, now().as_secs())
+                    })
+                    .await
+                    {
+                        Ok(version) => {
+                            // Hosts too slow to take the prepare are not waited for again:
+                            // they catch up from a key notice, and everyone else gets the
+                            // switch now.
+                            wait_for_followers(&coord, version, "committed", &slow).await;
+                            Ok(StepOut::Committed { netmap: None })
+                        }
+                        Err(e) => Err(StepError::Failed(e)),
+                    };
+                    StepDone { action, result }
+                }))
+            }
+        }
+    }
+
+    async fn switch<W: WgBackend, L: LinkBackend>(
+        &mut self,
+        agent: &mut Agent<W, L>,
+        state: &StateDir,
+    ) -> Result<&'static str, StepError> {
+        agent.set_key(self.next.clone());
+        if let Registrar::Local(coord) = &self.registrar {
+            // The API proves requests with the new key now (and the old one for hosts that
+            // have not taken the switch yet).
+            coord.set_own_private_key(&self.next);
+        }
+        if let Some(nm) = self.committed_netmap.take() {
+            // The loop went on while the commit was out: a netmap the follower brought since
+            // may be newer than the commit's reply.
+            if agent.netmap().is_none_or(|held| held.version <= nm.version) {
+                agent.set_netmap(nm);
+            }
+        }
+        let report = agent.reconcile(now()).await;
+        if let Some(nm) = agent.netmap() {
+            poke_peers(nm).await;
+        }
+        if let Some(e) = report.error {
+            tracing::warn!(error = %e, "the pass after the key switch had errors");
+            self.switch_error = Some(e.to_string());
+        }
+        if agent.membership().is_some() {
+            if let Some(nm) = agent.netmap() {
+                if let Err(e) = state.save_netmap(nm) {
+                    tracing::warn!(error = %e, "cannot cache the netmap");
+                }
+            }
+        }
+        self.rot
+            .handle_switched()
+            .map(|()| "switched")
+            .map_err(failed)
+    }
+
+    /// A step did not go through: how the rotation ends.
+    async fn stopped<W: WgBackend, L: LinkBackend>(
+        &mut self,
+        agent: &mut Agent<W, L>,
+        state: &StateDir,
+        action: Action,
+        e: StepError,
+    ) -> Result<Outcome, RotateError> {
+        match e {
+            StepError::Refused(reason) => {
+                if self.rot.handle_refused().is_ok() {
+                    if let Err(de) = crate::keyfile::discard_next(&self.path) {
                         tracing::warn!(error = %de, "cannot delete the abandoned next key");
                     }
                     return Err(RotateError::Refused {
@@ -360,20 +547,20 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
                         reason,
                     });
                 }
-                return Err(RotateError::Failed {
+                Err(RotateError::Failed {
                     step: action,
                     reason,
-                });
+                })
             }
-            Err(StepError::Unreachable(reason)) => {
+            StepError::Unreachable(reason) => {
                 // A commit without an answer may still have gone through; then nobody accepts
                 // the old key any more and we could not even ask. Try the next key now.
-                if let (Action::Commit(_), Registrar::Remote(api)) = (action, &registrar) {
+                if let (Action::Commit(_), Registrar::Remote(api)) = (action, &self.registrar) {
                     if probe_next_key(agent, state, *api).await {
                         return Ok(Outcome::Rotated {
-                            old,
-                            new: next.public_key(),
-                            took: started.elapsed(),
+                            old: self.old,
+                            new: self.next.public_key(),
+                            took: self.started.elapsed(),
                             static_peers: static_peer_names(agent.netmap()),
                             switch_error: None,
                             reply_lost: Some(reason),
@@ -381,33 +568,49 @@ pub async fn rotate<W: WgBackend, L: LinkBackend>(
                     }
                 }
                 tracing::warn!(error = %reason, step = %action, "key rotation deferred");
-                return Ok(Outcome::Deferred {
-                    step: action,
-                    reason,
-                });
-            }
-            Err(StepError::Failed(reason)) => {
-                return Err(RotateError::Failed {
+                Ok(Outcome::Deferred {
                     step: action,
                     reason,
                 })
             }
+            StepError::Failed(reason) => Err(RotateError::Failed {
+                step: action,
+                reason,
+            }),
         }
     }
-    let took = started.elapsed();
-    tracing::info!(old = %old, new = %rot.live_key(), took_ms = took.as_millis() as u64, "key rotated");
-    let static_peers = static_peer_names(agent.netmap());
-    if let Some(hint) = static_peer_hint(&static_peers) {
-        tracing::warn!("{hint}");
+}
+
+/// A registry write (SQLite, synchronous=FULL) off the async workers.
+async fn registry<T: Send + 'static>(
+    coord: &Coordinator,
+    f: impl FnOnce(&Coordinator) -> Result<T, crate::coordinator::CoordError> + Send + 'static,
+) -> Result<T, String> {
+    let coord = coord.clone();
+    match tokio::task::spawn_blocking(move || f(&coord)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("the registry task failed: {e}")),
     }
-    Ok(Outcome::Rotated {
-        old,
-        new: rot.live_key(),
-        took,
-        static_peers,
-        switch_error,
-        reply_lost: None,
-    })
+}
+
+/// Rotate now and wait for the end: [`Run::start`], then every step in turn (the waiting ones
+/// awaited here). The daemon loop drives a [`Run`] itself instead, so it is never held.
+pub async fn rotate<W: WgBackend, L: LinkBackend>(
+    agent: &mut Agent<W, L>,
+    state: &StateDir,
+    registrar: Registrar,
+) -> Result<Outcome, RotateError> {
+    let mut run = Run::start(agent, registrar)?;
+    let mut progress = run.advance(agent, state).await;
+    loop {
+        match progress {
+            Progress::Done(r) => return r,
+            Progress::Waiting(wait) => {
+                let done = wait.await;
+                progress = run.step_done(agent, state, done).await;
+            }
+        }
+    }
 }
 
 /// Wait for the coordinator's followers (but `skip`) to take `version`; returns those that did
@@ -551,9 +754,35 @@ mod tests {
         Coordinator::open(settings, NOW).expect("open")
     }
 
-    fn runtime(dir: &std::path::Path) -> MemberRuntime {
-        let (tx, _rx) = tokio::sync::mpsc::channel(8);
-        MemberRuntime::new(StateDir::new(dir.join("state")), tx)
+    struct Loop {
+        rt: MemberRuntime,
+        rx: tokio::sync::mpsc::Receiver<crate::member::MeshEvent>,
+    }
+
+    fn runtime(dir: &std::path::Path) -> Loop {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        Loop {
+            rt: MemberRuntime::new(StateDir::new(dir.join("state")), tx),
+            rx,
+        }
+    }
+
+    impl Loop {
+        /// `meshctl rotate` as the daemon loop runs it: the rotation starts, the loop takes
+        /// the events of its waiting steps, the waiter gets the outcome.
+        async fn rotate(
+            &mut self,
+            a: &mut Agent<FakeBackend, FakeLink>,
+        ) -> Result<Outcome, RotateError> {
+            let (tx, mut done) = tokio::sync::oneshot::channel();
+            self.rt.rotate_now(a, Some(tx)).await;
+            loop {
+                tokio::select! {
+                    r = &mut done => return r.expect("an outcome"),
+                    Some(ev) = self.rx.recv() => self.rt.on_event(a, ev).await,
+                }
+            }
+        }
     }
 
     fn key_on_disk(agent: &Agent<FakeBackend, FakeLink>) -> PublicKey {
@@ -578,8 +807,8 @@ mod tests {
         let own = PrivateKey::from_bytes([1; 32]);
         let mut a = agent(dir.path(), &own);
         let mut rt = runtime(dir.path());
-        rt.coordinator = Some(coordinator(dir.path(), &own));
-        let out = rt.rotate_now(&mut a).await.expect("rotated");
+        rt.rt.coordinator = Some(coordinator(dir.path(), &own));
+        let out = rt.rotate(&mut a).await.expect("rotated");
         let Outcome::Rotated {
             old,
             new,
@@ -598,6 +827,7 @@ mod tests {
         assert_eq!(key_on_disk(&a), *new, "the key file holds the new key");
         assert_eq!(next_on_disk(&a), None, "no next key left");
         let registry = rt
+            .rt
             .coordinator
             .as_ref()
             .expect("coordinator")
@@ -618,8 +848,8 @@ mod tests {
         // The engine stops answering: the pass that should put the new key on the device fails.
         a.wg.fail_observe = true;
         let mut rt = runtime(dir.path());
-        rt.coordinator = Some(coordinator(dir.path(), &own));
-        let out = rt.rotate_now(&mut a).await.expect("committed");
+        rt.rt.coordinator = Some(coordinator(dir.path(), &own));
+        let out = rt.rotate(&mut a).await.expect("committed");
         match &out {
             Outcome::Rotated {
                 switch_error: Some(e),
@@ -656,7 +886,7 @@ mod tests {
             joined_unix: 1,
         }));
         let mut rt = runtime(dir.path());
-        let first = rt.rotate_now(&mut a).await.expect("deferred, not failed");
+        let first = rt.rotate(&mut a).await.expect("deferred, not failed");
         let Outcome::Deferred {
             step: Action::Prepare(next),
             ..
@@ -673,7 +903,7 @@ mod tests {
         assert_eq!(key_on_disk(&a), own.public_key());
         assert_eq!(next_on_disk(&a), Some(next), "the next key is kept");
         // Asked again: the same next key is resumed, not a new one made.
-        let again = rt.rotate_now(&mut a).await.expect("deferred");
+        let again = rt.rotate(&mut a).await.expect("deferred");
         assert!(
             matches!(again, Outcome::Deferred { step: Action::Prepare(k), .. } if k == next),
             "{again:?}"
@@ -686,7 +916,7 @@ mod tests {
         let own = PrivateKey::from_bytes([60; 32]);
         let mut a = agent(dir.path(), &own);
         let mut rt = runtime(dir.path());
-        assert_eq!(rt.rotate_now(&mut a).await, Err(RotateError::NotManaged));
+        assert_eq!(rt.rotate(&mut a).await, Err(RotateError::NotManaged));
         assert_eq!(next_on_disk(&a), None, "no next key written");
         assert_eq!(key_on_disk(&a), own.public_key());
     }

@@ -30,7 +30,6 @@ fn nl(what: &str, e: rtnetlink::Error) -> Error {
     Error::Netlink(format!("{what}: {e}"))
 }
 
-
 /// Interface index → name, for every interface.
 pub async fn link_names(handle: &Handle) -> Result<BTreeMap<u32, String>> {
     use rtnetlink::packet_route::link::LinkAttribute;
@@ -358,7 +357,8 @@ pub async fn converge_advertise(
         }
     }
     if advertise.iter().any(|n| matches!(n, IpNet::V6(_)))
-        && crate::sysctl::read(Path::new("/proc/sys/net/ipv6/conf/all/forwarding")).is_ok_and(|v| v == "0")
+        && crate::sysctl::read(Path::new("/proc/sys/net/ipv6/conf/all/forwarding"))
+            .is_ok_and(|v| v == "0")
     {
         tracing::warn!("IPv6 subnets are advertised but net.ipv6.conf.all.forwarding is 0; meshd does not turn IPv6 forwarding on");
     }
