@@ -228,7 +228,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
     // every peer away on a restart (and drop their WireGuard sessions) until the feed's first
     // netmap arrives.
     if let Some(coord) = &member.coordinator {
-        match coord.own_netmap(std::time::Instant::now()) {
+        match crate::blocking::run(|| coord.own_netmap(std::time::Instant::now())) {
             Ok(Some((nm, _))) => {
                 agent.set_netmap(nm);
             }

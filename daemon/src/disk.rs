@@ -259,6 +259,11 @@ fn create_temp(dirfd: &OwnedFd, name: &OsStr, path: &Path) -> io::Result<(File, 
 
 /// Write `content` to `path` as described in the module documentation.
 pub fn write_file(path: &Path, content: &[u8], opts: WriteOptions) -> io::Result<()> {
+    // fsyncs: off the async workers (see crate::blocking).
+    crate::blocking::run(|| write_file_now(path, content, opts))
+}
+
+fn write_file_now(path: &Path, content: &[u8], opts: WriteOptions) -> io::Result<()> {
     let (dir, name) = split(path)?;
     create_dir_all(dir, opts.dir_mode)?;
     let dirfd = open_dir(dir, path)?;
@@ -352,6 +357,10 @@ fn sync_dirfd(dirfd: &OwnedFd) -> io::Result<()> {
 
 /// fsync the directory `dir` (after a rename or unlink done elsewhere).
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    crate::blocking::run(|| sync_dir_now(dir))
+}
+
+fn sync_dir_now(dir: &Path) -> io::Result<()> {
     let fd = fcntl::open(
         dir,
         OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_RDONLY,

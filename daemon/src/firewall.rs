@@ -23,7 +23,12 @@ pub fn nft_binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Run `nft` (off the async workers, see crate::blocking): `Ok(Err(stderr))` when it refused.
 fn nft(args: &[&str], stdin: Option<&str>) -> Result<std::result::Result<String, String>> {
+    crate::blocking::run(|| nft_now(args, stdin))
+}
+
+fn nft_now(args: &[&str], stdin: Option<&str>) -> Result<std::result::Result<String, String>> {
     let bin = nft_binary().ok_or_else(|| {
         Error::Mesh("nft (nftables) is not installed; it is needed for routes.advertise".into())
     })?;

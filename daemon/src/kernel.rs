@@ -8,7 +8,8 @@
 //! defguard, so they are one generic-netlink `WG_CMD_SET_DEVICE` of our own, without
 //! `WGDEVICE_F_REPLACE_PEERS`.
 //!
-//! The calls are synchronous netlink round trips of a few microseconds; they run inline.
+//! The calls are synchronous netlink round trips of a few microseconds; they run through
+//! [`crate::blocking::run`], off the async workers.
 
 use std::time::UNIX_EPOCH;
 
@@ -216,27 +217,31 @@ impl KernelBackend {
 
 impl WgBackend for KernelBackend {
     async fn ensure_device(&mut self) -> Result<()> {
-        if self.read().is_ok() {
-            return Ok(());
-        }
-        tracing::info!(interface = %self.interface, "creating the kernel WireGuard interface");
-        self.create()
+        crate::blocking::run(|| {
+            if self.read().is_ok() {
+                return Ok(());
+            }
+            tracing::info!(interface = %self.interface, "creating the kernel WireGuard interface");
+            self.create()
+        })
     }
 
     async fn observe(&mut self) -> Result<ObservedDevice> {
-        Ok(observed_device(&self.read()?))
+        crate::blocking::run(|| Ok(observed_device(&self.read()?)))
     }
 
     async fn apply(&mut self, ops: &[Op]) -> Result<()> {
         if ops.is_empty() {
             return Ok(());
         }
-        // One read gives the allowed IPs an update without new ones must resend.
-        let mut current = self.read()?;
-        for op in ops {
-            self.apply_one(op, &mut current)?;
-        }
-        Ok(())
+        crate::blocking::run(|| {
+            // One read gives the allowed IPs an update without new ones must resend.
+            let mut current = self.read()?;
+            for op in ops {
+                self.apply_one(op, &mut current)?;
+            }
+            Ok(())
+        })
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod backend;
+pub mod blocking;
 pub mod client;
 pub mod control;
 pub mod coordinator;

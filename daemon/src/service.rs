@@ -328,7 +328,9 @@ async fn feed_own_netmap(
     loop {
         changes.borrow_and_update();
         let mut grace_ends = None;
-        match coord.own_netmap(tokio::time::Instant::now().into_std()) {
+        // SQLite: off the async workers.
+        let now = tokio::time::Instant::now().into_std();
+        match crate::blocking::run(|| coord.own_netmap(now)) {
             Ok(Some((nm, next))) => {
                 grace_ends = next;
                 if events.send(MeshEvent::Netmap(Box::new(nm))).await.is_err() {
