@@ -588,7 +588,16 @@ mod tests {
         std::fs::write(&f, "meshd1.abc\n").expect("write");
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         let e = read_token_file(&f).expect_err("0644").to_string();
-        assert!(e.contains("0644") && e.contains("chmod 600"), "{e}");
+        // A file we wrote is ours: root's when run as root, else refused by owner first.
+        let ours_is_roots = std::os::unix::fs::MetadataExt::uid(&f.metadata().expect("stat")) == 0;
+        if ours_is_roots {
+            assert!(e.contains("0644") && e.contains("chmod 600"), "{e}");
+        } else {
+            assert!(e.contains("not root"), "{e}");
+            eprintln!(
+                "skipped: the mode half needs root (a file not owned by root is refused first)"
+            );
+        }
         let link = dir.join("link.token");
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&f, &link).expect("symlink");

@@ -714,7 +714,15 @@ mod tests {
         fs::write(&p, "meshd1.x\n").unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
         let e = read_secret_file(&p).unwrap_err();
-        assert!(e.to_string().contains("chmod 600"), "{e}");
+        if unistd::geteuid().is_root() {
+            assert!(e.to_string().contains("chmod 600"), "{e}");
+        } else {
+            // Only root's files are trusted; ours are refused by owner before the mode counts.
+            assert!(e.to_string().contains("not root"), "{e}");
+            eprintln!(
+                "skipped: the mode half needs root (a file not owned by root is refused first)"
+            );
+        }
         fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
         let l = d.path().join("link");
         symlink(&p, &l).unwrap();

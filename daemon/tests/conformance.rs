@@ -381,6 +381,10 @@ async fn fake_backend_conforms() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn userspace_backend_conforms() {
     let engine = engine();
     in_private_namespaces(move || async move {
@@ -398,6 +402,10 @@ fn userspace_backend_conforms() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn kernel_backend_conforms() {
     let required = std::env::var("MESHD_REQUIRE_KERNEL_WG").as_deref() == Ok("1");
     in_private_namespaces(move || async move {
@@ -424,6 +432,10 @@ fn kernel_backend_conforms() {
 /// refused without touching the interface, a foreign interface of the same name is refused, and
 /// `auto` picks the kernel exactly when it can create a WireGuard link.
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn backend_selection_adopts_and_refuses() {
     use mesh_proto::config::BackendKind;
     use meshd::select::{select, Backend, EngineSpec};

@@ -132,6 +132,10 @@ fn ruleset_without(table: &str) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn our_routes_carry_our_protocol_and_the_mesh_route_is_not_the_kernels() {
     in_private_namespaces(|| async {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -166,6 +170,10 @@ fn our_routes_carry_our_protocol_and_the_mesh_route_is_not_the_kernels() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn an_address_from_before_noprefixroute_has_its_kernel_route_taken_over() {
     in_private_namespaces(|| async {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -184,6 +192,10 @@ fn an_address_from_before_noprefixroute_has_its_kernel_route_taken_over() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn a_route_overlapping_flannel_is_refused_and_nothing_is_applied() {
     in_private_namespaces(|| async {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -226,6 +238,10 @@ fn a_route_overlapping_flannel_is_refused_and_nothing_is_applied() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn reconcile_removes_only_our_stale_routes() {
     in_private_namespaces(|| async {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -261,6 +277,10 @@ fn reconcile_removes_only_our_stale_routes() {
 const ADVERTISE: &str = "\n[routes]\nadvertise = [\"192.168.1.20/32\"]\n";
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn advertising_turns_forwarding_on_limits_it_and_teardown_restores_everything() {
     in_private_namespaces(|| async {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -314,6 +334,10 @@ fn advertising_turns_forwarding_on_limits_it_and_teardown_restores_everything() 
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn forwarding_already_on_gets_no_drop_rules() {
     in_private_namespaces(|| async {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -337,6 +361,10 @@ fn forwarding_already_on_gets_no_drop_rules() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn our_table_is_replaced_atomically_and_nothing_else_changes() {
     in_private_namespaces(|| async {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -444,6 +472,10 @@ fn pings(ns: &Netns, i: usize, target: &str, deadline: Duration) -> bool {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn the_advertised_subnet_is_reachable_from_the_mesh_and_nothing_else_is() {
     in_private_namespaces(|| async {
         let dir = tempfile::tempdir().expect("tempdir");

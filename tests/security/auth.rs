@@ -110,6 +110,10 @@ fn key_hex(b64: &str) -> Result<String> {
 /// Local unprivileged users on the coordinator, an admin host and a member: no invitation, no
 /// registry listing, no re-keying, no control socket, no private key; nothing changes.
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn local_users_get_nothing_from_the_control_plane() -> Result<()> {
     let _g = meshlab::one_lab_at_a_time();
     let (lab, f) = fleet()?;
@@ -172,6 +176,10 @@ fn local_users_get_nothing_from_the_control_plane() -> Result<()> {
 /// internet, about dock-prod's key and about a made-up key: the same refusal for both, so it
 /// learns nothing, not even whether notices wait.
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn key_notices_are_only_for_a_host_proving_its_key() -> Result<()> {
     let _g = meshlab::one_lab_at_a_time();
     let (lab, f) = fleet()?;
@@ -211,6 +219,10 @@ fn key_notices_are_only_for_a_host_proving_its_key() -> Result<()> {
 /// Invitations name the coordinator's current key: a host invited after the coordinator
 /// rotated its key joins.
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn a_join_works_after_the_coordinator_rotated() -> Result<()> {
     let _g = meshlab::one_lab_at_a_time();
     let lab = Lab::build(LabOpts::with_hosts(&["dock-load", "dock-prod"]))?;
@@ -238,6 +250,10 @@ fn a_join_works_after_the_coordinator_rotated() -> Result<()> {
 /// the API port and answers every netmap request with an empty netmap. Members ignore it (no
 /// proof of the coordinator's key), keep their netmap and say why in `meshctl status`.
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn a_squatter_on_the_api_port_cannot_serve_a_netmap() -> Result<()> {
     let _g = meshlab::one_lab_at_a_time();
     let (lab, mut f) = fleet()?;

@@ -189,6 +189,10 @@ fn flood_round(s: &Setup, with_cookies: bool) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn forged_initiations_from_an_underlay_neighbour_move_no_endpoint_and_the_path_stays_up(
 ) -> Result<()> {
     let _g = one_lab_at_a_time();
@@ -202,6 +206,10 @@ fn forged_initiations_from_an_underlay_neighbour_move_no_endpoint_and_the_path_s
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn replayed_handshake_messages_from_an_underlay_neighbour_move_no_endpoint() -> Result<()> {
     let _g = one_lab_at_a_time();
     let s = setup()?;

@@ -109,6 +109,10 @@ fn pings_both_ways(lab: &Lab, hosts: &[&str]) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn planted_symlinks_in_an_output_directory_are_refused() -> Result<()> {
     let _g = serial();
     let lab = Lab::build(LabOpts::with_hosts(&[COORDINATOR, PROD, DASH]))?;
@@ -220,6 +224,10 @@ fn planted_symlinks_in_an_output_directory_are_refused() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn state_registry_and_tokens_are_private() -> Result<()> {
     let _g = serial();
     let lab = Lab::build(LabOpts::with_hosts(&[COORDINATOR, PROD, DASH]))?;

@@ -104,6 +104,10 @@ fn mesh(host: &str) -> Ipv4Addr {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn routes_are_granted_not_taken() -> Result<()> {
     let _g = meshlab::one_lab_at_a_time();
     let lab = Lab::build(LabOpts::with_hosts(&[

@@ -200,6 +200,10 @@ fn all_pairs_ping(lab: &Lab, hosts: &[&str]) -> Result<()> {
 /// ~1000 half-sent requests to the key-notice port (from an underlay neighbour) and to the API
 /// (from a member): the caps hold, everything else keeps working.
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn half_sent_request_floods_do_not_starve_anyone() -> Result<()> {
     let _g = serial();
     raise_nofile();
@@ -383,6 +387,10 @@ fn half_sent_request_floods_do_not_starve_anyone() -> Result<()> {
 /// Mesh DNS and /metrics answer over the mesh (and the host itself) but not an underlay
 /// neighbour, even one that routes the mesh address over the underlay.
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn dns_and_metrics_do_not_answer_the_underlay() -> Result<()> {
     let _g = serial();
     let lab = Lab::build(LabOpts::with_hosts(&[
@@ -474,6 +482,10 @@ fn dns_and_metrics_do_not_answer_the_underlay() -> Result<()> {
 /// old interface) is bound again: a join and `meshctl hosts` from an admin host succeed, DNS
 /// and /metrics answer over the mesh again.
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn api_dns_and_metrics_rebind_when_the_interface_comes_back() -> Result<()> {
     let _g = serial();
     let lab = Lab::build(LabOpts::with_hosts(&[

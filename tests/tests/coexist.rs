@@ -28,6 +28,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const CONFIG: &str = "/etc/meshd/meshd.toml";
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn coexist_in_vm() -> Result<()> {
     if skip_requested("the coexistence lab in the VM") {
         return Ok(());

@@ -95,6 +95,10 @@ fn stop(lab: &Lab, p: ProcId, sig: i32) -> Result<()> {
 // ------------------------------------------------------------------------------------ tests
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn fleet_forms_from_tokens_alone() -> Result<()> {
     let _g = serial();
     let lab = lab(&meshlab::topology::all_host_names())?;
@@ -211,9 +215,13 @@ fn fleet_forms_from_tokens_alone() -> Result<()> {
 }
 
 /// The NAS and the daemon hosts on its LAN reach each other directly (the home router does
-/// not hairpin, DESIGN §4 "Endpoints and NAT"), both ways.
+/// not hairpin), both ways.
 /// The NAS is invited with `--endpoint 192.168.1.20:51820 --near dock-mirror`.
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn nas_and_home_hosts_ping_behind_the_same_nat() -> Result<()> {
     let _g = serial();
     let lab = lab(&["dock-load", "dock-mirror", "dock-edge", NAS])?;
@@ -268,6 +276,10 @@ fn nas_and_home_hosts_ping_behind_the_same_nat() -> Result<()> {
 /// must return success and mesh with the coordinator. Failures are counted and the daemons'
 /// logs printed, so a rare race shows up with its evidence.
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn joins_succeed_every_time() -> Result<()> {
     let _g = serial();
     let mut failures = Vec::new();
@@ -325,6 +337,10 @@ fn joins_succeed_every_time() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn every_peer_pings_a_new_host_within_2s_of_the_join() -> Result<()> {
     let _g = serial();
     let lab = lab(&["dock-load", "dock-prod", "dock-mirror", "dock-dash"])?;
@@ -372,6 +388,10 @@ fn every_peer_pings_a_new_host_within_2s_of_the_join() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn removed_host_leaves_every_netmap_within_1s() -> Result<()> {
     let _g = serial();
     let lab = lab(&["dock-load", "dock-prod", "dock-mirror", "dock-dash"])?;
@@ -467,6 +487,10 @@ fn removed_host_leaves_every_netmap_within_1s() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn mesh_survives_the_coordinator_and_restores_from_cache() -> Result<()> {
     let _g = serial();
     let lab = lab(&["dock-load", "dock-prod", "dock-mirror"])?;
@@ -610,6 +634,10 @@ fn assert_refused(lab: &Lab, host: &str, token: &str, what: &str, words: &[&str]
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn reused_expired_tampered_and_foreign_tokens_are_refused() -> Result<()> {
     let _g = serial();
     // A second, separate coordinator mints the foreign token.
@@ -704,6 +732,10 @@ fn reused_expired_tampered_and_foreign_tokens_are_refused() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn api_is_not_served_off_the_mesh() -> Result<()> {
     let _g = serial();
     let lab = lab(&["dock-load", "dock-prod", "dock-dash"])?;
@@ -802,6 +834,10 @@ fn api_is_not_served_off_the_mesh() -> Result<()> {
 type BadBody<'a> = (&'a str, &'a str, &'a str, Vec<u8>, Vec<&'a str>);
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn malformed_and_oversized_bodies_get_4xx() -> Result<()> {
     let _g = serial();
     let lab = lab(&["dock-load", "dock-prod", "dock-mirror"])?;
@@ -949,6 +985,10 @@ fn malformed_and_oversized_bodies_get_4xx() -> Result<()> {
 /// The token manglers themselves (no lab): a corrupted token never decodes, an escalated one
 /// decodes with `admin` raised and the MAC unchanged.
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn token_manglers_do_what_they_say() -> Result<()> {
     for name_len in 1..12 {
         let body = serde_json::json!({

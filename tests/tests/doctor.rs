@@ -81,6 +81,10 @@ fn status_of(c: &Value) -> &str {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn doctor_reports_all_ok_on_a_clean_static_mesh() -> Result<()> {
     let _g = serial();
     let (lab, _fleet, pa, _pb) = up2()?;
@@ -157,6 +161,10 @@ fn doctor_reports_all_ok_on_a_clean_static_mesh() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn doctor_flags_strict_rp_filter() -> Result<()> {
     let _g = serial();
     let (lab, _fleet, _pa, _pb) = up2()?;
@@ -181,6 +189,10 @@ fn doctor_flags_strict_rp_filter() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn doctor_names_the_owner_of_an_overlapping_route() -> Result<()> {
     let _g = serial();
     let (lab, fleet, pa, _pb) = up2()?;
@@ -230,6 +242,10 @@ fn doctor_names_the_owner_of_an_overlapping_route() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn doctor_finds_the_largest_mtu_the_path_carries() -> Result<()> {
     let _g = serial();
     let (lab, _fleet, _pa, _pb) = up2()?;
@@ -299,6 +315,10 @@ fn hold_port(lab: &Lab, host: &str, argv: &[&str]) -> Result<ProcId> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn a_taken_listen_port_is_refused_and_named_by_doctor() -> Result<()> {
     let _g = serial();
     let (lab, _fleet) = lab2()?;
@@ -484,6 +504,10 @@ fn wait_ready(
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn a_joined_host_is_ready_only_after_its_netmap_is_applied() -> Result<()> {
     let _g = serial();
     let lab = Lab::build(LabOpts::with_hosts(&[A, B]))?;
@@ -522,6 +546,10 @@ fn a_joined_host_is_ready_only_after_its_netmap_is_applied() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn ready_only_once_the_interface_has_its_address_and_peers() -> Result<()> {
     let _g = serial();
     let (lab, fleet) = lab2()?;
@@ -559,6 +587,10 @@ fn ready_only_once_the_interface_has_its_address_and_peers() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn down_removes_everything_meshd_owns_and_meshd_exits_0() -> Result<()> {
     let _g = serial();
     let (lab, fleet) = lab2()?;

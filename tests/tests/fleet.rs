@@ -64,6 +64,10 @@ fn pubkey<'a>(r: &'a Running, host: &str) -> Result<&'a str> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn every_ordered_pair_pings_over_the_mesh() -> Result<()> {
     let _g = serial();
     let r = up()?;
@@ -95,6 +99,10 @@ fn every_ordered_pair_pings_over_the_mesh() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn home_hosts_reach_each_other_over_the_lan() -> Result<()> {
     let _g = serial();
     let r = up()?;
@@ -124,6 +132,10 @@ fn home_hosts_reach_each_other_over_the_lan() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn public_hosts_reach_home_hosts_through_the_nat() -> Result<()> {
     let _g = serial();
     let r = up()?;
@@ -248,12 +260,20 @@ fn restart_keeps_interface(signal: i32) -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn sigterm_restart_keeps_interface_and_peers() -> Result<()> {
     let _g = serial();
     restart_keeps_interface(libc::SIGTERM)
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn sigkill_restart_recovers_without_duplicates() -> Result<()> {
     let _g = serial();
     restart_keeps_interface(libc::SIGKILL)

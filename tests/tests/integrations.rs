@@ -415,6 +415,10 @@ fn expect_counts(lab: &Lab, host: &str, want: &BTreeMap<&'static str, usize>) ->
 // ------------------------------------------------------------------------------------ tests
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn files_dns_and_metrics_follow_the_mesh() -> Result<()> {
     let _g = serial();
     let lab = Lab::build(LabOpts::with_hosts(&[
@@ -575,6 +579,10 @@ fn files_dns_and_metrics_follow_the_mesh() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn broken_template_keeps_the_old_file_and_doctor_reports_it() -> Result<()> {
     let _g = serial();
     let lab = Lab::build(LabOpts::with_hosts(&["dock-load", "dock-prod"]))?;
@@ -659,6 +667,10 @@ fn broken_template_keeps_the_old_file_and_doctor_reports_it() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn a_static_fleet_gets_dns_files_and_metrics_from_its_config() -> Result<()> {
     let _g = serial();
     let two = ["dock-load", "dock-prod"];

@@ -25,6 +25,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 // ------------------------------------------------------------------------- the host side
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn kernel_lab_in_vm() -> Result<()> {
     if skip_requested("the kernel lab in the VM") {
         return Ok(());

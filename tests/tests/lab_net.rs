@@ -28,6 +28,10 @@ fn private_root(tag: &str) -> Result<std::path::PathBuf> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn home_hosts_reach_the_internet_through_nat() -> Result<()> {
     let lab = full_lab()?;
     // Count echo requests dock-load receives from the router's public address.
@@ -80,6 +84,10 @@ fn home_hosts_reach_the_internet_through_nat() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn internet_hosts_cannot_reach_the_home_lan() -> Result<()> {
     let lab = full_lab()?;
     for public in ["dock-load", "dock-prod", "dock-dash"] {
@@ -114,6 +122,10 @@ fn internet_hosts_cannot_reach_the_home_lan() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn lan_hosts_reach_each_other_directly() -> Result<()> {
     let lab = Lab::build(LabOpts::with_hosts(&["dock-mirror", "dock-edge", "nas"]))?;
     assert!(lab.ping("dock-mirror", EDGE)?);
@@ -130,6 +142,10 @@ fn lan_hosts_reach_each_other_directly() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn root_namespace_is_untouched() -> Result<()> {
     let before = RootSnapshot::take()?;
     let lab = full_lab()?;
@@ -162,6 +178,10 @@ fn root_namespace_is_untouched() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn hosts_have_private_run_etc_and_hostname() -> Result<()> {
     let lab = Lab::build(LabOpts::with_hosts(&["dock-load", "dock-prod"]))?;
     lab.write_file("dock-prod", "/etc/meshd/only-prod", b"prod\n")?;
@@ -203,6 +223,10 @@ fn hosts_have_private_run_etc_and_hostname() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn drop_removes_processes_namespaces_and_state() -> Result<()> {
     let lab = Lab::build(LabOpts::with_hosts(&["dock-mirror"]))?;
     let id = lab.id().to_owned();
@@ -243,6 +267,10 @@ fn drop_removes_processes_namespaces_and_state() -> Result<()> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn cleanup_removes_a_crashed_run_and_spares_live_ones() -> Result<()> {
     let root = private_root("cleanup")?;
     let meshlab = env!("CARGO_BIN_EXE_meshlab");

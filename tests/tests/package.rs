@@ -6,8 +6,9 @@
 //! `packaging/test-deb.sh` copies `/usr/bin/{meshd,meshctl,meshd-wg}` and
 //! `/etc/meshd/meshd.toml` out of the installed chroot and runs this test with
 //! `MESHD_PACKAGE_ROOT` pointing there (`usr/bin/...`, `etc/meshd/meshd.toml` under it).
-//! Without it, the test skips with a message. As root:
-//! `MESHD_PACKAGE_ROOT=DIR cargo test -p meshlab --test package`.
+//! It is `#[ignore]`d in a plain `cargo test` (listed and counted as ignored); without the
+//! variable it fails. As root:
+//! `MESHD_PACKAGE_ROOT=DIR cargo test -p meshlab --test package -- --ignored`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -48,13 +49,13 @@ fn arg(p: &Path) -> String {
 }
 
 #[test]
+#[ignore = "needs the installed package: packaging/test-deb.sh runs it with MESHD_PACKAGE_ROOT"]
 fn a_host_running_the_packaged_meshd_joins_with_a_token() -> Result<()> {
     let Some(pkg) = package_root()? else {
-        eprintln!(
-            "SKIP: MESHD_PACKAGE_ROOT is not set; packaging/test-deb.sh runs this test with the \
+        bail!(
+            "MESHD_PACKAGE_ROOT is not set; packaging/test-deb.sh runs this test with the \
              binaries of the installed package"
         );
-        return Ok(());
     };
     let meshd = arg(&pkg.join("usr/bin/meshd"));
     let meshctl = arg(&pkg.join("usr/bin/meshctl"));

@@ -45,6 +45,10 @@ fn mesh(host: &str) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn rotation_under_ping_costs_at_most_a_handshake_and_the_old_key_is_refused() -> Result<()> {
     let lab = Lab::build(LabOpts::with_hosts(&[
         COORDINATOR,

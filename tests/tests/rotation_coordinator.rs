@@ -48,6 +48,10 @@ fn rotate_coordinator(lab: &Lab) -> Result<String> {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn coordinator_key_rotates_online_and_an_offline_host_catches_up() -> Result<()> {
     let lab = Lab::build(LabOpts::with_hosts(&[
         COORDINATOR,

@@ -59,6 +59,10 @@ fn text(out: &std::process::Output) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn rotate_name_reaches_the_host_even_offline_and_bad_names_are_refused() -> Result<()> {
     let _g = serial();
     let (lab, mut f) = fleet(true)?;
@@ -224,6 +228,10 @@ fn ask_offline_host(lab: &Lab, f: &mut ManagedFleet) -> Result<()> {
 /// coordinator removed and re-added every peer, dropping their sessions for about 15 s; fixed
 /// by 77d3f54). "pinged the restarted coordinator" is printed to catch the latter.
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn rotation_asked_while_the_coordinator_is_down_is_deferred_then_completes() -> Result<()> {
     let _g = serial();
     let (lab, mut f) = fleet(false)?;
@@ -320,6 +328,10 @@ fn doctor(lab: &Lab, host: &str) -> Result<String> {
 /// is held, the log and `meshctl doctor` say so, and the key stays. `meshctl doctor` warns
 /// while the key is past its schedule and stops once it rotated.
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn scheduled_rotation_runs_when_due_and_is_held_by_a_static_peer() -> Result<()> {
     let _g = serial();
     let (lab, mut f) = fleet(false)?;

@@ -1,5 +1,5 @@
 //! Scenarios that need kernel WireGuard, run in a VM of Debian 12's kernel (meshlab::vm,
-//! DESIGN §7 "Kernel WireGuard"): the host kernel here has no wireguard module loaded.
+//! tests/README.md): the host kernel here has no wireguard module loaded.
 //! Run as root: `cargo test -p meshlab --test vm -- --nocapture` (prints the console and the
 //! boot and total times). `MESHD_SKIP_VM=1` skips them (saying so); by default they run.
 
@@ -45,6 +45,10 @@ echo "kernel wireguard: ok"
 "#;
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn vm_boots_and_runs_kernel_wireguard() -> Result<()> {
     if skip_requested("the VM smoke test") {
         return Ok(());

@@ -74,6 +74,10 @@ fn interop(a: Impl, b: Impl) {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn ours_with_ours() {
     interop(Impl::Ours, Impl::Ours);
 }
@@ -88,6 +92,10 @@ fn offload_line(p: &Pair, which: char) -> String {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn udp_and_tun_offloads_on_one_side_and_off_on_the_other_interoperate() {
     // A: every offload (UDP_SEGMENT sends, UDP_GRO receives, TUN TSO/GRO); B: none. Bulk
     // TCP both ways must arrive intact: A's segmented sends reach a socket that takes single
@@ -110,11 +118,19 @@ fn udp_and_tun_offloads_on_one_side_and_off_on_the_other_interoperate() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn ours_with_wireguard_go() {
     interop(Impl::Ours, Impl::WireguardGo);
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn wg_show_dump_matches_configuration_and_traffic() {
     let p = tunnel(Impl::Ours, Impl::Ours);
     p.wait_ping('a', p.b.mesh4);
@@ -165,6 +181,10 @@ fn wg_show_dump_matches_configuration_and_traffic() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn wg_set_changes_a_live_interface_while_traffic_flows() {
     let p = tunnel(Impl::Ours, Impl::Ours);
     p.wait_ping('a', p.b.mesh4);
@@ -293,6 +313,10 @@ fn wg_set_changes_a_live_interface_while_traffic_flows() {
 /// ways (b's own traffic makes it handshake again at once after each change, so a's packets
 /// keep being decrypted on b's receive path), every change of b's private key must finish.
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn private_key_changes_during_a_flood_never_wedge_the_engine() {
     let mut p = tunnel(Impl::Ours, Impl::Ours);
     p.wait_ping('a', p.b.mesh4);
@@ -336,6 +360,10 @@ fn private_key_changes_during_a_flood_never_wedge_the_engine() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn cryptokey_routing_drops_spoofed_sources_and_unrouted_destinations() {
     let p = tunnel(Impl::Ours, Impl::Ours);
     p.wait_ping('a', p.b.mesh4);
@@ -407,6 +435,10 @@ fn cryptokey_routing_drops_spoofed_sources_and_unrouted_destinations() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn malformed_uapi_requests_get_an_errno_and_the_engine_keeps_running() {
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixStream;
@@ -437,6 +469,10 @@ fn malformed_uapi_requests_get_an_errno_and_the_engine_keeps_running() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn a_second_engine_on_the_same_interface_is_refused() {
     let p = tunnel(Impl::Ours, Impl::Ours);
     let out = run(&mut p.ns('a', &[ENGINE, "-f", &p.a.iface]));
@@ -448,6 +484,10 @@ fn a_second_engine_on_the_same_interface_is_refused() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn wg_quick_up_with_meshd_wg_as_userspace_implementation() {
     let mut p = Pair::new();
     p.start_engine('b', Impl::Ours);
@@ -516,6 +556,10 @@ fn wg_quick_up_with_meshd_wg_as_userspace_implementation() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn ipv6_underlay_fwmark_and_preshared_key() {
     let p = Pair::new();
     let mut p = p;
@@ -596,6 +640,10 @@ fn ipv6_underlay_fwmark_and_preshared_key() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn the_engine_exits_when_its_interface_is_deleted() {
     let mut p = Pair::new();
     let pid = p.start_engine('a', Impl::Ours);
@@ -613,6 +661,10 @@ fn the_engine_exits_when_its_interface_is_deleted() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn the_endpoint_follows_a_roaming_peer() {
     let p = tunnel(Impl::Ours, Impl::Ours);
     p.wait_ping('a', p.b.mesh4);
@@ -665,6 +717,10 @@ fn kv(out: &str, key: &str) -> u64 {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn forged_initiations_get_cookies_and_never_move_the_endpoint() {
     let p = tunnel(Impl::Ours, Impl::Ours);
     p.wait_ping('a', p.b.mesh4);
@@ -727,6 +783,10 @@ fn forged_initiations_get_cookies_and_never_move_the_endpoint() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn a_replayed_initiation_is_answered_but_never_moves_the_endpoint() {
     let mut p = Pair::new();
     p.start_engine('a', Impl::Ours);
@@ -813,12 +873,20 @@ fn a_replayed_initiation_is_answered_but_never_moves_the_endpoint() {
 }
 
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn a_real_peer_completes_a_handshake_through_cookies_during_a_flood() {
     handshake_through_cookies(Impl::Ours);
 }
 
 /// The cookie replies are the protocol's: wireguard-go takes them and retries with MAC2.
 #[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
 fn wireguard_go_completes_a_handshake_through_our_cookies_during_a_flood() {
     handshake_through_cookies(Impl::WireguardGo);
 }
