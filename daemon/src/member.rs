@@ -1,5 +1,5 @@
 //! The member side of a managed mesh: the desired device from configuration + netmap, joining
-//! with a token (innernet-style bootstrap, DESIGN §4), following the netmap and reporting
+//! with a token (innernet-style bootstrap; docs/ARCHITECTURE.md, "Walk: a join"), following the netmap and reporting
 //! endpoints.
 
 use std::net::{IpAddr, SocketAddr};

@@ -1,4 +1,4 @@
-//! The lab: hosts made of namespaces, wired like the fleet (DESIGN §7).
+//! The lab: hosts made of namespaces, wired like the fleet (tests/README.md).
 //!
 //! Every host (and the switch holding the two bridges) is a long-lived *holder* process created
 //! by `unshare --net --mount --uts`: inside, `/run` is a fresh tmpfs (so `/var/run/wireguard`,

@@ -1,4 +1,4 @@
-//! meshlab: the whole meshd fleet rehearsed on one machine, out of namespaces (DESIGN §7).
+//! meshlab: the whole meshd fleet rehearsed on one machine, out of namespaces (tests/README.md).
 //!
 //! ```no_run
 //! use std::time::Duration;

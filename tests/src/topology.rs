@@ -1,4 +1,4 @@
-//! The lab's fixed topology (DESIGN §7): which hosts exist, where they sit and their addresses.
+//! The lab's fixed topology (tests/README.md): which hosts exist, where they sit and their addresses.
 //!
 //! ```text
 //!  "internet" bridge 198.51.100.0/24: dock-load .1, dock-prod .2, dock-dash .5, home router .100

@@ -1,5 +1,5 @@
-//! The VM lab: one command run inside Debian 12's own kernel under qemu (DESIGN §7 "Kernel
-//! WireGuard"), for what the host kernel cannot do here (its WireGuard module is not loaded).
+//! The VM lab: one command run inside Debian 12's own kernel under qemu (tests/README.md, "The VM
+//! lab"), for what the host kernel cannot do here (its WireGuard module is not loaded).
 //!
 //! `tests/vm/prepare.sh` caches the kernel package, its modules and a small initramfs; qemu
 //! boots it with TCG (KVM does not work on these machines) and no network device, the host's

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepares what the VM lab boots (DESIGN §7 "Kernel WireGuard"): Debian 12's current amd64
+# Prepares what the VM lab boots (tests/README.md, the VM lab): Debian 12's current amd64
 # kernel package, unpacked with its modules (depmod'ed), and a small initramfs holding
 # busybox-static, tests/vm/init and only the 9p module chain. Everything else the VM runs comes
 # from the host's root, shared read-only over 9p.

@@ -1,6 +1,6 @@
 //! The coordinator role: the registry (hosts, invitations, endpoint reports, audit log) in
 //! SQLite, the netmap version that long-polls wait on, and the HTTP/JSON API served inside the
-//! tunnel (DESIGN §4).
+//! tunnel (docs/ARCHITECTURE.md).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
