@@ -18,10 +18,10 @@ use mesh_proto::Op;
 use mesh_proto::{plan, DeviceSpec, ObservedPeer, PeerSpec, PrivateKey, PublicKey};
 
 use crate::backend::{LinkBackend, LinkSpec, WgBackend};
+use crate::disk::state::Membership;
 use crate::error::{Error, Result};
 use crate::member::desired_device;
-use crate::settings::Settings;
-use crate::state::Membership;
+use crate::runtime::settings::Settings;
 
 /// The latest endpoint the device reports for each peer, by the peer's mesh address. Updated on
 /// every pass; the coordinator API reads it to learn the address it observes for a host.
@@ -145,7 +145,7 @@ pub struct Agent<W, L> {
     skipped_routes: Vec<SkippedRoute>,
     /// How this host signs coordinator API calls (our key toward the coordinator's current
     /// key), shared with the follower and reporter tasks; kept current by `recompute`.
-    signer: crate::client::SignerCell,
+    signer: crate::member::client::SignerCell,
     /// Netmaps refused lately (Unix time, why), newest last, for the status.
     refused: std::collections::VecDeque<(u64, String)>,
 }
@@ -201,13 +201,13 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
             route_refusal: None,
             underlay_routes: Vec::new(),
             skipped_routes: Vec::new(),
-            signer: crate::client::SignerCell::default(),
+            signer: crate::member::client::SignerCell::default(),
             refused: std::collections::VecDeque::new(),
         }
     }
 
-    /// The shared signer for coordinator API calls (see [`crate::client::SignerCell`]).
-    pub fn signer_cell(&self) -> crate::client::SignerCell {
+    /// The shared signer for coordinator API calls (see [`crate::member::client::SignerCell`]).
+    pub fn signer_cell(&self) -> crate::member::client::SignerCell {
         self.signer.clone()
     }
 
@@ -225,7 +225,9 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
     }
 
     /// A signer for a coordinator API call now.
-    pub fn signer(&self) -> Result<crate::client::Signer, crate::client::CallError> {
+    pub fn signer(
+        &self,
+    ) -> Result<crate::member::client::Signer, crate::member::client::CallError> {
         self.signer.get()
     }
 
@@ -385,7 +387,7 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
     fn recompute(&mut self) {
         let signer = self
             .coordinator_key()
-            .and_then(|c| crate::client::Signer::new(&self.key, &c).ok());
+            .and_then(|c| crate::member::client::Signer::new(&self.key, &c).ok());
         self.signer.set(signer);
         let address = self
             .settings
@@ -465,7 +467,7 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
                 new.control_socket.display()
             )));
         }
-        let key = crate::keyfile::load_or_generate(&new.private_key_file)?;
+        let key = crate::disk::keyfile::load_or_generate(&new.private_key_file)?;
         self.key = key;
         self.settings = new;
         self.recompute();
@@ -820,7 +822,7 @@ pub fn now() -> Duration {
 pub(crate) mod tests {
     use super::*;
     use crate::backend::{FakeBackend, FakeLink};
-    use crate::settings::PeerSettings;
+    use crate::runtime::settings::PeerSettings;
     use mesh_proto::PeerSpec;
     use proptest::prelude::*;
 
@@ -1003,7 +1005,8 @@ pub(crate) mod tests {
             )
             .expect("write");
             let settings = Settings::load(&path).expect("valid config");
-            let key = crate::keyfile::load_or_generate(&settings.private_key_file).expect("key");
+            let key =
+                crate::disk::keyfile::load_or_generate(&settings.private_key_file).expect("key");
             let mut a = Agent::new(FakeBackend::default(), FakeLink::default(), settings, key);
             a.reconcile(NOW).await;
             assert_eq!(a.wg.device.peers.len(), 1);
@@ -1055,7 +1058,7 @@ pub(crate) mod tests {
         std::fs::write(&path, text("9101")).expect("write");
         let settings = Settings::load(&path).expect("valid config");
         assert_eq!(settings.handoff.metrics.listen_port, 9101);
-        let key = crate::keyfile::load_or_generate(&settings.private_key_file).expect("key");
+        let key = crate::disk::keyfile::load_or_generate(&settings.private_key_file).expect("key");
         let mut a = Agent::new(FakeBackend::default(), FakeLink::default(), settings, key);
         std::fs::write(&path, text("9102")).expect("write");
         a.handle_reload().expect("valid");
@@ -1077,7 +1080,8 @@ pub(crate) mod tests {
             let text = config_text(dir.path(), "10.99.99.1/24", &[peer(1, None)]);
             std::fs::write(&path, &text).expect("write");
             let settings = Settings::load(&path).expect("valid config");
-            let key = crate::keyfile::load_or_generate(&settings.private_key_file).expect("key");
+            let key =
+                crate::disk::keyfile::load_or_generate(&settings.private_key_file).expect("key");
             let mut a = Agent::new(FakeBackend::default(), FakeLink::default(), settings, key);
             std::fs::write(&path, text.replace("wgtest0", "wgother0")).expect("write");
             let err = a
@@ -1150,7 +1154,8 @@ pub(crate) mod tests {
             )
             .expect("write");
             let settings = Settings::load(&path).expect("valid config");
-            let key = crate::keyfile::load_or_generate(&settings.private_key_file).expect("key");
+            let key =
+                crate::disk::keyfile::load_or_generate(&settings.private_key_file).expect("key");
             let mut link = FakeLink::default();
             link.routes.push(foreign("10.42.0.0/16", "flannel-wg"));
             let mut a = Agent::new(FakeBackend::default(), link, settings, key);

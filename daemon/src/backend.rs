@@ -9,7 +9,7 @@ use mesh_proto::routes::{RouteOp, SystemRoute};
 use mesh_proto::{ObservedDevice, Op};
 
 use crate::error::Result;
-use crate::settings::Settings;
+use crate::runtime::settings::Settings;
 
 /// A WireGuard device: our userspace engine over UAPI, the kernel, or the in-memory fake.
 pub trait WgBackend {

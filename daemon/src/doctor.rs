@@ -20,9 +20,9 @@ use rtnetlink::packet_route::link::LinkFlags;
 
 use crate::agent::{mesh_address, now, Agent, AgentStatus};
 use crate::backend::{LinkBackend, WgBackend};
-use crate::ports::{port_state, PortState};
-use crate::settings::Settings;
-use crate::state::StateDir;
+use crate::disk::state::StateDir;
+use crate::netsys::ports::{port_state, PortState};
+use crate::runtime::settings::Settings;
 
 /// Where K3s reads its configuration.
 pub const K3S_CONFIG: &str = "/etc/rancher/k3s/config.yaml";
@@ -99,7 +99,7 @@ pub async fn gather<W: WgBackend, L: LinkBackend>(agent: &mut Agent<W, L>) -> In
             pid: std::process::id(),
         }),
         integrations: Vec::new(),
-        static_peers: crate::rotate::static_peer_names(agent.netmap()),
+        static_peers: crate::member::rotate::static_peer_names(agent.netmap()),
         skipped_routes,
     }
 }
@@ -116,8 +116,8 @@ pub async fn run_offline(settings: Settings) -> Report {
     let netmap = state.load_netmap().ok().flatten();
     // The netmap as the daemon applies it: the peers' prefixes this host does not take are
     // left out (and reported).
-    let system_routes = match crate::netlink::connect() {
-        Ok(handle) => crate::routes::system_routes(&handle)
+    let system_routes = match crate::netsys::netlink::connect() {
+        Ok(handle) => crate::netsys::routing::system_routes(&handle)
             .await
             .unwrap_or_default(),
         Err(_) => Vec::new(),
@@ -180,7 +180,7 @@ pub async fn run_offline(settings: Settings) -> Report {
         peer_specs,
         daemon: None,
         integrations: Vec::new(),
-        static_peers: crate::rotate::static_peer_names(netmap.as_ref()),
+        static_peers: crate::member::rotate::static_peer_names(netmap.as_ref()),
         skipped_routes,
     })
     .await;
@@ -257,10 +257,10 @@ pub async fn run(input: Input) -> Report {
 
     // The static key's age against its rotation schedule.
     checks.push(mesh_proto::doctor::key_age_check(
-        crate::keyfile::created_unix(&s.private_key_file),
+        crate::disk::keyfile::created_unix(&s.private_key_file),
         now_unix,
         s.rotate_every.map(|d| d.as_secs()),
-        crate::keyfile::next_path(&s.private_key_file).exists(),
+        crate::disk::keyfile::next_path(&s.private_key_file).exists(),
         &input.static_peers,
     ));
 
@@ -346,7 +346,7 @@ async fn routes(input: &Input) -> Check {
         );
     };
     let wanted = mesh_proto::routes::desired_routes(address, &input.peer_specs).len();
-    match crate::routes::check(&settings, &input.peer_specs).await {
+    match crate::netsys::routing::check(&settings, &input.peer_specs).await {
         Ok(conflicts) => routes_check(wanted, &conflicts),
         Err(e) => Check::warn(
             "routes",
@@ -360,9 +360,10 @@ async fn ip_forward(s: &Settings) -> Check {
     let advertise = &s.routes.advertise;
     let mut interfaces = vec![s.interface.clone()];
     if !advertise.is_empty() {
-        if let Ok(handle) = crate::netlink::connect() {
+        if let Ok(handle) = crate::netsys::netlink::connect() {
             for net in advertise.iter().filter(|n| matches!(n, IpNet::V4(_))) {
-                if let Ok(Some(dev)) = crate::routes::egress_interface(&handle, *net).await {
+                if let Ok(Some(dev)) = crate::netsys::routing::egress_interface(&handle, *net).await
+                {
                     if !interfaces.contains(&dev) {
                         interfaces.push(dev);
                     }
@@ -459,7 +460,7 @@ pub struct LinkFacts {
 
 /// The interface, over netlink (`None`: no such interface).
 pub async fn read_link(iface: &str) -> Option<LinkFacts> {
-    let netlink = crate::netlink::Scoped::open().ok()?;
+    let netlink = crate::netsys::netlink::Scoped::open().ok()?;
     let handle = &netlink.handle;
     async {
         let link = handle
@@ -562,7 +563,7 @@ fn interface_check(
 
 /// `/proc/sys/net/ipv4/conf/DEV/KEY` as a number.
 fn read_sysctl(dev: &str, key: &str) -> Option<u8> {
-    crate::sysctl::read_number(&crate::sysctl::ipv4_conf(dev, key))
+    crate::netsys::sysctl::read_number(&crate::netsys::sysctl::ipv4_conf(dev, key))
 }
 
 /// K3s configuration files in the order K3s reads them, with their text.

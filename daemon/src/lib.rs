@@ -1,45 +1,33 @@
-//! meshd: the I/O shell around mesh-proto. Backends (userspace engine over UAPI, in-memory
-//! fake), interface addressing over netlink, the agent loop, the control socket.
+//! meshd: the I/O shell around mesh-proto (docs/ARCHITECTURE.md has the map).
+//!
+//! - `runtime`: the process: startup, the event loop, control requests, settings;
+//! - `agent`: observe → `mesh_proto::plan` → apply, the reconciler's shell;
+//! - `backend`: one small trait per outside system (and in-memory fakes for tests);
+//! - `wg`: the WireGuard device (kernel, or a userspace engine over UAPI);
+//! - `netsys`: addresses, routes, our nftables table, sysctls: only what meshd owns;
+//! - `disk`: the one file writer, the key file, the state directory;
+//! - `member`: the member side of a managed mesh: join, netmap follower, key rotation, the
+//!   coordinator API client;
+//! - `coordinator`: the coordinator role: the SQLite registry and the HTTP API;
+//! - `handoff`: what meshd hands to other software: integration files, mesh DNS, split DNS,
+//!   `/metrics`;
+//! - `doctor`: gathering the facts `mesh_proto::doctor` judges.
 
 pub mod agent;
 pub mod backend;
-pub mod blocking;
-pub mod client;
-pub mod control;
 pub mod coordinator;
-pub mod daemon;
 pub mod disk;
-pub mod dns;
 pub mod doctor;
 pub mod error;
-pub mod firewall;
 pub mod handoff;
-pub mod integrate;
-pub mod join;
-pub mod kernel;
-pub mod keyfile;
-pub mod link;
-pub mod lock;
 pub mod member;
-pub mod metrics;
-pub mod netlink;
-pub mod notify;
-pub mod ports;
-pub mod protocol;
-pub mod resolved;
-pub mod rotate;
-pub mod routes;
-pub mod select;
-pub mod serve;
-pub mod service;
-pub mod settings;
-pub mod state;
-pub mod sysctl;
-pub mod uapi;
+pub mod netsys;
+pub mod runtime;
+pub mod wg;
 
 pub use agent::{Agent, AgentStatus, PassReport, PeerView};
 #[cfg(any(test, feature = "test-fakes"))]
 pub use backend::{FakeBackend, FakeLink};
 pub use backend::{LinkBackend, LinkReport, LinkSpec, WgBackend};
 pub use error::{Error, Result};
-pub use settings::{HandoffSettings, PeerSettings, Settings};
+pub use runtime::settings::{HandoffSettings, PeerSettings, Settings};

@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use mesh_proto::{plan, DeviceSpec, ObservedDevice, Op, PeerSpec, PrivateKey, PublicKey};
-use meshd::kernel::KernelBackend;
-use meshd::link::NetlinkLink;
-use meshd::uapi::UapiBackend;
+use meshd::netsys::link::NetlinkLink;
+use meshd::wg::kernel::KernelBackend;
+use meshd::wg::userspace::UapiBackend;
 use meshd::{FakeBackend, LinkBackend, WgBackend};
 
 mod common;
@@ -438,7 +438,7 @@ fn kernel_backend_conforms() {
 )]
 fn backend_selection_adopts_and_refuses() {
     use mesh_proto::config::BackendKind;
-    use meshd::select::{select, Backend, EngineSpec};
+    use meshd::wg::select::{select, Backend, EngineSpec};
     let required = std::env::var("MESHD_REQUIRE_KERNEL_WG").as_deref() == Ok("1");
     let engine = EngineSpec {
         command: engine(),

@@ -84,18 +84,20 @@ fn write_config(dir: &Path, extra: &str) -> PathBuf {
     path
 }
 
-type RealAgent = Agent<FakeBackend, meshd::link::NetlinkLink>;
+type RealAgent = Agent<FakeBackend, meshd::netsys::link::NetlinkLink>;
 
 fn agent(path: &Path, wg: FakeBackend) -> RealAgent {
     let settings = Settings::load(path).expect("valid config");
-    let key = meshd::keyfile::load_or_generate(&settings.private_key_file).expect("key");
-    let link = meshd::link::NetlinkLink::connect().expect("netlink");
+    let key = meshd::disk::keyfile::load_or_generate(&settings.private_key_file).expect("key");
+    let link = meshd::netsys::link::NetlinkLink::connect().expect("netlink");
     Agent::new(wg, link, settings, key)
 }
 
 async fn routes() -> Vec<SystemRoute> {
-    let handle = meshd::netlink::connect().expect("netlink");
-    meshd::routes::system_routes(&handle).await.expect("routes")
+    let handle = meshd::netsys::netlink::connect().expect("netlink");
+    meshd::netsys::routing::system_routes(&handle)
+        .await
+        .expect("routes")
 }
 
 async fn ours() -> Vec<String> {
@@ -314,7 +316,9 @@ fn advertising_turns_forwarding_on_limits_it_and_teardown_restores_everything() 
         assert_eq!(nft(&["-a", "list", "table", "inet", "meshd"]), handles);
 
         let settings = Settings::load(&path).expect("config");
-        let done = meshd::routes::teardown(&settings).await.expect("teardown");
+        let done = meshd::netsys::routing::teardown(&settings)
+            .await
+            .expect("teardown");
         assert!(
             done.iter().any(|d| d.contains("table inet meshd")),
             "{done:?}"
@@ -326,7 +330,7 @@ fn advertising_turns_forwarding_on_limits_it_and_teardown_restores_everything() 
         assert_eq!((fwd(IFACE), fwd("lan0")), ("0".into(), "0".into()));
         assert!(!dir.path().join("state/forwarding.json").exists());
         // Teardown again: nothing left to do.
-        assert!(meshd::routes::teardown(&settings)
+        assert!(meshd::netsys::routing::teardown(&settings)
             .await
             .expect("again")
             .is_empty());
@@ -355,7 +359,9 @@ fn forwarding_already_on_gets_no_drop_rules() {
         assert!(!table.contains("drop"), "{table}");
         assert!(!dir.path().join("state/forwarding.json").exists());
         let settings = Settings::load(&path).expect("config");
-        meshd::routes::teardown(&settings).await.expect("teardown");
+        meshd::netsys::routing::teardown(&settings)
+            .await
+            .expect("teardown");
         assert_eq!(sysctl("/proc/sys/net/ipv4/conf/lan0/forwarding"), "1");
     });
 }
@@ -548,7 +554,9 @@ fn the_advertised_subnet_is_reachable_from_the_mesh_and_nothing_else_is() {
 
         // Torn down: nothing is forwarded any more.
         let settings = Settings::load(&path).expect("config");
-        meshd::routes::teardown(&settings).await.expect("teardown");
+        meshd::netsys::routing::teardown(&settings)
+            .await
+            .expect("teardown");
         assert!(!pings(&ns, 0, "192.168.1.20", Duration::from_secs(2)));
     });
 }

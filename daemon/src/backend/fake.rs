@@ -10,7 +10,7 @@ use mesh_proto::{ObservedDevice, Op, PublicKey};
 
 use super::{LinkBackend, LinkReport, LinkSpec, WgBackend};
 use crate::error::{Error, Result};
-use crate::settings::Settings;
+use crate::runtime::settings::Settings;
 
 /// In-memory WireGuard device following WireGuard's rules (via `mesh_proto::plan::apply`:
 /// an allowed IP belongs to exactly one peer). Failures can be injected per peer key.

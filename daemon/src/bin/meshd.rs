@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
-use meshd::service::{check_config, doctor_offline, down_offline, serve};
+use meshd::runtime::startup::{check_config, doctor_offline, down_offline, serve};
 use meshd::Settings;
 
 #[derive(Debug, Parser)]
@@ -101,7 +101,7 @@ fn real_main(args: Args) -> Result<bool> {
         }
         return Ok(true);
     }
-    meshd::state::StateDir::new(&settings.state_dir)
+    meshd::disk::state::StateDir::new(&settings.state_dir)
         .ensure_private()
         .context("preparing the state directory")?;
     runtime.block_on(serve(settings)).map(|()| true)

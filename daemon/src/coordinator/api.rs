@@ -565,7 +565,7 @@ pub fn bind_api_listener(
     bind: SocketAddr,
     bind_device: Option<&str>,
 ) -> Result<tokio::net::TcpListener, CoordError> {
-    crate::serve::bind_tcp(bind, bind_device, 4096, "API")
+    crate::runtime::serve::bind_tcp(bind, bind_device, 4096, "API")
         .map_err(|e| CoordError::io(format!("API socket on {bind}"), e))
 }
 
@@ -584,9 +584,9 @@ pub async fn serve_api(
         let listener = bind_api_listener(bind, None)?;
         return serve_api_on(coord, listener, observed, shutdown).await;
     };
-    let before = crate::serve::ifindex(&dev);
+    let before = crate::runtime::serve::ifindex(&dev);
     let listener = bind_api_listener(bind, Some(&dev))?;
-    let Some(index) = before.filter(|i| crate::serve::ifindex(&dev) == Some(*i)) else {
+    let Some(index) = before.filter(|i| crate::runtime::serve::ifindex(&dev) == Some(*i)) else {
         return Err(CoordError::io(
             format!("API socket on {bind}"),
             std::io::Error::other(format!("the interface {dev} changed while binding")),
@@ -595,7 +595,7 @@ pub async fn serve_api(
     let replaced = {
         let dev = dev.clone();
         async move {
-            crate::serve::device_replaced(&dev, index).await;
+            crate::runtime::serve::device_replaced(&dev, index).await;
             tracing::info!(interface = %dev, old_ifindex = index, "the mesh interface was recreated: binding the coordinator API again");
         }
     };
@@ -620,7 +620,7 @@ pub async fn serve_api_on(
         coord,
         listener,
         observed,
-        crate::serve::Limits::API,
+        crate::runtime::serve::Limits::API,
         shutdown,
     )
     .await
@@ -631,7 +631,7 @@ pub async fn serve_api_with(
     coord: Coordinator,
     listener: tokio::net::TcpListener,
     observed: ObservedFn,
-    limits: crate::serve::Limits,
+    limits: crate::runtime::serve::Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordError> {
     let local = listener
@@ -669,7 +669,8 @@ pub async fn serve_api_with(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    crate::serve::serve_http(listener, router(state), limits, "coordinator API", graceful).await;
+    crate::runtime::serve::serve_http(listener, router(state), limits, "coordinator API", graceful)
+        .await;
     expiry.abort();
     tracing::info!(address = %local, "coordinator API stopped");
     Ok(())
@@ -834,10 +835,10 @@ pub async fn serve_key_notices(
         port,
         "coordinator key notices served (TCP, outside the tunnel)"
     );
-    crate::serve::serve_http(
+    crate::runtime::serve::serve_http(
         listener,
         key_notice_router(coord),
-        crate::serve::Limits::KEY_NOTICES,
+        crate::runtime::serve::Limits::KEY_NOTICES,
         "key notices",
         shutdown,
     )

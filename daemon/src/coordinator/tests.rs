@@ -2415,10 +2415,10 @@ async fn key_notice_port_answers_only_its_get() {
     let listener = tokio::net::TcpListener::bind("127.16.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(crate::serve::serve_http(
+    let task = tokio::spawn(crate::runtime::serve::serve_http(
         listener,
         key_notice_router(coord),
-        crate::serve::Limits::KEY_NOTICES,
+        crate::runtime::serve::Limits::KEY_NOTICES,
         "key notices",
         async {
             let _ = rx.await;
@@ -2460,7 +2460,7 @@ async fn api_caps_connections_per_source() {
     let server = server().await;
     let flooder: IpAddr = "127.16.0.50".parse().unwrap();
     let mut held = Vec::new();
-    for _ in 0..crate::serve::Limits::API.max_per_source {
+    for _ in 0..crate::runtime::serve::Limits::API.max_per_source {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.bind(SocketAddr::new(flooder, 0)).unwrap();
         let mut s = sock.connect(server.addr).await.unwrap();

@@ -14,8 +14,8 @@ use mesh_proto::ObservedDevice;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::backend::WgBackend;
-use crate::kernel::KernelBackend;
-use crate::uapi::{UapiBackend, DEFAULT_WG_RUN_DIR};
+use crate::wg::kernel::KernelBackend;
+use crate::wg::userspace::{UapiBackend, DEFAULT_WG_RUN_DIR};
 
 /// Who holds the port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +83,7 @@ pub async fn wireguard_ports(run_dir: &Path) -> Vec<(String, u16, &'static str)>
 async fn kernel_wireguard_links() -> Vec<String> {
     use futures::TryStreamExt;
     use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
-    let Ok(netlink) = crate::netlink::Scoped::open() else {
+    let Ok(netlink) = crate::netsys::netlink::Scoped::open() else {
         return Vec::new();
     };
     let mut names = Vec::new();

@@ -149,7 +149,7 @@ pub trait Api: Send + Sync {
 
     /// How long a join keeps trying to reach the coordinator through the tunnel.
     fn join_deadline(&self) -> Duration {
-        crate::join::JOIN_TIMEOUT
+        crate::member::join::JOIN_TIMEOUT
     }
 }
 

@@ -2,6 +2,10 @@
 //! with a token (innernet-style bootstrap; docs/ARCHITECTURE.md, "Walk: a join"), following the netmap and reporting
 //! endpoints.
 
+pub mod client;
+pub mod join;
+pub mod rotate;
+
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -14,11 +18,10 @@ use tokio::task::JoinHandle;
 
 use crate::agent::{now, Agent};
 use crate::backend::{LinkBackend, WgBackend};
-use crate::client;
-use crate::join::JoinError;
-use crate::rotate::{Outcome, RotateError};
-use crate::settings::Settings;
-use crate::state::{Membership, StateDir};
+use crate::disk::state::{Membership, StateDir};
+use crate::member::join::JoinError;
+use crate::member::rotate::{Outcome, RotateError};
+use crate::runtime::settings::Settings;
 
 /// Keepalive toward the coordinator while joining (and before the first netmap).
 pub const BOOTSTRAP_KEEPALIVE: u16 = 25;
@@ -41,9 +44,9 @@ pub enum MeshEvent {
     /// A key notice request finished: the coordinator key we knew and its current one.
     CoordinatorKey(Result<(PublicKey, PublicKey), String>),
     /// A step of our key rotation that waited on the coordinator finished.
-    RotationStep(Box<crate::rotate::StepDone>),
+    RotationStep(Box<crate::member::rotate::StepDone>),
     /// The coordinator answered our join (or did not, in time).
-    JoinAnswer(Box<crate::join::Answer>),
+    JoinAnswer(Box<crate::member::join::Answer>),
 }
 
 /// Where a join came from, and so who hears how it ended.
@@ -213,8 +216,8 @@ fn overlaps(a: &IpNet, b: &IpNet) -> bool {
 pub fn registrar<W: WgBackend, L: LinkBackend>(
     agent: &Agent<W, L>,
     member: &MemberRuntime,
-) -> Result<crate::rotate::Registrar, RotateError> {
-    use crate::rotate::Registrar;
+) -> Result<crate::member::rotate::Registrar, RotateError> {
+    use crate::member::rotate::Registrar;
     match (&member.coordinator, agent.membership()) {
         (Some(coord), _) => Ok(Registrar::Local(coord.clone())),
         (None, Some(m)) => Ok(Registrar::Remote(m.api_addr())),
@@ -345,9 +348,9 @@ pub struct MemberRuntime {
     /// The warning that static peers hold the schedule was logged.
     held_logged: bool,
     /// Our key rotation in progress, and who waits for its outcome.
-    rotation: Option<(crate::rotate::Run, Vec<RotationWaiter>)>,
+    rotation: Option<(crate::member::rotate::Run, Vec<RotationWaiter>)>,
     /// Our join in progress (waiting for the coordinator's answer).
-    join: Option<(crate::join::Pending, JoinOrigin)>,
+    join: Option<(crate::member::join::Pending, JoinOrigin)>,
     /// The last join from `join_token_file` found no coordinator: try again later.
     pub file_join_retry: bool,
 }
@@ -410,7 +413,7 @@ impl MemberRuntime {
             Err(e) => tracing::warn!(error = %e, "cannot read the cached netmap"),
         }
         self.probe_next_at_start =
-            crate::keyfile::next_path(&agent.settings().private_key_file).exists();
+            crate::disk::keyfile::next_path(&agent.settings().private_key_file).exists();
         self.follow(agent);
     }
 
@@ -514,7 +517,7 @@ impl MemberRuntime {
                 let Some((pending, origin)) = self.join.take() else {
                     return;
                 };
-                let r = crate::join::finish(agent, &self.state, pending, *answer).await;
+                let r = crate::member::join::finish(agent, &self.state, pending, *answer).await;
                 self.join_ended(agent, r, origin).await;
             }
             MeshEvent::RotationStep(done) => {
@@ -536,7 +539,7 @@ impl MemberRuntime {
     }
 
     /// The coordinator does not answer. Once after a start with a rotation pending, try the
-    /// next key (`crate::rotate::probe_next_key`); then, every [`NOTICE_RETRY`], ask the
+    /// next key (`crate::member::rotate::probe_next_key`); then, every [`NOTICE_RETRY`], ask the
     /// coordinator's endpoint for key notices in the background (it may have rotated its key
     /// while we were away).
     async fn while_unreachable<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
@@ -549,7 +552,7 @@ impl MemberRuntime {
         // Not while our own rotation runs: its next key is that rotation's, not a leftover.
         if !self.rotating()
             && std::mem::take(&mut self.probe_next_at_start)
-            && crate::rotate::probe_next_key(agent, &self.state, m.api_addr()).await
+            && crate::member::rotate::probe_next_key(agent, &self.state, m.api_addr()).await
         {
             self.follow(agent);
             return;
@@ -576,7 +579,7 @@ impl MemberRuntime {
         let key = agent.key().clone();
         let tx = self.tx.clone();
         tokio::spawn(async move {
-            let r = crate::rotate::coordinator_key_from_notices(&endpoints, &key, known)
+            let r = crate::member::rotate::coordinator_key_from_notices(&endpoints, &key, known)
                 .await
                 .map(|new| (known, new));
             let _ = tx.send(MeshEvent::CoordinatorKey(r)).await;
@@ -677,7 +680,7 @@ impl MemberRuntime {
     }
 
     /// Rotate now (`meshctl rotate`, the schedule, an admin's request): start a
-    /// [`crate::rotate::Run`], or join the one in progress. The steps on this host run now;
+    /// [`crate::member::rotate::Run`], or join the one in progress. The steps on this host run now;
     /// the ones that wait on the coordinator run as tasks whose results come back as
     /// [`MeshEvent::RotationStep`], so the loop is never held. `waiter` gets the outcome.
     pub async fn rotate_now<W: WgBackend, L: LinkBackend>(
@@ -690,7 +693,7 @@ impl MemberRuntime {
             return;
         }
         let started = registrar(agent, self)
-            .and_then(|registrar| crate::rotate::Run::start(agent, registrar));
+            .and_then(|registrar| crate::member::rotate::Run::start(agent, registrar));
         let mut run = match started {
             Ok(run) => run,
             Err(e) => {
@@ -711,17 +714,17 @@ impl MemberRuntime {
     fn rotation_progress<W: WgBackend, L: LinkBackend>(
         &mut self,
         agent: &Agent<W, L>,
-        progress: crate::rotate::Progress,
+        progress: crate::member::rotate::Progress,
     ) {
         match progress {
-            crate::rotate::Progress::Waiting(wait) => {
+            crate::member::rotate::Progress::Waiting(wait) => {
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
                     let done = wait.await;
                     let _ = tx.send(MeshEvent::RotationStep(Box::new(done))).await;
                 });
             }
-            crate::rotate::Progress::Done(r) => {
+            crate::member::rotate::Progress::Done(r) => {
                 let waiters = self.rotation.take().map(|(_, w)| w).unwrap_or_default();
                 self.rotation_ended(agent, r, waiters);
             }
@@ -781,11 +784,11 @@ impl MemberRuntime {
             return;
         }
         let path = agent.settings().private_key_file.clone();
-        let pending = crate::keyfile::next_path(&path).exists();
+        let pending = crate::disk::keyfile::next_path(&path).exists();
         let asked = self.rotation_asked.is_some();
         let due = match (
             agent.settings().rotate_every,
-            crate::keyfile::created_unix(&path),
+            crate::disk::keyfile::created_unix(&path),
         ) {
             (Some(every), Some(created)) => mesh_proto::rotation::rotation_due_unix(
                 created,
@@ -799,7 +802,7 @@ impl MemberRuntime {
             return;
         }
         // A schedule never breaks a static peer's tunnel: it lists our key by hand.
-        let statics = crate::rotate::static_peer_names(agent.netmap());
+        let statics = crate::member::rotate::static_peer_names(agent.netmap());
         if due && !pending && !asked && !statics.is_empty() {
             if !self.held_logged {
                 self.held_logged = true;
@@ -816,7 +819,7 @@ impl MemberRuntime {
         self.rotate_now(agent, None).await;
     }
 
-    /// Join the mesh of `token`: [`crate::join::start`] now, the coordinator asked from a task
+    /// Join the mesh of `token`: [`crate::member::join::start`] now, the coordinator asked from a task
     /// (its answer comes back as [`MeshEvent::JoinAnswer`]), so the loop is never held.
     pub async fn start_join<W: WgBackend, L: LinkBackend>(
         &mut self,
@@ -829,7 +832,7 @@ impl MemberRuntime {
             self.join_ended(agent, Err(e), origin).await;
             return;
         }
-        match crate::join::start(agent, &self.state, token).await {
+        match crate::member::join::start(agent, &self.state, token).await {
             Ok((pending, call)) => {
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
@@ -908,8 +911,8 @@ mod tests {
     use super::*;
     use crate::agent::tests::{peer, settings};
     use crate::backend::{FakeBackend, FakeLink};
-    use crate::client::{Api, CallError};
-    use crate::join::join;
+    use crate::member::client::{Api, CallError};
+    use crate::member::join::join;
     use mesh_proto::api::{JoinRequest, JoinResponse};
     use mesh_proto::netmap::{EndpointCandidate, EndpointKind, NetmapPeer};
     use mesh_proto::token::{Token, TokenBody};

@@ -14,9 +14,9 @@ use mesh_proto::{ObservedDevice, Op};
 
 use crate::backend::WgBackend;
 use crate::error::{Error, Result};
-use crate::kernel::KernelBackend;
-use crate::link::NetlinkLink;
-use crate::uapi::UapiBackend;
+use crate::netsys::link::NetlinkLink;
+use crate::wg::kernel::KernelBackend;
+use crate::wg::userspace::UapiBackend;
 
 /// The backend the daemon runs with.
 #[derive(Debug)]
@@ -188,6 +188,6 @@ fn short_reason(e: &Error) -> String {
 pub fn default_engine_spec(command: PathBuf) -> EngineSpec {
     EngineSpec {
         command,
-        run_dir: Path::new(crate::uapi::DEFAULT_WG_RUN_DIR).to_path_buf(),
+        run_dir: Path::new(crate::wg::userspace::DEFAULT_WG_RUN_DIR).to_path_buf(),
     }
 }

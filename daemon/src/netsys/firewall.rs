@@ -23,9 +23,9 @@ pub fn nft_binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Run `nft` (off the async workers, see crate::blocking): `Ok(Err(stderr))` when it refused.
+/// Run `nft` (off the async workers, see crate::runtime::blocking): `Ok(Err(stderr))` when it refused.
 fn nft(args: &[&str], stdin: Option<&str>) -> Result<std::result::Result<String, String>> {
-    crate::blocking::run(|| nft_now(args, stdin))
+    crate::runtime::blocking::run(|| nft_now(args, stdin))
 }
 
 fn nft_now(args: &[&str], stdin: Option<&str>) -> Result<std::result::Result<String, String>> {

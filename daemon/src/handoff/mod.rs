@@ -8,6 +8,11 @@
 //! The integration worker applies the latest [`MeshView`] only: views that arrive while an
 //! apply runs are coalesced into one more apply.
 
+pub mod dns;
+pub mod integrations;
+pub mod metrics;
+pub mod resolved;
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -21,12 +26,12 @@ use tokio::task::JoinHandle;
 
 use crate::agent::{now, Agent, AgentStatus};
 use crate::backend::{LinkBackend, WgBackend};
-use crate::dns::{shared_records, update_records, MeshDns, SharedRecords};
-use crate::integrate::IntegrationEngine;
-use crate::keyfile::created_unix as key_created_unix;
-use crate::metrics::{labels_from_names, labels_from_netmap, Metrics};
-use crate::resolved::{ensure_split_dns_system, SplitDns};
-use crate::settings::HandoffSettings;
+use crate::disk::keyfile::created_unix as key_created_unix;
+use crate::handoff::dns::{shared_records, update_records, MeshDns, SharedRecords};
+use crate::handoff::integrations::IntegrationEngine;
+use crate::handoff::metrics::{labels_from_names, labels_from_netmap, Metrics};
+use crate::handoff::resolved::{ensure_split_dns_system, SplitDns};
+use crate::runtime::settings::HandoffSettings;
 
 /// How often the files are re-applied without a mesh change (a fixed template, a file someone
 /// edited) and split DNS is re-checked (resolved forgets it when it restarts).
@@ -359,7 +364,7 @@ impl Handoff {
         let Some(at) = want else {
             return;
         };
-        match crate::serve::bind_tcp(at.addr, at.device(), 128, "metrics") {
+        match crate::runtime::serve::bind_tcp(at.addr, at.device(), 128, "metrics") {
             Ok(listener) => {
                 let (stop, stop_rx) = oneshot::channel::<()>();
                 let metrics = self.metrics.clone();
@@ -367,7 +372,7 @@ impl Handoff {
                     let shutdown = async move {
                         let _ = stop_rx.await;
                     };
-                    crate::metrics::serve(listener, metrics, shutdown).await;
+                    crate::handoff::metrics::serve(listener, metrics, shutdown).await;
                 });
                 self.metrics_server = Some(MetricsServer { at, stop, task });
                 self.metrics_bind_failed = None;
@@ -504,8 +509,8 @@ pub fn teardown(interface: &str, integrations: &IntegrationsConfig) -> (Vec<Stri
             )),
         }
     }
-    if let Some(r) = crate::resolved::SystemResolvectl::find() {
-        match crate::resolved::revert_split_dns(&r, interface) {
+    if let Some(r) = crate::handoff::resolved::SystemResolvectl::find() {
+        match crate::handoff::resolved::revert_split_dns(&r, interface) {
             Ok(()) => removed.push(format!("reverted split DNS on {interface}")),
             Err(e) => failed.push(e),
         }

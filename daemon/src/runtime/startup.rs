@@ -12,16 +12,16 @@ use tokio::sync::mpsc;
 
 use crate::agent::{now, ObservedEndpoints};
 use crate::backend::LinkBackend;
-use crate::control::{prepare_dir, ControlSocket};
 use crate::coordinator::{serve_api, Coordinator, CoordinatorSettings};
-use crate::daemon::{AdminHandler, MeshWiring};
-use crate::keyfile::{self, KeyFileState};
-use crate::link::NetlinkLink;
-use crate::lock::InstanceLock;
+use crate::disk::keyfile::{self, KeyFileState};
 use crate::member::MeshEvent;
-use crate::protocol::AdminCall;
-use crate::select::{default_engine_spec, select};
-use crate::uapi::default_engine_command;
+use crate::netsys::link::NetlinkLink;
+use crate::runtime::control_socket::{prepare_dir, ControlSocket};
+use crate::runtime::dispatch::AdminCall;
+use crate::runtime::event_loop::{AdminHandler, MeshWiring};
+use crate::runtime::instance_lock::InstanceLock;
+use crate::wg::select::{default_engine_spec, select};
+use crate::wg::userspace::default_engine_command;
 use crate::{Agent, Settings};
 
 /// `meshd --check-config`: validate the configuration and the key file, print a summary.
@@ -55,7 +55,7 @@ pub fn check_config(path: &Path) -> Result<()> {
 /// Routes, the nftables table and the forwarding settings meshd made (everything it owns but
 /// the interface). Returns what was removed.
 pub async fn teardown_owned(settings: &Settings) -> Result<Vec<String>> {
-    Ok(crate::routes::teardown(settings).await?)
+    Ok(crate::netsys::routing::teardown(settings).await?)
 }
 
 /// `meshd --down`: with no daemon running, remove everything meshd owns on this host (routes,
@@ -98,19 +98,19 @@ pub async fn serve(settings: Settings) -> Result<()> {
     // Fail before touching anything: lock, then port, then key, then the engine.
     prepare_dir(&settings.control_socket)?;
     let lock = InstanceLock::acquire(&settings.control_socket, &settings.interface)?;
-    let port = crate::ports::port_state(settings.listen_port, &settings.interface).await;
-    if let Some(refusal) = crate::ports::refusal(settings.listen_port, &port) {
+    let port = crate::netsys::ports::port_state(settings.listen_port, &settings.interface).await;
+    if let Some(refusal) = crate::netsys::ports::refusal(settings.listen_port, &port) {
         anyhow::bail!(refusal);
     }
-    if port == crate::ports::PortState::Ours {
+    if port == crate::netsys::ports::PortState::Ours {
         tracing::info!(port = settings.listen_port, interface = %settings.interface, "listen port held by our own interface; adopting it");
     }
     let key = recover_key(&settings)?;
     // The servers' connection caps are sized from the descriptor limit (the unit's
     // LimitNOFILE is the hard limit; the soft one is often 1024).
-    let nofile = crate::serve::raise_fd_limit();
+    let nofile = crate::runtime::serve::raise_fd_limit();
     tracing::debug!(nofile, "file descriptor limit");
-    let shutdown = crate::daemon::shutdown_signal()?;
+    let shutdown = crate::runtime::event_loop::shutdown_signal()?;
     let engine = settings
         .engine_command
         .clone()
@@ -163,10 +163,11 @@ pub async fn serve(settings: Settings) -> Result<()> {
             .zip(settings.address)
             .map(|(c, a)| SocketAddr::new(a.addr(), c.api_port));
     }
-    let result = crate::daemon::run_with(agent, &socket.listener, shutdown, wiring).await;
+    let result =
+        crate::runtime::event_loop::run_with(agent, &socket.listener, shutdown, wiring).await;
     let _ = stop_tx.send(true);
     let (_agent, stop) = result?;
-    if let crate::daemon::Stop::Down { removed } = stop {
+    if let crate::runtime::event_loop::Stop::Down { removed } = stop {
         tracing::info!(removed = ?removed, "down: everything meshd owned is removed; exiting");
         // Let the connection task write the reply to `meshctl down` before the runtime ends.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -330,7 +331,7 @@ async fn feed_own_netmap(
         let mut grace_ends = None;
         // SQLite: off the async workers.
         let now = tokio::time::Instant::now().into_std();
-        match crate::blocking::run(|| coord.own_netmap(now)) {
+        match crate::runtime::blocking::run(|| coord.own_netmap(now)) {
             Ok(Some((nm, next))) => {
                 grace_ends = next;
                 if events.send(MeshEvent::Netmap(Box::new(nm))).await.is_err() {
@@ -377,7 +378,7 @@ fn admin_handler(coord: Coordinator) -> AdminHandler {
                     .map(|()| Response::ok(format!("{name} removed from the mesh"))),
                 Request::RotateHost { name } => coord
                     .request_rotation(&name, now_unix)
-                    .map(|_| Response::ok(crate::protocol::rotation_asked_message(&name))),
+                    .map(|_| Response::ok(crate::runtime::dispatch::rotation_asked_message(&name))),
                 Request::StaticConfig { name } => coord.static_config(&name).map(Response::ok),
                 Request::Routes => coord.routes().map(|routes| Response::Routes { routes }),
                 Request::RouteDecision {
@@ -386,7 +387,9 @@ fn admin_handler(coord: Coordinator) -> AdminHandler {
                     prefix,
                 } => coord
                     .decide_route(&host, prefix, decision, now_unix)
-                    .map(|info| Response::ok(crate::protocol::route_decided_message(&info))),
+                    .map(|info| {
+                        Response::ok(crate::runtime::dispatch::route_decided_message(&info))
+                    }),
                 _ => Ok(Response::error("not an admin request")),
             })
             .await;
@@ -414,7 +417,7 @@ fn recover_key(settings: &Settings) -> anyhow::Result<mesh_proto::PrivateKey> {
                 )
             })?
             .map(|(key, _next)| key),
-        _ => crate::state::StateDir::new(&settings.state_dir)
+        _ => crate::disk::state::StateDir::new(&settings.state_dir)
             .load_netmap()
             .ok()
             .flatten()

@@ -11,7 +11,7 @@ pub fn ipv4_conf(dev: &str, key: &str) -> PathBuf {
 
 /// The value, whitespace trimmed.
 pub fn read(path: &Path) -> Result<String> {
-    crate::blocking::run(|| std::fs::read_to_string(path))
+    crate::runtime::blocking::run(|| std::fs::read_to_string(path))
         .map(|s| s.trim().to_string())
         .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))
 }
@@ -22,6 +22,6 @@ pub fn read_number(path: &Path) -> Option<u8> {
 }
 
 pub fn write(path: &Path, value: &str) -> Result<()> {
-    crate::blocking::run(|| std::fs::write(path, value))
+    crate::runtime::blocking::run(|| std::fs::write(path, value))
         .map_err(|e| Error::io(format!("cannot write {value} to {}", path.display()), e))
 }

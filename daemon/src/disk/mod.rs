@@ -25,6 +25,9 @@
 //! The process umask does not matter: modes are always set explicitly (the packaged unit runs
 //! meshd with `UMask=0077`).
 
+pub mod keyfile;
+pub mod state;
+
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read as _, Write as _};
@@ -259,8 +262,8 @@ fn create_temp(dirfd: &OwnedFd, name: &OsStr, path: &Path) -> io::Result<(File, 
 
 /// Write `content` to `path` as described in the module documentation.
 pub fn write_file(path: &Path, content: &[u8], opts: WriteOptions) -> io::Result<()> {
-    // fsyncs: off the async workers (see crate::blocking).
-    crate::blocking::run(|| write_file_now(path, content, opts))
+    // fsyncs: off the async workers (see crate::runtime::blocking).
+    crate::runtime::blocking::run(|| write_file_now(path, content, opts))
 }
 
 fn write_file_now(path: &Path, content: &[u8], opts: WriteOptions) -> io::Result<()> {
@@ -357,7 +360,7 @@ fn sync_dirfd(dirfd: &OwnedFd) -> io::Result<()> {
 
 /// fsync the directory `dir` (after a rename or unlink done elsewhere).
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    crate::blocking::run(|| sync_dir_now(dir))
+    crate::runtime::blocking::run(|| sync_dir_now(dir))
 }
 
 fn sync_dir_now(dir: &Path) -> io::Result<()> {

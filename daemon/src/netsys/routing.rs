@@ -23,8 +23,8 @@ use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 use crate::error::{Error, Result};
-use crate::firewall::{self, FirewallState};
-use crate::settings::Settings;
+use crate::netsys::firewall::{self, FirewallState};
+use crate::runtime::settings::Settings;
 
 fn nl(what: &str, e: rtnetlink::Error) -> Error {
     Error::Netlink(format!("{what}: {e}"))
@@ -243,7 +243,7 @@ pub async fn egress_interface(handle: &Handle, net: IpNet) -> Result<Option<Stri
 const FORWARDING_RECORD: &str = "forwarding.json";
 
 fn forwarding_path(interface: &str) -> PathBuf {
-    crate::sysctl::ipv4_conf(interface, "forwarding")
+    crate::netsys::sysctl::ipv4_conf(interface, "forwarding")
 }
 
 /// The forwarding sysctls meshd changed: `/proc/sys/...` path → value before meshd.
@@ -292,12 +292,12 @@ pub fn converge_forwarding(
     for iface in needed {
         let path = forwarding_path(iface);
         let key = path.display().to_string();
-        let now = crate::sysctl::read(&path)?;
+        let now = crate::netsys::sysctl::read(&path)?;
         if now == "0" {
             record.entry(key.clone()).or_insert_with(|| now.clone());
             // Record first: a crash between the two leaves a record, never an unknown change.
             save_record(state_dir, &record)?;
-            crate::sysctl::write(&path, "1")?;
+            crate::netsys::sysctl::write(&path, "1")?;
             changes.push(format!("{key} = 1 (was 0)"));
         }
     }
@@ -314,7 +314,7 @@ pub fn converge_forwarding(
         let prior = record.remove(&key).unwrap_or_default();
         let path = PathBuf::from(&key);
         if path.exists() {
-            crate::sysctl::write(&path, &prior)?;
+            crate::netsys::sysctl::write(&path, &prior)?;
             changes.push(format!("{key} = {prior} (restored)"));
         }
         save_record(state_dir, &record)?;
@@ -357,7 +357,7 @@ pub async fn converge_advertise(
         }
     }
     if advertise.iter().any(|n| matches!(n, IpNet::V6(_)))
-        && crate::sysctl::read(Path::new("/proc/sys/net/ipv6/conf/all/forwarding"))
+        && crate::netsys::sysctl::read(Path::new("/proc/sys/net/ipv6/conf/all/forwarding"))
             .is_ok_and(|v| v == "0")
     {
         tracing::warn!("IPv6 subnets are advertised but net.ipv6.conf.all.forwarding is 0; meshd does not turn IPv6 forwarding on");
@@ -379,7 +379,7 @@ pub async fn check(settings: &Settings, peers: &[PeerSpec]) -> Result<Vec<RouteC
     let Some(address) = settings.address else {
         return Ok(Vec::new());
     };
-    let handle = crate::netlink::connect()?;
+    let handle = crate::netsys::netlink::connect()?;
     let existing = system_routes(&handle).await?;
     Ok(conflicts(
         &desired_routes(address, peers),
@@ -398,7 +398,7 @@ pub async fn teardown(settings: &Settings) -> Result<Vec<String>> {
     if firewall::remove(table)? {
         done.push(format!("removed nftables table inet {table}"));
     }
-    let handle = crate::netlink::connect()?;
+    let handle = crate::netsys::netlink::connect()?;
     for (r, m) in list(&handle).await? {
         if r.is_ours(&settings.interface) && u8::from(m.header.protocol) == RT_PROTO_MESHD {
             handle
@@ -414,7 +414,7 @@ pub async fn teardown(settings: &Settings) -> Result<Vec<String>> {
     for (key, prior) in &record {
         let path = PathBuf::from(key);
         if path.exists() {
-            crate::sysctl::write(&path, prior)?;
+            crate::netsys::sysctl::write(&path, prior)?;
             done.push(format!("restored {key} = {prior}"));
         }
     }

@@ -2,14 +2,14 @@
 //!
 //! Interface and peer operations go through defguard_wireguard_rs (`WGApi::<Kernel>`): creating
 //! the link, reading the device, adding, updating and removing one peer at a time. Its route and
-//! DNS helpers are never used (addresses and routes are ours, in [`crate::link`]), and neither is
+//! DNS helpers are never used (addresses and routes are ours, in [`crate::netsys::link`]), and neither is
 //! `configure_interface`, which flushes the interface's addresses and replaces every peer.
 //! Device-level settings (private key, listen port, fwmark) have no peer-preserving call in
 //! defguard, so they are one generic-netlink `WG_CMD_SET_DEVICE` of our own, without
 //! `WGDEVICE_F_REPLACE_PEERS`.
 //!
 //! The calls are synchronous netlink round trips of a few microseconds; they run through
-//! [`crate::blocking::run`], off the async workers.
+//! [`crate::runtime::blocking::run`], off the async workers.
 
 use std::time::UNIX_EPOCH;
 
@@ -217,7 +217,7 @@ impl KernelBackend {
 
 impl WgBackend for KernelBackend {
     async fn ensure_device(&mut self) -> Result<()> {
-        crate::blocking::run(|| {
+        crate::runtime::blocking::run(|| {
             if self.read().is_ok() {
                 return Ok(());
             }
@@ -227,14 +227,14 @@ impl WgBackend for KernelBackend {
     }
 
     async fn observe(&mut self) -> Result<ObservedDevice> {
-        crate::blocking::run(|| Ok(observed_device(&self.read()?)))
+        crate::runtime::blocking::run(|| Ok(observed_device(&self.read()?)))
     }
 
     async fn apply(&mut self, ops: &[Op]) -> Result<()> {
         if ops.is_empty() {
             return Ok(());
         }
-        crate::blocking::run(|| {
+        crate::runtime::blocking::run(|| {
             // One read gives the allowed IPs an update without new ones must resend.
             let mut current = self.read()?;
             for op in ops {

@@ -13,13 +13,15 @@ use mesh_proto::control::{Request, Response};
 
 use crate::agent::{now, Agent, AgentStatus};
 use crate::backend::{LinkBackend, WgBackend};
-use crate::control::{accept_loop, Command};
+use crate::disk::state::StateDir;
 use crate::error::{Error, Result};
 use crate::handoff::Handoff;
 use crate::member::{JoinOrigin, MemberRuntime, MeshEvent, ENDPOINT_CHECK};
-use crate::notify::Notifier;
-use crate::protocol::{admin_route, handle_request, is_admin, relay_admin, AdminCall, Answer};
-use crate::state::StateDir;
+use crate::runtime::control_socket::{accept_loop, Command};
+use crate::runtime::dispatch::{
+    admin_route, handle_request, is_admin, relay_admin, AdminCall, Answer,
+};
+use crate::runtime::sd_notify::Notifier;
 
 /// Serves admin requests in-process (the coordinator host).
 pub type AdminHandler = Arc<dyn Fn(Request) -> AdminCall + Send + Sync>;
@@ -135,7 +137,7 @@ async fn down<W: WgBackend, L: LinkBackend>(
     let (r, f) = crate::handoff::teardown(&settings.interface, &handoff.settings().integrations);
     removed.extend(r);
     failed.extend(f);
-    match crate::service::teardown_owned(&settings).await {
+    match crate::runtime::startup::teardown_owned(&settings).await {
         Ok(list) => removed.extend(list),
         Err(e) => failed.push(e.to_string()),
     }
@@ -228,7 +230,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
     // every peer away on a restart (and drop their WireGuard sessions) until the feed's first
     // netmap arrives.
     if let Some(coord) = &member.coordinator {
-        match crate::blocking::run(|| coord.own_netmap(std::time::Instant::now())) {
+        match crate::runtime::blocking::run(|| coord.own_netmap(std::time::Instant::now())) {
             Ok(Some((nm, _))) => {
                 agent.set_netmap(nm);
             }
@@ -349,7 +351,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
             _ = timer.tick() => {
                 agent.reconcile(now()).await;
                 // An interrupted or deferred rotation resumes as soon as it can.
-                if crate::keyfile::next_path(&agent.settings().private_key_file).exists() {
+                if crate::disk::keyfile::next_path(&agent.settings().private_key_file).exists() {
                     member.rotate_if_due(&mut agent).await;
                 }
             }
@@ -399,7 +401,7 @@ pub fn shutdown_signal() -> Result<impl Future<Output = ()>> {
 mod tests {
     use super::*;
     use crate::backend::{FakeBackend, FakeLink};
-    use crate::control::ControlSocket;
+    use crate::runtime::control_socket::ControlSocket;
     use mesh_proto::control::{Request, Response};
     use mesh_proto::PrivateKey;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -627,7 +629,7 @@ mod tests {
 
     fn key_file(dir: &std::path::Path, key: &PrivateKey) -> std::path::PathBuf {
         let path = dir.join("private.key");
-        crate::state::write_atomic(&path, format!("{}\n", key.to_base64()).as_bytes())
+        crate::disk::state::write_atomic(&path, format!("{}\n", key.to_base64()).as_bytes())
             .expect("key file");
         path
     }
@@ -642,8 +644,8 @@ mod tests {
         let mut settings = crate::agent::tests::settings(Vec::new());
         settings.private_key_file = key_file(dir.path(), &key);
         settings.state_dir = dir.path().join("state");
-        crate::state::StateDir::new(&settings.state_dir)
-            .save_membership(&crate::state::Membership {
+        crate::disk::state::StateDir::new(&settings.state_dir)
+            .save_membership(&crate::disk::state::Membership {
                 host_name: "dock-mirror".into(),
                 address: "10.99.99.3".parse().expect("ip"),
                 mesh_cidr: "10.99.99.0/24".parse().expect("net"),

@@ -19,9 +19,9 @@ use mesh_proto::{PeerSpec, PrivateKey};
 
 use crate::agent::{now, Agent, AgentSnapshot};
 use crate::backend::{LinkBackend, WgBackend};
-use crate::client::{self, Api, CallError};
+use crate::disk::state::{write_atomic, Membership, StateDir};
+use crate::member::client::{self, Api, CallError};
 use crate::member::{endpoint_report, BOOTSTRAP_KEEPALIVE};
-use crate::state::{write_atomic, Membership, StateDir};
 
 /// How long a join may take to reach the coordinator through the tunnel.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);

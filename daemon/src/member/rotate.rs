@@ -14,9 +14,9 @@ use mesh_proto::{PrivateKey, PublicKey};
 
 use crate::agent::{now, Agent};
 use crate::backend::{LinkBackend, WgBackend};
-use crate::client::{self, CallError};
 use crate::coordinator::Coordinator;
-use crate::state::StateDir;
+use crate::disk::state::StateDir;
+use crate::member::client::{self, CallError};
 
 /// How long the coordinator's own rotation waits for the hosts that follow it to take each
 /// netmap (the next key, then the switch) before it goes on without the slow ones: those
@@ -287,8 +287,8 @@ impl Run {
     ) -> Result<Run, RotateError> {
         let path = agent.settings().private_key_file.clone();
         let old = agent.key().public_key();
-        let pending = match crate::keyfile::inspect(&crate::keyfile::next_path(&path)) {
-            Ok(crate::keyfile::KeyFileState::Valid(k)) if k.public_key() != old => Some(k),
+        let pending = match crate::disk::keyfile::inspect(&crate::disk::keyfile::next_path(&path)) {
+            Ok(crate::disk::keyfile::KeyFileState::Valid(k)) if k.public_key() != old => Some(k),
             Ok(_) => None,
             Err(e) => return Err(RotateError::NextKeyFile(e.to_string())),
         };
@@ -325,7 +325,7 @@ impl Run {
         while let Some(action) = self.rot.poll_action() {
             tracing::info!(step = %action, "key rotation");
             let step: Result<&'static str, StepError> = match action {
-                Action::WriteNextKey => crate::keyfile::write_next(&self.path, &self.next)
+                Action::WriteNextKey => crate::disk::keyfile::write_next(&self.path, &self.next)
                     .map_err(failed)
                     .and_then(|()| {
                         self.rot
@@ -342,7 +342,7 @@ impl Run {
                     Err(e) => Err(e),
                 },
                 Action::Switch(_) => self.switch(agent, state).await,
-                Action::Promote => crate::keyfile::promote(&self.path)
+                Action::Promote => crate::disk::keyfile::promote(&self.path)
                     .map_err(failed)
                     .and_then(|()| self.rot.handle_promoted().map_err(failed))
                     .map(|()| "promoted"),
@@ -539,7 +539,7 @@ impl Run {
         match e {
             StepError::Refused(reason) => {
                 if self.rot.handle_refused().is_ok() {
-                    if let Err(de) = crate::keyfile::discard_next(&self.path) {
+                    if let Err(de) = crate::disk::keyfile::discard_next(&self.path) {
                         tracing::warn!(error = %de, "cannot delete the abandoned next key");
                     }
                     return Err(RotateError::Refused {
@@ -656,8 +656,8 @@ pub async fn probe_next_key<W: WgBackend, L: LinkBackend>(
 ) -> bool {
     let path = agent.settings().private_key_file.clone();
     let old = agent.key().clone();
-    let next = match crate::keyfile::inspect(&crate::keyfile::next_path(&path)) {
-        Ok(crate::keyfile::KeyFileState::Valid(k)) if k.public_key() != old.public_key() => k,
+    let next = match crate::disk::keyfile::inspect(&crate::disk::keyfile::next_path(&path)) {
+        Ok(crate::disk::keyfile::KeyFileState::Valid(k)) if k.public_key() != old.public_key() => k,
         _ => return false,
     };
     tracing::info!(next = %next.public_key(), "coordinator unreachable with a rotation pending: trying the next key");
@@ -669,7 +669,7 @@ pub async fn probe_next_key<W: WgBackend, L: LinkBackend>(
     };
     match answer {
         Ok(Some(nm)) if nm.public_key == next.public_key() => {
-            if let Err(e) = crate::keyfile::promote(&path) {
+            if let Err(e) = crate::disk::keyfile::promote(&path) {
                 tracing::error!(error = %e, "the coordinator holds the next key but promoting it failed");
             }
             if let Err(e) = state.save_netmap(&nm) {
@@ -723,8 +723,8 @@ mod tests {
     use super::*;
     use crate::backend::{FakeBackend, FakeLink};
     use crate::coordinator::CoordinatorSettings;
+    use crate::disk::state::Membership;
     use crate::member::MemberRuntime;
-    use crate::state::Membership;
 
     const NOW: u64 = 1_800_000_000;
 
@@ -734,7 +734,7 @@ mod tests {
         s.state_dir = dir.join("state");
         let mut text = key.to_base64();
         text.push('\n');
-        crate::state::write_atomic(&s.private_key_file, text.as_bytes()).expect("key file");
+        crate::disk::state::write_atomic(&s.private_key_file, text.as_bytes()).expect("key file");
         Agent::new(FakeBackend::default(), FakeLink::default(), s, key.clone())
     }
 
@@ -786,17 +786,17 @@ mod tests {
     }
 
     fn key_on_disk(agent: &Agent<FakeBackend, FakeLink>) -> PublicKey {
-        match crate::keyfile::inspect(&agent.settings().private_key_file) {
-            Ok(crate::keyfile::KeyFileState::Valid(k)) => k.public_key(),
+        match crate::disk::keyfile::inspect(&agent.settings().private_key_file) {
+            Ok(crate::disk::keyfile::KeyFileState::Valid(k)) => k.public_key(),
             other => panic!("key file: {other:?}"),
         }
     }
 
     fn next_on_disk(agent: &Agent<FakeBackend, FakeLink>) -> Option<PublicKey> {
-        match crate::keyfile::inspect(&crate::keyfile::next_path(
+        match crate::disk::keyfile::inspect(&crate::disk::keyfile::next_path(
             &agent.settings().private_key_file,
         )) {
-            Ok(crate::keyfile::KeyFileState::Valid(k)) => Some(k.public_key()),
+            Ok(crate::disk::keyfile::KeyFileState::Valid(k)) => Some(k.public_key()),
             _ => None,
         }
     }

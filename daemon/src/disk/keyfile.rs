@@ -127,7 +127,7 @@ pub fn write_next(path: &Path, key: &PrivateKey) -> Result<()> {
     let mut text = key.to_base64();
     text.push('\n');
     // The temp file is `.{next name}.tmp.{random}`: the names `next_tmp_prefix` finds.
-    crate::state::write_atomic(&next, text.as_bytes())
+    crate::disk::state::write_atomic(&next, text.as_bytes())
         .map_err(|e| key_err(&next, format!("cannot write the next key: {e}")))
 }
 

@@ -406,10 +406,10 @@ pub async fn serve(
 ) {
     let local = listener.local_addr().ok();
     tracing::info!(address = ?local, "metrics listening on /metrics");
-    crate::serve::serve_http(
+    crate::runtime::serve::serve_http(
         listener,
         router(metrics),
-        crate::serve::Limits::METRICS,
+        crate::runtime::serve::Limits::METRICS,
         "metrics",
         shutdown,
     )
@@ -654,7 +654,7 @@ mod tests {
     /// Every metric the Grafana dashboard in `configs/` queries exists in our exposition.
     #[test]
     fn grafana_dashboard_uses_only_our_metrics() {
-        let text = include_str!("../../configs/grafana-meshd.json");
+        let text = include_str!("../../../configs/grafana-meshd.json");
         let dash: serde_json::Value = serde_json::from_str(text).expect("valid JSON");
         assert_eq!(dash["uid"], "meshd-mesh");
         let mut exprs: Vec<String> = Vec::new();

@@ -11,7 +11,7 @@ use mesh_proto::control::{
 
 use crate::agent::{now, Agent, AgentStatus, PeerView};
 use crate::backend::{LinkBackend, WgBackend};
-use crate::client;
+use crate::member::client;
 use crate::member::MemberRuntime;
 
 /// A desired peer as `meshctl peers` shows it (live data if the device has the peer, what the

@@ -13,8 +13,8 @@ use rtnetlink::{Handle, LinkUnspec};
 
 use crate::backend::{LinkBackend, LinkReport, LinkSpec};
 use crate::error::{Error, Result};
-use crate::firewall::FirewallState;
-use crate::settings::Settings;
+use crate::netsys::firewall::FirewallState;
+use crate::runtime::settings::Settings;
 
 /// The real interface, through a netlink connection owned by this value.
 #[derive(Debug, Clone)]
@@ -45,7 +45,7 @@ impl NetlinkLink {
     /// tokio runtime.
     pub fn connect() -> Result<Self> {
         Ok(NetlinkLink {
-            handle: crate::netlink::connect()?,
+            handle: crate::netsys::netlink::connect()?,
             firewall: FirewallState::default(),
         })
     }
@@ -159,7 +159,7 @@ impl LinkBackend for NetlinkLink {
         let present = self.addresses(index).await?;
         if !present.iter().any(|(net, _)| *net == spec.address) {
             // noprefixroute: the kernel adds no `proto kernel` route for the mesh; meshd adds
-            // its own, marked, after checking it clashes with nothing (crate::routes).
+            // its own, marked, after checking it clashes with nothing (crate::netsys::routing).
             let mut add =
                 self.handle
                     .address()
@@ -240,14 +240,14 @@ impl LinkBackend for NetlinkLink {
     }
 
     async fn system_routes(&mut self) -> Result<Vec<SystemRoute>> {
-        crate::routes::system_routes(&self.handle).await
+        crate::netsys::routing::system_routes(&self.handle).await
     }
 
     async fn apply_routes(&mut self, interface: &str, ops: &[RouteOp]) -> Result<Vec<String>> {
-        crate::routes::apply_routes(&self.handle, interface, ops).await
+        crate::netsys::routing::apply_routes(&self.handle, interface, ops).await
     }
 
     async fn advertise(&mut self, settings: &Settings) -> Result<Vec<String>> {
-        crate::routes::converge_advertise(&self.handle, settings, &mut self.firewall).await
+        crate::netsys::routing::converge_advertise(&self.handle, settings, &mut self.firewall).await
     }
 }

@@ -24,7 +24,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 
-use crate::serve::{ConnLimiter, Limits};
+use crate::runtime::serve::{ConnLimiter, Limits};
 
 /// Time to live of our answers: short, the mesh changes when hosts join.
 pub const TTL: u32 = 30;
@@ -349,9 +349,9 @@ impl MeshDns {
         records: SharedRecords,
         limits: Limits,
     ) -> io::Result<MeshDns> {
-        let udp = crate::serve::bind_udp(addr, device, "mesh DNS (UDP)")?;
+        let udp = crate::runtime::serve::bind_udp(addr, device, "mesh DNS (UDP)")?;
         let local_addr = udp.local_addr()?;
-        let tcp = crate::serve::bind_tcp(local_addr, device, 128, "mesh DNS (TCP)")?;
+        let tcp = crate::runtime::serve::bind_tcp(local_addr, device, 128, "mesh DNS (TCP)")?;
         let mut server = Server::new(MeshDnsHandler::new(records.clone()));
         server.register_socket(udp);
         let handler = Arc::new(MeshDnsHandler::new(records));
@@ -361,7 +361,7 @@ impl MeshDns {
             let handle = move |stream, peer, stop| {
                 dns_tcp_connection(stream, peer, handler.clone(), limits, stop)
             };
-            crate::serve::accept_loop(tcp, limiter, "mesh DNS (TCP)", handle, async move {
+            crate::runtime::serve::accept_loop(tcp, limiter, "mesh DNS (TCP)", handle, async move {
                 let _ = stop_rx.await;
             })
             .await
