@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
-use mesh_proto::api::InviteRequest;
-use mesh_proto::control::{
-    render_hosts, render_invite, render_invites, render_peers_table, render_routes, render_status,
-    Request, Response,
-};
 use mesh_proto::doctor::Report;
+use mesh_proto::render::{
+    render_hosts, render_invite, render_invites, render_peers_table, render_routes, render_status,
+};
 use mesh_proto::routes::RouteDecision;
+use mesh_proto::wire::api::InviteRequest;
+use mesh_proto::wire::control::{Request, Response};
 use mesh_proto::PublicKey;
 
 #[derive(Debug, Parser)]
@@ -489,10 +489,10 @@ fn join_token(arg: Option<&str>, file: Option<&Path>) -> Result<String> {
             let mut buf = String::new();
             stdin
                 .lock()
-                .take(mesh_proto::secret_file::MAX_TOKEN_FILE_BYTES + 1)
+                .take(mesh_proto::config::secret_file::MAX_TOKEN_FILE_BYTES + 1)
                 .read_to_string(&mut buf)
                 .context("cannot read the token from stdin")?;
-            if buf.len() as u64 > mesh_proto::secret_file::MAX_TOKEN_FILE_BYTES {
+            if buf.len() as u64 > mesh_proto::config::secret_file::MAX_TOKEN_FILE_BYTES {
                 bail!("refusing stdin: more than a token");
             }
             buf
@@ -532,7 +532,7 @@ fn read_token_file(path: &Path) -> Result<String> {
             path.display()
         );
     }
-    mesh_proto::secret_file::check_secret_file(
+    mesh_proto::config::secret_file::check_secret_file(
         &path.display().to_string(),
         meta.mode(),
         meta.uid(),

@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use mesh_proto::control::format_age;
 use mesh_proto::doctor::{
     daemon_not_running, handshake_check, ip_forward_check, k3s_check, mtu_check, mtu_next_probe,
     routes_check, rp_filter_check, Check, MtuProbe, Report, ICMP4_OVERHEAD, SOURCE_DAEMON,
     SOURCE_OFFLINE,
 };
+use mesh_proto::render::format_age;
 use mesh_proto::PeerSpec;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::LinkFlags;
@@ -61,7 +61,7 @@ pub struct Input {
     /// `None`: offline (`meshd --doctor`).
     pub daemon: Option<DaemonFacts>,
     /// The integrations' latest results (daemon only: offline there are none).
-    pub integrations: Vec<mesh_proto::integrate::IntegrationStatus>,
+    pub integrations: Vec<mesh_proto::handoff::IntegrationStatus>,
     /// Static peers in the netmap: they list our key by hand, so scheduled rotation waits.
     pub static_peers: Vec<String>,
     /// Peers' prefixes this host does not take (`mesh_proto::routes::accept_netmap`).

@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::integrations_config::DEFAULT_K3S_DROPIN;
+use crate::config::integrations::DEFAULT_K3S_DROPIN;
 
 /// How a check came out. Ordered: `Ok < Warn < Fail`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -276,16 +276,14 @@ pub fn mtu_check(peer: &str, probe: MtuProbe) -> Check {
 /// The verdict on one peer's latest handshake (`age_secs` = `None`: never).
 pub fn handshake_check(peer: &str, age_secs: Option<u64>) -> Check {
     let name = format!("handshake {peer}");
-    let limit = crate::control::RECENT_HANDSHAKE_SECS;
+    let limit = crate::wire::control::RECENT_HANDSHAKE_SECS;
     match age_secs {
-        Some(a) if a < limit => {
-            Check::ok(name, format!("latest {}", crate::control::format_age(a)))
-        }
+        Some(a) if a < limit => Check::ok(name, format!("latest {}", crate::render::format_age(a))),
         Some(a) => Check::warn(
             name,
             format!(
                 "latest {} (older than {limit}s)",
-                crate::control::format_age(a)
+                crate::render::format_age(a)
             ),
             "check the peer is up and its endpoint is reachable (meshctl peers)",
         ),
@@ -325,7 +323,7 @@ pub fn key_age_check(
         );
     };
     let span = |secs: u64| {
-        let text = crate::control::format_age(secs);
+        let text = crate::render::format_age(secs);
         text.trim_end_matches(" ago").to_string()
     };
     let age = now_unix.saturating_sub(created);
@@ -424,7 +422,7 @@ pub fn k3s_check(interface: &str, files: &[(String, String)]) -> Check {
 
 /// One integration's verdict: OK with when the file last changed, or FAIL with the error (the
 /// old file stays in place until the next render succeeds).
-pub fn integration_check(status: &crate::integrate::IntegrationStatus) -> Check {
+pub fn integration_check(status: &crate::handoff::IntegrationStatus) -> Check {
     let name = format!("integration {}", status.name);
     let path = status.path.display();
     match (&status.last_error, status.ok) {
@@ -740,7 +738,7 @@ mod tests {
 
     #[test]
     fn integration_check_ok_and_fail() {
-        use crate::integrate::IntegrationStatus;
+        use crate::handoff::IntegrationStatus;
         let mut st = IntegrationStatus {
             name: "hosts".into(),
             path: "/etc/hosts".into(),

@@ -2,26 +2,28 @@
 //!
 //! Everything here is pure: no sockets, no files, no clock reads, no async runtime. Time comes
 //! in as an argument. The daemon (`meshd`) does the I/O and calls into this crate to decide.
+//!
+//! - `wire`: what crosses a process boundary (API, proof of key, control socket, tokens,
+//!   key notices, UAPI); `render`: what meshctl prints from it;
+//! - `config`: the configuration file's meaning and errors (with `[integrations]` and the
+//!   policy for secret files);
+//! - `plan` (the reconciler), `device`, `key`; `netmap` and `alloc` (the coordinator's
+//!   decisions); `rotation`; `routes`; `handoff` (what K3s, DRBD, Prometheus and DNS get);
+//!   `doctor`'s verdicts; `debounce`.
 
 pub mod alloc;
-pub mod api;
-pub mod auth;
 pub mod config;
-pub mod control;
 pub mod debounce;
 pub mod device;
 pub mod doctor;
-pub mod integrate;
-pub mod integrations_config;
+pub mod handoff;
 pub mod key;
 pub mod netmap;
-pub mod notice;
 pub mod plan;
+pub mod render;
 pub mod rotation;
 pub mod routes;
-pub mod secret_file;
-pub mod token;
-pub mod uapi;
+pub mod wire;
 
 pub use device::{DeviceSpec, ObservedDevice, ObservedPeer, PeerSpec};
 pub use key::{KeyError, PrivateKey, PublicKey};

@@ -51,7 +51,7 @@
 //! commit are registry writes, and the switch waits until the hosts that follow it took the
 //! netmap with the new key (they reach the coordinator, API included, through that key; a host
 //! that did not take the prepare in time is not waited for again). The commit also stores a
-//! key notice per host (`crate::notice`) so a host that missed it follows without the tunnel.
+//! key notice per host (`crate::wire::notice`) so a host that missed it follows without the tunnel.
 //!
 //! # Requests, deferral and static peers
 //!

@@ -3,8 +3,8 @@
 //! configuration always names the file.
 
 use mesh_proto::config;
-use mesh_proto::control::{Request, Response};
-use mesh_proto::uapi::{parse_get, parse_set};
+use mesh_proto::wire::control::{Request, Response};
+use mesh_proto::wire::uapi::{parse_get, parse_set};
 use proptest::prelude::*;
 
 const FILE: &str = "/etc/meshd/meshd.toml";

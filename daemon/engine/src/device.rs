@@ -13,7 +13,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519::{PublicKey as XPublic, StaticSecret};
 use ipnet::IpNet;
-use mesh_proto::uapi::{GetDevice, GetPeer, SetDevice, SetPeer, UapiError};
+use mesh_proto::wire::uapi::{GetDevice, GetPeer, SetDevice, SetPeer, UapiError};
 use parking_lot::{Mutex, RwLock};
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use mesh_proto::uapi::{format_errno, format_get, parse_set};
+use mesh_proto::wire::uapi::{format_errno, format_get, parse_set};
 
 use crate::device::Device;
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context as _};
-use mesh_proto::api::{EndpointReport, InviteRequest, JoinRequest};
+use mesh_proto::wire::api::{EndpointReport, InviteRequest, JoinRequest};
 use mesh_proto::PrivateKey;
 use meshd::coordinator::{
     bind_api_listener, serve_api_on, Coordinator, CoordinatorSettings, ObservedFn,
@@ -373,7 +373,7 @@ async fn clients_main(
             // Stagger connection set-up a little so the accept queue is not flooded at once.
             tokio::time::sleep(Duration::from_micros((i as u64 % 100) * 200)).await;
             let mut since = 0u64;
-            let auth = match mesh_proto::auth::AuthKey::for_host(&host_key(i), &coordinator) {
+            let auth = match mesh_proto::wire::auth::AuthKey::for_host(&host_key(i), &coordinator) {
                 Ok(a) => a,
                 Err(e) => {
                     eprintln!("client {i}: {e}");
@@ -485,7 +485,7 @@ async fn clients_main(
 async fn poll_loop(
     i: usize,
     server: SocketAddr,
-    auth: &mesh_proto::auth::AuthKey,
+    auth: &mesh_proto::wire::auth::AuthKey,
     since: &mut u64,
     tx: &mpsc::UnboundedSender<Event>,
 ) -> anyhow::Result<()> {
@@ -504,7 +504,7 @@ async fn poll_loop(
         let proof = auth.sign("GET", &path, b"", now_unix(), nonce);
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: coordinator\r\n{}: {}\r\n\r\n",
-            mesh_proto::auth::AUTH_HEADER,
+            mesh_proto::wire::auth::AUTH_HEADER,
             proof.header_value()
         );
         s.write_all(req.as_bytes()).await.context("write")?;

@@ -1,8 +1,8 @@
 //! The HTTP/JSON API (axum), served on the coordinator's mesh address from a socket bound to
 //! the mesh interface (SO_BINDTODEVICE). Every request proves its caller's key and every answer
-//! the coordinator's (`mesh_proto::auth`, checked by `super::auth::authenticate`); the source
+//! the coordinator's (`mesh_proto::wire::auth`, checked by `super::auth::authenticate`); the source
 //! address must be the proven key's mesh address too. Paths and bodies: see
-//! `mesh_proto::api`. Every error is `{"error": "..."}` with a 4xx/5xx status.
+//! `mesh_proto::wire::api`. Every error is `{"error": "..."}` with a 4xx/5xx status.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Extension;
 use axum::{Json, Router};
-use mesh_proto::api::{
+use mesh_proto::wire::api::{
     ApiError, EndpointReport, InviteRequest, JoinRequest, RotateRequest, RotateResponse,
     LONG_POLL_SECS, MAX_BODY,
 };
@@ -123,7 +123,7 @@ fn require_admin(caller: &Caller) -> Result<(), CoordError> {
     }
 }
 
-/// A request that introduces a key must prove it too (`mesh_proto::auth`, second proof).
+/// A request that introduces a key must prove it too (`mesh_proto::wire::auth`, second proof).
 fn require_proven_next(caller: &Caller, key: &mesh_proto::PublicKey) -> Result<(), CoordError> {
     if caller.next == Some(*key) {
         Ok(())
@@ -355,7 +355,7 @@ async fn prometheus_targets(
     let Some(nm) = st.coord.netmap_for_name(&own)? else {
         return Err(CoordError::Internal(format!("the registry has no netmap for {own}")).into());
     };
-    let view = mesh_proto::integrate::MeshView::new(&nm, Some(&own));
+    let view = mesh_proto::handoff::MeshView::new(&nm, Some(&own));
     Ok((
         [
             (
@@ -364,7 +364,7 @@ async fn prometheus_targets(
             ),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
         ],
-        mesh_proto::integrate::prometheus_targets(&view),
+        mesh_proto::handoff::prometheus_targets(&view),
     )
         .into_response())
 }
@@ -678,7 +678,7 @@ pub async fn serve_api_with(
 
 /// `GET /v1/key-notices/HOSTKEY` (hex): the coordinator key notices for that host. Served
 /// outside the tunnel, only to a requester that proves HOSTKEY toward the coordinator key it
-/// knows (`mesh_proto::auth`; for a key we rotated away, with the MAC key kept at that
+/// knows (`mesh_proto::wire::auth`; for a key we rotated away, with the MAC key kept at that
 /// rotation). Every failure gets the same refusal, so nobody learns whether a key has notices.
 async fn key_notices(
     State(coord): State<Coordinator>,
@@ -733,7 +733,7 @@ async fn key_notices(
     };
     let answer = (
         [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
-        Json(mesh_proto::notice::KeyNoticesResponse { notices }),
+        Json(mesh_proto::wire::notice::KeyNoticesResponse { notices }),
     )
         .into_response();
     super::auth::sign_answer(answer, &auth_key, &nonce).await

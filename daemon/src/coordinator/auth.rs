@@ -1,4 +1,4 @@
-//! The API's proof of key (`mesh_proto::auth`), server side: our own private keys (current and
+//! The API's proof of key (`mesh_proto::wire::auth`), server side: our own private keys (current and
 //! the one before the last rotation, for callers that have not taken the new one yet), the
 //! replay cache, and the axum layer that proves every request's key, names its caller, and
 //! signs every answer.
@@ -16,8 +16,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use mesh_proto::api::{ApiError, MAX_BODY};
-use mesh_proto::auth::{
+use mesh_proto::wire::api::{ApiError, MAX_BODY};
+use mesh_proto::wire::auth::{
     check_time, AuthError, AuthKey, NonceCache, Proof, AUTH_HEADER, NEXT_HEADER, VERSION,
     VERSIONS_HEADER,
 };

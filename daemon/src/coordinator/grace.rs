@@ -128,7 +128,7 @@ mod tests {
 
     use std::collections::BTreeMap;
 
-    use mesh_proto::api::{InviteRequest, JoinRequest};
+    use mesh_proto::wire::api::{InviteRequest, JoinRequest};
     use mesh_proto::PrivateKey;
 
     use super::*;
@@ -140,7 +140,7 @@ mod tests {
         Coordinator::open(
             CoordinatorSettings {
                 mesh_cidr: "10.99.99.0/24".parse().unwrap(),
-                api_port: mesh_proto::api::DEFAULT_API_PORT,
+                api_port: mesh_proto::wire::api::DEFAULT_API_PORT,
                 public_endpoints: vec!["192.0.2.1:51871".parse().unwrap()],
                 reserved: vec![],
                 static_assignments: BTreeMap::new(),
@@ -156,7 +156,7 @@ mod tests {
     }
 
     /// Invite `name` (built from JSON: the request grows optional fields).
-    fn invite(c: &Coordinator, name: &str) -> mesh_proto::api::InviteResponse {
+    fn invite(c: &Coordinator, name: &str) -> mesh_proto::wire::api::InviteResponse {
         let req: InviteRequest = serde_json::from_value(serde_json::json!({
             "name": name, "admin": false, "static_peer": false,
         }))

@@ -7,8 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use mesh_proto::api::EndpointReport;
 use mesh_proto::debounce::{Debouncer, Decision};
+use mesh_proto::wire::api::EndpointReport;
 
 /// At most one applied report per host per this.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);

@@ -68,7 +68,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
      );",
     // 5: an admin's request that a host rotate (`meshctl rotate NAME`), until its commit; the
     // coordinator's own rotations as notices per host, so a host that missed one can follow
-    // it without the tunnel (`mesh_proto::notice`).
+    // it without the tunnel (`mesh_proto::wire::notice`).
     "ALTER TABLE hosts ADD COLUMN rotate_requested_unix INTEGER;
      CREATE TABLE key_notices (
         host_key BLOB NOT NULL,
@@ -79,7 +79,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (host_key, old_key)
      );",
     // 6: with each key notice, the MAC key the host proves its key with when it asks for its
-    // notices (`mesh_proto::auth`; the old coordinator key it signs toward is gone). Notices
+    // notices (`mesh_proto::wire::auth`; the old coordinator key it signs toward is gone). Notices
     // written before have none: such a host needs a new token.
     "ALTER TABLE key_notices ADD COLUMN auth_key BLOB;",
     // 7: routes are granted, not taken: an admin's decision on each advertised prefix of a

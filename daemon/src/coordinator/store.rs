@@ -6,12 +6,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnet::IpNet;
-use mesh_proto::api::{
+use mesh_proto::netmap::{compute_netmap, HostRecord, Netmap, RegistrySnapshot};
+use mesh_proto::wire::api::{
     EndpointReport, HostInfo, InviteInfo, InviteRequest, InviteResponse, JoinRequest, JoinResponse,
     RotateRequest, RotateResponse,
 };
-use mesh_proto::netmap::{compute_netmap, HostRecord, Netmap, RegistrySnapshot};
-use mesh_proto::token::{Token, TokenBody, TokenError};
+use mesh_proto::wire::token::{Token, TokenBody, TokenError};
 use mesh_proto::{PrivateKey, PublicKey};
 use rand_core::RngCore as _;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -1409,7 +1409,7 @@ impl Coordinator {
     /// The coordinator's own rotation, second half: the prepared `next` replaces its key in
     /// every netmap, the old key is retired, and for every other host (static peers aside, which
     /// cannot follow) a key notice is stored, authenticated with the old private key
-    /// `old_private` (`mesh_proto::notice`): a host that misses this netmap follows the notice
+    /// `old_private` (`mesh_proto::wire::notice`): a host that misses this netmap follows the notice
     /// instead. Idempotent once committed. Returns the netmap version that carries it.
     pub fn commit_own_rotation(
         &self,
@@ -1446,10 +1446,10 @@ impl Coordinator {
                 rows.collect::<Result<_, _>>()?
             };
             for h in &holders {
-                let n = mesh_proto::notice::issue(old_private, h, next, now_unix);
+                let n = mesh_proto::wire::notice::issue(old_private, h, next, now_unix);
                 // The host asks for its notices proving its key toward `old`, whose private
                 // half is about to go: keep that MAC key (none for a low-order host key).
-                let auth_key = mesh_proto::auth::AuthKey::for_coordinator(old_private, h)
+                let auth_key = mesh_proto::wire::auth::AuthKey::for_coordinator(old_private, h)
                     .ok()
                     .map(|k| k.raw().to_vec());
                 tx.execute(
@@ -1579,14 +1579,14 @@ impl Coordinator {
     pub fn key_notices_for(
         &self,
         host_key: &PublicKey,
-    ) -> Result<Vec<mesh_proto::notice::KeyNotice>, CoordError> {
+    ) -> Result<Vec<mesh_proto::wire::notice::KeyNotice>, CoordError> {
         let guard = self.lock()?;
         let mut stmt = guard.conn.prepare(
             "SELECT old_key, new_key, tag, at_unix FROM key_notices WHERE host_key = ?1
              ORDER BY at_unix, rowid",
         )?;
         let rows = stmt.query_map([host_key.0.as_slice()], |r| {
-            Ok(mesh_proto::notice::KeyNotice {
+            Ok(mesh_proto::wire::notice::KeyNotice {
                 old_key: key_col(0, r.get(0)?)?,
                 new_key: key_col(1, r.get(1)?)?,
                 tag: r.get(2)?,

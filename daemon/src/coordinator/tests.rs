@@ -7,10 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mesh_proto::api::{
+use mesh_proto::wire::api::{
     EndpointReport, InviteRequest, JoinRequest, RotateRequest, RotateResponse, MAX_BODY,
 };
-use mesh_proto::token::Token;
+use mesh_proto::wire::token::Token;
 use mesh_proto::{PrivateKey, PublicKey};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -21,7 +21,7 @@ const NOW: u64 = 1_800_000_000;
 fn settings(dir: &std::path::Path, cidr: &str, own: &str) -> CoordinatorSettings {
     CoordinatorSettings {
         mesh_cidr: cidr.parse().unwrap(),
-        api_port: mesh_proto::api::DEFAULT_API_PORT,
+        api_port: mesh_proto::wire::api::DEFAULT_API_PORT,
         public_endpoints: vec!["192.0.2.1:51871".parse().unwrap()],
         reserved: vec![],
         static_assignments: BTreeMap::new(),
@@ -37,7 +37,7 @@ fn open(dir: &std::path::Path) -> Coordinator {
     Coordinator::open(settings(dir, "10.99.99.0/24", "10.99.99.1"), NOW).unwrap()
 }
 
-fn invite(c: &Coordinator, name: &str) -> mesh_proto::api::InviteResponse {
+fn invite(c: &Coordinator, name: &str) -> mesh_proto::wire::api::InviteResponse {
     c.invite(
         InviteRequest {
             name: name.into(),
@@ -778,7 +778,7 @@ fn invite_static_near(
     name: &str,
     endpoint: Option<&str>,
     near: Option<&str>,
-) -> Result<mesh_proto::api::InviteResponse, CoordError> {
+) -> Result<mesh_proto::wire::api::InviteResponse, CoordError> {
     c.invite(
         InviteRequest {
             name: name.into(),
@@ -995,7 +995,7 @@ fn rotate(key: PublicKey) -> RotateRequest {
     RotateRequest { public_key: key }
 }
 
-fn host_info(c: &Coordinator, name: &str) -> mesh_proto::api::HostInfo {
+fn host_info(c: &Coordinator, name: &str) -> mesh_proto::wire::api::HostInfo {
     c.hosts()
         .unwrap()
         .into_iter()
@@ -1328,7 +1328,7 @@ async fn http(src: IpAddr, dst: SocketAddr, method: &str, path: &str, body: &[u8
 }
 
 fn error_text(r: &Reply) -> String {
-    let v: mesh_proto::api::ApiError = serde_json::from_str(&r.body)
+    let v: mesh_proto::wire::api::ApiError = serde_json::from_str(&r.body)
         .unwrap_or_else(|e| panic!("not an ApiError ({e}): {:?}", r.body));
     v.error
 }
@@ -1353,8 +1353,8 @@ fn proof_headers(
     body: &[u8],
     ts: u64,
     nonce: [u8; 16],
-) -> (Vec<(String, String)>, mesh_proto::auth::AuthKey) {
-    use mesh_proto::auth::{AuthKey, AUTH_HEADER, NEXT_HEADER};
+) -> (Vec<(String, String)>, mesh_proto::wire::auth::AuthKey) {
+    use mesh_proto::wire::auth::{AuthKey, AUTH_HEADER, NEXT_HEADER};
     let coord = coord_private().public_key();
     let auth = AuthKey::for_host(from, &coord).unwrap();
     let mut h = vec![(
@@ -1391,7 +1391,7 @@ async fn signed(
     let r = http_with(from.address, s.addr, method, path, body, &headers).await;
     let proof = r.head.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case(mesh_proto::auth::AUTH_HEADER)
+        k.eq_ignore_ascii_case(mesh_proto::wire::auth::AUTH_HEADER)
             .then(|| v.trim().to_string())
     });
     // Refusals before the key was proven carry no proof; everything else must.
@@ -1554,7 +1554,7 @@ async fn api_join_netmap_and_admin_checks() {
 
     let r = signed(&s, &joiner, Some(&own), "POST", "/v1/join", &body).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let jr: mesh_proto::api::JoinResponse = serde_json::from_str(&r.body).unwrap();
+    let jr: mesh_proto::wire::api::JoinResponse = serde_json::from_str(&r.body).unwrap();
     assert_eq!(jr.netmap.public_key, own.public_key());
     let member = Host {
         address: inv.address,
@@ -1622,11 +1622,11 @@ async fn api_join_netmap_and_admin_checks() {
     assert_eq!(r.status, 403);
     let r = signed(&s, &admin, None, "POST", "/v1/admin/invite", inv_body).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let ir: mesh_proto::api::InviteResponse = serde_json::from_str(&r.body).unwrap();
+    let ir: mesh_proto::wire::api::InviteResponse = serde_json::from_str(&r.body).unwrap();
     assert!(ir.token.unwrap().starts_with("meshd1."));
     let r = signed(&s, &admin, None, "GET", "/v1/admin/invites", b"").await;
     assert_eq!(r.status, 200);
-    let list: Vec<mesh_proto::api::InviteInfo> = serde_json::from_str(&r.body).unwrap();
+    let list: Vec<mesh_proto::wire::api::InviteInfo> = serde_json::from_str(&r.body).unwrap();
     assert_eq!(list.len(), 1);
     let r = signed(
         &s,
@@ -1659,7 +1659,7 @@ async fn api_join_netmap_and_admin_checks() {
     .await;
     assert_eq!(r.status, 204, "{}", r.body);
     let r = signed(&s, &admin, None, "GET", "/v1/admin/hosts", b"").await;
-    let hosts: Vec<mesh_proto::api::HostInfo> = serde_json::from_str(&r.body).unwrap();
+    let hosts: Vec<mesh_proto::wire::api::HostInfo> = serde_json::from_str(&r.body).unwrap();
     assert!(hosts.iter().any(|h| h.name == "dock-mirror" && h.removed));
     // The removed host is no longer served.
     let r = signed(&s, &member, None, "GET", "/v1/netmap?since=0", b"").await;
@@ -1782,7 +1782,7 @@ async fn api_refuses_requests_without_a_valid_proof_of_key() {
         assert!(error_text(&r).contains(text), "{v}: {}", r.body);
     }
     let elsewhere = PrivateKey::generate().public_key();
-    let auth = mesh_proto::auth::AuthKey::for_host(&member.key, &elsewhere).unwrap();
+    let auth = mesh_proto::wire::auth::AuthKey::for_host(&member.key, &elsewhere).unwrap();
     let p = auth.sign("GET", path, b"", now_real(), fresh_nonce());
     let h = vec![("x-meshd-auth".to_string(), p.header_value())];
     let r = http_with(member.address, s.addr, "GET", path, b"", &h).await;
@@ -1952,7 +1952,7 @@ async fn api_rotate() {
     assert_eq!(r.status, 200, "{}", r.body);
     let r = signed(&s, &member, Some(&next), "POST", "/v1/rotate/commit", &body).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let rr: mesh_proto::api::RotateResponse = serde_json::from_str(&r.body).unwrap();
+    let rr: mesh_proto::wire::api::RotateResponse = serde_json::from_str(&r.body).unwrap();
     assert_eq!(rr.netmap.public_key, next.public_key());
     // The old key is refused from now on; the new one is served.
     let r = signed(&s, &member, None, "GET", "/v1/netmap?since=0", b"").await;
@@ -2308,7 +2308,7 @@ fn the_coordinators_own_rotation_prepares_commits_and_leaves_notices_for_every_h
         let notices = c.key_notices_for(&host.public_key()).unwrap();
         assert_eq!(notices.len(), 1);
         assert_eq!(
-            mesh_proto::notice::follow(&notices, host, own_old.public_key()),
+            mesh_proto::wire::notice::follow(&notices, host, own_old.public_key()),
             Ok(next.public_key())
         );
     }
@@ -2338,7 +2338,7 @@ fn the_coordinators_own_rotation_prepares_commits_and_leaves_notices_for_every_h
     ));
     // Someone else's notice does not check out with our key.
     let theirs = c.key_notices_for(&edge.public_key()).unwrap();
-    assert!(mesh_proto::notice::follow(&theirs, &mirror, own_old.public_key()).is_err());
+    assert!(mesh_proto::wire::notice::follow(&theirs, &mirror, own_old.public_key()).is_err());
 
     // A second rotation chains on the first.
     let third = PrivateKey::generate();
@@ -2349,7 +2349,7 @@ fn the_coordinators_own_rotation_prepares_commits_and_leaves_notices_for_every_h
     let notices = c.key_notices_for(&mirror.public_key()).unwrap();
     assert_eq!(notices.len(), 2);
     assert_eq!(
-        mesh_proto::notice::follow(&notices, &mirror, own_old.public_key()),
+        mesh_proto::wire::notice::follow(&notices, &mirror, own_old.public_key()),
         Ok(third.public_key())
     );
 

@@ -430,7 +430,7 @@ pub fn read_to_string_nofollow(path: &Path) -> io::Result<Option<String>> {
 }
 
 /// Read a file holding a secret (a join token): not a symbolic link, a regular file owned by
-/// root and accessible to root only ([`mesh_proto::secret_file::check_secret_file`]).
+/// root and accessible to root only ([`mesh_proto::config::secret_file::check_secret_file`]).
 pub fn read_secret_file(path: &Path) -> io::Result<String> {
     let fd = fcntl::open(
         path,
@@ -461,7 +461,7 @@ pub fn read_secret_file(path: &Path) -> io::Result<String> {
             ),
         ));
     }
-    mesh_proto::secret_file::check_secret_file(
+    mesh_proto::config::secret_file::check_secret_file(
         &path.display().to_string(),
         meta.mode(),
         meta.uid(),

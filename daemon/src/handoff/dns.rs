@@ -1,7 +1,7 @@
 //! Mesh DNS: an authoritative server for `mesh.internal` (A, AAAA) and the mesh prefix's
 //! reverse zone (PTR) on this host's mesh address, built on hickory-server 0.26.
 //!
-//! The decisions are `mesh_proto::integrate::DnsRecords::answer` (pure); this module turns them
+//! The decisions are `mesh_proto::handoff::DnsRecords::answer` (pure); this module turns them
 //! into DNS messages. Names in the zone that do not exist get NXDOMAIN with the zone's SOA (for
 //! negative caching); every other zone gets REFUSED: we are no resolver and forward nothing.
 //! The records live behind a [`SharedRecords`] the daemon replaces when the netmap changes
@@ -19,7 +19,7 @@ use hickory_server::proto::serialize::binary::BinEncoder;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use hickory_server::Server;
-use mesh_proto::integrate::{DnsAnswer, DnsQuery, DnsRecords, MeshView, MESH_DOMAIN};
+use mesh_proto::handoff::{DnsAnswer, DnsQuery, DnsRecords, MeshView, MESH_DOMAIN};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};

@@ -2,7 +2,7 @@
 //! and user templates in step with the mesh.
 //!
 //! On every [`IntegrationEngine::apply`] each configured output is rendered from the
-//! [`MeshView`] (pure, in `mesh_proto::integrate`). When the text differs from the file, the
+//! [`MeshView`] (pure, in `mesh_proto::handoff`). When the text differs from the file, the
 //! file is replaced atomically (temp file in the same directory, fsync, rename; the old file's
 //! mode and owner are kept), then the output's `check` command runs (a dry run, e.g.
 //! `drbdadm -d adjust r0`), then its `reload` command. A render error leaves the file alone;
@@ -23,10 +23,10 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mesh_proto::integrate::{
+use mesh_proto::config::integrations::IntegrationsConfig;
+use mesh_proto::handoff::{
     outputs, replace_hosts_block, IntegrationStatus, MeshView, Output, OutputKind,
 };
-use mesh_proto::integrations_config::IntegrationsConfig;
 
 use crate::disk::WriteOptions;
 
@@ -374,7 +374,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use mesh_proto::integrations_config::parse_integrations;
+    use mesh_proto::config::integrations::parse_integrations;
     use mesh_proto::netmap::{Netmap, NetmapPeer};
     use mesh_proto::PublicKey;
     use std::net::IpAddr;
@@ -699,7 +699,7 @@ mod tests {
 
     #[test]
     fn k3s_dropins_parse_as_yaml_with_exact_keys() {
-        use mesh_proto::integrate::{k3s_dropin, K3sRole};
+        use mesh_proto::handoff::{k3s_dropin, K3sRole};
         let load = MeshView::new(
             &Netmap {
                 version: 1,
@@ -743,7 +743,7 @@ mod tests {
 
     #[test]
     fn prometheus_file_sd_has_exact_keys() {
-        let text = mesh_proto::integrate::prometheus_targets(&view(1, &[("dock-load", 1)]));
+        let text = mesh_proto::handoff::prometheus_targets(&view(1, &[("dock-load", 1)]));
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         let groups = v.as_array().unwrap();
         assert_eq!(groups.len(), 4);

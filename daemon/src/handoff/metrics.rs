@@ -397,7 +397,7 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
 }
 
 /// Serve `/metrics` on `listener` (production: bound to the mesh address and interface,
-/// port `mesh_proto::integrate::METRICS_PORT`) until `shutdown` completes, with the limits of
+/// port `mesh_proto::handoff::METRICS_PORT`) until `shutdown` completes, with the limits of
 /// `serve::Limits::METRICS`.
 pub async fn serve(
     listener: TcpListener,

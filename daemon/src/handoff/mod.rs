@@ -17,9 +17,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use mesh_proto::config::integrations::IntegrationsConfig;
 use mesh_proto::config::ServiceConfig;
-use mesh_proto::integrate::{IntegrationStatus, MeshView};
-use mesh_proto::integrations_config::IntegrationsConfig;
+use mesh_proto::handoff::{IntegrationStatus, MeshView};
 use mesh_proto::ObservedDevice;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -600,7 +600,7 @@ mod tests {
             "127.0.0.1 localhost\n# BEGIN meshd (managed by meshd)\n10.99.99.1\tdock-load.mesh.internal dock-load\n# END meshd\n::1 localhost\n",
         )
         .unwrap();
-        let cfg = mesh_proto::integrations_config::parse_integrations(
+        let cfg = mesh_proto::config::integrations::parse_integrations(
             &toml::from_str::<toml::Value>(&format!(
                 "[hosts]\npath = {:?}\n",
                 hosts.display().to_string()

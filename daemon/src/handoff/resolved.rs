@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use mesh_proto::integrate::MESH_DOMAIN;
+use mesh_proto::handoff::MESH_DOMAIN;
 
 /// Runs `resolvectl ARGS...` and returns its stdout. Tests script the answers.
 pub trait Resolvectl: Send + Sync {

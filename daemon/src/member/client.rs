@@ -1,6 +1,6 @@
 //! The coordinator API client (inside the tunnel): hyper's HTTP/1.1 client, one request per
 //! connection, JSON bodies, a deadline on the whole exchange. Every request is signed with the
-//! host's key and every answer must prove the coordinator's key (`mesh_proto::auth`): an
+//! host's key and every answer must prove the coordinator's key (`mesh_proto::wire::auth`): an
 //! answer without that proof is [`CallError::Unverified`] and is never acted on.
 
 use std::future::Future;
@@ -8,13 +8,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use mesh_proto::api::{
+use mesh_proto::netmap::Netmap;
+use mesh_proto::routes::{RouteDecision, RouteDecisionRequest, RouteInfo};
+use mesh_proto::wire::api::{
     ApiError, EndpointReport, HostInfo, InviteInfo, InviteRequest, InviteResponse, JoinRequest,
     JoinResponse, RotateRequest, RotateResponse, LONG_POLL_SECS,
 };
-use mesh_proto::auth::AuthKey;
-use mesh_proto::netmap::Netmap;
-use mesh_proto::routes::{RouteDecision, RouteDecisionRequest, RouteInfo};
+use mesh_proto::wire::auth::AuthKey;
 use mesh_proto::{PrivateKey, PublicKey};
 use rand_core::RngCore as _;
 use serde::de::DeserializeOwned;
@@ -332,19 +332,19 @@ pub async fn static_config(
     })
 }
 
-/// The coordinator's key notices for the signer's host (`mesh_proto::notice`), from `at`: the
+/// The coordinator's key notices for the signer's host (`mesh_proto::wire::notice`), from `at`: the
 /// coordinator's WireGuard endpoint, over TCP outside the tunnel. `signer` signs toward the
 /// *old* coordinator key the host knows: only a requester proving the host's key is answered.
 pub async fn key_notices(
     at: SocketAddr,
     signer: &Signer,
     timeout: Duration,
-) -> Result<Vec<mesh_proto::notice::KeyNotice>, CallError> {
-    call_json::<(), mesh_proto::notice::KeyNoticesResponse>(
+) -> Result<Vec<mesh_proto::wire::notice::KeyNotice>, CallError> {
+    call_json::<(), mesh_proto::wire::notice::KeyNoticesResponse>(
         at,
         signer,
         "GET",
-        &mesh_proto::notice::path(&signer.key()),
+        &mesh_proto::wire::notice::path(&signer.key()),
         None,
         timeout,
     )
@@ -407,7 +407,7 @@ fn decode<T: DeserializeOwned>(at: SocketAddr, raw: RawResponse) -> Result<T, Ca
 }
 
 /// One signed HTTP exchange with a deadline on the whole of it; the answer must prove the
-/// coordinator's key (`mesh_proto::auth`), else it is [`CallError::Unverified`].
+/// coordinator's key (`mesh_proto::wire::auth`), else it is [`CallError::Unverified`].
 pub async fn request(
     at: SocketAddr,
     signer: &Signer,
@@ -453,7 +453,7 @@ async fn exchange(
         }
     };
     let body = body.unwrap_or_default();
-    let mut nonce = [0u8; mesh_proto::auth::NONCE_LEN];
+    let mut nonce = [0u8; mesh_proto::wire::auth::NONCE_LEN];
     rand_core::OsRng.fill_bytes(&mut nonce);
     let ts = unix_now();
     let proof = signer.auth.sign(method, path, &body, ts, nonce);
@@ -462,10 +462,10 @@ async fn exchange(
         .uri(path)
         .header(HOST, at.to_string())
         .header(ACCEPT, "application/json")
-        .header(mesh_proto::auth::AUTH_HEADER, proof.header_value());
+        .header(mesh_proto::wire::auth::AUTH_HEADER, proof.header_value());
     if let Some(next) = &signer.next {
         let p = next.sign(method, path, &body, ts, nonce);
-        req = req.header(mesh_proto::auth::NEXT_HEADER, p.header_value());
+        req = req.header(mesh_proto::wire::auth::NEXT_HEADER, p.header_value());
     }
     if !body.is_empty() || method == "POST" {
         req = req.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -490,7 +490,7 @@ async fn exchange(
         let status = parts.status.as_u16();
         let header = parts
             .headers
-            .get(mesh_proto::auth::AUTH_HEADER)
+            .get(mesh_proto::wire::auth::AUTH_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let body = Limited::new(body, MAX_RESPONSE)
@@ -557,7 +557,7 @@ mod tests {
 
     /// A server that answers one request with whatever `answer` makes of the request's proof.
     async fn one_answer(
-        answer: impl FnOnce(mesh_proto::auth::Proof) -> Vec<u8> + Send + 'static,
+        answer: impl FnOnce(mesh_proto::wire::auth::Proof) -> Vec<u8> + Send + 'static,
     ) -> (SocketAddr, tokio::task::JoinHandle<String>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -571,7 +571,7 @@ mod tests {
             let proof = req
                 .lines()
                 .find_map(|l| l.strip_prefix("x-meshd-auth: "))
-                .map(|v| mesh_proto::auth::Proof::parse(v.trim()).expect("proof"))
+                .map(|v| mesh_proto::wire::auth::Proof::parse(v.trim()).expect("proof"))
                 .expect("signed");
             let _ = s.write_all(&answer(proof)).await;
             let _ = s.shutdown().await;

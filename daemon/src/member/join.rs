@@ -13,8 +13,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use mesh_proto::api::{JoinRequest, JoinResponse};
-use mesh_proto::token::{Token, TokenBody};
+use mesh_proto::wire::api::{JoinRequest, JoinResponse};
+use mesh_proto::wire::token::{Token, TokenBody};
 use mesh_proto::{PeerSpec, PrivateKey};
 
 use crate::agent::{now, Agent, AgentSnapshot};

@@ -10,8 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use mesh_proto::api::EndpointReport;
 use mesh_proto::netmap::Netmap;
+use mesh_proto::wire::api::EndpointReport;
 use mesh_proto::{DeviceSpec, PeerSpec, PrivateKey, PublicKey};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -322,7 +322,7 @@ fn usable_underlay(a: &IpAddr) -> bool {
 }
 
 /// How often a host that cannot reach its coordinator asks for key notices (the coordinator
-/// may have rotated its key while the host was away; `mesh_proto::notice`).
+/// may have rotated its key while the host was away; `mesh_proto::wire::notice`).
 pub const NOTICE_RETRY: Duration = Duration::from_secs(15);
 
 /// The membership-related part of the loop's state.
@@ -913,9 +913,9 @@ mod tests {
     use crate::backend::{FakeBackend, FakeLink};
     use crate::member::client::{Api, CallError};
     use crate::member::join::join;
-    use mesh_proto::api::{JoinRequest, JoinResponse};
     use mesh_proto::netmap::{EndpointCandidate, EndpointKind, NetmapPeer};
-    use mesh_proto::token::{Token, TokenBody};
+    use mesh_proto::wire::api::{JoinRequest, JoinResponse};
+    use mesh_proto::wire::token::{Token, TokenBody};
     use std::os::unix::fs::MetadataExt;
 
     fn key(i: u8) -> PrivateKey {

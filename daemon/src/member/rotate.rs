@@ -704,7 +704,8 @@ pub async fn coordinator_key_from_notices(
     for ep in endpoints {
         match client::key_notices(*ep, &signer, Duration::from_secs(5)).await {
             Ok(notices) => {
-                return mesh_proto::notice::follow(&notices, host, known).map_err(|e| e.to_string())
+                return mesh_proto::wire::notice::follow(&notices, host, known)
+                    .map_err(|e| e.to_string())
             }
             Err(e) => errors.push(format!("{ep}: {e}")),
         }
@@ -741,7 +742,7 @@ mod tests {
     fn coordinator(dir: &std::path::Path, own: &PrivateKey) -> Coordinator {
         let settings = CoordinatorSettings {
             mesh_cidr: "10.99.99.0/24".parse().expect("net"),
-            api_port: mesh_proto::api::DEFAULT_API_PORT,
+            api_port: mesh_proto::wire::api::DEFAULT_API_PORT,
             public_endpoints: vec!["192.0.2.1:51871".parse().expect("sa")],
             reserved: vec![],
             static_assignments: BTreeMap::new(),

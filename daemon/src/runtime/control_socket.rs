@@ -1,4 +1,4 @@
-//! The control socket: JSON lines (`mesh_proto::control::{Request, Response}`), one request
+//! The control socket: JSON lines (`mesh_proto::wire::control::{Request, Response}`), one request
 //! line, one response line. A malformed request gets `Response::Error` and the connection is
 //! closed; the daemon is unaffected.
 
@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_proto::control::{Request, Response};
+use mesh_proto::wire::control::{Request, Response};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};

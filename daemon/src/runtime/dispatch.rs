@@ -1,11 +1,11 @@
-//! Control requests → agent calls → control responses (`mesh_proto::control` types).
+//! Control requests → agent calls → control responses (`mesh_proto::wire::control` types).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 
 use ipnet::IpNet;
-use mesh_proto::control::{
+use mesh_proto::wire::control::{
     CoordinatorStatus, PeerStatus, Request, Response, Status, ROLE_COORDINATOR, ROLE_MEMBER,
 };
 
@@ -98,7 +98,7 @@ pub fn status(st: &AgentStatus, peers: &[PeerStatus], now_unix: u64) -> Status {
         refused: st
             .refused
             .iter()
-            .map(|(at_unix, what)| mesh_proto::control::Refusal {
+            .map(|(at_unix, what)| mesh_proto::wire::control::Refusal {
                 at_unix: *at_unix,
                 what: what.clone(),
             })
@@ -120,108 +120,107 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
     member: &mut MemberRuntime,
     request: Request,
 ) -> Answer {
-    let now_response = match request {
-        Request::Join { token } => {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            member
-                .start_join(agent, &token, crate::member::JoinOrigin::Control(tx))
-                .await;
-            return Answer::Later(Box::pin(async move {
-                match rx.await {
-                    Ok(Ok(m)) => Response::ok(format!(
-                        "joined the mesh {} as {} with address {}",
-                        m.mesh_cidr, m.host_name, m.address
-                    )),
-                    Ok(Err(e)) => Response::error(e.message),
-                    Err(_) => Response::error("meshd stopped before the join ended"),
-                }
-            }));
-        }
-        Request::Rotate => {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            member.rotate_now(agent, Some(tx)).await;
-            return Answer::Later(Box::pin(async move {
-                match rx.await {
-                    Ok(Ok(outcome)) => Response::ok(outcome.to_string()),
-                    Ok(Err(e)) => Response::error(e.to_string()),
-                    Err(_) => Response::error("meshd stopped before the key rotation ended"),
-                }
-            }));
-        }
-        Request::Peers => match agent.peers().await {
-            Ok(views) => Response::Peers {
-                peers: views
-                    .iter()
-                    .map(|v| peer_status(v, now().as_secs()))
-                    .collect(),
+    let now_response =
+        match request {
+            Request::Join { token } => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                member
+                    .start_join(agent, &token, crate::member::JoinOrigin::Control(tx))
+                    .await;
+                return Answer::Later(Box::pin(async move {
+                    match rx.await {
+                        Ok(Ok(m)) => Response::ok(format!(
+                            "joined the mesh {} as {} with address {}",
+                            m.mesh_cidr, m.host_name, m.address
+                        )),
+                        Ok(Err(e)) => Response::error(e.message),
+                        Err(_) => Response::error("meshd stopped before the join ended"),
+                    }
+                }));
+            }
+            Request::Rotate => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                member.rotate_now(agent, Some(tx)).await;
+                return Answer::Later(Box::pin(async move {
+                    match rx.await {
+                        Ok(Ok(outcome)) => Response::ok(outcome.to_string()),
+                        Ok(Err(e)) => Response::error(e.to_string()),
+                        Err(_) => Response::error("meshd stopped before the key rotation ended"),
+                    }
+                }));
+            }
+            Request::Peers => match agent.peers().await {
+                Ok(views) => Response::Peers {
+                    peers: views
+                        .iter()
+                        .map(|v| peer_status(v, now().as_secs()))
+                        .collect(),
+                },
+                Err(e) => Response::error(format!("cannot read the interface: {e}")),
             },
-            Err(e) => Response::error(format!("cannot read the interface: {e}")),
-        },
-        Request::Status => {
-            let peers: Vec<PeerStatus> = match agent.peers().await {
-                Ok(views) => views
-                    .iter()
-                    .map(|v| peer_status(v, now().as_secs()))
-                    .collect(),
-                Err(_) => Vec::new(),
-            };
-            let mut st = status(&agent.status(), &peers, now().as_secs());
-            if let Some(coord) = &member.coordinator {
-                let (total, recent) = coord.api_refusals();
-                st.refused_total = Some(total);
-                st.refused.extend(
-                    recent
-                        .into_iter()
-                        .map(|(at_unix, what)| mesh_proto::control::Refusal { at_unix, what }),
-                );
-            }
-            Response::Status(st)
-        }
-        // The join runs with its bootstrap key and peer; a reload would put the configured
-        // key back under it.
-        Request::Reload if member.joining() => {
-            Response::error("a join is in progress: reload once it has ended (see meshctl status)")
-        }
-        Request::Reload => match agent.handle_reload() {
-            Ok(()) => {
-                let report = agent.reconcile(now()).await;
-                // A changed routes.advertise reaches the coordinator now, not at the next
-                // endpoint check.
-                let advertise = member.advertise_unreported(agent);
-                member.check_endpoints(agent).await;
-                let note = if advertise {
-                    "; routes.advertise changed: reported to the coordinator (new prefixes are \
-                     pending until an admin approves them: meshctl routes)"
-                } else {
-                    ""
+            Request::Status => {
+                let peers: Vec<PeerStatus> = match agent.peers().await {
+                    Ok(views) => views
+                        .iter()
+                        .map(|v| peer_status(v, now().as_secs()))
+                        .collect(),
+                    Err(_) => Vec::new(),
                 };
-                match report.error {
-                    None => Response::ok(format!(
-                        "reloaded {}: {} ops applied{note}",
-                        agent.config_path().display(),
-                        report.ops.len()
-                    )),
-                    Some(e) => Response::ok(format!(
-                        "reloaded {}, but the pass had errors: {e}{note}",
-                        agent.config_path().display()
-                    )),
+                let mut st = status(&agent.status(), &peers, now().as_secs());
+                if let Some(coord) = &member.coordinator {
+                    let (total, recent) = coord.api_refusals();
+                    st.refused_total = Some(total);
+                    st.refused.extend(recent.into_iter().map(|(at_unix, what)| {
+                        mesh_proto::wire::control::Refusal { at_unix, what }
+                    }));
                 }
+                Response::Status(st)
             }
-            Err(e) => Response::error(format!("{e}")),
-        },
-        Request::Doctor => Response::Doctor(crate::doctor::run_daemon(agent).await),
-        // The loop answers `down` itself (it has to stop after answering).
-        Request::Down => Response::error("down is handled by the daemon loop"),
-        Request::Invite(_)
-        | Request::Invites
-        | Request::RevokeInvite { .. }
-        | Request::Hosts
-        | Request::Remove { .. }
-        | Request::RotateHost { .. }
-        | Request::StaticConfig { .. }
-        | Request::Routes
-        | Request::RouteDecision { .. } => Response::error("not an admin request".to_string()),
-    };
+            // The join runs with its bootstrap key and peer; a reload would put the configured
+            // key back under it.
+            Request::Reload if member.joining() => Response::error(
+                "a join is in progress: reload once it has ended (see meshctl status)",
+            ),
+            Request::Reload => match agent.handle_reload() {
+                Ok(()) => {
+                    let report = agent.reconcile(now()).await;
+                    // A changed routes.advertise reaches the coordinator now, not at the next
+                    // endpoint check.
+                    let advertise = member.advertise_unreported(agent);
+                    member.check_endpoints(agent).await;
+                    let note = if advertise {
+                        "; routes.advertise changed: reported to the coordinator (new prefixes are \
+                     pending until an admin approves them: meshctl routes)"
+                    } else {
+                        ""
+                    };
+                    match report.error {
+                        None => Response::ok(format!(
+                            "reloaded {}: {} ops applied{note}",
+                            agent.config_path().display(),
+                            report.ops.len()
+                        )),
+                        Some(e) => Response::ok(format!(
+                            "reloaded {}, but the pass had errors: {e}{note}",
+                            agent.config_path().display()
+                        )),
+                    }
+                }
+                Err(e) => Response::error(format!("{e}")),
+            },
+            Request::Doctor => Response::Doctor(crate::doctor::run_daemon(agent).await),
+            // The loop answers `down` itself (it has to stop after answering).
+            Request::Down => Response::error("down is handled by the daemon loop"),
+            Request::Invite(_)
+            | Request::Invites
+            | Request::RevokeInvite { .. }
+            | Request::Hosts
+            | Request::Remove { .. }
+            | Request::RotateHost { .. }
+            | Request::StaticConfig { .. }
+            | Request::Routes
+            | Request::RouteDecision { .. } => Response::error("not an admin request".to_string()),
+        };
     Answer::Now(Box::new(now_response))
 }
 
@@ -383,9 +382,9 @@ mod tests {
                 let proof = req
                     .lines()
                     .find_map(|l| l.strip_prefix("x-meshd-auth: "))
-                    .map(|v| mesh_proto::auth::Proof::parse(v.trim()).expect("proof"))
+                    .map(|v| mesh_proto::wire::auth::Proof::parse(v.trim()).expect("proof"))
                     .expect("the request is signed");
-                let key = mesh_proto::auth::AuthKey::for_coordinator(&coord, &proof.key)
+                let key = mesh_proto::wire::auth::AuthKey::for_coordinator(&coord, &proof.key)
                     .expect("auth key");
                 let sig = key.sign_response(&proof.nonce, status, body.as_bytes());
                 let resp = format!(

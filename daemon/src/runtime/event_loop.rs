@@ -9,7 +9,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio::time::{interval, MissedTickBehavior};
 
-use mesh_proto::control::{Request, Response};
+use mesh_proto::wire::control::{Request, Response};
 
 use crate::agent::{now, Agent, AgentStatus};
 use crate::backend::{LinkBackend, WgBackend};
@@ -168,7 +168,7 @@ async fn down<W: WgBackend, L: LinkBackend>(
 async fn join_from_file<W: WgBackend, L: LinkBackend>(
     agent: &mut Agent<W, L>,
     member: &mut MemberRuntime,
-    refusal: &mut Option<mesh_proto::control::Refusal>,
+    refusal: &mut Option<mesh_proto::wire::control::Refusal>,
 ) {
     let Some(path) = agent.settings().join_token_file.clone() else {
         return;
@@ -180,7 +180,7 @@ async fn join_from_file<W: WgBackend, L: LinkBackend>(
         Ok(t) => t,
         Err(e) => {
             tracing::error!(file = %path.display(), error = %e, "cannot use the join token file");
-            *refusal = Some(mesh_proto::control::Refusal {
+            *refusal = Some(mesh_proto::wire::control::Refusal {
                 at_unix: now().as_secs(),
                 what: format!("join_token_file: {e}"),
             });
@@ -402,7 +402,7 @@ mod tests {
     use super::*;
     use crate::backend::{FakeBackend, FakeLink};
     use crate::runtime::control_socket::ControlSocket;
-    use mesh_proto::control::{Request, Response};
+    use mesh_proto::wire::control::{Request, Response};
     use mesh_proto::PrivateKey;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     use tokio::net::UnixStream;
@@ -697,7 +697,7 @@ mod tests {
         let socket = ControlSocket::bind(&sock).expect("bind");
         // The whole mesh on loopback (127.0.0.0/8): nothing leaves the machine.
         let (api, mut seen, _server) = silent_api("127.0.0.2").await;
-        let body = mesh_proto::token::TokenBody {
+        let body = mesh_proto::wire::token::TokenBody {
             invite_id: "00ff".into(),
             coordinator_public_key: PrivateKey::from_bytes([100; 32]).public_key(),
             coordinator_endpoints: vec!["127.0.0.2:9".parse().expect("sa")],
@@ -710,7 +710,7 @@ mod tests {
             expires_unix: now().as_secs() + 3600,
             admin: false,
         };
-        let token = mesh_proto::token::Token::sign(body, &[9; 32]).encode();
+        let token = mesh_proto::wire::token::Token::sign(body, &[9; 32]).encode();
         let mut settings = crate::agent::tests::settings(Vec::new());
         settings.host_name = None;
         settings.address = None;

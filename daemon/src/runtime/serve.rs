@@ -69,7 +69,7 @@ impl Limits {
         max_per_source: 16,
         header_timeout: Duration::from_secs(10),
         // The longest handler is the netmap long-poll (LONG_POLL_SECS = 25 s).
-        request_timeout: Duration::from_secs(mesh_proto::api::LONG_POLL_SECS + 15),
+        request_timeout: Duration::from_secs(mesh_proto::wire::api::LONG_POLL_SECS + 15),
         max_lifetime: Duration::from_secs(300),
         max_requests: 100,
         keep_alive: true,

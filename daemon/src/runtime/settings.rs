@@ -72,7 +72,7 @@ impl Settings {
     fn from_config(config: mesh_proto::config::Config, path: &Path) -> Settings {
         let mut specs = config.peer_specs();
         let handoff = HandoffSettings {
-            static_view: mesh_proto::integrate::MeshView::from_config(&config),
+            static_view: mesh_proto::handoff::MeshView::from_config(&config),
             dns: config.dns,
             metrics: config.metrics,
             integrations: config.integrations,
@@ -133,10 +133,10 @@ impl Settings {
 pub struct HandoffSettings {
     pub dns: mesh_proto::config::ServiceConfig,
     pub metrics: mesh_proto::config::ServiceConfig,
-    pub integrations: mesh_proto::integrations_config::IntegrationsConfig,
+    pub integrations: mesh_proto::config::integrations::IntegrationsConfig,
     /// `host.name`, `host.address` and the `[[peer]]` entries as a view (`None` on a host
     /// that joins); integrations use it while no netmap is held.
-    pub static_view: Option<mesh_proto::integrate::MeshView>,
+    pub static_view: Option<mesh_proto::handoff::MeshView>,
 }
 
 impl Default for HandoffSettings {

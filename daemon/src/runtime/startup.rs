@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use mesh_proto::control::{Request, Response};
+use mesh_proto::wire::control::{Request, Response};
 use tokio::sync::mpsc;
 
 use crate::agent::{now, ObservedEndpoints};
@@ -230,7 +230,7 @@ fn start_coordinator(
     tokio::spawn(feed_own_netmap(coord.clone(), events, stop.clone()));
 
     // Key notices, outside the tunnel on TCP at our WireGuard port number, for hosts that
-    // missed a rotation of our key (`mesh_proto::notice`). Without it those hosts need a new
+    // missed a rotation of our key (`mesh_proto::wire::notice`). Without it those hosts need a new
     // token, so a failure is loud but not fatal, and the bind is tried again (the port may be
     // free later).
     {
@@ -443,8 +443,8 @@ mod tests {
     use std::collections::BTreeMap;
     use std::time::Instant;
 
-    use mesh_proto::api::{InviteRequest, JoinRequest};
     use mesh_proto::netmap::Netmap;
+    use mesh_proto::wire::api::{InviteRequest, JoinRequest};
     use mesh_proto::{PrivateKey, PublicKey};
 
     use super::*;
@@ -474,7 +474,7 @@ mod tests {
         let coord = Coordinator::open(
             CoordinatorSettings {
                 mesh_cidr: "10.99.99.0/24".parse().unwrap(),
-                api_port: mesh_proto::api::DEFAULT_API_PORT,
+                api_port: mesh_proto::wire::api::DEFAULT_API_PORT,
                 public_endpoints: vec!["192.0.2.1:51871".parse().unwrap()],
                 reserved: vec![],
                 static_assignments: BTreeMap::new(),

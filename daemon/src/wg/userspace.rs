@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use mesh_proto::uapi::{format_set, ops_to_set, parse_get};
+use mesh_proto::wire::uapi::{format_set, ops_to_set, parse_get};
 use mesh_proto::{ObservedDevice, Op};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;

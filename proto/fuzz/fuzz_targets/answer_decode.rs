@@ -1,10 +1,10 @@
-//! The member's side of an answer from the coordinator API (`mesh_proto::auth`): arbitrary
+//! The member's side of an answer from the coordinator API (`mesh_proto::wire::auth`): arbitrary
 //! bytes as the answer's proof header, status and body. Nothing may panic; no answer made
 //! without the coordinator's key verifies; a netmap that decodes is validated before use.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesh_proto::auth::{AuthKey, Proof};
+use mesh_proto::wire::auth::{AuthKey, Proof};
 use mesh_proto::netmap::Netmap;
 use mesh_proto::PrivateKey;
 

@@ -3,9 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesh_proto::api::{EndpointReport, InviteRequest, JoinRequest, RotateRequest};
-use mesh_proto::control::Request;
-use mesh_proto::notice::KeyNoticesResponse;
+use mesh_proto::wire::api::{EndpointReport, InviteRequest, JoinRequest, RotateRequest};
+use mesh_proto::wire::control::Request;
+use mesh_proto::wire::notice::KeyNoticesResponse;
 use mesh_proto::{PrivateKey, PublicKey};
 
 fuzz_target!(|data: &[u8]| {
@@ -17,7 +17,7 @@ fuzz_target!(|data: &[u8]| {
     // list nobody holding the old key wrote never yields a key.
     if let Ok(r) = serde_json::from_slice::<KeyNoticesResponse>(data) {
         let host = PrivateKey::from_bytes([7; 32]);
-        assert!(mesh_proto::notice::follow(&r.notices, &host, PublicKey([9; 32])).is_err());
+        assert!(mesh_proto::wire::notice::follow(&r.notices, &host, PublicKey([9; 32])).is_err());
     }
     if let Ok(r) = serde_json::from_slice::<Request>(data) {
         // What decodes re-encodes and decodes to the same request.

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mesh_proto::token::Token;
+use mesh_proto::wire::token::Token;
 
 const SECRET: [u8; 32] = [0x5a; 32];
 

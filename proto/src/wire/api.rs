@@ -1,6 +1,6 @@
 //! The coordinator's HTTP/JSON API, which listens on the coordinator's mesh address only, on a
 //! socket bound to the mesh interface. Every request proves its caller's key and every answer
-//! the coordinator's ([`crate::auth`]); the source address must match the proven key's host.
+//! the coordinator's ([`crate::wire::auth`]); the source address must match the proven key's host.
 //! Paths are versioned (`/v1/...`). Bodies are JSON; bodies over `MAX_BODY` get 413.
 //!
 //! ```text
@@ -35,7 +35,7 @@
 //! POST /v1/admin/routes/revoke  RouteDecisionRequest -> RouteInfo (out of every netmap)
 //!
 //! Outside the tunnel, on TCP at the coordinator's WireGuard endpoint (same port number):
-//! GET  /v1/key-notices/HOSTKEY              -> `crate::notice::KeyNoticesResponse` (only to a
+//! GET  /v1/key-notices/HOSTKEY              -> `crate::wire::notice::KeyNoticesResponse` (only to a
 //!                            requester proving HOSTKEY toward the coordinator key it knows;
 //!                            anything else gets the same 403)
 //! errors: ApiError JSON with a 4xx/5xx status

@@ -309,7 +309,7 @@ mod tests {
     /// see proto/fuzz/README.md): the wire format is what the module documentation says.
     #[test]
     fn independent_implementation_agrees() {
-        let text = include_str!("../fuzz/seeds/token_decode/valid.txt");
+        let text = include_str!("../../fuzz/seeds/token_decode/valid.txt");
         let t = Token::decode(text).unwrap();
         assert_eq!(t.verify(&[0x5a; 32], 0), Ok(()));
         assert_eq!(t.verify(&SECRET, 0), Err(TokenError::Tampered));

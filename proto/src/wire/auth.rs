@@ -194,7 +194,7 @@ impl AuthKey {
     }
 
     /// A key kept by the coordinator past its own key's life (for key notices, see
-    /// `crate::notice`): the raw MAC key as [`AuthKey::raw`] returned it.
+    /// `crate::wire::notice`): the raw MAC key as [`AuthKey::raw`] returned it.
     pub fn from_raw(raw: [u8; 32], host: PublicKey, coordinator: PublicKey) -> AuthKey {
         AuthKey {
             mac_key: raw,

@@ -135,7 +135,7 @@ pub fn follow(
     Ok(current)
 }
 
-use crate::auth::constant_eq;
+use crate::wire::auth::constant_eq;
 
 #[cfg(test)]
 mod tests {

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::config::integrations::{DrbdIntegration, IntegrationsConfig, K3sIntegration};
 use crate::config::{Config, PeerConfig};
-use crate::integrations_config::{DrbdIntegration, IntegrationsConfig, K3sIntegration};
 use crate::netmap::Netmap;
 
 /// The DNS zone mesh names live in (`.internal` is reserved for private use).
@@ -1137,8 +1137,8 @@ resource r0 {
             path = "/t/x"
         "#;
         let v: toml::Value = toml::from_str(text).unwrap();
-        let cfg =
-            crate::integrations_config::parse_integrations(v.get("integrations").unwrap()).unwrap();
+        let cfg = crate::config::integrations::parse_integrations(v.get("integrations").unwrap())
+            .unwrap();
         let outs = outputs(&cfg);
         let names: Vec<&str> = outs.iter().map(|o| o.name.as_str()).collect();
         assert_eq!(names, ["k3s", "drbd:r0", "drbd:r1", "hosts", "template:x"]);

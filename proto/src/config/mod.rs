@@ -22,7 +22,7 @@
 //!
 //! [coordinator]                      # optional: this host runs the coordinator
 //! mesh_cidr = "10.99.99.0/24"        # required; host bits zero; must contain host.address
-//! api_port = 51872                   # default mesh_proto::api::DEFAULT_API_PORT
+//! api_port = 51872                   # default mesh_proto::wire::api::DEFAULT_API_PORT
 //! public_endpoints = ["198.51.100.1:51871"]  # required, non-empty: what tokens carry
 //! reserved = ["10.99.99.0/28"]       # default []: never handed out automatically
 //! keepalive_secs = 25                # 1..=65535, default 25: toward peers from NATed hosts
@@ -55,7 +55,7 @@
 //!
 //! [integrations.k3s]                 # optional: files meshd keeps for K3s, DRBD, Prometheus,
 //! role = "server"                    # /etc/hosts and user templates; see
-//!                                    # mesh_proto::integrations_config for every key
+//!                                    # mesh_proto::config::integrations for every key
 //!
 //! [[peer]]
 //! name = "dock-prod"
@@ -71,6 +71,9 @@
 //! token. Whether a host without them may start (it needs a token or an existing membership)
 //! is the daemon's decision.
 
+pub mod integrations;
+pub mod secret_file;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -80,8 +83,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::config::integrations::{parse_integrations, IntegrationsConfig};
 use crate::device::{DeviceSpec, PeerSpec};
-use crate::integrations_config::{parse_integrations, IntegrationsConfig};
 use crate::key::{PrivateKey, PublicKey};
 use crate::{DEFAULT_CONTROL_SOCKET, DEFAULT_INTERFACE, DEFAULT_LISTEN_PORT, DEFAULT_MTU};
 
@@ -147,7 +150,7 @@ impl ServiceConfig {
     pub fn metrics_default() -> Self {
         ServiceConfig {
             enable: true,
-            listen_port: crate::integrate::METRICS_PORT,
+            listen_port: crate::handoff::METRICS_PORT,
             mesh_interface_only: true,
         }
     }
@@ -412,7 +415,7 @@ struct RawConfig {
     dns: Option<RawService>,
     #[serde(default)]
     metrics: Option<RawService>,
-    /// Validated by `integrations_config::parse_integrations` (its errors name the key).
+    /// Validated by `integrations::parse_integrations` (its errors name the key).
     #[serde(default)]
     integrations: Option<toml::Value>,
     #[serde(default, rename = "peer")]
@@ -806,7 +809,7 @@ fn validate_coordinator(
         )
     })?;
     let api_port = match raw.api_port {
-        None => crate::api::DEFAULT_API_PORT,
+        None => crate::wire::api::DEFAULT_API_PORT,
         Some(p) => ranged(cx, "coordinator.api_port", p, 1, 65535, "")?,
     };
     if raw.public_endpoints.is_empty() {
@@ -1781,7 +1784,7 @@ public_endpoints = ["198.51.100.1:51871"]
         let co = c.coordinator.clone().unwrap();
         assert!(c.is_coordinator());
         assert_eq!(co.mesh_cidr, "10.99.99.0/24".parse::<IpNet>().unwrap());
-        assert_eq!(co.api_port, crate::api::DEFAULT_API_PORT);
+        assert_eq!(co.api_port, crate::wire::api::DEFAULT_API_PORT);
         assert_eq!(co.keepalive_secs, 25);
         assert!(co.reserved.is_empty());
         assert!(co.static_assignments.is_empty());

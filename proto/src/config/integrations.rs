@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::integrate::K3sRole;
+use crate::handoff::K3sRole;
 
 /// Where K3s reads meshd's drop-in (after config.yaml, so ours wins for scalars).
 pub const DEFAULT_K3S_DROPIN: &str = "/etc/rancher/k3s/config.yaml.d/90-meshd.yaml";
