@@ -39,6 +39,9 @@ pub enum Error {
     #[cfg(any(test, feature = "test-fakes"))]
     #[error("injected failure: {0}")]
     Injected(String),
+    /// A program meshd runs (`nft`, `resolvectl`, an integration's check or reload) failed.
+    #[error(transparent)]
+    Command(#[from] CommandError),
     /// Any other I/O error, with what we were doing.
     #[error("{context}: {source}")]
     Io {
@@ -53,6 +56,51 @@ impl Error {
         Error::Io {
             context: context.into(),
             source,
+        }
+    }
+}
+
+/// A program meshd ran did not do its job: it could not start, ran too long, or exited
+/// non-zero (with the tail of what it said on stderr).
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("an empty command (nothing to run)")]
+    Empty,
+    #[error("`{command}` could not start: {source}")]
+    Start {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}`: cannot wait for it: {source}")]
+    Wait {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` ran longer than {}s and was killed", .limit.as_secs())]
+    TimedOut {
+        command: String,
+        limit: std::time::Duration,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Failed {
+        command: String,
+        status: std::process::ExitStatus,
+        /// The last lines of its stderr, trimmed.
+        stderr: String,
+    },
+}
+
+impl CommandError {
+    /// A command that exited with `code` (for test doubles of a runner).
+    #[cfg(any(test, feature = "test-fakes"))]
+    pub fn exited(command: impl Into<String>, code: i32, stderr: impl Into<String>) -> Self {
+        use std::os::unix::process::ExitStatusExt as _;
+        CommandError::Failed {
+            command: command.into(),
+            status: std::process::ExitStatus::from_raw(code << 8),
+            stderr: stderr.into(),
         }
     }
 }

@@ -29,15 +29,16 @@ use mesh_proto::handoff::{
 };
 
 use crate::disk::WriteOptions;
+use crate::error::CommandError;
 
 /// How long a check or reload command may run before it is killed and counted as failed.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Runs an integration's check and reload commands. Tests record the calls instead.
 pub trait CommandRunner: Send + Sync {
-    /// Run `argv` (no shell); `Err` carries what the operator needs to see (exit status and
-    /// the tail of stderr).
-    fn run(&self, argv: &[String]) -> Result<(), String>;
+    /// Run `argv` (no shell); the error carries what the operator needs to see (exit status
+    /// and the tail of stderr).
+    fn run(&self, argv: &[String]) -> Result<(), CommandError>;
 }
 
 /// Runs commands with [`std::process::Command`], killing them after `timeout`.
@@ -55,16 +56,19 @@ impl Default for SystemRunner {
 }
 
 impl CommandRunner for SystemRunner {
-    fn run(&self, argv: &[String]) -> Result<(), String> {
-        let (program, args) = argv.split_first().ok_or("empty command")?;
-        let shown = argv.join(" ");
-        let mut child = Command::new(program)
+    fn run(&self, argv: &[String]) -> Result<(), CommandError> {
+        let (program, args) = argv.split_first().ok_or(CommandError::Empty)?;
+        let command = argv.join(" ");
+        let mut child = match Command::new(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("`{shown}` could not start: {e}"))?;
+        {
+            Ok(c) => c,
+            Err(source) => return Err(CommandError::Start { command, source }),
+        };
         // Drain stderr while waiting, so a chatty command cannot block on a full pipe.
         let stderr = child.stderr.take().map(|mut e| {
             std::thread::spawn(move || {
@@ -80,13 +84,13 @@ impl CommandRunner for SystemRunner {
                 Ok(None) if Instant::now() >= deadline => {
                     let _ = child.kill();
                     let _ = child.wait();
-                    return Err(format!(
-                        "`{shown}` ran longer than {}s and was killed",
-                        self.timeout.as_secs()
-                    ));
+                    return Err(CommandError::TimedOut {
+                        command,
+                        limit: self.timeout,
+                    });
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => return Err(format!("`{shown}`: {e}")),
+                Err(source) => return Err(CommandError::Wait { command, source }),
             }
         };
         let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
@@ -95,7 +99,11 @@ impl CommandRunner for SystemRunner {
         }
         let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        Err(format!("`{shown}` failed ({status}): {}", tail.join(" / ")))
+        Err(CommandError::Failed {
+            command,
+            status,
+            stderr: tail.join(" / "),
+        })
     }
 }
 
@@ -389,10 +397,10 @@ mod tests {
     }
 
     impl CommandRunner for Recorder {
-        fn run(&self, argv: &[String]) -> Result<(), String> {
+        fn run(&self, argv: &[String]) -> Result<(), CommandError> {
             self.calls.lock().unwrap().push(argv.to_vec());
             if self.fail.lock().unwrap().contains(&argv[0]) {
-                Err(format!("{} exited with 1", argv[0]))
+                Err(CommandError::exited(argv.join(" "), 1, ""))
             } else {
                 Ok(())
             }
@@ -670,22 +678,26 @@ mod tests {
         let r = SystemRunner {
             timeout: Duration::from_secs(5),
         };
-        assert_eq!(r.run(&["true".into()]), Ok(()));
+        assert!(r.run(&["true".into()]).is_ok());
         let e = r
             .run(&["sh".into(), "-c".into(), "echo broken >&2; exit 3".into()])
             .unwrap_err();
-        assert!(e.contains("broken") && e.contains('3'), "{e}");
+        assert!(
+            matches!(&e, CommandError::Failed { status, stderr, .. }
+                if status.code() == Some(3) && stderr == "broken"),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("broken"), "{e}");
+        assert!(matches!(r.run(&[]), Err(CommandError::Empty)));
         let r = SystemRunner {
             timeout: Duration::from_millis(100),
         };
-        assert!(r
-            .run(&["sleep".into(), "5".into()])
-            .unwrap_err()
-            .contains("killed"));
-        assert!(r
-            .run(&["/nonexistent/x".into()])
-            .unwrap_err()
-            .contains("could not start"));
+        let e = r.run(&["sleep".into(), "5".into()]).unwrap_err();
+        assert!(matches!(e, CommandError::TimedOut { .. }), "{e:?}");
+        assert!(e.to_string().contains("killed"), "{e}");
+        let e = r.run(&["/nonexistent/x".into()]).unwrap_err();
+        assert!(matches!(e, CommandError::Start { .. }), "{e:?}");
+        assert!(e.to_string().contains("could not start"), "{e}");
     }
 
     fn yaml_keys(text: &str) -> Vec<String> {

@@ -154,10 +154,12 @@ async fn split_dns_worker(mut rx: watch::Receiver<Option<(String, IpAddr)>>) {
                 Ok(Ok(SplitDns::Unavailable)) => unavailable = true,
                 Ok(Ok(_)) => last_error = None,
                 Ok(Err(e)) => {
-                    if last_error.as_ref() != Some(&e) {
+                    // Said once per distinct failure, not on every pass.
+                    let said = e.to_string();
+                    if last_error.as_ref() != Some(&said) {
                         tracing::warn!(error = %e, "cannot set split DNS in systemd-resolved; retrying");
                     }
-                    last_error = Some(e);
+                    last_error = Some(said);
                 }
                 Err(e) => tracing::error!(error = %e, "split DNS task panicked"),
             }
@@ -512,7 +514,7 @@ pub fn teardown(interface: &str, integrations: &IntegrationsConfig) -> (Vec<Stri
     if let Some(r) = crate::handoff::resolved::SystemResolvectl::find() {
         match crate::handoff::resolved::revert_split_dns(&r, interface) {
             Ok(()) => removed.push(format!("reverted split DNS on {interface}")),
-            Err(e) => failed.push(e),
+            Err(e) => failed.push(e.to_string()),
         }
     }
     (removed, failed)

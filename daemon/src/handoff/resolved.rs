@@ -14,9 +14,11 @@ use std::process::{Command, Stdio};
 
 use mesh_proto::handoff::MESH_DOMAIN;
 
+use crate::error::CommandError;
+
 /// Runs `resolvectl ARGS...` and returns its stdout. Tests script the answers.
 pub trait Resolvectl: Send + Sync {
-    fn run(&self, args: &[&str]) -> Result<String, String>;
+    fn run(&self, args: &[&str]) -> Result<String, CommandError>;
 }
 
 /// The real `resolvectl`.
@@ -42,21 +44,24 @@ fn is_executable(p: &Path) -> bool {
 }
 
 impl Resolvectl for SystemResolvectl {
-    fn run(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(&self.program)
+    fn run(&self, args: &[&str]) -> Result<String, CommandError> {
+        let command = format!("resolvectl {}", args.join(" "));
+        let out = match Command::new(&self.program)
             .args(args)
             .stdin(Stdio::null())
             .output()
-            .map_err(|e| format!("{}: {e}", self.program.display()))?;
+        {
+            Ok(out) => out,
+            Err(source) => return Err(CommandError::Start { command, source }),
+        };
         if out.status.success() {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         } else {
-            Err(format!(
-                "`resolvectl {}` failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
+            Err(CommandError::Failed {
+                command,
+                status: out.status,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
         }
     }
 }
@@ -92,7 +97,7 @@ pub fn ensure_split_dns(
     resolvectl: &dyn Resolvectl,
     iface: &str,
     dns: IpAddr,
-) -> Result<SplitDns, String> {
+) -> Result<SplitDns, CommandError> {
     let dns_s = dns.to_string();
     let domain = routing_domain();
     let have_dns = resolvectl
@@ -120,7 +125,7 @@ pub fn ensure_split_dns(
 /// [`ensure_split_dns`] with the system's resolvectl; [`SplitDns::Unavailable`], with a log
 /// line saying so, when there is none (call it once at start, then on every pass only while
 /// it did not answer `Unavailable`).
-pub fn ensure_split_dns_system(iface: &str, dns: IpAddr) -> Result<SplitDns, String> {
+pub fn ensure_split_dns_system(iface: &str, dns: IpAddr) -> Result<SplitDns, CommandError> {
     match SystemResolvectl::find() {
         Some(r) => ensure_split_dns(&r, iface, dns),
         None => {
@@ -134,7 +139,7 @@ pub fn ensure_split_dns_system(iface: &str, dns: IpAddr) -> Result<SplitDns, Str
 }
 
 /// Undo it (`meshctl down`): `resolvectl revert IFACE`.
-pub fn revert_split_dns(resolvectl: &dyn Resolvectl, iface: &str) -> Result<(), String> {
+pub fn revert_split_dns(resolvectl: &dyn Resolvectl, iface: &str) -> Result<(), CommandError> {
     resolvectl.run(&["revert", iface]).map(|_| ())
 }
 
@@ -155,7 +160,7 @@ mod tests {
     }
 
     impl Resolvectl for FakeResolved {
-        fn run(&self, args: &[&str]) -> Result<String, String> {
+        fn run(&self, args: &[&str]) -> Result<String, CommandError> {
             let show = |v: String| Ok(format!("Link 5 ({}): {v}\n", args[1]));
             match args {
                 ["dns", _] => show(self.dns.lock().unwrap().join(" ")),
@@ -183,7 +188,11 @@ mod tests {
                     *self.default_route.lock().unwrap() = *v == "true";
                     Ok(String::new())
                 }
-                _ => Err(format!("unexpected {args:?}")),
+                _ => Err(CommandError::exited(
+                    format!("resolvectl {}", args.join(" ")),
+                    1,
+                    "unexpected by the test",
+                )),
             }
         }
     }
@@ -195,7 +204,10 @@ mod tests {
             ..FakeResolved::default()
         };
         let dns: IpAddr = "10.99.99.1".parse().unwrap();
-        assert_eq!(ensure_split_dns(&r, "wgmesh0", dns), Ok(SplitDns::Applied));
+        assert_eq!(
+            ensure_split_dns(&r, "wgmesh0", dns).ok(),
+            Some(SplitDns::Applied)
+        );
         assert_eq!(
             *r.sets.lock().unwrap(),
             [
@@ -206,15 +218,18 @@ mod tests {
         );
         r.sets.lock().unwrap().clear();
         assert_eq!(
-            ensure_split_dns(&r, "wgmesh0", dns),
-            Ok(SplitDns::AlreadySet)
+            ensure_split_dns(&r, "wgmesh0", dns).ok(),
+            Some(SplitDns::AlreadySet)
         );
         assert!(r.sets.lock().unwrap().is_empty());
         // resolved restarted: the link lost its settings.
         r.dns.lock().unwrap().clear();
         r.domains.lock().unwrap().clear();
         *r.default_route.lock().unwrap() = true;
-        assert_eq!(ensure_split_dns(&r, "wgmesh0", dns), Ok(SplitDns::Applied));
+        assert_eq!(
+            ensure_split_dns(&r, "wgmesh0", dns).ok(),
+            Some(SplitDns::Applied)
+        );
         assert_eq!(r.sets.lock().unwrap().len(), 3);
     }
 

@@ -40,9 +40,9 @@ pub enum MeshEvent {
     /// An API call failed.
     Unreachable(String),
     /// An endpoint report finished: what was reported, or why it failed.
-    EndpointsReported(Result<EndpointReport, String>),
+    EndpointsReported(Result<EndpointReport, client::CallError>),
     /// A key notice request finished: the coordinator key we knew and its current one.
-    CoordinatorKey(Result<(PublicKey, PublicKey), String>),
+    CoordinatorKey(Result<(PublicKey, PublicKey), crate::member::rotate::NoticeFetchError>),
     /// A step of our key rotation that waited on the coordinator finished.
     RotationStep(Box<crate::member::rotate::StepDone>),
     /// The coordinator answered our join (or did not, in time).
@@ -290,7 +290,7 @@ pub fn spawn_report(
         };
         let event = match outcome {
             Ok(()) => MeshEvent::EndpointsReported(Ok(report)),
-            Err(e) => MeshEvent::EndpointsReported(Err(e.to_string())),
+            Err(e) => MeshEvent::EndpointsReported(Err(e)),
         };
         let _ = tx.send(event).await;
     });

@@ -14,7 +14,7 @@ use mesh_proto::{PrivateKey, PublicKey};
 
 use crate::agent::{now, Agent};
 use crate::backend::{LinkBackend, WgBackend};
-use crate::coordinator::Coordinator;
+use crate::coordinator::{CoordError, Coordinator};
 use crate::disk::state::StateDir;
 use crate::member::client::{self, CallError};
 
@@ -433,7 +433,7 @@ impl Run {
                             Ok(version) => Ok(StepOut::Prepared {
                                 slow: wait_for_followers(&coord, version, "prepared", &[]).await,
                             }),
-                            Err(e) => Err(StepError::Refused(e)),
+                            Err(e) => Err(StepError::Refused(e.to_string())),
                         };
                     StepDone { action, result }
                 }))
@@ -481,7 +481,7 @@ impl Run {
                             wait_for_followers(&coord, version, "committed", &slow).await;
                             Ok(StepOut::Committed { netmap: None })
                         }
-                        Err(e) => Err(StepError::Failed(e)),
+                        Err(e) => Err(StepError::Failed(e.to_string())),
                     };
                     StepDone { action, result }
                 }))
@@ -584,12 +584,14 @@ impl Run {
 /// A registry write (SQLite, synchronous=FULL) off the async workers.
 async fn registry<T: Send + 'static>(
     coord: &Coordinator,
-    f: impl FnOnce(&Coordinator) -> Result<T, crate::coordinator::CoordError> + Send + 'static,
-) -> Result<T, String> {
+    f: impl FnOnce(&Coordinator) -> Result<T, CoordError> + Send + 'static,
+) -> Result<T, CoordError> {
     let coord = coord.clone();
     match tokio::task::spawn_blocking(move || f(&coord)).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(e) => Err(format!("the registry task failed: {e}")),
+        Ok(r) => r,
+        Err(e) => Err(CoordError::Internal(format!(
+            "the registry task failed: {e}"
+        ))),
     }
 }
 
@@ -689,6 +691,22 @@ pub async fn probe_next_key<W: WgBackend, L: LinkBackend>(
     }
 }
 
+/// Why no new coordinator key came from the key notices.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoticeFetchError {
+    #[error("no endpoint known for the coordinator")]
+    NoEndpoint,
+    /// The request could not be signed.
+    #[error("{0}")]
+    Sign(CallError),
+    /// No endpoint answered; each one's failure.
+    #[error("{}", .0.iter().map(|(ep, e)| format!("{ep}: {e}")).collect::<Vec<_>>().join("; "))]
+    Unanswered(Vec<(SocketAddr, CallError)>),
+    /// An endpoint answered, but its notices do not lead from our key to a new one.
+    #[error(transparent)]
+    Follow(#[from] mesh_proto::wire::notice::NoticeError),
+}
+
 /// Fetch the coordinator key notices for `host` from the coordinator's underlay `endpoints`
 /// (first that answers) and follow them from the coordinator key we know. Returns the
 /// coordinator's current key.
@@ -696,25 +714,21 @@ pub async fn coordinator_key_from_notices(
     endpoints: &[SocketAddr],
     host: &PrivateKey,
     known: PublicKey,
-) -> Result<PublicKey, String> {
+) -> Result<PublicKey, NoticeFetchError> {
+    if endpoints.is_empty() {
+        return Err(NoticeFetchError::NoEndpoint);
+    }
     let mut errors = Vec::new();
     // Signed toward the coordinator key we know (the old one): the coordinator kept that
     // key's proof for us when it rotated, and answers nobody else.
-    let signer = client::Signer::new(host, &known).map_err(|e| e.to_string())?;
+    let signer = client::Signer::new(host, &known).map_err(NoticeFetchError::Sign)?;
     for ep in endpoints {
         match client::key_notices(*ep, &signer, Duration::from_secs(5)).await {
-            Ok(notices) => {
-                return mesh_proto::wire::notice::follow(&notices, host, known)
-                    .map_err(|e| e.to_string())
-            }
-            Err(e) => errors.push(format!("{ep}: {e}")),
+            Ok(notices) => return Ok(mesh_proto::wire::notice::follow(&notices, host, known)?),
+            Err(e) => errors.push((*ep, e)),
         }
     }
-    Err(if errors.is_empty() {
-        "no endpoint known for the coordinator".to_string()
-    } else {
-        errors.join("; ")
-    })
+    Err(NoticeFetchError::Unanswered(errors))
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use mesh_proto::routes::Firewall;
 
-use crate::error::{Error, Result};
+use crate::error::{CommandError, Error, Result};
 
 /// The `nft` binary: `MESHD_NFT` if set, else the first of PATH, /usr/sbin, /sbin.
 pub fn nft_binary() -> Option<PathBuf> {
@@ -23,16 +23,18 @@ pub fn nft_binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Run `nft` (off the async workers, see crate::runtime::blocking): `Ok(Err(stderr))` when it refused.
-fn nft(args: &[&str], stdin: Option<&str>) -> Result<std::result::Result<String, String>> {
-    crate::runtime::blocking::run(|| nft_now(args, stdin))
+/// Run `nft` (off the async workers, see crate::runtime::blocking). `what` names the job for
+/// the error; a refusal is [`CommandError::Failed`] with nft's stderr.
+fn nft(args: &[&str], stdin: Option<&str>, what: &str) -> Result<String> {
+    crate::runtime::blocking::run(|| nft_now(args, stdin, what))
 }
 
-fn nft_now(args: &[&str], stdin: Option<&str>) -> Result<std::result::Result<String, String>> {
+fn nft_now(args: &[&str], stdin: Option<&str>, what: &str) -> Result<String> {
     let bin = nft_binary().ok_or_else(|| {
         Error::Mesh("nft (nftables) is not installed; it is needed for routes.advertise".into())
     })?;
-    let mut child = Command::new(&bin)
+    let command = format!("nft {} ({what})", args.join(" "));
+    let mut child = match Command::new(&bin)
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -42,34 +44,50 @@ fn nft_now(args: &[&str], stdin: Option<&str>) -> Result<std::result::Result<Str
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| Error::io(format!("cannot run {}", bin.display()), e))?;
+    {
+        Ok(c) => c,
+        Err(source) => return Err(CommandError::Start { command, source }.into()),
+    };
     if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
-        input
-            .write_all(text.as_bytes())
-            .map_err(|e| Error::io("cannot write to nft", e))?;
+        if let Err(source) = input.write_all(text.as_bytes()) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(CommandError::Wait { command, source }.into());
+        }
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| Error::io("nft failed", e))?;
+    let out = match child.wait_with_output() {
+        Ok(out) => out,
+        Err(source) => return Err(CommandError::Wait { command, source }.into()),
+    };
     if out.status.success() {
-        Ok(Ok(String::from_utf8_lossy(&out.stdout).into_owned()))
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+        Err(CommandError::Failed {
+            command,
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        }
+        .into())
     }
 }
 
 /// `nft list table inet <table>`; `None` when the table does not exist.
 pub fn list_table(table: &str) -> Result<Option<String>> {
-    Ok(nft(&["list", "table", "inet", table], None)?.ok())
+    let what = format!("list table inet {table}");
+    match nft(&["list", "table", "inet", table], None, &what) {
+        Ok(listing) => Ok(Some(listing)),
+        // nft refuses to list a table that does not exist.
+        Err(Error::Command(CommandError::Failed { .. })) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Replace our table atomically with `fw` (one `nft -f -` transaction), or remove it when
 /// `fw` is empty.
 pub fn apply_firewall(fw: &Firewall) -> Result<()> {
     let text = with_fingerprint(fw);
-    nft(&["-f", "-"], Some(&text))?
-        .map(|_| ())
-        .map_err(|e| Error::Mesh(format!("nft refused our table inet {}: {e}", fw.table)))
+    let what = format!("replace our table inet {}", fw.table);
+    nft(&["-f", "-"], Some(&text), &what).map(|_| ())
 }
 
 fn with_fingerprint(fw: &Firewall) -> String {
@@ -145,7 +163,7 @@ pub fn remove(table: &str) -> Result<bool> {
     if nft_binary().is_none() || list_table(table)?.is_none() {
         return Ok(false);
     }
-    nft(&["-f", "-"], Some(&Firewall::render_removal(table)))?
-        .map_err(|e| Error::Mesh(format!("nft cannot remove table inet {table}: {e}")))?;
+    let what = format!("remove our table inet {table}");
+    nft(&["-f", "-"], Some(&Firewall::render_removal(table)), &what)?;
     Ok(true)
 }

@@ -336,22 +336,33 @@ pub fn relay_admin(api: SocketAddr, signer: client::Signer, request: Request) ->
     })
 }
 
-/// Why this host cannot serve admin requests, or how it relays them.
+/// Why a host cannot serve admin requests.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotAdmin {
+    /// A member, but not invited with `--admin`.
+    #[error(
+        "{host} is not an admin host of the mesh: run this on the coordinator host, or invite an \
+         admin host with `meshctl invite NAME --admin`"
+    )]
+    Member { host: String },
+    /// Neither a coordinator nor a member.
+    #[error(
+        "this meshd is not part of a managed mesh (no [coordinator] in its configuration and \
+         not joined); run this on the coordinator host"
+    )]
+    NotManaged,
+}
+
+/// Where this host relays admin requests (the coordinator's API), or why it cannot.
 pub fn admin_route<W: WgBackend, L: LinkBackend>(
     agent: &Agent<W, L>,
-) -> Result<SocketAddr, String> {
+) -> Result<SocketAddr, NotAdmin> {
     match agent.membership() {
         Some(m) if m.admin => Ok(m.api_addr()),
-        Some(m) => Err(format!(
-            "{} is not an admin host of the mesh: run this on the coordinator host, or invite an \
-             admin host with `meshctl invite NAME --admin`",
-            m.host_name
-        )),
-        None => Err(
-            "this meshd is not part of a managed mesh (no [coordinator] in its configuration \
-             and not joined); run this on the coordinator host"
-                .to_string(),
-        ),
+        Some(m) => Err(NotAdmin::Member {
+            host: m.host_name.clone(),
+        }),
+        None => Err(NotAdmin::NotManaged),
     }
 }
 

@@ -317,7 +317,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                                 Box::pin(async move { Response::error(e) })
                             }
                         },
-                        (None, Err(e)) => Box::pin(async move { Response::error(e) }),
+                        (None, Err(e)) => Box::pin(async move { Response::error(e.to_string()) }),
                     };
                     tokio::spawn(async move {
                         let _ = reply.send(call.await);

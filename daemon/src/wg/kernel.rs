@@ -260,7 +260,32 @@ mod genl {
 
     use mesh_proto::PrivateKey;
 
-    fn roundtrip<M>(socket: &Socket, msg: M) -> Result<Vec<M>, String>
+    /// Why our generic-netlink request failed.
+    #[derive(Debug, thiserror::Error)]
+    pub enum GenlError {
+        /// A socket call, or the kernel's answer to the request, failed.
+        #[error("netlink {step}: {source}")]
+        Io {
+            step: &'static str,
+            #[source]
+            source: std::io::Error,
+        },
+        /// The reply could not be decoded.
+        #[error("bad netlink reply: {0}")]
+        Decode(netlink_packet_core::DecodeError),
+        /// The kernel has no WireGuard module loaded.
+        #[error("the kernel has no WireGuard netlink family: {0}")]
+        NoFamily(#[source] Box<GenlError>),
+        /// The kernel answered the family lookup without an id.
+        #[error("the kernel did not report the WireGuard family id")]
+        NoFamilyId,
+    }
+
+    fn io(step: &'static str) -> impl FnOnce(std::io::Error) -> GenlError {
+        move |source| GenlError::Io { step, source }
+    }
+
+    fn roundtrip<M>(socket: &Socket, msg: M) -> Result<Vec<M>, GenlError>
     where
         M: NetlinkSerializable + NetlinkDeserializable + std::fmt::Debug,
         NetlinkPayload<M>: From<M>,
@@ -270,25 +295,24 @@ mod genl {
         req.finalize();
         let mut buf = vec![0u8; req.buffer_len()];
         req.serialize(&mut buf);
-        socket
-            .send(&buf, 0)
-            .map_err(|e| format!("netlink send: {e}"))?;
+        socket.send(&buf, 0).map_err(io("send"))?;
         let mut out = Vec::new();
         let mut rbuf = vec![0u8; 16384];
         loop {
-            let n = socket
-                .recv(&mut &mut rbuf[..], 0)
-                .map_err(|e| format!("netlink receive: {e}"))?;
+            let n = socket.recv(&mut &mut rbuf[..], 0).map_err(io("receive"))?;
             let mut off = 0;
             while off < n {
-                let msg = NetlinkMessage::<M>::deserialize(&rbuf[off..n])
-                    .map_err(|e| format!("bad netlink reply: {e}"))?;
+                let msg =
+                    NetlinkMessage::<M>::deserialize(&rbuf[off..n]).map_err(GenlError::Decode)?;
                 let len = msg.header.length as usize;
                 match msg.payload {
                     NetlinkPayload::Error(e) => {
                         return match e.code {
                             None => Ok(out),
-                            Some(_) => Err(e.to_io().to_string()),
+                            Some(_) => Err(GenlError::Io {
+                                step: "request",
+                                source: e.to_io(),
+                            }),
                         }
                     }
                     NetlinkPayload::Done(_) => return Ok(out),
@@ -303,13 +327,12 @@ mod genl {
         }
     }
 
-    fn family_id(socket: &Socket) -> Result<u16, String> {
+    fn family_id(socket: &Socket) -> Result<u16, GenlError> {
         let req = GenlMessage::from_payload(GenlCtrl {
             cmd: GenlCtrlCmd::GetFamily,
             nlas: vec![GenlCtrlAttrs::FamilyName("wireguard".to_owned())],
         });
-        let replies = roundtrip(socket, req)
-            .map_err(|e| format!("the kernel has no WireGuard netlink family: {e}"))?;
+        let replies = roundtrip(socket, req).map_err(|e| GenlError::NoFamily(Box::new(e)))?;
         replies
             .iter()
             .flat_map(|m| m.payload.nlas.iter())
@@ -317,7 +340,7 @@ mod genl {
                 GenlCtrlAttrs::FamilyId(id) => Some(*id),
                 _ => None,
             })
-            .ok_or_else(|| "the kernel did not report the WireGuard family id".to_owned())
+            .ok_or(GenlError::NoFamilyId)
     }
 
     /// `WG_CMD_SET_DEVICE` with only the given device attributes.
@@ -326,15 +349,12 @@ mod genl {
         private_key: Option<&PrivateKey>,
         listen_port: Option<u16>,
         fwmark: Option<Option<u32>>,
-    ) -> Result<(), String> {
-        let mut socket =
-            Socket::new(NETLINK_GENERIC).map_err(|e| format!("netlink socket: {e}"))?;
-        socket
-            .bind_auto()
-            .map_err(|e| format!("netlink bind: {e}"))?;
+    ) -> Result<(), GenlError> {
+        let mut socket = Socket::new(NETLINK_GENERIC).map_err(io("socket"))?;
+        socket.bind_auto().map_err(io("bind"))?;
         socket
             .connect(&SocketAddr::new(0, 0))
-            .map_err(|e| format!("netlink connect: {e}"))?;
+            .map_err(io("connect"))?;
         let family = family_id(&socket)?;
         let mut attributes = vec![WireguardAttribute::IfName(interface.to_owned())];
         if let Some(k) = private_key {
