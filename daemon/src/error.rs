@@ -93,6 +93,19 @@ pub enum CommandError {
 }
 
 impl CommandError {
+    /// A finished command's stdout, or [`CommandError::Failed`] with its stderr.
+    pub fn stdout_of(command: String, out: std::process::Output) -> Result<String, CommandError> {
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(CommandError::Failed {
+                command,
+                status: out.status,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
+    }
+
     /// A command that exited with `code` (for test doubles of a runner).
     #[cfg(any(test, feature = "test-fakes"))]
     pub fn exited(command: impl Into<String>, code: i32, stderr: impl Into<String>) -> Self {

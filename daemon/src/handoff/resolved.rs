@@ -54,15 +54,7 @@ impl Resolvectl for SystemResolvectl {
             Ok(out) => out,
             Err(source) => return Err(CommandError::Start { command, source }),
         };
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(CommandError::Failed {
-                command,
-                status: out.status,
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            })
-        }
+        CommandError::stdout_of(command, out)
     }
 }
 

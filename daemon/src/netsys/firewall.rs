@@ -59,16 +59,7 @@ fn nft_now(args: &[&str], stdin: Option<&str>, what: &str) -> Result<String> {
         Ok(out) => out,
         Err(source) => return Err(CommandError::Wait { command, source }.into()),
     };
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(CommandError::Failed {
-            command,
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        }
-        .into())
-    }
+    Ok(CommandError::stdout_of(command, out)?)
 }
 
 /// `nft list table inet <table>`; `None` when the table does not exist.
