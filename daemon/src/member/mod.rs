@@ -277,23 +277,34 @@ pub fn spawn_follower(
 }
 
 /// Report `report` to the coordinator in the background; the outcome comes back as an event.
+/// Run `work` as a task and hand what it returns to the loop as the event `event` makes, so
+/// the loop never waits on it. Nothing is sent once the loop is gone.
+fn spawn_for_loop<T: Send + 'static>(
+    tx: &mpsc::Sender<MeshEvent>,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+    event: impl FnOnce(T) -> MeshEvent + Send + 'static,
+) {
+    let tx = tx.clone();
+    tokio::spawn(async move {
+        let _ = tx.send(event(work.await)).await;
+    });
+}
+
 pub fn spawn_report(
     api: SocketAddr,
     signer: client::SignerCell,
     report: EndpointReport,
     tx: mpsc::Sender<MeshEvent>,
 ) {
-    tokio::spawn(async move {
-        let outcome = match signer.get() {
-            Ok(signer) => client::report_endpoints(api, &signer, &report).await,
+    let work = async move {
+        match signer.get() {
+            Ok(signer) => client::report_endpoints(api, &signer, &report)
+                .await
+                .map(|()| report),
             Err(e) => Err(e),
-        };
-        let event = match outcome {
-            Ok(()) => MeshEvent::EndpointsReported(Ok(report)),
-            Err(e) => MeshEvent::EndpointsReported(Err(e)),
-        };
-        let _ = tx.send(event).await;
-    });
+        }
+    };
+    spawn_for_loop(&tx, work, MeshEvent::EndpointsReported);
 }
 
 /// Our underlay addresses, ready to report: sorted, without loopback/link-local/mesh.
@@ -577,13 +588,12 @@ impl MemberRuntime {
         self.notice_in_flight = true;
         self.last_notice_try = Some(tokio::time::Instant::now());
         let key = agent.key().clone();
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            let r = crate::member::rotate::coordinator_key_from_notices(&endpoints, &key, known)
+        let work = async move {
+            crate::member::rotate::coordinator_key_from_notices(&endpoints, &key, known)
                 .await
-                .map(|new| (known, new));
-            let _ = tx.send(MeshEvent::CoordinatorKey(r)).await;
-        });
+                .map(|new| (known, new))
+        };
+        spawn_for_loop(&self.tx, work, MeshEvent::CoordinatorKey);
     }
 
     /// A verified key notice says the coordinator's key `known` is now `new`: put it into the
@@ -718,10 +728,8 @@ impl MemberRuntime {
     ) {
         match progress {
             crate::member::rotate::Progress::Waiting(wait) => {
-                let tx = self.tx.clone();
-                tokio::spawn(async move {
-                    let done = wait.await;
-                    let _ = tx.send(MeshEvent::RotationStep(Box::new(done))).await;
+                spawn_for_loop(&self.tx, wait, |done| {
+                    MeshEvent::RotationStep(Box::new(done))
                 });
             }
             crate::member::rotate::Progress::Done(r) => {
@@ -834,10 +842,9 @@ impl MemberRuntime {
         }
         match crate::member::join::start(agent, &self.state, token).await {
             Ok((pending, call)) => {
-                let tx = self.tx.clone();
-                tokio::spawn(async move {
-                    let answer = call.run(&client::HttpApi).await;
-                    let _ = tx.send(MeshEvent::JoinAnswer(Box::new(answer))).await;
+                let work = async move { call.run(&client::HttpApi).await };
+                spawn_for_loop(&self.tx, work, |answer| {
+                    MeshEvent::JoinAnswer(Box::new(answer))
                 });
                 self.join = Some((pending, origin));
             }

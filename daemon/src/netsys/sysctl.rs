@@ -11,7 +11,8 @@ pub fn ipv4_conf(dev: &str, key: &str) -> PathBuf {
 
 /// The value, whitespace trimmed.
 pub fn read(path: &Path) -> Result<String> {
-    crate::runtime::blocking::run(|| std::fs::read_to_string(path))
+    // A read of /proc/sys does not wait on a disk: no need to leave the async worker.
+    std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
         .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))
 }

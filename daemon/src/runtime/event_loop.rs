@@ -193,6 +193,16 @@ async fn join_from_file<W: WgBackend, L: LinkBackend>(
         .await;
 }
 
+/// Answer a control request from a task once `answer` is ready; the loop goes on meanwhile.
+fn reply_later(
+    reply: tokio::sync::oneshot::Sender<Response>,
+    answer: impl Future<Output = Response> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let _ = reply.send(answer.await);
+    });
+}
+
 /// SIGHUP: reload the configuration (the agent's part and the hand-offs', from one parse),
 /// then a pass; a changed routes.advertise reaches the coordinator now.
 async fn sighup<W: WgBackend, L: LinkBackend>(
@@ -301,9 +311,8 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                     // The probes take seconds: answered from a task, the loop goes on.
                     let mut input = crate::doctor::gather(&mut agent).await;
                     input.integrations = handoff.statuses();
-                    let reply = cmd.reply;
-                    tokio::spawn(async move {
-                        let _ = reply.send(Response::Doctor(crate::doctor::run(input).await));
+                    reply_later(cmd.reply, async move {
+                        Response::Doctor(crate::doctor::run(input).await)
                     });
                 } else if is_admin(&cmd.request) {
                     // Admin calls may take a while (the coordinator API): answered from a task.
@@ -319,19 +328,12 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                         },
                         (None, Err(e)) => Box::pin(async move { Response::error(e.to_string()) }),
                     };
-                    tokio::spawn(async move {
-                        let _ = reply.send(call.await);
-                    });
+                    reply_later(reply, call);
                 } else {
                     let reload = cmd.request == Request::Reload;
                     match handle_request(&mut agent, &mut member, cmd.request).await {
                         // A join or a rotation: answered when it ends, the loop goes on.
-                        Answer::Later(call) => {
-                            let reply = cmd.reply;
-                            tokio::spawn(async move {
-                                let _ = reply.send(call.await);
-                            });
-                        }
+                        Answer::Later(call) => reply_later(cmd.reply, call),
                         Answer::Now(response) => {
                             let mut response = *response;
                             if reload && matches!(response, Response::Ok { .. }) {
