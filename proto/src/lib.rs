@@ -9,7 +9,8 @@
 //!   policy for secret files);
 //! - `plan` (the reconciler), `device`, `key`; `netmap` and `alloc` (the coordinator's
 //!   decisions); `rotation`; `routes`; `handoff` (what K3s, DRBD, Prometheus and DNS get);
-//!   `doctor`'s verdicts; `debounce`.
+//!   `doctor`'s verdicts; `debounce`; `member`: the member's policy as a sans-I/O state
+//!   machine (when to take a netmap, rotate, probe, ask for key notices, report endpoints).
 
 pub mod alloc;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod device;
 pub mod doctor;
 pub mod handoff;
 pub mod key;
+pub mod member;
 pub mod netmap;
 pub mod plan;
 pub mod render;

@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use ipnet::IpNet;
+use mesh_proto::member::{Action, Backoff, KeyFacts, Member, NetmapVerdict, Role};
 use mesh_proto::netmap::Netmap;
 use mesh_proto::wire::api::EndpointReport;
 use mesh_proto::{DeviceSpec, PeerSpec, PrivateKey, PublicKey};
@@ -25,10 +26,7 @@ use crate::runtime::settings::Settings;
 
 /// Keepalive toward the coordinator while joining (and before the first netmap).
 pub const BOOTSTRAP_KEEPALIVE: u16 = 25;
-/// How often the interface addresses are checked for changes.
-pub const ENDPOINT_CHECK: Duration = Duration::from_secs(30);
-const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub use mesh_proto::member::ENDPOINT_CHECK;
 
 /// Something from the mesh side for the agent loop.
 #[derive(Debug)]
@@ -47,6 +45,8 @@ pub enum MeshEvent {
     RotationStep(Box<crate::member::rotate::StepDone>),
     /// The coordinator answered our join (or did not, in time).
     JoinAnswer(Box<crate::member::join::Answer>),
+    /// The coordinator answered (or not) through the next key we are trying.
+    NextKeyProbed(Box<Result<Option<Netmap>, client::CallError>>),
 }
 
 /// Where a join came from, and so who hears how it ended.
@@ -226,7 +226,7 @@ pub fn registrar<W: WgBackend, L: LinkBackend>(
 }
 
 /// Follow the netmap: long-poll the coordinator, send each newer netmap to the loop; on
-/// errors back off (0.5 s doubling to 5 s) and keep going.
+/// errors back off ([`Backoff`]: 0.5 s doubling to 5 s, jittered) and keep going.
 pub fn spawn_follower(
     api: SocketAddr,
     signer: client::SignerCell,
@@ -235,7 +235,7 @@ pub fn spawn_follower(
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut since = since;
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::default();
         let mut reachable = None;
         loop {
             // Until the coordinator has answered (at start, and after failures) ask for the
@@ -250,14 +250,14 @@ pub fn spawn_follower(
             let event = match result {
                 Ok(Some(nm)) => {
                     since = nm.version;
-                    backoff = BACKOFF_MIN;
+                    backoff.reset();
                     if tx.send(MeshEvent::Netmap(Box::new(nm))).await.is_err() {
                         return;
                     }
                     MeshEvent::Reachable
                 }
                 Ok(None) => {
-                    backoff = BACKOFF_MIN;
+                    backoff.reset();
                     MeshEvent::Reachable
                 }
                 Err(e) => MeshEvent::Unreachable(e.to_string()),
@@ -269,8 +269,10 @@ pub fn spawn_follower(
                 }
             }
             if !ok {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                tokio::time::sleep(
+                    backoff.next_wait(rand_core::RngCore::next_u32(&mut rand_core::OsRng)),
+                )
+                .await;
             }
         }
     })
@@ -332,38 +334,24 @@ fn usable_underlay(a: &IpAddr) -> bool {
     }
 }
 
-/// How often a host that cannot reach its coordinator asks for key notices (the coordinator
-/// may have rotated its key while the host was away; `mesh_proto::wire::notice`).
-pub const NOTICE_RETRY: Duration = Duration::from_secs(15);
-
-/// The membership-related part of the loop's state.
+/// The member side of the loop: the policy ([`mesh_proto::member::Member`]) and what carries
+/// out its actions (the follower task, the rotation and join in progress, the state directory).
 pub struct MemberRuntime {
     pub state: StateDir,
     pub tx: mpsc::Sender<MeshEvent>,
     /// On the coordinator host: its registry (it rotates its own key through it).
     pub coordinator: Option<crate::coordinator::Coordinator>,
+    /// The decisions: when to take a netmap, rotate, probe, ask for notices, report.
+    policy: Member,
     follower: Option<JoinHandle<()>>,
-    last_reported: Option<EndpointReport>,
-    report_in_flight: bool,
-    /// A netmap asked us to rotate (`meshctl rotate NAME`), at this version.
-    rotation_asked: Option<u64>,
-    /// The netmap version our last rotation's commit produced: older netmaps still in the
-    /// queue that ask for a rotation are that same request, already served.
-    rotated_at_version: u64,
-    /// A next key was on disk at start: once, if the coordinator does not answer, try it
-    /// (the commit may have happened just before a crash).
-    probe_next_at_start: bool,
-    /// A key notice request is running, or when the last one started.
-    notice_in_flight: bool,
-    last_notice_try: Option<tokio::time::Instant>,
-    /// The warning that static peers hold the schedule was logged.
-    held_logged: bool,
     /// Our key rotation in progress, and who waits for its outcome.
     rotation: Option<(crate::member::rotate::Run, Vec<RotationWaiter>)>,
     /// Our join in progress (waiting for the coordinator's answer).
     join: Option<(crate::member::join::Pending, JoinOrigin)>,
-    /// The last join from `join_token_file` found no coordinator: try again later.
-    pub file_join_retry: bool,
+    /// The next-key probe in progress (the device runs the next key meanwhile).
+    probe: Option<crate::member::rotate::Probe>,
+    /// The policy asked to try the join from `join_token_file` again (the loop does it).
+    pub file_join_due: bool,
 }
 
 /// Someone waiting for the outcome of our key rotation (`meshctl rotate`).
@@ -374,9 +362,28 @@ impl std::fmt::Debug for MemberRuntime {
         f.debug_struct("MemberRuntime")
             .field("state", &self.state)
             .field("coordinator", &self.coordinator.is_some())
-            .field("rotation_asked", &self.rotation_asked)
+            .field("policy", &self.policy)
             .field("rotation", &self.rotation.as_ref().map(|(run, _)| run))
             .finish_non_exhaustive()
+    }
+}
+
+/// The policy's clock: the wall clock at the first use, advanced by tokio's monotonic clock
+/// (so a paused test clock drives the policy too, and a wall-clock step does not).
+pub fn policy_now() -> Duration {
+    static ANCHOR: std::sync::OnceLock<(Duration, tokio::time::Instant)> =
+        std::sync::OnceLock::new();
+    let (wall, mono) = ANCHOR.get_or_init(|| (now(), tokio::time::Instant::now()));
+    *wall + mono.elapsed()
+}
+
+/// What the policy needs to know about our key files.
+fn key_facts<W: WgBackend, L: LinkBackend>(agent: &Agent<W, L>) -> KeyFacts {
+    let path = &agent.settings().private_key_file;
+    KeyFacts {
+        public_key: agent.key().public_key(),
+        created_unix: crate::disk::keyfile::created_unix(path),
+        next_on_disk: crate::disk::keyfile::next_path(path).exists(),
     }
 }
 
@@ -386,50 +393,99 @@ impl MemberRuntime {
             state,
             tx,
             coordinator: None,
+            policy: Member::new(Role::Unmanaged),
             follower: None,
-            last_reported: None,
-            report_in_flight: false,
-            rotation_asked: None,
-            rotated_at_version: 0,
-            probe_next_at_start: false,
-            notice_in_flight: false,
-            last_notice_try: None,
-            held_logged: false,
             rotation: None,
             join: None,
-            file_join_retry: false,
+            probe: None,
+            file_join_due: false,
+        }
+    }
+
+    /// Give the policy the facts it decides on: our role, the configuration, the key files.
+    /// Cheap (two `stat`s); done before each input so the policy never decides on stale facts.
+    fn sync<W: WgBackend, L: LinkBackend>(&mut self, agent: &Agent<W, L>) {
+        let role = match (&self.coordinator, agent.membership()) {
+            (Some(_), _) => Role::Coordinator,
+            (None, Some(_)) => Role::Member,
+            (None, None) => Role::Unmanaged,
+        };
+        if role != self.policy.role() {
+            self.policy.handle_joined(role);
+        }
+        self.policy.handle_config(
+            agent.settings().rotate_every,
+            agent.settings().routes.advertise.clone(),
+        );
+        self.policy.handle_key(key_facts(agent));
+        if let Some(coord) = &self.coordinator {
+            self.policy
+                .handle_followers_returned(coord.followers_returned());
         }
     }
 
     /// At start: load the membership and the cached netmap (so the mesh comes back even while
     /// the coordinator is down), then follow the coordinator.
-    pub fn restore<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
+    pub async fn restore<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
         match self.state.load_membership() {
             Ok(Some(m)) => {
                 tracing::info!(host = %m.host_name, address = %m.address, "member of a mesh");
                 agent.set_membership(Some(m));
+                match self.state.load_netmap() {
+                    Ok(Some(nm)) => {
+                        tracing::info!(version = nm.version, "restored the cached netmap");
+                        agent.set_netmap(nm);
+                    }
+                    Ok(None) => tracing::warn!("no cached netmap; waiting for the coordinator"),
+                    Err(e) => tracing::warn!(error = %e, "cannot read the cached netmap"),
+                }
             }
-            Ok(None) => return,
+            Ok(None) => {}
             Err(e) => {
-                tracing::error!(error = %e, "cannot load the membership; not following a mesh");
-                return;
+                tracing::error!(error = %e, "cannot load the membership; not following a mesh")
             }
         }
-        match self.state.load_netmap() {
-            Ok(Some(nm)) => {
-                tracing::info!(version = nm.version, "restored the cached netmap");
-                agent.set_netmap(nm);
+        self.sync(agent);
+        self.policy.handle_start(key_facts(agent));
+        self.drive(agent).await;
+    }
+
+    /// Carry out what the policy decided, until it has nothing more.
+    async fn drive<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
+        while let Some(action) = self.policy.poll_action() {
+            match action {
+                Action::Follow => self.follow(agent),
+                Action::Rotate(why) => {
+                    tracing::info!(
+                        due = why.due,
+                        pending = why.pending,
+                        asked = why.asked,
+                        "key rotation"
+                    );
+                    self.rotate_now(agent, None).await;
+                }
+                Action::RotationHeld { static_peers } => tracing::warn!(
+                    static_peers = ?static_peers,
+                    "scheduled key rotation held: these static peers list our key by hand and \
+                     would lose us; rotate with `meshctl rotate`, then update them with \
+                     `meshctl static-config NAME` on the coordinator"
+                ),
+                Action::ProbeNextKey => self.start_probe(agent).await,
+                Action::FetchKeyNotices => self.fetch_notices(agent),
+                Action::ReportEndpoints(report) => {
+                    let Some(api) = agent.membership().map(Membership::api_addr) else {
+                        self.policy.handle_report_done(None);
+                        continue;
+                    };
+                    spawn_report(api, agent.signer_cell(), report, self.tx.clone());
+                }
+                Action::RetryFileJoin => self.file_join_due = true,
             }
-            Ok(None) => tracing::warn!("no cached netmap; waiting for the coordinator"),
-            Err(e) => tracing::warn!(error = %e, "cannot read the cached netmap"),
         }
-        self.probe_next_at_start =
-            crate::disk::keyfile::next_path(&agent.settings().private_key_file).exists();
-        self.follow(agent);
     }
 
     /// (Re)start following the coordinator of the current membership.
-    pub fn follow<W: WgBackend, L: LinkBackend>(&mut self, agent: &Agent<W, L>) {
+    fn follow<W: WgBackend, L: LinkBackend>(&mut self, agent: &Agent<W, L>) {
         if let Some(h) = self.follower.take() {
             h.abort();
         }
@@ -443,38 +499,28 @@ impl MemberRuntime {
             since,
             self.tx.clone(),
         ));
-        self.last_reported = None;
     }
 
-    /// Apply an event from the follower or a report.
+    /// Apply an event from the follower, a task or a report.
     pub async fn on_event<W: WgBackend, L: LinkBackend>(
         &mut self,
         agent: &mut Agent<W, L>,
         event: MeshEvent,
     ) {
+        self.sync(agent);
+        let at = policy_now();
         match event {
             MeshEvent::Netmap(nm) => {
                 let nm = *nm;
                 let version = nm.version;
-                if version < self.rotated_at_version && nm.public_key != agent.key().public_key() {
-                    // Fetched before our own rotation's commit and queued while the rotation
-                    // held the loop: it names our old key, and the commit's reply already
-                    // gave us a newer one. Taking it would step the device back for a moment.
-                    tracing::debug!(
-                        version,
-                        held = self.rotated_at_version,
-                        "skipped a netmap from before our rotation"
-                    );
+                if self.policy.handle_netmap(at, &nm) == NetmapVerdict::Stale {
+                    tracing::debug!(version, "skipped a netmap from before our rotation");
                     return;
                 }
-                if nm.rotate_requested
-                    && nm.version > self.rotated_at_version
-                    && nm.public_key == agent.key().public_key()
-                    && self.rotation_asked.is_none()
-                {
+                if nm.rotate_requested && self.policy.rotation_asked() == Some(version) {
                     tracing::info!(version, "an admin asked this host to rotate its key");
-                    self.rotation_asked = Some(version);
                 }
+                // Taken before the rotation the policy may have asked for starts.
                 if agent.set_netmap(nm.clone()) {
                     if agent.membership().is_some() {
                         if let Err(e) = self.state.save_netmap(&nm) {
@@ -486,24 +532,16 @@ impl MemberRuntime {
                 if let Some(coord) = &self.coordinator {
                     coord.applied_own(version);
                 }
-                if self.rotation_asked.is_some() {
-                    self.rotate_if_due(agent).await;
-                }
             }
             MeshEvent::Reachable => {
-                let was = agent.mesh_state().reachable;
-                if was != Some(true) {
+                if agent.mesh_state().reachable != Some(true) {
                     tracing::info!("coordinator reachable");
                 }
                 let st = agent.mesh_state_mut();
                 st.reachable = Some(true);
                 st.last_error = None;
                 st.last_contact_unix = Some(now().as_secs());
-                self.probe_next_at_start = false;
-                // A rotation deferred while the coordinator was away resumes now.
-                if was != Some(true) {
-                    self.rotate_if_due(agent).await;
-                }
+                self.policy.handle_reachable(at);
             }
             MeshEvent::Unreachable(e) => {
                 if agent.mesh_state().reachable != Some(false) {
@@ -512,18 +550,18 @@ impl MemberRuntime {
                 let st = agent.mesh_state_mut();
                 st.reachable = Some(false);
                 st.last_error = Some(e);
-                self.while_unreachable(agent).await;
+                self.policy.handle_unreachable(at);
             }
-            MeshEvent::EndpointsReported(r) => {
-                self.report_in_flight = false;
-                match r {
-                    Ok(rep) => {
-                        tracing::info!(addresses = ?rep.addresses, port = rep.listen_port, "endpoints reported");
-                        self.last_reported = Some(rep);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot report endpoints; retrying later"),
+            MeshEvent::EndpointsReported(r) => match r {
+                Ok(rep) => {
+                    tracing::info!(addresses = ?rep.addresses, port = rep.listen_port, "endpoints reported");
+                    self.policy.handle_report_done(Some(rep));
                 }
-            }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot report endpoints; retrying later");
+                    self.policy.handle_report_done(None);
+                }
+            },
             MeshEvent::JoinAnswer(answer) => {
                 let Some((pending, origin)) = self.join.take() else {
                     return;
@@ -540,41 +578,68 @@ impl MemberRuntime {
                 self.rotation_progress(agent, progress);
             }
             MeshEvent::CoordinatorKey(r) => {
-                self.notice_in_flight = false;
-                match r {
+                let updated = match r {
                     Ok((known, new)) => self.take_coordinator_key(agent, known, new).await,
-                    Err(e) => tracing::debug!(error = %e, "no usable coordinator key notice"),
-                }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "no usable coordinator key notice");
+                        false
+                    }
+                };
+                self.sync(agent);
+                self.policy.handle_notices_done(updated);
             }
+            MeshEvent::NextKeyProbed(answer) => {
+                let live = match self.probe.take() {
+                    Some(probe) => probe.finish(agent, &self.state, *answer).await,
+                    None => false,
+                };
+                self.sync(agent);
+                self.policy.handle_probe_done(live);
+            }
+        }
+        self.drive(agent).await;
+    }
+
+    /// Time passed: the endpoint check, the rotation schedule, notice retries, a file join.
+    pub async fn on_timer<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
+        self.check_endpoints(agent).await;
+        self.sync(agent);
+        self.policy.handle_timeout(policy_now());
+        self.drive(agent).await;
+    }
+
+    /// When [`MemberRuntime::on_timer`] is due, from now.
+    pub fn timer_in(&self) -> Duration {
+        let now = policy_now();
+        self.policy.poll_timeout(now).saturating_sub(now)
+    }
+
+    /// The coordinator does not answer and a next key was on disk at start: try it
+    /// (`crate::member::rotate::Probe`); its answer comes back as [`MeshEvent::NextKeyProbed`].
+    async fn start_probe<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
+        let Some(api) = agent.membership().map(Membership::api_addr) else {
+            self.policy.handle_probe_done(false);
+            return;
+        };
+        match crate::member::rotate::Probe::start(agent, api).await {
+            Some((probe, call)) => {
+                self.probe = Some(probe);
+                spawn_for_loop(&self.tx, call, |answer| {
+                    MeshEvent::NextKeyProbed(Box::new(answer))
+                });
+            }
+            None => self.policy.handle_probe_done(false),
         }
     }
 
-    /// The coordinator does not answer. Once after a start with a rotation pending, try the
-    /// next key (`crate::member::rotate::probe_next_key`); then, every [`NOTICE_RETRY`], ask the
-    /// coordinator's endpoint for key notices in the background (it may have rotated its key
-    /// while we were away).
-    async fn while_unreachable<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
-        let Some(m) = agent.membership().cloned() else {
+    /// Ask the coordinator's underlay endpoints for key notices in the background (it may have
+    /// rotated its key while we were away); the answer comes back as
+    /// [`MeshEvent::CoordinatorKey`].
+    fn fetch_notices<W: WgBackend, L: LinkBackend>(&mut self, agent: &Agent<W, L>) {
+        let Some(m) = agent.membership() else {
+            self.policy.handle_notices_done(false);
             return;
         };
-        if self.coordinator.is_some() {
-            return;
-        }
-        // Not while our own rotation runs: its next key is that rotation's, not a leftover.
-        if !self.rotating()
-            && std::mem::take(&mut self.probe_next_at_start)
-            && crate::member::rotate::probe_next_key(agent, &self.state, m.api_addr()).await
-        {
-            self.follow(agent);
-            return;
-        }
-        if self.notice_in_flight
-            || self
-                .last_notice_try
-                .is_some_and(|t| t.elapsed() < NOTICE_RETRY)
-        {
-            return;
-        }
         let coord_peer = agent
             .netmap()
             .and_then(|nm| nm.peers.iter().find(|p| p.address == m.coordinator_address));
@@ -585,8 +650,6 @@ impl MemberRuntime {
             ),
             None => (m.coordinator_public_key, m.coordinator_endpoints.clone()),
         };
-        self.notice_in_flight = true;
-        self.last_notice_try = Some(tokio::time::Instant::now());
         let key = agent.key().clone();
         let work = async move {
             crate::member::rotate::coordinator_key_from_notices(&endpoints, &key, known)
@@ -597,16 +660,16 @@ impl MemberRuntime {
     }
 
     /// A verified key notice says the coordinator's key `known` is now `new`: put it into the
-    /// netmap and the membership (both cached), so the tunnel to the coordinator works again
-    /// and the follower gets the current netmap.
+    /// netmap and the membership (both cached), so the tunnel to the coordinator works again.
+    /// Returns whether anything changed (the policy then follows again).
     async fn take_coordinator_key<W: WgBackend, L: LinkBackend>(
         &mut self,
         agent: &mut Agent<W, L>,
         known: PublicKey,
         new: PublicKey,
-    ) {
+    ) -> bool {
         let Some(mut m) = agent.membership().cloned() else {
-            return;
+            return false;
         };
         if let Some(mut nm) = agent.netmap().cloned() {
             let mut changed = false;
@@ -620,7 +683,7 @@ impl MemberRuntime {
                 changed = true;
             }
             if !changed {
-                return;
+                return false;
             }
             if let Err(e) = self.state.save_netmap(&nm) {
                 tracing::warn!(error = %e, "cannot cache the netmap");
@@ -636,27 +699,25 @@ impl MemberRuntime {
         }
         tracing::info!(old = %known, new = %new, "coordinator key updated from a key notice");
         agent.reconcile(now()).await;
-        self.follow(agent);
+        true
     }
 
     /// Whether our `routes.advertise` differs from what the coordinator last took.
-    pub fn advertise_unreported<W: WgBackend, L: LinkBackend>(&self, agent: &Agent<W, L>) -> bool {
-        if agent.membership().is_none() {
-            // The coordinator host records its own in-process (`check_endpoints`).
-            return false;
-        }
-        match &self.last_reported {
-            Some(r) => r.advertise != agent.settings().routes.advertise,
-            None => !agent.settings().routes.advertise.is_empty(),
-        }
+    pub fn advertise_unreported<W: WgBackend, L: LinkBackend>(
+        &mut self,
+        agent: &Agent<W, L>,
+    ) -> bool {
+        self.sync(agent);
+        self.policy.advertise_unreported()
     }
 
-    /// Report our endpoints when they changed since the last successful report.
+    /// Report our endpoints when they changed since the last successful report (the policy
+    /// decides); on the coordinator host, record our `routes.advertise` in the registry.
     pub async fn check_endpoints<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
         if let Some(coord) = &self.coordinator {
             let advertise = agent.settings().routes.advertise.clone();
             let coord = coord.clone();
-            let now_unix = crate::agent::now().as_secs();
+            let now_unix = now().as_secs();
             match tokio::task::spawn_blocking(move || coord.advertise_own(&advertise, now_unix))
                 .await
             {
@@ -666,10 +727,7 @@ impl MemberRuntime {
                 Err(e) => tracing::warn!(error = %e, "cannot record our routes.advertise"),
             }
         }
-        let Some(api) = agent.membership().map(Membership::api_addr) else {
-            return;
-        };
-        if self.report_in_flight {
+        if agent.membership().is_none() {
             return;
         }
         let interface = agent.settings().interface.clone();
@@ -682,11 +740,9 @@ impl MemberRuntime {
         };
         let mut report = endpoint_report(agent.settings().listen_port, addresses, agent.address());
         report.advertise = agent.settings().routes.advertise.clone();
-        if self.last_reported.as_ref() == Some(&report) {
-            return;
-        }
-        self.report_in_flight = true;
-        spawn_report(api, agent.signer_cell(), report, self.tx.clone());
+        self.sync(agent);
+        self.policy.handle_endpoints(report);
+        self.drive(agent).await;
     }
 
     /// Rotate now (`meshctl rotate`, the schedule, an admin's request): start a
@@ -711,6 +767,7 @@ impl MemberRuntime {
                 return;
             }
         };
+        self.policy.handle_rotation_started();
         let progress = run.advance(agent, &self.state).await;
         self.rotation = Some((run, waiter.into_iter().collect()));
         self.rotation_progress(agent, progress);
@@ -745,86 +802,30 @@ impl MemberRuntime {
         r: Result<Outcome, RotateError>,
         waiters: Vec<RotationWaiter>,
     ) {
-        match &r {
+        let committed = match &r {
             Ok(outcome) if outcome.is_done() => {
                 tracing::info!(%outcome, "key rotation done");
-                // Any request queued before the commit is served.
-                self.rotation_asked = None;
-                self.rotated_at_version = self
-                    .coordinator
-                    .as_ref()
-                    .map(|c| c.version())
-                    .or_else(|| agent.netmap().map(|n| n.version))
-                    .unwrap_or(0);
+                Some(
+                    self.coordinator
+                        .as_ref()
+                        .map(|c| c.version())
+                        .or_else(|| agent.netmap().map(|n| n.version))
+                        .unwrap_or(0),
+                )
             }
-            Ok(outcome) => tracing::info!(%outcome, "key rotation deferred"),
+            Ok(outcome) => {
+                tracing::info!(%outcome, "key rotation deferred");
+                None
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "key rotation failed; retrying at the next check")
+                tracing::warn!(error = %e, "key rotation failed; retrying at the next check");
+                None
             }
-        }
+        };
+        self.policy.handle_rotation_ended(committed);
         for w in waiters {
             let _ = w.send(r.clone());
         }
-    }
-
-    /// Rotate when it is time (`daemon.rotate_every_days`, checked every [`ENDPOINT_CHECK`]:
-    /// the key file's age passed its due time, `mesh_proto::rotation::rotation_due_unix`),
-    /// when an admin asked (`meshctl rotate NAME`), or to finish a rotation a crash or an
-    /// unreachable coordinator interrupted (a next key file exists). Only while the
-    /// coordinator answers (always, on the coordinator host); otherwise the rotation waits
-    /// for the coordinator to be back.
-    pub async fn rotate_if_due<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
-        if self.rotating() {
-            return;
-        }
-        let managed = self.coordinator.is_some() || agent.membership().is_some();
-        if !managed || (self.coordinator.is_none() && agent.mesh_state().reachable != Some(true)) {
-            return;
-        }
-        // The coordinator right after a restart: wait (without blocking the loop; the
-        // reconcile timer asks again) until its followers polled again, or they would miss
-        // the rotation and be cut off.
-        if self
-            .coordinator
-            .as_ref()
-            .is_some_and(|c| !c.followers_returned())
-        {
-            return;
-        }
-        let path = agent.settings().private_key_file.clone();
-        let pending = crate::disk::keyfile::next_path(&path).exists();
-        let asked = self.rotation_asked.is_some();
-        let due = match (
-            agent.settings().rotate_every,
-            crate::disk::keyfile::created_unix(&path),
-        ) {
-            (Some(every), Some(created)) => mesh_proto::rotation::rotation_due_unix(
-                created,
-                every.as_secs(),
-                &agent.key().public_key(),
-            )
-            .is_some_and(|at| now().as_secs() >= at),
-            _ => false,
-        };
-        if !(due || pending || asked) {
-            return;
-        }
-        // A schedule never breaks a static peer's tunnel: it lists our key by hand.
-        let statics = crate::member::rotate::static_peer_names(agent.netmap());
-        if due && !pending && !asked && !statics.is_empty() {
-            if !self.held_logged {
-                self.held_logged = true;
-                tracing::warn!(
-                    static_peers = ?statics,
-                    "scheduled key rotation held: these static peers list our key by hand and \
-                     would lose us; rotate with `meshctl rotate`, then update them with \
-                     `meshctl static-config NAME` on the coordinator"
-                );
-            }
-            return;
-        }
-        tracing::info!(due, pending, asked, "key rotation");
-        self.rotate_now(agent, None).await;
     }
 
     /// Join the mesh of `token`: [`crate::member::join::start`] now, the coordinator asked from a task
@@ -847,6 +848,7 @@ impl MemberRuntime {
                     MeshEvent::JoinAnswer(Box::new(answer))
                 });
                 self.join = Some((pending, origin));
+                self.policy.handle_join_started();
             }
             Err(e) => self.join_ended(agent, Err(e), origin).await,
         }
@@ -863,6 +865,11 @@ impl MemberRuntime {
         r: Result<Membership, JoinError>,
         origin: JoinOrigin,
     ) {
+        let retry_file = match (&origin, &r) {
+            (JoinOrigin::File(_), Err(e)) => e.retryable,
+            _ => false,
+        };
+        self.policy.handle_join_ended(retry_file);
         if r.is_ok() {
             self.joined(agent).await;
         }
@@ -872,7 +879,6 @@ impl MemberRuntime {
             }
             JoinOrigin::File(path) => match r {
                 Ok(m) => {
-                    self.file_join_retry = false;
                     tracing::info!(file = %path.display(), host = %m.host_name, address = %m.address, "joined from the token file");
                     // The token is spent: do not leave it on disk.
                     match std::fs::remove_file(&path) {
@@ -885,22 +891,20 @@ impl MemberRuntime {
                         }
                     }
                 }
-                Err(e) => {
-                    tracing::error!(
-                        file = %path.display(),
-                        error = %e,
-                        retry = e.retryable,
-                        "join from the token file failed"
-                    );
-                    self.file_join_retry = e.retryable;
-                }
+                Err(e) => tracing::error!(
+                    file = %path.display(),
+                    error = %e,
+                    retry = e.retryable,
+                    "join from the token file failed"
+                ),
             },
         }
     }
 
-    /// After a successful join: cache, follow, report.
+    /// After a successful join: follow, report.
     pub async fn joined<W: WgBackend, L: LinkBackend>(&mut self, agent: &mut Agent<W, L>) {
-        self.follow(agent);
+        self.sync(agent);
+        self.drive(agent).await;
         self.check_endpoints(agent).await;
     }
 }
@@ -1279,7 +1283,7 @@ mod tests {
         let mut a = unjoined(dir.path());
         let (tx, mut rx) = mpsc::channel(8);
         let mut rt = MemberRuntime::new(st.clone(), tx);
-        rt.restore(&mut a);
+        rt.restore(&mut a).await;
         let r = a.reconcile(now()).await;
         assert!(r.error.is_none(), "{r:?}");
         assert!(a.wg.device.peers.contains_key(&key(22).public_key()));
@@ -1340,7 +1344,7 @@ mod tests {
         let committed = netmap(&new, 10, vec![edge]);
         rt.on_event(&mut a, MeshEvent::Netmap(Box::new(committed)))
             .await;
-        rt.rotated_at_version = 10;
+        rt.policy.handle_rotation_ended(Some(10));
         // The prepare's netmap, queued behind the rotation.
         let stale = netmap(&old, 9, Vec::new());
         rt.on_event(&mut a, MeshEvent::Netmap(Box::new(stale)))
@@ -1379,7 +1383,7 @@ mod tests {
         let mut a = unjoined(dir.path());
         let (tx, _rx) = mpsc::channel(8);
         let mut rt = MemberRuntime::new(st.clone(), tx);
-        rt.restore(&mut a);
+        rt.restore(&mut a).await;
         a.reconcile(now()).await;
         let old = key(100).public_key();
         let new = key(101).public_key();

@@ -648,46 +648,93 @@ async fn wait_for_followers(
 /// A host whose rotation was committed by the coordinator but never switched (the commit's
 /// reply was lost, or meshd died before it was cached) runs its old key, which the coordinator
 /// and the peers no longer accept, so it cannot even ask. With a next key on disk and the
-/// coordinator unreachable, try the next key: if the coordinator answers through it and holds
-/// it, the rotation is finished (promote); otherwise the old key is put back. Returns whether
-/// the next key is now live.
+/// coordinator unreachable, try the next key: [`Probe::start`] puts it on the device, the
+/// returned call asks the coordinator through it (run it as a task), and [`Probe::finish`]
+/// promotes it if the coordinator holds it, or puts the old key back.
+#[derive(Debug)]
+pub struct Probe {
+    old: PrivateKey,
+    next: PrivateKey,
+}
+
+impl Probe {
+    /// Switch the device to the next key on disk, if there is a usable one, and return the
+    /// call that asks the coordinator at `api` through it.
+    pub async fn start<W: WgBackend, L: LinkBackend>(
+        agent: &mut Agent<W, L>,
+        api: SocketAddr,
+    ) -> Option<(
+        Probe,
+        impl std::future::Future<Output = Result<Option<Netmap>, CallError>> + Send + 'static,
+    )> {
+        let path = agent.settings().private_key_file.clone();
+        let old = agent.key().clone();
+        let next = match crate::disk::keyfile::inspect(&crate::disk::keyfile::next_path(&path)) {
+            Ok(crate::disk::keyfile::KeyFileState::Valid(k))
+                if k.public_key() != old.public_key() =>
+            {
+                k
+            }
+            _ => return None,
+        };
+        tracing::info!(next = %next.public_key(), "coordinator unreachable with a rotation pending: trying the next key");
+        agent.set_key(next.clone());
+        agent.reconcile(now()).await;
+        let signer = agent.signer();
+        let call = async move {
+            match signer {
+                Ok(signer) => client::fetch_netmap(api, &signer, 0).await,
+                Err(e) => Err(e),
+            }
+        };
+        Some((Probe { old, next }, call))
+    }
+
+    /// The coordinator's answer through the next key: promote it when the coordinator holds
+    /// it, else put the old key back. Returns whether the next key is now live.
+    pub async fn finish<W: WgBackend, L: LinkBackend>(
+        self,
+        agent: &mut Agent<W, L>,
+        state: &StateDir,
+        answer: Result<Option<Netmap>, CallError>,
+    ) -> bool {
+        let Probe { old, next } = self;
+        let path = agent.settings().private_key_file.clone();
+        match answer {
+            Ok(Some(nm)) if nm.public_key == next.public_key() => {
+                if let Err(e) = crate::disk::keyfile::promote(&path) {
+                    tracing::error!(error = %e, "the coordinator holds the next key but promoting it failed");
+                }
+                if let Err(e) = state.save_netmap(&nm) {
+                    tracing::warn!(error = %e, "cannot cache the netmap");
+                }
+                agent.set_netmap(nm);
+                agent.reconcile(now()).await;
+                tracing::info!(key = %next.public_key(), "finished a rotation the coordinator had committed");
+                true
+            }
+            other => {
+                tracing::info!(answer = ?other.as_ref().map(|n| n.as_ref().map(|n| n.public_key.short())), "the next key is not the registered one; keeping the current key");
+                agent.set_key(old);
+                agent.reconcile(now()).await;
+                false
+            }
+        }
+    }
+}
+
+/// [`Probe`] from start to finish, awaited here.
 pub async fn probe_next_key<W: WgBackend, L: LinkBackend>(
     agent: &mut Agent<W, L>,
     state: &StateDir,
     api: SocketAddr,
 ) -> bool {
-    let path = agent.settings().private_key_file.clone();
-    let old = agent.key().clone();
-    let next = match crate::disk::keyfile::inspect(&crate::disk::keyfile::next_path(&path)) {
-        Ok(crate::disk::keyfile::KeyFileState::Valid(k)) if k.public_key() != old.public_key() => k,
-        _ => return false,
-    };
-    tracing::info!(next = %next.public_key(), "coordinator unreachable with a rotation pending: trying the next key");
-    agent.set_key(next.clone());
-    agent.reconcile(now()).await;
-    let answer = match agent.signer() {
-        Ok(signer) => client::fetch_netmap(api, &signer, 0).await,
-        Err(e) => Err(e),
-    };
-    match answer {
-        Ok(Some(nm)) if nm.public_key == next.public_key() => {
-            if let Err(e) = crate::disk::keyfile::promote(&path) {
-                tracing::error!(error = %e, "the coordinator holds the next key but promoting it failed");
-            }
-            if let Err(e) = state.save_netmap(&nm) {
-                tracing::warn!(error = %e, "cannot cache the netmap");
-            }
-            agent.set_netmap(nm);
-            agent.reconcile(now()).await;
-            tracing::info!(key = %next.public_key(), "finished a rotation the coordinator had committed");
-            true
+    match Probe::start(agent, api).await {
+        Some((probe, call)) => {
+            let answer = call.await;
+            probe.finish(agent, state, answer).await
         }
-        other => {
-            tracing::info!(answer = ?other.as_ref().map(|n| n.as_ref().map(|n| n.public_key.short())), "the next key is not the registered one; keeping the current key");
-            agent.set_key(old);
-            agent.reconcile(now()).await;
-            false
-        }
+        None => false,
     }
 }
 

@@ -16,7 +16,7 @@ use crate::backend::{LinkBackend, WgBackend};
 use crate::disk::state::StateDir;
 use crate::error::{Error, Result};
 use crate::handoff::Handoff;
-use crate::member::{JoinOrigin, MemberRuntime, MeshEvent, ENDPOINT_CHECK};
+use crate::member::{JoinOrigin, MemberRuntime, MeshEvent};
 use crate::runtime::control_socket::{accept_loop, Command};
 use crate::runtime::dispatch::{
     admin_route, handle_request, is_admin, relay_admin, AdminCall, Answer,
@@ -162,7 +162,8 @@ async fn down<W: WgBackend, L: LinkBackend>(
 
 /// Join from `[daemon] join_token_file` when not a member yet (unattended installs): the join
 /// starts now and ends on the loop (`MemberRuntime::start_join`), which removes the spent file
-/// or sets `member.file_join_retry` when the coordinator did not answer. A token file refused
+/// or has the policy try again later (`member.file_join_due`) when the coordinator did not
+/// answer. A token file refused
 /// (a symbolic link, not root's, group- or world-readable) is kept in `refusal` for `meshctl
 /// status`.
 async fn join_from_file<W: WgBackend, L: LinkBackend>(
@@ -235,7 +236,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
     } = wiring;
     let mut member = MemberRuntime::new(StateDir::new(&agent.settings().state_dir), mesh_tx);
     member.coordinator = coordinator;
-    member.restore(&mut agent);
+    member.restore(&mut agent).await;
     // The coordinator host's own netmap before the first pass: without it the pass would plan
     // every peer away on a restart (and drop their WireGuard sessions) until the feed's first
     // netmap arrives.
@@ -267,7 +268,9 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
     notify_state(&agent, &mut notifier);
     let mut join_refusal = None;
     join_from_file(&mut agent, &mut member, &mut join_refusal).await;
-    let mut endpoint_timer = ticker(ENDPOINT_CHECK);
+    // The member policy's timer (endpoint checks, the rotation schedule, retries).
+    let policy_timer = tokio::time::sleep(member.timer_in());
+    tokio::pin!(policy_timer);
     let mut reload_after_join = false;
     loop {
         tokio::select! {
@@ -352,19 +355,17 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
             }
             _ = timer.tick() => {
                 agent.reconcile(now()).await;
-                // An interrupted or deferred rotation resumes as soon as it can.
-                if crate::disk::keyfile::next_path(&agent.settings().private_key_file).exists() {
-                    member.rotate_if_due(&mut agent).await;
-                }
             }
-            _ = endpoint_timer.tick() => {
-                if std::mem::take(&mut member.file_join_retry) && agent.membership().is_none() {
-                    join_from_file(&mut agent, &mut member, &mut join_refusal).await;
-                }
-                member.check_endpoints(&mut agent).await;
-                member.rotate_if_due(&mut agent).await;
+            () = &mut policy_timer => {
+                member.on_timer(&mut agent).await;
             }
         }
+        if std::mem::take(&mut member.file_join_due) && agent.membership().is_none() {
+            join_from_file(&mut agent, &mut member, &mut join_refusal).await;
+        }
+        policy_timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + member.timer_in());
         if reload_after_join && !member.joining() {
             reload_after_join = false;
             sighup(&mut agent, &mut member, &mut handoff).await;
