@@ -172,8 +172,25 @@ enum InvitesCmd {
     Revoke { name: String },
 }
 
+/// Why a command-line value is refused (clap prints it with the argument's name).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum ArgError {
+    #[error("{0:?} is not a duration like 24h, 30m, 90s or 7d")]
+    NotDuration(String),
+    #[error("{text:?}: unknown unit {unit:?} (use s, m, h or d)")]
+    DurationUnit { text: String, unit: String },
+    #[error("the duration must be positive")]
+    ZeroDuration,
+    #[error("{0:?} is too long")]
+    DurationTooLong(String),
+    #[error("{0:?} is not a prefix (e.g. 192.168.1.20/32)")]
+    NotPrefix(String),
+    #[error("{0:?} is neither a prefix nor an address (e.g. 192.168.1.20/32)")]
+    NotPrefixOrAddress(String),
+}
+
 /// `24h`, `30m`, `90s`, `7d`, or plain seconds.
-fn parse_duration(s: &str) -> Result<u64, String> {
+fn parse_duration(s: &str) -> Result<u64, ArgError> {
     let s = s.trim();
     let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => s.split_at(i),
@@ -181,18 +198,23 @@ fn parse_duration(s: &str) -> Result<u64, String> {
     };
     let n: u64 = digits
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 24h, 30m, 90s or 7d"))?;
+        .map_err(|_| ArgError::NotDuration(s.to_string()))?;
     let factor = match unit {
         "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86400,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+        _ => {
+            return Err(ArgError::DurationUnit {
+                text: s.to_string(),
+                unit: unit.to_string(),
+            })
+        }
     };
     match n.checked_mul(factor) {
-        Some(0) => Err("the duration must be positive".into()),
+        Some(0) => Err(ArgError::ZeroDuration),
         Some(v) => Ok(v),
-        None => Err(format!("{s:?} is too long")),
+        None => Err(ArgError::DurationTooLong(s.to_string())),
     }
 }
 
@@ -546,14 +568,13 @@ fn read_token_file(path: &Path) -> Result<String> {
 }
 
 /// A CIDR, or a bare address as its host prefix.
-fn parse_prefix(s: &str) -> std::result::Result<ipnet::IpNet, String> {
+fn parse_prefix(s: &str) -> std::result::Result<ipnet::IpNet, ArgError> {
     if s.contains('/') {
-        s.parse()
-            .map_err(|_| format!("{s:?} is not a prefix (e.g. 192.168.1.20/32)"))
+        s.parse().map_err(|_| ArgError::NotPrefix(s.to_string()))
     } else {
         s.parse::<std::net::IpAddr>()
             .map(ipnet::IpNet::from)
-            .map_err(|_| format!("{s:?} is neither a prefix nor an address (e.g. 192.168.1.20/32)"))
+            .map_err(|_| ArgError::NotPrefixOrAddress(s.to_string()))
     }
 }
 

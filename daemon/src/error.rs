@@ -32,9 +32,12 @@ pub enum Error {
     /// A file in the state directory (membership, cached netmap) is unusable.
     #[error("state file {path}: {message}")]
     State { path: PathBuf, message: String },
-    /// Joining or following the mesh failed (the message is for the operator as is).
-    #[error("{0}")]
-    Mesh(String),
+    /// A program meshd needs for a configured feature is not installed.
+    #[error("{program} is not installed; it is needed for {needed_for}")]
+    NotInstalled {
+        program: &'static str,
+        needed_for: &'static str,
+    },
     /// An operation on the in-memory fake was made to fail (tests only).
     #[cfg(any(test, feature = "test-fakes"))]
     #[error("injected failure: {0}")]

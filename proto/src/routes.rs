@@ -445,14 +445,19 @@ impl fmt::Display for RouteState {
     }
 }
 
+/// A route state that is none of `pending`, `approved`, `revoked`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown route state {0:?}")]
+pub struct UnknownRouteState(pub String);
+
 impl FromStr for RouteState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownRouteState;
+    fn from_str(s: &str) -> Result<Self, UnknownRouteState> {
         match s {
             "pending" => Ok(RouteState::Pending),
             "approved" => Ok(RouteState::Approved),
             "revoked" => Ok(RouteState::Revoked),
-            other => Err(format!("unknown route state {other:?}")),
+            other => Err(UnknownRouteState(other.to_string())),
         }
     }
 }

@@ -30,8 +30,9 @@ fn nft(args: &[&str], stdin: Option<&str>, what: &str) -> Result<String> {
 }
 
 fn nft_now(args: &[&str], stdin: Option<&str>, what: &str) -> Result<String> {
-    let bin = nft_binary().ok_or_else(|| {
-        Error::Mesh("nft (nftables) is not installed; it is needed for routes.advertise".into())
+    let bin = nft_binary().ok_or(Error::NotInstalled {
+        program: "nft (nftables)",
+        needed_for: "routes.advertise",
     })?;
     let command = format!("nft {} ({what})", args.join(" "));
     let mut child = match Command::new(&bin)

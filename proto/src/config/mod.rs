@@ -494,11 +494,11 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn err(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    fn err(&self, key: impl Into<String>, message: impl ToString) -> ConfigError {
         ConfigError {
             file: self.file.to_string(),
             key: Some(key.into()),
-            message: message.into(),
+            message: message.to_string(),
         }
     }
 }
@@ -604,44 +604,79 @@ fn validate_service(
     })
 }
 
-fn validate_name(name: &str) -> Result<(), String> {
+/// Why one value of the file is refused: the message a [`ConfigError`] carries for its key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("{0:?} must be 1 to 63 characters long (it is {len})", len = .0.len())]
+    NameLength(String),
+    #[error(
+        "{name:?} contains {found:?}; use lowercase letters, digits and '-' only (a DNS label)"
+    )]
+    NameCharacter { name: String, found: char },
+    #[error("{0:?} must not start or end with '-'")]
+    NameDash(String),
+    #[error("{0:?} must be 1 to 15 characters long (Linux IFNAMSIZ), it is {len}", len = .0.len())]
+    InterfaceLength(String),
+    #[error("{0:?} is not a valid interface name")]
+    InterfaceDots(String),
+    #[error("{name:?} contains {found:?}; use letters, digits, '_', '.' and '-' only")]
+    InterfaceCharacter { name: String, found: char },
+    #[error("{0:?} has port 0; give the peer's listen port")]
+    EndpointPortZero(String),
+    #[error("{0:?} has no port; {ENDPOINT_FORMS}")]
+    EndpointNoPort(String),
+    #[error("{0:?} is not an IP:port; {ENDPOINT_FORMS}")]
+    EndpointNotAddress(String),
+    #[error("{text:?} has no prefix length; did you mean \"{text}/{host_len}\"?")]
+    PrefixNoLength { text: String, host_len: u8 },
+    #[error("{text:?} is not a prefix like \"{example}\"")]
+    NotPrefix { text: String, example: &'static str },
+    #[error(
+        "{net} has host bits set; did you mean \"{addr}/{host_len}\" (one host) or \"{network}\" \
+         (the whole network)?",
+        addr = .net.addr(),
+        network = .net.trunc()
+    )]
+    PrefixHostBits { net: IpNet, host_len: u8 },
+}
+
+const ENDPOINT_FORMS: &str = "only IP:port is accepted (hostnames are not resolved), e.g. \
+                              \"198.51.100.2:51871\" or \"[2001:db8::1]:51871\"";
+
+fn validate_name(name: &str) -> Result<(), ValueError> {
     if name.is_empty() || name.len() > 63 {
-        return Err(format!(
-            "{name:?} must be 1 to 63 characters long (it is {})",
-            name.len()
-        ));
+        return Err(ValueError::NameLength(name.to_string()));
     }
-    if let Some(c) = name
+    if let Some(found) = name
         .chars()
         .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
     {
-        return Err(format!(
-            "{name:?} contains {c:?}; use lowercase letters, digits and '-' only (a DNS label)"
-        ));
+        return Err(ValueError::NameCharacter {
+            name: name.to_string(),
+            found,
+        });
     }
     if name.starts_with('-') || name.ends_with('-') {
-        return Err(format!("{name:?} must not start or end with '-'"));
+        return Err(ValueError::NameDash(name.to_string()));
     }
     Ok(())
 }
 
-fn validate_interface(name: &str) -> Result<(), String> {
+fn validate_interface(name: &str) -> Result<(), ValueError> {
     if name.is_empty() || name.len() > 15 {
-        return Err(format!(
-            "{name:?} must be 1 to 15 characters long (Linux IFNAMSIZ), it is {}",
-            name.len()
-        ));
+        return Err(ValueError::InterfaceLength(name.to_string()));
     }
     if name == "." || name == ".." {
-        return Err(format!("{name:?} is not a valid interface name"));
+        return Err(ValueError::InterfaceDots(name.to_string()));
     }
-    if let Some(c) = name
+    if let Some(found) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
     {
-        return Err(format!(
-            "{name:?} contains {c:?}; use letters, digits, '_', '.' and '-' only"
-        ));
+        return Err(ValueError::InterfaceCharacter {
+            name: name.to_string(),
+            found,
+        });
     }
     Ok(())
 }
@@ -802,12 +837,8 @@ fn validate_coordinator(
     cx: &Ctx<'_>,
     raw: RawCoordinator,
 ) -> Result<CoordinatorConfig, ConfigError> {
-    let mesh_cidr = parse_allowed_ip(&raw.mesh_cidr).map_err(|m| {
-        cx.err(
-            "coordinator.mesh_cidr",
-            m.replace("10.99.99.2/32", "10.99.99.0/24"),
-        )
-    })?;
+    let mesh_cidr = parse_prefix(&raw.mesh_cidr, "10.99.99.0/24")
+        .map_err(|m| cx.err("coordinator.mesh_cidr", m))?;
     let api_port = match raw.api_port {
         None => crate::wire::api::DEFAULT_API_PORT,
         Some(p) => ranged(cx, "coordinator.api_port", p, 1, 65535, "")?,
@@ -921,48 +952,48 @@ fn check_coordinator(
     Ok(())
 }
 
-fn parse_endpoint(s: &str) -> Result<SocketAddr, String> {
-    const ONLY: &str = "only IP:port is accepted (hostnames are not resolved), e.g. \
-                        \"198.51.100.2:51871\" or \"[2001:db8::1]:51871\"";
+fn parse_endpoint(s: &str) -> Result<SocketAddr, ValueError> {
     match s.parse::<SocketAddr>() {
-        Ok(a) if a.port() == 0 => Err(format!("{s:?} has port 0; give the peer's listen port")),
+        Ok(a) if a.port() == 0 => Err(ValueError::EndpointPortZero(s.to_string())),
         Ok(a) => Ok(a),
-        Err(_) => {
-            if s.parse::<IpAddr>().is_ok() {
-                Err(format!("{s:?} has no port; {ONLY}"))
-            } else {
-                Err(format!("{s:?} is not an IP:port; {ONLY}"))
-            }
-        }
+        Err(_) if s.parse::<IpAddr>().is_ok() => Err(ValueError::EndpointNoPort(s.to_string())),
+        Err(_) => Err(ValueError::EndpointNotAddress(s.to_string())),
     }
 }
 
-fn parse_allowed_ip(s: &str) -> Result<IpNet, String> {
+fn host_len(addr: &IpAddr) -> u8 {
+    match addr {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    }
+}
+
+fn parse_allowed_ip(s: &str) -> Result<IpNet, ValueError> {
+    parse_prefix(s, "10.99.99.2/32")
+}
+
+/// A prefix without host bits; `example` is shown when `s` is not a prefix at all.
+fn parse_prefix(s: &str, example: &'static str) -> Result<IpNet, ValueError> {
     let net: IpNet = match s.parse() {
         Ok(n) => n,
         Err(_) => {
             return Err(match s.parse::<IpAddr>() {
-                Ok(IpAddr::V4(_)) => {
-                    format!("{s:?} has no prefix length; did you mean \"{s}/32\"?")
-                }
-                Ok(IpAddr::V6(_)) => {
-                    format!("{s:?} has no prefix length; did you mean \"{s}/128\"?")
-                }
-                Err(_) => format!("{s:?} is not a prefix like \"10.99.99.2/32\""),
+                Ok(a) => ValueError::PrefixNoLength {
+                    text: s.to_string(),
+                    host_len: host_len(&a),
+                },
+                Err(_) => ValueError::NotPrefix {
+                    text: s.to_string(),
+                    example,
+                },
             })
         }
     };
     if net != net.trunc() {
-        let host = match net.addr() {
-            IpAddr::V4(_) => 32,
-            IpAddr::V6(_) => 128,
-        };
-        return Err(format!(
-            "{net} has host bits set; did you mean \"{}/{host}\" (one host) or \"{}\" (the \
-             whole network)?",
-            net.addr(),
-            net.trunc()
-        ));
+        return Err(ValueError::PrefixHostBits {
+            host_len: host_len(&net.addr()),
+            net,
+        });
     }
     Ok(net)
 }
