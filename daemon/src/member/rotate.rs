@@ -239,6 +239,8 @@ pub struct Run {
     /// The coordinator's followers that did not take its prepare in time.
     slow: Vec<IpAddr>,
     switch_error: Option<String>,
+    /// A commit went unanswered and the next key is being tried (`Probe`), with why.
+    probe: Option<(Probe, String)>,
 }
 
 impl std::fmt::Debug for Run {
@@ -267,8 +269,14 @@ impl std::fmt::Debug for StepDone {
 }
 
 enum StepOut {
-    Prepared { slow: Vec<IpAddr> },
-    Committed { netmap: Option<Netmap> },
+    Prepared {
+        slow: Vec<IpAddr>,
+    },
+    Committed {
+        netmap: Option<Netmap>,
+    },
+    /// The coordinator's answer through the next key, after a commit went unanswered.
+    Probed(Result<Option<Netmap>, CallError>),
 }
 
 /// Where a rotation stands after a step.
@@ -313,6 +321,7 @@ impl Run {
             committed_netmap: None,
             slow: Vec::new(),
             switch_error: None,
+            probe: None,
         })
     }
 
@@ -349,7 +358,7 @@ impl Run {
             };
             match step {
                 Ok(done) => crash_point(done),
-                Err(e) => return Progress::Done(self.stopped(agent, state, action, e).await),
+                Err(e) => return self.stopped(agent, action, e).await,
             }
         }
         let took = self.started.elapsed();
@@ -376,6 +385,9 @@ impl Run {
         done: StepDone,
     ) -> Progress {
         let StepDone { action, result } = done;
+        if let Ok(StepOut::Probed(answer)) = result {
+            return Progress::Done(self.probed(agent, state, action, answer).await);
+        }
         let step = result.and_then(|out| match out {
             StepOut::Prepared { slow } => {
                 self.slow = slow;
@@ -391,10 +403,11 @@ impl Run {
                     .map(|()| "committed")
                     .map_err(failed)
             }
+            StepOut::Probed(_) => Err(failed("a probe answer without a probe")),
         });
         match step {
             Ok(done) => crash_point(done),
-            Err(e) => return Progress::Done(self.stopped(agent, state, action, e).await),
+            Err(e) => return self.stopped(agent, action, e).await,
         }
         self.advance(agent, state).await
     }
@@ -528,14 +541,61 @@ impl Run {
             .map_err(failed)
     }
 
-    /// A step did not go through: how the rotation ends.
+    /// A step did not go through: how the rotation ends, or the probe of the next key that
+    /// decides it (a commit without an answer may still have gone through; then nobody
+    /// accepts the old key any more and we could not even ask).
     async fn stopped<W: WgBackend, L: LinkBackend>(
+        &mut self,
+        agent: &mut Agent<W, L>,
+        action: Action,
+        e: StepError,
+    ) -> Progress {
+        if let (StepError::Unreachable(reason), Action::Commit(_), Registrar::Remote(api)) =
+            (&e, action, &self.registrar)
+        {
+            if let Some((probe, call)) = Probe::start(agent, *api).await {
+                self.probe = Some((probe, reason.clone()));
+                return Progress::Waiting(Box::pin(async move {
+                    StepDone {
+                        action,
+                        result: Ok(StepOut::Probed(call.await)),
+                    }
+                }));
+            }
+        }
+        Progress::Done(self.ended(action, e))
+    }
+
+    /// The next key's probe answered: the rotation went through (the commit's reply was
+    /// lost), or it is deferred with the old key back in place.
+    async fn probed<W: WgBackend, L: LinkBackend>(
         &mut self,
         agent: &mut Agent<W, L>,
         state: &StateDir,
         action: Action,
-        e: StepError,
+        answer: Result<Option<Netmap>, CallError>,
     ) -> Result<Outcome, RotateError> {
+        let Some((probe, reason)) = self.probe.take() else {
+            return Err(RotateError::Failed {
+                step: action,
+                reason: "a probe answer without a probe".into(),
+            });
+        };
+        if probe.finish(agent, state, answer).await {
+            return Ok(Outcome::Rotated {
+                old: self.old,
+                new: self.next.public_key(),
+                took: self.started.elapsed(),
+                static_peers: static_peer_names(agent.netmap()),
+                switch_error: None,
+                reply_lost: Some(reason),
+            });
+        }
+        self.ended(action, StepError::Unreachable(reason))
+    }
+
+    /// How the rotation ends after a step that did not go through.
+    fn ended(&mut self, action: Action, e: StepError) -> Result<Outcome, RotateError> {
         match e {
             StepError::Refused(reason) => {
                 if self.rot.handle_refused().is_ok() {
@@ -553,20 +613,6 @@ impl Run {
                 })
             }
             StepError::Unreachable(reason) => {
-                // A commit without an answer may still have gone through; then nobody accepts
-                // the old key any more and we could not even ask. Try the next key now.
-                if let (Action::Commit(_), Registrar::Remote(api)) = (action, &self.registrar) {
-                    if probe_next_key(agent, state, *api).await {
-                        return Ok(Outcome::Rotated {
-                            old: self.old,
-                            new: self.next.public_key(),
-                            took: self.started.elapsed(),
-                            static_peers: static_peer_names(agent.netmap()),
-                            switch_error: None,
-                            reply_lost: Some(reason),
-                        });
-                    }
-                }
                 tracing::warn!(error = %reason, step = %action, "key rotation deferred");
                 Ok(Outcome::Deferred {
                     step: action,
@@ -720,21 +766,6 @@ impl Probe {
                 false
             }
         }
-    }
-}
-
-/// [`Probe`] from start to finish, awaited here.
-pub async fn probe_next_key<W: WgBackend, L: LinkBackend>(
-    agent: &mut Agent<W, L>,
-    state: &StateDir,
-    api: SocketAddr,
-) -> bool {
-    match Probe::start(agent, api).await {
-        Some((probe, call)) => {
-            let answer = call.await;
-            probe.finish(agent, state, answer).await
-        }
-        None => false,
     }
 }
 
@@ -970,6 +1001,105 @@ mod tests {
             matches!(again, Outcome::Deferred { step: Action::Prepare(k), .. } if k == next),
             "{again:?}"
         );
+    }
+
+    /// A commit that went unanswered: the next key is tried from a task (the loop is not
+    /// held meanwhile, and the device runs the next key during the probe); the coordinator
+    /// answering through it finishes the rotation, no answer puts the old key back.
+    #[tokio::test]
+    async fn a_lost_commit_reply_is_settled_by_probing_the_next_key_without_holding_the_loop() {
+        for coordinator_holds_next in [true, false] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let own = PrivateKey::from_bytes([70; 32]);
+            let mut a = agent(dir.path(), &own);
+            a.set_membership(Some(Membership {
+                host_name: "dock-mirror".into(),
+                address: "10.99.99.3".parse().expect("ip"),
+                mesh_cidr: "10.99.99.0/24".parse().expect("net"),
+                coordinator_public_key: PrivateKey::from_bytes([100; 32]).public_key(),
+                coordinator_endpoints: vec!["127.0.0.1:9".parse().expect("sa")],
+                coordinator_address: "127.0.0.1".parse().expect("ip"),
+                api_port: 9,
+                admin: false,
+                joined_unix: 1,
+            }));
+            let state = StateDir::new(dir.path().join("state"));
+            let api = a.membership().expect("member").api_addr();
+            let mut run = Run::start(&a, Registrar::Remote(api)).expect("start");
+            let next = run.next.public_key();
+            // The prepare and the commit are answered here, not by a coordinator.
+            let Progress::Waiting(_) = run.advance(&mut a, &state).await else {
+                panic!("the prepare waits on the coordinator");
+            };
+            let prepared = StepDone {
+                action: Action::Prepare(next),
+                result: Ok(StepOut::Prepared { slow: Vec::new() }),
+            };
+            let Progress::Waiting(_) = run.step_done(&mut a, &state, prepared).await else {
+                panic!("the commit waits on the coordinator");
+            };
+            let lost = StepDone {
+                action: Action::Commit(next),
+                result: Err(StepError::Unreachable("reply lost".into())),
+            };
+            let Progress::Waiting(_) = run.step_done(&mut a, &state, lost).await else {
+                panic!("the probe runs as a task");
+            };
+            assert_eq!(a.key().public_key(), next, "the device tries the next key");
+            let answer = if coordinator_holds_next {
+                let mut nm: Netmap = serde_json::from_value(serde_json::json!({
+                    "version": 4,
+                    "mesh_cidr": "10.99.99.0/24",
+                    "name": "dock-mirror",
+                    "address": "10.99.99.3",
+                    "public_key": next.to_base64(),
+                    "peers": [],
+                }))
+                .expect("netmap");
+                nm.peers.clear();
+                Ok(Some(nm))
+            } else {
+                Err(CallError::Unreachable {
+                    addr: api,
+                    message: "no answer".into(),
+                })
+            };
+            let probed = StepDone {
+                action: Action::Commit(next),
+                result: Ok(StepOut::Probed(answer)),
+            };
+            let Progress::Done(outcome) = run.step_done(&mut a, &state, probed).await else {
+                panic!("the probe's answer ends the rotation");
+            };
+            let outcome = outcome.expect("an outcome, not an error");
+            if coordinator_holds_next {
+                assert!(
+                    matches!(&outcome, Outcome::Rotated { reply_lost: Some(r), new, .. } if r == "reply lost" && *new == next),
+                    "{outcome:?}"
+                );
+                assert_eq!(a.key().public_key(), next);
+                assert_eq!(key_on_disk(&a), next, "promoted");
+                assert_eq!(next_on_disk(&a), None);
+            } else {
+                assert!(
+                    matches!(
+                        &outcome,
+                        Outcome::Deferred {
+                            step: Action::Commit(_),
+                            ..
+                        }
+                    ),
+                    "{outcome:?}"
+                );
+                assert_eq!(
+                    a.key().public_key(),
+                    own.public_key(),
+                    "the old key is back"
+                );
+                assert_eq!(key_on_disk(&a), own.public_key());
+                assert_eq!(next_on_disk(&a), Some(next), "kept for the next try");
+            }
+        }
     }
 
     #[tokio::test]
