@@ -7,9 +7,9 @@
 //!   key notices, UAPI); `render`: what meshctl prints from it;
 //! - `config`: the configuration file's meaning and errors (with `[integrations]` and the
 //!   policy for secret files);
-//! - `plan` (the reconciler), `device`, `key`; `netmap` and `alloc` (the coordinator's
-//!   decisions); `rotation`; `routes`; `handoff` (what K3s, DRBD, Prometheus and DNS get);
-//!   `doctor`'s verdicts; `debounce`.
+//! - `plan` (the reconciler), `device`, `key`; `netmap`, `alloc` and `registry` (the
+//!   coordinator's decisions and its registry's transitions); `rotation`; `routes`; `handoff`
+//!   (what K3s, DRBD, Prometheus and DNS get); `doctor`'s verdicts; `debounce`.
 
 pub mod alloc;
 pub mod config;
@@ -20,6 +20,7 @@ pub mod handoff;
 pub mod key;
 pub mod netmap;
 pub mod plan;
+pub mod registry;
 pub mod render;
 pub mod rotation;
 pub mod routes;
