@@ -838,3 +838,70 @@ fn invitation_states_round_trip_their_stored_words() {
     }
     assert_eq!(InviteState::parse("lost"), None);
 }
+
+#[test]
+fn the_coordinator_registers_itself_once_and_then_follows_its_configuration() {
+    let mut r = registry();
+    let endpoints: Vec<SocketAddr> = vec!["198.51.100.1:51871".parse().unwrap()];
+    // As it stands: only the endpoints are new.
+    let change = r
+        .register_coordinator(key(1), &endpoints, &[], T0 + 1)
+        .unwrap();
+    assert_eq!(change.audit.len(), 1);
+    assert_eq!(change.audit[0].action, "coordinator_endpoints");
+    assert!(r
+        .register_coordinator(key(1), &endpoints, &endpoints, T0 + 1)
+        .unwrap()
+        .is_empty());
+    // A new key, and a new address never handed out.
+    r.settings.own_address = ip("10.99.0.6");
+    let change = r
+        .register_coordinator(key(2), &endpoints, &endpoints, T0 + 2)
+        .unwrap();
+    let actions: Vec<&str> = change.audit.iter().map(|a| a.action).collect();
+    assert_eq!(actions, vec!["coordinator_address", "coordinator_key"]);
+    r.apply(&change);
+    let own = host(&r, "coord");
+    assert_eq!((own.address, own.public_key), (ip("10.99.0.6"), key(2)));
+    // An address another host had is refused, so is a key in use.
+    let web = invite(&mut r, "web", 50, "a", T0).address;
+    r.settings.own_address = web;
+    assert_eq!(
+        r.register_coordinator(key(2), &endpoints, &endpoints, T0)
+            .unwrap_err(),
+        RegistryError::CoordinatorAddressUsed(web)
+    );
+    r.settings.own_address = ip("10.99.0.6");
+    assert!(matches!(
+        r.register_coordinator(key(50), &endpoints, &endpoints, T0)
+            .unwrap_err(),
+        RegistryError::KeyInUse { .. }
+    ));
+}
+
+#[test]
+fn a_fresh_registry_gets_the_coordinator_row() {
+    let mut r = registry();
+    r.hosts.clear();
+    let endpoints: Vec<SocketAddr> = vec!["198.51.100.1:51871".parse().unwrap()];
+    let change = r.register_coordinator(key(1), &endpoints, &[], T0).unwrap();
+    let Edit::AddHost(h) = &change.edits[0] else {
+        panic!("{:?}", change.edits)
+    };
+    assert!(h.admin && !h.pending && !h.static_peer);
+    assert_eq!((h.last_seen_unix, &h.reported), (Some(T0), &endpoints));
+    assert_eq!(change.audit[0].action, "coordinator");
+    // Its address held by another live host: refused.
+    r.apply(&Change::default().with_edit(Edit::AddHost(NewHost {
+        name: "web".into(),
+        ..h.clone()
+    })));
+    assert_eq!(
+        r.register_coordinator(key(3), &endpoints, &[], T0)
+            .unwrap_err(),
+        RegistryError::CoordinatorAddressHeld {
+            address: ip("10.99.0.1"),
+            host: "web".into()
+        }
+    );
+}
