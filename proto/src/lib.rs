@@ -7,10 +7,11 @@
 //!   key notices, UAPI); `render`: what meshctl prints from it;
 //! - `config`: the configuration file's meaning and errors (with `[integrations]` and the
 //!   policy for secret files);
-//! - `plan` (the reconciler), `device`, `key`; `netmap` and `alloc` (the coordinator's
-//!   decisions); `rotation`; `routes`; `handoff` (what K3s, DRBD, Prometheus and DNS get);
-//!   `doctor`'s verdicts; `debounce`; `member`: the member's policy as a sans-I/O state
-//!   machine (when to take a netmap, rotate, probe, ask for key notices, report endpoints).
+//! - `plan` (the reconciler), `device`, `key`; `netmap`, `alloc` and `registry` (the
+//!   coordinator's decisions and its registry's transitions); `rotation`; `routes`; `handoff`
+//!   (what K3s, DRBD, Prometheus and DNS get); `doctor`'s verdicts; `debounce`;
+//! - `member`: the member's policy as a sans-I/O state machine (when to take a netmap,
+//!   rotate, probe a pending key, ask for key notices, report endpoints).
 
 pub mod alloc;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod key;
 pub mod member;
 pub mod netmap;
 pub mod plan;
+pub mod registry;
 pub mod render;
 pub mod rotation;
 pub mod routes;

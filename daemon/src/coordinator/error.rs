@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use mesh_proto::alloc::AllocError;
+use mesh_proto::registry::RegistryError;
 
 /// Errors of the coordinator (registry and API).
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +121,61 @@ impl CoordError {
         CoordError::Io {
             context: context.into(),
             source,
+        }
+    }
+}
+
+/// A registry transition's refusal as the API answers it (the same message as its own).
+impl From<RegistryError> for CoordError {
+    fn from(e: RegistryError) -> Self {
+        use RegistryError as R;
+        match e {
+            R::BadName(_)
+            | R::BadTtl(_)
+            | R::StaticAdmin
+            | R::KeyForDaemonHost
+            | R::EndpointForDaemonHost
+            | R::UnusableEndpoint(_)
+            | R::NearItself(_)
+            | R::NearStaticPeer(_)
+            | R::ListenPortZero
+            | R::TooManyAddresses(_) => CoordError::Malformed(e.to_string()),
+            R::StaticAssignment { .. }
+            | R::NameTaken { .. }
+            | R::KeyRetired { .. }
+            | R::KeyOfRemovedHost { .. }
+            | R::KeyInUse { .. }
+            | R::RemoveCoordinator(_)
+            | R::CoordinatorOverApi(_)
+            | R::StaticPeerRotates(_)
+            | R::StaticPeerRotationRequest(_)
+            | R::NotJoinedYet(_)
+            | R::NotPrepared { .. }
+            | R::NotPreparedOwn { .. }
+            | R::NotRunningKey { .. }
+            | R::CoordinatorAddressUsed(_)
+            | R::CoordinatorAddressHeld { .. } => CoordError::Conflict(e.to_string()),
+            R::Alloc(a) => CoordError::Alloc(a),
+            R::NoSuchHost(name) => CoordError::NoSuchHost(name),
+            R::NoSuchInvite(name) => CoordError::NoSuchInvite(name),
+            R::NotAHost(ip) => CoordError::NotAHost(ip),
+            R::ForeignToken => CoordError::Tampered,
+            R::Expired(name) => CoordError::Expired(name),
+            R::AlreadyUsed(name) => CoordError::AlreadyUsed(name),
+            R::Revoked(name) => CoordError::Revoked(name),
+            R::Removed(name) => CoordError::Removed(name),
+            R::WrongCaller {
+                name,
+                expected,
+                caller,
+            } => CoordError::WrongCaller {
+                name,
+                expected,
+                caller,
+            },
+            R::CoordinatorMissing(_) | R::InvitationWithoutHost(_) => {
+                CoordError::Internal(e.to_string())
+            }
         }
     }
 }

@@ -7,10 +7,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use ipnet::IpNet;
+use mesh_proto::registry::Host;
 use mesh_proto::routes::{decide, DecisionError, RouteDecision, RouteInfo, RouteState};
 use rusqlite::{params, Connection};
 
-use super::store::{audit_row, host_rows, live_host_row, HostRow};
+use super::store::{audit_row, host_rows, live_host_row};
 use super::{CoordError, Coordinator};
 
 /// The decisions on one host's prefixes: prefix → (state, decided at).
@@ -111,7 +112,7 @@ impl Coordinator {
                 .join(",");
             tx.execute(
                 "UPDATE hosts SET advertise = ?2 WHERE id = ?1",
-                params![host.id, text],
+                params![host.id.0, text],
             )?;
             note_advertised(&own, &host.advertise, &nets);
             audit_row(tx, now_unix, "advertise", &own, &format!("[{text}]"))?;
@@ -130,7 +131,7 @@ impl Coordinator {
             .filter(|h| !h.removed && !h.pending)
         {
             let empty = BTreeMap::new();
-            let d = all.get(&h.id).unwrap_or(&empty);
+            let d = all.get(&h.id.0).unwrap_or(&empty);
             out.extend(mesh_proto::routes::route_list(&h.name, &h.advertise, d));
         }
         out.sort();
@@ -153,7 +154,7 @@ impl Coordinator {
             )));
         }
         let info = self.write(|tx| {
-            let host: HostRow = match live_host_row(tx, name)? {
+            let host: Host = match live_host_row(tx, name)? {
                 Some(h) if !h.pending => h,
                 Some(_) => {
                     return Err(CoordError::Conflict(format!(
@@ -166,11 +167,11 @@ impl Coordinator {
             let live: HashMap<i64, String> = host_rows(tx)?
                 .into_iter()
                 .filter(|h| !h.removed)
-                .map(|h| (h.id, h.name))
+                .map(|h| (h.id.0, h.name))
                 .collect();
             let approved_elsewhere: Vec<(String, IpNet)> = all
                 .iter()
-                .filter(|(id, _)| **id != host.id)
+                .filter(|(id, _)| **id != host.id.0)
                 .filter_map(|(id, m)| live.get(id).map(|n| (n, m)))
                 .flat_map(|(n, m)| {
                     m.iter()
@@ -179,7 +180,7 @@ impl Coordinator {
                 })
                 .collect();
             let current = all
-                .get(&host.id)
+                .get(&host.id.0)
                 .and_then(|m| m.get(&prefix))
                 .map(|(s, _)| *s);
             let advertised = host.advertise.contains(&prefix);
@@ -193,7 +194,10 @@ impl Coordinator {
             )
             .map_err(decision_error)?;
             let Some(state) = next else {
-                let at = all.get(&host.id).and_then(|m| m.get(&prefix)).map(|d| d.1);
+                let at = all
+                    .get(&host.id.0)
+                    .and_then(|m| m.get(&prefix))
+                    .map(|d| d.1);
                 return Ok((
                     RouteInfo {
                         host: name.to_string(),
@@ -210,7 +214,12 @@ impl Coordinator {
                  VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(host_id, prefix) DO UPDATE SET state = excluded.state,
                     decided_unix = excluded.decided_unix",
-                params![host.id, prefix.to_string(), state.as_str(), now_unix as i64],
+                params![
+                    host.id.0,
+                    prefix.to_string(),
+                    state.as_str(),
+                    now_unix as i64
+                ],
             )?;
             audit_row(
                 tx,

@@ -1,12 +1,16 @@
-//! The registry: hosts, invitations, endpoint reports and the audit log in SQLite, plus the
-//! persisted netmap version and the token secret.
+//! The registry's storage: hosts, invitations, endpoint reports and the audit log in SQLite,
+//! plus the persisted netmap version and the token secret. The transitions themselves are
+//! decided by `mesh_proto::registry`: each write loads that model, asks it, and persists the
+//! change it returns.
 
-use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ipnet::IpNet;
 use mesh_proto::netmap::{compute_netmap, HostRecord, Netmap, RegistrySnapshot};
+use mesh_proto::registry::{
+    self, Change, Edit, Host, HostId, Invitation, InviteState, JoinTicket, Registry, RegistryError,
+};
 use mesh_proto::wire::api::{
     EndpointReport, HostInfo, InviteInfo, InviteRequest, InviteResponse, JoinRequest, JoinResponse,
     RotateRequest, RotateResponse,
@@ -22,12 +26,9 @@ use super::grace::{RecentJoin, RecentJoins};
 use super::render::PeerJsonCache;
 use super::{schema, wgquick, CoordError, CoordinatorSettings};
 
-/// Default invitation lifetime: 24 h.
-pub const DEFAULT_INVITE_TTL_SECS: u64 = 24 * 3600;
-/// Longest invitation lifetime accepted: 30 days.
-pub const MAX_INVITE_TTL_SECS: u64 = 30 * 24 * 3600;
-/// Most endpoint addresses one host may report.
-pub const MAX_REPORTED_ADDRESSES: usize = 32;
+pub use mesh_proto::registry::{
+    DEFAULT_INVITE_TTL_SECS, MAX_INVITE_TTL_SECS, MAX_REPORTED_ADDRESSES,
+};
 
 const META_VERSION: &str = "netmap_version";
 const META_SECRET: &str = "token_secret";
@@ -44,6 +45,8 @@ pub(super) struct Inner {
 pub struct Coordinator {
     inner: Arc<Mutex<Inner>>,
     settings: Arc<CoordinatorSettings>,
+    /// What the registry model is configured with (from `settings`).
+    model_settings: Arc<registry::Settings>,
     secret: Arc<[u8; 32]>,
     version_tx: Arc<watch::Sender<u64>>,
     peer_json: Arc<PeerJsonCache>,
@@ -55,30 +58,6 @@ pub struct Coordinator {
     pub(super) auth: Arc<super::auth::ApiAuth>,
     /// Endpoint reports, at most one applied per host and second.
     pub(super) reports: Arc<super::reports::ReportGate>,
-}
-
-/// One host row.
-#[derive(Debug, Clone)]
-pub(super) struct HostRow {
-    pub(super) id: i64,
-    pub(super) name: String,
-    address: IpAddr,
-    public_key: PublicKey,
-    admin: bool,
-    static_peer: bool,
-    pub(super) pending: bool,
-    pub(super) removed: bool,
-    created_unix: u64,
-    last_seen_unix: Option<u64>,
-    key_created_unix: u64,
-    observed: Option<SocketAddr>,
-    /// The subnets the host routes for the mesh, as it last reported them (pending until an
-    /// admin approves each: see `super::routes`).
-    pub(super) advertise: Vec<IpNet>,
-    /// The prepared next key of a rotation in progress.
-    next_public_key: Option<PublicKey>,
-    /// An admin asked the host to rotate (`meshctl rotate NAME`), not committed yet.
-    rotate_requested: bool,
 }
 
 /// Which part of a rotation a call performs.
@@ -158,10 +137,10 @@ fn key_col(idx: usize, bytes: Vec<u8>) -> rusqlite::Result<PublicKey> {
     Ok(PublicKey(arr))
 }
 
-fn host_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostRow> {
+fn host_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Host> {
     let observed: Option<String> = r.get(11)?;
-    Ok(HostRow {
-        id: r.get(0)?,
+    Ok(Host {
+        id: HostId(r.get(0)?),
         name: r.get(1)?,
         address: parse_col(2, r.get::<_, String>(2)?)?,
         public_key: key_col(3, r.get(3)?)?,
@@ -178,11 +157,11 @@ fn host_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<HostRow> {
             .get::<_, Option<Vec<u8>>>(13)?
             .map(|b| key_col(13, b))
             .transpose()?,
-        rotate_requested: r.get::<_, Option<i64>>(14)?.is_some(),
+        rotate_requested_unix: r.get::<_, Option<i64>>(14)?.map(|v| v as u64),
     })
 }
 
-fn live_host_by_name(tx: &Connection, name: &str) -> Result<Option<HostRow>, CoordError> {
+fn live_host_by_name(tx: &Connection, name: &str) -> Result<Option<Host>, CoordError> {
     Ok(tx
         .query_row(
             &format!("SELECT {HOST_COLUMNS} FROM hosts WHERE name = ?1 AND removed = 0"),
@@ -192,7 +171,7 @@ fn live_host_by_name(tx: &Connection, name: &str) -> Result<Option<HostRow>, Coo
         .optional()?)
 }
 
-fn live_host_by_address(tx: &Connection, address: IpAddr) -> Result<Option<HostRow>, CoordError> {
+fn live_host_by_address(tx: &Connection, address: IpAddr) -> Result<Option<Host>, CoordError> {
     Ok(tx
         .query_row(
             &format!("SELECT {HOST_COLUMNS} FROM hosts WHERE address = ?1 AND removed = 0"),
@@ -202,56 +181,145 @@ fn live_host_by_address(tx: &Connection, address: IpAddr) -> Result<Option<HostR
         .optional()?)
 }
 
-/// The coordinator host's own row (always there: `Coordinator::open` registers it).
-fn own_host(tx: &Connection, own: &str) -> Result<HostRow, CoordError> {
-    live_host_by_name(tx, own)?
-        .ok_or_else(|| CoordError::Internal(format!("the coordinator host {own} is missing")))
+/// The registry model (`mesh_proto::registry`): every host, invitation and retired key.
+fn load_registry(tx: &Connection, settings: &registry::Settings) -> Result<Registry, CoordError> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT id, name, address, host_id, admin, created_unix, expires_unix, state
+         FROM invitations ORDER BY rowid",
+    )?;
+    let invitations = stmt
+        .query_map([], |r| {
+            let state: String = r.get(7)?;
+            Ok(Invitation {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                address: parse_col(2, r.get::<_, String>(2)?)?,
+                host: HostId(r.get(3)?),
+                admin: r.get(4)?,
+                created_unix: r.get::<_, i64>(5)? as u64,
+                expires_unix: r.get::<_, i64>(6)? as u64,
+                state: InviteState::parse(&state).ok_or_else(|| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        7,
+                        rusqlite::types::Type::Text,
+                        format!("unknown invitation state {state:?}").into(),
+                    )
+                })?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut stmt = tx.prepare_cached("SELECT public_key, host FROM retired_keys ORDER BY rowid")?;
+    let retired = stmt
+        .query_map([], |r| Ok((key_col(0, r.get(0)?)?, r.get(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Registry {
+        settings: settings.clone(),
+        hosts: host_rows(tx)?,
+        invitations,
+        retired,
+    })
 }
 
-fn host_by_id(tx: &Connection, id: i64) -> Result<HostRow, CoordError> {
-    Ok(tx.query_row(
-        &format!("SELECT {HOST_COLUMNS} FROM hosts WHERE id = ?1"),
-        [id],
-        host_from_row,
-    )?)
-}
-
-/// The host (any state) that holds `key`, if any.
-fn key_holder(tx: &Connection, key: &PublicKey) -> Result<Option<(String, bool)>, CoordError> {
-    Ok(tx
-        .query_row(
-            "SELECT name, removed FROM hosts WHERE public_key = ?1 OR next_public_key = ?1 LIMIT 1",
-            [key.0.as_slice()],
-            |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)),
-        )
-        .optional()?)
-}
-
-fn ensure_key_unused(tx: &Connection, key: &PublicKey) -> Result<(), CoordError> {
-    let retired: Option<String> = tx
-        .query_row(
-            "SELECT host FROM retired_keys WHERE public_key = ?1",
-            [key.0.as_slice()],
-            |r| r.get(0),
-        )
-        .optional()?;
-    if let Some(host) = retired {
-        return Err(CoordError::Conflict(format!(
-            "public key {} is a key host {host} rotated away and is refused",
-            key.short()
-        )));
+/// Write what a transition decided, in the caller's transaction. Returns whether anything
+/// changed.
+fn persist(tx: &Connection, change: &Change) -> Result<bool, CoordError> {
+    for edit in &change.edits {
+        match edit {
+            Edit::AddHost(h) => {
+                tx.execute(
+                    "INSERT INTO hosts (name, address, public_key, admin, static_peer, pending,
+                        removed, created_unix, key_created_unix, last_seen_unix, near, invite_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?7, ?8, ?9, ?10)",
+                    params![
+                        h.name,
+                        h.address.to_string(),
+                        h.public_key.0.as_slice(),
+                        h.admin,
+                        h.static_peer,
+                        h.pending,
+                        h.created_unix as i64,
+                        h.last_seen_unix.map(|t| t as i64),
+                        h.near,
+                        h.invitation.as_ref().map(|i| &i.id),
+                    ],
+                )?;
+                let host_id = tx.last_insert_rowid();
+                set_reported(tx, host_id, &h.reported)?;
+                if let Some(inv) = &h.invitation {
+                    tx.execute(
+                        "INSERT INTO invitations (id, name, address, host_id, admin, created_unix,
+                            expires_unix, state)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending')",
+                        params![
+                            inv.id,
+                            h.name,
+                            h.address.to_string(),
+                            host_id,
+                            h.admin,
+                            h.created_unix as i64,
+                            inv.expires_unix as i64
+                        ],
+                    )?;
+                }
+            }
+            Edit::UpdateHost(h) => {
+                tx.execute(
+                    "UPDATE hosts SET address = ?2, public_key = ?3, next_public_key = ?4,
+                        admin = ?5, static_peer = ?6, pending = ?7, removed = ?8,
+                        key_created_unix = ?9, last_seen_unix = ?10, rotate_requested_unix = ?11
+                     WHERE id = ?1",
+                    params![
+                        h.id.0,
+                        h.address.to_string(),
+                        h.public_key.0.as_slice(),
+                        h.next_public_key.as_ref().map(|k| k.0.to_vec()),
+                        h.admin,
+                        h.static_peer,
+                        h.pending,
+                        h.removed,
+                        h.key_created_unix as i64,
+                        h.last_seen_unix.map(|t| t as i64),
+                        h.rotate_requested_unix.map(|t| t as i64),
+                    ],
+                )?;
+            }
+            Edit::CloseInvitation { id, state, at_unix } => {
+                tx.execute(
+                    "UPDATE invitations SET state = ?2, closed_unix = ?3 WHERE id = ?1",
+                    params![id, state.as_str(), *at_unix as i64],
+                )?;
+            }
+            Edit::RetireKey { key, host, at_unix } => {
+                tx.execute(
+                    "INSERT OR IGNORE INTO retired_keys (public_key, host, retired_unix)
+                     VALUES (?1, ?2, ?3)",
+                    params![key.0.as_slice(), host, *at_unix as i64],
+                )?;
+            }
+            Edit::SetReported { host, endpoints } => {
+                set_reported(tx, host.0, endpoints)?;
+            }
+            Edit::KeyNotice(n) => {
+                tx.execute(
+                    "INSERT OR REPLACE INTO key_notices
+                        (host_key, old_key, new_key, tag, at_unix, auth_key)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![
+                        n.host_key.0.as_slice(),
+                        n.notice.old_key.0.as_slice(),
+                        n.notice.new_key.0.as_slice(),
+                        n.notice.tag,
+                        n.notice.at_unix as i64,
+                        n.auth_key.map(|k| k.to_vec())
+                    ],
+                )?;
+            }
+        }
     }
-    match key_holder(tx, key)? {
-        None => Ok(()),
-        Some((name, true)) => Err(CoordError::Conflict(format!(
-            "public key {} belonged to the removed host {name} and is refused",
-            key.short()
-        ))),
-        Some((name, false)) => Err(CoordError::Conflict(format!(
-            "public key {} is already registered to host {name}",
-            key.short()
-        ))),
+    for a in &change.audit {
+        audit(tx, a.at_unix, a.action, &a.subject, &a.detail)?;
     }
+    Ok(!change.is_empty())
 }
 
 /// How many audit rows the registry keeps: the newest; older ones are pruned as new ones are
@@ -327,12 +395,6 @@ fn bump_version(tx: &Connection) -> Result<u64, CoordError> {
     Ok(next)
 }
 
-fn ever_used(tx: &Connection) -> Result<BTreeSet<IpAddr>, CoordError> {
-    let mut stmt = tx.prepare("SELECT address FROM hosts UNION SELECT address FROM invitations")?;
-    let rows = stmt.query_map([], |r| parse_col(0, r.get::<_, String>(0)?))?;
-    Ok(rows.collect::<Result<BTreeSet<IpAddr>, _>>()?)
-}
-
 fn random_hex(n: usize) -> String {
     let mut bytes = vec![0u8; n];
     rand_core::OsRng.fill_bytes(&mut bytes);
@@ -341,46 +403,7 @@ fn random_hex(n: usize) -> String {
 
 /// Host names are DNS labels: 1 to 63 of `a-z0-9-`, not starting or ending with `-`.
 pub fn validate_name(name: &str) -> Result<(), CoordError> {
-    if mesh_proto::netmap::valid_name(name) {
-        Ok(())
-    } else {
-        Err(CoordError::Malformed(format!(
-            "host name {name:?} is not valid (1 to 63 characters of a-z, 0-9 and '-', not starting or ending with '-')"
-        )))
-    }
-}
-
-/// Underlay endpoint candidates from reported interface addresses: drops addresses that
-/// cannot be endpoints (unspecified, loopback, multicast, IPv6 link-local, inside the mesh).
-fn candidate_endpoints(mesh: IpNet, addresses: &[IpAddr], port: u16) -> Vec<SocketAddr> {
-    let mut out: Vec<SocketAddr> = Vec::new();
-    for a in addresses {
-        let a = a.to_canonical();
-        let unusable = a.is_unspecified()
-            || a.is_loopback()
-            || a.is_multicast()
-            || mesh.contains(&a)
-            || matches!(a, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
-            || matches!(a, IpAddr::V4(v4) if v4.is_broadcast() || v4.is_link_local());
-        let sa = SocketAddr::new(a, port);
-        if !unusable && !out.contains(&sa) {
-            out.push(sa);
-        }
-    }
-    out
-}
-
-fn check_report(listen_port: u16, addresses: &[IpAddr]) -> Result<(), CoordError> {
-    if listen_port == 0 {
-        return Err(CoordError::Malformed("listen_port must not be 0".into()));
-    }
-    if addresses.len() > MAX_REPORTED_ADDRESSES {
-        return Err(CoordError::Malformed(format!(
-            "{} addresses reported; at most {MAX_REPORTED_ADDRESSES} are accepted",
-            addresses.len()
-        )));
-    }
-    Ok(())
+    Ok(registry::check_name(name)?)
 }
 
 impl Coordinator {
@@ -433,7 +456,14 @@ impl Coordinator {
                 s
             }
         };
-        let changed = register_self(&tx, &settings, now_unix)?;
+        let model_settings = registry::Settings {
+            mesh_cidr: settings.mesh_cidr,
+            reserved: settings.reserved.clone(),
+            static_assignments: settings.static_assignments.clone(),
+            own_name: settings.own_name.clone(),
+            own_address: settings.own_address,
+        };
+        let changed = register_self(&tx, &settings, &model_settings, now_unix)?;
         let mut version = meta_get_u64(&tx, META_VERSION)?.unwrap_or(0);
         if changed || version == 0 {
             version = bump_version(&tx)?;
@@ -453,6 +483,7 @@ impl Coordinator {
                 snapshot: None,
             })),
             settings: Arc::new(settings),
+            model_settings: Arc::new(model_settings),
             secret: Arc::new(secret),
             version_tx: Arc::new(version_tx),
             peer_json: Arc::new(PeerJsonCache::default()),
@@ -496,273 +527,101 @@ impl Coordinator {
         Ok(value)
     }
 
+    /// Run a registry transition in one write: load the model, let `decide` ask it, persist
+    /// the change. A key swap (a join, a committed rotation) starts its grace before the
+    /// version bump is published (see grace.rs; should the commit still fail, the entry's
+    /// new key matches no host and is ignored).
+    fn transition<T>(
+        &self,
+        decide: impl FnOnce(&Registry) -> Result<(T, Change), RegistryError>,
+    ) -> Result<T, CoordError> {
+        self.write(|tx| {
+            let model = load_registry(tx, &self.model_settings)?;
+            let (value, change) = decide(&model)?;
+            let changed = persist(tx, &change)?;
+            if let Some(swap) = change.key_swap {
+                self.recent.record(RecentJoin {
+                    name: swap.name,
+                    address: swap.address,
+                    throwaway: swap.old,
+                    new_key: swap.new,
+                    at: std::time::Instant::now(),
+                });
+            }
+            Ok((value, changed))
+        })
+    }
+
     /// Invite a host. Daemon hosts get a signed one-line token (and a pending host row with
     /// the token's throwaway public key, so the coordinator's WireGuard accepts it and every
     /// netmap lists it); static peers are registered at once and get a complete wg-quick
     /// configuration. Other hosts learn about a static peer through their netmap.
     pub fn invite(&self, req: InviteRequest, now_unix: u64) -> Result<InviteResponse, CoordError> {
-        validate_name(&req.name)?;
-        let ttl = req.ttl_secs.unwrap_or(DEFAULT_INVITE_TTL_SECS);
-        if ttl == 0 || ttl > MAX_INVITE_TTL_SECS {
-            return Err(CoordError::Malformed(format!(
-                "ttl of {ttl} s is out of range (1 s to {MAX_INVITE_TTL_SECS} s)"
-            )));
-        }
-        if req.static_peer && req.admin {
-            return Err(CoordError::Malformed(
-                "a static peer cannot be an admin host (it cannot call the API)".into(),
-            ));
-        }
-        if !req.static_peer && req.public_key.is_some() {
-            return Err(CoordError::Malformed(
-                "public_key is only for static peers (a daemon host generates its own key)".into(),
-            ));
-        }
-        if !req.static_peer && (req.endpoint.is_some() || req.near.is_some()) {
-            return Err(CoordError::Malformed(
-                "endpoint and near are only for static peers (a daemon host reports its own)"
-                    .into(),
-            ));
-        }
-        let endpoint = req
-            .endpoint
-            .map(|e| SocketAddr::new(e.ip().to_canonical(), e.port()));
-        if let Some(e) = endpoint {
-            let ip = e.ip();
-            if e.port() == 0
-                || ip.is_unspecified()
-                || ip.is_loopback()
-                || ip.is_multicast()
-                || self.settings.mesh_cidr.contains(&ip)
-            {
-                return Err(CoordError::Malformed(format!(
-                    "endpoint {e} is unusable (port 0, unspecified, loopback, multicast or inside \
-                     the mesh)"
-                )));
-            }
-        }
-        if req.near.as_deref() == Some(req.name.as_str()) {
-            return Err(CoordError::Malformed(format!(
-                "{} cannot be near itself",
-                req.name
-            )));
-        }
-        let settings = &self.settings;
-        let requested = match (settings.static_assignments.get(&req.name), req.address) {
-            (Some(s), Some(a)) if *s != a => {
-                return Err(CoordError::Conflict(format!(
-                    "{} has the static assignment {s}, not {a}",
-                    req.name
-                )))
-            }
-            (Some(s), _) => Some(*s),
-            (None, a) => a,
-        };
-        // Other names' static assignments are never handed to this one.
-        let mut reserved = settings.reserved.clone();
-        for (other, addr) in &settings.static_assignments {
-            if *other != req.name {
-                reserved.push(IpNet::from(*addr));
-            }
-        }
+        let inv = registry::check_invite(&req, &self.model_settings)?;
         self.expire_invites(now_unix)?;
-
-        let mut generated: Option<PrivateKey> = None;
-        let resp = self.write(|tx| {
-            if let Some(h) = live_host_by_name(tx, &req.name)? {
-                return Err(CoordError::Conflict(format!(
-                    "the name {} is already taken by {} host {}",
-                    req.name,
-                    if h.pending { "the invited" } else { "the" },
-                    h.address
-                )));
-            }
-            let used = ever_used(tx)?;
-            let address =
-                mesh_proto::alloc::allocate(settings.mesh_cidr, &reserved, &used, requested)?;
-            if req.static_peer {
-                let public_key = match req.public_key {
-                    Some(k) => k,
-                    None => {
-                        let k = PrivateKey::generate();
-                        let p = k.public_key();
-                        generated = Some(k);
-                        p
-                    }
-                };
-                ensure_key_unused(tx, &public_key)?;
-                if let Some(near) = &req.near {
-                    match live_host_by_name(tx, near)? {
-                        Some(h) if !h.static_peer => {}
-                        Some(_) => {
-                            return Err(CoordError::Malformed(format!(
-                                "near {near}: a static peer cannot mark a NAT (name a daemon host)"
-                            )))
-                        }
-                        None => return Err(CoordError::NoSuchHost(near.clone())),
-                    }
-                }
-                tx.execute(
-                    "INSERT INTO hosts (name, address, public_key, admin, static_peer, pending,
-                        removed, created_unix, key_created_unix, near)
-                     VALUES (?1, ?2, ?3, 0, 1, 0, 0, ?4, ?4, ?5)",
-                    params![
-                        req.name,
-                        address.to_string(),
-                        public_key.0.as_slice(),
-                        now_unix as i64,
-                        req.near
-                    ],
-                )?;
-                if let Some(e) = endpoint {
-                    set_reported(tx, tx.last_insert_rowid(), &[e])?;
-                }
-                audit(
-                    tx,
-                    now_unix,
-                    "static_peer",
-                    &req.name,
-                    &format!(
-                        "address {address}, key {}, endpoint {}, near {}",
-                        public_key.short(),
-                        endpoint.map_or_else(|| "-".to_string(), |e| e.to_string()),
-                        req.near.as_deref().unwrap_or("-")
-                    ),
-                )?;
-                Ok((
-                    InviteResponse {
-                        name: req.name.clone(),
-                        address,
-                        token: None,
-                        wg_quick_config: None,
-                        expires_unix: None,
-                    },
-                    true,
-                ))
-            } else {
-                let throwaway = PrivateKey::generate();
-                let throwaway_pub = throwaway.public_key();
-                ensure_key_unused(tx, &throwaway_pub)?;
-                let invite_id = random_hex(16);
-                let expires = now_unix.saturating_add(ttl);
-                tx.execute(
-                    "INSERT INTO hosts (name, address, public_key, admin, static_peer, pending,
-                        removed, created_unix, key_created_unix, invite_id)
-                     VALUES (?1, ?2, ?3, ?4, 0, 1, 0, ?5, ?5, ?6)",
-                    params![
-                        req.name,
-                        address.to_string(),
-                        throwaway_pub.0.as_slice(),
-                        req.admin,
-                        now_unix as i64,
-                        invite_id
-                    ],
-                )?;
-                let host_id = tx.last_insert_rowid();
-                tx.execute(
-                    "INSERT INTO invitations (id, name, address, host_id, admin, created_unix,
-                        expires_unix, state)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending')",
-                    params![
-                        invite_id,
-                        req.name,
-                        address.to_string(),
-                        host_id,
-                        req.admin,
-                        now_unix as i64,
-                        expires as i64
-                    ],
-                )?;
-                // The coordinator's key as registered now (it rotates; the key it started
-                // with may be long gone).
-                let coordinator_key = own_host(tx, &settings.own_name)?.public_key;
-                let body = TokenBody {
-                    invite_id: invite_id.clone(),
-                    coordinator_public_key: coordinator_key,
-                    coordinator_endpoints: settings.public_endpoints.clone(),
-                    coordinator_address: settings.own_address,
-                    api_port: settings.api_port,
-                    mesh_cidr: settings.mesh_cidr,
-                    host_name: req.name.clone(),
-                    host_address: address,
-                    throwaway_private_key: throwaway.to_base64(),
-                    expires_unix: expires,
-                    admin: req.admin,
-                };
-                let token = Token::sign(body, &self.secret).encode();
-                audit(
-                    tx,
-                    now_unix,
-                    "invite",
-                    &req.name,
-                    &format!(
-                        "address {address}, expires {expires}, admin {}, invitation {invite_id}",
-                        req.admin
-                    ),
-                )?;
-                Ok((
-                    InviteResponse {
-                        name: req.name.clone(),
-                        address,
-                        token: Some(token),
-                        wg_quick_config: None,
-                        expires_unix: Some(expires),
-                    },
-                    true,
-                ))
-            }
+        // A daemon host's throwaway key (its token carries the private half), or a static
+        // peer's key pair when it brought no public key.
+        let drawn = PrivateKey::generate();
+        let key = match req.public_key {
+            Some(k) if inv.static_peer => k,
+            _ => drawn.public_key(),
+        };
+        let invite_id = random_hex(16);
+        let (address, terms) = self.transition(|r| {
+            let out = r.invite(&inv, key, &invite_id, now_unix)?;
+            Ok(((out.address, out.token), out.change))
         })?;
-        tracing::info!(name = %resp.name, address = %resp.address, static_peer = req.static_peer, "invited");
-        if req.static_peer {
-            let netmap = self.netmap_for_name(&req.name)?.ok_or_else(|| {
-                CoordError::Internal(format!("no netmap for the new static peer {}", req.name))
+        tracing::info!(name = %inv.name, address = %address, static_peer = inv.static_peer, "invited");
+        let settings = &self.settings;
+        let Some(terms) = terms else {
+            let netmap = self.netmap_for_name(&inv.name)?.ok_or_else(|| {
+                CoordError::Internal(format!("no netmap for the new static peer {}", inv.name))
             })?;
+            let generated = req.public_key.is_none().then_some(&drawn);
             let config = wgquick::render(
                 &netmap,
-                generated.as_ref(),
-                endpoint.map(|e| e.port()),
+                generated,
+                inv.endpoint.map(|e| e.port()),
                 settings.keepalive_secs,
                 &settings.own_name,
             );
             return Ok(InviteResponse {
+                name: inv.name,
+                address,
+                token: None,
                 wg_quick_config: Some(config),
-                ..resp
+                expires_unix: None,
             });
-        }
-        Ok(resp)
+        };
+        let body = TokenBody {
+            invite_id,
+            coordinator_public_key: terms.coordinator_key,
+            coordinator_endpoints: settings.public_endpoints.clone(),
+            coordinator_address: settings.own_address,
+            api_port: settings.api_port,
+            mesh_cidr: settings.mesh_cidr,
+            host_name: inv.name.clone(),
+            host_address: address,
+            throwaway_private_key: drawn.to_base64(),
+            expires_unix: terms.expires_unix,
+            admin: inv.admin,
+        };
+        Ok(InviteResponse {
+            name: inv.name,
+            address,
+            token: Some(Token::sign(body, &self.secret).encode()),
+            wg_quick_config: None,
+            expires_unix: Some(terms.expires_unix),
+        })
     }
 
     /// Mark pending invitations past their expiry as expired and take their pending hosts
     /// out of the netmaps (the addresses stay reserved). Returns how many expired.
     pub fn expire_invites(&self, now_unix: u64) -> Result<usize, CoordError> {
-        self.write(|tx| {
-            let expired: Vec<(String, String, i64)> = {
-                let mut stmt = tx.prepare(
-                    "SELECT id, name, host_id FROM invitations
-                     WHERE state = 'pending' AND expires_unix <= ?1",
-                )?;
-                let rows =
-                    stmt.query_map([now_unix as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-                rows.collect::<Result<_, _>>()?
-            };
-            for (id, name, host_id) in &expired {
-                tx.execute(
-                    "UPDATE invitations SET state = 'expired', closed_unix = ?2 WHERE id = ?1",
-                    params![id, now_unix as i64],
-                )?;
-                tx.execute(
-                    "UPDATE hosts SET removed = 1 WHERE id = ?1 AND pending = 1",
-                    [host_id],
-                )?;
-                audit(
-                    tx,
-                    now_unix,
-                    "invite_expired",
-                    name,
-                    &format!("invitation {id}"),
-                )?;
-            }
-            Ok((expired.len(), !expired.is_empty()))
+        self.transition(|r| {
+            let change = r.expire_invites(now_unix);
+            // One audit entry per expired invitation.
+            Ok((change.audit.len(), change))
         })
     }
 
@@ -788,34 +647,7 @@ impl Coordinator {
     /// Revoke the pending invitation for `name`: its pending host leaves every netmap; the
     /// address stays reserved.
     pub fn revoke_invite(&self, name: &str, now_unix: u64) -> Result<(), CoordError> {
-        self.write(|tx| {
-            let found: Option<(String, i64)> = tx
-                .query_row(
-                    "SELECT id, host_id FROM invitations WHERE name = ?1 AND state = 'pending'",
-                    [name],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            let Some((id, host_id)) = found else {
-                return Err(CoordError::NoSuchInvite(name.to_string()));
-            };
-            tx.execute(
-                "UPDATE invitations SET state = 'revoked', closed_unix = ?2 WHERE id = ?1",
-                params![id, now_unix as i64],
-            )?;
-            tx.execute(
-                "UPDATE hosts SET removed = 1 WHERE id = ?1 AND pending = 1",
-                [host_id],
-            )?;
-            audit(
-                tx,
-                now_unix,
-                "revoke_invite",
-                name,
-                &format!("invitation {id}"),
-            )?;
-            Ok(((), true))
-        })?;
+        self.transition(|r| Ok(((), r.revoke_invite(name, now_unix)?)))?;
         tracing::info!(name, "invitation revoked");
         Ok(())
     }
@@ -840,81 +672,13 @@ impl Coordinator {
             TokenError::Expired => CoordError::Expired(name.clone()),
             other => CoordError::BadToken(other.to_string()),
         })?;
-        check_report(req.listen_port, &req.addresses)?;
-        let mesh = self.settings.mesh_cidr;
-        self.write(|tx| {
-            let inv: Option<(String, String, i64, i64, String)> = tx
-                .query_row(
-                    "SELECT name, address, host_id, expires_unix, state FROM invitations
-                     WHERE id = ?1",
-                    [&token.body.invite_id],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-                )
-                .optional()?;
-            let Some((inv_name, inv_address, host_id, expires, state)) = inv else {
-                // Signed by us but unknown: the registry was replaced; treat as foreign.
-                return Err(CoordError::Tampered);
-            };
-            match state.as_str() {
-                "pending" => {}
-                "used" => return Err(CoordError::AlreadyUsed(inv_name)),
-                "expired" => return Err(CoordError::Expired(inv_name)),
-                _ => return Err(CoordError::Revoked(inv_name)),
-            }
-            if (expires as u64) <= now_unix {
-                return Err(CoordError::Expired(inv_name));
-            }
-            let invited: IpAddr = inv_address
-                .parse()
-                .map_err(|_| CoordError::Internal(format!("bad stored address {inv_address}")))?;
-            if inv_name != token.body.host_name || invited != token.body.host_address {
-                return Err(CoordError::Tampered);
-            }
-            if caller != invited {
-                return Err(CoordError::WrongCaller {
-                    name: inv_name,
-                    expected: invited,
-                    caller,
-                });
-            }
-            let host = host_by_id(tx, host_id)?;
-            if host.removed {
-                return Err(CoordError::Removed(inv_name));
-            }
-            ensure_key_unused(tx, &req.public_key)?;
-            tx.execute(
-                "UPDATE hosts SET public_key = ?2, key_created_unix = ?3, pending = 0,
-                    last_seen_unix = ?3
-                 WHERE id = ?1",
-                params![host_id, req.public_key.0.as_slice(), now_unix as i64],
-            )?;
-            set_reported(
-                tx,
-                host_id,
-                &candidate_endpoints(mesh, &req.addresses, req.listen_port),
-            )?;
-            tx.execute(
-                "UPDATE invitations SET state = 'used', closed_unix = ?2 WHERE id = ?1",
-                params![token.body.invite_id, now_unix as i64],
-            )?;
-            audit(
-                tx,
-                now_unix,
-                "join",
-                &inv_name,
-                &format!("address {invited}, key {}", req.public_key.short()),
-            )?;
-            // Before the version bump is published (see grace.rs). Should the commit still
-            // fail, the entry's new key matches no host and is ignored.
-            self.recent.record(RecentJoin {
-                name: inv_name.clone(),
-                address: invited,
-                throwaway: host.public_key,
-                new_key: req.public_key,
-                at: std::time::Instant::now(),
-            });
-            Ok(((), true))
-        })?;
+        registry::check_report(req.listen_port, &req.addresses)?;
+        let ticket = JoinTicket {
+            invite_id: token.body.invite_id.clone(),
+            host_name: name.clone(),
+            host_address: token.body.host_address,
+        };
+        self.transition(|r| Ok(((), r.join(&ticket, caller, &req, now_unix)?)))?;
         tracing::info!(name = %name, caller = %caller, "host joined");
         let netmap = self
             .netmap_for_name(&name)?
@@ -960,102 +724,12 @@ impl Coordinator {
         step: RotationStep,
     ) -> Result<RotateResponse, CoordError> {
         let caller = caller.to_canonical();
-        if caller == self.settings.own_address {
-            return Err(CoordError::Conflict(format!(
-                "{caller} is the coordinator itself; its key is rotated by its own meshd \
-                 (set_own_public_key), not over the API"
-            )));
-        }
-        let name = self.write(|tx| {
-            let host = match live_host_by_address(tx, caller)? {
-                Some(h) if !h.pending => h,
-                Some(_) => return Err(CoordError::NotAHost(caller)),
-                None => {
-                    let removed: Option<String> = tx
-                        .query_row(
-                            "SELECT name FROM hosts
-                             WHERE address = ?1 AND removed = 1 AND pending = 0",
-                            [caller.to_string()],
-                            |r| r.get(0),
-                        )
-                        .optional()?;
-                    return Err(match removed {
-                        Some(name) => CoordError::Removed(name),
-                        None => CoordError::NotAHost(caller),
-                    });
-                }
+        let name = self.transition(|r| {
+            let rotation = match step {
+                RotationStep::Prepare => r.prepare_rotation(caller, req.public_key, now_unix)?,
+                RotationStep::Commit => r.commit_rotation(caller, req.public_key, now_unix)?,
             };
-            if host.static_peer {
-                return Err(CoordError::Conflict(format!(
-                    "{} is a static peer; its key is managed by re-inviting it, not rotated over \
-                     the API",
-                    host.name
-                )));
-            }
-            let key = req.public_key;
-            match step {
-                RotationStep::Prepare => {
-                    // Prepared already, or even committed (the host crashed before it saw
-                    // the commit's reply): nothing to do; the reply's netmap says which.
-                    if host.next_public_key == Some(key) || host.public_key == key {
-                        return Ok((host.name, false));
-                    }
-                    ensure_key_unused(tx, &key)?;
-                    tx.execute(
-                        "UPDATE hosts SET next_public_key = ?2, last_seen_unix = ?3 WHERE id = ?1",
-                        params![host.id, key.0.as_slice(), now_unix as i64],
-                    )?;
-                    audit(
-                        tx,
-                        now_unix,
-                        "rotate-prepare",
-                        &host.name,
-                        &format!("key {} -> {}", host.public_key.short(), key.short()),
-                    )?;
-                    return Ok((host.name, true));
-                }
-                RotationStep::Commit => {
-                    if host.public_key == key {
-                        return Ok((host.name, false));
-                    }
-                    if host.next_public_key != Some(key) {
-                        return Err(CoordError::Conflict(format!(
-                            "key {} was not prepared for {}; prepare it first \
-                             (POST /v1/rotate/prepare)",
-                            key.short(),
-                            host.name
-                        )));
-                    }
-                }
-            }
-            tx.execute(
-                "INSERT OR IGNORE INTO retired_keys (public_key, host, retired_unix)
-                 VALUES (?1, ?2, ?3)",
-                params![host.public_key.0.as_slice(), host.name, now_unix as i64],
-            )?;
-            tx.execute(
-                "UPDATE hosts SET public_key = ?2, next_public_key = NULL, key_created_unix = ?3,
-                 last_seen_unix = ?3, rotate_requested_unix = NULL
-                 WHERE id = ?1",
-                params![host.id, key.0.as_slice(), now_unix as i64],
-            )?;
-            audit(
-                tx,
-                now_unix,
-                "rotate",
-                &host.name,
-                &format!("key {} -> {}", host.public_key.short(), key.short()),
-            )?;
-            // Before the version bump is published (see grace.rs); the old key plays the
-            // throwaway key's part.
-            self.recent.record(RecentJoin {
-                name: host.name.clone(),
-                address: host.address,
-                throwaway: host.public_key,
-                new_key: key,
-                at: std::time::Instant::now(),
-            });
-            Ok((host.name, true))
+            Ok((rotation.name, rotation.change))
         })?;
         tracing::info!(name = %name, caller = %caller, step = ?step, "host rotation step");
         let netmap = self.netmap_for_name(&name)?.ok_or_else(|| {
@@ -1067,7 +741,7 @@ impl Coordinator {
     /// The checks of a report that need no registry (so a debounced report is refused at
     /// once, not when it is applied).
     pub fn check_report(&self, report: &EndpointReport) -> Result<(), CoordError> {
-        check_report(report.listen_port, &report.addresses)?;
+        registry::check_report(report.listen_port, &report.addresses)?;
         check_advertise(self.settings.mesh_cidr, &report.advertise).map(drop)
     }
 
@@ -1094,7 +768,7 @@ impl Coordinator {
         now_unix: u64,
     ) -> Result<(), CoordError> {
         let caller = caller.to_canonical();
-        check_report(report.listen_port, &report.addresses)?;
+        registry::check_report(report.listen_port, &report.addresses)?;
         let mesh = self.settings.mesh_cidr;
         let advertise = check_advertise(mesh, &report.advertise)?;
         let changed = self.write(|tx| {
@@ -1109,7 +783,7 @@ impl Coordinator {
                 // advertisement alone never blocks another host's report.
                 tx.execute(
                     "UPDATE hosts SET advertise = ?2 WHERE id = ?1",
-                    params![host.id, advertise_text(&advertise)],
+                    params![host.id.0, advertise_text(&advertise)],
                 )?;
                 super::routes::note_advertised(&host.name, &host.advertise, &advertise);
                 audit(
@@ -1123,20 +797,20 @@ impl Coordinator {
             }
             let mut changed = set_reported(
                 tx,
-                host.id,
-                &candidate_endpoints(mesh, &report.addresses, report.listen_port),
+                host.id.0,
+                &registry::candidate_endpoints(mesh, &report.addresses, report.listen_port),
             )?;
             let observed = observed.map(|o| SocketAddr::new(o.ip().to_canonical(), o.port()));
             if observed.is_some() && observed != host.observed {
                 tx.execute(
                     "UPDATE hosts SET observed = ?2 WHERE id = ?1",
-                    params![host.id, observed.map(|o| o.to_string())],
+                    params![host.id.0, observed.map(|o| o.to_string())],
                 )?;
                 changed = true;
             }
             tx.execute(
                 "UPDATE hosts SET last_seen_unix = ?2 WHERE id = ?1",
-                params![host.id, now_unix as i64],
+                params![host.id.0, now_unix as i64],
             )?;
             if changed {
                 audit(
@@ -1164,30 +838,7 @@ impl Coordinator {
     /// Remove a host: it leaves every netmap, its key is refused from then on, its address
     /// stays reserved. A pending host's invitation is revoked with it.
     pub fn remove(&self, name: &str, now_unix: u64) -> Result<(), CoordError> {
-        if name == self.settings.own_name {
-            return Err(CoordError::Conflict(format!(
-                "{name} is the coordinator itself and cannot be removed"
-            )));
-        }
-        self.write(|tx| {
-            let Some(host) = live_host_by_name(tx, name)? else {
-                return Err(CoordError::NoSuchHost(name.to_string()));
-            };
-            tx.execute("UPDATE hosts SET removed = 1 WHERE id = ?1", [host.id])?;
-            tx.execute(
-                "UPDATE invitations SET state = 'revoked', closed_unix = ?2
-                 WHERE host_id = ?1 AND state = 'pending'",
-                params![host.id, now_unix as i64],
-            )?;
-            audit(
-                tx,
-                now_unix,
-                "remove",
-                name,
-                &format!("address {}, key {}", host.address, host.public_key.short()),
-            )?;
-            Ok(((), true))
-        })?;
+        self.transition(|r| Ok(((), r.remove(name, now_unix)?)))?;
         tracing::info!(name, "host removed");
         Ok(())
     }
@@ -1295,26 +946,7 @@ impl Coordinator {
 
     /// Replace the coordinator's own public key (key rotation).
     pub fn set_own_public_key(&self, key: PublicKey, now_unix: u64) -> Result<(), CoordError> {
-        let own = self.settings.own_name.clone();
-        self.write(|tx| {
-            let host = own_host(tx, &own)?;
-            if host.public_key == key {
-                return Ok(((), false));
-            }
-            ensure_key_unused(tx, &key)?;
-            tx.execute(
-                "UPDATE hosts SET public_key = ?2, key_created_unix = ?3 WHERE id = ?1",
-                params![host.id, key.0.as_slice(), now_unix as i64],
-            )?;
-            audit(
-                tx,
-                now_unix,
-                "rotate_key",
-                &own,
-                &format!("key {}", key.short()),
-            )?;
-            Ok(((), true))
-        })
+        self.transition(|r| Ok(((), r.set_own_key(key, now_unix)?)))
     }
 
     /// `meshctl rotate NAME`: ask a joined daemon host (the coordinator host included) to
@@ -1322,31 +954,7 @@ impl Coordinator {
     /// host's commit clears it, so a host that is offline now rotates when it comes back.
     /// Asking again before that changes nothing.
     pub fn request_rotation(&self, name: &str, now_unix: u64) -> Result<(), CoordError> {
-        self.write(|tx| {
-            let Some(host) = live_host_by_name(tx, name)? else {
-                return Err(CoordError::NoSuchHost(name.to_string()));
-            };
-            if host.static_peer {
-                return Err(CoordError::Conflict(format!(
-                    "{name} is a static peer: its key is set by hand in its wg-quick \
-                     configuration (re-invite it with a new key), not rotated by meshd"
-                )));
-            }
-            if host.pending {
-                return Err(CoordError::Conflict(format!(
-                    "{name} has not joined yet; it gets a fresh key when it joins"
-                )));
-            }
-            if host.rotate_requested {
-                return Ok(((), false));
-            }
-            tx.execute(
-                "UPDATE hosts SET rotate_requested_unix = ?2 WHERE id = ?1",
-                params![host.id, now_unix as i64],
-            )?;
-            audit(tx, now_unix, "rotate-request", name, "asked by an admin")?;
-            Ok(((), true))
-        })
+        self.transition(|r| Ok(((), r.request_rotation(name, now_unix)?)))
     }
 
     /// `meshctl static-config NAME`: the static peer's wg-quick configuration as it should be
@@ -1363,7 +971,7 @@ impl Coordinator {
                     "{name} is not a static peer: meshd on it follows its netmap by itself"
                 )));
             }
-            reported_endpoints(&guard.conn, host.id)?
+            reported_endpoints(&guard.conn, host.id.0)?
                 .first()
                 .map(|e| e.port())
         };
@@ -1383,26 +991,7 @@ impl Coordinator {
     /// peer's netmap lists it and peers accept handshakes from it. Idempotent. Returns the
     /// netmap version that carries it.
     pub fn prepare_own_rotation(&self, next: PublicKey, now_unix: u64) -> Result<u64, CoordError> {
-        let own = self.settings.own_name.clone();
-        self.write(|tx| {
-            let host = own_host(tx, &own)?;
-            if host.next_public_key == Some(next) || host.public_key == next {
-                return Ok(((), false));
-            }
-            ensure_key_unused(tx, &next)?;
-            tx.execute(
-                "UPDATE hosts SET next_public_key = ?2 WHERE id = ?1",
-                params![host.id, next.0.as_slice()],
-            )?;
-            audit(
-                tx,
-                now_unix,
-                "rotate-prepare",
-                &own,
-                &format!("key {} -> {}", host.public_key.short(), next.short()),
-            )?;
-            Ok(((), true))
-        })?;
+        self.transition(|r| Ok(((), r.prepare_own_rotation(next, now_unix)?)))?;
         Ok(self.version())
     }
 
@@ -1417,80 +1006,7 @@ impl Coordinator {
         old_private: &PrivateKey,
         now_unix: u64,
     ) -> Result<u64, CoordError> {
-        let own = self.settings.own_name.clone();
-        let old = old_private.public_key();
-        self.write(|tx| {
-            let host = own_host(tx, &own)?;
-            if host.public_key == next {
-                return Ok(((), false));
-            }
-            if host.next_public_key != Some(next) {
-                return Err(CoordError::Conflict(format!(
-                    "key {} was not prepared for the coordinator {own}",
-                    next.short()
-                )));
-            }
-            if host.public_key != old {
-                return Err(CoordError::Conflict(format!(
-                    "the coordinator's registered key is {}, not the running {}",
-                    host.public_key.short(),
-                    old.short()
-                )));
-            }
-            let holders: Vec<PublicKey> = {
-                let mut stmt = tx.prepare(
-                    "SELECT public_key FROM hosts
-                     WHERE removed = 0 AND static_peer = 0 AND id != ?1",
-                )?;
-                let rows = stmt.query_map([host.id], |r| key_col(0, r.get(0)?))?;
-                rows.collect::<Result<_, _>>()?
-            };
-            for h in &holders {
-                let n = mesh_proto::wire::notice::issue(old_private, h, next, now_unix);
-                // The host asks for its notices proving its key toward `old`, whose private
-                // half is about to go: keep that MAC key (none for a low-order host key).
-                let auth_key = mesh_proto::wire::auth::AuthKey::for_coordinator(old_private, h)
-                    .ok()
-                    .map(|k| k.raw().to_vec());
-                tx.execute(
-                    "INSERT OR REPLACE INTO key_notices
-                        (host_key, old_key, new_key, tag, at_unix, auth_key)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![
-                        h.0.as_slice(),
-                        old.0.as_slice(),
-                        next.0.as_slice(),
-                        n.tag,
-                        now_unix as i64,
-                        auth_key
-                    ],
-                )?;
-            }
-            tx.execute(
-                "INSERT OR IGNORE INTO retired_keys (public_key, host, retired_unix)
-                 VALUES (?1, ?2, ?3)",
-                params![old.0.as_slice(), own, now_unix as i64],
-            )?;
-            tx.execute(
-                "UPDATE hosts SET public_key = ?2, next_public_key = NULL, key_created_unix = ?3,
-                 rotate_requested_unix = NULL
-                 WHERE id = ?1",
-                params![host.id, next.0.as_slice(), now_unix as i64],
-            )?;
-            audit(
-                tx,
-                now_unix,
-                "rotate",
-                &own,
-                &format!(
-                    "key {} -> {}; {} key notices",
-                    old.short(),
-                    next.short(),
-                    holders.len()
-                ),
-            )?;
-            Ok(((), true))
-        })?;
+        self.transition(|r| Ok(((), r.commit_own_rotation(next, old_private, now_unix)?)))?;
         Ok(self.version())
     }
 
@@ -1682,7 +1198,7 @@ fn build_snapshot(
     for row in rows {
         let h = row?;
         // Only what an admin approved (and the host still advertises) reaches the netmaps.
-        let granted = super::routes::granted_for(&decisions, h.id, &h.advertise);
+        let granted = super::routes::granted_for(&decisions, h.id.0, &h.advertise);
         let ungranted: Vec<IpNet> = h
             .advertise
             .iter()
@@ -1690,7 +1206,7 @@ fn build_snapshot(
             .copied()
             .collect();
         hosts.push(HostRecord {
-            reported: reported.remove(&h.id).unwrap_or_default(),
+            reported: reported.remove(&h.id.0).unwrap_or_default(),
             name: h.name,
             address: h.address,
             public_key: h.public_key,
@@ -1702,7 +1218,7 @@ fn build_snapshot(
             ungranted_routes: ungranted,
             key_created_unix: h.key_created_unix,
             next_public_key: h.next_public_key,
-            rotate_requested: h.rotate_requested,
+            rotate_requested: h.rotate_requested_unix.is_some(),
             pending: h.pending,
         });
     }
@@ -1750,107 +1266,21 @@ fn resolve_near(conn: &Connection, hosts: &mut [HostRecord]) -> Result<(), Coord
 fn register_self(
     tx: &Transaction<'_>,
     settings: &CoordinatorSettings,
+    model_settings: &registry::Settings,
     now_unix: u64,
 ) -> Result<bool, CoordError> {
-    let own_endpoints = settings.public_endpoints.clone();
-    match live_host_by_name(tx, &settings.own_name)? {
-        Some(h) => {
-            let mut changed = false;
-            if h.address != settings.own_address {
-                if ever_used(tx)?.contains(&settings.own_address) {
-                    return Err(CoordError::Conflict(format!(
-                        "the coordinator's new address {} was already given to another host",
-                        settings.own_address
-                    )));
-                }
-                tx.execute(
-                    "UPDATE hosts SET address = ?2 WHERE id = ?1",
-                    params![h.id, settings.own_address.to_string()],
-                )?;
-                audit(
-                    tx,
-                    now_unix,
-                    "coordinator_address",
-                    &h.name,
-                    &settings.own_address.to_string(),
-                )?;
-                changed = true;
-            }
-            if h.public_key != settings.own_public_key {
-                ensure_key_unused(tx, &settings.own_public_key)?;
-                tx.execute(
-                    "UPDATE hosts SET public_key = ?2, key_created_unix = ?3 WHERE id = ?1",
-                    params![h.id, settings.own_public_key.0.as_slice(), now_unix as i64],
-                )?;
-                audit(
-                    tx,
-                    now_unix,
-                    "coordinator_key",
-                    &h.name,
-                    &settings.own_public_key.short(),
-                )?;
-                changed = true;
-            }
-            if !h.admin || h.pending || h.static_peer {
-                tx.execute(
-                    "UPDATE hosts SET admin = 1, pending = 0, static_peer = 0 WHERE id = ?1",
-                    [h.id],
-                )?;
-                changed = true;
-            }
-            if set_reported(tx, h.id, &own_endpoints)? {
-                audit(
-                    tx,
-                    now_unix,
-                    "coordinator_endpoints",
-                    &h.name,
-                    &format!("{own_endpoints:?}"),
-                )?;
-                changed = true;
-            }
-            Ok(changed)
-        }
-        None => {
-            if let Some(other) = live_host_by_address(tx, settings.own_address)? {
-                return Err(CoordError::Conflict(format!(
-                    "the coordinator's address {} belongs to host {}",
-                    settings.own_address, other.name
-                )));
-            }
-            if ever_used(tx)?.contains(&settings.own_address) {
-                return Err(CoordError::Conflict(format!(
-                    "the coordinator's address {} was already given to another host",
-                    settings.own_address
-                )));
-            }
-            ensure_key_unused(tx, &settings.own_public_key)?;
-            tx.execute(
-                "INSERT INTO hosts (name, address, public_key, admin, static_peer, pending,
-                    removed, created_unix, key_created_unix, last_seen_unix)
-                 VALUES (?1, ?2, ?3, 1, 0, 0, 0, ?4, ?4, ?4)",
-                params![
-                    settings.own_name,
-                    settings.own_address.to_string(),
-                    settings.own_public_key.0.as_slice(),
-                    now_unix as i64
-                ],
-            )?;
-            let id = tx.last_insert_rowid();
-            set_reported(tx, id, &own_endpoints)?;
-            audit(
-                tx,
-                now_unix,
-                "coordinator",
-                &settings.own_name,
-                &format!(
-                    "address {}, key {}",
-                    settings.own_address,
-                    settings.own_public_key.short()
-                ),
-            )?;
-            Ok(true)
-        }
-    }
+    let model = load_registry(tx, model_settings)?;
+    let reported = match model.live_by_name(&settings.own_name) {
+        Some(h) => reported_endpoints(tx, h.id.0)?,
+        None => Vec::new(),
+    };
+    let change = model.register_coordinator(
+        settings.own_public_key,
+        &settings.public_endpoints,
+        &reported,
+        now_unix,
+    )?;
+    persist(tx, &change)
 }
 
 /// The registry holds the token secret, and so may its WAL: every file owner-only from its
@@ -1901,12 +1331,12 @@ fn prepare_database_files(db: &std::path::Path) -> Result<(), CoordError> {
 
 // The registry access `super::routes` (route approvals) builds on.
 
-pub(super) fn live_host_row(tx: &Connection, name: &str) -> Result<Option<HostRow>, CoordError> {
+pub(super) fn live_host_row(tx: &Connection, name: &str) -> Result<Option<Host>, CoordError> {
     live_host_by_name(tx, name)
 }
 
 /// Every host row, removed ones included.
-pub(super) fn host_rows(conn: &Connection) -> Result<Vec<HostRow>, CoordError> {
+pub(super) fn host_rows(conn: &Connection) -> Result<Vec<Host>, CoordError> {
     let mut stmt = conn.prepare_cached(&format!("SELECT {HOST_COLUMNS} FROM hosts ORDER BY id"))?;
     let rows = stmt.query_map([], host_from_row)?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
