@@ -38,7 +38,7 @@ fn kernel_lab_in_vm() -> Result<()> {
     let script = format!(
         "set -e\n\
          echo '== backend conformance and selection on the kernel'\n\
-         {conf} --test-threads=1 --nocapture kernel_backend_conforms backend_selection_adopts_and_refuses\n\
+         {conf} --include-ignored --test-threads=1 --nocapture kernel_backend_conforms backend_selection_adopts_and_refuses\n\
          echo '== kernel lab scenarios'\n\
          {me} --ignored --test-threads=1 --nocapture inner_\n",
         conf = conformance.display(),
