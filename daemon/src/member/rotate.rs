@@ -961,23 +961,28 @@ mod tests {
         assert!(r.error.is_none(), "{r:?}");
     }
 
-    #[tokio::test]
-    async fn an_unreachable_coordinator_defers_and_keeps_the_same_next_key() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let own = PrivateKey::from_bytes([60; 32]);
-        let mut a = agent(dir.path(), &own);
-        a.set_membership(Some(Membership {
+    /// A member whose coordinator is loopback's discard port: nothing answers, nothing
+    /// leaves the machine.
+    fn unanswered_membership() -> Membership {
+        Membership {
             host_name: "dock-mirror".into(),
             address: "10.99.99.3".parse().expect("ip"),
             mesh_cidr: "10.99.99.0/24".parse().expect("net"),
             coordinator_public_key: PrivateKey::from_bytes([100; 32]).public_key(),
             coordinator_endpoints: vec!["127.0.0.1:9".parse().expect("sa")],
-            // Loopback's discard port: nothing answers, nothing leaves the machine.
             coordinator_address: "127.0.0.1".parse().expect("ip"),
             api_port: 9,
             admin: false,
             joined_unix: 1,
-        }));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_coordinator_defers_and_keeps_the_same_next_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let own = PrivateKey::from_bytes([60; 32]);
+        let mut a = agent(dir.path(), &own);
+        a.set_membership(Some(unanswered_membership()));
         let mut rt = runtime(dir.path());
         let first = rt.rotate(&mut a).await.expect("deferred, not failed");
         let Outcome::Deferred {
@@ -1012,17 +1017,7 @@ mod tests {
             let dir = tempfile::tempdir().expect("tempdir");
             let own = PrivateKey::from_bytes([70; 32]);
             let mut a = agent(dir.path(), &own);
-            a.set_membership(Some(Membership {
-                host_name: "dock-mirror".into(),
-                address: "10.99.99.3".parse().expect("ip"),
-                mesh_cidr: "10.99.99.0/24".parse().expect("net"),
-                coordinator_public_key: PrivateKey::from_bytes([100; 32]).public_key(),
-                coordinator_endpoints: vec!["127.0.0.1:9".parse().expect("sa")],
-                coordinator_address: "127.0.0.1".parse().expect("ip"),
-                api_port: 9,
-                admin: false,
-                joined_unix: 1,
-            }));
+            a.set_membership(Some(unanswered_membership()));
             let state = StateDir::new(dir.path().join("state"));
             let api = a.membership().expect("member").api_addr();
             let mut run = Run::start(&a, Registrar::Remote(api)).expect("start");
