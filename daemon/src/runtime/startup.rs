@@ -320,7 +320,7 @@ fn start_coordinator(
 /// and again when a join's grace ends (inside it our interface keeps the joiner's throwaway
 /// key so the join reply reaches it; see coordinator/grace.rs), so the swap to the new key
 /// does not wait for the periodic pass. Returns when stopped or when the loop is gone.
-async fn feed_own_netmap(
+pub async fn feed_own_netmap(
     coord: Coordinator,
     events: mpsc::Sender<MeshEvent>,
     mut stop: tokio::sync::watch::Receiver<bool>,
