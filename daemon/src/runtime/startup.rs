@@ -406,7 +406,7 @@ fn admin_handler(coord: Coordinator) -> AdminHandler {
 /// (`mesh_proto::rotation::recover`). The coordinator's word is, on a member, the key of our
 /// cached netmap (none for a static fleet or before the first netmap); on the coordinator
 /// host, the key its own registry holds for it.
-fn recover_key(settings: &Settings) -> anyhow::Result<mesh_proto::PrivateKey> {
+pub fn recover_key(settings: &Settings) -> anyhow::Result<mesh_proto::PrivateKey> {
     use mesh_proto::rotation::Recovery;
     let registered = match (&settings.coordinator, &settings.host_name) {
         (Some(cc), Some(name)) => crate::coordinator::registered_key(&cc.database, name)
