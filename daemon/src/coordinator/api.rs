@@ -676,6 +676,36 @@ pub async fn serve_api_with(
     Ok(())
 }
 
+/// The API for an in-process network (`crate::member::client::in_process`; tests only): the
+/// router `serve_api_with` serves, without a listener, its limits or the expiry sweep. Its
+/// long-polls run while this is kept; [`InProcessApi::stop`] ends them as a shutdown does.
+#[cfg(any(test, feature = "test-fakes"))]
+pub struct InProcessApi {
+    pub router: Router,
+    stop: watch::Sender<bool>,
+}
+
+#[cfg(any(test, feature = "test-fakes"))]
+impl InProcessApi {
+    pub fn new(coord: Coordinator, observed: ObservedFn) -> InProcessApi {
+        let (stop, stopping) = watch::channel(false);
+        let state = AppState {
+            coord,
+            observed,
+            stopping,
+        };
+        InProcessApi {
+            router: router(state),
+            stop,
+        }
+    }
+
+    /// Stop as a shutdown does: waiting long-polls answer at once.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
 /// `GET /v1/key-notices/HOSTKEY` (hex): the coordinator key notices for that host. Served
 /// outside the tunnel, only to a requester that proves HOSTKEY toward the coordinator key it
 /// knows (`mesh_proto::wire::auth`; for a key we rotated away, with the MAC key kept at that

@@ -25,6 +25,8 @@ mod wgquick;
 mod tests;
 
 pub use acks::AckOutcome;
+#[cfg(any(test, feature = "test-fakes"))]
+pub use api::InProcessApi;
 pub use api::{
     bind_api_listener, key_notice_router, serve_api, serve_api_on, serve_api_with,
     serve_key_notices, ObservedFn, VERSION_HEADER,

@@ -439,19 +439,10 @@ async fn exchange(
     path: &str,
     body: Option<Vec<u8>>,
 ) -> Result<RawResponse, CallError> {
-    use http_body_util::{BodyExt as _, Full, Limited};
+    use http_body_util::Full;
     use hyper::header::{HeaderValue, ACCEPT, CONTENT_TYPE, HOST};
     let unreachable = |message: String| CallError::Unreachable { addr: at, message };
     let protocol = |message: String| CallError::Protocol { addr: at, message };
-    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(at)).await {
-        Ok(r) => r.map_err(|e| unreachable(e.to_string()))?,
-        Err(_) => {
-            return Err(unreachable(format!(
-                "no connection within {}s",
-                CONNECT_TIMEOUT.as_secs()
-            )))
-        }
-    };
     let body = body.unwrap_or_default();
     let mut nonce = [0u8; mesh_proto::wire::auth::NONCE_LEN];
     rand_core::OsRng.fill_bytes(&mut nonce);
@@ -473,6 +464,23 @@ async fn exchange(
     let req = req
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| protocol(format!("cannot build the request: {e}")))?;
+    #[cfg(any(test, feature = "test-fakes"))]
+    if let Some(net) = in_process::installed() {
+        let resp = net
+            .exchange(at, signer.key(), req)
+            .await
+            .map_err(unreachable)?;
+        return verified(at, signer, &nonce, resp).await;
+    }
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(at)).await {
+        Ok(r) => r.map_err(|e| unreachable(e.to_string()))?,
+        Err(_) => {
+            return Err(unreachable(format!(
+                "no connection within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            )))
+        }
+    };
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
@@ -486,49 +494,66 @@ async fn exchange(
             .send_request(req)
             .await
             .map_err(|e| unreachable(format!("the connection failed: {e}")))?;
-        let (parts, body) = resp.into_parts();
-        let status = parts.status.as_u16();
-        let header = parts
-            .headers
-            .get(mesh_proto::wire::auth::AUTH_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let body = Limited::new(body, MAX_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    protocol(format!("answer larger than {MAX_RESPONSE} bytes"))
-                } else {
-                    protocol(format!("the answer was cut short: {e}"))
-                }
-            })?
-            .to_bytes()
-            .to_vec();
-        if let Err(e) = signer
-            .auth
-            .verify_response(header.as_deref(), &nonce, status, &body)
-        {
-            // What an unproven error answer says may help the operator (e.g. a clock
-            // skew); a would-be netmap is not shown.
-            let message = if (200..300).contains(&status) {
-                e.to_string()
-            } else {
-                format!("{e}; it said: {}", error_text(at, status, &body))
-            };
-            return Err(CallError::Unverified {
-                addr: at,
-                status,
-                message,
-            });
-        }
-        Ok(RawResponse { status, body })
+        verified(at, signer, &nonce, resp).await
     }
     .await;
     driver.abort();
     result
+}
+
+/// Read an answer's body (at most [`MAX_RESPONSE`]) and check that it proves the
+/// coordinator's key for our request's `nonce`.
+async fn verified<B>(
+    at: SocketAddr,
+    signer: &Signer,
+    nonce: &[u8; mesh_proto::wire::auth::NONCE_LEN],
+    resp: hyper::Response<B>,
+) -> Result<RawResponse, CallError>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use http_body_util::{BodyExt as _, Limited};
+    let protocol = |message: String| CallError::Protocol { addr: at, message };
+    let (parts, body) = resp.into_parts();
+    let status = parts.status.as_u16();
+    let header = parts
+        .headers
+        .get(mesh_proto::wire::auth::AUTH_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = Limited::new(body, MAX_RESPONSE)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                protocol(format!("answer larger than {MAX_RESPONSE} bytes"))
+            } else {
+                protocol(format!("the answer was cut short: {e}"))
+            }
+        })?
+        .to_bytes()
+        .to_vec();
+    if let Err(e) = signer
+        .auth
+        .verify_response(header.as_deref(), nonce, status, &body)
+    {
+        // What an unproven error answer says may help the operator (e.g. a clock
+        // skew); a would-be netmap is not shown.
+        let message = if (200..300).contains(&status) {
+            e.to_string()
+        } else {
+            format!("{e}; it said: {}", error_text(at, status, &body))
+        };
+        return Err(CallError::Unverified {
+            addr: at,
+            status,
+            message,
+        });
+    }
+    Ok(RawResponse { status, body })
 }
 
 /// What an error answer says: the coordinator's own words when it sent `ApiError` JSON.
@@ -546,6 +571,145 @@ fn error_text(at: SocketAddr, status: u16, body: &[u8]) -> String {
             } else {
                 text
             }
+        }
+    }
+}
+
+/// The in-process network of a simulation (tests only; absent from a build without the
+/// `test-fakes` feature): installed on a thread, it carries that thread's API calls to axum
+/// routers in the same process instead of TCP, so a fleet of members and a coordinator run
+/// on one current-thread runtime (all its tasks run on the thread that drives it) with a
+/// paused clock and no sockets. Requests keep their signatures and answers their proofs;
+/// which caller the server sees comes from a [`SourceFn`] (the tunnel: a key's packets come
+/// from that key's mesh address). An address with no router is unreachable, as is every
+/// address while nothing is served there; a router can be taken down (an outage) and another
+/// put in its place (a restart), and requests in flight to the old one then fail.
+#[cfg(any(test, feature = "test-fakes"))]
+pub mod in_process {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex, PoisonError};
+
+    use axum::body::{Body, Bytes};
+    use axum::extract::ConnectInfo;
+    use axum::Router;
+    use http_body_util::Full;
+    use hyper_util::service::TowerToHyperService;
+    use mesh_proto::PublicKey;
+    use tokio::sync::watch;
+
+    /// The address the server at `at` sees a request signed with `key` come from, or why
+    /// the request does not arrive (no tunnel to that server with that key).
+    pub type SourceFn =
+        Arc<dyn Fn(SocketAddr, &PublicKey) -> Result<SocketAddr, String> + Send + Sync>;
+
+    struct Server {
+        router: Option<Router>,
+        /// Bumped when the router goes down or is replaced: requests in flight fail.
+        epoch: watch::Sender<u64>,
+    }
+
+    /// Routers by address, shared by every clone.
+    #[derive(Clone)]
+    pub struct Network {
+        servers: Arc<Mutex<HashMap<SocketAddr, Server>>>,
+        source: SourceFn,
+    }
+
+    impl std::fmt::Debug for Network {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Network").finish_non_exhaustive()
+        }
+    }
+
+    impl Network {
+        pub fn new(source: SourceFn) -> Network {
+            Network {
+                servers: Arc::default(),
+                source,
+            }
+        }
+
+        fn with_server<T>(&self, at: SocketAddr, f: impl FnOnce(&mut Server) -> T) -> T {
+            let mut g = self.servers.lock().unwrap_or_else(PoisonError::into_inner);
+            let server = g.entry(at).or_insert_with(|| Server {
+                router: None,
+                epoch: watch::channel(0).0,
+            });
+            f(server)
+        }
+
+        /// Serve `router` at `at` from now on, in place of whatever served there.
+        pub fn serve(&self, at: SocketAddr, router: Router) {
+            self.with_server(at, |s| {
+                s.router = Some(router);
+                s.epoch.send_modify(|e| *e += 1);
+            });
+        }
+
+        /// Nothing answers at `at` any more; requests in flight there fail.
+        pub fn down(&self, at: SocketAddr) {
+            self.with_server(at, |s| {
+                s.router = None;
+                s.epoch.send_modify(|e| *e += 1);
+            });
+        }
+
+        /// Whether a router answers at `at`.
+        pub fn is_up(&self, at: SocketAddr) -> bool {
+            self.with_server(at, |s| s.router.is_some())
+        }
+
+        /// Carry this thread's API calls (until the guard is dropped).
+        pub fn install(&self) -> Installed {
+            INSTALLED.with(|n| *n.borrow_mut() = Some(self.clone()));
+            Installed(std::marker::PhantomData)
+        }
+
+        /// One exchange: the request to the router at `at`, as if it came from the address
+        /// the [`SourceFn`] gives. `Err` is why nothing answered.
+        pub(super) async fn exchange(
+            &self,
+            at: SocketAddr,
+            key: PublicKey,
+            mut req: hyper::Request<Full<Bytes>>,
+        ) -> Result<hyper::Response<Body>, String> {
+            let from = (self.source)(at, &key)?;
+            let (router, mut epoch) = self.with_server(at, |s| {
+                let mut epoch = s.epoch.subscribe();
+                epoch.borrow_and_update();
+                (s.router.clone(), epoch)
+            });
+            let router = router.ok_or_else(|| format!("nothing answers at {at}"))?;
+            req.extensions_mut().insert(ConnectInfo(from));
+            let service = TowerToHyperService::new(router);
+            let call = hyper::service::Service::call(&service, req);
+            tokio::select! {
+                r = call => match r {
+                    Ok(resp) => Ok(resp),
+                    Err(never) => match never {},
+                },
+                _ = epoch.changed() => Err(format!("the connection to {at} was reset")),
+            }
+        }
+    }
+
+    thread_local! {
+        static INSTALLED: RefCell<Option<Network>> = const { RefCell::new(None) };
+    }
+
+    /// The network installed on this thread, if any.
+    pub fn installed() -> Option<Network> {
+        INSTALLED.with(|n| n.borrow().clone())
+    }
+
+    /// Uninstalls the thread's network when dropped; bound to its thread.
+    pub struct Installed(std::marker::PhantomData<*const ()>);
+
+    impl Drop for Installed {
+        fn drop(&mut self) {
+            INSTALLED.with(|n| *n.borrow_mut() = None);
         }
     }
 }

@@ -320,7 +320,7 @@ fn start_coordinator(
 /// and again when a join's grace ends (inside it our interface keeps the joiner's throwaway
 /// key so the join reply reaches it; see coordinator/grace.rs), so the swap to the new key
 /// does not wait for the periodic pass. Returns when stopped or when the loop is gone.
-async fn feed_own_netmap(
+pub async fn feed_own_netmap(
     coord: Coordinator,
     events: mpsc::Sender<MeshEvent>,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -406,7 +406,7 @@ fn admin_handler(coord: Coordinator) -> AdminHandler {
 /// (`mesh_proto::rotation::recover`). The coordinator's word is, on a member, the key of our
 /// cached netmap (none for a static fleet or before the first netmap); on the coordinator
 /// host, the key its own registry holds for it.
-fn recover_key(settings: &Settings) -> anyhow::Result<mesh_proto::PrivateKey> {
+pub fn recover_key(settings: &Settings) -> anyhow::Result<mesh_proto::PrivateKey> {
     use mesh_proto::rotation::Recovery;
     let registered = match (&settings.coordinator, &settings.host_name) {
         (Some(cc), Some(name)) => crate::coordinator::registered_key(&cc.database, name)
