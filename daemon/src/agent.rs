@@ -2,6 +2,8 @@
 //! driven by plain calls (`handle_reload`, `reconcile`, `peers`, `status`) so tests can run it
 //! against the in-memory fakes; `run` is the tokio shell around it.
 
+pub mod desired;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -17,10 +19,10 @@ use mesh_proto::routes::{
 use mesh_proto::Op;
 use mesh_proto::{plan, DeviceSpec, ObservedPeer, PeerSpec, PrivateKey, PublicKey};
 
+use crate::agent::desired::desired_device;
 use crate::backend::{LinkBackend, LinkSpec, WgBackend};
 use crate::disk::state::Membership;
 use crate::error::{Error, Result};
-use crate::member::desired_device;
 use crate::runtime::settings::Settings;
 
 /// The latest endpoint the device reports for each peer, by the peer's mesh address. Updated on
@@ -399,7 +401,7 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
         // netmap applies.
         let (netmap, skipped) = match &self.netmap {
             Some(nm) => {
-                let (nm, skipped) = crate::member::accepted_netmap(
+                let (nm, skipped) = desired::accepted_netmap(
                     &self.settings,
                     self.membership.as_ref(),
                     nm,

@@ -128,8 +128,12 @@ pub async fn run_offline(settings: Settings) -> Report {
                 .into_iter()
                 .filter(|r| r.dev.as_deref() != Some(settings.interface.as_str()))
                 .collect();
-            let (nm, skipped) =
-                crate::member::accepted_netmap(&settings, membership.as_ref(), &nm, &underlay);
+            let (nm, skipped) = crate::agent::desired::accepted_netmap(
+                &settings,
+                membership.as_ref(),
+                &nm,
+                &underlay,
+            );
             (Some(nm), skipped)
         }
         None => (None, Vec::new()),

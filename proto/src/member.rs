@@ -10,6 +10,7 @@
 //! rotation starts and what its end means for the netmaps still queued.
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -463,6 +464,31 @@ impl Member {
             pending,
             asked,
         }));
+    }
+}
+
+/// Our underlay addresses, ready to report: sorted, without loopback/link-local/mesh.
+pub fn endpoint_report(
+    listen_port: u16,
+    mut addresses: Vec<IpAddr>,
+    mesh: Option<IpNet>,
+) -> EndpointReport {
+    addresses.retain(|a| usable_underlay(a) && !mesh.is_some_and(|m| m.contains(a)));
+    addresses.sort();
+    addresses.dedup();
+    EndpointReport {
+        listen_port,
+        addresses,
+        advertise: Vec::new(),
+    }
+}
+
+fn usable_underlay(a: &IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_link_local() || v4.is_unspecified()),
+        IpAddr::V6(v6) => {
+            !(v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xffc0) == 0xfe80)
+        }
     }
 }
 

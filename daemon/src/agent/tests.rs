@@ -1,4 +1,5 @@
-//! Tests of the agent on the in-memory fakes: passes, reloads, routes, restarts and what the device is left with.
+//! Tests of the agent on the in-memory fakes: passes, reloads, routes, restarts and what the
+//! device is left with.
 
 use super::*;
 use crate::backend::{FakeBackend, FakeLink};

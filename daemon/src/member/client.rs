@@ -23,6 +23,8 @@ use tokio::net::TcpStream;
 
 /// Largest response we accept (a netmap of a few thousand hosts fits easily).
 const MAX_RESPONSE: usize = 16 * 1024 * 1024;
+/// How long a join may take to reach the coordinator through the tunnel.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline for ordinary calls.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline for a netmap long-poll: longer than the server holds it.
@@ -149,7 +151,7 @@ pub trait Api: Send + Sync {
 
     /// How long a join keeps trying to reach the coordinator through the tunnel.
     fn join_deadline(&self) -> Duration {
-        crate::member::join::JOIN_TIMEOUT
+        JOIN_TIMEOUT
     }
 }
 

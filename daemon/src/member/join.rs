@@ -17,14 +17,13 @@ use mesh_proto::wire::api::{JoinRequest, JoinResponse};
 use mesh_proto::wire::token::{Token, TokenBody};
 use mesh_proto::{PeerSpec, PrivateKey};
 
+use crate::agent::desired::BOOTSTRAP_KEEPALIVE;
 use crate::agent::{now, Agent, AgentSnapshot};
 use crate::backend::{LinkBackend, WgBackend};
 use crate::disk::state::{write_atomic, Membership, StateDir};
 use crate::member::client::{self, Api, CallError};
-use crate::member::{endpoint_report, BOOTSTRAP_KEEPALIVE};
+use mesh_proto::member::endpoint_report;
 
-/// How long a join may take to reach the coordinator through the tunnel.
-pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 const JOIN_RETRY: Duration = Duration::from_millis(250);
 
 /// Why a join failed, for the operator; `retryable` when trying again later may work (the

@@ -1,6 +1,13 @@
-//! Tests of the member side on the in-memory fakes: the desired device from netmap and static peers, joins, restarts from the cache, netmaps queued around a rotation, key notices, endpoint reports.
+//! Tests of the member side on the in-memory fakes: the desired device from netmap and static
+//! peers, joins, restarts from the cache, netmaps queued around a rotation, key notices,
+//! endpoint reports.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
 
 use super::*;
+use crate::agent::desired::{desired_device, BOOTSTRAP_KEEPALIVE};
 use crate::agent::tests::{peer, settings};
 use crate::backend::{FakeBackend, FakeLink};
 use crate::member::client::{Api, CallError};
@@ -8,6 +15,7 @@ use crate::member::join::join;
 use mesh_proto::netmap::{EndpointCandidate, EndpointKind, NetmapPeer};
 use mesh_proto::wire::api::{JoinRequest, JoinResponse};
 use mesh_proto::wire::token::{Token, TokenBody};
+use mesh_proto::PrivateKey;
 use std::os::unix::fs::MetadataExt;
 
 fn key(i: u8) -> PrivateKey {
