@@ -456,16 +456,7 @@ impl Fleet {
         let index = self.model.next_index;
         self.model.next_index += 1;
         let name = format!("host-{index}");
-        let req = InviteRequest {
-            name: name.clone(),
-            address: None,
-            ttl_secs: None,
-            admin: false,
-            static_peer: false,
-            public_key: None,
-            endpoint: None,
-            near: None,
-        };
+        let req = InviteRequest::host(name.clone());
         let invite = self
             .registry(move |c| c.invite(req, unix_now()))
             .await

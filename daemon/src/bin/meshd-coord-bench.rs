@@ -163,19 +163,7 @@ async fn coordinator_run(hosts: usize, dir: &std::path::Path) -> anyhow::Result<
     let reg = coord.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         for i in 0..hosts {
-            let inv = reg.invite(
-                InviteRequest {
-                    name: format!("host-{i:05}"),
-                    address: None,
-                    ttl_secs: None,
-                    admin: false,
-                    static_peer: false,
-                    public_key: None,
-                    endpoint: None,
-                    near: None,
-                },
-                now_unix(),
-            )?;
+            let inv = reg.invite(InviteRequest::host(format!("host-{i:05}")), now_unix())?;
             if inv.address != host_address(i) {
                 bail!(
                     "host {i} got {} instead of {}",
@@ -274,22 +262,8 @@ async fn coordinator_run(hosts: usize, dir: &std::path::Path) -> anyhow::Result<
 
     let t0 = now_nanos();
     let c = coord.clone();
-    tokio::task::spawn_blocking(move || {
-        c.invite(
-            InviteRequest {
-                name: "one-more".into(),
-                address: None,
-                ttl_secs: None,
-                admin: false,
-                static_peer: false,
-                public_key: None,
-                endpoint: None,
-                near: None,
-            },
-            now_unix(),
-        )
-    })
-    .await??;
+    tokio::task::spawn_blocking(move || c.invite(InviteRequest::host("one-more"), now_unix()))
+        .await??;
     let target = coord.version();
     child_in
         .write_all(format!("CHANGED {t0} {target}\n").as_bytes())

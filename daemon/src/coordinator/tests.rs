@@ -38,20 +38,7 @@ fn open(dir: &std::path::Path) -> Coordinator {
 }
 
 fn invite(c: &Coordinator, name: &str) -> mesh_proto::wire::api::InviteResponse {
-    c.invite(
-        InviteRequest {
-            name: name.into(),
-            address: None,
-            ttl_secs: None,
-            admin: false,
-            static_peer: false,
-            public_key: None,
-            endpoint: None,
-            near: None,
-        },
-        NOW,
-    )
-    .unwrap()
+    c.invite(InviteRequest::host(name), NOW).unwrap()
 }
 
 fn join_req(token: &str, key: PublicKey) -> JoinRequest {
@@ -224,19 +211,7 @@ fn invite_join_happy_path() {
     assert_eq!(actions, vec!["coordinator", "invite", "join"]);
     // The name is now taken.
     let err = c
-        .invite(
-            InviteRequest {
-                name: "dock-mirror".into(),
-                address: None,
-                ttl_secs: None,
-                admin: false,
-                static_peer: false,
-                public_key: None,
-                endpoint: None,
-                near: None,
-            },
-            NOW,
-        )
+        .invite(InviteRequest::host("dock-mirror"), NOW)
         .unwrap_err();
     assert_eq!(err.http_status(), 409);
 }

@@ -210,17 +210,7 @@ pub async fn rotate_prepare(
     signer: &Signer,
     key: PublicKey,
 ) -> Result<Netmap, CallError> {
-    let req = RotateRequest { public_key: key };
-    call_json::<_, RotateResponse>(
-        at,
-        signer,
-        "POST",
-        "/v1/rotate/prepare",
-        Some(&req),
-        CALL_TIMEOUT,
-    )
-    .await
-    .map(|r| r.netmap)
+    rotation_step(at, signer, key, "/v1/rotate/prepare").await
 }
 
 /// `POST /v1/rotate/commit`: the prepared key replaces ours everywhere.
@@ -229,17 +219,19 @@ pub async fn rotate_commit(
     signer: &Signer,
     key: PublicKey,
 ) -> Result<Netmap, CallError> {
+    rotation_step(at, signer, key, "/v1/rotate/commit").await
+}
+
+async fn rotation_step(
+    at: SocketAddr,
+    signer: &Signer,
+    key: PublicKey,
+    path: &str,
+) -> Result<Netmap, CallError> {
     let req = RotateRequest { public_key: key };
-    call_json::<_, RotateResponse>(
-        at,
-        signer,
-        "POST",
-        "/v1/rotate/commit",
-        Some(&req),
-        CALL_TIMEOUT,
-    )
-    .await
-    .map(|r| r.netmap)
+    call_json::<_, RotateResponse>(at, signer, "POST", path, Some(&req), CALL_TIMEOUT)
+        .await
+        .map(|r| r.netmap)
 }
 
 pub async fn invite(

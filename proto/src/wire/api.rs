@@ -95,7 +95,7 @@ pub struct EndpointReport {
     pub advertise: Vec<ipnet::IpNet>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InviteRequest {
     pub name: String,
@@ -120,6 +120,17 @@ pub struct InviteRequest {
     /// its keepalives arrive.
     #[serde(default)]
     pub near: Option<String>,
+}
+
+impl InviteRequest {
+    /// An invitation for a host that runs meshd, with every default: the next free address,
+    /// 24 h, not an admin.
+    pub fn host(name: impl Into<String>) -> InviteRequest {
+        InviteRequest {
+            name: name.into(),
+            ..InviteRequest::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
