@@ -20,6 +20,7 @@
 //! directly into the hosts'); processes are only ever signalled by recorded PID + start time,
 //! or because they live in a namespace this lab created; waiting is polling with a deadline.
 
+pub mod boot;
 pub mod coord;
 pub mod fleet;
 pub mod lab;

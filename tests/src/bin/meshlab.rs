@@ -44,6 +44,15 @@ enum Cmd {
         /// Leave the lab running even if the mesh does not come up (to inspect it).
         #[arg(long)]
         keep: bool,
+        /// The booted fleet: each daemon host a Debian 12 container booted with systemd, the
+        /// package installed, the coordinator configured in /etc/meshd/meshd.toml, the others
+        /// joined with `meshctl join -` (tests/README.md, "The booted fleet").
+        #[arg(long, conflicts_with_all = ["static_fleet", "token_file", "no_daemons"])]
+        boot: bool,
+        /// With --boot: the package (default: $MESHLAB_DEB, else the newest
+        /// target/debian/meshd_*.deb).
+        #[arg(long, requires = "boot", value_name = "DEB")]
+        deb: Option<PathBuf>,
     },
     /// Run a command inside a host (its network, mount and UTS namespaces), stdio inherited.
     Exec {
@@ -124,7 +133,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             token_file,
             timeout,
             keep,
+            boot,
+            deb,
         } => {
+            if boot {
+                let deb = match deb {
+                    Some(d) => d,
+                    None => meshlab::boot::find_deb()?,
+                };
+                return up_boot(&root, &deb, Duration::from_secs(timeout), keep);
+            }
             let mode = if no_daemons {
                 UpMode::NoDaemons
             } else if static_fleet {
@@ -138,6 +156,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Exec { lab, host, cmd } => {
             let lab = Lab::attach(&root, &pick(lab)?)?;
+            // A booted host: inside its container (its meshd, its systemd).
+            if let Some(nspawn) = lab.container(&host) {
+                let argv: Vec<&str> = cmd.iter().map(String::as_str).collect();
+                let mut c = lab.in_container(&host, nspawn, &argv)?;
+                c.stdin(std::process::Stdio::inherit());
+                return Err(
+                    anyhow::anyhow!(std::os::unix::process::CommandExt::exec(&mut c))
+                        .context("exec nsenter"),
+                );
+            }
             Err(meshlab::lab::exec_replace(&lab, &host, &cmd))
         }
         Cmd::Down { lab } => {
@@ -273,6 +301,50 @@ fn start_managed(lab: &Lab, mode: JoinMode) -> Result<Vec<String>> {
     lab.approve_route(NAS_ROUTER, NAS_ROUTE, Duration::from_secs(60))?;
     println!("$ meshctl routes approve {NAS_ROUTER} {NAS_ROUTE}   (the hosts outside the home LAN accept {HOME_LAN})");
     Ok(hosts)
+}
+
+/// `meshlab up --boot`: the booted fleet (tests/README.md, "The booted fleet").
+fn up_boot(
+    root: &std::path::Path,
+    deb: &std::path::Path,
+    timeout: Duration,
+    keep: bool,
+) -> Result<ExitCode> {
+    let opts = LabOpts {
+        state_root: root.to_path_buf(),
+        persistent: false,
+        ..LabOpts::default()
+    };
+    let mut lab = Lab::build(opts).context("building the lab")?;
+    let id = lab.id().to_owned();
+    println!("lab {id} built under {}", lab.dir().display());
+    let result = meshlab::boot::form_booted_fleet(&lab, deb, timeout).map(|(c, took)| {
+        println!("{}", took.summary());
+        match lab.container_ok(COORDINATOR, c[COORDINATOR], &["meshctl", "peers"]) {
+            Ok(out) => println!("\n$ meshlab exec {COORDINATOR} meshctl peers\n{out}"),
+            Err(e) => println!("\nmeshctl peers on {COORDINATOR} failed: {e:#}"),
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("meshlab: {e:#}");
+        for h in DAEMON_HOSTS {
+            eprintln!(
+                "  console of {h}: {}",
+                lab.host_dir(h).join("console.log").display()
+            );
+        }
+        if !keep {
+            eprintln!("tearing the lab down (pass --keep to inspect it)");
+            lab.down()?;
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    lab.persist()?;
+    state::set_current(root, &id)?;
+    println!(
+        "\nlab {id} is running, booted.\n  meshlab exec dock-prod meshctl peers\n  meshlab exec dock-prod systemctl status meshd\n  meshlab exec dock-load journalctl -u meshd\n  meshlab down          # removes it"
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn up(root: &std::path::Path, mode: UpMode, timeout: Duration, keep: bool) -> Result<ExitCode> {
