@@ -26,14 +26,10 @@ meshd_need_root
 meshd_install_deps
 meshd_install_package_deps
 
-CACHE=/var/cache/meshd-deb
-MIRROR=http://deb.debian.org/debian
-SUITE=bookworm
-# man-db: to read the installed man pages with man(1); systemd and procps (/bin/kill): the
-# units and commands meshd.service refers to, for systemd-analyze verify.
-INCLUDE=man-db,systemd,procps
-BASE=$CACHE/$SUITE-minbase-${INCLUDE//,/-}.tar.gz
-ARCHIVES=$CACHE/archives
+source packaging/debian-root.sh
+CACHE=$MESHD_DEB_CACHE
+BASE=$MESHD_DEB_BASE
+ARCHIVES=$MESHD_DEB_ARCHIVES
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
 
@@ -124,9 +120,8 @@ if [[ -f $BASE ]]; then
   tar -C "$root" --numeric-owner -xzf "$BASE"
   took "chroot from cached tarball (warm)"
 else
-  debootstrap --variant=minbase --include="$INCLUDE" "$SUITE" "$root" "$MIRROR"
-  rm -f "$root"/var/cache/apt/archives/*.deb
-  tar -C "$root" --numeric-owner -czf "$BASE.tmp" . && mv "$BASE.tmp" "$BASE"
+  meshd_debian_base
+  tar -C "$root" --numeric-owner -xzf "$BASE"
   took "chroot by debootstrap (cold; tarball cached)"
 fi
 step "install and upgrade in the chroot"
@@ -250,6 +245,17 @@ else
   echo "SKIPPED: systemd-nspawn (Debian package systemd-container) or /dev/net/tun is missing:" \
     "the unit's sandbox at run time is not checked in this run"
   took "meshd.service under systemd-nspawn (SKIPPED)"
+fi
+
+step "the booted fleet: the package under systemd on every daemon host, meshed, restarted under ping"
+if command -v systemd-nspawn >/dev/null && [[ -c /dev/net/tun ]]; then
+  MESHLAB_DEB=$cur_deb MESHLAB_BIN_DIR=$CARGO_TARGET_DIR/release \
+    cargo test -p meshlab --test boot_fleet -- --ignored --nocapture --test-threads=1
+  took "booted fleet (boot_fleet.rs)"
+else
+  echo "SKIPPED: systemd-nspawn (Debian package systemd-container) or /dev/net/tun is missing:" \
+    "the booted fleet did not run"
+  took "booted fleet (SKIPPED)"
 fi
 
 printf '\n== package test: ok\n'

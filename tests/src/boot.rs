@@ -21,7 +21,8 @@ use crate::poll::poll_until;
 use crate::procs::ProcId;
 use crate::topology::{self, MESH_IFACE, MESH_PORT};
 
-/// Where the package test caches its debootstrapped Debian 12 root and the .debs apt fetched.
+/// Where the package test caches its debootstrapped Debian 12 root and the .debs apt fetched
+/// (`packaging/debian-root.sh` makes them; these names must match it).
 pub const DEB_CACHE: &str = "/var/cache/meshd-deb";
 /// The cached root tarball (made by `packaging/test-deb.sh`).
 pub const BASE_TARBALL: &str = "bookworm-minbase-man-db-systemd-procps.tar.gz";
@@ -75,7 +76,8 @@ pub fn prepared_root(deb: &Path) -> Result<PathBuf> {
     let base = Path::new(DEB_CACHE).join(BASE_TARBALL);
     if !base.exists() {
         bail!(
-            "{} is missing: run packaging/test-deb.sh once (it debootstraps and caches the root)",
+            "{} is missing: `tests/lab.sh up --boot` or packaging/test-deb.sh makes it once \
+             (debootstrap, packaging/debian-root.sh)",
             base.display()
         );
     }
@@ -175,7 +177,7 @@ impl Lab {
     /// its unit. `config`: an `/etc/meshd/meshd.toml` to put in place first (else the
     /// package's). The console goes to the host's `console.log`.
     pub fn boot(&self, host: &str, root: &Path, config: Option<&str>) -> Result<ProcId> {
-        let dir = self.host_dir(host).join("root");
+        let dir = self.container_root(host);
         let out = Command::new("cp")
             .args(["-a", "--reflink=auto"])
             .arg(root)
@@ -191,6 +193,18 @@ impl Lab {
         if let Some(text) = config {
             std::fs::write(dir.join("etc/meshd/meshd.toml"), text)?;
         }
+        self.boot_again(host)
+    }
+
+    /// The root `host`'s container boots from (its copy, kept across reboots).
+    pub fn container_root(&self, host: &str) -> PathBuf {
+        self.host_dir(host).join("root")
+    }
+
+    /// Boot `host`'s container again from its root as it was left (a reboot: a new PID 1, an
+    /// empty `/run`, the interface and engine of the last boot gone with its processes).
+    pub fn boot_again(&self, host: &str) -> Result<ProcId> {
+        let dir = self.container_root(host);
         let console = self.host_dir(host).join("console.log");
         let argv: Vec<String> = vec![
             "systemd-nspawn".into(),
@@ -294,7 +308,18 @@ impl Lab {
         check_output(out, &format!("{argv:?} in {host}'s container"))
     }
 
-    /// Wait until the container's `unit` is active.
+    /// `systemctl reboot` in `host`'s container and wait until it is down (systemd-nspawn
+    /// exits on a reboot of its container), then boot it again. Returns the new container.
+    pub fn reboot(&self, host: &str, nspawn: ProcId, timeout: Duration) -> Result<ProcId> {
+        // The reboot may cut the command's own connection short: its status says nothing.
+        let _ = self.container_output(host, nspawn, &["systemctl", "reboot"]);
+        self.wait_exit(nspawn, timeout)
+            .with_context(|| format!("{host}'s container did not go down"))?;
+        self.boot_again(host)
+    }
+
+    /// Wait until the container's `unit` is active; on failure the error carries the unit's
+    /// status and the boot's journal tail.
     pub fn wait_unit(
         &self,
         host: &str,
@@ -312,6 +337,25 @@ impl Lab {
                     .unwrap_or(false))
             },
         )
+        .with_context(|| {
+            let run = |argv: &[&str]| {
+                self.container_output(host, nspawn, argv)
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_else(|e| format!("{e:#}"))
+            };
+            format!(
+                "in {host}'s container:\n{}\n{}",
+                run(&[
+                    "systemctl",
+                    "status",
+                    "--no-pager",
+                    "--lines=0",
+                    unit,
+                    "meshd.service"
+                ]),
+                run(&["journalctl", "-b", "--no-pager", "-n", "40"])
+            )
+        })
     }
 }
 
@@ -320,10 +364,10 @@ impl Lab {
 pub struct Timings {
     /// Preparing the root (`apt-get install` of the package), or finding it cached.
     pub root: Duration,
-    /// Per host: from starting its container to `meshd-online.target` active.
-    pub boot_to_online: Vec<(String, Duration)>,
-    /// Per joining host: `meshctl join -` until it returned (joined).
-    pub join: Vec<(String, Duration)>,
+    /// Per host: from starting its container to meshd answering `meshctl status`.
+    pub boot_to_answer: Vec<(String, Duration)>,
+    /// Per joining host: from `meshctl join -` to `meshd-online.target` active.
+    pub join_to_online: Vec<(String, Duration)>,
     /// From the last join to every ordered pair pinging over the mesh.
     pub mesh: Duration,
 }
@@ -337,10 +381,10 @@ impl Timings {
                 .join(", ")
         };
         format!(
-            "root with the package: {} ms\nboot to meshd-online.target: {}\nmeshctl join: {}\nlast join to all pairs pinging: {} ms",
+            "root with the package: {} ms\ncontainer start to meshctl answering: {}\nmeshctl join to meshd-online.target: {}\nlast join to all pairs pinging: {} ms",
             self.root.as_millis(),
-            list(&self.boot_to_online),
-            list(&self.join),
+            list(&self.boot_to_answer),
+            list(&self.join_to_online),
             self.mesh.as_millis()
         )
     }
@@ -373,16 +417,32 @@ pub fn form_booted_fleet(
         started.push((h, Instant::now()));
         containers.insert(h.to_owned(), lab.boot(h, &root, config.as_deref())?);
     }
-    for (h, at) in started {
-        lab.wait_unit(h, containers[h], "meshd-online.target", timeout)
-            .with_context(|| {
-                format!(
-                    "{h} did not reach meshd-online.target; its console: {}",
-                    lab.host_dir(h).join("console.log").display()
-                )
-            })?;
-        timings.boot_to_online.push((h.to_owned(), at.elapsed()));
+    // A host that has not joined answers meshctl but is not online (it has no mesh yet):
+    // wait for its control socket; the coordinator is online by itself.
+    for (h, at) in &started {
+        poll_until(
+            timeout,
+            &format!("meshctl status to answer in {h}'s container"),
+            || {
+                Ok(lab
+                    .container_output(h, containers[*h], &["meshctl", "status"])
+                    .is_ok_and(|o| o.status.success()))
+            },
+        )
+        .with_context(|| {
+            format!(
+                "{h}'s console: {}",
+                lab.host_dir(h).join("console.log").display()
+            )
+        })?;
+        timings.boot_to_answer.push((h.to_string(), at.elapsed()));
     }
+    lab.wait_unit(
+        coordinator,
+        containers[coordinator],
+        "meshd-online.target",
+        timeout,
+    )?;
     for h in topology::DAEMON_HOSTS.iter().filter(|h| **h != coordinator) {
         let invite = lab.container_ok(
             coordinator,
@@ -397,8 +457,9 @@ pub fn form_booted_fleet(
             &["meshctl", "join", "-"],
             &format!("{token}\n"),
         )?;
-        timings.join.push((h.to_string(), t.elapsed()));
         println!("{h}: {}", out.trim());
+        lab.wait_unit(h, containers[*h], "meshd-online.target", timeout)?;
+        timings.join_to_online.push((h.to_string(), t.elapsed()));
     }
     let t = Instant::now();
     lab.wait_mesh_pings(&topology::DAEMON_HOSTS, timeout)?;
