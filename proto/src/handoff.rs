@@ -1136,9 +1136,7 @@ resource r0 {
             source = "/t/x.j2"
             path = "/t/x"
         "#;
-        let v: toml::Value = toml::from_str(text).unwrap();
-        let cfg = crate::config::integrations::parse_integrations(v.get("integrations").unwrap())
-            .unwrap();
+        let cfg = crate::config::integrations::parse_integrations(text, "t.toml").unwrap();
         let outs = outputs(&cfg);
         let names: Vec<&str> = outs.iter().map(|o| o.name.as_str()).collect();
         assert_eq!(names, ["k3s", "drbd:r0", "drbd:r1", "hosts", "template:x"]);
