@@ -11,6 +11,7 @@
 pub mod dns;
 pub mod integrations;
 pub mod metrics;
+pub mod preflight;
 pub mod resolved;
 
 use std::net::{IpAddr, SocketAddr};

@@ -24,9 +24,34 @@ use crate::wg::select::{default_engine_spec, select};
 use crate::wg::userspace::default_engine_command;
 use crate::{Agent, Settings};
 
-/// `meshd --check-config`: validate the configuration and the key file, print a summary.
-pub fn check_config(path: &Path) -> Result<()> {
-    let settings = Settings::load(path)?;
+/// `meshd --check-config`: validate the configuration, what its integrations need (template
+/// sources, programs) and the key file; print a summary. `Ok(false)`: the configuration is
+/// invalid, its errors printed to stderr (`FILE:LINE:COL: KEY: message` with the source line).
+pub fn check_config(path: &Path) -> Result<bool> {
+    let text = std::fs::read_to_string(path).map_err(|e| crate::Error::Config {
+        path: path.to_path_buf(),
+        message: format!("cannot read: {e}"),
+    })?;
+    let origin = path.display().to_string();
+    let (config, map) = match mesh_proto::config::parse_located(&text, &origin) {
+        Ok(parsed) => parsed,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(false);
+        }
+    };
+    // Commands run with meshd's own PATH (under systemd, the unit's).
+    let search_path = std::env::var("PATH").ok();
+    let problems = crate::handoff::preflight::check(&config, &map, search_path.as_deref());
+    if !problems.is_empty() {
+        let errors = mesh_proto::config::ConfigErrors {
+            file: origin,
+            errors: problems,
+        };
+        eprintln!("{errors}");
+        return Ok(false);
+    }
+    let settings = Settings::from_config(config, path);
     match keyfile::inspect(&settings.private_key_file)? {
         KeyFileState::Valid(key) => println!(
             "{}: ok (host {}, {} peers, public key {})",
@@ -49,7 +74,7 @@ pub fn check_config(path: &Path) -> Result<()> {
             settings.private_key_file.display()
         ),
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Routes, the nftables table and the forwarding settings meshd made (everything it owns but
