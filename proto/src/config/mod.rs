@@ -1,5 +1,6 @@
 //! meshd's TOML configuration (`/etc/meshd/meshd.toml`): types, parsing and validation.
-//! Pure: the daemon reads the file and hands the text and its path here.
+//! Pure: the daemon reads the file and hands the text and its path here. Every error of a
+//! file is reported at once ([`ConfigErrors`]), each at the line and column of its value.
 //!
 //! ```toml
 //! [host]                             # optional as a whole (all defaults)
