@@ -8,9 +8,10 @@ pub enum Error {
     /// The configuration file could not be read or is invalid.
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
-    /// The configuration file is invalid (the error names the file and the key).
+    /// The configuration file is invalid (every error of the file, each naming the file, the
+    /// line and column, and the key).
     #[error(transparent)]
-    ConfigInvalid(#[from] mesh_proto::config::ConfigError),
+    ConfigInvalid(#[from] mesh_proto::config::ConfigErrors),
     /// The private key file is unusable (bad permissions, bad content, cannot be written).
     #[error("private key file {path}: {message}")]
     KeyFile { path: PathBuf, message: String },

@@ -231,6 +231,19 @@ pub fn render_template(
     render_ctx(name, source, &TemplateContext::new(view, interface))
 }
 
+/// Whether a template compiles, without rendering it: for checks made before there is a mesh
+/// to render it with (`meshd --check-config` on a host that joins with a token). `name` only
+/// labels the error.
+pub fn check_template_syntax(name: &str, source: &str) -> Result<(), RenderError> {
+    template_env()
+        .template_from_str(source)
+        .map(|_| ())
+        .map_err(|e| RenderError::Template {
+            name: name.to_owned(),
+            message: template_error(&e),
+        })
+}
+
 /// One DRBD resource as its template sees it (`resource` in the context).
 #[derive(Debug, Clone, Serialize)]
 pub struct DrbdView {
@@ -1136,9 +1149,7 @@ resource r0 {
             source = "/t/x.j2"
             path = "/t/x"
         "#;
-        let v: toml::Value = toml::from_str(text).unwrap();
-        let cfg = crate::config::integrations::parse_integrations(v.get("integrations").unwrap())
-            .unwrap();
+        let cfg = crate::config::integrations::parse_integrations(text, "t.toml").unwrap();
         let outs = outputs(&cfg);
         let names: Vec<&str> = outs.iter().map(|o| o.name.as_str()).collect();
         assert_eq!(names, ["k3s", "drbd:r0", "drbd:r1", "hosts", "template:x"]);

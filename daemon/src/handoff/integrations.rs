@@ -472,8 +472,7 @@ mod tests {
             reload = ["list-reload"]
             "#
         );
-        let v: toml::Value = toml::from_str(&text).unwrap();
-        parse_integrations(v.get("integrations").unwrap()).unwrap()
+        parse_integrations(&text, "t.toml").unwrap()
     }
 
     fn setup() -> (tempfile::TempDir, IntegrationEngine, Recorder) {

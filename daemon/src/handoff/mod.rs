@@ -11,6 +11,7 @@
 pub mod dns;
 pub mod integrations;
 pub mod metrics;
+pub mod preflight;
 pub mod resolved;
 
 use std::net::{IpAddr, SocketAddr};
@@ -603,11 +604,11 @@ mod tests {
         )
         .unwrap();
         let cfg = mesh_proto::config::integrations::parse_integrations(
-            &toml::from_str::<toml::Value>(&format!(
-                "[hosts]\npath = {:?}\n",
+            &format!(
+                "[integrations.hosts]\npath = {:?}\n",
                 hosts.display().to_string()
-            ))
-            .unwrap(),
+            ),
+            "t.toml",
         )
         .unwrap();
         let (removed, failed) = teardown("wgtest0", &cfg);

@@ -69,7 +69,9 @@ impl Settings {
         Ok(Self::from_config(config, path))
     }
 
-    fn from_config(config: mesh_proto::config::Config, path: &Path) -> Settings {
+    /// The settings of a configuration already parsed (`meshd --check-config` parses it
+    /// itself, to keep where each key is).
+    pub fn from_config(config: mesh_proto::config::Config, path: &Path) -> Settings {
         let mut specs = config.peer_specs();
         let handoff = HandoffSettings {
             static_view: mesh_proto::handoff::MeshView::from_config(&config),

@@ -24,9 +24,45 @@ use crate::wg::select::{default_engine_spec, select};
 use crate::wg::userspace::default_engine_command;
 use crate::{Agent, Settings};
 
-/// `meshd --check-config`: validate the configuration and the key file, print a summary.
-pub fn check_config(path: &Path) -> Result<()> {
-    let settings = Settings::load(path)?;
+/// `meshd --check-config`: validate the configuration, what its integrations need (template
+/// sources, programs) and the key file; print a summary. `Ok(false)`: the configuration is
+/// invalid, its errors printed to stderr (`FILE:LINE:COL: KEY: message` with the source line).
+/// What the integrations need is checked too, and reported as warnings: a missing program or
+/// template fails that hand-off at run time, not the mesh.
+pub fn check_config(path: &Path) -> Result<bool> {
+    let text = std::fs::read_to_string(path).map_err(|e| crate::Error::Config {
+        path: path.to_path_buf(),
+        message: format!("cannot read: {e}"),
+    })?;
+    let origin = path.display().to_string();
+    let (config, map) = match mesh_proto::config::parse_located(&text, &origin) {
+        Ok(parsed) => parsed,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(false);
+        }
+    };
+    // Commands run with meshd's own PATH (under systemd, the unit's).
+    let search_path = std::env::var("PATH").ok();
+    let problems = crate::handoff::preflight::check(&config, &map, search_path.as_deref());
+    if !problems.is_empty() {
+        // The configuration itself is valid and the mesh comes up with it: these only make
+        // an integration fail when meshd runs it (it then reports them in `meshctl status`
+        // and `meshctl doctor`). Warnings, so that the unit's ExecStartPre does not keep the
+        // mesh down for a hand-off.
+        let n = problems.len();
+        let warnings = mesh_proto::config::ConfigErrors {
+            file: origin.clone(),
+            errors: problems,
+        };
+        eprintln!("{warnings}");
+        eprintln!(
+            "warning: {origin} is valid, but {n} integration {} will fail when meshd runs it \
+             (see above)",
+            if n == 1 { "setting" } else { "settings" }
+        );
+    }
+    let settings = Settings::from_config(config, path);
     match keyfile::inspect(&settings.private_key_file)? {
         KeyFileState::Valid(key) => println!(
             "{}: ok (host {}, {} peers, public key {})",
@@ -49,7 +85,7 @@ pub fn check_config(path: &Path) -> Result<()> {
             settings.private_key_file.display()
         ),
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Routes, the nftables table and the forwarding settings meshd made (everything it owns but
@@ -449,6 +485,33 @@ mod tests {
 
     use super::*;
     use crate::coordinator::JOIN_KEY_GRACE;
+
+    /// `meshd --check-config`: a valid file whose integration names a missing program is
+    /// valid (the warning is printed, the mesh would start); a bad value makes it invalid.
+    #[test]
+    fn check_config_refuses_bad_values_and_only_warns_about_integration_programs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("meshd.toml");
+        let head = format!(
+            "[host]\nname = \"dock-load\"\naddress = \"10.99.99.1/24\"\n\
+             private_key_file = \"{}/private.key\"\n",
+            dir.path().display()
+        );
+        std::fs::write(
+            &path,
+            format!("{head}\n[integrations.k3s]\nrole = \"server\"\nreload = [\"no-such-program-here\"]\n"),
+        )
+        .expect("write");
+        assert!(
+            check_config(&path).expect("ran"),
+            "a missing program is a warning"
+        );
+        std::fs::write(&path, format!("{head}listen_port = 99999\n")).expect("write");
+        assert!(
+            !check_config(&path).expect("ran"),
+            "a port out of range is an error"
+        );
+    }
 
     const NOW: u64 = 1_800_000_000;
 

@@ -1,7 +1,7 @@
 //! The `[integrations]` part of meshd's configuration: which files meshd writes for K3s, DRBD,
 //! Prometheus, `/etc/hosts` and user templates, where, and what it runs when they change.
-//! Pure: [`parse_integrations`] takes the `integrations` TOML value (the caller's config parser
-//! hands it over) and validates it; errors name the key (`integrations.drbd[1].hosts`).
+//! Pure: the configuration parser hands its `integrations` table to [`read_integrations`],
+//! which validates it; errors name the key (`integrations.drbd[1].hosts`) and its line.
 //!
 //! ```toml
 //! [integrations.k3s]                  # optional
@@ -42,11 +42,12 @@
 //! ```
 
 use std::collections::BTreeSet;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use crate::config::error::ConfigErrors;
+use crate::config::reader::{Reader, Tbl};
 use crate::handoff::K3sRole;
 
 /// Where K3s reads meshd's drop-in (after config.yaml, so ours wins for scalars).
@@ -120,269 +121,167 @@ pub struct TemplateIntegration {
     pub reload: Option<Vec<String>>,
 }
 
-/// A refused `[integrations]` table: the key (`integrations.k3s.server`) and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IntegrationsError {
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for IntegrationsError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
+impl IntegrationsConfig {
+    /// Every command the integrations run, with the key it comes from
+    /// (`integrations.k3s.reload`; a DRBD resource's default commands are its `check` and
+    /// `reload` too).
+    pub fn commands(&self) -> Vec<(String, &[String])> {
+        let mut all: Vec<(String, &Option<Vec<String>>)> = Vec::new();
+        if let Some(k) = &self.k3s {
+            all.push(("integrations.k3s.check".into(), &k.check));
+            all.push(("integrations.k3s.reload".into(), &k.reload));
+        }
+        for (i, d) in self.drbd.iter().enumerate() {
+            all.push((format!("integrations.drbd[{i}].check"), &d.check));
+            all.push((format!("integrations.drbd[{i}].reload"), &d.reload));
+        }
+        for (name, f) in [("prometheus", &self.prometheus), ("hosts", &self.hosts)] {
+            if let Some(f) = f {
+                all.push((format!("integrations.{name}.check"), &f.check));
+                all.push((format!("integrations.{name}.reload"), &f.reload));
+            }
+        }
+        for (i, t) in self.templates.iter().enumerate() {
+            all.push((format!("integrations.template[{i}].check"), &t.check));
+            all.push((format!("integrations.template[{i}].reload"), &t.reload));
+        }
+        all.into_iter()
+            .filter_map(|(key, argv)| {
+                let a = argv.as_deref()?;
+                (!a.is_empty()).then_some((key, a))
+            })
+            .collect()
     }
-}
 
-impl std::error::Error for IntegrationsError {}
-
-fn err(key: impl Into<String>, message: impl Into<String>) -> IntegrationsError {
-    IntegrationsError {
-        key: key.into(),
-        message: message.into(),
+    /// Every template file the integrations read, with its key: user templates' `source`,
+    /// DRBD resources' `template`.
+    pub fn template_sources(&self) -> Vec<(String, &Path)> {
+        let mut out = Vec::new();
+        for (i, d) in self.drbd.iter().enumerate() {
+            if let Some(t) = &d.template {
+                out.push((format!("integrations.drbd[{i}].template"), t.as_path()));
+            }
+        }
+        for (i, t) in self.templates.iter().enumerate() {
+            out.push((
+                format!("integrations.template[{i}].source"),
+                t.source.as_path(),
+            ));
+        }
+        out
     }
-}
-
-// ---- raw format ----
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawK3s {
-    role: Option<String>,
-    server: Option<String>,
-    path: Option<PathBuf>,
-    flannel_iface: Option<String>,
-    check: Option<Vec<String>>,
-    reload: Option<Vec<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDrbd {
-    resource: String,
-    hosts: Vec<String>,
-    port: Option<u16>,
-    path: Option<PathBuf>,
-    device: Option<String>,
-    minor: Option<u32>,
-    disk: Option<String>,
-    meta_disk: Option<String>,
-    template: Option<PathBuf>,
-    drbdadm: Option<String>,
-    check: Option<Vec<String>>,
-    reload: Option<Vec<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFile {
-    enable: Option<bool>,
-    path: Option<PathBuf>,
-    check: Option<Vec<String>>,
-    reload: Option<Vec<String>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTemplate {
-    name: Option<String>,
-    source: PathBuf,
-    path: PathBuf,
-    check: Option<Vec<String>>,
-    reload: Option<Vec<String>>,
 }
 
 const SECTIONS: [&str; 5] = ["k3s", "drbd", "prometheus", "hosts", "template"];
 
-fn section<T: serde::de::DeserializeOwned>(
-    key: &str,
-    value: &toml::Value,
-) -> Result<T, IntegrationsError> {
-    value
-        .clone()
-        .try_into()
-        .map_err(|e: toml::de::Error| err(key, e.message().trim().to_owned()))
+/// Parse the `[integrations]` table of a configuration document (other tables are ignored):
+/// for tests and tools that want the integrations alone. `origin` names the file in errors.
+pub fn parse_integrations(text: &str, origin: &str) -> Result<IntegrationsConfig, ConfigErrors> {
+    let doc = Reader::document(origin, text)?;
+    let mut r = Reader::new(origin, text);
+    let root = r.root(&doc);
+    let out = match r.table(&root, "integrations") {
+        None => IntegrationsConfig::default(),
+        Some(t) => read_integrations(&mut r, &t),
+    };
+    r.finish().map(|_| out)
 }
 
-fn array<'v>(key: &str, value: &'v toml::Value) -> Result<&'v [toml::Value], IntegrationsError> {
-    value
-        .as_array()
-        .map(Vec::as_slice)
-        .ok_or_else(|| err(key, format!("expected an array of tables ([[{key}]])")))
-}
-
-/// Parse and validate the `integrations` table (`value` is what is under `[integrations]`).
-pub fn parse_integrations(value: &toml::Value) -> Result<IntegrationsConfig, IntegrationsError> {
-    let table = value
-        .as_table()
-        .ok_or_else(|| err("integrations", "expected a table"))?;
-    for key in table.keys() {
-        if !SECTIONS.contains(&key.as_str()) {
-            return Err(err(
-                format!("integrations.{key}"),
-                format!(
-                    "unknown integration; expected one of {}",
-                    SECTIONS.join(", ")
-                ),
-            ));
-        }
-    }
+/// Read and validate the `integrations` table `t`, every refusal recorded in `r`.
+pub(crate) fn read_integrations(r: &mut Reader<'_>, t: &Tbl<'_>) -> IntegrationsConfig {
+    r.known_keys(t, &SECTIONS);
     let mut out = IntegrationsConfig::default();
     let mut paths: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut claim = |key: &str, path: &Path| -> Result<(), IntegrationsError> {
+    let mut claim = |r: &mut Reader<'_>, key: String, path: &Path| -> bool {
         if !path.is_absolute() {
-            return Err(err(
-                key,
-                format!("{} is not an absolute path", path.display()),
-            ));
+            r.error(key, format!("{} is not an absolute path", path.display()));
+            return false;
         }
         if !paths.insert(path.to_path_buf()) {
-            return Err(err(
+            r.error(
                 key,
                 format!("{} is written by another integration too", path.display()),
-            ));
+            );
+            return false;
         }
-        Ok(())
+        true
+    };
+    let argv = |r: &mut Reader<'_>, t: &Tbl<'_>, name: &str, example: &str| {
+        let a = r.strings(t, name, example)?;
+        if a.first().is_some_and(|p| p.is_empty()) {
+            r.error(t.child(name), "the command's program is empty");
+            return None;
+        }
+        Some(a)
     };
 
-    if let Some(v) = table.get("k3s") {
-        let raw: RawK3s = section("integrations.k3s", v)?;
-        let role = match (raw.role.as_deref(), raw.server) {
-            (Some("server"), None) => K3sRole::Server,
+    if let Some(k) = r.table(t, "k3s") {
+        r.known_keys(
+            &k,
+            &["role", "server", "path", "flannel_iface", "check", "reload"],
+        );
+        let role = r.string(&k, "role");
+        let server = r.string(&k, "server");
+        // A role or server of the wrong type has its own error already.
+        let unread = (k.has("role") && role.is_none()) || (k.has("server") && server.is_none());
+        let role = match (role.as_deref(), server) {
+            _ if unread => None,
+            (Some("server"), None) => Some(K3sRole::Server),
             (Some("server"), Some(_)) => {
-                return Err(err(
-                    "integrations.k3s.server",
+                r.error(
+                    k.child("server"),
                     "only agents name a server; remove it or set role = \"agent\"",
-                ))
+                );
+                None
             }
             (Some("agent") | None, Some(server)) => {
-                check_name("integrations.k3s.server", &server)?;
-                K3sRole::Agent { server }
+                check_name(r, k.child("server"), &server).then_some(K3sRole::Agent { server })
             }
             (Some("agent") | None, None) => {
-                return Err(err(
-                    "integrations.k3s.server",
+                r.error(
+                    k.child("server"),
                     "an agent needs the mesh name of the K3s server (server = \"NAME\")",
-                ))
+                );
+                None
             }
             (Some(other), _) => {
-                return Err(err(
-                    "integrations.k3s.role",
-                    format!("{other:?}: expected \"server\" or \"agent\""),
-                ))
+                r.error(
+                    k.child("role"),
+                    format!("{other:?} is not a role; use \"server\" or \"agent\""),
+                );
+                None
             }
         };
-        let path = raw
-            .path
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_K3S_DROPIN));
-        if path.file_name().is_some_and(|n| n == "config.yaml") {
-            return Err(err(
-                "integrations.k3s.path",
+        let path = r
+            .string(&k, "path")
+            .map_or_else(|| PathBuf::from(DEFAULT_K3S_DROPIN), PathBuf::from);
+        let path_ok = if path.file_name().is_some_and(|n| n == "config.yaml") {
+            r.error(
+                k.child("path"),
                 "meshd never writes K3s's config.yaml; use a drop-in in config.yaml.d/",
-            ));
-        }
-        claim("integrations.k3s.path", &path)?;
-        check_argv("integrations.k3s.check", &raw.check)?;
-        check_argv("integrations.k3s.reload", &raw.reload)?;
-        out.k3s = Some(K3sIntegration {
-            role,
-            path,
-            flannel_iface: raw.flannel_iface,
-            check: raw.check,
-            reload: raw.reload,
-        });
-    }
-
-    if let Some(v) = table.get("drbd") {
-        let mut resources = BTreeSet::new();
-        for (i, item) in array("integrations.drbd", v)?.iter().enumerate() {
-            let key = format!("integrations.drbd[{i}]");
-            let raw: RawDrbd = section(&key, item)?;
-            let idx = u16::try_from(i).unwrap_or(u16::MAX);
-            if raw.resource.is_empty()
-                || !raw
-                    .resource
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            {
-                return Err(err(
-                    format!("{key}.resource"),
-                    format!("{:?}: use letters, digits, '_' and '-'", raw.resource),
-                ));
-            }
-            if !resources.insert(raw.resource.clone()) {
-                return Err(err(
-                    format!("{key}.resource"),
-                    format!("resource {:?} is configured twice", raw.resource),
-                ));
-            }
-            if raw.hosts.len() < 2 {
-                return Err(err(
-                    format!("{key}.hosts"),
-                    "a replicated resource needs at least two hosts",
-                ));
-            }
-            if raw.hosts.len() > 32 {
-                return Err(err(format!("{key}.hosts"), "DRBD allows at most 32 nodes"));
-            }
-            let mut seen = BTreeSet::new();
-            for h in &raw.hosts {
-                check_name(&format!("{key}.hosts"), h)?;
-                if !seen.insert(h) {
-                    return Err(err(
-                        format!("{key}.hosts"),
-                        format!("{h:?} is listed twice"),
-                    ));
-                }
-            }
-            let port = raw.port.unwrap_or(DRBD_BASE_PORT.saturating_add(idx));
-            if port == 0 {
-                return Err(err(format!("{key}.port"), "port 0 is not a port"));
-            }
-            if raw.disk.is_none() && raw.template.is_none() {
-                return Err(err(
-                    format!("{key}.disk"),
-                    "the built-in resource template needs the backing disk (disk = \"/dev/...\", or \"none\" for a diskless node)",
-                ));
-            }
-            let path = raw.path.unwrap_or_else(|| {
-                Path::new(DEFAULT_DRBD_DIR).join(format!("{}.res", raw.resource))
-            });
-            claim(&format!("{key}.path"), &path)?;
-            if let Some(t) = &raw.template {
-                if !t.is_absolute() {
-                    return Err(err(
-                        format!("{key}.template"),
-                        format!("{} is not an absolute path", t.display()),
-                    ));
-                }
-            }
-            let drbdadm = raw.drbdadm.unwrap_or_else(|| "drbdadm".to_owned());
-            let check = raw.check.or_else(|| {
-                Some(vec![
-                    drbdadm.clone(),
-                    "-d".into(),
-                    "adjust".into(),
-                    raw.resource.clone(),
-                ])
-            });
-            let reload = raw
-                .reload
-                .or_else(|| Some(vec![drbdadm, "adjust".into(), raw.resource.clone()]));
-            check_argv(&format!("{key}.check"), &check)?;
-            check_argv(&format!("{key}.reload"), &reload)?;
-            let minor = raw.minor.unwrap_or(u32::from(idx));
-            out.drbd.push(DrbdIntegration {
-                device: raw.device.unwrap_or_else(|| format!("/dev/drbd{minor}")),
-                resource: raw.resource,
-                hosts: raw.hosts,
-                port,
+            );
+            false
+        } else {
+            claim(r, k.child("path"), &path)
+        };
+        let check = argv(r, &k, "check", "[\"k3s\", \"check-config\"]");
+        let reload = argv(r, &k, "reload", "[\"systemctl\", \"restart\", \"k3s\"]");
+        let flannel_iface = r.string(&k, "flannel_iface");
+        if let (Some(role), true) = (role, path_ok) {
+            out.k3s = Some(K3sIntegration {
+                role,
                 path,
-                disk: raw.disk,
-                meta_disk: raw.meta_disk.unwrap_or_else(|| "internal".to_owned()),
-                template: raw.template,
+                flannel_iface,
                 check,
                 reload,
             });
+        }
+    }
+
+    let mut resources = BTreeSet::new();
+    for (i, d) in r.tables(t, "drbd").into_iter().enumerate() {
+        if let Some(d) = read_drbd(r, i, &d, &mut resources, &mut claim, &argv) {
+            out.drbd.push(d);
         }
     }
 
@@ -390,21 +289,28 @@ pub fn parse_integrations(value: &toml::Value) -> Result<IntegrationsConfig, Int
         ("prometheus", DEFAULT_PROMETHEUS_PATH),
         ("hosts", DEFAULT_HOSTS_PATH),
     ] {
-        let Some(v) = table.get(name) else { continue };
-        let key = format!("integrations.{name}");
-        let raw: RawFile = section(&key, v)?;
-        if raw.enable == Some(false) {
+        let Some(f) = r.table(t, name) else { continue };
+        r.known_keys(&f, &["enable", "path", "check", "reload"]);
+        if r.bool(&f, "enable") == Some(false) {
             continue;
         }
-        let path = raw.path.unwrap_or_else(|| PathBuf::from(default));
-        claim(&format!("{key}.path"), &path)?;
-        check_argv(&format!("{key}.check"), &raw.check)?;
-        check_argv(&format!("{key}.reload"), &raw.reload)?;
+        let path = r
+            .string(&f, "path")
+            .map_or_else(|| PathBuf::from(default), PathBuf::from);
+        let ok = claim(r, f.child("path"), &path);
         let file = FileIntegration {
             path,
-            check: raw.check,
-            reload: raw.reload,
+            check: argv(r, &f, "check", "[\"promtool\", \"check\", \"config\"]"),
+            reload: argv(
+                r,
+                &f,
+                "reload",
+                "[\"systemctl\", \"reload\", \"prometheus\"]",
+            ),
         };
+        if !ok {
+            continue;
+        }
         if name == "prometheus" {
             out.prometheus = Some(file);
         } else {
@@ -412,40 +318,240 @@ pub fn parse_integrations(value: &toml::Value) -> Result<IntegrationsConfig, Int
         }
     }
 
-    if let Some(v) = table.get("template") {
-        let mut names = BTreeSet::new();
-        for (i, item) in array("integrations.template", v)?.iter().enumerate() {
-            let key = format!("integrations.template[{i}]");
-            let raw: RawTemplate = section(&key, item)?;
-            if !raw.source.is_absolute() {
-                return Err(err(
-                    format!("{key}.source"),
-                    format!("{} is not an absolute path", raw.source.display()),
-                ));
-            }
-            claim(&format!("{key}.path"), &raw.path)?;
-            check_argv(&format!("{key}.check"), &raw.check)?;
-            check_argv(&format!("{key}.reload"), &raw.reload)?;
-            let name = raw.name.unwrap_or_else(|| raw.path.display().to_string());
-            if !names.insert(name.clone()) {
-                return Err(err(
-                    format!("{key}.name"),
-                    format!("{name:?} is used twice"),
-                ));
-            }
-            out.templates.push(TemplateIntegration {
-                name,
-                source: raw.source,
-                path: raw.path,
-                check: raw.check,
-                reload: raw.reload,
-            });
+    let mut names = BTreeSet::new();
+    for tt in r.tables(t, "template") {
+        r.known_keys(&tt, &["name", "source", "path", "check", "reload"]);
+        let source = r.string(&tt, "source").map(PathBuf::from);
+        if !tt.has("source") {
+            r.missing(
+                &tt,
+                "source",
+                "a template needs its minijinja source file, e.g. source = \
+                 \"/etc/meshd/haproxy.cfg.j2\"",
+            );
         }
+        if let Some(s) = source.as_ref().filter(|s| !s.is_absolute()) {
+            r.error(
+                tt.child("source"),
+                format!("{} is not an absolute path", s.display()),
+            );
+        }
+        let path = r.string(&tt, "path").map(PathBuf::from);
+        if !tt.has("path") {
+            r.missing(
+                &tt,
+                "path",
+                "a template needs the file it writes, e.g. path = \"/etc/haproxy/conf.d/mesh.cfg\"",
+            );
+        }
+        let path_ok = path.as_ref().is_some_and(|p| claim(r, tt.child("path"), p));
+        let check = argv(
+            r,
+            &tt,
+            "check",
+            "[\"haproxy\", \"-c\", \"-f\", \"/etc/haproxy/haproxy.cfg\"]",
+        );
+        let reload = argv(r, &tt, "reload", "[\"systemctl\", \"reload\", \"haproxy\"]");
+        let (Some(source), Some(path), true) = (source, path, path_ok) else {
+            continue;
+        };
+        if !source.is_absolute() {
+            continue;
+        }
+        let name = r
+            .string(&tt, "name")
+            .unwrap_or_else(|| path.display().to_string());
+        if !names.insert(name.clone()) {
+            r.error(tt.child("name"), format!("{name:?} is used twice"));
+            continue;
+        }
+        out.templates.push(TemplateIntegration {
+            name,
+            source,
+            path,
+            check,
+            reload,
+        });
     }
-    Ok(out)
+    out
 }
 
-fn check_name(key: &str, name: &str) -> Result<(), IntegrationsError> {
+fn read_drbd(
+    r: &mut Reader<'_>,
+    i: usize,
+    d: &Tbl<'_>,
+    resources: &mut BTreeSet<String>,
+    claim: &mut impl FnMut(&mut Reader<'_>, String, &Path) -> bool,
+    argv: &impl Fn(&mut Reader<'_>, &Tbl<'_>, &str, &str) -> Option<Vec<String>>,
+) -> Option<DrbdIntegration> {
+    r.known_keys(
+        d,
+        &[
+            "resource",
+            "hosts",
+            "port",
+            "path",
+            "device",
+            "minor",
+            "disk",
+            "meta_disk",
+            "template",
+            "drbdadm",
+            "check",
+            "reload",
+        ],
+    );
+    let idx = u16::try_from(i).unwrap_or(u16::MAX);
+    let mut ok = true;
+    if !d.has("resource") {
+        r.missing(
+            d,
+            "resource",
+            "name the DRBD resource, e.g. resource = \"r0\"",
+        );
+    }
+    let resource = r.string(d, "resource");
+    if let Some(res) = &resource {
+        if res.is_empty()
+            || !res
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            ok = false;
+            r.error(
+                d.child("resource"),
+                format!("{res:?} is not a resource name: use letters, digits, '_' and '-'"),
+            );
+        } else if !resources.insert(res.clone()) {
+            ok = false;
+            r.error(
+                d.child("resource"),
+                format!("resource {res:?} is configured twice"),
+            );
+        }
+    }
+    if !d.has("hosts") {
+        r.missing(
+            d,
+            "hosts",
+            "list the mesh names of the resource's hosts, e.g. hosts = [\"dock-prod\", \
+             \"dock-mirror\"]",
+        );
+    }
+    let hosts = r.strings(d, "hosts", "[\"dock-prod\", \"dock-mirror\"]");
+    if let Some(hosts) = &hosts {
+        if hosts.len() < 2 {
+            ok = false;
+            r.error(
+                d.child("hosts"),
+                "a replicated resource needs at least two hosts",
+            );
+        }
+        if hosts.len() > 32 {
+            ok = false;
+            r.error(d.child("hosts"), "DRBD allows at most 32 nodes");
+        }
+        let mut seen = BTreeSet::new();
+        for (j, h) in hosts.iter().enumerate() {
+            let key = format!("{}[{j}]", d.child("hosts"));
+            if !check_name(r, key.clone(), h) {
+                ok = false;
+            } else if !seen.insert(h) {
+                ok = false;
+                r.error(key, format!("{h:?} is listed twice"));
+            }
+        }
+    }
+    let port = match d.has("port") {
+        true => r.int(d, "port").and_then(|p| {
+            let port = u16::try_from(p).ok().filter(|p| *p != 0);
+            if port.is_none() {
+                r.error(
+                    d.child("port"),
+                    format!("{p} is out of range; a port is 1 to 65535"),
+                );
+            }
+            port
+        }),
+        false => Some(DRBD_BASE_PORT.saturating_add(idx)),
+    };
+    let minor = match d.has("minor") {
+        true => r.int(d, "minor").and_then(|m| {
+            let minor = u32::try_from(m).ok().filter(|m| *m <= MAX_MINOR);
+            if minor.is_none() {
+                r.error(
+                    d.child("minor"),
+                    format!("{m} is out of range; a device minor is 0 to {MAX_MINOR}"),
+                );
+            }
+            minor
+        }),
+        false => Some(u32::from(idx)),
+    };
+    let disk = r.string(d, "disk");
+    let template = r.string(d, "template").map(PathBuf::from);
+    if !d.has("disk") && !d.has("template") {
+        ok = false;
+        r.missing(
+            d,
+            "disk",
+            "the built-in resource template needs the backing disk (disk = \"/dev/...\", or \
+             \"none\" for a diskless node)",
+        );
+    }
+    if let Some(t) = template.as_ref().filter(|t| !t.is_absolute()) {
+        ok = false;
+        r.error(
+            d.child("template"),
+            format!("{} is not an absolute path", t.display()),
+        );
+    }
+    let resource = resource?;
+    let path = r.string(d, "path").map_or_else(
+        || Path::new(DEFAULT_DRBD_DIR).join(format!("{resource}.res")),
+        PathBuf::from,
+    );
+    ok &= claim(r, d.child("path"), &path);
+    let drbdadm = r
+        .string(d, "drbdadm")
+        .unwrap_or_else(|| "drbdadm".to_owned());
+    let check = match d.has("check") {
+        true => argv(r, d, "check", "[\"drbdadm\", \"-d\", \"adjust\", \"r0\"]"),
+        false => Some(vec![
+            drbdadm.clone(),
+            "-d".into(),
+            "adjust".into(),
+            resource.clone(),
+        ]),
+    };
+    let reload = match d.has("reload") {
+        true => argv(r, d, "reload", "[\"drbdadm\", \"adjust\", \"r0\"]"),
+        false => Some(vec![drbdadm, "adjust".into(), resource.clone()]),
+    };
+    let device = r.string(d, "device");
+    let meta_disk = r.string(d, "meta_disk");
+    let minor = minor?;
+    if !ok {
+        return None;
+    }
+    Some(DrbdIntegration {
+        device: device.unwrap_or_else(|| format!("/dev/drbd{minor}")),
+        resource,
+        hosts: hosts?,
+        port: port?,
+        path,
+        disk,
+        meta_disk: meta_disk.unwrap_or_else(|| "internal".to_owned()),
+        template,
+        check,
+        reload,
+    })
+}
+
+/// The largest device minor Linux has (20 bits).
+const MAX_MINOR: u32 = (1 << 20) - 1;
+
+fn check_name(r: &mut Reader<'_>, key: String, name: &str) -> bool {
     let ok = !name.is_empty()
         && name.len() <= 63
         && !name.starts_with('-')
@@ -453,20 +559,15 @@ fn check_name(key: &str, name: &str) -> Result<(), IntegrationsError> {
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if ok {
-        Ok(())
-    } else {
-        Err(err(key, format!("{name:?} is not a mesh host name")))
+    if !ok {
+        r.error(
+            key,
+            format!(
+                "{name:?} is not a mesh host name (lowercase letters, digits and '-', at most 63)"
+            ),
+        );
     }
-}
-
-fn check_argv(key: &str, argv: &Option<Vec<String>>) -> Result<(), IntegrationsError> {
-    match argv {
-        Some(a) if a.first().is_none_or(|p| p.is_empty()) && !a.is_empty() => {
-            Err(err(key, "the command's program is empty"))
-        }
-        _ => Ok(()),
-    }
+    ok
 }
 
 #[cfg(test)]
@@ -475,9 +576,8 @@ mod tests {
 
     use super::*;
 
-    fn parse(text: &str) -> Result<IntegrationsConfig, IntegrationsError> {
-        let v: toml::Value = toml::from_str(text).unwrap();
-        parse_integrations(v.get("integrations").unwrap())
+    fn parse(text: &str) -> Result<IntegrationsConfig, ConfigErrors> {
+        parse_integrations(text, "t.toml")
     }
 
     #[test]
@@ -542,7 +642,10 @@ mod tests {
                 "[integrations.k3s]\nrole = \"server\"\npath = \"/etc/rancher/k3s/config.yaml\"",
                 "integrations.k3s.path",
             ),
-            ("[integrations.k3s]\nrole = \"server\"\nbogus = 1", "integrations.k3s"),
+            (
+                "[integrations.k3s]\nrole = \"server\"\nbogus = 1",
+                "integrations.k3s.bogus",
+            ),
             ("[integrations.nope]\n", "integrations.nope"),
             (
                 "[[integrations.drbd]]\nresource = \"r0\"\nhosts = [\"a\"]\ndisk = \"none\"",
@@ -558,7 +661,7 @@ mod tests {
             ),
             (
                 "[[integrations.drbd]]\nresource = \"r0\"\nhosts = [\"a\", \"B\"]\ndisk = \"none\"",
-                "integrations.drbd[0].hosts",
+                "integrations.drbd[0].hosts[1]",
             ),
             (
                 "[integrations.prometheus]\npath = \"relative.json\"",
@@ -576,7 +679,7 @@ mod tests {
         ];
         for (text, key) in cases {
             let e = parse(text).expect_err(text);
-            assert_eq!(e.key, key, "{text}: {e}");
+            assert_eq!(e.first().key.as_deref(), Some(key), "{text}: {e}");
         }
     }
 

@@ -1,5 +1,6 @@
 //! meshd's TOML configuration (`/etc/meshd/meshd.toml`): types, parsing and validation.
-//! Pure: the daemon reads the file and hands the text and its path here.
+//! Pure: the daemon reads the file and hands the text and its path here. Every error of a
+//! file is reported at once ([`ConfigErrors`]), each at the line and column of its value.
 //!
 //! ```toml
 //! [host]                             # optional as a whole (all defaults)
@@ -71,7 +72,9 @@
 //! token. Whether a host without them may start (it needs a token or an existing membership)
 //! is the daemon's decision.
 
+pub mod error;
 pub mod integrations;
+mod reader;
 pub mod secret_file;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -83,7 +86,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::config::integrations::{parse_integrations, IntegrationsConfig};
+pub use crate::config::error::{ConfigError, ConfigErrors, Location};
+use crate::config::integrations::{read_integrations, IntegrationsConfig};
+pub use crate::config::reader::SourceMap;
+use crate::config::reader::{Reader, Tbl};
 use crate::device::{DeviceSpec, PeerSpec};
 use crate::key::{PrivateKey, PublicKey};
 use crate::{DEFAULT_CONTROL_SOCKET, DEFAULT_INTERFACE, DEFAULT_LISTEN_PORT, DEFAULT_MTU};
@@ -308,25 +314,6 @@ pub struct PeerConfig {
     pub persistent_keepalive: Option<u16>,
 }
 
-/// A refused configuration: which file, which key (`peer[2].public_key`, `host.address`) and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub file: String,
-    pub key: Option<String>,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.key {
-            Some(key) => write!(f, "{}: {}: {}", self.file, key, self.message),
-            None => write!(f, "{}: {}", self.file, self.message),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
 impl Config {
     /// The peers as the reconciler wants them (allowed IPs sorted and de-duplicated, keepalive
     /// 0 normalised to `None`, no preshared key).
@@ -398,179 +385,106 @@ impl Config {
     }
 }
 
-// ---- raw file format ----
+// ---- reading the file ----
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    host: Option<RawHost>,
-    #[serde(default)]
-    daemon: Option<RawDaemon>,
-    #[serde(default)]
-    coordinator: Option<RawCoordinator>,
-    #[serde(default)]
-    routes: Option<RawRoutes>,
-    #[serde(default)]
-    dns: Option<RawService>,
-    #[serde(default)]
-    metrics: Option<RawService>,
-    /// Validated by `integrations::parse_integrations` (its errors name the key).
-    #[serde(default)]
-    integrations: Option<toml::Value>,
-    #[serde(default, rename = "peer")]
-    peers: Vec<RawPeer>,
+const TOP_KEYS: [&str; 8] = [
+    "host",
+    "daemon",
+    "coordinator",
+    "routes",
+    "dns",
+    "metrics",
+    "integrations",
+    "peer",
+];
+
+/// Parse and validate a configuration. `origin` names the file in error messages. Every
+/// error of the file is reported (a syntax error alone: the rest cannot be read).
+pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
+    parse_located(text, origin).map(|(config, _)| config)
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawService {
-    enable: Option<bool>,
-    listen_port: Option<i64>,
-    mesh_interface_only: Option<bool>,
-}
+/// [`parse`], and where each key read sits in the file: for checks made after parsing (the
+/// daemon's `--check-config` looks for the integrations' programs and templates) to report
+/// in the same `FILE:LINE:COL: KEY: message` form.
+pub fn parse_located(text: &str, origin: &str) -> Result<(Config, SourceMap), ConfigErrors> {
+    let doc = Reader::document(origin, text)?;
+    let mut r = Reader::new(origin, text);
+    let root = r.root(&doc);
+    r.known_keys(&root, &TOP_KEYS);
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawHost {
-    name: Option<String>,
-    address: Option<String>,
-    interface: Option<String>,
-    listen_port: Option<i64>,
-    private_key_file: Option<String>,
-    mtu: Option<i64>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawDaemon {
-    control_socket: Option<String>,
-    backend: Option<String>,
-    engine_command: Option<String>,
-    reconcile_interval_secs: Option<i64>,
-    state_dir: Option<String>,
-    join_token_file: Option<String>,
-    rotate_every_days: Option<i64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCoordinator {
-    mesh_cidr: String,
-    api_port: Option<i64>,
-    public_endpoints: Vec<String>,
-    #[serde(default)]
-    reserved: Vec<String>,
-    keepalive_secs: Option<i64>,
-    #[serde(default)]
-    static_assignments: BTreeMap<String, String>,
-    database: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawRoutes {
-    #[serde(default)]
-    advertise: Vec<String>,
-    #[serde(default)]
-    protected: Vec<String>,
-    #[serde(default)]
-    accept: Vec<String>,
-    nft_table: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPeer {
-    name: String,
-    public_key: String,
-    endpoint: Option<String>,
-    allowed_ips: Vec<String>,
-    persistent_keepalive: Option<i64>,
-}
-
-struct Ctx<'a> {
-    file: &'a str,
-}
-
-impl Ctx<'_> {
-    fn err(&self, key: impl Into<String>, message: impl ToString) -> ConfigError {
-        ConfigError {
-            file: self.file.to_string(),
-            key: Some(key.into()),
-            message: message.to_string(),
+    let host_table = r.table(&root, "host");
+    let host = read_host(&mut r, host_table.as_ref());
+    let daemon = match r.table(&root, "daemon") {
+        None => DaemonConfig::default(),
+        Some(t) => read_daemon(&mut r, &t),
+    };
+    let mut peers: Vec<(String, PeerConfig)> = Vec::new();
+    let peer_tables = r.tables(&root, "peer");
+    let peer_count = peer_tables.len();
+    let mut names_seen = BTreeSet::new();
+    for t in peer_tables {
+        if let Some(p) = read_peer(&mut r, t, &mut names_seen) {
+            peers.push(p);
         }
     }
-}
-
-/// Parse and validate a configuration. `origin` names the file in error messages.
-pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(text, origin, &e))?;
-    let cx = Ctx { file: origin };
-
-    let host = validate_host(&cx, raw.host.unwrap_or_default())?;
-    let daemon = validate_daemon(&cx, raw.daemon.unwrap_or_default())?;
-    let mut peers = Vec::with_capacity(raw.peers.len());
-    for (i, p) in raw.peers.into_iter().enumerate() {
-        peers.push(validate_peer(&cx, i, p)?);
-    }
-    let coordinator = match raw.coordinator {
-        None => None,
-        Some(c) => Some(validate_coordinator(&cx, c)?),
-    };
-    let why = if coordinator.is_some() {
+    let coordinator = r
+        .table(&root, "coordinator")
+        .and_then(|t| read_coordinator(&mut r, &t));
+    let why = if root.has("coordinator") {
         Some("on the coordinator ([coordinator] is present)")
-    } else if !peers.is_empty() {
+    } else if peer_count > 0 {
         Some("with static [[peer]] entries")
     } else {
         None
     };
     if let Some(why) = why {
-        if host.name.is_none() {
-            return Err(cx.err(
+        // Only when absent: a present but refused value has its own error.
+        let has = |k: &str| host_table.as_ref().is_some_and(|t| t.has(k));
+        if !has("name") {
+            r.error(
                 "host.name",
                 format!(
-                    "missing field `name`: this host's name is required {why}; only a host \
-                     that joins with a token may leave it out"
+                    "is missing: this host's name is required {why}, e.g. name = \"dock-load\"; \
+                     only a host that joins with a token may leave it out"
                 ),
-            ));
+            );
         }
-        if host.address.is_none() {
-            return Err(cx.err(
+        if !has("address") {
+            r.error(
                 "host.address",
                 format!(
-                    "missing field `address`: this host's mesh address is required {why}, \
-                     e.g. \"10.99.99.1/24\"; only a host that joins with a token may leave it out"
+                    "is missing: this host's mesh address is required {why}, e.g. address = \
+                     \"10.99.99.1/24\"; only a host that joins with a token may leave it out"
                 ),
-            ));
+            );
         }
     }
     if let Some(c) = &coordinator {
-        check_coordinator(&cx, &host, c)?;
+        check_coordinator(&mut r, &host, c);
     }
-    check_peers(&cx, &host, &peers)?;
-    let routes = validate_routes(&cx, &host, &peers, raw.routes.unwrap_or_default())?;
-    let dns = validate_service(&cx, "dns", raw.dns, ServiceConfig::dns_default())?;
-    let metrics = validate_service(
-        &cx,
-        "metrics",
-        raw.metrics,
-        ServiceConfig::metrics_default(),
-    )?;
+    check_peers(&mut r, &host, &peers);
+    let routes = match r.table(&root, "routes") {
+        None => RoutesConfig::default(),
+        Some(t) => read_routes(&mut r, &t, &host, &peers),
+    };
+    let dns = read_service(&mut r, &root, "dns", ServiceConfig::dns_default());
+    let metrics = read_service(&mut r, &root, "metrics", ServiceConfig::metrics_default());
     if dns.enable && metrics.enable && dns.listen_port == metrics.listen_port {
-        return Err(cx.err(
+        r.error(
             "metrics.listen_port",
             format!(
                 "{} is dns.listen_port too; give the two servers different ports",
                 metrics.listen_port
             ),
-        ));
+        );
     }
-    let integrations = match raw.integrations {
+    let integrations = match r.table(&root, "integrations") {
         None => IntegrationsConfig::default(),
-        Some(v) => parse_integrations(&v).map_err(|e| cx.err(e.key, e.message))?,
+        Some(t) => read_integrations(&mut r, &t),
     };
-    Ok(Config {
+    let map = r.finish()?;
+    let config = Config {
         host,
         daemon,
         coordinator,
@@ -578,30 +492,673 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         dns,
         metrics,
         integrations,
-        peers,
+        peers: peers.into_iter().map(|(_, p)| p).collect(),
+    };
+    Ok((config, map))
+}
+
+fn read_service(
+    r: &mut Reader<'_>,
+    root: &Tbl<'_>,
+    name: &str,
+    default: ServiceConfig,
+) -> ServiceConfig {
+    let Some(t) = r.table(root, name) else {
+        return default;
+    };
+    r.known_keys(&t, &["enable", "listen_port", "mesh_interface_only"]);
+    ServiceConfig {
+        enable: r.bool(&t, "enable").unwrap_or(default.enable),
+        listen_port: ranged(r, &t, "listen_port", 1, 65535, "a port", "")
+            .unwrap_or(default.listen_port),
+        mesh_interface_only: r
+            .bool(&t, "mesh_interface_only")
+            .unwrap_or(default.mesh_interface_only),
+    }
+}
+
+/// A whole number in `lo..=hi`; out of range it is refused in words: `{what} is {lo} to
+/// {hi}{hint}` ("a port is 1 to 65535").
+fn ranged<T: TryFrom<i64>>(
+    r: &mut Reader<'_>,
+    t: &Tbl<'_>,
+    name: &str,
+    lo: i64,
+    hi: i64,
+    what: &str,
+    hint: &str,
+) -> Option<T> {
+    let value = r.int(t, name)?;
+    if value < lo || value > hi {
+        r.error(
+            t.child(name),
+            format!("{value} is out of range; {what} is {lo} to {hi}{hint}"),
+        );
+        return None;
+    }
+    T::try_from(value).ok()
+}
+
+/// A path that must not be empty.
+fn path(r: &mut Reader<'_>, t: &Tbl<'_>, name: &str) -> Option<PathBuf> {
+    let value = r.string(t, name)?;
+    if value.trim().is_empty() {
+        r.error(t.child(name), "must not be empty; give a path");
+        return None;
+    }
+    Some(PathBuf::from(value))
+}
+
+/// A string checked by `check`; its refusal is the error of `t.name`.
+fn checked<T, E: ToString>(
+    r: &mut Reader<'_>,
+    t: &Tbl<'_>,
+    name: &str,
+    check: impl FnOnce(&str) -> Result<T, E>,
+) -> Option<T> {
+    let value = r.string(t, name)?;
+    match check(&value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            r.error(t.child(name), e);
+            None
+        }
+    }
+}
+
+fn read_host(r: &mut Reader<'_>, t: Option<&Tbl<'_>>) -> HostConfig {
+    let default = HostConfig {
+        name: None,
+        address: None,
+        interface: DEFAULT_INTERFACE.to_string(),
+        listen_port: DEFAULT_LISTEN_PORT,
+        private_key_file: PathBuf::from(DEFAULT_PRIVATE_KEY_FILE),
+        mtu: DEFAULT_MTU,
+    };
+    let Some(t) = t else {
+        return default;
+    };
+    r.known_keys(
+        t,
+        &[
+            "name",
+            "address",
+            "interface",
+            "listen_port",
+            "private_key_file",
+            "mtu",
+        ],
+    );
+    HostConfig {
+        name: checked(r, t, "name", |n| validate_name(n).map(|()| n.to_string())),
+        address: checked(r, t, "address", validate_host_address),
+        interface: checked(r, t, "interface", |n| {
+            validate_interface(n).map(|()| n.to_string())
+        })
+        .unwrap_or(default.interface),
+        listen_port: ranged(
+            r,
+            t,
+            "listen_port",
+            1,
+            65535,
+            "a port",
+            " (0 would pick a random port; peers need a fixed one)",
+        )
+        .unwrap_or(default.listen_port),
+        private_key_file: path(r, t, "private_key_file").unwrap_or(default.private_key_file),
+        mtu: ranged(
+            r,
+            t,
+            "mtu",
+            1280,
+            9000,
+            "the MTU",
+            " (IPv6 needs at least 1280; WireGuard over a 1500 underlay is 1420)",
+        )
+        .unwrap_or(default.mtu),
+    }
+}
+
+fn validate_host_address(text: &str) -> Result<IpNet, String> {
+    let address: IpNet = text.parse().map_err(|_| {
+        format!(
+            "{text:?} is not an address with prefix length; write this host's mesh address \
+             and the mesh prefix, e.g. \"10.99.99.1/24\""
+        )
+    })?;
+    if let IpNet::V4(v4) = address {
+        if v4.prefix_len() < 31 && (v4.addr() == v4.network() || v4.addr() == v4.broadcast()) {
+            return Err(format!(
+                "{address} is the network or broadcast address of {}; use a host address \
+                 inside the mesh prefix, e.g. \"10.99.99.1/24\"",
+                address.trunc()
+            ));
+        }
+    }
+    Ok(address)
+}
+
+fn read_daemon(r: &mut Reader<'_>, t: &Tbl<'_>) -> DaemonConfig {
+    let d = DaemonConfig::default();
+    r.known_keys(
+        t,
+        &[
+            "control_socket",
+            "backend",
+            "engine_command",
+            "reconcile_interval_secs",
+            "state_dir",
+            "join_token_file",
+            "rotate_every_days",
+        ],
+    );
+    let backend = checked(r, t, "backend", |text| {
+        BackendKind::ALL
+            .into_iter()
+            .find(|b| b.as_str() == text)
+            .ok_or_else(|| {
+                format!("{text:?} is not a backend; use \"auto\", \"kernel\" or \"userspace\"")
+            })
+    });
+    DaemonConfig {
+        control_socket: path(r, t, "control_socket").unwrap_or(d.control_socket),
+        backend: backend.unwrap_or(d.backend),
+        engine_command: path(r, t, "engine_command"),
+        reconcile_interval_secs: ranged(
+            r,
+            t,
+            "reconcile_interval_secs",
+            1,
+            3600,
+            "the reconcile interval",
+            " seconds",
+        )
+        .unwrap_or(d.reconcile_interval_secs),
+        state_dir: path(r, t, "state_dir").unwrap_or(d.state_dir),
+        join_token_file: path(r, t, "join_token_file"),
+        rotate_every_days: ranged(
+            r,
+            t,
+            "rotate_every_days",
+            0,
+            3650,
+            "the rotation period",
+            " days (0 turns scheduled rotation off)",
+        )
+        .unwrap_or(d.rotate_every_days),
+    }
+}
+
+fn read_coordinator(r: &mut Reader<'_>, t: &Tbl<'_>) -> Option<CoordinatorConfig> {
+    r.known_keys(
+        t,
+        &[
+            "mesh_cidr",
+            "api_port",
+            "public_endpoints",
+            "reserved",
+            "keepalive_secs",
+            "static_assignments",
+            "database",
+        ],
+    );
+    if !t.has("mesh_cidr") {
+        r.missing(
+            t,
+            "mesh_cidr",
+            "the coordinator hands out addresses from it, e.g. mesh_cidr = \"10.99.99.0/24\"",
+        );
+    }
+    let mesh_cidr = checked(r, t, "mesh_cidr", |s| parse_prefix(s, "10.99.99.0/24"));
+    let api_port = ranged(r, t, "api_port", 1, 65535, "a port", "")
+        .unwrap_or(crate::wire::api::DEFAULT_API_PORT);
+    let endpoints_example = "[\"198.51.100.1:51871\"]";
+    let mut public_endpoints: Vec<SocketAddr> = Vec::new();
+    if !t.has("public_endpoints") {
+        r.missing(
+            t,
+            "public_endpoints",
+            "list the IP:port where joining hosts reach this host, e.g. public_endpoints = \
+             [\"198.51.100.1:51871\"]",
+        );
+    } else if let Some(list) = r.strings(t, "public_endpoints", endpoints_example) {
+        if list.is_empty() {
+            r.error(
+                t.child("public_endpoints"),
+                "must list at least one IP:port where joining hosts reach this host, e.g. \
+                 [\"198.51.100.1:51871\"]",
+            );
+        }
+        for (i, e) in list.iter().enumerate() {
+            let key = format!("{}[{i}]", t.child("public_endpoints"));
+            match parse_endpoint(e) {
+                Err(m) => r.error(key, m),
+                Ok(a) if public_endpoints.contains(&a) => {
+                    r.error(key, format!("{a} is listed twice"))
+                }
+                Ok(a) => public_endpoints.push(a),
+            }
+        }
+    }
+    let mut reserved = Vec::new();
+    for (i, s) in r
+        .strings(t, "reserved", "[\"10.99.99.0/28\"]")
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
+        match parse_allowed_ip(s) {
+            Ok(n) => reserved.push(n),
+            Err(m) => r.error(format!("{}[{i}]", t.child("reserved")), m),
+        }
+    }
+    let keepalive_secs = ranged(
+        r,
+        t,
+        "keepalive_secs",
+        1,
+        65535,
+        "the keepalive",
+        " seconds (25 is usual behind NAT)",
+    )
+    .unwrap_or(DEFAULT_KEEPALIVE_SECS);
+    let mut static_assignments = BTreeMap::new();
+    if let Some(sa) = r.table(t, "static_assignments") {
+        let mut by_address: BTreeMap<IpAddr, String> = BTreeMap::new();
+        for (name, _) in sa.entries() {
+            let key = sa.child(name);
+            let Some(addr) = r.string(&sa, name) else {
+                continue;
+            };
+            if let Err(m) = validate_name(name) {
+                r.error(key, m);
+                continue;
+            }
+            let ip: IpAddr = match addr.parse() {
+                Ok(ip) => ip,
+                Err(_) => {
+                    r.error(
+                        key,
+                        format!(
+                            "{addr:?} is not an address (no prefix length), e.g. \"10.99.99.2\""
+                        ),
+                    );
+                    continue;
+                }
+            };
+            if let Some(mesh_cidr) = mesh_cidr {
+                if let Err(e) = crate::alloc::check_address(mesh_cidr, &reserved, ip) {
+                    r.error(key, e);
+                    continue;
+                }
+            }
+            if let Some(other) = by_address.insert(ip, name.to_string()) {
+                r.error(
+                    key,
+                    format!(
+                        "{ip} is already assigned to {other:?}; each host needs its own address"
+                    ),
+                );
+                continue;
+            }
+            static_assignments.insert(name.to_string(), ip);
+        }
+    }
+    let database = path(r, t, "database").unwrap_or_else(|| PathBuf::from(DEFAULT_DATABASE));
+    Some(CoordinatorConfig {
+        mesh_cidr: mesh_cidr?,
+        api_port,
+        public_endpoints,
+        reserved,
+        keepalive_secs,
+        static_assignments,
+        database,
     })
 }
 
-fn validate_service(
-    cx: &Ctx<'_>,
-    table: &str,
-    raw: Option<RawService>,
-    default: ServiceConfig,
-) -> Result<ServiceConfig, ConfigError> {
-    let Some(raw) = raw else {
-        return Ok(default);
+/// The coordinator's own address must be inside the mesh and agree with the assignments.
+fn check_coordinator(r: &mut Reader<'_>, host: &HostConfig, c: &CoordinatorConfig) {
+    let Some(address) = host.address else {
+        return;
     };
-    let listen_port = match raw.listen_port {
-        None => default.listen_port,
-        Some(p) => ranged(cx, &format!("{table}.listen_port"), p, 1, 65535, "")?,
+    let own = address.addr();
+    if !c.mesh_cidr.contains(&own) {
+        r.error(
+            "host.address",
+            format!(
+                "{own} is not inside the mesh {} (coordinator.mesh_cidr)",
+                c.mesh_cidr
+            ),
+        );
+    }
+    for (name, ip) in &c.static_assignments {
+        let key = format!("coordinator.static_assignments.{name}");
+        let ours = host.name.as_deref() == Some(name.as_str());
+        if ours && *ip != own {
+            r.error(
+                key,
+                format!("{ip} is not this host's own address {own} (host.address)"),
+            );
+        } else if !ours && *ip == own {
+            r.error(
+                key,
+                format!("{ip} is this host's own address (host.address)"),
+            );
+        }
+    }
+}
+
+/// One `[[peer]]`, keyed by its name (`peer "nas"`) once the name is valid and not taken by
+/// an earlier peer, else by its position (`peer[3]`).
+fn read_peer(
+    r: &mut Reader<'_>,
+    t: Tbl<'_>,
+    names_seen: &mut BTreeSet<String>,
+) -> Option<(String, PeerConfig)> {
+    let name = r.string(&t, "name");
+    let t = match &name {
+        Some(n) if validate_name(n).is_ok() && names_seen.contains(n) => {
+            r.error(
+                t.child("name"),
+                format!("{n:?} is already the name of peer {n:?}; each peer needs its own name"),
+            );
+            t
+        }
+        Some(n) if validate_name(n).is_ok() => {
+            names_seen.insert(n.clone());
+            let named = format!("peer {n:?}");
+            r.alias(&named, &t.key);
+            r.alias(&format!("{named}.name"), &t.child("name"));
+            t.renamed(named)
+        }
+        _ => t,
     };
-    Ok(ServiceConfig {
-        enable: raw.enable.unwrap_or(default.enable),
-        listen_port,
-        mesh_interface_only: raw
-            .mesh_interface_only
-            .unwrap_or(default.mesh_interface_only),
+    r.known_keys(
+        &t,
+        &[
+            "name",
+            "public_key",
+            "endpoint",
+            "allowed_ips",
+            "persistent_keepalive",
+        ],
+    );
+    let name = match name {
+        None => {
+            if !t.has("name") {
+                r.missing(
+                    &t,
+                    "name",
+                    "each [[peer]] needs a name (a DNS label), e.g. name = \"nas\"",
+                );
+            }
+            None
+        }
+        Some(n) => match validate_name(&n) {
+            Ok(()) => Some(n),
+            Err(m) => {
+                r.error(t.child("name"), m);
+                None
+            }
+        },
+    };
+    if !t.has("public_key") {
+        r.missing(
+            &t,
+            "public_key",
+            "each [[peer]] needs its WireGuard public key, as `wg pubkey` prints it",
+        );
+    }
+    let public_key = checked(r, &t, "public_key", |s| {
+        s.parse::<PublicKey>().map_err(|_| {
+            format!(
+                "{s:?} is not a WireGuard public key; expected 44 characters of base64 as \
+                 printed by `wg pubkey`"
+            )
+        })
+    });
+    let endpoint = checked(r, &t, "endpoint", parse_endpoint);
+    let mut allowed_ips = Vec::new();
+    let mut allowed_ok = true;
+    if !t.has("allowed_ips") {
+        allowed_ok = false;
+        r.missing(
+            &t,
+            "allowed_ips",
+            "each [[peer]] needs the addresses it routes, e.g. allowed_ips = \
+             [\"10.99.99.2/32\"]",
+        );
+    } else if let Some(list) = r.strings(&t, "allowed_ips", "[\"10.99.99.2/32\"]") {
+        if list.is_empty() {
+            allowed_ok = false;
+            r.error(
+                t.child("allowed_ips"),
+                "must list at least one prefix, e.g. [\"10.99.99.2/32\"]",
+            );
+        }
+        for (j, s) in list.iter().enumerate() {
+            match parse_allowed_ip(s) {
+                Ok(net) => allowed_ips.push(net),
+                Err(m) => {
+                    allowed_ok = false;
+                    r.error(format!("{}[{j}]", t.child("allowed_ips")), m);
+                }
+            }
+        }
+    } else {
+        allowed_ok = false;
+    }
+    let keepalive_ok = !t.has("persistent_keepalive");
+    let persistent_keepalive = ranged(
+        r,
+        &t,
+        "persistent_keepalive",
+        0,
+        65535,
+        "the keepalive",
+        " seconds (0 = off, 25 is usual behind NAT)",
+    );
+    let keepalive_ok = keepalive_ok || persistent_keepalive.is_some();
+    if !(allowed_ok && keepalive_ok) {
+        return None;
+    }
+    Some((
+        t.key.clone(),
+        PeerConfig {
+            name: name?,
+            public_key: public_key?,
+            endpoint: match t.has("endpoint") {
+                true => Some(endpoint?),
+                false => None,
+            },
+            allowed_ips,
+            persistent_keepalive,
+        },
+    ))
+}
+
+/// Checks across the peers (names, keys, overlaps), each error at the later peer's value.
+fn check_peers(r: &mut Reader<'_>, host: &HostConfig, peers: &[(String, PeerConfig)]) {
+    let own = host.address.map(|a| a.addr());
+    let mut keys: BTreeMap<PublicKey, usize> = BTreeMap::new();
+    for (i, (key, p)) in peers.iter().enumerate() {
+        if host.name.as_deref() == Some(p.name.as_str()) {
+            r.error(
+                format!("{key}.name"),
+                format!("{:?} is this host's own name (host.name)", p.name),
+            );
+        }
+        if let Some(j) = keys.insert(p.public_key, i) {
+            r.error(
+                format!("{key}.public_key"),
+                format!(
+                    "{} is already the key of {}; each peer needs its own key",
+                    p.public_key, peers[j].0
+                ),
+            );
+        }
+        for (k, net) in p.allowed_ips.iter().enumerate() {
+            if let Some(own) = own.filter(|own| net.contains(own)) {
+                r.error(
+                    format!("{key}.allowed_ips[{k}]"),
+                    format!(
+                        "{net} contains this host's own address {own} (host.address); traffic \
+                         to ourselves would be sent to peer {:?}",
+                        p.name
+                    ),
+                );
+            }
+        }
+    }
+    // Overlaps between peers: WireGuard maps an allowed IP to exactly one peer.
+    for (i, (key, p)) in peers.iter().enumerate() {
+        let mut seen = BTreeSet::new();
+        for (qkey, q) in peers.iter().take(i) {
+            for a in &q.allowed_ips {
+                for (k, b) in p.allowed_ips.iter().enumerate() {
+                    if (a.contains(b) || b.contains(a)) && seen.insert(k) {
+                        r.error(
+                            format!("{key}.allowed_ips[{k}]"),
+                            format!(
+                                "{b} of peer {:?} overlaps {a} of {qkey}; an address can route \
+                                 to one peer only",
+                                p.name
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn read_routes(
+    r: &mut Reader<'_>,
+    t: &Tbl<'_>,
+    host: &HostConfig,
+    peers: &[(String, PeerConfig)],
+) -> RoutesConfig {
+    use crate::routes::overlaps;
+    r.known_keys(t, &["advertise", "protected", "accept", "nft_table"]);
+    let mesh = host.address.map(|a| a.trunc());
+    let prefixes = |r: &mut Reader<'_>, name: &str, example: &str| -> Vec<(String, IpNet)> {
+        let mut out = Vec::new();
+        for (i, s) in r
+            .strings(t, name, example)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let key = format!("{}[{i}]", t.child(name));
+            match parse_allowed_ip(s) {
+                Ok(net) => out.push((key, net)),
+                Err(m) => r.error(key, m),
+            }
+        }
+        out
+    };
+    let mut protected = Vec::new();
+    for (key, net) in prefixes(r, "protected", "[\"10.42.0.0/16\"]") {
+        if let Some(m) = mesh.filter(|m| overlaps(m, &net)) {
+            r.error(
+                key,
+                format!(
+                    "{net} overlaps the mesh {m} (host.address); the mesh itself cannot be \
+                     protected from the mesh"
+                ),
+            );
+            continue;
+        }
+        protected.push(net);
+    }
+    let mut advertise: Vec<IpNet> = Vec::new();
+    for (key, net) in prefixes(r, "advertise", "[\"192.168.1.0/24\"]") {
+        let why = if net.prefix_len() == 0 {
+            Some(format!(
+                "{net} is a default route; meshd advertises subnets, never a /0"
+            ))
+        } else if let Some(m) = mesh.filter(|m| overlaps(m, &net)) {
+            Some(format!(
+                "{net} overlaps the mesh {m} (host.address); advertise subnets outside it"
+            ))
+        } else if let Some(p) = protected.iter().find(|p| overlaps(p, &net)) {
+            Some(format!(
+                "{net} overlaps routes.protected {p}; remove one of them"
+            ))
+        } else {
+            advertise
+                .iter()
+                .find(|o| overlaps(o, &net))
+                .map(|o| format!("{net} overlaps {o}, listed before it"))
+        };
+        match why {
+            Some(why) => r.error(key, why),
+            None => advertise.push(net),
+        }
+    }
+    let mut accept: Vec<IpNet> = Vec::new();
+    for (key, net) in prefixes(r, "accept", "[\"192.168.1.0/24\"]") {
+        let why = if net.prefix_len() == 0 {
+            Some(format!(
+                "{net} is a default route; meshd never takes a default route from a peer: \
+                 list the subnets to accept"
+            ))
+        } else if let Some(m) = mesh.filter(|m| overlaps(m, &net)) {
+            Some(format!(
+                "{net} overlaps the mesh {m} (host.address); the mesh needs no accepting, list \
+                 subnets outside it"
+            ))
+        } else if let Some(p) = protected.iter().find(|p| overlaps(p, &net)) {
+            Some(format!(
+                "{net} overlaps routes.protected {p}; remove one of them"
+            ))
+        } else {
+            advertise.iter().find(|o| overlaps(o, &net)).map(|o| {
+                format!("{net} overlaps routes.advertise {o}: this host routes that subnet itself")
+            })
+        };
+        match why {
+            Some(why) => r.error(key, why),
+            None => accept.push(net),
+        }
+    }
+    for (pkey, p) in peers {
+        for (k, net) in p.allowed_ips.iter().enumerate() {
+            if let Some(pr) = protected.iter().find(|pr| overlaps(pr, net)) {
+                r.error(
+                    format!("{pkey}.allowed_ips[{k}]"),
+                    format!(
+                        "{net} of peer {:?} overlaps routes.protected {pr}; it would be routed \
+                         over the mesh",
+                        p.name
+                    ),
+                );
+            }
+        }
+    }
+    let nft_table = checked(r, t, "nft_table", |t| {
+        let ok = !t.is_empty()
+            && t.len() <= 64
+            && t.starts_with(|c: char| c.is_ascii_alphabetic())
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if ok {
+            Ok(t.to_string())
+        } else {
+            Err(format!(
+                "{t:?} is not a table name: a letter, then letters, digits, '_' or '-' (at most \
+                 64), e.g. \"meshd\""
+            ))
+        }
     })
+    .unwrap_or_else(|| crate::routes::DEFAULT_NFT_TABLE.to_string());
+    RoutesConfig {
+        advertise,
+        protected,
+        accept,
+        nft_table,
+    }
 }
 
 /// Why one value of the file is refused: the message a [`ConfigError`] carries for its key.
@@ -627,6 +1184,8 @@ pub enum ValueError {
     EndpointNoPort(String),
     #[error("{0:?} is not an IP:port; {ENDPOINT_FORMS}")]
     EndpointNotAddress(String),
+    #[error("port {port} is out of range; a port is 1 to 65535")]
+    EndpointPortRange { port: String },
     #[error("{text:?} has no prefix length; did you mean \"{text}/{host_len}\"?")]
     PrefixNoLength { text: String, host_len: u8 },
     #[error("{text:?} is not a prefix like \"{example}\"")]
@@ -681,284 +1240,32 @@ fn validate_interface(name: &str) -> Result<(), ValueError> {
     Ok(())
 }
 
-fn ranged<T: TryFrom<i64>>(
-    cx: &Ctx<'_>,
-    key: &str,
-    value: i64,
-    lo: i64,
-    hi: i64,
-    hint: &str,
-) -> Result<T, ConfigError> {
-    if value < lo || value > hi {
-        return Err(cx.err(key, format!("{value} is out of range {lo}..={hi}{hint}")));
-    }
-    T::try_from(value).map_err(|_| cx.err(key, format!("{value} is out of range {lo}..={hi}")))
-}
-
-fn non_empty_path(cx: &Ctx<'_>, key: &str, value: String) -> Result<PathBuf, ConfigError> {
-    if value.trim().is_empty() {
-        return Err(cx.err(key, "must not be empty"));
-    }
-    Ok(PathBuf::from(value))
-}
-
-fn validate_host_address(cx: &Ctx<'_>, text: &str) -> Result<IpNet, ConfigError> {
-    let address: IpNet = text.parse().map_err(|_| {
-        cx.err(
-            "host.address",
-            format!(
-                "{text:?} is not an address with prefix length; write this host's mesh address \
-                 and the mesh prefix, e.g. \"10.99.99.1/24\""
-            ),
-        )
-    })?;
-    if let IpNet::V4(v4) = address {
-        if v4.prefix_len() < 31 && (v4.addr() == v4.network() || v4.addr() == v4.broadcast()) {
-            return Err(cx.err(
-                "host.address",
-                format!(
-                    "{address} is the network or broadcast address of {}; use a host address \
-                     inside the mesh prefix, e.g. \"10.99.99.1/24\"",
-                    address.trunc()
-                ),
-            ));
-        }
-    }
-    Ok(address)
-}
-
-fn validate_host(cx: &Ctx<'_>, raw: RawHost) -> Result<HostConfig, ConfigError> {
-    if let Some(name) = &raw.name {
-        validate_name(name).map_err(|m| cx.err("host.name", m))?;
-    }
-    let address = match &raw.address {
-        None => None,
-        Some(a) => Some(validate_host_address(cx, a)?),
-    };
-    let interface = raw
-        .interface
-        .unwrap_or_else(|| DEFAULT_INTERFACE.to_string());
-    validate_interface(&interface).map_err(|m| cx.err("host.interface", m))?;
-    let listen_port = match raw.listen_port {
-        None => DEFAULT_LISTEN_PORT,
-        Some(p) => ranged(
-            cx,
-            "host.listen_port",
-            p,
-            1,
-            65535,
-            " (0 would pick a random port; peers need a fixed one)",
-        )?,
-    };
-    let private_key_file = non_empty_path(
-        cx,
-        "host.private_key_file",
-        raw.private_key_file
-            .unwrap_or_else(|| DEFAULT_PRIVATE_KEY_FILE.to_string()),
-    )?;
-    let mtu = match raw.mtu {
-        None => DEFAULT_MTU,
-        Some(m) => ranged(
-            cx,
-            "host.mtu",
-            m,
-            1280,
-            9000,
-            " (IPv6 needs at least 1280; WireGuard over a 1500 underlay is 1420)",
-        )?,
-    };
-    Ok(HostConfig {
-        name: raw.name,
-        address,
-        interface,
-        listen_port,
-        private_key_file,
-        mtu,
-    })
-}
-
-fn validate_daemon(cx: &Ctx<'_>, raw: RawDaemon) -> Result<DaemonConfig, ConfigError> {
-    let d = DaemonConfig::default();
-    let control_socket = match raw.control_socket {
-        None => d.control_socket,
-        Some(s) => non_empty_path(cx, "daemon.control_socket", s)?,
-    };
-    let backend = match raw.backend.as_deref() {
-        None => d.backend,
-        Some(text) => BackendKind::ALL
-            .into_iter()
-            .find(|b| b.as_str() == text)
-            .ok_or_else(|| {
-                cx.err(
-                    "daemon.backend",
-                    format!("{text:?} is not a backend; use \"auto\", \"kernel\" or \"userspace\""),
-                )
-            })?,
-    };
-    let engine_command = match raw.engine_command {
-        None => None,
-        Some(s) => Some(non_empty_path(cx, "daemon.engine_command", s)?),
-    };
-    let reconcile_interval_secs = match raw.reconcile_interval_secs {
-        None => d.reconcile_interval_secs,
-        Some(s) => ranged(cx, "daemon.reconcile_interval_secs", s, 1, 3600, "")?,
-    };
-    let state_dir = match raw.state_dir {
-        None => d.state_dir,
-        Some(s) => non_empty_path(cx, "daemon.state_dir", s)?,
-    };
-    let join_token_file = match raw.join_token_file {
-        None => None,
-        Some(s) => Some(non_empty_path(cx, "daemon.join_token_file", s)?),
-    };
-    let rotate_every_days = match raw.rotate_every_days {
-        None => d.rotate_every_days,
-        Some(s) => ranged(
-            cx,
-            "daemon.rotate_every_days",
-            s,
-            0,
-            3650,
-            " (0 turns scheduled rotation off)",
-        )?,
-    };
-    Ok(DaemonConfig {
-        control_socket,
-        backend,
-        engine_command,
-        reconcile_interval_secs,
-        state_dir,
-        join_token_file,
-        rotate_every_days,
-    })
-}
-
-fn validate_coordinator(
-    cx: &Ctx<'_>,
-    raw: RawCoordinator,
-) -> Result<CoordinatorConfig, ConfigError> {
-    let mesh_cidr = parse_prefix(&raw.mesh_cidr, "10.99.99.0/24")
-        .map_err(|m| cx.err("coordinator.mesh_cidr", m))?;
-    let api_port = match raw.api_port {
-        None => crate::wire::api::DEFAULT_API_PORT,
-        Some(p) => ranged(cx, "coordinator.api_port", p, 1, 65535, "")?,
-    };
-    if raw.public_endpoints.is_empty() {
-        return Err(cx.err(
-            "coordinator.public_endpoints",
-            "must list at least one IP:port where joining hosts reach this host, e.g. \
-             [\"198.51.100.1:51871\"]",
-        ));
-    }
-    let mut public_endpoints = Vec::with_capacity(raw.public_endpoints.len());
-    for (i, e) in raw.public_endpoints.iter().enumerate() {
-        let a = parse_endpoint(e)
-            .map_err(|m| cx.err(format!("coordinator.public_endpoints[{i}]"), m))?;
-        if public_endpoints.contains(&a) {
-            return Err(cx.err(
-                format!("coordinator.public_endpoints[{i}]"),
-                format!("{a} is listed twice"),
-            ));
-        }
-        public_endpoints.push(a);
-    }
-    let mut reserved = Vec::with_capacity(raw.reserved.len());
-    for (i, r) in raw.reserved.iter().enumerate() {
-        reserved.push(
-            parse_allowed_ip(r).map_err(|m| cx.err(format!("coordinator.reserved[{i}]"), m))?,
-        );
-    }
-    let keepalive_secs = match raw.keepalive_secs {
-        None => DEFAULT_KEEPALIVE_SECS,
-        Some(k) => ranged(
-            cx,
-            "coordinator.keepalive_secs",
-            k,
-            1,
-            65535,
-            " (seconds; 25 is usual behind NAT)",
-        )?,
-    };
-    let mut static_assignments = BTreeMap::new();
-    let mut by_address: BTreeMap<IpAddr, String> = BTreeMap::new();
-    for (name, addr) in raw.static_assignments {
-        let key = format!("coordinator.static_assignments.{name}");
-        validate_name(&name).map_err(|m| cx.err(key.clone(), m))?;
-        let ip: IpAddr = addr.parse().map_err(|_| {
-            cx.err(
-                key.clone(),
-                format!("{addr:?} is not an address (no prefix length), e.g. \"10.99.99.2\""),
-            )
-        })?;
-        crate::alloc::check_address(mesh_cidr, &reserved, ip)
-            .map_err(|e| cx.err(key.clone(), e.to_string()))?;
-        if let Some(other) = by_address.insert(ip, name.clone()) {
-            return Err(cx.err(
-                key,
-                format!("{ip} is already assigned to {other:?}; each host needs its own address"),
-            ));
-        }
-        static_assignments.insert(name, ip);
-    }
-    let database = match raw.database {
-        None => PathBuf::from(DEFAULT_DATABASE),
-        Some(s) => non_empty_path(cx, "coordinator.database", s)?,
-    };
-    Ok(CoordinatorConfig {
-        mesh_cidr,
-        api_port,
-        public_endpoints,
-        reserved,
-        keepalive_secs,
-        static_assignments,
-        database,
-    })
-}
-
-/// The coordinator's own address must be inside the mesh and agree with the assignments.
-fn check_coordinator(
-    cx: &Ctx<'_>,
-    host: &HostConfig,
-    c: &CoordinatorConfig,
-) -> Result<(), ConfigError> {
-    let Some(address) = host.address else {
-        return Ok(());
-    };
-    let own = address.addr();
-    if !c.mesh_cidr.contains(&own) {
-        return Err(cx.err(
-            "host.address",
-            format!(
-                "{own} is not inside the mesh {} (coordinator.mesh_cidr)",
-                c.mesh_cidr
-            ),
-        ));
-    }
-    for (name, ip) in &c.static_assignments {
-        let ours = host.name.as_deref() == Some(name.as_str());
-        if ours && *ip != own {
-            return Err(cx.err(
-                format!("coordinator.static_assignments.{name}"),
-                format!("{ip} is not this host's own address {own} (host.address)"),
-            ));
-        }
-        if !ours && *ip == own {
-            return Err(cx.err(
-                format!("coordinator.static_assignments.{name}"),
-                format!("{ip} is this host's own address (host.address)"),
-            ));
-        }
-    }
-    Ok(())
-}
-
 fn parse_endpoint(s: &str) -> Result<SocketAddr, ValueError> {
     match s.parse::<SocketAddr>() {
         Ok(a) if a.port() == 0 => Err(ValueError::EndpointPortZero(s.to_string())),
         Ok(a) => Ok(a),
         Err(_) if s.parse::<IpAddr>().is_ok() => Err(ValueError::EndpointNoPort(s.to_string())),
-        Err(_) => Err(ValueError::EndpointNotAddress(s.to_string())),
+        Err(_) => {
+            Err(endpoint_port_range(s)
+                .unwrap_or_else(|| ValueError::EndpointNotAddress(s.to_string())))
+        }
     }
+}
+
+/// An IP address and a port number too large for a port (`192.168.1.20:99999`): said so,
+/// rather than "not an IP:port".
+fn endpoint_port_range(s: &str) -> Option<ValueError> {
+    let (ip, port) = s.rsplit_once(':')?;
+    let ip = ip
+        .strip_prefix('[')
+        .and_then(|i| i.strip_suffix(']'))
+        .unwrap_or(ip);
+    let is_ip = ip.parse::<std::net::Ipv4Addr>().is_ok()
+        || (s.starts_with('[') && ip.parse::<std::net::Ipv6Addr>().is_ok());
+    let digits = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
+    (is_ip && digits).then(|| ValueError::EndpointPortRange {
+        port: port.to_string(),
+    })
 }
 
 fn host_len(addr: &IpAddr) -> u8 {
@@ -998,298 +1305,7 @@ fn parse_prefix(s: &str, example: &'static str) -> Result<IpNet, ValueError> {
     Ok(net)
 }
 
-fn validate_peer(cx: &Ctx<'_>, i: usize, raw: RawPeer) -> Result<PeerConfig, ConfigError> {
-    let key = |field: &str| format!("peer[{i}].{field}");
-    validate_name(&raw.name).map_err(|m| cx.err(key("name"), m))?;
-    let public_key: PublicKey = raw.public_key.parse().map_err(|e| {
-        cx.err(
-            key("public_key"),
-            format!(
-                "{:?} is not a WireGuard public key ({e}); expected 44 characters of base64 as \
-                 printed by `wg pubkey`",
-                raw.public_key
-            ),
-        )
-    })?;
-    let endpoint = match raw.endpoint {
-        None => None,
-        Some(s) => Some(parse_endpoint(&s).map_err(|m| cx.err(key("endpoint"), m))?),
-    };
-    if raw.allowed_ips.is_empty() {
-        return Err(cx.err(
-            key("allowed_ips"),
-            "must list at least one prefix, e.g. [\"10.99.99.2/32\"]",
-        ));
-    }
-    let mut allowed_ips = Vec::with_capacity(raw.allowed_ips.len());
-    for (j, s) in raw.allowed_ips.iter().enumerate() {
-        let net =
-            parse_allowed_ip(s).map_err(|m| cx.err(format!("peer[{i}].allowed_ips[{j}]"), m))?;
-        allowed_ips.push(net);
-    }
-    let persistent_keepalive = match raw.persistent_keepalive {
-        None => None,
-        Some(k) => Some(ranged(
-            cx,
-            &key("persistent_keepalive"),
-            k,
-            0,
-            65535,
-            " (seconds; 0 = off, 25 is usual behind NAT)",
-        )?),
-    };
-    Ok(PeerConfig {
-        name: raw.name,
-        public_key,
-        endpoint,
-        allowed_ips,
-        persistent_keepalive,
-    })
-}
-
-fn validate_routes(
-    cx: &Ctx<'_>,
-    host: &HostConfig,
-    peers: &[PeerConfig],
-    raw: RawRoutes,
-) -> Result<RoutesConfig, ConfigError> {
-    use crate::routes::overlaps;
-    let mut protected = Vec::with_capacity(raw.protected.len());
-    for (i, p) in raw.protected.iter().enumerate() {
-        let key = format!("routes.protected[{i}]");
-        let net = parse_allowed_ip(p).map_err(|m| cx.err(key.clone(), m))?;
-        if let Some(a) = host.address.filter(|a| overlaps(&a.trunc(), &net)) {
-            return Err(cx.err(
-                key,
-                format!(
-                    "{net} overlaps the mesh {} (host.address); the mesh itself cannot be \
-                     protected from the mesh",
-                    a.trunc()
-                ),
-            ));
-        }
-        protected.push(net);
-    }
-    let mut advertise: Vec<IpNet> = Vec::with_capacity(raw.advertise.len());
-    for (i, a) in raw.advertise.iter().enumerate() {
-        let key = format!("routes.advertise[{i}]");
-        let net = parse_allowed_ip(a).map_err(|m| cx.err(key.clone(), m))?;
-        if net.prefix_len() == 0 {
-            return Err(cx.err(
-                key,
-                format!("{net} is a default route; meshd advertises subnets, never a /0"),
-            ));
-        }
-        if let Some(m) = host.address.filter(|m| overlaps(&m.trunc(), &net)) {
-            return Err(cx.err(
-                key,
-                format!(
-                    "{net} overlaps the mesh {} (host.address); advertise subnets outside it",
-                    m.trunc()
-                ),
-            ));
-        }
-        if let Some(p) = protected.iter().find(|p| overlaps(p, &net)) {
-            return Err(cx.err(
-                key,
-                format!("{net} overlaps routes.protected {p}; remove one of them"),
-            ));
-        }
-        if let Some(o) = advertise.iter().find(|o| overlaps(o, &net)) {
-            return Err(cx.err(key, format!("{net} overlaps {o}, listed before it")));
-        }
-        advertise.push(net);
-    }
-    let mut accept: Vec<IpNet> = Vec::with_capacity(raw.accept.len());
-    for (i, a) in raw.accept.iter().enumerate() {
-        let key = format!("routes.accept[{i}]");
-        let net = parse_allowed_ip(a).map_err(|m| cx.err(key.clone(), m))?;
-        if net.prefix_len() == 0 {
-            return Err(cx.err(
-                key,
-                format!(
-                    "{net} is a default route; meshd never takes a default route from a peer: \
-                     list the subnets to accept"
-                ),
-            ));
-        }
-        if let Some(m) = host.address.filter(|m| overlaps(&m.trunc(), &net)) {
-            return Err(cx.err(
-                key,
-                format!(
-                    "{net} overlaps the mesh {} (host.address); the mesh needs no accepting, \
-                     list subnets outside it",
-                    m.trunc()
-                ),
-            ));
-        }
-        if let Some(p) = protected.iter().find(|p| overlaps(p, &net)) {
-            return Err(cx.err(
-                key,
-                format!("{net} overlaps routes.protected {p}; remove one of them"),
-            ));
-        }
-        if let Some(o) = advertise.iter().find(|o| overlaps(o, &net)) {
-            return Err(cx.err(
-                key,
-                format!("{net} overlaps routes.advertise {o}: this host routes that subnet itself"),
-            ));
-        }
-        accept.push(net);
-    }
-    for (i, p) in peers.iter().enumerate() {
-        for (k, net) in p.allowed_ips.iter().enumerate() {
-            if let Some(pr) = protected.iter().find(|pr| overlaps(pr, net)) {
-                return Err(cx.err(
-                    format!("peer[{i}].allowed_ips[{k}]"),
-                    format!(
-                        "{net} of peer {:?} overlaps routes.protected {pr}; it would be routed \
-                         over the mesh",
-                        p.name
-                    ),
-                ));
-            }
-        }
-    }
-    let nft_table = match raw.nft_table {
-        None => crate::routes::DEFAULT_NFT_TABLE.to_string(),
-        Some(t) => {
-            let ok = !t.is_empty()
-                && t.len() <= 64
-                && t.starts_with(|c: char| c.is_ascii_alphabetic())
-                && t.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-            if !ok {
-                return Err(cx.err(
-                    "routes.nft_table",
-                    format!(
-                        "{t:?} is not a table name: a letter, then letters, digits, '_' or '-' \
-                         (at most 64), e.g. \"meshd\""
-                    ),
-                ));
-            }
-            t
-        }
-    };
-    Ok(RoutesConfig {
-        advertise,
-        protected,
-        accept,
-        nft_table,
-    })
-}
-
-fn check_peers(cx: &Ctx<'_>, host: &HostConfig, peers: &[PeerConfig]) -> Result<(), ConfigError> {
-    let own = host.address.map(|a| a.addr());
-    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut keys: BTreeMap<PublicKey, usize> = BTreeMap::new();
-    for (i, p) in peers.iter().enumerate() {
-        if host.name.as_deref() == Some(p.name.as_str()) {
-            return Err(cx.err(
-                format!("peer[{i}].name"),
-                format!("{:?} is this host's own name (host.name)", p.name),
-            ));
-        }
-        if let Some(j) = names.insert(&p.name, i) {
-            return Err(cx.err(
-                format!("peer[{i}].name"),
-                format!("{:?} is already the name of peer[{j}]", p.name),
-            ));
-        }
-        if let Some(j) = keys.insert(p.public_key, i) {
-            return Err(cx.err(
-                format!("peer[{i}].public_key"),
-                format!(
-                    "{} is already the key of peer[{j}] ({:?}); each peer needs its own key",
-                    p.public_key, peers[j].name
-                ),
-            ));
-        }
-        for (k, net) in p.allowed_ips.iter().enumerate() {
-            if let Some(own) = own.filter(|own| net.contains(own)) {
-                return Err(cx.err(
-                    format!("peer[{i}].allowed_ips[{k}]"),
-                    format!(
-                        "{net} contains this host's own address {own} (host.address); traffic \
-                         to ourselves would be sent to peer {:?}",
-                        p.name
-                    ),
-                ));
-            }
-        }
-    }
-    // Overlaps between peers: WireGuard maps an allowed IP to exactly one peer.
-    for (i, p) in peers.iter().enumerate() {
-        let mut seen = BTreeSet::new();
-        for (j, q) in peers.iter().enumerate().take(i) {
-            for a in &q.allowed_ips {
-                for (k, b) in p.allowed_ips.iter().enumerate() {
-                    if (a.contains(b) || b.contains(a)) && seen.insert(k) {
-                        return Err(cx.err(
-                            format!("peer[{i}].allowed_ips[{k}]"),
-                            format!(
-                                "{b} of peer {:?} overlaps {a} of peer {:?} (peer[{j}]); an \
-                                 address can route to one peer only",
-                                p.name, q.name
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-// ---- locating TOML errors ----
-
-fn toml_error(text: &str, origin: &str, e: &toml::de::Error) -> ConfigError {
-    let msg = e.message().trim().to_string();
-    let Some(span) = e.span() else {
-        let key = backticked_field(&msg, "missing field");
-        return ConfigError {
-            file: origin.to_string(),
-            key,
-            message: msg,
-        };
-    };
-    let pos = span.start.min(text.len());
-    let line_no = text
-        .get(..pos)
-        .map(|t| t.matches('\n').count() + 1)
-        .unwrap_or(1);
-    let mut key = locate_key(text, line_no);
-    if let Some(field) = backticked_field(&msg, "missing field") {
-        key = Some(match key {
-            Some(k) if k.contains('.') || k.contains('[') && !k.ends_with(']') => {
-                // The span was a key=value line: name the table instead.
-                format!("{}.{field}", table_of(&k))
-            }
-            Some(k) => format!("{k}.{field}"),
-            None => field,
-        });
-    }
-    ConfigError {
-        file: origin.to_string(),
-        key,
-        message: format!("line {line_no}: {msg}"),
-    }
-}
-
-/// `missing field `name`` -> `name`.
-fn backticked_field(msg: &str, prefix: &str) -> Option<String> {
-    let rest = msg.strip_prefix(prefix)?.trim_start();
-    let rest = rest.strip_prefix('`')?;
-    let end = rest.find('`')?;
-    Some(rest[..end].to_string())
-}
-
-fn table_of(key: &str) -> &str {
-    match key.rfind('.') {
-        Some(i) => &key[..i],
-        None => key,
-    }
-}
+// ---- locating syntax errors ----
 
 fn strip_comment(line: &str) -> &str {
     // Good enough for locating keys: '#' inside strings is rare in this format.
@@ -1311,7 +1327,8 @@ fn bare_key(s: &str) -> Option<String> {
     }
 }
 
-/// The dotted key path (`peer[1].endpoint`, `host`) of the line `line_no` (1-based).
+/// The dotted key path (`peer[1].endpoint`, `host`) of the line `line_no` (1-based): the
+/// key a syntax error names, found without the parser (which refused the file).
 fn locate_key(text: &str, line_no: usize) -> Option<String> {
     let mut table: Option<String> = None;
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();

@@ -33,12 +33,16 @@ persistent_keepalive = 25
     )
 }
 
+/// The first error (in file order) of a refused `text`: its key, and its full text containing
+/// `want_in_message`.
 fn refuse(text: &str, want_key: &str, want_in_message: &str) -> ConfigError {
-    let err = parse(text, FILE).expect_err(text);
+    let errors = parse(text, FILE).expect_err(text);
+    let err = errors.first().clone();
     let shown = err.to_string();
+    assert_eq!(errors.file, FILE);
     assert_eq!(err.file, FILE);
-    assert!(shown.starts_with(&format!("{FILE}: ")), "{shown}");
-    assert_eq!(err.key.as_deref(), Some(want_key), "{shown}");
+    assert!(shown.starts_with(&format!("{FILE}:")), "{shown}");
+    assert_eq!(err.key.as_deref(), Some(want_key), "{errors}");
     assert!(
         shown.contains(want_in_message),
         "{shown:?} should contain {want_in_message:?}"
@@ -142,47 +146,67 @@ fn refuses_unknown_keys_with_line() {
         "address = \"10.99.99.1/24\"",
         "address = \"10.99.99.1/24\"\nlisten_prot = 1",
     );
-    let e = refuse(&t, "host.listen_prot", "unknown field `listen_prot`");
-    assert!(e.message.contains("line 5"), "{e}");
+    let e = refuse(&t, "host.listen_prot", "unknown key `listen_prot` in host");
+    assert_eq!(
+        e.location.as_ref().map(|l| (l.line, l.column)),
+        Some((5, 1)),
+        "{e}"
+    );
 
     let t = base().replace(
         "persistent_keepalive = 25",
         "persistent_keepalive = 25\nkeepalive = 3",
     );
-    refuse(&t, "peer[1].keepalive", "line 17");
+    refuse(
+        &t,
+        "peer \"dock-mirror\".keepalive",
+        &format!("{FILE}:17:1:"),
+    );
 
     let t = format!("{}\n[deamon]\nbackend = \"userspace\"\n", base());
-    refuse(&t, "deamon", "unknown field `deamon`");
+    refuse(&t, "deamon", "unknown key `deamon` at the top level");
 
     let t = base().replace("[host]", "[host]\n[daemon]\nsocket = \"/x\"\n[host]");
     assert!(parse(&t, FILE).is_err());
     let t = format!("{}\n[daemon]\nsocket = \"/x\"\n", base());
-    refuse(&t, "daemon.socket", "unknown field");
+    refuse(&t, "daemon.socket", "unknown key");
 }
 
 #[test]
 fn refuses_syntax_errors_with_line() {
     let t = base().replace("name = \"dock-prod\"", "name = dock-prod");
-    let e = refuse(&t, "peer[0].name", "line 7");
+    let e = refuse(
+        &t,
+        "peer[0].name",
+        &format!("{FILE}:7:8: peer[0].name: not valid TOML"),
+    );
     assert!(e.to_string().contains(FILE));
     let t = base().replace("listen", "").replace(
         "[[peer]]\nname = \"dock-mirror\"",
         "[[peer]\nname = \"dock-mirror\"",
     );
     let e = parse(&t, FILE).unwrap_err();
-    assert!(e.message.contains("line 12"), "{e}");
+    assert_eq!(e.len(), 1, "a syntax error is the one error: {e}");
+    assert_eq!(e.first().location.as_ref().map(|l| l.line), Some(12), "{e}");
 }
 
 #[test]
 fn refuses_wrong_types_and_missing_fields() {
     let t = base().replace("persistent_keepalive = 25", "persistent_keepalive = \"25\"");
-    refuse(&t, "peer[1].persistent_keepalive", "line 16");
+    refuse(
+        &t,
+        "peer \"dock-mirror\".persistent_keepalive",
+        &format!(
+            "{FILE}:16:24: peer \"dock-mirror\".persistent_keepalive: must be a whole number \
+                  without quotes: persistent_keepalive = 25"
+        ),
+    );
     let t = base().replace("name = \"dock-load\"\n", "");
-    refuse(&t, "host.name", "missing field `name`");
+    refuse(&t, "host.name", "is missing");
     let t = base().replace("allowed_ips = [\"10.99.99.3/32\"]\n", "");
-    refuse(&t, "peer[1].allowed_ips", "missing field `allowed_ips`");
+    refuse(&t, "peer \"dock-mirror\".allowed_ips", "is missing");
     let t = base().replace("address = \"10.99.99.1/24\"\n", "");
-    refuse(&t, "host.address", "missing field `address`");
+    refuse(&t, "host.address", "is missing");
     // Without static peers or [coordinator], a host may get everything from a join.
     let c = parse("", FILE).unwrap();
     assert_eq!(c.host.name, None);
@@ -226,14 +250,26 @@ fn refuses_bad_host_values() {
             &format!("address = \"10.99.99.1/24\"\n{k}"),
         )
     };
-    refuse(&with("listen_port = 0"), "host.listen_port", "1..=65535");
+    refuse(
+        &with("listen_port = 0"),
+        "host.listen_port",
+        "out of range; a port is 1 to 65535",
+    );
     refuse(
         &with("listen_port = 65536"),
         "host.listen_port",
-        "1..=65535",
+        "out of range; a port is 1 to 65535",
     );
-    refuse(&with("mtu = 1279"), "host.mtu", "1280..=9000");
-    refuse(&with("mtu = 9001"), "host.mtu", "1280..=9000");
+    refuse(
+        &with("mtu = 1279"),
+        "host.mtu",
+        "out of range; the MTU is 1280 to 9000",
+    );
+    refuse(
+        &with("mtu = 9001"),
+        "host.mtu",
+        "out of range; the MTU is 1280 to 9000",
+    );
     refuse(
         &with("interface = \"a-very-long-name0\""),
         "host.interface",
@@ -264,12 +300,12 @@ fn refuses_bad_daemon_values() {
     refuse(
         &format!("{b}\n[daemon]\nreconcile_interval_secs = 0\n"),
         "daemon.reconcile_interval_secs",
-        "1..=3600",
+        "out of range; the reconcile interval is 1 to 3600 seconds",
     );
     refuse(
         &format!("{b}\n[daemon]\nreconcile_interval_secs = 3601\n"),
         "daemon.reconcile_interval_secs",
-        "1..=3600",
+        "out of range; the reconcile interval is 1 to 3600 seconds",
     );
     refuse(
         &format!("{b}\n[daemon]\ncontrol_socket = \"\"\n"),
@@ -288,68 +324,68 @@ fn refuses_bad_peer_values() {
     let b = base();
     refuse(
         &b.replace(&key(3), "not-a-key"),
-        "peer[1].public_key",
+        "peer \"dock-mirror\".public_key",
         "wg pubkey",
     );
     refuse(
         &b.replace(&key(3), &key(3)[..43]),
-        "peer[1].public_key",
+        "peer \"dock-mirror\".public_key",
         "base64",
     );
     refuse(
         &b.replace(&key(3), &format!("{}A", key(3))),
-        "peer[1].public_key",
+        "peer \"dock-mirror\".public_key",
         "base64",
     );
     refuse(
         &b.replace("198.51.100.2:51871", "dock-prod.example.com:51871"),
-        "peer[0].endpoint",
+        "peer \"dock-prod\".endpoint",
         "only IP:port is accepted",
     );
     refuse(
         &b.replace("198.51.100.2:51871", "198.51.100.2"),
-        "peer[0].endpoint",
+        "peer \"dock-prod\".endpoint",
         "no port",
     );
     refuse(
         &b.replace("198.51.100.2:51871", "198.51.100.2:0"),
-        "peer[0].endpoint",
+        "peer \"dock-prod\".endpoint",
         "port 0",
     );
     refuse(
         &b.replace("198.51.100.2:51871", "2001:db8::1:51871"),
-        "peer[0].endpoint",
+        "peer \"dock-prod\".endpoint",
         "[2001:db8::1]:51871",
     );
     refuse(
         &b.replace("[\"10.99.99.2/32\"]", "[]"),
-        "peer[0].allowed_ips",
+        "peer \"dock-prod\".allowed_ips",
         "at least one",
     );
     refuse(
         &b.replace("10.99.99.2/32", "10.99.99.2/24"),
-        "peer[0].allowed_ips[0]",
+        "peer \"dock-prod\".allowed_ips[0]",
         "host bits set; did you mean \"10.99.99.2/32\"",
     );
     refuse(
         &b.replace("10.99.99.2/32", "10.99.99.2"),
-        "peer[0].allowed_ips[0]",
+        "peer \"dock-prod\".allowed_ips[0]",
         "10.99.99.2/32",
     );
     refuse(
         &b.replace("10.99.99.2/32", "nope"),
-        "peer[0].allowed_ips[0]",
+        "peer \"dock-prod\".allowed_ips[0]",
         "not a prefix",
     );
     refuse(
         &b.replace("persistent_keepalive = 25", "persistent_keepalive = -1"),
-        "peer[1].persistent_keepalive",
-        "0..=65535",
+        "peer \"dock-mirror\".persistent_keepalive",
+        "out of range; the keepalive is 0 to 65535 seconds",
     );
     refuse(
         &b.replace("persistent_keepalive = 25", "persistent_keepalive = 65536"),
-        "peer[1].persistent_keepalive",
-        "0..=65535",
+        "peer \"dock-mirror\".persistent_keepalive",
+        "out of range; the keepalive is 0 to 65535 seconds",
     );
     refuse(
         &b.replace("\"dock-prod\"", "\"dock_prod\""),
@@ -364,21 +400,21 @@ fn refuses_duplicates_and_overlaps() {
     refuse(
         &b.replace("\"dock-mirror\"", "\"dock-prod\""),
         "peer[1].name",
-        "already the name of peer[0]",
+        "already the name of peer \"dock-prod\"",
     );
     refuse(
         &b.replace("\"dock-mirror\"", "\"dock-load\""),
-        "peer[1].name",
+        "peer \"dock-load\".name",
         "own name",
     );
     refuse(
         &b.replace(&key(3), &key(2)),
-        "peer[1].public_key",
-        "already the key of peer[0]",
+        "peer \"dock-mirror\".public_key",
+        "already the key of peer \"dock-prod\"",
     );
     let e = refuse(
         &b.replace("10.99.99.3/32", "10.99.99.0/25"),
-        "peer[1].allowed_ips[0]",
+        "peer \"dock-mirror\".allowed_ips[0]",
         "contains this host's own address 10.99.99.1",
     );
     assert!(e.message.contains("dock-mirror"));
@@ -387,7 +423,7 @@ fn refuses_duplicates_and_overlaps() {
             "[\"10.99.99.3/32\"]",
             "[\"10.99.99.3/32\", \"10.99.99.2/31\"]",
         ),
-        "peer[1].allowed_ips[1]",
+        "peer \"dock-mirror\".allowed_ips[1]",
         "overlaps",
     );
     for part in [
@@ -400,23 +436,31 @@ fn refuses_duplicates_and_overlaps() {
     }
     refuse(
         &b.replace("10.99.99.3/32", "10.99.99.2/32"),
-        "peer[1].allowed_ips[0]",
+        "peer \"dock-mirror\".allowed_ips[0]",
         "overlaps",
     );
 }
 
 #[test]
 fn display_format() {
-    let e = ConfigError {
+    let mut e = ConfigError {
         file: "f.toml".into(),
         key: Some("host.address".into()),
         message: "bad".into(),
+        location: None,
     };
     assert_eq!(e.to_string(), "f.toml: host.address: bad");
+    e.location = Some(Location::of("[host]\n\taddress = 1\n", 18));
+    assert_eq!(e.one_line(), "f.toml:2:12: host.address: bad");
+    assert_eq!(
+        e.to_string(),
+        "f.toml:2:12: host.address: bad\n  |\n2 | \taddress = 1\n  | \t          ^"
+    );
     let e = ConfigError {
         file: "f.toml".into(),
         key: None,
         message: "bad".into(),
+        location: None,
     };
     assert_eq!(e.to_string(), "f.toml: bad");
 }
@@ -523,7 +567,7 @@ fn refuses_bad_coordinator_values() {
     refuse(
         &b.replace("mesh_cidr = \"10.99.99.0/24\"\n", ""),
         "coordinator.mesh_cidr",
-        "missing field",
+        "is missing",
     );
     refuse(
         &b.replace("\"10.99.99.0/24\"", "\"10.99.99.1/24\""),
@@ -543,17 +587,17 @@ fn refuses_bad_coordinator_values() {
     refuse(
         &b.replace("public_endpoints = [\"198.51.100.1:51871\"]\n", ""),
         "coordinator.public_endpoints",
-        "missing field",
+        "is missing",
     );
     refuse(
         &format!("{b}api_port = 0\n"),
         "coordinator.api_port",
-        "1..=65535",
+        "out of range; a port is 1 to 65535",
     );
     refuse(
         &format!("{b}keepalive_secs = 0\n"),
         "coordinator.keepalive_secs",
-        "1..=65535",
+        "out of range; the keepalive is 1 to 65535 seconds",
     );
     refuse(
         &format!("{b}reserved = [\"10.99.99.1\"]\n"),
@@ -568,7 +612,7 @@ fn refuses_bad_coordinator_values() {
     refuse(
         &format!("{b}bogus = 1\n"),
         "coordinator.bogus",
-        "unknown field",
+        "unknown key",
     );
     let sa = |body: &str| {
         format!("{b}reserved = [\"10.99.99.240/28\"]\n\n[coordinator.static_assignments]\n{body}")
@@ -595,8 +639,8 @@ fn refuses_bad_coordinator_values() {
     );
     refuse(
         &sa("nas = \"10.99.99.2\"\nbox = \"10.99.99.2\"\n"),
-        "coordinator.static_assignments.nas",
-        "already assigned to \"box\"",
+        "coordinator.static_assignments.box",
+        "already assigned to \"nas\"",
     );
     refuse(
         &sa("nas = \"10.99.99.1\"\n"),
@@ -639,7 +683,7 @@ fn routes_section_parses_and_defaults() {
 #[test]
 fn routes_section_refusals_name_the_key() {
     let r = |body: &str| format!("{}\n[routes]\n{body}\n", base());
-    refuse(&r("advertize = []"), "routes.advertize", "unknown field");
+    refuse(&r("advertize = []"), "routes.advertize", "unknown key");
     refuse(
         &r("advertise = [\"192.168.1.20\"]"),
         "routes.advertise[0]",
@@ -712,7 +756,7 @@ fn routes_section_refusals_name_the_key() {
         base().replace("10.99.99.3/32\"]", "10.99.99.3/32\", \"10.42.5.0/24\"]");
     refuse(
         &format!("{peer_in_protected}\n[routes]\nprotected = [\"10.42.0.0/16\"]\n"),
-        "peer[1].allowed_ips[1]",
+        "peer \"dock-mirror\".allowed_ips[1]",
         "routes.protected 10.42.0.0/16",
     );
 }
@@ -762,12 +806,12 @@ fn dns_metrics_and_integrations_refusals_name_the_key() {
     refuse(
         &format!("{}\n[metrics]\nport = 1\n", base()),
         "metrics.port",
-        "unknown field",
+        "unknown key",
     );
     refuse(
         &format!("{}\n[dns]\nmesh_interface_only = \"yes\"\n", base()),
         "dns.mesh_interface_only",
-        "bool",
+        "must be true or false, not the string \"yes\"",
     );
     refuse(
         &format!("{}\n[dns]\nlisten_port = 9586\n", base()),
@@ -785,7 +829,7 @@ fn dns_metrics_and_integrations_refusals_name_the_key() {
     refuse(
         &format!("{}\n[integrations.nfs]\n", base()),
         "integrations.nfs",
-        "unknown integration",
+        "unknown key `nfs` in integrations; the keys here are k3s, drbd",
     );
 }
 
@@ -807,7 +851,8 @@ fn rotate_every_days_defaults_to_30_and_is_ranged() {
     .expect_err("too long");
     let msg = err.to_string();
     assert!(
-        msg.contains("daemon.rotate_every_days") && msg.contains("0..=3650"),
+        msg.contains("daemon.rotate_every_days")
+            && msg.contains("out of range; the rotation period is 0 to 3650 days"),
         "{msg}"
     );
 }
