@@ -249,7 +249,7 @@ fi
 
 step "the booted fleet: the package under systemd on every daemon host, meshed, restarted under ping"
 if command -v systemd-nspawn >/dev/null && [[ -c /dev/net/tun ]]; then
-  MESHLAB_DEB=$cur_deb MESHLAB_BIN_DIR=$CARGO_TARGET_DIR/release \
+  MESHLAB_DEB=$cur_deb MESHLAB_DEB_PREV=$prev_deb MESHLAB_BIN_DIR=$CARGO_TARGET_DIR/release \
     cargo test -p meshlab --test boot_fleet -- --ignored --nocapture --test-threads=1
   took "booted fleet (boot_fleet.rs)"
 else

@@ -2,7 +2,8 @@
 //! the Debian package installed with apt, meshd started by its unit; the coordinator configured
 //! in its `/etc/meshd/meshd.toml`, the others joined with `meshctl invite` / `meshctl join -`
 //! (`meshlab::boot`). Then lifecycle under traffic: `systemctl restart meshd` while a 10 ms
-//! ping crosses the mesh; with the coordinator stopped, ten reboots of a member that come back
+//! ping crosses the mesh; the upgrade from the previous package (`MESHLAB_DEB_PREV`) with
+//! `apt-get install` host after host; with the coordinator stopped, ten reboots of a member that come back
 //! from its cached netmap, each time with a unit of ours ordered after meshd-online.target
 //! that binds the mesh address.
 //!
@@ -40,7 +41,9 @@ fn booted_fleet_forms_from_the_package_and_a_restart_loses_no_ping() -> Result<(
     let _one = one_lab_at_a_time();
     let lab = Lab::build(LabOpts::default())?;
     let deb = find_deb()?;
-    let (containers, timings) = form_booted_fleet(&lab, &deb, TIMEOUT)?;
+    // With an older package to start from, the fleet boots it and is upgraded to `deb`.
+    let prev = std::env::var_os("MESHLAB_DEB_PREV").map(std::path::PathBuf::from);
+    let (containers, timings) = form_booted_fleet(&lab, prev.as_deref().unwrap_or(&deb), TIMEOUT)?;
     println!("{}", timings.summary());
 
     // `meshctl peers` in every container, run as an operator would there, names every other host.
@@ -152,6 +155,29 @@ fn booted_fleet_forms_from_the_package_and_a_restart_loses_no_ping() -> Result<(
         bail!("{lost} of {sent} pings lost across systemctl restart meshd");
     }
 
+    // The upgrade, host after host, as an operator does it: `apt install ./meshd_NEW.deb`
+    // under the running systemd (postinst try-restarts meshd), while the host is pinged.
+    match &prev {
+        Some(_) => {
+            for h in DAEMON_HOSTS {
+                let from = if h == COORDINATOR {
+                    "dock-prod"
+                } else {
+                    COORDINATOR
+                };
+                let lost = upgrade(&lab, h, containers[h], &deb, from)?;
+                println!("apt install of the new package on {h}: {lost} pings (10 ms) lost");
+                if lost > 2 {
+                    bail!("{lost} pings lost while {h} was upgraded (at most 2)");
+                }
+            }
+        }
+        None => println!(
+            "upgrade: SKIPPED (MESHLAB_DEB_PREV not set; packaging/test-deb.sh sets it to the \
+             previous version it builds)"
+        ),
+    }
+
     // A unit of our own ordered after meshd-online.target binds a listener to the mesh
     // address; the coordinator is stopped; the member reboots (its interface and engine go,
     // /run is emptied) and must come back from its cached netmap, the listener with it.
@@ -205,6 +231,92 @@ fn booted_fleet_forms_from_the_package_and_a_restart_loses_no_ping() -> Result<(
         worst.as_millis()
     );
     Ok(())
+}
+
+/// `apt-get install` of `deb` over the installed package in `host`'s container while `from`
+/// pings it every 10 ms; checks that meshd was restarted by the upgrade (a new main PID, the
+/// new version installed) and kept its interface. Returns the pings lost.
+fn upgrade(
+    lab: &Lab,
+    host: &str,
+    nspawn: meshlab::ProcId,
+    deb: &std::path::Path,
+    from: &str,
+) -> Result<u32> {
+    std::fs::copy(deb, lab.container_root(host).join("root/meshd-new.deb"))
+        .with_context(|| format!("copying {} into {host}'s root", deb.display()))?;
+    let version = |l: &Lab| {
+        l.container_ok(
+            host,
+            nspawn,
+            &["dpkg-query", "-W", "-f", "${Version}", "meshd"],
+        )
+    };
+    let old_version = version(lab)?;
+    let main_pid = |l: &Lab| {
+        l.container_ok(
+            host,
+            nspawn,
+            &["systemctl", "show", "-p", "MainPID", "--value", "meshd"],
+        )
+    };
+    let pid_before = main_pid(lab)?;
+    let index = lab.ifindex(host, MESH_IFACE)?;
+    let addr = lab.mesh_addr(host)?;
+    let ping = lab
+        .command(
+            from,
+            &[
+                "ping",
+                "-n",
+                "-q",
+                "-i",
+                "0.01",
+                "-w",
+                "6",
+                &addr.to_string(),
+            ],
+        )?
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting ping")?;
+    lab.container_ok(
+        host,
+        nspawn,
+        &[
+            "apt-get",
+            "-o",
+            "Dpkg::Use-Pty=0",
+            "-y",
+            "-q",
+            "install",
+            "--no-install-recommends",
+            "/root/meshd-new.deb",
+        ],
+    )?;
+    poll_until(
+        Duration::from_secs(30),
+        &format!("the upgrade to restart meshd on {host}"),
+        || {
+            let pid = main_pid(lab)?;
+            Ok(pid.trim() != pid_before.trim() && pid.trim() != "0")
+        },
+    )?;
+    lab.wait_unit(host, nspawn, "meshd.service", Duration::from_secs(30))?;
+    let out = ping.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (sent, received) =
+        ping_counts(&text).with_context(|| format!("no ping summary in {text:?}"))?;
+    let new_version = version(lab)?;
+    if new_version == old_version {
+        bail!("{host} still has meshd {old_version} after the upgrade");
+    }
+    let index_after = lab.ifindex(host, MESH_IFACE)?;
+    if index_after != index {
+        bail!("the upgrade recreated {MESH_IFACE} on {host}: ifindex {index} -> {index_after}");
+    }
+    Ok(sent - received)
 }
 
 /// Reboots of the member in the ordering test.
