@@ -5,7 +5,8 @@
 //! ping crosses the mesh; the upgrade from the previous package (`MESHLAB_DEB_PREV`) with
 //! `apt-get install` host after host; with the coordinator stopped, ten reboots of a member that come back
 //! from its cached netmap, each time with a unit of ours ordered after meshd-online.target
-//! that binds the mesh address.
+//! that binds the mesh address; `apt remove`, then `apt purge`, as packaging/README.md
+//! promises them.
 //!
 //! Needs the package and the cached Debian root: `packaging/test-deb.sh` builds both and runs
 //! this with `--ignored` and `MESHLAB_DEB`; by hand: `MESHLAB_DEB=target/debian/meshd_*.deb
@@ -229,6 +230,75 @@ fn booted_fleet_forms_from_the_package_and_a_restart_loses_no_ping() -> Result<(
     println!(
         "slowest reboot to all pairs pinging: {} ms",
         worst.as_millis()
+    );
+    remove_then_purge(&lab, "dock-dash", containers["dock-dash"])
+}
+
+/// `apt remove`, then `apt purge`, as packaging/README.md promises them: remove stops meshd
+/// and leaves the interface, its peers and routes up, and the configuration and state; purge
+/// deletes `/etc/meshd`, `/var/lib/meshd` and `/run/meshd` and says how to remove the
+/// interface still up.
+fn remove_then_purge(lab: &Lab, host: &str, nspawn: meshlab::ProcId) -> Result<()> {
+    let addr = lab.mesh_addr(host)?;
+    let index = lab.ifindex(host, MESH_IFACE)?;
+    let apt = |args: &[&str]| {
+        let mut argv = vec!["apt-get", "-o", "Dpkg::Use-Pty=0", "-y", "-q"];
+        argv.extend_from_slice(args);
+        lab.container_ok(host, nspawn, &argv)
+    };
+    apt(&["remove", "meshd"])?;
+    let state = lab.container_output(host, nspawn, &["systemctl", "is-active", "meshd"])?;
+    let state = String::from_utf8_lossy(&state.stdout).trim().to_owned();
+    if state == "active" {
+        bail!("meshd still runs on {host} after apt remove");
+    }
+    if lab.ifindex(host, MESH_IFACE)? != index {
+        bail!("apt remove changed {MESH_IFACE} on {host}");
+    }
+    poll_until(
+        Duration::from_secs(10),
+        &format!("{COORDINATOR} to still reach {host} after apt remove"),
+        || lab.ping(COORDINATOR, addr),
+    )?;
+    let kept = lab.container_ok(host, nspawn, &["ls", "/etc/meshd", "/var/lib/meshd"])?;
+    println!(
+        "apt remove on {host}: meshd {state}; {MESH_IFACE} and the mesh still up; kept: {}",
+        kept.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+    let purge = lab.container_output(
+        host,
+        nspawn,
+        &[
+            "apt-get",
+            "-o",
+            "Dpkg::Use-Pty=0",
+            "-y",
+            "-q",
+            "purge",
+            "meshd",
+        ],
+    )?;
+    if !purge.status.success() {
+        bail!("apt purge on {host} failed: {purge:?}");
+    }
+    // postrm's hint goes to stderr.
+    let purge = format!(
+        "{}{}",
+        String::from_utf8_lossy(&purge.stdout),
+        String::from_utf8_lossy(&purge.stderr)
+    );
+    for gone in ["/etc/meshd", "/var/lib/meshd", "/run/meshd"] {
+        let out = lab.container_output(host, nspawn, &["test", "-e", gone])?;
+        if out.status.success() {
+            bail!("{gone} is still there after apt purge on {host}");
+        }
+    }
+    if !purge.contains(MESH_IFACE) {
+        bail!("apt purge did not say how to remove the {MESH_IFACE} still up:\n{purge}");
+    }
+    println!(
+        "apt purge on {host}: /etc/meshd, /var/lib/meshd and /run/meshd removed; it said how \
+         to remove {MESH_IFACE}"
     );
     Ok(())
 }
