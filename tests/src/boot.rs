@@ -30,8 +30,9 @@ pub const BASE_TARBALL: &str = "bookworm-minbase-man-db-systemd-procps.tar.gz";
 pub const ROOT_CACHE: &str = "/var/cache/meshd-boot";
 
 /// Prepares a root from the cached base: `$1` = the base tarball, `$2` = the .deb, `$3` = the
-/// cached archives, `$4` = the new root. apt runs offline first and refreshes its lists only
-/// when that fails. Nothing is started in the root (`policy-rc.d`).
+/// cached archives, `$4` = the new root. The package and systemd-resolved are installed; apt
+/// runs offline first and refreshes its lists (deb.debian.org) only when that fails; what it
+/// fetched is added to the cached archives. Nothing is started in the root (`policy-rc.d`).
 const PREPARE_ROOT: &str = r#"set -eu
 base=$1 deb=$2 archives=$3 root=$4
 mkdir -p "$root"
@@ -44,9 +45,10 @@ cp "$deb" "$root/tmp/meshd.deb"
 mkdir -p "$archives"
 find "$archives" -name '*.deb' -exec cp -t "$root/var/cache/apt/archives/" {} +
 apt="apt-get -o Dpkg::Use-Pty=0 -y -q"
-if ! in_root $apt install --no-install-recommends /tmp/meshd.deb; then
+# systemd-resolved: meshd's split DNS is checked against the real one.
+if ! in_root $apt install --no-install-recommends /tmp/meshd.deb systemd-resolved; then
   in_root $apt update
-  in_root $apt install --no-install-recommends /tmp/meshd.deb
+  in_root $apt install --no-install-recommends /tmp/meshd.deb systemd-resolved
 fi
 cp -n "$root"/var/cache/apt/archives/*.deb "$archives/" 2>/dev/null || true
 in_root $apt clean

@@ -1,7 +1,8 @@
 //! The booted fleet: the daemon hosts as Debian 12 containers booted with systemd as PID 1,
 //! the Debian package installed with apt, meshd started by its unit; the coordinator configured
 //! in its `/etc/meshd/meshd.toml`, the others joined with `meshctl invite` / `meshctl join -`
-//! (`meshlab::boot`). Then lifecycle under traffic: `systemctl restart meshd` while a 10 ms
+//! (`meshlab::boot`); systemd-resolved answers the mesh names through meshd's split DNS.
+//! Then lifecycle under traffic: `systemctl restart meshd` while a 10 ms
 //! ping crosses the mesh; the upgrade from the previous package (`MESHLAB_DEB_PREV`) with
 //! `apt-get install` host after host; with the coordinator stopped, ten reboots of a member that come back
 //! from its cached netmap, each time with a unit of ours ordered after meshd-online.target
@@ -60,6 +61,35 @@ fn booted_fleet_forms_from_the_package_and_a_restart_loses_no_ping() -> Result<(
         "meshctl peers in each of the {} containers lists the other hosts",
         DAEMON_HOSTS.len()
     );
+
+    // systemd-resolved in every container answers the mesh names through meshd's DNS on
+    // the mesh interface (per-link split DNS), and only those: other names are not sent to
+    // the mesh (no default route on wgmesh0; the lab has no uplink resolver, so they fail).
+    for h in DAEMON_HOSTS {
+        let other = if h == "dock-prod" {
+            "dock-dash"
+        } else {
+            "dock-prod"
+        };
+        let name = format!("{other}.mesh.internal");
+        let out = lab.container_ok(h, containers[h], &["resolvectl", "query", &name])?;
+        let want = format!("{name}: {}", lab.mesh_addr(other)?);
+        if !out.contains(&want) || !out.contains(&format!("link: {MESH_IFACE}")) {
+            bail!("resolvectl query {name} on {h}: want {want:?} via {MESH_IFACE}, got:\n{out}");
+        }
+        let link = lab.container_ok(h, containers[h], &["resolvectl", "status", MESH_IFACE])?;
+        if !link.contains("-DefaultRoute") || !link.contains("~mesh.internal") {
+            bail!("{MESH_IFACE}'s DNS in systemd-resolved on {h} is not split DNS:\n{link}");
+        }
+        let foreign =
+            lab.container_output(h, containers[h], &["resolvectl", "query", "example.org"])?;
+        let foreign = String::from_utf8_lossy(&foreign.stdout).into_owned()
+            + &String::from_utf8_lossy(&foreign.stderr);
+        if !foreign.contains("No appropriate name servers") {
+            bail!("example.org on {h} went somewhere: {foreign}");
+        }
+    }
+    println!("systemd-resolved in each container answers NAME.mesh.internal from meshd's DNS on {MESH_IFACE} (split DNS, no default route)");
 
     // Figures an operator asks for: the sandbox's exposure as systemd rates it, and meshd's
     // memory on the coordinator and on an idle member.
