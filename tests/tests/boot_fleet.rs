@@ -261,7 +261,111 @@ fn booted_fleet_forms_from_the_package_and_a_restart_loses_no_ping() -> Result<(
         "slowest reboot to all pairs pinging: {} ms",
         worst.as_millis()
     );
+    journal_is_native(&lab, member, nspawn)?;
     remove_then_purge(&lab, "dock-dash", containers["dock-dash"])
+}
+
+/// meshd logs to journald natively under its unit: the coordinator's absence (this boot of
+/// `host`, the coordinator stopped) is a warning (PRIORITY 4) that `journalctl -p warning`
+/// shows, the start line is informational (6) and names the version, fields are journal
+/// fields (`journalctl INTERFACE=wgmesh0`), and no message carries colour codes.
+fn journal_is_native(lab: &Lab, host: &str, nspawn: meshlab::ProcId) -> Result<()> {
+    let read = || -> Result<Vec<serde_json::Value>> {
+        let json = lab.container_ok(
+            host,
+            nspawn,
+            &[
+                "journalctl",
+                "-b",
+                "-u",
+                "meshd",
+                "-o",
+                "json",
+                "--no-pager",
+            ],
+        )?;
+        Ok(json
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    };
+    // The follower's first failed poll comes a moment after the start.
+    poll_until(
+        Duration::from_secs(30),
+        &format!("the unreachable coordinator in {host}'s journal"),
+        || {
+            Ok(read()?.iter().any(|e| {
+                e.get("MESSAGE")
+                    .and_then(|m| m.as_str())
+                    .is_some_and(|m| m.contains("coordinator unreachable"))
+            }))
+        },
+    )?;
+    let entries = read()?;
+    let field =
+        |e: &serde_json::Value, k: &str| e.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
+    let find = |text: &str, priority: &str| {
+        entries
+            .iter()
+            .any(|e| field(e, "MESSAGE").contains(text) && field(e, "PRIORITY") == priority)
+    };
+    let version = format!("meshd {} started", env!("CARGO_PKG_VERSION"));
+    if !find(&version, "6") {
+        bail!(
+            "no {version:?} at priority 6 in {host}'s journal ({} entries)",
+            entries.len()
+        );
+    }
+    if !find("coordinator unreachable", "4") {
+        bail!("the unreachable coordinator is not a priority-4 warning in {host}'s journal");
+    }
+    if let Some(e) = entries
+        .iter()
+        .find(|e| field(e, "MESSAGE").contains('\u{1b}'))
+    {
+        bail!("a colour code in {host}'s journal: {e}");
+    }
+    let warnings = lab.container_ok(
+        host,
+        nspawn,
+        &[
+            "journalctl",
+            "-b",
+            "-u",
+            "meshd",
+            "-p",
+            "warning",
+            "--no-pager",
+            "-o",
+            "cat",
+        ],
+    )?;
+    if !warnings.contains("coordinator unreachable") {
+        bail!("journalctl -p warning on {host} does not show the warning:\n{warnings}");
+    }
+    let by_interface = lab.container_ok(
+        host,
+        nspawn,
+        &[
+            "journalctl",
+            "-b",
+            "-u",
+            "meshd",
+            "--no-pager",
+            "-o",
+            "cat",
+            &format!("INTERFACE={MESH_IFACE}"),
+        ],
+    )?;
+    if by_interface.trim().is_empty() {
+        bail!("journalctl INTERFACE={MESH_IFACE} finds nothing on {host}");
+    }
+    println!(
+        "{host}'s journal: {} meshd entries, priorities 4 and 6 as logged, INTERFACE={MESH_IFACE} finds {} lines, no colour codes",
+        entries.len(),
+        by_interface.lines().count()
+    );
+    Ok(())
 }
 
 /// `apt remove`, then `apt purge`, as packaging/README.md promises them: remove stops meshd

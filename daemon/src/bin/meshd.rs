@@ -31,18 +31,22 @@ struct Args {
     /// forwarding settings) with no daemon running (what `meshctl down` does through one).
     #[arg(long, conflicts_with = "check_config")]
     down: bool,
+    /// Log level: error, warn, info, debug or trace (default: `RUST_LOG` if set, else info).
+    /// Under systemd meshd logs to journald with each line's priority.
+    #[arg(long, value_parser = ["error", "warn", "info", "debug", "trace"])]
+    log_level: Option<String>,
 }
 
 fn main() -> std::process::ExitCode {
     if let Some(dir) = meshd_docgen::requested() {
         return meshd_docgen::generate(Args::command(), &dir);
     }
-    init_logging();
+    let args = Args::parse();
+    init_logging(args.log_level.as_deref());
     // Everything meshd creates is private unless it says otherwise (files other programs read
     // get their mode set explicitly): the state directory, the registry, its WAL. The packaged
     // unit sets UMask=0077 too; this covers meshd started any other way.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let args = Args::parse();
     match real_main(args) {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::FAILURE,
@@ -53,17 +57,43 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Log to stderr (journald under systemd): `RUST_LOG` filters (default `info`); colour codes
-/// only on a terminal, never into a file or the journal. netlink-packet-route warns on every
-/// netlink dump on kernels newer than it knows (`IFLA_INET6_CONF` holding more than it
-/// expects): noise to an operator, kept out unless `RUST_LOG` names that crate.
-fn init_logging() {
+/// Logging. Under systemd (its `JOURNAL_STREAM` names our stderr) meshd logs to journald
+/// natively: each line at its priority (error 3, warning 4, info 6, debug 7), its fields as
+/// journal fields (`journalctl -u meshd INTERFACE=wgmesh0`, `PEER=...`), no timestamp of its
+/// own and no colour. Elsewhere it writes lines to stderr, with colour codes only on a
+/// terminal. The level: `--log-level` (error, warn, info, debug, trace), else `RUST_LOG`
+/// (`tracing_subscriber`'s filter syntax, e.g. `meshd=debug`), else `info`. netlink-packet-route
+/// warns on every netlink dump on kernels newer than it knows (`IFLA_INET6_CONF` holding more
+/// than it expects), which says nothing to an operator: it is filtered unless `RUST_LOG` names it.
+fn init_logging(level: Option<&str>) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::EnvFilter;
     let rust_log = std::env::var("RUST_LOG").unwrap_or_default();
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = match level {
+        Some(l) => EnvFilter::new(l),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     if !rust_log.contains("netlink_packet_route") {
         if let Ok(quiet) = "netlink_packet_route=error".parse() {
             filter = filter.add_directive(quiet);
+        }
+    }
+    if stderr_is_the_journal() {
+        if let Ok(journald) = tracing_journald::layer() {
+            let journald = journald
+                .with_field_prefix(None)
+                .with_syslog_identifier("meshd".to_owned())
+                .with_priority_mappings(tracing_journald::PriorityMappings {
+                    info: tracing_journald::Priority::Informational,
+                    debug: tracing_journald::Priority::Debug,
+                    ..tracing_journald::PriorityMappings::new()
+                });
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(journald)
+                .init();
+            return;
         }
     }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -72,6 +102,22 @@ fn init_logging() {
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// Whether stderr is the journal stream systemd connected (`JOURNAL_STREAM` is `DEV:INODE`
+/// of it; a child whose stderr was redirected elsewhere inherits the variable, so the
+/// numbers are compared).
+fn stderr_is_the_journal() -> bool {
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.split_once(':') else {
+        return false;
+    };
+    match nix::sys::stat::fstat(std::io::stderr()) {
+        Ok(st) => dev.parse() == Ok(st.st_dev) && ino.parse() == Ok(st.st_ino),
+        Err(_) => false,
+    }
 }
 
 /// `Ok(false)`: ran, but the outcome is a failure (a doctor check failed).

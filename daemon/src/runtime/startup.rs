@@ -159,7 +159,9 @@ pub async fn serve(settings: Settings) -> Result<()> {
         public_key = %key.public_key(),
         control_socket = %socket.path().display(),
         locks = ?lock.paths(),
-        "meshd started"
+        version = env!("CARGO_PKG_VERSION"),
+        "meshd {} started",
+        env!("CARGO_PKG_VERSION")
     );
     let selected = select(
         settings.backend,
