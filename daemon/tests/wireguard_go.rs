@@ -472,7 +472,9 @@ fn scenario(engine: PathBuf) {
         "restart must adopt, not recreate"
     );
     assert_eq!(lab.wg_peers().map(|k| k.len()), Some(peers.len()));
-    assert!(lab.log().contains("meshd started"));
+    assert!(lab
+        .log()
+        .contains(concat!("meshd ", env!("CARGO_PKG_VERSION"), " started")));
 
     // SIGKILL leaves a stale socket and lock file; the next start must cope.
     lab.signal(pid, nix::sys::signal::Signal::SIGKILL);
