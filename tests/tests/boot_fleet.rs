@@ -134,48 +134,11 @@ fn booted_fleet_forms_from_the_package_and_a_restart_loses_no_ping() -> Result<(
     let addr = lab.mesh_addr(target)?;
     let index = lab.ifindex(target, MESH_IFACE)?;
     let nspawn = containers[target];
-    let pid_before = lab.container_ok(
-        target,
-        nspawn,
-        &["systemctl", "show", "-p", "MainPID", "--value", "meshd"],
-    )?;
-    let ping = lab
-        .command(
-            COORDINATOR,
-            &[
-                "ping",
-                "-n",
-                "-q",
-                "-i",
-                "0.01",
-                "-w",
-                "8",
-                &addr.to_string(),
-            ],
-        )?
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting ping")?;
+    let pid_before = main_pid(&lab, target, nspawn)?;
+    let ping = Ping::start(&lab, COORDINATOR, addr, 8)?;
     lab.container_ok(target, nspawn, &["systemctl", "restart", "meshd"])?;
-    poll_until(
-        Duration::from_secs(30),
-        "meshd to be active again after the restart",
-        || {
-            let pid = lab.container_ok(
-                target,
-                nspawn,
-                &["systemctl", "show", "-p", "MainPID", "--value", "meshd"],
-            )?;
-            Ok(pid.trim() != pid_before.trim() && pid.trim() != "0")
-        },
-    )?;
-    lab.wait_unit(target, nspawn, "meshd.service", Duration::from_secs(30))?;
-    let out = ping.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (sent, received) =
-        ping_counts(&text).with_context(|| format!("no ping summary in {text:?}"))?;
-    let lost = sent - received;
+    wait_restarted(&lab, target, nspawn, &pid_before)?;
+    let (sent, lost) = ping.finish()?;
     println!("systemctl restart meshd on {target}: {lost} of {sent} pings (10 ms) lost");
     let index_after = lab.ifindex(target, MESH_IFACE)?;
     if index_after != index {
@@ -457,34 +420,10 @@ fn upgrade(
         )
     };
     let old_version = version(lab)?;
-    let main_pid = |l: &Lab| {
-        l.container_ok(
-            host,
-            nspawn,
-            &["systemctl", "show", "-p", "MainPID", "--value", "meshd"],
-        )
-    };
-    let pid_before = main_pid(lab)?;
+    let pid_before = main_pid(lab, host, nspawn)?;
     let index = lab.ifindex(host, MESH_IFACE)?;
     let addr = lab.mesh_addr(host)?;
-    let ping = lab
-        .command(
-            from,
-            &[
-                "ping",
-                "-n",
-                "-q",
-                "-i",
-                "0.01",
-                "-w",
-                "6",
-                &addr.to_string(),
-            ],
-        )?
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting ping")?;
+    let ping = Ping::start(lab, from, addr, 6)?;
     lab.container_ok(
         host,
         nspawn,
@@ -499,19 +438,8 @@ fn upgrade(
             "/root/meshd-new.deb",
         ],
     )?;
-    poll_until(
-        Duration::from_secs(30),
-        &format!("the upgrade to restart meshd on {host}"),
-        || {
-            let pid = main_pid(lab)?;
-            Ok(pid.trim() != pid_before.trim() && pid.trim() != "0")
-        },
-    )?;
-    lab.wait_unit(host, nspawn, "meshd.service", Duration::from_secs(30))?;
-    let out = ping.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let (sent, received) =
-        ping_counts(&text).with_context(|| format!("no ping summary in {text:?}"))?;
+    wait_restarted(lab, host, nspawn, &pid_before)?;
+    let (_, lost) = ping.finish()?;
     let new_version = version(lab)?;
     if new_version == old_version {
         bail!("{host} still has meshd {old_version} after the upgrade");
@@ -520,7 +448,60 @@ fn upgrade(
     if index_after != index {
         bail!("the upgrade recreated {MESH_IFACE} on {host}: ifindex {index} -> {index_after}");
     }
-    Ok(sent - received)
+    Ok(lost)
+}
+
+/// meshd's main PID in `host`'s container ("0" when it is not running).
+fn main_pid(lab: &Lab, host: &str, nspawn: meshlab::ProcId) -> Result<String> {
+    Ok(lab
+        .container_ok(
+            host,
+            nspawn,
+            &["systemctl", "show", "-p", "MainPID", "--value", "meshd"],
+        )?
+        .trim()
+        .to_owned())
+}
+
+/// Wait until meshd in `host`'s container runs again under a main PID other than `before`.
+fn wait_restarted(lab: &Lab, host: &str, nspawn: meshlab::ProcId, before: &str) -> Result<()> {
+    poll_until(
+        Duration::from_secs(30),
+        &format!("meshd to run again on {host}"),
+        || {
+            let pid = main_pid(lab, host, nspawn)?;
+            Ok(pid != before && pid != "0")
+        },
+    )?;
+    lab.wait_unit(host, nspawn, "meshd.service", Duration::from_secs(30))
+}
+
+/// A 10 ms ping from one lab host to an address for a number of seconds.
+struct Ping(std::process::Child);
+
+impl Ping {
+    fn start(lab: &Lab, from: &str, addr: std::net::Ipv4Addr, secs: u32) -> Result<Ping> {
+        let (secs, addr) = (secs.to_string(), addr.to_string());
+        let child = lab
+            .command(
+                from,
+                &["ping", "-n", "-q", "-i", "0.01", "-w", &secs, &addr],
+            )?
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting ping")?;
+        Ok(Ping(child))
+    }
+
+    /// Wait for its end: (sent, lost).
+    fn finish(self) -> Result<(u32, u32)> {
+        let out = self.0.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (sent, received) =
+            ping_counts(&text).with_context(|| format!("no ping summary in {text:?}"))?;
+        Ok((sent, sent - received))
+    }
 }
 
 /// Reboots of the member in the ordering test.
