@@ -29,32 +29,66 @@ pub const BASE_TARBALL: &str = "bookworm-minbase-man-db-systemd-procps.tar.gz";
 /// Prepared roots, one per package: `root-<first 16 hex of the .deb's SHA-256>`.
 pub const ROOT_CACHE: &str = "/var/cache/meshd-boot";
 
-/// Prepares a root from the cached base: `$1` = the base tarball, `$2` = the .deb, `$3` = the
-/// cached archives, `$4` = the new root. The package and systemd-resolved are installed; apt
-/// runs offline first and refreshes its lists (deb.debian.org) only when that fails; what it
-/// fetched is added to the cached archives. Nothing is started in the root (`policy-rc.d`).
-const PREPARE_ROOT: &str = r#"set -eu
-base=$1 deb=$2 archives=$3 root=$4
-mkdir -p "$root"
-tar -C "$root" --numeric-owner -xzf "$base"
+/// Installs Debian packages into a root, the way an operator runs `apt install` on the host:
+/// `$1` = the root, `$2` = the cached archives, then the packages (names or `.deb` paths inside
+/// the root). Offline from the cached archives first; when that fails, the root borrows the
+/// host's `/etc/resolv.conf` (its own may point at systemd-resolved, which does not run in a
+/// chroot), refreshes its lists (deb.debian.org) and fetches, and what it fetched joins the
+/// cache. Package scripts start nothing (`policy-rc.d`); services they enable start when the
+/// container boots.
+const INSTALL_PACKAGES: &str = r#"set -eu
+root=$1 archives=$2
+shift 2
 in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
   DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8 "$@"; }
 printf '#!/bin/sh\nexit 101\n' > "$root/usr/sbin/policy-rc.d"
 chmod 755 "$root/usr/sbin/policy-rc.d"
-cp "$deb" "$root/tmp/meshd.deb"
 mkdir -p "$archives"
 find "$archives" -name '*.deb' -exec cp -t "$root/var/cache/apt/archives/" {} +
 apt="apt-get -o Dpkg::Use-Pty=0 -y -q"
-# systemd-resolved: meshd's split DNS is checked against the real one.
-if ! in_root $apt install --no-install-recommends /tmp/meshd.deb systemd-resolved; then
-  in_root $apt update
-  in_root $apt install --no-install-recommends /tmp/meshd.deb systemd-resolved
+if ! in_root $apt install --no-install-recommends "$@"; then
+  conf="$root/etc/resolv.conf"
+  kept=
+  if [ -e "$conf" ] || [ -L "$conf" ]; then mv "$conf" "$conf.meshlab"; kept=1; fi
+  cp /etc/resolv.conf "$conf"
+  ok=0
+  in_root $apt update && in_root $apt install --no-install-recommends "$@" && ok=1
+  rm -f "$conf"
+  if [ -n "$kept" ]; then mv "$conf.meshlab" "$conf"; fi
+  [ $ok = 1 ]
 fi
 cp -n "$root"/var/cache/apt/archives/*.deb "$archives/" 2>/dev/null || true
 in_root $apt clean
-rm -f "$root/usr/sbin/policy-rc.d" "$root/tmp/meshd.deb"
-printf '127.0.0.1\tlocalhost\n' > "$root/etc/hosts"
+rm -f "$root/usr/sbin/policy-rc.d"
 "#;
+
+/// [`INSTALL_PACKAGES`] into `root`; an error with apt's output unless it succeeded.
+fn install_packages(root: &Path, packages: &[&str]) -> Result<()> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(INSTALL_PACKAGES)
+        .arg("install-packages")
+        .arg(root)
+        .arg(Path::new(DEB_CACHE).join("archives"))
+        .args(packages)
+        .stdin(Stdio::null())
+        .output()
+        .context("running apt-get in a root")?;
+    check_output(
+        out,
+        &format!("installing {packages:?} in {}", root.display()),
+    )?;
+    Ok(())
+}
+
+/// What the booted fleet installs on a host besides the root's packages: Prometheus from
+/// Debian on the dashboard host, to scrape every meshd through meshd's own file_sd hand-off.
+pub fn host_packages(host: &str) -> &'static [&'static str] {
+    match host {
+        "dock-dash" => &["prometheus"],
+        _ => &[],
+    }
+}
 
 /// A root with `deb` installed, prepared once per package and kept in [`ROOT_CACHE`] (older
 /// prepared roots are removed when a new one is made).
@@ -95,25 +129,30 @@ pub fn prepared_root(deb: &Path) -> Result<PathBuf> {
     }
     let partial = cache.join(format!("partial-{}", &digest[..16]));
     let _ = std::fs::remove_dir_all(&partial);
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(PREPARE_ROOT)
-        .arg("prepare-root")
-        .arg(&base)
-        .arg(deb)
-        .arg(Path::new(DEB_CACHE).join("archives"))
-        .arg(&partial)
-        .stdin(Stdio::null())
-        .output()
-        .context("running the root preparation")?;
-    if !out.status.success() {
+    let made = (|| -> Result<()> {
+        std::fs::create_dir_all(&partial)?;
+        let out = Command::new("tar")
+            .arg("-C")
+            .arg(&partial)
+            .args(["--numeric-owner", "-xzf"])
+            .arg(&base)
+            .output()
+            .context("running tar")?;
+        check_output(out, &format!("unpacking {}", base.display()))?;
+        std::fs::copy(deb, partial.join("tmp/meshd.deb"))
+            .with_context(|| format!("copying {}", deb.display()))?;
+        // systemd-resolved: meshd's split DNS is checked against the real one.
+        install_packages(&partial, &["/tmp/meshd.deb", "systemd-resolved"])?;
+        std::fs::remove_file(partial.join("tmp/meshd.deb"))?;
+        std::fs::write(partial.join("etc/hosts"), "127.0.0.1\tlocalhost\n")?;
+        Ok(())
+    })();
+    if let Err(e) = made {
         let _ = std::fs::remove_dir_all(&partial);
-        bail!(
-            "preparing a Debian 12 root with {} failed:\n{}{}",
-            deb.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        return Err(e.context(format!(
+            "preparing a Debian 12 root with {}",
+            deb.display()
+        )));
     }
     std::fs::rename(&partial, &root)?;
     Ok(root)
@@ -177,7 +216,8 @@ pub fn coordinator_config() -> String {
 impl Lab {
     /// Copy `root` for `host` and boot it inside the host: systemd as PID 1, meshd started by
     /// its unit. `config`: an `/etc/meshd/meshd.toml` to put in place first (else the
-    /// package's). The console goes to the host's `console.log`.
+    /// package's); the host's [`host_packages`] are installed into the copy. The console goes
+    /// to the host's `console.log`.
     pub fn boot(&self, host: &str, root: &Path, config: Option<&str>) -> Result<ProcId> {
         let dir = self.container_root(host);
         let out = Command::new("cp")
@@ -194,6 +234,10 @@ impl Lab {
         )?;
         if let Some(text) = config {
             std::fs::write(dir.join("etc/meshd/meshd.toml"), text)?;
+        }
+        let packages = host_packages(host);
+        if !packages.is_empty() {
+            install_packages(&dir, packages)?;
         }
         self.boot_again(host)
     }

@@ -91,6 +91,8 @@ fn booted_fleet_forms_from_the_package_and_a_restart_loses_no_ping() -> Result<(
     }
     println!("systemd-resolved in each container answers NAME.mesh.internal from meshd's DNS on {MESH_IFACE} (split DNS, no default route)");
 
+    prometheus_scrapes_the_mesh(&lab, containers["dock-dash"])?;
+
     // Figures an operator asks for: the sandbox's exposure as systemd rates it, and meshd's
     // memory on the coordinator and on an idle member.
     let security = lab.container_output(
@@ -327,6 +329,117 @@ fn journal_is_native(lab: &Lab, host: &str, nspawn: meshlab::ProcId) -> Result<(
         "{host}'s journal: {} meshd entries, priorities 4 and 6 as logged, INTERFACE={MESH_IFACE} finds {} lines, no colour codes",
         entries.len(),
         by_interface.lines().count()
+    );
+    Ok(())
+}
+
+/// Prometheus from Debian's package on the dashboard host, set up as the README tells an
+/// operator: the file_sd directory made before meshd starts (its sandbox only opens what
+/// exists), `[integrations.prometheus]` in meshd.toml, a scrape job reading meshd's file. Every
+/// meshd's /metrics is then `up == 1` over the mesh, and every query of the Grafana dashboard
+/// the project ships returns series (asked of Prometheus's HTTP API from the host's namespace).
+fn prometheus_scrapes_the_mesh(lab: &Lab, nspawn: meshlab::ProcId) -> Result<()> {
+    let host = "dock-dash";
+    let root = lab.container_root(host);
+    let file_sd = "/etc/prometheus/file_sd/meshd.json";
+    lab.container_ok(host, nspawn, &["mkdir", "-p", "/etc/prometheus/file_sd"])?;
+    let conf = root.join("etc/meshd/meshd.toml");
+    let mut text = std::fs::read_to_string(&conf)?;
+    text.push_str("\n[integrations.prometheus]\n");
+    std::fs::write(&conf, text)?;
+    let pid = main_pid(lab, host, nspawn)?;
+    lab.container_ok(host, nspawn, &["systemctl", "restart", "meshd"])?;
+    wait_restarted(lab, host, nspawn, &pid)?;
+    let written = root.join(file_sd.trim_start_matches('/'));
+    poll_until(TIMEOUT, &format!("meshd to write {file_sd} on {host}"), || {
+        let Ok(text) = std::fs::read_to_string(&written) else {
+            return Ok(false);
+        };
+        Ok(DAEMON_HOSTS
+            .iter()
+            .all(|h| lab.mesh_addr(h).is_ok_and(|a| text.contains(&a.to_string()))))
+    })?;
+
+    // The operator's scrape job, appended to the scrape_configs of Debian's prometheus.yml.
+    let yml = root.join("etc/prometheus/prometheus.yml");
+    let mut text = std::fs::read_to_string(&yml)?;
+    text.push_str(&format!(
+        "\n  - job_name: meshd\n    scrape_interval: 2s\n    file_sd_configs:\n      \
+         - files: ['{file_sd}']\n"
+    ));
+    std::fs::write(&yml, text)?;
+    lab.container_ok(
+        host,
+        nspawn,
+        &["promtool", "check", "config", "/etc/prometheus/prometheus.yml"],
+    )?;
+    lab.container_ok(host, nspawn, &["systemctl", "restart", "prometheus"])?;
+    lab.wait_unit(host, nspawn, "prometheus.service", TIMEOUT)?;
+
+    let query = |q: &str| -> Result<Vec<serde_json::Value>> {
+        let out = lab.exec_ok(
+            host,
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "http://127.0.0.1:9090/api/v1/query",
+                "--data-urlencode",
+                &format!("query={q}"),
+            ],
+        )?;
+        let v: serde_json::Value =
+            serde_json::from_str(&out).with_context(|| format!("Prometheus answered {out:?}"))?;
+        if v["status"] != "success" {
+            bail!("Prometheus rejected {q:?}: {v}");
+        }
+        Ok(v["data"]["result"].as_array().cloned().unwrap_or_default())
+    };
+    let up = r#"up{job="meshd"}"#;
+    poll_until(
+        TIMEOUT,
+        &format!("every meshd target to be up in Prometheus on {host}"),
+        || {
+            let series = query(up).unwrap_or_default();
+            Ok(series.len() == DAEMON_HOSTS.len() && series.iter().all(|s| s["value"][1] == "1"))
+        },
+    )
+    .with_context(|| format!("{up}: {:?}", query(up)))?;
+    println!(
+        "Prometheus {} on {host}: {up} == 1 for all {} meshd targets (file_sd from meshd)",
+        lab.container_ok(host, nspawn, &["dpkg-query", "-W", "-f", "${Version}", "prometheus"])?,
+        DAEMON_HOSTS.len()
+    );
+
+    // The dashboard's queries, with Grafana's variables as "All" and a rate window that holds
+    // several 2 s scrapes.
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/grafana-meshd.json"),
+    )?)?;
+    let mut exprs: Vec<String> = Vec::new();
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(e) = target["expr"].as_str() {
+                exprs.push(
+                    e.replace("$__rate_interval", "30s")
+                        .replace("$instance", ".*")
+                        .replace("$interface", ".*"),
+                );
+            }
+        }
+    }
+    if exprs.is_empty() {
+        bail!("no queries found in configs/grafana-meshd.json");
+    }
+    for e in &exprs {
+        poll_until(TIMEOUT, &format!("series for {e}"), || {
+            Ok(!query(e)?.is_empty())
+        })?;
+    }
+    println!(
+        "every query of configs/grafana-meshd.json ({}) returns series from that Prometheus",
+        exprs.len()
     );
     Ok(())
 }
