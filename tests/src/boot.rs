@@ -149,10 +149,7 @@ pub fn prepared_root(deb: &Path) -> Result<PathBuf> {
     })();
     if let Err(e) = made {
         let _ = std::fs::remove_dir_all(&partial);
-        return Err(e.context(format!(
-            "preparing a Debian 12 root with {}",
-            deb.display()
-        )));
+        return Err(e.context(format!("preparing a Debian 12 root with {}", deb.display())));
     }
     std::fs::rename(&partial, &root)?;
     Ok(root)

@@ -351,14 +351,19 @@ fn prometheus_scrapes_the_mesh(lab: &Lab, nspawn: meshlab::ProcId) -> Result<()>
     lab.container_ok(host, nspawn, &["systemctl", "restart", "meshd"])?;
     wait_restarted(lab, host, nspawn, &pid)?;
     let written = root.join(file_sd.trim_start_matches('/'));
-    poll_until(TIMEOUT, &format!("meshd to write {file_sd} on {host}"), || {
-        let Ok(text) = std::fs::read_to_string(&written) else {
-            return Ok(false);
-        };
-        Ok(DAEMON_HOSTS
-            .iter()
-            .all(|h| lab.mesh_addr(h).is_ok_and(|a| text.contains(&a.to_string()))))
-    })?;
+    poll_until(
+        TIMEOUT,
+        &format!("meshd to write {file_sd} on {host}"),
+        || {
+            let Ok(text) = std::fs::read_to_string(&written) else {
+                return Ok(false);
+            };
+            Ok(DAEMON_HOSTS.iter().all(|h| {
+                lab.mesh_addr(h)
+                    .is_ok_and(|a| text.contains(&a.to_string()))
+            }))
+        },
+    )?;
 
     // The operator's scrape job, appended to the scrape_configs of Debian's prometheus.yml.
     let yml = root.join("etc/prometheus/prometheus.yml");
@@ -371,7 +376,12 @@ fn prometheus_scrapes_the_mesh(lab: &Lab, nspawn: meshlab::ProcId) -> Result<()>
     lab.container_ok(
         host,
         nspawn,
-        &["promtool", "check", "config", "/etc/prometheus/prometheus.yml"],
+        &[
+            "promtool",
+            "check",
+            "config",
+            "/etc/prometheus/prometheus.yml",
+        ],
     )?;
     lab.container_ok(host, nspawn, &["systemctl", "restart", "prometheus"])?;
     lab.wait_unit(host, nspawn, "prometheus.service", TIMEOUT)?;
@@ -408,15 +418,20 @@ fn prometheus_scrapes_the_mesh(lab: &Lab, nspawn: meshlab::ProcId) -> Result<()>
     .with_context(|| format!("{up}: {:?}", query(up)))?;
     println!(
         "Prometheus {} on {host}: {up} == 1 for all {} meshd targets (file_sd from meshd)",
-        lab.container_ok(host, nspawn, &["dpkg-query", "-W", "-f", "${Version}", "prometheus"])?,
+        lab.container_ok(
+            host,
+            nspawn,
+            &["dpkg-query", "-W", "-f", "${Version}", "prometheus"]
+        )?,
         DAEMON_HOSTS.len()
     );
 
     // The dashboard's queries, with Grafana's variables as "All" and a rate window that holds
     // several 2 s scrapes.
-    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/grafana-meshd.json"),
-    )?)?;
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/grafana-meshd.json"
+    ))?)?;
     let mut exprs: Vec<String> = Vec::new();
     for panel in dashboard["panels"].as_array().into_iter().flatten() {
         for target in panel["targets"].as_array().into_iter().flatten() {
