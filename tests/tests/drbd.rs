@@ -69,10 +69,14 @@ ctl() { "$BIN/meshctl" --socket /run/meshd/meshd.sock "$@"; }
 
 # drbdadm finds its `on` section by the node name; it locks under /run/lock. /etc is the
 # host's, read-only: the VM gets its own /etc/drbd.d.
+# DRBD's kernel messages stay out of the console (the failure report shows dmesg).
+dmesg -n 1
 hostname "$ME"
 mkdir -p /run/lock /run/meshd /tmp/r0
 mount -t tmpfs -o mode=0755 tmpfs /etc/drbd.d
-printf 'global { usage-count no; }\ncommon { }\n' >/etc/drbd.d/global_common.conf
+mount -t tmpfs -o mode=0700 tmpfs /var/lib/drbd
+printf 'global { usage-count no; }\ncommon { disk { c-plan-ahead 0; resync-rate 100M; } }\n' \
+  >/etc/drbd.d/global_common.conf
 truncate -s "${DISK_MIB}M" /tmp/r0.img
 losetup /dev/loop0 /tmp/r0.img
 
@@ -108,7 +112,7 @@ if [ "$ROLE" = source ]; then
   fig uptodate_secs "$(since "$t0")"
   ss -tn | sed 's/^/SS /'
   fig wg_bytes "$(cat /sys/class/net/wgmesh0/statistics/tx_bytes)"
-  mkfs.ext4 -q /dev/drbd0
+  mkfs.ext4 -q -E nodiscard /dev/drbd0
   mount /dev/drbd0 /tmp/r0
   head -c 8M /dev/urandom >/tmp/r0/data
   sha
@@ -274,7 +278,7 @@ fn drbd_replicates_over_the_kernel_mesh_in_two_vms() -> Result<()> {
         VmOpts {
             timeout: Duration::from_secs(420),
             label: me.0.to_owned(),
-            modules: ["drbd", "loop"].map(String::from).to_vec(),
+            modules: ["drbd", "loop", "ext4"].map(String::from).to_vec(),
             link: Some(link),
             visible: vec![conf.0.clone()],
             ..VmOpts::default()
