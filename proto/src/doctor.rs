@@ -764,6 +764,20 @@ mod tests {
         assert!(c.detail.contains("unexpected end"), "{}", c.detail);
         assert!(c.detail.contains("the old file is kept"), "{}", c.detail);
         assert!(!c.fix.unwrap_or_default().contains("  "));
+        // DRBD's first setup: the new file stays, the reload is retried; the fix says how.
+        st.last_error = Some("reload: `drbdadm adjust r0` failed: No valid meta data found".into());
+        st.reload_pending = true;
+        let c = integration_check(&st);
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert!(
+            c.detail
+                .contains("the new file is in place and the reload is retried"),
+            "{}",
+            c.detail
+        );
+        let fix = c.fix.unwrap_or_default();
+        assert!(fix.contains("drbdadm create-md"), "{fix}");
+        assert!(!fix.contains("  "), "{fix}");
     }
 
     #[test]

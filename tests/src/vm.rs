@@ -777,4 +777,35 @@ mod tests {
         assert!(job_script(&["true".into()], &VmOpts::default().env("A-B", "")).is_err());
         Ok(())
     }
+
+    #[test]
+    fn a_link_pair_points_each_end_at_the_other() -> Result<()> {
+        let (a, b) = VmLink::pair("10.0.0.1/24", "10.0.0.2/24")?;
+        let dir = a.local.parent().map(Path::to_path_buf).unwrap_or_default();
+        assert!(dir.is_dir());
+        assert_eq!((&a.local, &a.remote), (&b.remote, &b.local));
+        assert_ne!(a.mac, b.mac);
+        let args = a.qemu_args()?.join(" ");
+        assert!(
+            args.contains(&format!(
+                "local.path={},remote.type=unix,remote.path={}",
+                a.local.display(),
+                b.local.display()
+            )),
+            "{args}"
+        );
+        assert!(args.contains(&format!("mac={}", a.mac)), "{args}");
+        let opts = VmOpts {
+            link: Some(a),
+            ..VmOpts::default()
+        };
+        let s = job_script(&["true".into()], &opts)?;
+        assert!(
+            s.contains("ip link set eth0 up && ip addr add '10.0.0.1/24' dev eth0 ||"),
+            "{s}"
+        );
+        drop((opts, b));
+        assert!(!dir.exists(), "the link's directory outlived both ends");
+        Ok(())
+    }
 }
