@@ -97,7 +97,8 @@ ctl reload
 reloaded() { ctl status | grep -q 'drbd:r0 /etc/drbd.d/r0.res ok'; }
 wait_for "meshd's retried drbdadm adjust r0" 60 reloaded
 ctl status | grep 'drbd:r0'
-connected() { [ "$(drbdadm cstate r0)" = Connected ]; }
+# Connected, or already syncing (the peer may have gone primary in the meantime).
+connected() { case $(drbdadm cstate r0) in Connected | Sync*) ;; *) return 1 ;; esac; }
 wait_for "r0 connected" 60 connected
 fig connected_secs "$(since "$t0")"
 
