@@ -16,7 +16,7 @@
 //! times, mesh up, connection, sync and UpToDate times, bytes through wgmesh0.
 //!
 //! Run as root: `cargo build -p meshd -p meshctl && cargo test -p meshlab --test drbd --
-//! --nocapture`. Needs qemu and drbd-utils, e2fsprogs, util-linux on the host (the VMs run
+//! --nocapture`. Needs qemu, drbd-utils, e2fsprogs and losetup (mount) on the host (the VMs run
 //! the host's root read-only; tests/deps.sh). `MESHD_SKIP_VM=1` skips it (saying so); a
 //! missing VM environment fails it.
 
