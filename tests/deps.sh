@@ -24,6 +24,8 @@ meshd_install_deps() {
     # The VM lab (tests/vm/prepare.sh, meshlab::vm): qemu, and what builds its initramfs.
     [qemu-system-x86_64]=qemu-system-x86 [modprobe]=kmod [depmod]=kmod [cpio]=cpio
     [flock]=util-linux [xz]=xz-utils [readelf]=binutils
+    # The DRBD test runs these (the host's) in its VMs: a loop device, ext4, DRBD's sockets.
+    [losetup]=mount [mkfs.ext4]=e2fsprogs [ss]=iproute2 [sha256sum]=coreutils
   )
   local missing=() cmd
   for cmd in "${!pkgs[@]}"; do

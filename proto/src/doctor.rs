@@ -426,6 +426,12 @@ pub fn integration_check(status: &crate::handoff::IntegrationStatus) -> Check {
     let name = format!("integration {}", status.name);
     let path = status.path.display();
     match (&status.last_error, status.ok) {
+        (Some(e), false) if status.reload_pending => Check::fail(
+            name,
+            format!("{path}: {e}; the new file is in place and the reload is retried"),
+            "make the service ready for the file (DRBD's first setup: `drbdadm create-md \
+             RESOURCE` on each of its hosts), then `meshctl reload` or wait for the retry",
+        ),
         (Some(e), false) => Check::fail(
             name,
             format!("{path}: {e}; the old file is kept"),
@@ -746,6 +752,7 @@ mod tests {
             last_error: None,
             last_change_unix: Some(1),
             last_reload_unix: None,
+            reload_pending: false,
         };
         let c = integration_check(&st);
         assert_eq!(c.status, CheckStatus::Ok);
@@ -757,6 +764,20 @@ mod tests {
         assert!(c.detail.contains("unexpected end"), "{}", c.detail);
         assert!(c.detail.contains("the old file is kept"), "{}", c.detail);
         assert!(!c.fix.unwrap_or_default().contains("  "));
+        // DRBD's first setup: the new file stays, the reload is retried; the fix says how.
+        st.last_error = Some("reload: `drbdadm adjust r0` failed: No valid meta data found".into());
+        st.reload_pending = true;
+        let c = integration_check(&st);
+        assert_eq!(c.status, CheckStatus::Fail);
+        assert!(
+            c.detail
+                .contains("the new file is in place and the reload is retried"),
+            "{}",
+            c.detail
+        );
+        let fix = c.fix.unwrap_or_default();
+        assert!(fix.contains("drbdadm create-md"), "{fix}");
+        assert!(!fix.contains("  "), "{fix}");
     }
 
     #[test]

@@ -267,8 +267,12 @@ pub struct DrbdHostView {
 const K3S_HEADER: &str =
     "# Written by meshd from the mesh netmap; meshd rewrites it when the mesh changes.";
 
-/// The built-in DRBD 9 resource template: one `on NAME { node-id N; address IP:PORT; }` per
-/// host (IP literals only), and a `connection-mesh` when there are more than two hosts.
+/// The built-in DRBD resource template: one `on NAME { address IP:PORT; }` per host (IP
+/// literals only). With more than two hosts (DRBD 9 only) each `on` section also carries
+/// `node-id N` (the host's position in `hosts`) and a `connection-mesh` follows. A two-host
+/// resource has no `node-id`: DRBD 9 does not need one there, and drbd-utils' 8.4 mode
+/// (`drbdadm-84`, used with the drbd 8.4 module of Debian's and other distribution kernels)
+/// refuses the keyword.
 pub const DRBD_TEMPLATE: &str = "\
 # Written by meshd from the mesh netmap; meshd rewrites it when the mesh changes.
 resource {{ resource.name }} {
@@ -277,7 +281,9 @@ resource {{ resource.name }} {
   meta-disk {{ resource.meta_disk }};
 {% for h in resource.hosts %}
   on {{ h.name }} {
+{%- if resource.hosts | length > 2 %}
     node-id {{ h.node_id }};
+{%- endif %}
     address {{ h.drbd_address }};
   }
 {% endfor %}
@@ -465,12 +471,17 @@ pub struct IntegrationStatus {
     pub name: String,
     pub path: PathBuf,
     pub ok: bool,
-    /// The latest render, write, check or reload error; the file kept its old content.
+    /// The latest render, write, check or reload error; the file kept its old content
+    /// (unless `reload_pending`).
     pub last_error: Option<String>,
     /// When meshd last changed the file (seconds since the UNIX epoch).
     pub last_change_unix: Option<u64>,
     /// When the last reload command ran successfully.
     pub last_reload_unix: Option<u64>,
+    /// The reload failed for a file with no reloaded version before it (DRBD before its
+    /// metadata exists): the new file is in place and the reload is retried.
+    #[serde(default)]
+    pub reload_pending: bool,
 }
 
 fn fqdn(name: &str) -> String {
@@ -1008,17 +1019,17 @@ resource r0 {
   meta-disk internal;
 
   on dock-prod {
-    node-id 0;
     address 10.99.99.2:7788;
   }
 
   on dock-load {
-    node-id 1;
     address 10.99.99.1:7788;
   }
 }
 "
         );
+        // drbdadm-84 (drbd-utils with the in-kernel drbd 8.4) rejects `node-id`.
+        assert!(!text.contains("node-id"), "{text}");
         assert!(drbd_applies(&v, &drbd(&["dock-prod", "dock-load"])));
         assert!(!drbd_applies(&v, &drbd(&["nas", "dock-load"])));
     }
@@ -1037,6 +1048,13 @@ resource r0 {
             text.ends_with("  connection-mesh {\n    hosts dock-prod dock-load nas;\n  }\n}\n"),
             "{text}"
         );
+        // More than two hosts is DRBD 9: every host has its node-id, its position in `hosts`.
+        for (id, h) in ["dock-prod", "dock-load", "nas"].iter().enumerate() {
+            assert!(
+                text.contains(&format!("  on {h} {{\n    node-id {id};\n    address ")),
+                "{text}"
+            );
+        }
         assert_eq!(
             drbd_resource(&v, &drbd(&["dock-prod", "ghost"]), "wgmesh0", None),
             Err(RenderError::UnknownDrbdHost {

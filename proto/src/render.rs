@@ -270,6 +270,11 @@ pub fn integration_cell(i: &crate::handoff::IntegrationStatus, now_unix: u64) ->
         None => "unchanged since start".to_string(),
     };
     match (&i.last_error, i.ok) {
+        (Some(e), false) if i.reload_pending => format!(
+            "{} {} FAILED: {e} (the new file is in place; the reload is retried)",
+            i.name,
+            i.path.display()
+        ),
         (Some(e), false) => format!(
             "{} {} FAILED: {e} (the old file is kept)",
             i.name,
@@ -441,6 +446,7 @@ mod tests {
                 last_error: None,
                 last_change_unix: Some(880),
                 last_reload_unix: None,
+                reload_pending: false,
             },
             IntegrationStatus {
                 name: "template:haproxy".into(),
@@ -449,6 +455,16 @@ mod tests {
                 last_error: Some("template template:haproxy: syntax error".into()),
                 last_change_unix: None,
                 last_reload_unix: None,
+                reload_pending: false,
+            },
+            IntegrationStatus {
+                name: "drbd:r0".into(),
+                path: "/etc/drbd.d/r0.res".into(),
+                ok: false,
+                last_error: Some("reload: drbdadm adjust r0 exited with 1".into()),
+                last_change_unix: Some(990),
+                last_reload_unix: None,
+                reload_pending: true,
             },
         ];
         let text = render_status(&st, 1000);
@@ -456,7 +472,7 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("integration:"))
             .collect();
-        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines.len(), 3, "{text}");
         assert!(
             lines[0].ends_with(
                 "k3s /etc/rancher/k3s/config.yaml.d/90-meshd.yaml ok, changed 2m 0s ago"
@@ -465,6 +481,10 @@ mod tests {
         );
         assert!(
             lines[1].contains("template:haproxy /etc/haproxy/mesh.cfg FAILED: template template:haproxy: syntax error (the old file is kept)"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("drbd:r0 /etc/drbd.d/r0.res FAILED: reload: drbdadm adjust r0 exited with 1 (the new file is in place; the reload is retried)"),
             "{text}"
         );
         // Older daemons send no integrations: still decodes.

@@ -21,9 +21,15 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Safety: the VM has no network device, so nothing it does reaches the host's network; the
-//! host's root is read-only to it; qemu is killed by the PID of the child we spawned (never by
-//! name) when the timeout passes, when the harness unwinds, or when the spawning thread dies.
+//! Two VMs can share an Ethernet segment ([`VmLink::pair`], [`run_pair_in_vm`]): each gets a
+//! virtio NIC, `eth0` inside, whose frames qemu carries over a pair of Unix datagram sockets
+//! in a host directory (`-netdev dgram`). The underlay addresses are configured inside the VMs
+//! only; the host has no interface, address or route for that link.
+//!
+//! Safety: the VM has no network device, or only that link to another VM, so nothing it does
+//! reaches the host's network; the host's root is read-only to it; qemu is killed by the PID
+//! of the child we spawned (never by name) when the timeout passes, when the harness unwinds,
+//! or when the spawning thread dies.
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -32,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -81,6 +87,80 @@ pub struct VmOpts {
     /// Print the console as it arrives (job output on stdout, qemu's own complaints on
     /// stderr, through the test harness' capture).
     pub echo: bool,
+    /// Names this VM in echoed lines (`[label] ...`) and reports; empty: no prefix.
+    pub label: String,
+    /// Kernel modules to load besides the lab's own list (tests/vm/init), e.g. `drbd`, `loop`.
+    /// A module that does not load is reported on the console, not fatal: the job decides.
+    pub modules: Vec<String>,
+    /// One end of a link to another VM ([`VmLink::pair`]): `eth0` in the VM, up, with the
+    /// end's address, before the job starts.
+    pub link: Option<VmLink>,
+}
+
+/// One end of an Ethernet link between two VMs: qemu's `-netdev dgram` over Unix datagram
+/// sockets in a host directory (made by [`VmLink::pair`], removed with the last end). Each
+/// qemu binds its own socket and sends to the other's; frames sent before the other VM is up
+/// are dropped, as on a cable.
+#[derive(Debug, Clone)]
+pub struct VmLink {
+    /// The socket this end's qemu binds.
+    pub local: PathBuf,
+    /// The other end's socket.
+    pub remote: PathBuf,
+    /// The NIC's MAC address.
+    pub mac: String,
+    /// `ADDR/PREFIX` configured on `eth0` inside the VM (never on the host).
+    pub address: String,
+    _dir: Arc<LinkDir>,
+}
+
+/// The host directory holding a link's sockets; removed when the last end is dropped.
+#[derive(Debug)]
+struct LinkDir(PathBuf);
+
+impl Drop for LinkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl VmLink {
+    /// The two ends of a new link, with the given addresses inside the VMs (`10.0.0.1/24`).
+    pub fn pair(a_address: &str, b_address: &str) -> Result<(VmLink, VmLink)> {
+        let dir = Arc::new(LinkDir(fresh_dir("meshvm-link")?));
+        let sock = |n: &str| dir.0.join(format!("{n}.sock"));
+        let end = |me: &str, other: &str, mac: &str, address: &str| VmLink {
+            local: sock(me),
+            remote: sock(other),
+            mac: mac.to_string(),
+            address: address.to_string(),
+            _dir: dir.clone(),
+        };
+        Ok((
+            end("a", "b", "52:54:00:6d:00:01", a_address),
+            end("b", "a", "52:54:00:6d:00:02", b_address),
+        ))
+    }
+
+    /// qemu's arguments for this end.
+    fn qemu_args(&self) -> Result<Vec<String>> {
+        let path = |p: &Path| {
+            p.to_str()
+                .filter(|s| !s.contains(','))
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("{} cannot be a qemu socket path", p.display()))
+        };
+        Ok(vec![
+            "-netdev".into(),
+            format!(
+                "dgram,id=link0,local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                path(&self.local)?,
+                path(&self.remote)?
+            ),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=link0,mac={}", self.mac),
+        ])
+    }
 }
 
 impl Default for VmOpts {
@@ -104,6 +184,9 @@ impl Default for VmOpts {
             cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
             visible: Vec::new(),
             echo: true,
+            label: String::new(),
+            modules: Vec::new(),
+            link: None,
         }
     }
 }
@@ -154,6 +237,10 @@ impl VmRun {
     /// What a VM test prints and checks of every run: the wall times, that the qemu process it
     /// spawned is gone, and the job's exit code ([`VmRun::check`]).
     pub fn report(&self, what: &str, opts: &VmOpts) -> Result<&VmRun> {
+        let what = match opts.label.as_str() {
+            "" => what.to_string(),
+            l => format!("{what} [{l}]"),
+        };
         println!(
             "{what}: boot {} s, boot plus job {:.1} s ({} MiB, {} CPUs, TCG)",
             self.boot_secs.map_or("-".into(), |b| format!("{b:.1}")),
@@ -273,6 +360,13 @@ fn job_script(cmd: &[String], opts: &VmOpts) -> Result<String> {
         "cd {} || {{ echo \"meshvm: cannot enter {cwd}\" >&2; exit 125; }}\n",
         sh_quote(cwd)
     ));
+    if let Some(link) = &opts.link {
+        s.push_str(&format!(
+            "ip link set eth0 up && ip addr add {} dev eth0 || \
+             {{ echo \"meshvm: cannot set up the link (eth0)\" >&2; exit 125; }}\n",
+            sh_quote(&link.address)
+        ));
+    }
     let words: Vec<String> = cmd.iter().map(|w| sh_quote(w)).collect();
     s.push_str(&format!("exec {}\n", words.join(" ")));
     Ok(s)
@@ -282,23 +376,28 @@ fn job_script(cmd: &[String], opts: &VmOpts) -> Result<String> {
 /// when dropped.
 struct JobDir(PathBuf);
 
+/// A new directory `PREFIX-PID-SEQ-NANOS` (0700) in the host's temp directory.
+fn fresh_dir(prefix: &str) -> Result<PathBuf> {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}-{nanos:x}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
 impl JobDir {
     fn create() -> Result<JobDir> {
-        static SEQ: AtomicU32 = AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!(
-            "meshvm-{}-{}-{nanos:x}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .with_context(|| format!("creating {}", dir.display()))?;
-        Ok(JobDir(dir))
+        Ok(JobDir(fresh_dir("meshvm")?))
     }
 }
 
@@ -440,11 +539,34 @@ pub fn run_in_vm(cmd: &[String], opts: &VmOpts) -> Result<VmRun> {
             bail!("{s:?} cannot be passed on the kernel command line (whitespace or not UTF-8)");
         }
     }
-    let append = format!(
+    let mut modules = opts.modules.clone();
+    if opts.link.is_some() {
+        modules.push("virtio_net".into());
+    }
+    if let Some(m) = modules.iter().find(|m| {
+        m.is_empty()
+            || !m
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    }) {
+        bail!("{m:?} is not a kernel module name");
+    }
+    let mut append = format!(
         "console=ttyS0 panic=-1 oops=panic quiet meshvm.job={} meshvm.modroot={}",
         job.0.display(),
         img.modroot.display()
     );
+    if !modules.is_empty() {
+        append.push_str(&format!(" meshvm.modules={}", modules.join(",")));
+    }
+    let link_args = match &opts.link {
+        Some(l) => l.qemu_args()?,
+        None => vec!["-nic".into(), "none".into()],
+    };
+    let prefix = match opts.label.as_str() {
+        "" => String::new(),
+        l => format!("[{l}] "),
+    };
 
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-accel", "tcg", "-cpu", "max"])
@@ -454,9 +576,11 @@ pub fn run_in_vm(cmd: &[String], opts: &VmOpts) -> Result<VmRun> {
             "-m",
             &opts.memory_mib.to_string(),
         ])
-        // The serial console on stdio and nothing else: no monitor, no display, no network.
+        // The serial console on stdio and nothing else: no monitor, no display, no network
+        // (or only the link to the other VM).
         .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
-        .args(["-nic", "none", "-no-reboot"])
+        .args(&link_args)
+        .arg("-no-reboot")
         .arg("-kernel")
         .arg(&img.kernel)
         .arg("-initrd")
@@ -525,7 +649,7 @@ pub fn run_in_vm(cmd: &[String], opts: &VmOpts) -> Result<VmRun> {
         match rx.recv_timeout(left.min(POLL_INTERVAL)) {
             Ok(Event::Console(line)) => {
                 if opts.echo {
-                    println!("{line}");
+                    println!("{prefix}{line}");
                 }
                 if line == MARK_START && run.boot_secs.is_none() {
                     run.boot_secs = Some(started.elapsed().as_secs_f64());
@@ -544,7 +668,7 @@ pub fn run_in_vm(cmd: &[String], opts: &VmOpts) -> Result<VmRun> {
             }
             Ok(Event::Qemu(line)) => {
                 if opts.echo {
-                    eprintln!("qemu: {line}");
+                    eprintln!("{prefix}qemu: {line}");
                 }
                 qemu_errors.push(line);
             }
@@ -593,6 +717,22 @@ pub fn run_in_vm(cmd: &[String], opts: &VmOpts) -> Result<VmRun> {
     Ok(run)
 }
 
+/// Boot two VMs at once (each on its own thread) and return both runs, `a`'s first. Give
+/// them the two ends of a [`VmLink::pair`] to join them.
+pub fn run_pair_in_vm(a: (&[String], &VmOpts), b: (&[String], &VmOpts)) -> Result<(VmRun, VmRun)> {
+    std::thread::scope(|s| {
+        let ta = s.spawn(|| run_in_vm(a.0, a.1));
+        let tb = s.spawn(|| run_in_vm(b.0, b.1));
+        let ra = ta
+            .join()
+            .map_err(|_| anyhow!("the thread of VM a panicked"));
+        let rb = tb
+            .join()
+            .map_err(|_| anyhow!("the thread of VM b panicked"));
+        Ok((ra??, rb??))
+    })
+}
+
 /// The newest test executable `name-<hash>` in `target/<profile>/deps` (cargo builds every
 /// test binary before it runs any).
 pub fn test_binary(name: &str) -> Result<PathBuf> {
@@ -635,6 +775,37 @@ mod tests {
         assert!(s.ends_with("exec 'echo' 'a b' ''\\'''\n"), "{s}");
         assert!(job_script(&["true".into()], &VmOpts::default().env("1X", "")).is_err());
         assert!(job_script(&["true".into()], &VmOpts::default().env("A-B", "")).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_link_pair_points_each_end_at_the_other() -> Result<()> {
+        let (a, b) = VmLink::pair("10.0.0.1/24", "10.0.0.2/24")?;
+        let dir = a.local.parent().map(Path::to_path_buf).unwrap_or_default();
+        assert!(dir.is_dir());
+        assert_eq!((&a.local, &a.remote), (&b.remote, &b.local));
+        assert_ne!(a.mac, b.mac);
+        let args = a.qemu_args()?.join(" ");
+        assert!(
+            args.contains(&format!(
+                "local.path={},remote.type=unix,remote.path={}",
+                a.local.display(),
+                b.local.display()
+            )),
+            "{args}"
+        );
+        assert!(args.contains(&format!("mac={}", a.mac)), "{args}");
+        let opts = VmOpts {
+            link: Some(a),
+            ..VmOpts::default()
+        };
+        let s = job_script(&["true".into()], &opts)?;
+        assert!(
+            s.contains("ip link set eth0 up && ip addr add '10.0.0.1/24' dev eth0 ||"),
+            "{s}"
+        );
+        drop((opts, b));
+        assert!(!dir.exists(), "the link's directory outlived both ends");
         Ok(())
     }
 }

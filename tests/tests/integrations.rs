@@ -348,10 +348,14 @@ fn check_k3s(lab: &Lab, host: &str) -> Result<()> {
 }
 
 /// The resource parses with drbd-utils (on this host: the lab host's name is its UTS name),
-/// with each host at its mesh address.
+/// with each host at its mesh address. A two-host resource carries no `node-id` (drbd 8.4's
+/// drbdadm refuses it); DRBD 9's drbdadm assigns them itself (0 and 1, by address).
 fn check_drbd(lab: &Lab, host: &str) -> Result<()> {
+    let res = lab.read_file(host, DRBD_RES)?;
+    assert!(!res.contains("node-id"), "{host}: {res}");
     let dump = lab.exec_ok(host, &["drbdadm", "-c", DRBD_RES, "dump", "r0"])?;
-    for (h, id) in [("dock-load", 0), ("dock-prod", 1)] {
+    let mut ids = Vec::new();
+    for h in ["dock-load", "dock-prod"] {
         let on = dump
             .split(&format!("on {h} {{"))
             .nth(1)
@@ -363,15 +367,24 @@ fn check_drbd(lab: &Lab, host: &str) -> Result<()> {
             .split_whitespace()
             .collect::<Vec<_>>()
             .join(" ");
-        assert!(
-            on.contains(&format!("node-id {id};")),
-            "{host}: {h}:\n{dump}"
+        ids.push(
+            on.split("node-id ")
+                .nth(1)
+                .and_then(|r| r.split(';').next())
+                .map(str::to_owned)
+                .ok_or_else(|| anyhow!("{host}: no node-id for {h} in drbdadm dump:\n{dump}"))?,
         );
         assert!(
             on.contains(&format!("address ipv4 {}:7788;", mesh(h))),
             "{host}: {h}:\n{dump}"
         );
     }
+    ids.sort();
+    assert_eq!(
+        ids,
+        ["0", "1"],
+        "{host}: node-ids drbdadm assigned:\n{dump}"
+    );
     Ok(())
 }
 

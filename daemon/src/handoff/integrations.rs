@@ -11,6 +11,13 @@
 //! same rendered content is not tried again until it changes, so each reload runs exactly once
 //! per change.
 //!
+//! One exception: a reload that fails for a file with no reloaded version before it (the
+//! output's first file, or one whose reload never succeeded) leaves the file in place and is
+//! retried at every later apply (each netmap change, every [`super::RECHECK`], `meshctl
+//! reload`) until it succeeds. There is nothing to put back, and the service may need the file
+//! to become ready: DRBD's first setup creates the metadata from the resource file
+//! (`drbdadm create-md r0`) before `drbdadm adjust r0` can bring the resource up.
+//!
 //! The engine blocks (file writes, commands with a timeout): call it from
 //! `tokio::task::spawn_blocking`.
 
@@ -171,6 +178,9 @@ struct OutputState {
     status: IntegrationStatus,
     /// Content whose write, check or reload failed: not tried again until the render changes.
     failed: Option<String>,
+    /// Content left in place after its check passed and its reload failed, with no reloaded
+    /// file before it: its reload is retried at every apply until it succeeds.
+    pending_reload: Option<String>,
 }
 
 /// What one [`IntegrationEngine::apply`] did to one output.
@@ -234,8 +244,10 @@ impl IntegrationEngine {
                     last_error: None,
                     last_change_unix: None,
                     last_reload_unix: None,
+                    reload_pending: false,
                 },
                 failed: None,
+                pending_reload: None,
             });
             let applied = if out.applies(view) {
                 apply_one(
@@ -299,6 +311,7 @@ impl IntegrationEngine {
 
 fn fail(st: &mut OutputState, message: String, failed: Option<String>) -> Applied {
     st.status.ok = false;
+    st.status.reload_pending = st.pending_reload.is_some();
     st.status.last_error = Some(message.clone());
     st.failed = failed;
     Applied::Failed(message)
@@ -344,14 +357,21 @@ fn apply_one(
         rendered
     };
     if existing.as_deref() == Some(desired.as_str()) {
+        if st.pending_reload.as_deref() == Some(desired.as_str()) {
+            return retry_reload(out, runner, st, now_unix);
+        }
         st.status.ok = true;
         st.status.last_error = None;
+        st.status.reload_pending = false;
         st.failed = None;
         return Applied::Unchanged;
     }
     if st.failed.as_deref() == Some(desired.as_str()) {
         return Applied::StillFailing;
     }
+    // No reloaded file to go back to: none at all, or ours still waiting for its reload.
+    let first = existing.is_none() || st.pending_reload.is_some() && st.pending_reload == existing;
+    st.pending_reload = None;
     if let Err(e) = write_atomic(&out.path, desired.as_bytes()) {
         return fail(st, write_error(&out.path, &e), Some(desired));
     }
@@ -360,6 +380,11 @@ fn apply_one(
             continue;
         };
         if let Err(e) = runner.run(argv) {
+            if what == "reload" && first {
+                st.pending_reload = Some(desired);
+                st.status.last_change_unix = Some(now_unix);
+                return fail(st, pending_message(&e), None);
+            }
             let mut message = format!("{what}: {e}; the previous file was put back");
             if let Err(re) = restore(&out.path, existing.as_deref()) {
                 message = format!("{what}: {e}; putting the previous file back failed too: {re}");
@@ -372,7 +397,33 @@ fn apply_one(
     }
     st.status.ok = true;
     st.status.last_error = None;
+    st.status.reload_pending = false;
     st.status.last_change_unix = Some(now_unix);
+    st.failed = None;
+    Applied::Changed
+}
+
+fn pending_message(e: &CommandError) -> String {
+    format!("reload: {e}")
+}
+
+/// The file is ours and checked, its reload failed before: run the reload again.
+fn retry_reload(
+    out: &Output,
+    runner: &dyn CommandRunner,
+    st: &mut OutputState,
+    now_unix: u64,
+) -> Applied {
+    if let Some(argv) = out.reload.as_ref().filter(|a| !a.is_empty()) {
+        if let Err(e) = runner.run(argv) {
+            return fail(st, pending_message(&e), None);
+        }
+        st.status.last_reload_unix = Some(now_unix);
+    }
+    st.pending_reload = None;
+    st.status.ok = true;
+    st.status.last_error = None;
+    st.status.reload_pending = false;
     st.failed = None;
     Applied::Changed
 }
@@ -389,7 +440,7 @@ mod tests {
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     use std::sync::{Arc, Mutex};
 
-    /// Records commands; fails those whose program is in `fail`.
+    /// Records commands; fails those whose program (or whole command line) is in `fail`.
     #[derive(Clone, Default)]
     struct Recorder {
         calls: Arc<Mutex<Vec<Vec<String>>>>,
@@ -399,7 +450,14 @@ mod tests {
     impl CommandRunner for Recorder {
         fn run(&self, argv: &[String]) -> Result<(), CommandError> {
             self.calls.lock().unwrap().push(argv.to_vec());
-            if self.fail.lock().unwrap().contains(&argv[0]) {
+            let whole = argv.join(" ");
+            if self
+                .fail
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|f| *f == argv[0] || *f == whole)
+            {
                 Err(CommandError::exited(argv.join(" "), 1, ""))
             } else {
                 Ok(())
@@ -510,7 +568,7 @@ mod tests {
         assert_eq!(y["server"], "https://10.99.99.1:6443");
         let res = fs::read_to_string(p.join("drbd.d/r0.res")).unwrap();
         assert!(
-            res.contains("  on dock-mirror {\n    node-id 1;\n    address 10.99.99.3:7788;\n"),
+            res.contains("  on dock-mirror {\n    address 10.99.99.3:7788;\n"),
             "{res}"
         );
         let hosts = fs::read_to_string(p.join("hosts")).unwrap();
@@ -634,6 +692,92 @@ mod tests {
             .find(|s| s.name == "drbd:r0")
             .unwrap();
         assert!(st.last_error.unwrap().starts_with("check: "));
+    }
+
+    /// DRBD's first setup: the resource has no metadata yet, so `drbdadm adjust r0` fails
+    /// until `drbdadm create-md r0` (which needs the file) has run. The file stays and the
+    /// reload is retried at each apply; once it succeeds, a later failing reload puts the
+    /// reloaded file back as before.
+    #[test]
+    fn first_reload_failure_keeps_the_file_and_retries_the_reload() {
+        let (dir, mut engine, rec) = setup();
+        let res = dir.path().join("drbd.d/r0.res");
+        let status = |e: &IntegrationEngine| {
+            e.statuses()
+                .into_iter()
+                .find(|s| s.name == "drbd:r0")
+                .unwrap()
+        };
+        rec.fail
+            .lock()
+            .unwrap()
+            .push("drbdadm-fake adjust r0".into());
+        let v1 = view(1, &[("dock-load", 1), ("dock-mirror", 3)]);
+        let r = engine.apply(&v1, 100);
+        assert!(matches!(r["drbd:r0"], Applied::Failed(_)), "{r:?}");
+        let calls = rec.take();
+        assert!(calls.contains(&"drbdadm-fake -d adjust r0".to_owned()));
+        assert!(calls.contains(&"drbdadm-fake adjust r0".to_owned()));
+        let first = fs::read_to_string(&res).expect("the first file stays");
+        let st = status(&engine);
+        assert!(!st.ok);
+        assert!(st.reload_pending, "{st:?}");
+        assert!(
+            st.last_error.as_deref().unwrap().starts_with("reload: "),
+            "{st:?}"
+        );
+        assert_eq!(st.last_reload_unix, None);
+
+        // Every apply retries the reload alone (no dry run, no rewrite) while it fails.
+        for now in [130, 160] {
+            let r = engine.apply(&v1, now);
+            assert!(matches!(r["drbd:r0"], Applied::Failed(_)), "{r:?}");
+            let drbd: Vec<String> = rec
+                .take()
+                .into_iter()
+                .filter(|c| c.starts_with("drbdadm"))
+                .collect();
+            assert_eq!(drbd, ["drbdadm-fake adjust r0"]);
+            assert_eq!(fs::read_to_string(&res).unwrap(), first);
+        }
+        // A change while still waiting: the new file replaces ours and stays too.
+        let v2 = view(2, &[("dock-load", 1), ("dock-mirror", 33)]);
+        assert!(matches!(
+            engine.apply(&v2, 170)["drbd:r0"],
+            Applied::Failed(_)
+        ));
+        let second = fs::read_to_string(&res).unwrap();
+        assert_ne!(second, first);
+        rec.take();
+
+        // The metadata exists now: the retry succeeds, once.
+        rec.fail.lock().unwrap().clear();
+        assert_eq!(engine.apply(&v2, 190)["drbd:r0"], Applied::Changed);
+        assert_eq!(rec.take(), ["drbdadm-fake adjust r0"]);
+        let st = status(&engine);
+        assert!(
+            st.ok && st.last_error.is_none() && !st.reload_pending,
+            "{st:?}"
+        );
+        assert_eq!(st.last_reload_unix, Some(190));
+        assert_eq!(engine.apply(&v2, 220)["drbd:r0"], Applied::Unchanged);
+        assert!(rec.take().is_empty());
+
+        // With a reloaded file in place, a failing reload puts it back and is not retried.
+        rec.fail
+            .lock()
+            .unwrap()
+            .push("drbdadm-fake adjust r0".into());
+        let v3 = view(3, &[("dock-load", 1), ("dock-mirror", 44)]);
+        assert!(matches!(
+            engine.apply(&v3, 250)["drbd:r0"],
+            Applied::Failed(_)
+        ));
+        assert_eq!(fs::read_to_string(&res).unwrap(), second);
+        assert!(!status(&engine).reload_pending);
+        rec.take();
+        assert_eq!(engine.apply(&v3, 280)["drbd:r0"], Applied::StillFailing);
+        assert!(!rec.take().iter().any(|c| c.starts_with("drbdadm")));
     }
 
     #[test]
@@ -824,6 +968,35 @@ mod tests {
             "{stdout}"
         );
         assert!(stdout.contains("node-id 1;"), "{stdout}");
+
+        // drbd-utils in its 8.4 mode (what drbdadm runs against the drbd 8.4 module of
+        // Debian 12's kernel) parses it too: a two-host resource carries no `node-id`.
+        let drbdadm84 = ["/usr/lib/drbd/drbdadm-84", "/lib/drbd/drbdadm-84"]
+            .iter()
+            .map(Path::new)
+            .find(|p| p.exists());
+        let Some(drbdadm84) = drbdadm84 else {
+            eprintln!("SKIP: no drbdadm-84 in this drbd-utils");
+            return;
+        };
+        let out = Command::new(drbdadm84)
+            .args([
+                "-c".as_ref(),
+                res.as_os_str(),
+                "dump".as_ref(),
+                "r0".as_ref(),
+            ])
+            .env("__DRBD_NODE__", "dock-prod")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "drbdadm-84: {}\n{}",
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("10.99.99.3:7788;"), "{stdout}");
     }
 
     #[test]

@@ -14,7 +14,7 @@
 //!
 //! [[integrations.drbd]]               # one per resource
 //! resource = "r0"                     # [A-Za-z0-9_-]+
-//! hosts = ["dock-prod", "dock-mirror"] # mesh names; node-id = position in this list
+//! hosts = ["dock-prod", "dock-mirror"] # mesh names; with 3+ hosts node-id = position here
 //! port = 7788                         # default 7788 + the entry's index
 //! path = "/etc/drbd.d/r0.res"         # default /etc/drbd.d/RESOURCE.res
 //! device = "/dev/drbd0"               # default /dev/drbdMINOR
@@ -92,7 +92,8 @@ fn ser_role<S: serde::Serializer>(role: &K3sRole, s: S) -> Result<S::Ok, S::Erro
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct DrbdIntegration {
     pub resource: String,
-    /// Mesh names; a host's node-id is its position here (keep the order when adding hosts).
+    /// Mesh names; with more than two hosts (DRBD 9) a host's node-id is its position here
+    /// (keep the order when adding hosts).
     pub hosts: Vec<String>,
     pub port: u16,
     pub path: PathBuf,

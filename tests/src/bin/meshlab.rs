@@ -95,6 +95,9 @@ enum Cmd {
         /// A host directory under /tmp, /var/tmp or /run to keep visible (those are tmpfs inside).
         #[arg(long, value_name = "DIR")]
         visible: Vec<PathBuf>,
+        /// A kernel module to load besides the lab's list (drbd, loop, ext4, ...).
+        #[arg(long = "module", value_name = "NAME")]
+        modules: Vec<String>,
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         cmd: Vec<String>,
     },
@@ -191,10 +194,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             cpus,
             env,
             visible,
+            modules,
             cmd,
         } => {
             let mut opts = meshlab::VmOpts {
                 visible,
+                modules,
                 ..meshlab::VmOpts::default()
             };
             opts.timeout = timeout.map_or(opts.timeout, Duration::from_secs);
