@@ -81,7 +81,7 @@ listen_port = 53
 
 [metrics]
 enable = true
-listen_port = 9586
+listen_port = 51873
 
 [integrations.hosts]
 

@@ -19,8 +19,9 @@ use crate::netmap::Netmap;
 
 /// The DNS zone mesh names live in (`.internal` is reserved for private use).
 pub const MESH_DOMAIN: &str = "mesh.internal";
-/// The registered port of the WireGuard exporter, where meshd serves `/metrics`.
-pub const METRICS_PORT: u16 = 9586;
+/// Where meshd serves `/metrics`: next to its WireGuard (51871) and API-in-the-tunnel (51872)
+/// ports. Not 9586, the WireGuard exporter's registered port: operators run that exporter too.
+pub const METRICS_PORT: u16 = 51873;
 /// node_exporter's port.
 pub const NODE_EXPORTER_PORT: u16 = 9100;
 /// The markers of the managed block in `/etc/hosts`.
@@ -551,7 +552,7 @@ struct FileSdGroup {
     labels: BTreeMap<&'static str, String>,
 }
 
-/// Prometheus `file_sd_configs` JSON: node_exporter (:9100) and meshd (:9586) on every host
+/// Prometheus `file_sd_configs` JSON: node_exporter (:9100) and meshd (:51873) on every host
 /// that runs meshd, labelled with `host` and `role` (static peers run neither). Also what the
 /// coordinator serves as http_sd.
 pub fn prometheus_targets(view: &MeshView) -> String {
@@ -939,7 +940,7 @@ mod tests {
         let groups = v.as_array().unwrap();
         assert_eq!(groups.len(), 4, "{text}");
         assert_eq!(groups[0]["targets"][0], "10.99.99.1:9100");
-        assert_eq!(groups[1]["targets"][0], "10.99.99.1:9586");
+        assert_eq!(groups[1]["targets"][0], "10.99.99.1:51873");
         assert_eq!(groups[1]["labels"]["role"], "coordinator");
         assert_eq!(groups[3]["labels"]["host"], "dock-prod");
         assert!(!text.contains("10.99.99.20"), "{text}");

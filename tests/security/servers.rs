@@ -26,7 +26,7 @@ use meshlab::{poll_until, JoinMode, Lab, LabOpts, COORDINATOR, MESH_IFACE, MESH_
 const MESH_TIMEOUT: Duration = Duration::from_secs(90);
 const LOAD: Ipv4Addr = Ipv4Addr::new(10, 99, 99, 1);
 const LOAD_UNDERLAY: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
-const METRICS_PORT: u16 = 9586;
+const METRICS_PORT: u16 = 51873;
 /// How many half-sent requests each flood opens.
 const FLOOD: usize = 1000;
 

@@ -1,7 +1,7 @@
 //! The mesh handed to K3s, DRBD, Prometheus, `/etc/hosts` and DNS (issue 7, "Must show"):
 //! dock-load runs the coordinator and the K3s server, the others join as K3s agents; every
 //! host keeps the integration files, serves mesh DNS on its mesh address and `/metrics` on
-//! :9586.
+//! :51873.
 //!
 //! Needs meshd, meshctl and meshd-wg next to the test binary (or in `$MESHLAB_BIN_DIR`), curl,
 //! dig (dnsutils), promtool and drbdadm: `cargo build --workspace --bins && cargo test -p
@@ -223,7 +223,7 @@ fn want_file_sd(hosts: &[&str]) -> BTreeSet<(String, String, String, String)> {
         } else {
             "member"
         };
-        for (job, port) in [("node", 9100), ("meshd", 9586)] {
+        for (job, port) in [("node", 9100), ("meshd", 51873)] {
             out.insert((
                 format!("{}:{port}", mesh(h)),
                 job.to_owned(),
@@ -506,7 +506,7 @@ fn files_dns_and_metrics_follow_the_mesh() -> Result<()> {
             "-sf",
             "--max-time",
             "5",
-            &format!("http://{}:9586/metrics", mesh(COORDINATOR)),
+            &format!("http://{}:51873/metrics", mesh(COORDINATOR)),
         ],
     )?;
     lab.write_file(
@@ -742,7 +742,7 @@ fn a_static_fleet_gets_dns_files_and_metrics_from_its_config() -> Result<()> {
             "-sf",
             "--max-time",
             "5",
-            &format!("http://{}:9586/metrics", mesh("dock-prod")),
+            &format!("http://{}:51873/metrics", mesh("dock-prod")),
         ],
     )?;
     assert!(

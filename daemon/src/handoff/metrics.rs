@@ -1,13 +1,14 @@
-//! `/metrics` on the mesh address (port 9586, the WireGuard exporter's registered port), in the
-//! Prometheus text format.
+//! `/metrics` on the mesh address (port 51873 by default; 9586 is the WireGuard exporter's,
+//! which operators may run beside meshd), in the Prometheus text format.
 //!
-//! Per-peer series keep the established WireGuard exporter names and labels
-//! (`wireguard_sent_bytes_total`, `wireguard_received_bytes_total`,
-//! `wireguard_latest_handshake_seconds`; `interface`, `public_key`, `allowed_ips`,
-//! `friendly_name`) so existing dashboards work; ours have the `meshd_` prefix. The agent
-//! hands in what it observed after each pass ([`Metrics::observe_device`],
-//! [`Metrics::observe_pass`], ...); a scrape reads the latest snapshot and never touches the
-//! device.
+//! Two kinds of per-peer series. `meshd_peer_*` name the peer by its mesh host name (`peer`),
+//! so they survive a key rotation; the key is a label of the info series `meshd_peer_info`
+//! only. The WireGuard exporter's names and labels (`wireguard_sent_bytes_total`,
+//! `wireguard_received_bytes_total`, `wireguard_latest_handshake_seconds`; `interface`,
+//! `public_key`, `allowed_ips`, `friendly_name`) are kept too, so dashboards made for it work;
+//! those series change with every rotation. The agent hands in what it observed after each
+//! pass ([`Metrics::observe_device`], [`Metrics::observe_pass`], ...); a scrape reads the
+//! latest snapshot and never touches the device.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -27,6 +28,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
@@ -145,7 +147,15 @@ struct Snapshot {
     interface: String,
     peers: Vec<PeerSample>,
     key_created_unix: Option<u64>,
+    /// `daemon.rotate_every_days` in seconds (`None`: scheduled rotation off).
+    key_rotation_period: Option<u64>,
+    /// Each integration's name and whether its last apply succeeded.
+    integrations: Vec<(String, bool)>,
 }
+
+/// A handshake this recent (WireGuard's REJECT_AFTER_TIME: a session key lives at most this
+/// long) counts in `meshd_peers_handshake_recent`.
+pub const HANDSHAKE_RECENT: Duration = Duration::from_secs(180);
 
 /// Encodes the per-peer series from the latest snapshot at scrape time.
 #[derive(Debug)]
@@ -175,7 +185,96 @@ impl Collector for DeviceCollector {
             Err(poisoned) => poisoned.into_inner(),
         };
         let iface = snap.interface.as_str();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let recent = snap
+            .peers
+            .iter()
+            .filter(|p| {
+                p.latest_handshake > 0
+                    && now.saturating_sub(u64::try_from(p.latest_handshake).unwrap_or(0))
+                        <= HANDSHAKE_RECENT.as_secs()
+            })
+            .count();
+        for (name, help, value) in [
+            ("meshd_peers", "Peers on the mesh interface", snap.peers.len()),
+            (
+                "meshd_peers_handshake_recent",
+                "Peers with a handshake in the last 180 s (idle peers without keepalive rekey only when traffic flows)",
+                recent,
+            ),
+        ] {
+            let family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(family)?;
+        }
         if !snap.peers.is_empty() {
+            let by_name = |p: &PeerSample| -> Labels {
+                vec![
+                    ("interface", iface.to_owned()),
+                    ("peer", p.friendly_name.clone()),
+                ]
+            };
+            let counters: [CounterSpec; 2] = [
+                (
+                    "meshd_peer_sent_bytes",
+                    "Bytes sent to the peer (by peer name; survives key rotation)",
+                    |p| p.sent,
+                ),
+                (
+                    "meshd_peer_received_bytes",
+                    "Bytes received from the peer (by peer name; survives key rotation)",
+                    |p| p.received,
+                ),
+            ];
+            for (name, help, value) in counters {
+                let mut family = encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    prometheus_client::metrics::MetricType::Counter,
+                )?;
+                for p in &snap.peers {
+                    ConstCounter::new(value(p)).encode(family.encode_family(&by_name(p))?)?;
+                }
+            }
+            let mut family = encoder.encode_descriptor(
+                "meshd_peer_latest_handshake_seconds",
+                "UNIX timestamp of the latest handshake with the peer (0: never)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for p in &snap.peers {
+                ConstGauge::new(p.latest_handshake).encode(family.encode_family(&by_name(p))?)?;
+            }
+            let mut family = encoder.encode_descriptor(
+                "meshd_peer_info",
+                "The peer's current public key and allowed IPs (always 1)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for p in &snap.peers {
+                let mut labels = by_name(p);
+                labels.push(("public_key", p.public_key.clone()));
+                labels.push(("allowed_ips", p.allowed_ips.clone()));
+                ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
+            }
+            let mut family = encoder.encode_descriptor(
+                "meshd_peer_path",
+                "How traffic to the peer travels (1 for the current path: lan, public, relay, unknown)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for p in &snap.peers {
+                let mut labels = by_name(p);
+                labels.push(("path", p.path.as_str().to_owned()));
+                ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
+            }
             let counters: [CounterSpec; 2] = [
                 ("wireguard_sent_bytes", "Bytes sent to the peer", |p| p.sent),
                 (
@@ -206,26 +305,20 @@ impl Collector for DeviceCollector {
                 let labels = Self::peer_labels(iface, p);
                 ConstGauge::new(p.latest_handshake).encode(family.encode_family(&labels)?)?;
             }
+        }
+        if !snap.integrations.is_empty() {
             let mut family = encoder.encode_descriptor(
-                "meshd_peer_path",
-                "How traffic to the peer travels (1 for the current path: lan, public, relay, unknown)",
+                "meshd_integration_ok",
+                "1 when the integration's last render, write, check and reload succeeded",
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
-            for p in &snap.peers {
-                let labels: Labels = vec![
-                    ("interface", iface.to_owned()),
-                    ("public_key", p.public_key.clone()),
-                    ("friendly_name", p.friendly_name.clone()),
-                    ("path", p.path.as_str().to_owned()),
-                ];
-                ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
+            for (name, ok) in &snap.integrations {
+                let labels: Labels = vec![("integration", name.clone())];
+                ConstGauge::new(i64::from(*ok)).encode(family.encode_family(&labels)?)?;
             }
         }
         if let Some(created) = snap.key_created_unix {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
             let age = i64::try_from(now.saturating_sub(created)).unwrap_or(i64::MAX);
             let family = encoder.encode_descriptor(
                 "meshd_key_age_seconds",
@@ -235,6 +328,14 @@ impl Collector for DeviceCollector {
             )?;
             ConstGauge::new(age).encode(family)?;
         }
+        let family = encoder.encode_descriptor(
+            "meshd_key_rotation_period_seconds",
+            "How old this host's key may get before meshd rotates it (0: scheduled rotation off)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::try_from(snap.key_rotation_period.unwrap_or(0)).unwrap_or(i64::MAX))
+            .encode(family)?;
         Ok(())
     }
 }
@@ -248,6 +349,10 @@ pub struct Metrics {
     coordinator_reachable: Gauge,
     reconcile_duration: Histogram,
     reconcile_errors: Counter,
+    last_success: Gauge,
+    rotations_done: Counter,
+    rotations_failed: Counter,
+    joins_failed: Counter,
 }
 
 impl Default for Metrics {
@@ -264,7 +369,15 @@ impl Metrics {
         // 1 ms .. ~16 s.
         let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         let reconcile_errors = Counter::default();
+        let last_success = Gauge::default();
+        let (rotations_done, rotations_failed, joins_failed) =
+            (Counter::default(), Counter::default(), Counter::default());
         let mut registry = Registry::default();
+        registry.register(
+            "meshd_build",
+            "meshd's version (always 1)",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
         registry.register_collector(Box::new(DeviceCollector {
             snapshot: snapshot.clone(),
         }));
@@ -288,6 +401,26 @@ impl Metrics {
             "Reconcile passes that ended with an error",
             reconcile_errors.clone(),
         );
+        registry.register(
+            "meshd_reconcile_last_success_timestamp_seconds",
+            "UNIX time of the last reconcile pass that succeeded (0: none since start)",
+            last_success.clone(),
+        );
+        registry.register(
+            "meshd_key_rotations",
+            "Key rotations of this host that committed the new key",
+            rotations_done.clone(),
+        );
+        registry.register(
+            "meshd_key_rotation_failures",
+            "Key rotations of this host that failed (each is retried at the next check)",
+            rotations_failed.clone(),
+        );
+        registry.register(
+            "meshd_join_failures",
+            "Joins that failed (meshctl join or the join token file)",
+            joins_failed.clone(),
+        );
         Metrics {
             registry,
             snapshot,
@@ -295,6 +428,24 @@ impl Metrics {
             coordinator_reachable,
             reconcile_duration,
             reconcile_errors,
+            last_success,
+            rotations_done,
+            rotations_failed,
+            joins_failed,
+        }
+    }
+
+    /// After each loop turn: the member runtime's counts since start (counters only grow).
+    pub fn set_member_counts(&self, counts: crate::member::MemberCounts) {
+        for (counter, total) in [
+            (&self.rotations_done, counts.rotations_done),
+            (&self.rotations_failed, counts.rotations_failed),
+            (&self.joins_failed, counts.joins_failed),
+        ] {
+            let seen = counter.get();
+            if total > seen {
+                counter.inc_by(total - seen);
+            }
         }
     }
 
@@ -338,12 +489,24 @@ impl Metrics {
         snap.peers = peers;
     }
 
-    /// After each pass: how long it took and whether it failed.
-    pub fn observe_pass(&self, duration: Duration, failed: bool) {
+    /// After each pass: how long it took, whether it failed, and the time (UNIX seconds).
+    pub fn observe_pass(&self, duration: Duration, failed: bool, now_unix: u64) {
         self.reconcile_duration.observe(duration.as_secs_f64());
         if failed {
             self.reconcile_errors.inc();
+        } else {
+            self.last_success
+                .set(i64::try_from(now_unix).unwrap_or(i64::MAX));
         }
+    }
+
+    /// After each pass: the integrations' statuses (name, last apply succeeded).
+    pub fn set_integrations(&self, integrations: Vec<(String, bool)>) {
+        let mut snap = match self.snapshot.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        snap.integrations = integrations;
     }
 
     /// When a netmap is applied (`None`: static configuration, 0).
@@ -359,12 +522,14 @@ impl Metrics {
 
     /// When this host's key was created (UNIX seconds; `key_created_unix` of its netmap
     /// entry, or the key file's mtime); `meshd_key_age_seconds` is computed at scrape time.
-    pub fn set_key_created(&self, unix: Option<u64>) {
+    /// With it the rotation period (`daemon.rotate_every_days`; `None`: off).
+    pub fn set_key_created(&self, unix: Option<u64>, rotation_period: Option<Duration>) {
         let mut snap = match self.snapshot.write() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
         snap.key_created_unix = unix;
+        snap.key_rotation_period = rotation_period.map(|d| d.as_secs());
     }
 
     /// The exposition text (Prometheus text format 0.0.4).
@@ -501,11 +666,22 @@ mod tests {
         let m = Arc::new(Metrics::new());
         let (dev, netmap) = device();
         m.observe_device("wgmesh0", &dev, &labels_from_netmap(&netmap, &dev));
-        m.observe_pass(Duration::from_millis(12), false);
-        m.observe_pass(Duration::from_millis(40), true);
+        m.observe_pass(Duration::from_millis(12), false, 1_700_000_100);
+        m.observe_pass(Duration::from_millis(40), true, 1_700_000_200);
+        m.set_integrations(vec![("hosts".into(), true), ("k3s".into(), false)]);
+        m.set_member_counts(crate::member::MemberCounts {
+            rotations_done: 2,
+            rotations_failed: 1,
+            joins_failed: 0,
+        });
+        m.set_member_counts(crate::member::MemberCounts {
+            rotations_done: 3,
+            rotations_failed: 1,
+            joins_failed: 0,
+        });
         m.set_netmap_version(Some(netmap.version));
         m.set_coordinator_reachable(true);
-        m.set_key_created(Some(1_700_000_000));
+        m.set_key_created(Some(1_700_000_000), Some(Duration::from_secs(30 * 86_400)));
         m
     }
 
@@ -532,6 +708,16 @@ mod tests {
             "meshd_reconcile_duration_seconds_bucket",
             "meshd_reconcile_duration_seconds_count",
             "meshd_reconcile_errors_total",
+            "meshd_reconcile_last_success_timestamp_seconds",
+            "meshd_build_info",
+            "meshd_peers",
+            "meshd_peers_handshake_recent",
+            "meshd_peer_sent_bytes_total",
+            "meshd_peer_received_bytes_total",
+            "meshd_peer_latest_handshake_seconds",
+            "meshd_peer_info",
+            "meshd_integration_ok",
+            "meshd_key_rotation_period_seconds",
         ] {
             assert!(names.contains(n), "{n} missing:\n{text}");
         }
@@ -542,18 +728,45 @@ mod tests {
             )),
             "{text}"
         );
+        for line in [
+            "meshd_peer_path{interface=\"wgmesh0\",peer=\"dock-prod\",path=\"lan\"} 1\n",
+            "meshd_peer_path{interface=\"wgmesh0\",peer=\"dock-edge\",path=\"public\"} 1\n",
+            "meshd_peer_path{interface=\"wgmesh0\",peer=\"dock-mirror\",path=\"unknown\"} 1\n",
+            // By name, without the key: these survive a rotation.
+            "meshd_peer_sent_bytes_total{interface=\"wgmesh0\",peer=\"dock-prod\"} 200\n",
+            "meshd_peer_received_bytes_total{interface=\"wgmesh0\",peer=\"dock-edge\"} 3000\n",
+            "meshd_peer_latest_handshake_seconds{interface=\"wgmesh0\",peer=\"dock-mirror\"} 0\n",
+            "meshd_peers 3\n",
+            // The fixture's handshakes are from 2023.
+            "meshd_peers_handshake_recent 0\n",
+            "meshd_reconcile_last_success_timestamp_seconds 1700000100\n",
+            "meshd_integration_ok{integration=\"hosts\"} 1\n",
+            "meshd_integration_ok{integration=\"k3s\"} 0\n",
+            "meshd_key_rotation_period_seconds 2592000\n",
+            "meshd_key_rotations_total 3\n",
+            "meshd_key_rotation_failures_total 1\n",
+            "meshd_join_failures_total 0\n",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
         assert!(
-            text.contains("friendly_name=\"dock-prod\",path=\"lan\"} 1\n"),
+            text.contains(&format!(
+                "meshd_peer_info{{interface=\"wgmesh0\",peer=\"dock-prod\",public_key=\"{k2}\",allowed_ips=\"10.99.99.2/32\"}} 1\n"
+            )),
             "{text}"
         );
         assert!(
-            text.contains("friendly_name=\"dock-edge\",path=\"public\"} 1\n"),
+            text.contains(&format!(
+                "meshd_build_info{{version=\"{}\"}} 1\n",
+                env!("CARGO_PKG_VERSION")
+            )),
             "{text}"
         );
-        assert!(
-            text.contains("friendly_name=\"dock-mirror\",path=\"unknown\"} 1\n"),
-            "{text}"
-        );
+        for line in text.lines().filter(|l| l.starts_with("meshd_peer_")) {
+            if !line.starts_with("meshd_peer_info") {
+                assert!(!line.contains("public_key"), "a key label on {line}");
+            }
+        }
         assert!(
             text.contains("friendly_name=\"dock-mirror\"} 0\n"),
             "never: 0\n{text}"
@@ -671,26 +884,77 @@ mod tests {
             }
         }
         let exposed = series_names(&filled().encode());
-        let mut used = std::collections::BTreeSet::new();
-        for e in &exprs {
-            let mut rest = e.as_str();
-            while let Some(i) = rest.find(|c: char| c.is_ascii_lowercase()) {
-                rest = &rest[i..];
-                let end = rest
-                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .unwrap_or(rest.len());
-                let word = &rest[..end];
-                if word.starts_with("wireguard_") || word.starts_with("meshd_") {
-                    used.insert(word.to_owned());
-                }
-                rest = &rest[end..];
-            }
-        }
+        let used = metric_names_in(&exprs.join("\n"));
         assert!(used.len() >= 8, "{used:?}");
         for m in &used {
             assert!(
                 exposed.contains(m),
                 "the dashboard queries {m}, which /metrics does not have"
+            );
+        }
+    }
+
+    /// The `wireguard_*` and `meshd_*` names a PromQL text mentions.
+    fn metric_names_in(text: &str) -> std::collections::BTreeSet<String> {
+        let mut used = std::collections::BTreeSet::new();
+        let mut rest = text;
+        while let Some(i) = rest.find(|c: char| c.is_ascii_lowercase()) {
+            rest = &rest[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            let word = &rest[..end];
+            if word.starts_with("wireguard_") || word.starts_with("meshd_") {
+                used.insert(word.to_owned());
+            }
+            rest = &rest[end..];
+        }
+        used
+    }
+
+    /// The alerting rules in `configs/` query only series /metrics has, and pass
+    /// `promtool check rules` and their own `promtool test rules` (each alert fires on its
+    /// failure and stays quiet on a healthy or idle mesh).
+    #[test]
+    fn alerting_rules_use_our_metrics_and_pass_promtool() {
+        let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let rules = std::fs::read_to_string(configs.join("prometheus-meshd-rules.yml")).unwrap();
+        let exprs: String = rules
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let exposed = series_names(&filled().encode());
+        let used = metric_names_in(&exprs);
+        assert!(used.len() >= 8, "{used:?}");
+        for m in &used {
+            assert!(
+                exposed.contains(m),
+                "the alerting rules query {m}, which /metrics does not have"
+            );
+        }
+        let promtool = ["/usr/bin/promtool", "/usr/local/bin/promtool"]
+            .into_iter()
+            .find(|p| Path::new(p).exists());
+        let Some(promtool) = promtool else {
+            eprintln!("SKIP promtool check/test rules: promtool not installed (Debian package prometheus)");
+            return;
+        };
+        for args in [
+            ["check", "rules", "prometheus-meshd-rules.yml"],
+            ["test", "rules", "prometheus-meshd-rules.test.yml"],
+        ] {
+            let out = std::process::Command::new(promtool)
+                .args(args)
+                .current_dir(&configs)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "promtool {}:\n{}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
             );
         }
     }

@@ -402,10 +402,19 @@ impl Handoff {
             .last_pass
             .map(|started| now().saturating_sub(started))
             .unwrap_or_default();
-        m.observe_pass(took, failed);
+        m.observe_pass(took, failed, now().as_secs());
+        m.set_integrations(
+            self.statuses()
+                .into_iter()
+                .map(|s| (s.name, s.ok))
+                .collect(),
+        );
         m.set_netmap_version(st.netmap_version);
         m.set_coordinator_reachable(st.mesh.reachable == Some(true));
-        m.set_key_created(key_created_unix(&agent.settings().private_key_file));
+        m.set_key_created(
+            key_created_unix(&agent.settings().private_key_file),
+            agent.settings().rotate_every,
+        );
         if !self.settings.metrics.enable || st.address.is_none() {
             return;
         }

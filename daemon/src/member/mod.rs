@@ -172,6 +172,19 @@ pub struct MemberRuntime {
     probe: Option<crate::member::rotate::Probe>,
     /// The policy asked to try the join from `join_token_file` again (the loop does it).
     pub file_join_due: bool,
+    /// Outcomes since start, for `/metrics`.
+    pub counts: MemberCounts,
+}
+
+/// What this host's member runtime did since meshd started (`/metrics` counters).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemberCounts {
+    /// Key rotations that committed the new key.
+    pub rotations_done: u64,
+    /// Key rotations that ended with an error (retried at the next check).
+    pub rotations_failed: u64,
+    /// Joins that ended with an error (`meshctl join` or the token file).
+    pub joins_failed: u64,
 }
 
 /// Someone waiting for the outcome of our key rotation (`meshctl rotate`).
@@ -219,6 +232,7 @@ impl MemberRuntime {
             join: None,
             probe: None,
             file_join_due: false,
+            counts: MemberCounts::default(),
         }
     }
 
@@ -624,6 +638,7 @@ impl MemberRuntime {
     ) {
         let committed = match &r {
             Ok(outcome) if outcome.is_done() => {
+                self.counts.rotations_done += 1;
                 tracing::info!(%outcome, "key rotation done");
                 Some(
                     self.coordinator
@@ -638,6 +653,7 @@ impl MemberRuntime {
                 None
             }
             Err(e) => {
+                self.counts.rotations_failed += 1;
                 tracing::warn!(error = %e, "key rotation failed; retrying at the next check");
                 None
             }
@@ -690,6 +706,9 @@ impl MemberRuntime {
             _ => false,
         };
         self.policy.handle_join_ended(retry_file);
+        if r.is_err() {
+            self.counts.joins_failed += 1;
+        }
         if r.is_ok() {
             self.joined(agent).await;
         }

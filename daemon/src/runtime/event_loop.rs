@@ -371,6 +371,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
             sighup(&mut agent, &mut member, &mut handoff).await;
         }
         handoff.after_pass(&mut agent).await;
+        handoff.metrics().set_member_counts(member.counts);
         if agent.settings().reconcile_interval != period {
             period = agent.settings().reconcile_interval;
             timer = ticker(period);

@@ -51,7 +51,7 @@
 //!
 //! [metrics]                          # optional: Prometheus /metrics on the mesh address
 //! enable = true                      # default true
-//! listen_port = 9586                 # default 9586 (the WireGuard exporter's port)
+//! listen_port = 51873                # default 51873 (not 9586: the WireGuard exporter's)
 //! mesh_interface_only = true         # default true, as for [dns]
 //!
 //! [integrations.k3s]                 # optional: files meshd keeps for K3s, DRBD, Prometheus,
@@ -152,7 +152,7 @@ impl ServiceConfig {
         }
     }
 
-    /// `[metrics]` defaults: on, port 9586.
+    /// `[metrics]` defaults: on, port 51873.
     pub fn metrics_default() -> Self {
         ServiceConfig {
             enable: true,

@@ -765,7 +765,7 @@ fn routes_section_refusals_name_the_key() {
 fn dns_metrics_and_integrations_parse() {
     let c = parse(&base(), FILE).expect("base");
     assert_eq!(c.dns, ServiceConfig::dns_default());
-    assert_eq!(c.metrics.listen_port, 9586);
+    assert_eq!(c.metrics.listen_port, 51873);
     assert!(c.metrics.enable);
     assert_eq!(c.integrations, IntegrationsConfig::default());
 
@@ -814,7 +814,7 @@ fn dns_metrics_and_integrations_refusals_name_the_key() {
         "must be true or false, not the string \"yes\"",
     );
     refuse(
-        &format!("{}\n[dns]\nlisten_port = 9586\n", base()),
+        &format!("{}\n[dns]\nlisten_port = 51873\n", base()),
         "metrics.listen_port",
         "different ports",
     );
