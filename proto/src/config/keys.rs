@@ -254,7 +254,7 @@ pub const KNOWN_KEYS: &[KnownKey] = &[
         default: KeyDefault::Value("\"/var/lib/meshd\""),
         example: "\"/var/lib/meshd\"",
         required: None,
-        meaning: "Membership, the cached netmap and the coordinator's registry.",
+        meaning: "Membership and the cached netmap.",
     },
     KnownKey {
         table: "daemon",
@@ -264,7 +264,8 @@ pub const KNOWN_KEYS: &[KnownKey] = &[
         example: "\"/etc/meshd/join.token\"",
         required: None,
         meaning: "Join with the token in this file at first start (unattended installs); the \
-                  file must be owned by root with mode 0600 and is removed after the join.",
+                  file must be owned by root and readable by root only (mode 0600), and is \
+                  removed once the join succeeded.",
     },
     KnownKey {
         table: "daemon",
