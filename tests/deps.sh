@@ -24,6 +24,8 @@ meshd_install_deps() {
     # The VM lab (tests/vm/prepare.sh, meshlab::vm): qemu, and what builds its initramfs.
     [qemu-system-x86_64]=qemu-system-x86 [modprobe]=kmod [depmod]=kmod [cpio]=cpio
     [flock]=util-linux [xz]=xz-utils [readelf]=binutils
+    # The man page tests (meshd-docgen's groff_warnings) run groff; man-db reads the pages.
+    [groff]=groff-base [man]=man-db
   )
   local missing=() cmd
   for cmd in "${!pkgs[@]}"; do
