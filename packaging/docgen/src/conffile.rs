@@ -194,13 +194,15 @@ pub fn man_page(version: &str) -> String {
                 &format!("{}{}", k.meaning, notes(k)).trim_start(),
             ));
             out.push('\n');
-            out.push_str(".br\n");
-            out.push_str(&text_line(&format!(
-                "Example: {} = {}",
-                key_name(k),
-                k.example
-            )));
-            out.push('\n');
+            if k.default != KeyDefault::Value(k.example) {
+                out.push_str(".br\n");
+                out.push_str(&text_line(&format!(
+                    "Example: {} = {}",
+                    key_name(k),
+                    k.example
+                )));
+                out.push('\n');
+            }
         }
     }
     out.push_str(
