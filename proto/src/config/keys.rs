@@ -101,8 +101,8 @@ pub const KNOWN_TABLES: &[KnownTable] = &[
     KnownTable {
         name: "integrations.k3s",
         array: false,
-        meaning: "A K3s configuration drop-in that puts flannel on the mesh interface and \
-                  addresses.",
+        meaning: "A K3s configuration drop-in that puts the node on its mesh address \
+                  (node-ip) and flannel on the mesh interface (flannel-iface).",
         minimal: "role = \"server\"",
     },
     KnownTable {
@@ -135,8 +135,7 @@ pub const KNOWN_TABLES: &[KnownTable] = &[
     KnownTable {
         name: "peer",
         array: true,
-        meaning: "A static peer, for a mesh without a coordinator (or a peer the coordinator \
-                  does not know).",
+        meaning: "A static peer, for a mesh without a coordinator.",
         minimal: "name = \"dock-prod\"\n\
                   public_key = \"AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=\"\n\
                   allowed_ips = [\"10.99.99.2/32\"]\n\
