@@ -190,9 +190,7 @@ pub fn man_page(version: &str) -> String {
                 format!("\\fB{}\\fR", text_line(k.key))
             };
             out.push_str(&format!("{name} = \\fI{}\\fR\n", text_line(k.kind)));
-            out.push_str(&text_line(
-                &format!("{}{}", k.meaning, notes(k)).trim_start(),
-            ));
+            out.push_str(&text_line(&format!("{}{}", k.meaning, notes(k))));
             out.push('\n');
             if k.default != KeyDefault::Value(k.example) {
                 out.push_str(".br\n");
