@@ -7,7 +7,8 @@
 #      its /usr/bin/meshd, its man pages);
 #   4. in a Debian 12 chroot (debootstrap, cached as a tarball in /var/cache/meshd-deb):
 #      apt-get install of the previous .deb resolves its dependencies; meshd --version,
-#      meshctl --help, --check-config of the shipped conffile and the man pages work; the
+#      meshctl --help, --check-config of the shipped conffile, the man pages (installed,
+#      rendered by `man --warnings -l` without a warning) and completions work; the
 #      upgrade to the current .deb; the maintainer scripts run twice change nothing; purge
 #      (and autoremove of the dependencies it pulled) leaves exactly the files that were
 #      there before the install;
@@ -143,18 +144,39 @@ in_root meshd --version
 out=$(in_root meshctl --help)
 grep -q 'join' <<<"$out" || fail "meshctl --help does not list join: $out"
 in_root meshd --check-config --config /etc/meshd/meshd.toml
-for page in meshctl meshd meshd-wg meshctl-join; do
+# The pages are installed where man finds them, and each renders with no warning (groff's
+# and man's: `man --warnings -l PAGE` prints nothing on stderr).
+for page in man8/meshd.8 man8/meshctl.8 man8/meshd-wg.8 man5/meshd.toml.5; do
+  [[ -s $root/usr/share/man/$page.gz ]] || fail "/usr/share/man/$page.gz is missing"
+  warnings=$(in_root sh -c "MANWIDTH=80 man --warnings -l /usr/share/man/$page.gz 2>&1 >/dev/null")
+  [[ -z $warnings ]] || fail "man --warnings -l $page: $warnings"
+done
+for page in "8 meshctl" "8 meshd" "8 meshd-wg" "5 meshd.toml"; do
   out=$(in_root sh -c "MANPAGER=cat MANWIDTH=80 man $page 2>&1")
   grep -q "^NAME" <<<"$out" || fail "man $page: $out"
 done
 out=$(in_root sh -c "MANPAGER=cat MANWIDTH=80 man meshctl")
 grep -q "invite" <<<"$out" || fail "man meshctl does not describe invite"
+out=$(in_root sh -c "MANPAGER=cat MANWIDTH=80 man meshd.toml")
+grep -q "rotate_every_days" <<<"$out" || fail "man meshd.toml does not describe rotate_every_days"
+# `meshctl completion bash` is valid bash and is what the package installs.
+in_root sh -c "meshctl completion bash > /tmp/meshctl.bash"
+in_root bash -n /tmp/meshctl.bash || fail "meshctl completion bash is not valid bash"
+cmp "$root/tmp/meshctl.bash" "$root/usr/share/bash-completion/completions/meshctl" \
+  || fail "meshctl completion bash differs from the installed completion"
+rm -f "$root/tmp/meshctl.bash"
+for prog in meshd meshctl meshd-wg; do
+  out=$(in_root "$prog" -V)
+  [[ $out == "$prog $version" ]] || fail "$prog -V printed: $out"
+done
 in_root dpkg-query -W -f '${Conffiles}\n' meshd | tee "$work/conffiles.txt"
 grep -q '/etc/meshd/meshd.toml' "$work/conffiles.txt" || fail "meshd.toml is not a conffile"
 [[ -L $root/etc/systemd/system/multi-user.target.wants/meshd.service ]] \
   || fail "meshd.service is not enabled"
 for f in usr/share/bash-completion/completions/meshctl usr/share/zsh/vendor-completions/_meshctl \
-         usr/share/fish/vendor_completions.d/meshctl.fish usr/share/doc/meshd/copyright \
+         usr/share/fish/vendor_completions.d/meshctl.fish \
+         usr/share/bash-completion/completions/meshd usr/share/bash-completion/completions/meshd-wg \
+         usr/share/doc/meshd/copyright \
          usr/share/doc/meshd/changelog.Debian.gz etc/iproute2/rt_protos.d/meshd.conf; do
   [[ -s $root/$f ]] || fail "/$f is missing"
 done

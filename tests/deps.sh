@@ -26,6 +26,8 @@ meshd_install_deps() {
     [flock]=util-linux [xz]=xz-utils [readelf]=binutils
     # The DRBD test runs these (the host's) in its VMs: a loop device, ext4, DRBD's sockets.
     [losetup]=mount [mkfs.ext4]=e2fsprogs [ss]=iproute2 [sha256sum]=coreutils
+    # The man page tests (meshd-docgen's groff_warnings) run groff; man-db reads the pages.
+    [groff]=groff-base [man]=man-db
   )
   local missing=() cmd
   for cmd in "${!pkgs[@]}"; do

@@ -144,6 +144,14 @@ enum Cmd {
         #[arg(long, env = "MESHD_CONFIG", default_value = mesh_proto::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Print the completion script for SHELL (no daemon needed): e.g. `source <(meshctl
+    /// completion bash)`, or save it where the shell looks for completions. The package
+    /// installs the same scripts.
+    Completion {
+        /// bash, zsh or fish.
+        #[arg(value_enum)]
+        shell: meshd_docgen::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -315,11 +323,24 @@ fn doctor(socket: &Path, json: bool, config: &Path) -> Result<bool> {
     Ok(!report.failed())
 }
 
+/// meshctl(8) less what clap knows (see meshd_docgen::man_page).
+const MAN_TEMPLATE: &str = include_str!("../../packaging/man/meshctl.8.in");
+
 fn main() -> std::process::ExitCode {
     if let Some(dir) = meshd_docgen::requested() {
-        return meshd_docgen::generate(Cli::command(), &dir);
+        return meshd_docgen::generate(Cli::command(), MAN_TEMPLATE, &[], &dir);
     }
     let cli = Cli::parse();
+    if let Cmd::Completion { shell } = cli.command {
+        // No daemon needed; the package installs the same text.
+        return match out_bytes(&meshd_docgen::completion(Cli::command(), shell)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("meshctl: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     match run(cli) {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::FAILURE,
@@ -338,12 +359,14 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
 
 /// Write to stdout; a reader that went away (`meshctl peers | head`) is not an error.
 fn out(text: &str) -> Result<()> {
+    out_bytes(text.as_bytes())
+}
+
+/// [`out`] for bytes.
+fn out_bytes(bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
-    match stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-    {
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing to stdout"),
         _ => Ok(()),
     }
@@ -365,6 +388,7 @@ fn run(cli: Cli) -> Result<bool> {
 
 fn send(cli: Cli) -> Result<()> {
     let req = match &cli.command {
+        Cmd::Completion { .. } => bail!("meshctl completion needs no daemon"),
         Cmd::Doctor { .. } => Request::Doctor,
         Cmd::Down { .. } => Request::Down,
         Cmd::Peers { .. } => Request::Peers,
@@ -588,6 +612,67 @@ fn now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_man_page_has_every_command_and_renders_without_warnings() {
+        let page = meshd_docgen::man_page(Cli::command(), MAN_TEMPLATE).expect("renders");
+        for sub in Cli::command().get_subcommands() {
+            let name = format!(".SS \"meshctl {}\"", sub.get_name().replace('-', "\\-"));
+            assert!(page.contains(&name), "{name} missing");
+        }
+        assert!(page.contains(".SS \"meshctl routes approve\""));
+        for section in [
+            "SYNOPSIS",
+            "OPTIONS",
+            "COMMANDS",
+            "FILES",
+            "ENVIRONMENT",
+            "EXIT STATUS",
+            "EXAMPLES",
+            "SEE ALSO",
+        ] {
+            assert!(
+                page.contains(&format!(".SH {section}"))
+                    || page.contains(&format!(".SH \"{section}\"")),
+                "{section}"
+            );
+        }
+        let warnings = meshd_docgen::groff_warnings(&page).expect("groff runs");
+        assert!(warnings.is_empty(), "{warnings}");
+    }
+
+    #[test]
+    fn completion_scripts_are_printed_for_each_shell() {
+        for (shell, word) in [("bash", "bash"), ("zsh", "zsh"), ("fish", "fish")] {
+            let cli = Cli::try_parse_from(["meshctl", "completion", shell]).expect("parses");
+            let Cmd::Completion { shell } = cli.command else {
+                panic!("{word}: not the completion command");
+            };
+            let text =
+                String::from_utf8(meshd_docgen::completion(Cli::command(), shell)).expect("utf-8");
+            assert!(text.contains("invite") && text.contains("socket"), "{word}");
+            assert!(!text.contains("generate-docs"), "{word}");
+        }
+        assert!(Cli::try_parse_from(["meshctl", "completion", "tcsh"]).is_err());
+        // The bash script is valid bash.
+        let script = meshd_docgen::completion(Cli::command(), meshd_docgen::Shell::Bash);
+        let dir = tempfile_dir();
+        let path = dir.join("meshctl.bash");
+        std::fs::write(&path, script).expect("write");
+        let status = std::process::Command::new("bash")
+            .arg("-n")
+            .arg(&path)
+            .status()
+            .expect("bash runs");
+        assert!(status.success(), "bash -n {}", path.display());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("meshctl-completion-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        dir
+    }
 
     #[test]
     fn a_token_in_argv_is_refused_with_the_way_to_pass_it() {

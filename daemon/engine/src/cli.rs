@@ -13,57 +13,53 @@ use anyhow::{bail, Context};
 use crate::device::{Device, EngineOptions};
 use crate::uapi::UapiServer;
 
-const USAGE: &str = "usage: meshd-wg [-f|--foreground] INTERFACE-NAME
+/// What `meshd-wg --help` says after the options: the environment it reads.
+const ENVIRONMENT_HELP: &str = "Environment:
+  LOG_LEVEL=error|info|debug|trace  log level (default error; logs go to stderr)
+  MESHD_WG_LOG=FILTER               a tracing filter (meshd_engine=debug); overrides LOG_LEVEL
+  MESHD_WG_LOG_FILE=PATH            when detaching, append logs here instead of discarding them
+  MESHD_WG_MTU=N                    initial MTU (default 1420)
+  MESHD_WG_OFFLOAD=0                do not use TUN offloads (TSO/GSO on read, GRO on write)
+  MESHD_WG_UDP_OFFLOAD=0            do not use UDP offloads (UDP_SEGMENT sends, UDP_GRO receives)";
 
-Creates the TUN interface INTERFACE-NAME and serves the WireGuard configuration protocol on
-/var/run/wireguard/INTERFACE-NAME.sock until the interface is deleted or the process is
-signalled. Configure it with wg(8) or wg-quick(8).
-
-Environment:
-  LOG_LEVEL=error|info|debug   log level (default error; logs go to stderr)
-  MESHD_WG_LOG_FILE=PATH       when detaching, append logs here instead of discarding them
-  MESHD_WG_MTU=N               initial MTU (default 1420)
-  MESHD_WG_OFFLOAD=0           do not use TUN offloads (TSO/GSO on read, GRO on write)
-  MESHD_WG_UDP_OFFLOAD=0       do not use UDP offloads (UDP_SEGMENT sends, UDP_GRO receives)";
+/// The `meshd-wg` command line, used like wireguard-go's: `meshd-wg [-f] INTERFACE-NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Parser)]
+#[command(
+    name = "meshd-wg",
+    version,
+    about = "meshd's userspace WireGuard engine",
+    long_about = "meshd's userspace WireGuard engine. Creates the TUN interface INTERFACE-NAME \
+                  and serves the WireGuard configuration protocol on \
+                  /var/run/wireguard/INTERFACE-NAME.sock until the interface is deleted or the \
+                  process is signalled. Configure it with wg(8) or wg-quick(8).",
+    after_help = ENVIRONMENT_HELP
+)]
+pub struct Args {
+    /// Stay in the foreground and log to standard error (without it, meshd-wg detaches once
+    /// the interface is up, like wireguard-go).
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// The TUN interface to create (1 to 15 characters, no '/').
+    #[arg(value_name = "INTERFACE-NAME")]
+    pub interface: String,
+}
 
 /// The file descriptor through which a detached child reports readiness to its parent.
 const READY_FD_ENV: &str = "MESHD_WG_READY_FD";
 
+/// `meshd-wg`'s clap command (for its man page and completions).
+pub fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
+}
+
 pub fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut foreground = false;
-    let mut iface = None;
-    for a in &args {
-        match a.as_str() {
-            "-f" | "--foreground" => foreground = true,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return ExitCode::SUCCESS;
-            }
-            "--version" => {
-                println!("meshd-wg {}", env!("CARGO_PKG_VERSION"));
-                return ExitCode::SUCCESS;
-            }
-            s if s.starts_with('-') => {
-                eprintln!("meshd-wg: unknown option {s}\n{USAGE}");
-                return ExitCode::from(2);
-            }
-            s if iface.is_none() => iface = Some(s.to_string()),
-            _ => {
-                eprintln!("{USAGE}");
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let Some(iface) = iface else {
-        eprintln!("{USAGE}");
-        return ExitCode::from(2);
-    };
+    // Usage errors exit 2, --help and --version 0 (clap's conventions, as meshd's and meshctl's).
+    let args = <Args as clap::Parser>::parse();
     init_logging();
-    let result = if foreground || std::env::var_os(READY_FD_ENV).is_some() {
-        run(&iface)
+    let result = if args.foreground || std::env::var_os(READY_FD_ENV).is_some() {
+        run(&args.interface)
     } else {
-        detach(&iface)
+        detach(&args.interface)
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -219,4 +215,46 @@ fn detach(iface: &str) -> anyhow::Result<()> {
     bail!(
         "the engine process exited before the interface came up ({status}); run with -f to see why"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[test]
+    fn command_line_as_wireguard_go() {
+        for (argv, foreground) in [
+            (&["meshd-wg", "wg9"][..], false),
+            (&["meshd-wg", "-f", "wg9"], true),
+            (&["meshd-wg", "--foreground", "wg9"], true),
+            (&["meshd-wg", "wg9", "-f"], true),
+        ] {
+            let a = Args::try_parse_from(argv).expect("parses");
+            assert_eq!(
+                a,
+                Args {
+                    foreground,
+                    interface: "wg9".into()
+                },
+                "{argv:?}"
+            );
+        }
+        for argv in [
+            &["meshd-wg"][..],
+            &["meshd-wg", "a", "b"],
+            &["meshd-wg", "--bogus", "a"],
+        ] {
+            let e = Args::try_parse_from(argv).expect_err("usage error");
+            assert_eq!(e.exit_code(), 2, "{argv:?}");
+        }
+        for (flag, kind) in [
+            ("-V", clap::error::ErrorKind::DisplayVersion),
+            ("--version", clap::error::ErrorKind::DisplayVersion),
+            ("-h", clap::error::ErrorKind::DisplayHelp),
+        ] {
+            let e = Args::try_parse_from(["meshd-wg", flag]).expect_err("exits");
+            assert_eq!((e.kind(), e.exit_code()), (kind, 0), "{flag}");
+        }
+    }
 }

@@ -37,9 +37,18 @@ struct Args {
     log_level: Option<String>,
 }
 
+/// meshd(8) less what clap knows (see meshd_docgen::man_page).
+const MAN_TEMPLATE: &str = include_str!("../../../packaging/man/meshd.8.in");
+
 fn main() -> std::process::ExitCode {
     if let Some(dir) = meshd_docgen::requested() {
-        return meshd_docgen::generate(Args::command(), &dir);
+        let version = env!("CARGO_PKG_VERSION");
+        return meshd_docgen::generate(
+            Args::command(),
+            MAN_TEMPLATE,
+            &[meshd_docgen::conffile::man_page_file(version)],
+            &dir,
+        );
     }
     let args = Args::parse();
     init_logging(args.log_level.as_deref());
@@ -155,4 +164,23 @@ fn real_main(args: Args) -> Result<bool> {
         .ensure_private()
         .context("preparing the state directory")?;
     runtime.block_on(serve(settings)).map(|()| true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_man_pages_render_without_warnings() {
+        let page = meshd_docgen::man_page(Args::command(), MAN_TEMPLATE).expect("renders");
+        for opt in Args::command().get_arguments().filter_map(|a| a.get_long()) {
+            let escaped = format!("\\-\\-{}", opt.replace('-', "\\-"));
+            assert!(page.contains(&escaped), "--{opt} missing");
+        }
+        let warnings = meshd_docgen::groff_warnings(&page).expect("groff runs");
+        assert!(warnings.is_empty(), "meshd.8: {warnings}");
+        let (_, conf) = meshd_docgen::conffile::man_page_file(env!("CARGO_PKG_VERSION"));
+        let warnings = meshd_docgen::groff_warnings(&conf).expect("groff runs");
+        assert!(warnings.is_empty(), "meshd.toml.5: {warnings}");
+    }
 }

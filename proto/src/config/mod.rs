@@ -74,6 +74,7 @@
 
 pub mod error;
 pub mod integrations;
+pub mod keys;
 mod reader;
 pub mod secret_file;
 
@@ -88,6 +89,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::config::error::{ConfigError, ConfigErrors, Location};
 use crate::config::integrations::{read_integrations, IntegrationsConfig};
+pub use crate::config::keys::{KeyDefault, KnownKey, KnownTable, KNOWN_KEYS, KNOWN_TABLES};
 pub use crate::config::reader::SourceMap;
 use crate::config::reader::{Reader, Tbl};
 use crate::device::{DeviceSpec, PeerSpec};

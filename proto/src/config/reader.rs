@@ -212,6 +212,8 @@ impl<'t> Reader<'t> {
 
     /// Refuse every key of `t` not in `known`, at the key.
     pub fn known_keys(&mut self, t: &Tbl<'_>, known: &[&str]) {
+        #[cfg(test)]
+        accepted::record(&t.key, known);
         for (k, _) in t.items.iter() {
             if known.contains(&k) {
                 continue;
@@ -437,5 +439,59 @@ impl<'t> Reader<'t> {
         let key = t.child(name);
         self.note(&t.key, t.span.clone());
         self.error(key, format!("is missing; {why}"));
+    }
+}
+
+/// Test builds: every table's accepted keys as the parser declares them (`known_keys`), for
+/// the test that holds `config::keys::KNOWN_KEYS` to the parser.
+#[cfg(test)]
+pub(crate) mod accepted {
+    use std::cell::RefCell;
+    use std::collections::BTreeSet;
+
+    thread_local! {
+        static SEEN: RefCell<BTreeSet<(String, String)>> = const { RefCell::new(BTreeSet::new()) };
+    }
+
+    /// `peer "nas"`, `peer[0]`, `integrations.drbd[1]` -> `peer`, `peer`, `integrations.drbd`.
+    fn table_name(key: &str) -> String {
+        let mut out = String::new();
+        let mut chars = key.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '[' => {
+                    for c in chars.by_ref() {
+                        if c == ']' {
+                            break;
+                        }
+                    }
+                }
+                ' ' if chars.peek() == Some(&'"') => {
+                    chars.next();
+                    for c in chars.by_ref() {
+                        if c == '"' {
+                            break;
+                        }
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    pub(crate) fn record(table: &str, known: &[&str]) {
+        let table = table_name(table);
+        SEEN.with(|s| {
+            let mut s = s.borrow_mut();
+            for k in known {
+                s.insert((table.clone(), (*k).to_string()));
+            }
+        });
+    }
+
+    /// What was recorded on this thread since the last call, as (table, key) pairs.
+    pub(crate) fn take() -> BTreeSet<(String, String)> {
+        SEEN.with(|s| std::mem::take(&mut *s.borrow_mut()))
     }
 }

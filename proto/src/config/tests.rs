@@ -856,3 +856,126 @@ fn rotate_every_days_defaults_to_30_and_is_ranged() {
         "{msg}"
     );
 }
+
+// ---- KNOWN_KEYS (config::keys) against the parser ----
+
+/// `[name]` or `[[name]]`.
+fn header(t: &KnownTable) -> String {
+    if t.array {
+        format!("[[{}]]", t.name)
+    } else {
+        format!("[{}]", t.name)
+    }
+}
+
+/// A document with every table and every key of KNOWN_KEYS set to its example.
+fn every_known_key() -> String {
+    let mut text = String::new();
+    for t in KNOWN_TABLES {
+        text.push_str(&header(t));
+        text.push('\n');
+        for k in keys::keys_of(t.name).filter(|k| k.kind != "table") {
+            let key = if k.key == "NAME" { "dock-prod" } else { k.key };
+            text.push_str(&format!("{key} = {}\n", k.example));
+        }
+        text.push('\n');
+    }
+    text
+}
+
+#[test]
+fn known_keys_are_the_keys_the_parser_accepts() {
+    let text = every_known_key();
+    let _ = reader::accepted::take();
+    let result = parse(&text, FILE);
+    let accepted = reader::accepted::take();
+    if let Err(errors) = &result {
+        let unknown: Vec<String> = errors
+            .errors
+            .iter()
+            .filter(|e| e.message.contains("unknown key"))
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "KNOWN_KEYS has keys the parser refuses: {unknown:#?}"
+        );
+    }
+    let mut known: BTreeSet<(String, String)> = KNOWN_KEYS
+        .iter()
+        .filter(|k| k.key != "NAME")
+        .map(|k| (k.table.to_string(), k.key.to_string()))
+        .collect();
+    for t in KNOWN_TABLES {
+        // `integrations.k3s`: the root has `integrations`, `integrations` has `k3s`.
+        let parts: Vec<&str> = t.name.split('.').collect();
+        for i in 0..parts.len() {
+            known.insert((parts[..i].join("."), parts[i].to_string()));
+        }
+    }
+    // Tables whose keys are names, not a fixed set (static_assignments), declare none.
+    let undocumented: Vec<_> = accepted.difference(&known).collect();
+    assert!(
+        undocumented.is_empty(),
+        "the parser accepts keys KNOWN_KEYS does not document: {undocumented:?}"
+    );
+    let unaccepted: Vec<_> = known.difference(&accepted).collect();
+    assert!(
+        unaccepted.is_empty(),
+        "KNOWN_KEYS documents keys the parser does not declare: {unaccepted:?}"
+    );
+    // Every table and key in the order of KNOWN_TABLES, and each table documented once.
+    let mut order = KNOWN_TABLES.iter().map(|t| t.name);
+    let mut current = order.next();
+    for k in KNOWN_KEYS {
+        while current != Some(k.table) {
+            current = order.next();
+            assert!(
+                current.is_some(),
+                "{}.{} is out of table order",
+                k.table,
+                k.key
+            );
+        }
+    }
+}
+
+#[test]
+fn the_example_of_every_known_key_is_valid_together() {
+    if let Err(e) = parse(&every_known_key(), FILE) {
+        panic!("{e}\n{}", every_known_key());
+    }
+}
+
+#[test]
+fn known_tables_minimal_bodies_parse() {
+    for t in KNOWN_TABLES {
+        let text = format!("{}\n{}\n", header(t), t.minimal);
+        if let Err(e) = parse(&text, FILE) {
+            panic!("{}: {e}\n{text}", t.name);
+        }
+    }
+}
+
+#[test]
+fn known_defaults_are_the_parsers() {
+    let mut checked = 0;
+    for t in KNOWN_TABLES {
+        let without = format!("{}\n{}\n", header(t), t.minimal);
+        let expected = parse(&without, FILE).expect("minimal parses");
+        for k in keys::keys_of(t.name) {
+            let KeyDefault::Value(v) = k.default else {
+                continue;
+            };
+            let with = format!("{}\n{} = {v}\n{}\n", header(t), k.key, t.minimal);
+            let got = parse(&with, FILE).unwrap_or_else(|e| panic!("{}.{}: {e}", t.name, k.key));
+            assert_eq!(
+                got, expected,
+                "{}.{}: {v} is not the parser's default",
+                t.name, k.key
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "only {checked} defaults checked");
+}
