@@ -526,6 +526,15 @@ fn files_dns_and_metrics_follow_the_mesh() -> Result<()> {
         "meshd_coordinator_reachable 1",
         "meshd_reconcile_duration_seconds_bucket",
         "meshd_key_age_seconds",
+        "meshd_peer_sent_bytes_total{interface=\"wgmesh0\",peer=\"dock-prod\"}",
+        "meshd_peer_info{interface=\"wgmesh0\",peer=\"dock-prod\",public_key=",
+        "meshd_build_info{version=",
+        "meshd_reconcile_last_success_timestamp_seconds ",
+        // The coordinator's own figures, on its host only.
+        "meshd_coordinator_hosts ",
+        "meshd_coordinator_long_poll_clients ",
+        "meshd_coordinator_joins_total ",
+        "meshd_coordinator_api_request_duration_seconds_count ",
     ] {
         assert!(metrics.contains(want), "{want} missing:\n{metrics}");
     }
@@ -747,7 +756,8 @@ fn a_static_fleet_gets_dns_files_and_metrics_from_its_config() -> Result<()> {
     )?;
     assert!(
         metrics.contains("friendly_name=\"dock-load\"")
-            && metrics.contains("meshd_netmap_version 0"),
+            && metrics.contains("meshd_netmap_version 0")
+            && !metrics.contains("meshd_coordinator_hosts"),
         "{metrics}"
     );
 

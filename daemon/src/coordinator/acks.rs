@@ -58,6 +58,13 @@ impl Acks {
         self.update(host, since, true);
     }
 
+    /// How many long-polls are parked right now.
+    pub fn parked(&self) -> usize {
+        self.seen
+            .lock()
+            .map_or(0, |seen| seen.values().filter(|s| s.parked).count())
+    }
+
     /// That long-poll returned (with a newer netmap or a 304).
     pub fn poll_ended(&self, host: IpAddr, since: u64) {
         self.update(host, since, false);

@@ -148,7 +148,9 @@ async fn join(
     require_proven_next(&who, &req.public_key)?;
     let caller = who.address;
     let coord = st.coord.clone();
+    let stats = st.coord.api_stats.clone();
     let resp = blocking(move || coord.join(caller, req, now_unix())).await?;
+    stats.joined();
     Ok(Json(resp).into_response())
 }
 
@@ -554,6 +556,10 @@ fn router(state: AppState) -> Router {
             super::auth::authenticate,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            state.coord.api_stats.clone(),
+            super::stats::record,
+        ))
         .with_state(state)
 }
 

@@ -18,6 +18,7 @@ mod render;
 mod reports;
 mod routes;
 mod schema;
+mod stats;
 mod store;
 mod wgquick;
 
@@ -34,6 +35,7 @@ pub use api::{
 pub use auth::Caller;
 pub use error::CoordError;
 pub use grace::{apply_join_grace, RecentJoin, JOIN_KEY_GRACE};
+pub use stats::CoordinatorStats;
 pub use store::{
     registered_key, validate_name, Coordinator, DEFAULT_INVITE_TTL_SECS, MAX_INVITE_TTL_SECS,
     MAX_REPORTED_ADDRESSES,

@@ -58,6 +58,8 @@ pub struct Coordinator {
     pub(super) auth: Arc<super::auth::ApiAuth>,
     /// Endpoint reports, at most one applied per host and second.
     pub(super) reports: Arc<super::reports::ReportGate>,
+    /// What the API counts (joins, requests, their duration) for `/metrics`.
+    pub(super) api_stats: Arc<super::stats::ApiStats>,
 }
 
 /// Which part of a rotation a call performs.
@@ -491,6 +493,7 @@ impl Coordinator {
             acks: Arc::new(Acks::default()),
             auth: Arc::new(super::auth::ApiAuth::default()),
             reports: Arc::new(super::reports::ReportGate::default()),
+            api_stats: Arc::new(super::stats::ApiStats::default()),
         })
     }
 

@@ -1484,6 +1484,10 @@ async fn api_join_netmap_and_admin_checks() {
         .coord
         .invite(plain_invite("dock-mirror", false), now_real())
         .unwrap();
+    let before = s.coord.stats().unwrap();
+    assert_eq!(before.pending_invitations, 1, "{before:?}");
+    assert_eq!(before.joins, 0, "{before:?}");
+    assert!(before.registry_bytes > 0, "{before:?}");
     let token = inv.token.clone().unwrap();
     let throwaway = Token::decode(&token).unwrap().throwaway_key().unwrap();
     let own = PrivateKey::generate();
@@ -1546,6 +1550,17 @@ async fn api_join_netmap_and_admin_checks() {
     )
     .await;
     assert_eq!(r.status, 401, "{}", r.body);
+    // The coordinator's figures: one join, the refusals counted as errors, nobody pending.
+    let after = s.coord.stats().unwrap();
+    assert_eq!(after.joins, 1, "{after:?}");
+    assert_eq!(after.pending_invitations, 0, "{after:?}");
+    assert_eq!(after.hosts, before.hosts + 1, "{after:?}");
+    assert_eq!(
+        after.requests_failed - before.requests_failed,
+        5,
+        "401, 403, 403, 401 before the join, 401 after: {after:?}"
+    );
+    assert_eq!(after.requests_ok - before.requests_ok, 1, "{after:?}");
 
     // Netmap with since=0 answers at once.
     let r = signed(&s, &member, None, "GET", "/v1/netmap?since=0", b"").await;
@@ -2070,6 +2085,8 @@ async fn api_long_poll_returns_within_a_second_of_a_change() {
         !poll.is_finished(),
         "the long-poll waits while nothing changes"
     );
+    let parked = coord.stats().unwrap();
+    assert_eq!(parked.long_poll_clients, 1, "{parked:?}");
     let changed_at = Instant::now();
     let c = coord.clone();
     tokio::task::spawn_blocking(move || {

@@ -151,6 +151,8 @@ struct Snapshot {
     key_rotation_period: Option<u64>,
     /// Each integration's name and whether its last apply succeeded.
     integrations: Vec<(String, bool)>,
+    /// On the coordinator host: its figures.
+    coordinator: Option<crate::coordinator::CoordinatorStats>,
 }
 
 /// A handshake this recent (WireGuard's REJECT_AFTER_TIME: a session key lives at most this
@@ -317,6 +319,63 @@ impl Collector for DeviceCollector {
                 let labels: Labels = vec![("integration", name.clone())];
                 ConstGauge::new(i64::from(*ok)).encode(family.encode_family(&labels)?)?;
             }
+        }
+        if let Some(c) = &snap.coordinator {
+            let gauges: [(&str, &str, u64); 4] = [
+                (
+                    "meshd_coordinator_hosts",
+                    "Hosts in the registry that joined (daemon hosts and static peers)",
+                    c.hosts,
+                ),
+                (
+                    "meshd_coordinator_pending_invitations",
+                    "Invited hosts that have not joined yet",
+                    c.pending_invitations,
+                ),
+                (
+                    "meshd_coordinator_long_poll_clients",
+                    "Followers whose long-poll for the next netmap is parked now",
+                    c.long_poll_clients,
+                ),
+                (
+                    "meshd_coordinator_registry_bytes",
+                    "Size of the registry (SQLite file and its write-ahead log)",
+                    c.registry_bytes,
+                ),
+            ];
+            for (name, help, value) in gauges {
+                let family = encoder.encode_descriptor(
+                    name,
+                    help,
+                    None,
+                    prometheus_client::metrics::MetricType::Gauge,
+                )?;
+                ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(family)?;
+            }
+            let family = encoder.encode_descriptor(
+                "meshd_coordinator_joins",
+                "Hosts that joined through this coordinator since it started",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            ConstCounter::new(c.joins).encode(family)?;
+            let mut family = encoder.encode_descriptor(
+                "meshd_coordinator_api_requests",
+                "API requests answered since start, by outcome (ok: status below 400)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (outcome, n) in [("ok", c.requests_ok), ("error", c.requests_failed)] {
+                let labels: Labels = vec![("outcome", outcome.to_owned())];
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            }
+            let family = encoder.encode_descriptor(
+                "meshd_coordinator_api_request_duration_seconds",
+                "Duration of API requests, long-polls for the netmap left out",
+                None,
+                prometheus_client::metrics::MetricType::Histogram,
+            )?;
+            c.request_duration.encode(family)?;
         }
         if let Some(created) = snap.key_created_unix {
             let age = i64::try_from(now.saturating_sub(created)).unwrap_or(i64::MAX);
@@ -500,6 +559,15 @@ impl Metrics {
         }
     }
 
+    /// After each loop turn on the coordinator host: its figures (`None` elsewhere).
+    pub fn set_coordinator(&self, stats: Option<crate::coordinator::CoordinatorStats>) {
+        let mut snap = match self.snapshot.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        snap.coordinator = stats;
+    }
+
     /// After each pass: the integrations' statuses (name, last apply succeeded).
     pub fn set_integrations(&self, integrations: Vec<(String, bool)>) {
         let mut snap = match self.snapshot.write() {
@@ -674,6 +742,18 @@ mod tests {
             rotations_failed: 1,
             joins_failed: 0,
         });
+        let request_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 15));
+        request_duration.observe(0.002);
+        m.set_coordinator(Some(crate::coordinator::CoordinatorStats {
+            hosts: 5,
+            pending_invitations: 1,
+            long_poll_clients: 4,
+            registry_bytes: 65536,
+            joins: 4,
+            requests_ok: 40,
+            requests_failed: 2,
+            request_duration,
+        }));
         m.set_member_counts(crate::member::MemberCounts {
             rotations_done: 3,
             rotations_failed: 1,
@@ -746,6 +826,14 @@ mod tests {
             "meshd_key_rotations_total 3\n",
             "meshd_key_rotation_failures_total 1\n",
             "meshd_join_failures_total 0\n",
+            "meshd_coordinator_hosts 5\n",
+            "meshd_coordinator_pending_invitations 1\n",
+            "meshd_coordinator_long_poll_clients 4\n",
+            "meshd_coordinator_registry_bytes 65536\n",
+            "meshd_coordinator_joins_total 4\n",
+            "meshd_coordinator_api_requests_total{outcome=\"ok\"} 40\n",
+            "meshd_coordinator_api_requests_total{outcome=\"error\"} 2\n",
+            "meshd_coordinator_api_request_duration_seconds_count 1\n",
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");
         }

@@ -372,6 +372,12 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
         }
         handoff.after_pass(&mut agent).await;
         handoff.metrics().set_member_counts(member.counts);
+        if let Some(coord) = &member.coordinator {
+            match crate::runtime::blocking::run(|| coord.stats()) {
+                Ok(stats) => handoff.metrics().set_coordinator(Some(stats)),
+                Err(e) => tracing::debug!(error = %e, "metrics: coordinator figures unavailable"),
+            }
+        }
         if agent.settings().reconcile_interval != period {
             period = agent.settings().reconcile_interval;
             timer = ticker(period);
