@@ -67,10 +67,15 @@ fn integrations_toml(host: &str) -> String {
     } else {
         format!("server = \"{COORDINATOR}\"")
     };
+    // /metrics on loopback too: the coordinator only (the others keep the default, off).
+    let loopback = host == COORDINATOR;
     format!(
         r#"
 [dns]
 listen_port = 53
+
+[metrics]
+loopback = {loopback}
 
 [integrations.k3s]
 {k3s}
@@ -538,6 +543,33 @@ fn files_dns_and_metrics_follow_the_mesh() -> Result<()> {
     ] {
         assert!(metrics.contains(want), "{want} missing:\n{metrics}");
     }
+    // `[metrics] loopback = true` on the coordinator: the same /metrics on 127.0.0.1; the
+    // default (dock-prod) leaves loopback alone.
+    let local = lab.exec_ok(
+        COORDINATOR,
+        &[
+            "curl",
+            "-sf",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:51873/metrics",
+        ],
+    )?;
+    assert!(local.contains("meshd_coordinator_hosts "), "{local}");
+    let refused = lab.exec(
+        "dock-prod",
+        &[
+            "curl",
+            "-sf",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:51873/metrics",
+        ],
+    )?;
+    assert!(
+        !refused.status.success(),
+        "dock-prod serves /metrics on loopback without [metrics] loopback = true"
+    );
 
     // dock-mirror joins: every file and every DNS server knows it within 2 s; each reload that
     // has something new to load runs exactly once (K3s and DRBD have nothing new: not at all).

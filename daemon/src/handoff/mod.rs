@@ -190,9 +190,12 @@ pub struct Handoff {
     split_worker: Option<JoinHandle<()>>,
     metrics: Arc<Metrics>,
     metrics_server: Option<MetricsServer>,
+    /// `[metrics] loopback`: the same /metrics on 127.0.0.1.
+    metrics_loopback: Option<MetricsServer>,
     /// Where a bind last failed (logged once per place).
     dns_bind_failed: Option<Listen>,
     metrics_bind_failed: Option<Listen>,
+    loopback_bind_failed: Option<Listen>,
     passes_seen: u64,
     /// The view handed to DNS and the integrations (its version: the one of the last change
     /// they show).
@@ -225,8 +228,10 @@ impl Handoff {
             split_worker: Some(split_worker),
             metrics: Arc::new(Metrics::new()),
             metrics_server: None,
+            metrics_loopback: None,
             dns_bind_failed: None,
             metrics_bind_failed: None,
+            loopback_bind_failed: None,
             passes_seen: 0,
             view: None,
             generation: 0,
@@ -357,36 +362,25 @@ impl Handoff {
 
     async fn ensure_metrics(&mut self, link: OnLink<'_>) {
         let want = want_listen(self.settings.metrics, link);
-        if self.metrics_server.as_ref().map(|m| &m.at) == want.as_ref() {
-            return;
-        }
-        if let Some(old) = self.metrics_server.take() {
-            let _ = old.stop.send(());
-            let _ = old.task.await;
-        }
-        let Some(at) = want else {
-            return;
-        };
-        match crate::runtime::serve::bind_tcp(at.addr, at.device(), 128, "metrics") {
-            Ok(listener) => {
-                let (stop, stop_rx) = oneshot::channel::<()>();
-                let metrics = self.metrics.clone();
-                let task = tokio::spawn(async move {
-                    let shutdown = async move {
-                        let _ = stop_rx.await;
-                    };
-                    crate::handoff::metrics::serve(listener, metrics, shutdown).await;
-                });
-                self.metrics_server = Some(MetricsServer { at, stop, task });
-                self.metrics_bind_failed = None;
-            }
-            Err(e) => {
-                if self.metrics_bind_failed.as_ref() != Some(&at) {
-                    tracing::warn!(addr = %at.addr, error = %e, "cannot serve /metrics; retrying after each pass (set [metrics] listen_port or enable = false)");
-                }
-                self.metrics_bind_failed = Some(at);
-            }
-        }
+        ensure_metrics_server(
+            &mut self.metrics_server,
+            &mut self.metrics_bind_failed,
+            want,
+            &self.metrics,
+        )
+        .await;
+        let cfg = self.settings.metrics;
+        let loopback = (cfg.enable && cfg.loopback).then(|| Listen {
+            addr: SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, cfg.listen_port)),
+            device: None,
+        });
+        ensure_metrics_server(
+            &mut self.metrics_loopback,
+            &mut self.loopback_bind_failed,
+            loopback,
+            &self.metrics,
+        )
+        .await;
     }
 
     async fn observe<W: WgBackend, L: LinkBackend>(
@@ -459,7 +453,10 @@ impl Handoff {
         if let Some((dns, _)) = self.dns.take() {
             let _ = dns.shutdown().await;
         }
-        if let Some(m) = self.metrics_server.take() {
+        for m in [self.metrics_server.take(), self.metrics_loopback.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = m.stop.send(());
             let _ = m.task.await;
         }
@@ -487,6 +484,45 @@ struct Listen {
 impl Listen {
     fn device(&self) -> Option<&str> {
         self.device.as_ref().map(|(d, _)| d.as_str())
+    }
+}
+
+/// Start, move or stop one `/metrics` server so that it listens at `want`.
+async fn ensure_metrics_server(
+    slot: &mut Option<MetricsServer>,
+    bind_failed: &mut Option<Listen>,
+    want: Option<Listen>,
+    metrics: &Arc<Metrics>,
+) {
+    if slot.as_ref().map(|m| &m.at) == want.as_ref() {
+        return;
+    }
+    if let Some(old) = slot.take() {
+        let _ = old.stop.send(());
+        let _ = old.task.await;
+    }
+    let Some(at) = want else {
+        return;
+    };
+    match crate::runtime::serve::bind_tcp(at.addr, at.device(), 128, "metrics") {
+        Ok(listener) => {
+            let (stop, stop_rx) = oneshot::channel::<()>();
+            let metrics = metrics.clone();
+            let task = tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stop_rx.await;
+                };
+                crate::handoff::metrics::serve(listener, metrics, shutdown).await;
+            });
+            *slot = Some(MetricsServer { at, stop, task });
+            *bind_failed = None;
+        }
+        Err(e) => {
+            if bind_failed.as_ref() != Some(&at) {
+                tracing::warn!(addr = %at.addr, error = %e, "cannot serve /metrics; retrying after each pass (set [metrics] listen_port or enable = false)");
+            }
+            *bind_failed = Some(at);
+        }
     }
 }
 
@@ -543,6 +579,7 @@ mod tests {
             enable: true,
             listen_port: 5353,
             mesh_interface_only: true,
+            loopback: false,
         };
         assert_eq!(want_addr(on, Some(ip)), Some(SocketAddr::new(ip, 5353)));
         // Bound to the mesh interface: a new ifindex (the interface was recreated) is a new

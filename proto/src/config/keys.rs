@@ -448,6 +448,15 @@ pub const KNOWN_KEYS: &[KnownKey] = &[
         required: None,
         meaning: "As for [dns].",
     },
+    KnownKey {
+        table: "metrics",
+        key: "loopback",
+        kind: "boolean",
+        default: KeyDefault::Value("false"),
+        example: "true",
+        required: None,
+        meaning: "Also serve 127.0.0.1:listen_port, for a Prometheus or agent on this host. Every local user can read /metrics then (peer names, keys, traffic).",
+    },
     // [integrations.k3s]
     KnownKey {
         table: "integrations.k3s",

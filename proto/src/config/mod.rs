@@ -53,6 +53,8 @@
 //! enable = true                      # default true
 //! listen_port = 51873                # default 51873 (not 9586: the WireGuard exporter's)
 //! mesh_interface_only = true         # default true, as for [dns]
+//! loopback = false                   # default false: also serve 127.0.0.1:listen_port (any
+//!                                    # local user can read it then)
 //!
 //! [integrations.k3s]                 # optional: files meshd keeps for K3s, DRBD, Prometheus,
 //! role = "server"                    # /etc/hosts and user templates; see
@@ -142,6 +144,11 @@ pub struct ServiceConfig {
     /// mesh address that arrives on any other interface (an underlay neighbour routing the
     /// mesh prefix to this host) is not answered. Default true.
     pub mesh_interface_only: bool,
+    /// `[metrics]` only: also serve `127.0.0.1:listen_port` (for a local Prometheus or agent;
+    /// every local user can read it then). Default false; left out when false, as `[dns]`
+    /// does not know the key.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub loopback: bool,
 }
 
 impl ServiceConfig {
@@ -151,6 +158,7 @@ impl ServiceConfig {
             enable: true,
             listen_port: DEFAULT_DNS_PORT,
             mesh_interface_only: true,
+            loopback: false,
         }
     }
 
@@ -160,6 +168,7 @@ impl ServiceConfig {
             enable: true,
             listen_port: crate::handoff::METRICS_PORT,
             mesh_interface_only: true,
+            loopback: false,
         }
     }
 }
@@ -508,7 +517,13 @@ fn read_service(
     let Some(t) = r.table(root, name) else {
         return default;
     };
-    r.known_keys(&t, &["enable", "listen_port", "mesh_interface_only"]);
+    // Mesh DNS is for the mesh (and the host's resolver, which reaches the mesh address);
+    // only /metrics offers loopback.
+    let keys: &[&str] = match name {
+        "metrics" => &["enable", "listen_port", "mesh_interface_only", "loopback"],
+        _ => &["enable", "listen_port", "mesh_interface_only"],
+    };
+    r.known_keys(&t, keys);
     ServiceConfig {
         enable: r.bool(&t, "enable").unwrap_or(default.enable),
         listen_port: ranged(r, &t, "listen_port", 1, 65535, "a port", "")
@@ -516,6 +531,10 @@ fn read_service(
         mesh_interface_only: r
             .bool(&t, "mesh_interface_only")
             .unwrap_or(default.mesh_interface_only),
+        loopback: match name {
+            "metrics" => r.bool(&t, "loopback").unwrap_or(default.loopback),
+            _ => false,
+        },
     }
 }
 

@@ -781,6 +781,7 @@ fn dns_metrics_and_integrations_parse() {
             enable: true,
             listen_port: 5353,
             mesh_interface_only: true,
+            loopback: false,
         }
     );
     assert!(!c.metrics.enable);
@@ -794,6 +795,11 @@ fn dns_metrics_and_integrations_parse() {
     .expect("metrics off the mesh interface too");
     assert!(!c.metrics.mesh_interface_only);
     assert!(c.dns.mesh_interface_only);
+    assert!(!c.metrics.loopback, "loopback is opt-in");
+    let c = parse(&format!("{}\n[metrics]\nloopback = true\n", base()), FILE)
+        .expect("metrics on loopback too");
+    assert!(c.metrics.loopback);
+    assert!(!c.dns.loopback);
 }
 
 #[test]
@@ -807,6 +813,17 @@ fn dns_metrics_and_integrations_refusals_name_the_key() {
         &format!("{}\n[metrics]\nport = 1\n", base()),
         "metrics.port",
         "unknown key",
+    );
+    // Loopback is for /metrics only; mesh DNS does not offer it.
+    refuse(
+        &format!("{}\n[dns]\nloopback = true\n", base()),
+        "dns.loopback",
+        "unknown key",
+    );
+    refuse(
+        &format!("{}\n[metrics]\nloopback = \"yes\"\n", base()),
+        "metrics.loopback",
+        "must be true or false",
     );
     refuse(
         &format!("{}\n[dns]\nmesh_interface_only = \"yes\"\n", base()),
