@@ -753,6 +753,7 @@ mod tests {
             last_change_unix: Some(1),
             last_reload_unix: None,
             reload_pending: false,
+            failures: 0,
         };
         let c = integration_check(&st);
         assert_eq!(c.status, CheckStatus::Ok);

@@ -483,6 +483,9 @@ pub struct IntegrationStatus {
     /// metadata exists): the new file is in place and the reload is retried.
     #[serde(default)]
     pub reload_pending: bool,
+    /// Applies that failed since meshd started (render, write, check or reload).
+    #[serde(default)]
+    pub failures: u64,
 }
 
 fn fqdn(name: &str) -> String {

@@ -447,6 +447,7 @@ mod tests {
                 last_change_unix: Some(880),
                 last_reload_unix: None,
                 reload_pending: false,
+                failures: 0,
             },
             IntegrationStatus {
                 name: "template:haproxy".into(),
@@ -456,6 +457,7 @@ mod tests {
                 last_change_unix: None,
                 last_reload_unix: None,
                 reload_pending: false,
+                failures: 0,
             },
             IntegrationStatus {
                 name: "drbd:r0".into(),
@@ -465,6 +467,7 @@ mod tests {
                 last_change_unix: Some(990),
                 last_reload_unix: None,
                 reload_pending: true,
+                failures: 0,
             },
         ];
         let text = render_status(&st, 1000);

@@ -245,6 +245,7 @@ impl IntegrationEngine {
                     last_change_unix: None,
                     last_reload_unix: None,
                     reload_pending: false,
+                    failures: 0,
                 },
                 failed: None,
                 pending_reload: None,
@@ -311,6 +312,7 @@ impl IntegrationEngine {
 
 fn fail(st: &mut OutputState, message: String, failed: Option<String>) -> Applied {
     st.status.ok = false;
+    st.status.failures += 1;
     st.status.reload_pending = st.pending_reload.is_some();
     st.status.last_error = Some(message.clone());
     st.failed = failed;
@@ -652,17 +654,22 @@ mod tests {
             .find(|s| s.name == "template:list")
             .unwrap();
         assert!(!st.ok);
+        assert_eq!(st.failures, 1, "counted for /metrics: {st:?}");
         assert!(
             st.last_error.as_deref().unwrap().contains("template:list"),
             "{st:?}"
         );
         assert_eq!(st.last_change_unix, Some(100));
-        // Fixed: written and reloaded once, status ok again.
+        // Fixed: written and reloaded once, status ok again; the count stays.
         fs::write(p.join("list.j2"), "{{ hosts | length }}\n").unwrap();
         engine.apply(&v2, 300);
         assert_eq!(fs::read_to_string(p.join("list.txt")).unwrap(), "4\n");
         assert_eq!(rec.take().iter().filter(|c| *c == "list-reload").count(), 1);
         assert!(engine.statuses().iter().all(|s| s.ok));
+        assert!(engine
+            .statuses()
+            .iter()
+            .any(|s| s.name == "template:list" && s.failures == 1));
     }
 
     #[test]

@@ -149,8 +149,8 @@ struct Snapshot {
     key_created_unix: Option<u64>,
     /// `daemon.rotate_every_days` in seconds (`None`: scheduled rotation off).
     key_rotation_period: Option<u64>,
-    /// Each integration's name and whether its last apply succeeded.
-    integrations: Vec<(String, bool)>,
+    /// Each integration's name, whether its last apply succeeded, and its failed applies.
+    integrations: Vec<(String, bool, u64)>,
     /// On the coordinator host: its figures.
     coordinator: Option<crate::coordinator::CoordinatorStats>,
 }
@@ -315,9 +315,19 @@ impl Collector for DeviceCollector {
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
-            for (name, ok) in &snap.integrations {
+            for (name, ok, _) in &snap.integrations {
                 let labels: Labels = vec![("integration", name.clone())];
                 ConstGauge::new(i64::from(*ok)).encode(family.encode_family(&labels)?)?;
+            }
+            let mut family = encoder.encode_descriptor(
+                "meshd_integration_failures",
+                "Applies of the integration that failed (render, write, check or reload)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (name, _, failures) in &snap.integrations {
+                let labels: Labels = vec![("integration", name.clone())];
+                ConstCounter::new(*failures).encode(family.encode_family(&labels)?)?;
             }
         }
         if let Some(c) = &snap.coordinator {
@@ -568,8 +578,9 @@ impl Metrics {
         snap.coordinator = stats;
     }
 
-    /// After each pass: the integrations' statuses (name, last apply succeeded).
-    pub fn set_integrations(&self, integrations: Vec<(String, bool)>) {
+    /// After each pass: the integrations' statuses (name, last apply succeeded, failed
+    /// applies since start).
+    pub fn set_integrations(&self, integrations: Vec<(String, bool, u64)>) {
         let mut snap = match self.snapshot.write() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
@@ -736,7 +747,7 @@ mod tests {
         m.observe_device("wgmesh0", &dev, &labels_from_netmap(&netmap, &dev));
         m.observe_pass(Duration::from_millis(12), false, 1_700_000_100);
         m.observe_pass(Duration::from_millis(40), true, 1_700_000_200);
-        m.set_integrations(vec![("hosts".into(), true), ("k3s".into(), false)]);
+        m.set_integrations(vec![("hosts".into(), true, 0), ("k3s".into(), false, 3)]);
         m.set_member_counts(crate::member::MemberCounts {
             rotations_done: 2,
             rotations_failed: 1,
@@ -822,6 +833,8 @@ mod tests {
             "meshd_reconcile_last_success_timestamp_seconds 1700000100\n",
             "meshd_integration_ok{integration=\"hosts\"} 1\n",
             "meshd_integration_ok{integration=\"k3s\"} 0\n",
+            "meshd_integration_failures_total{integration=\"k3s\"} 3\n",
+            "meshd_integration_failures_total{integration=\"hosts\"} 0\n",
             "meshd_key_rotation_period_seconds 2592000\n",
             "meshd_key_rotations_total 3\n",
             "meshd_key_rotation_failures_total 1\n",

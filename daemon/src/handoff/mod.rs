@@ -400,7 +400,7 @@ impl Handoff {
         m.set_integrations(
             self.statuses()
                 .into_iter()
-                .map(|s| (s.name, s.ok))
+                .map(|s| (s.name, s.ok, s.failures))
                 .collect(),
         );
         m.set_netmap_version(st.netmap_version);
