@@ -73,7 +73,7 @@ enum Cmd {
         /// Its mesh address (default: the lowest free one).
         #[arg(long)]
         ip: Option<std::net::IpAddr>,
-        /// How long the token stays valid: 24h, 30m, 90s, 7d (default 24h).
+        /// How long the token stays valid: 24h, 1h30m, 90s, 7d, 1w (default 24h).
         #[arg(long, value_parser = parse_duration)]
         ttl: Option<u64>,
         /// The host may run admin commands (invite, remove, ...).
@@ -183,10 +183,10 @@ enum InvitesCmd {
 /// Why a command-line value is refused (clap prints it with the argument's name).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 enum ArgError {
-    #[error("{0:?} is not a duration like 24h, 30m, 90s or 7d")]
-    NotDuration(String),
-    #[error("{text:?}: unknown unit {unit:?} (use s, m, h or d)")]
-    DurationUnit { text: String, unit: String },
+    #[error("{text:?} is not a duration like 24h, 1h30m, 90s, 7d or 1w ({why})")]
+    NotDuration { text: String, why: String },
+    #[error("{0:?} is not a whole number of seconds")]
+    NotWholeSeconds(String),
     #[error("the duration must be positive")]
     ZeroDuration,
     #[error("{0:?} is too long")]
@@ -197,32 +197,27 @@ enum ArgError {
     NotPrefixOrAddress(String),
 }
 
-/// `24h`, `30m`, `90s`, `7d`, or plain seconds.
+/// A duration as humantime reads it (`24h`, `1h30m`, `90s`, `7d`, `1w`), or plain seconds;
+/// whole seconds, above zero.
 fn parse_duration(s: &str) -> Result<u64, ArgError> {
     let s = s.trim();
-    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
+    let d = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        let secs = s
+            .parse::<u64>()
+            .map_err(|_| ArgError::DurationTooLong(s.to_string()))?;
+        std::time::Duration::from_secs(secs)
+    } else {
+        humantime::parse_duration(s).map_err(|e| ArgError::NotDuration {
+            text: s.to_string(),
+            why: e.to_string(),
+        })?
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| ArgError::NotDuration(s.to_string()))?;
-    let factor = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => {
-            return Err(ArgError::DurationUnit {
-                text: s.to_string(),
-                unit: unit.to_string(),
-            })
-        }
-    };
-    match n.checked_mul(factor) {
-        Some(0) => Err(ArgError::ZeroDuration),
-        Some(v) => Ok(v),
-        None => Err(ArgError::DurationTooLong(s.to_string())),
+    if d.subsec_nanos() != 0 {
+        return Err(ArgError::NotWholeSeconds(s.to_string()));
+    }
+    match d.as_secs() {
+        0 => Err(ArgError::ZeroDuration),
+        v => Ok(v),
     }
 }
 
@@ -752,9 +747,28 @@ mod tests {
         assert_eq!(parse_duration("30m"), Ok(1800));
         assert_eq!(parse_duration("90"), Ok(90));
         assert_eq!(parse_duration("7d"), Ok(604800));
-        assert!(parse_duration("0h").is_err());
-        assert!(parse_duration("1w").is_err());
-        assert!(parse_duration("h").is_err());
+        assert_eq!(parse_duration("1w"), Ok(604800));
+        assert_eq!(parse_duration("1h30m"), Ok(5400));
+        assert_eq!(parse_duration(" 2h 15m "), Ok(8100));
+        assert_eq!(parse_duration("0h"), Err(ArgError::ZeroDuration));
+        assert_eq!(parse_duration("0"), Err(ArgError::ZeroDuration));
+        assert_eq!(
+            parse_duration("1500ms"),
+            Err(ArgError::NotWholeSeconds("1500ms".into()))
+        );
+        assert!(matches!(
+            parse_duration("99999999999999999999"),
+            Err(ArgError::DurationTooLong(_))
+        ));
+        for bad in ["h", "", "5 parsecs", "-3h", "1h-"] {
+            match parse_duration(bad) {
+                Err(e) => assert!(
+                    e.to_string().contains("is not a duration like"),
+                    "{bad:?}: {e}"
+                ),
+                Ok(v) => panic!("{bad:?} read as {v} s"),
+            }
+        }
     }
 
     #[test]
