@@ -221,13 +221,30 @@ fn parse_duration(s: &str) -> Result<u64, ArgError> {
     }
 }
 
+/// Why the control socket cannot be reached, in the operator's terms: permission (meshctl
+/// needs root, or the socket's group), no socket (meshd not running), refused (meshd gone).
+fn unreachable_reason(socket: &Path, e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => format!(
+            "meshctl needs root: {} is meshd's control socket, for root (and its group) only; \
+             run it with sudo",
+            socket.display()
+        ),
+        std::io::ErrorKind::NotFound => format!(
+            "meshd is not running: there is no control socket at {} (systemctl status meshd)",
+            socket.display()
+        ),
+        _ => format!(
+            "cannot reach meshd at {}: {e}; is meshd running? (systemctl status meshd)",
+            socket.display()
+        ),
+    }
+}
+
 fn request(socket: &Path, req: &Request) -> Result<Response> {
     let mut stream = match UnixStream::connect(socket) {
         Ok(s) => s,
-        Err(e) => bail!(
-            "cannot reach meshd at {}: {e}; is meshd running?",
-            socket.display()
-        ),
+        Err(e) => bail!("{}", unreachable_reason(socket, &e)),
     };
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -739,6 +756,19 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn unreachable_socket_says_why() {
+        let p = Path::new("/run/meshd/control.sock");
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let e = unreachable_reason(p, &denied);
+        assert!(e.starts_with("meshctl needs root"), "{e}");
+        assert!(!e.contains("is meshd running"), "{e}");
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert!(unreachable_reason(p, &missing).starts_with("meshd is not running"));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(unreachable_reason(p, &refused).contains("is meshd running?"));
     }
 
     #[test]

@@ -457,7 +457,7 @@ fn scenario(engine: PathBuf) {
     let err = lab.meshctl(&["peers"]);
     assert!(!err.status.success());
     assert!(
-        String::from_utf8_lossy(&err.stderr).contains("is meshd running?"),
+        String::from_utf8_lossy(&err.stderr).contains("meshd is not running"),
         "{err:?}"
     );
 

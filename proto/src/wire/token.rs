@@ -12,7 +12,8 @@
 //! those `json` bytes. The coordinator checks the MAC (in constant time) at join time, so a
 //! tampered token is refused by name. Surrounding whitespace is ignored when decoding; anything
 //! else that does not frame exactly (wrong length, trailing bytes, non-canonical base64) is
-//! `Malformed`.
+//! `Malformed`, or `Incomplete` where it was cut short; whitespace inside (a wrapped line) is
+//! dropped first.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -67,6 +68,11 @@ pub enum TokenError {
     Prefix,
     #[error("the token is damaged: {0}")]
     Malformed(String),
+    #[error(
+        "the token is incomplete: it was probably copied only partly (copy the whole line \
+         `meshctl invite` printed, from {TOKEN_PREFIX} to its end)"
+    )]
+    Incomplete,
     #[error("the token has been tampered with (its signature does not match)")]
     Tampered,
     #[error("the token expired")]
@@ -103,35 +109,49 @@ impl Token {
 
     /// Parse the wire form (joining side; the MAC is not checked here). Never panics.
     pub fn decode(s: &str) -> Result<Token, TokenError> {
-        let s = s.trim();
+        // A terminal wraps a long line and a mail client breaks it: whitespace anywhere is
+        // not part of a token (the alphabet has none), so it goes.
+        let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
         let Some(rest) = s.strip_prefix(TOKEN_PREFIX) else {
             return Err(TokenError::Prefix);
         };
         if rest.len() > MAX_TOKEN_LEN {
             return Err(TokenError::Malformed(format!(
-                "{} characters, at most {MAX_TOKEN_LEN} expected",
+                "it is {} characters long, a token at most {MAX_TOKEN_LEN}; was something \
+                 else copied with it?",
                 rest.len()
             )));
         }
-        let raw = URL_SAFE_NO_PAD
-            .decode(rest)
-            .map_err(|e| TokenError::Malformed(format!("not base64url: {e}")))?;
+        let raw = match URL_SAFE_NO_PAD.decode(rest) {
+            Ok(raw) => raw,
+            Err(base64::DecodeError::InvalidByte(_, b)) => {
+                return Err(TokenError::Malformed(format!(
+                    "it contains {:?}, which a token never has; was something else copied \
+                     with it?",
+                    char::from(b)
+                )))
+            }
+            // A length or a last character no token has: it was cut short.
+            Err(_) => return Err(TokenError::Incomplete),
+        };
         let Some((len, rest)) = raw.split_first_chunk::<4>() else {
-            return Err(TokenError::Malformed("too short".into()));
+            return Err(TokenError::Incomplete);
         };
         let len = usize::try_from(u32::from_be_bytes(*len)).unwrap_or(usize::MAX);
-        if rest.len().checked_sub(32) != Some(len) {
-            return Err(TokenError::Malformed(format!(
-                "length field says {len} bytes of JSON, {} bytes follow",
-                rest.len().saturating_sub(32)
-            )));
+        let follow = rest.len().saturating_sub(32);
+        if rest.len() < 32 || follow < len {
+            return Err(TokenError::Incomplete);
+        }
+        if follow > len {
+            return Err(TokenError::Malformed(
+                "it goes on after its end; was something else copied with it?".into(),
+            ));
         }
         let (signed, mac) = rest.split_at(len);
-        let mac: [u8; 32] = mac
-            .try_into()
-            .map_err(|_| TokenError::Malformed("bad MAC length".into()))?;
-        let body: TokenBody = serde_json::from_slice(signed)
-            .map_err(|e| TokenError::Malformed(format!("bad contents: {e}")))?;
+        let mac: [u8; 32] = mac.try_into().map_err(|_| TokenError::Incomplete)?;
+        let body: TokenBody = serde_json::from_slice(signed).map_err(|_| {
+            TokenError::Malformed("its contents do not read as an invitation".into())
+        })?;
         Ok(Token {
             body,
             signed: signed.to_vec(),
@@ -241,7 +261,10 @@ mod tests {
             "meshd1.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
         ] {
             assert!(
-                matches!(Token::decode(bad), Err(TokenError::Malformed(_))),
+                matches!(
+                    Token::decode(bad),
+                    Err(TokenError::Malformed(_) | TokenError::Incomplete)
+                ),
                 "{bad}"
             );
         }
@@ -262,6 +285,40 @@ mod tests {
         assert_eq!(t.verify(&SECRET, 0), Ok(()));
     }
 
+    /// What an operator's terminal or mail client does to a token: wrapped lines work; cut
+    /// short or run together with other text, the error says so in plain words.
+    #[test]
+    fn wrapped_cut_and_run_on_tokens() {
+        let s = Token::sign(body(), &SECRET).encode();
+        let wrapped: String = s
+            .as_bytes()
+            .chunks(40)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect::<Vec<_>>()
+            .join("\n  ");
+        assert_eq!(Token::decode(&format!(" {wrapped}\r\n")), Token::decode(&s));
+        assert!(Token::decode(&wrapped).is_ok());
+        for cut in [
+            s.len() - 1,
+            s.len() - 5,
+            s.len() / 2,
+            TOKEN_PREFIX.len() + 3,
+        ] {
+            let e = Token::decode(&s[..cut]).unwrap_err().to_string();
+            assert!(
+                e.contains("incomplete") && e.contains("copied only partly"),
+                "{cut}: {e}"
+            );
+            assert!(!e.contains("length field") && !e.contains("bytes"), "{e}");
+        }
+        let e = Token::decode(&format!("{s}.extra"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'.'") && e.contains("copied with it"), "{e}");
+        let e = Token::decode(&format!("{s}AAAA")).unwrap_err().to_string();
+        assert!(e.contains("copied with it"), "{e}");
+    }
+
     #[test]
     fn every_single_byte_change_is_refused() {
         let s = Token::sign(body(), &SECRET).encode();
@@ -276,14 +333,15 @@ mod tests {
                 }
                 b[i] = c;
                 let m = String::from_utf8(b).unwrap();
-                // A space at either end is trimmed away, so that is not a change at all.
+                // A space anywhere is dropped (a wrapped line), so a space at either end
+                // is no change at all.
                 if m.trim() != m {
                     continue;
                 }
                 checked += 1;
                 match Token::decode(&m) {
                     Err(TokenError::Prefix) => assert!(i < TOKEN_PREFIX.len(), "{i}"),
-                    Err(TokenError::Malformed(_)) => {}
+                    Err(TokenError::Malformed(_) | TokenError::Incomplete) => {}
                     Err(e) => panic!("decode gave {e} at {i}"),
                     Ok(t) => match t.verify(&SECRET, 0) {
                         Err(TokenError::Tampered) => {}
