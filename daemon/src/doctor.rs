@@ -218,6 +218,11 @@ pub async fn run(input: Input) -> Report {
     let online = input.daemon.is_some();
     checks.push(match port_state(port, iface).await {
         PortState::Ours => Check::ok("port", format!("UDP {port} is held by {iface} (ours)")),
+        // Not joined yet: no interface, by design (the interface check says what to do).
+        PortState::Free if input.address.is_none() => Check::ok(
+            "port",
+            format!("UDP {port} is free; meshd takes it when this host joins"),
+        ),
         PortState::Free if online => Check::fail(
             "port",
             format!("nothing listens on UDP {port}: {iface} has no WireGuard device"),

@@ -528,6 +528,18 @@ fn a_joined_host_is_ready_only_after_its_netmap_is_applied() -> Result<()> {
         "{seen:?}"
     );
     assert!(!seen.iter().any(|m| m.contains("READY=1")), "{seen:?}");
+    // Doctor on the unjoined host: the one thing to do is the join, not a reload.
+    let doctor = lab.exec(B, &["meshctl", "doctor"])?;
+    let text = String::from_utf8_lossy(&doctor.stdout);
+    assert!(!doctor.status.success(), "{text}");
+    assert!(
+        text.contains("not joined") && text.contains("meshctl join"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("nothing listens") && !text.contains("meshctl reload"),
+        "{text}"
+    );
     let token = lab.invite(B, &[])?;
     lab.join(B, &token)?;
     let ready = wait_ready(&lab, B, &sock, &mut seen)?;
