@@ -1,5 +1,7 @@
 //! meshctl: the operator CLI. Parse, send one request over the control socket, render.
 
+mod bugreport;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -124,6 +126,18 @@ enum Cmd {
         json: bool,
         #[command(subcommand)]
         action: Option<RoutesCmd>,
+    },
+    /// Write one archive for a bug report: status, peers, doctor, versions, the
+    /// configuration, the state, the network and meshd's journal, with this host's private
+    /// keys, join token and every invitation token removed.
+    Bugreport {
+        /// The archive to write (default: meshd-bugreport-UNIXTIME.tar.gz here); never
+        /// overwritten.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// meshd's configuration (where the key and token files are).
+        #[arg(long, env = "MESHD_CONFIG", default_value = mesh_proto::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
     },
     /// Check this host: listen port, interface and address, routes, rp_filter, K3s,
     /// coordinator, handshakes and the path MTU to every peer. One line per check (OK, WARN,
@@ -387,6 +401,14 @@ fn out_bytes(bytes: &[u8]) -> Result<()> {
 fn run(cli: Cli) -> Result<bool> {
     match &cli.command {
         Cmd::Doctor { json, config } => return doctor(&cli.socket, *json, config),
+        Cmd::Bugreport { output, config } => {
+            let path = bugreport::write(&cli.socket, config, output.as_deref())?;
+            out(&format!(
+                "wrote {} (secrets removed; look through it before you share it)\n",
+                path.display()
+            ))?;
+            return Ok(true);
+        }
         Cmd::Down { config } if !daemon_up(&cli.socket)? => bail!(
             "meshd is not running (no answer on {}); to remove everything it owns without it, \
              run: meshd --down --config {}",
@@ -401,6 +423,7 @@ fn run(cli: Cli) -> Result<bool> {
 fn send(cli: Cli) -> Result<()> {
     let req = match &cli.command {
         Cmd::Completion { .. } => bail!("meshctl completion needs no daemon"),
+        Cmd::Bugreport { .. } => bail!("meshctl bugreport is written by meshctl itself"),
         Cmd::Doctor { .. } => Request::Doctor,
         Cmd::Down { .. } => Request::Down,
         Cmd::Peers { .. } => Request::Peers,

@@ -23,6 +23,7 @@ pub mod key;
 pub mod member;
 pub mod netmap;
 pub mod plan;
+pub mod redact;
 pub mod registry;
 pub mod render;
 pub mod rotation;

@@ -721,3 +721,93 @@ fn down_removes_everything_meshd_owns_and_meshd_exits_0() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// `meshctl bugreport` on a joined member: one archive with the status, peers, doctor,
+/// configuration, state, network and journal files, and none of the host's secrets: not its
+/// private key, not the token it joined with, not a token pasted into its configuration.
+#[test]
+#[cfg_attr(
+    unprivileged,
+    ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
+)]
+fn bugreport_holds_the_facts_and_no_secret() -> Result<()> {
+    let _g = serial();
+    let lab = Lab::build(LabOpts::with_hosts(&[A, B]))?;
+    let engine = meshlab::engine_command(lab.bin_dir());
+    lab.start_coordinator(&engine)?;
+    let config = meshlab::coord::render_member_config(B, &engine, false);
+    lab.write_file(B, "/etc/meshd/meshd.toml", config.as_bytes())?;
+    let p = lab.start_meshd(B)?;
+    lab.wait_meshctl(B, p, &["status"], MESH_TIMEOUT)?;
+    let joined_with = lab.invite(B, &[])?;
+    lab.join(B, &joined_with)?;
+    lab.wait_mesh_pings(&[A, B], MESH_TIMEOUT)?;
+    // An operator pasted another invitation into the configuration, as a comment.
+    let pasted = lab.invite("dock-spare", &[])?;
+    lab.write_file(
+        B,
+        "/etc/meshd/meshd.toml",
+        format!("{config}# for later: {pasted}\n").as_bytes(),
+    )?;
+    let key = lab.read_file(B, meshlab::fleet::KEY_PATH)?;
+    let public = lab.meshctl(B, &["status", "--json"])?;
+    let public: Value = serde_json::from_str(&public)?;
+    let public = public["public_key"]
+        .as_str()
+        .context("public_key")?
+        .to_owned();
+
+    let archive = "/etc/meshd/bugreport.tar.gz";
+    let out = lab.meshctl(B, &["bugreport", "--output", archive])?;
+    assert!(out.contains(archive), "{out}");
+    // Never overwritten.
+    let again = meshctl(&lab, B, &["bugreport", "--output", archive])?;
+    assert!(!again.status.success(), "{}", text(&again));
+    let mode = lab.exec_ok(B, &["stat", "-c", "%a", archive])?;
+    assert_eq!(mode.trim(), "600");
+    let list = lab.exec_ok(B, &["tar", "-tzf", archive])?;
+    for f in [
+        "status.json",
+        "peers.json",
+        "doctor.json",
+        "versions.txt",
+        "meshd.toml",
+        "state/membership.json",
+        "state/netmap.json",
+        "network.txt",
+        "journal.txt",
+    ] {
+        assert!(
+            list.lines().any(|l| l.ends_with(&format!("/{f}"))),
+            "{f} missing:\n{list}"
+        );
+    }
+    let all = lab.exec_ok(B, &["tar", "-xzOf", archive])?;
+    assert!(all.contains(&public), "the status is in it");
+    assert!(
+        all.contains(MESH_IFACE) && all.contains("10.99.99."),
+        "{all}"
+    );
+    assert!(
+        all.contains("meshd1.<redacted>"),
+        "the pasted token, redacted"
+    );
+    for (what, secret) in [
+        ("the private key", key.trim()),
+        ("the token it joined with", &joined_with["meshd1.".len()..]),
+        ("the pasted token", &pasted["meshd1.".len()..]),
+    ] {
+        assert!(!all.contains(secret), "{what} is in the bug report");
+        // Nor a piece of it long enough to matter.
+        assert!(
+            !all.contains(&secret[..20]),
+            "part of {what} is in the bug report"
+        );
+    }
+    eprintln!(
+        "bugreport: {} files, {} bytes of text, no key or token",
+        list.lines().count(),
+        all.len()
+    );
+    Ok(())
+}
