@@ -1,6 +1,7 @@
 //! meshctl: the operator CLI. Parse, send one request over the control socket, render.
 
 mod bugreport;
+mod ping;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -126,6 +127,15 @@ enum Cmd {
         json: bool,
         #[command(subcommand)]
         action: Option<RoutesCmd>,
+    },
+    /// Ping a peer through the mesh (ICMP echo on the mesh interface): which path and
+    /// endpoint WireGuard uses for it, and the round-trip time. Exits 1 when nothing answers.
+    Ping {
+        /// The peer's name (as `meshctl peers` shows it) or mesh address.
+        peer: String,
+        /// How many echo requests, one second apart.
+        #[arg(short, long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=3600))]
+        count: u16,
     },
     /// Write one archive for a bug report: status, peers, doctor, versions, the
     /// configuration, the state, the network and meshd's journal, with this host's private
@@ -401,6 +411,7 @@ fn out_bytes(bytes: &[u8]) -> Result<()> {
 fn run(cli: Cli) -> Result<bool> {
     match &cli.command {
         Cmd::Doctor { json, config } => return doctor(&cli.socket, *json, config),
+        Cmd::Ping { peer, count } => return ping::run(&cli.socket, peer, *count),
         Cmd::Bugreport { output, config } => {
             let path = bugreport::write(&cli.socket, config, output.as_deref())?;
             out(&format!(
@@ -424,6 +435,7 @@ fn send(cli: Cli) -> Result<()> {
     let req = match &cli.command {
         Cmd::Completion { .. } => bail!("meshctl completion needs no daemon"),
         Cmd::Bugreport { .. } => bail!("meshctl bugreport is written by meshctl itself"),
+        Cmd::Ping { .. } => bail!("meshctl ping sends its own echo requests"),
         Cmd::Doctor { .. } => Request::Doctor,
         Cmd::Down { .. } => Request::Down,
         Cmd::Peers { .. } => Request::Peers,

@@ -722,7 +722,9 @@ fn down_removes_everything_meshd_owns_and_meshd_exits_0() -> Result<()> {
     Ok(())
 }
 
-/// `meshctl bugreport` on a joined member: one archive with the status, peers, doctor,
+/// `meshctl ping` and `meshctl bugreport` on a joined member. Ping: the path and endpoint,
+/// replies through the mesh interface, exit 1 when nothing answers, a clear refusal for a
+/// name that is no peer. Bugreport: one archive with the status, peers, doctor,
 /// configuration, state, network and journal files, and none of the host's secrets: not its
 /// private key, not the token it joined with, not a token pasted into its configuration.
 #[test]
@@ -730,7 +732,7 @@ fn down_removes_everything_meshd_owns_and_meshd_exits_0() -> Result<()> {
     unprivileged,
     ignore = "needs root (namespaces, netlink, devices, VMs): run as root to include it"
 )]
-fn bugreport_holds_the_facts_and_no_secret() -> Result<()> {
+fn ping_and_a_bugreport_without_secrets() -> Result<()> {
     let _g = serial();
     let lab = Lab::build(LabOpts::with_hosts(&[A, B]))?;
     let engine = meshlab::engine_command(lab.bin_dir());
@@ -742,6 +744,47 @@ fn bugreport_holds_the_facts_and_no_secret() -> Result<()> {
     let joined_with = lab.invite(B, &[])?;
     lab.join(B, &joined_with)?;
     lab.wait_mesh_pings(&[A, B], MESH_TIMEOUT)?;
+
+    let ping = lab.meshctl(B, &["ping", A, "--count", "3"])?;
+    eprintln!("{ping}");
+    assert!(
+        ping.starts_with(&format!(
+            "PING {A} (10.99.99.1) through {MESH_IFACE}: endpoint "
+        )),
+        "{ping}"
+    );
+    assert!(
+        ping.contains("reply from 10.99.99.1: seq=1 time="),
+        "{ping}"
+    );
+    assert!(ping.contains("3 of 3 answered"), "{ping}");
+    // By address too.
+    let by_addr = lab.meshctl(B, &["ping", "10.99.99.1", "-c", "1"])?;
+    assert!(by_addr.contains("1 of 1 answered"), "{by_addr}");
+    let nosuch = meshctl(&lab, B, &["ping", "dock-nosuch"])?;
+    assert!(!nosuch.status.success());
+    assert!(
+        String::from_utf8_lossy(&nosuch.stderr).contains("dock-nosuch is not a peer of this host"),
+        "{}",
+        text(&nosuch)
+    );
+    // Nothing answers: drop echo replies arriving through the mesh on B. Exit 1, said so.
+    lab.exec_ok(
+        B,
+        &[
+            "nft",
+            "add table inet pingtest; add chain inet pingtest in { type filter hook input priority 0; };              add rule inet pingtest in iifname wgmesh0 icmp type echo-reply drop",
+        ],
+    )?;
+    let lost = meshctl(&lab, B, &["ping", A, "-c", "1"])?;
+    lab.exec_ok(B, &["nft", "delete", "table", "inet", "pingtest"])?;
+    assert!(!lost.status.success(), "{}", text(&lost));
+    assert!(
+        String::from_utf8_lossy(&lost.stdout).contains("0 of 1 answered"),
+        "{}",
+        text(&lost)
+    );
+
     // An operator pasted another invitation into the configuration, as a comment.
     let pasted = lab.invite("dock-spare", &[])?;
     lab.write_file(

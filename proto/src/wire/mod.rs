@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod control;
+pub mod icmp;
 pub mod notice;
 pub mod token;
 pub mod uapi;
