@@ -737,9 +737,11 @@ fn ping_and_a_bugreport_without_secrets() -> Result<()> {
     let lab = Lab::build(LabOpts::with_hosts(&[A, B]))?;
     let engine = meshlab::engine_command(lab.bin_dir());
     lab.start_coordinator(&engine)?;
-    let config = meshlab::coord::render_member_config(B, &engine, false);
+    // The log level from the configuration (RUST_LOG empty counts as unset), JSON lines.
+    let config = meshlab::coord::render_member_config(B, &engine, false)
+        .replace("[daemon]\n", "[daemon]\nlog_level = \"debug\"\n");
     lab.write_file(B, "/etc/meshd/meshd.toml", config.as_bytes())?;
-    let p = lab.start_meshd(B)?;
+    let p = lab.start_meshd_env(B, &[("RUST_LOG", ""), ("MESHD_LOG_FORMAT", "json")])?;
     lab.wait_meshctl(B, p, &["status"], MESH_TIMEOUT)?;
     let joined_with = lab.invite(B, &[])?;
     lab.join(B, &joined_with)?;
@@ -847,6 +849,22 @@ fn ping_and_a_bugreport_without_secrets() -> Result<()> {
             "part of {what} is in the bug report"
         );
     }
+    // Every line of meshd's log is a JSON object; the start line carries the version; the
+    // configured debug level is on.
+    let log = std::fs::read_to_string(lab.meshd_log(B))?;
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not a JSON line: {l}")))
+        .collect::<Result<_>>()?;
+    assert!(lines
+        .iter()
+        .all(|v| v["level"].is_string() && v["timestamp"].is_string()));
+    assert!(
+        lines.iter().any(|v| v["fields"]["version"].is_string()),
+        "no start line with the version:\n{log}"
+    );
+    assert!(lines.iter().any(|v| v["level"] == "DEBUG"), "{log}");
     eprintln!(
         "bugreport: {} files, {} bytes of text, no key or token",
         list.lines().count(),

@@ -31,10 +31,16 @@ struct Args {
     /// forwarding settings) with no daemon running (what `meshctl down` does through one).
     #[arg(long, conflicts_with = "check_config")]
     down: bool,
-    /// Log level: error, warn, info, debug or trace (default: `RUST_LOG` if set, else info).
-    /// Under systemd meshd logs to journald with each line's priority.
+    /// Log level: error, warn, info, debug or trace (default: `RUST_LOG` if set, else
+    /// `[daemon] log_level` of the configuration, else info). Under systemd meshd logs to
+    /// journald with each line's priority.
     #[arg(long, value_parser = ["error", "warn", "info", "debug", "trace"])]
     log_level: Option<String>,
+    /// How lines look on stderr when not under systemd: text, or json (one JSON object per
+    /// line with timestamp, level, target, message and fields). Under systemd meshd logs to
+    /// journald natively either way.
+    #[arg(long, env = "MESHD_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 /// meshd(8) less what clap knows (see meshd_docgen::man_page).
@@ -51,7 +57,12 @@ fn main() -> std::process::ExitCode {
         );
     }
     let args = Args::parse();
-    init_logging(args.log_level.as_deref());
+    let configured = configured_log_level(&args.config);
+    init_logging(
+        args.log_level.as_deref(),
+        configured.as_str(),
+        args.log_format == "json",
+    );
     // Everything meshd creates is private unless it says otherwise (files other programs read
     // get their mode set explicitly): the state directory, the registry, its WAL. The packaged
     // unit sets UMask=0077 too; this covers meshd started any other way.
@@ -70,19 +81,35 @@ fn main() -> std::process::ExitCode {
 /// natively: each line at its priority (error 3, warning 4, info 6, debug 7), its fields as
 /// journal fields (`journalctl -u meshd INTERFACE=wgmesh0`, `PEER=...`), no timestamp of its
 /// own and no colour. Elsewhere it writes lines to stderr, with colour codes only on a
-/// terminal. The level: `--log-level` (error, warn, info, debug, trace), else `RUST_LOG`
-/// (`tracing_subscriber`'s filter syntax, e.g. `meshd=debug`), else `info`. netlink-packet-route
+/// terminal, or as JSON lines with `--log-format json`. The level: `--log-level` (error, warn,
+/// info, debug, trace), else `RUST_LOG` (`tracing_subscriber`'s filter syntax, e.g.
+/// `meshd=debug`), else `[daemon] log_level`, else `info`. netlink-packet-route
 /// warns on every netlink dump on kernels newer than it knows (`IFLA_INET6_CONF` holding more
 /// than it expects), which says nothing to an operator: it is filtered unless `RUST_LOG` names it.
-fn init_logging(level: Option<&str>) {
+/// `[daemon] log_level` of the configuration at `path`, `info` if it does not say or does not
+/// parse (the real load reports why).
+fn configured_log_level(path: &std::path::Path) -> mesh_proto::config::LogLevel {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| mesh_proto::config::parse(&text, &path.display().to_string()).ok())
+        .map(|c| c.daemon.log_level)
+        .unwrap_or_default()
+}
+
+fn init_logging(level: Option<&str>, configured: &str, json: bool) {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     use tracing_subscriber::EnvFilter;
-    let rust_log = std::env::var("RUST_LOG").unwrap_or_default();
-    let mut filter = match level {
-        Some(l) => EnvFilter::new(l),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    // An empty RUST_LOG (as an environment file may leave it) counts as unset.
+    let rust_log = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let mut filter = match (level, &rust_log) {
+        (Some(l), _) => EnvFilter::new(l),
+        (None, Some(v)) => EnvFilter::try_new(v).unwrap_or_else(|_| EnvFilter::new(configured)),
+        (None, None) => EnvFilter::new(configured),
     };
+    let rust_log = rust_log.unwrap_or_default();
     if !rust_log.contains("netlink_packet_route") {
         if let Ok(quiet) = "netlink_packet_route=error".parse() {
             filter = filter.add_directive(quiet);
@@ -104,6 +131,14 @@ fn init_logging(level: Option<&str>) {
                 .init();
             return;
         }
+    }
+    if json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+        return;
     }
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()

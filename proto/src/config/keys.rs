@@ -276,6 +276,16 @@ pub const KNOWN_KEYS: &[KnownKey] = &[
         meaning: "Rotate this host's WireGuard key this many days after it was created, a few \
                   percent early by a per-host jitter (0: never; at most 3650).",
     },
+    KnownKey {
+        table: "daemon",
+        key: "log_level",
+        kind: "string",
+        default: KeyDefault::Value("\"info\""),
+        example: "\"debug\"",
+        required: None,
+        meaning: "What meshd logs: error, warn, info, debug or trace. meshd --log-level and \
+                  RUST_LOG win over it. Read at start (a reload does not change it).",
+    },
     // [coordinator]
     KnownKey {
         table: "coordinator",

@@ -231,6 +231,40 @@ pub struct DaemonConfig {
     /// Rotate the static key this many days after it was created (0: never); see
     /// `crate::rotation::rotation_due_unix`.
     pub rotate_every_days: u32,
+    /// The log level when neither `--log-level` nor `RUST_LOG` gives one.
+    pub log_level: LogLevel,
+}
+
+/// `daemon.log_level`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub const ALL: [LogLevel; 5] = [
+        LogLevel::Error,
+        LogLevel::Warn,
+        LogLevel::Info,
+        LogLevel::Debug,
+        LogLevel::Trace,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
 }
 
 /// Default key rotation period (`daemon.rotate_every_days`).
@@ -246,6 +280,7 @@ impl Default for DaemonConfig {
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             join_token_file: None,
             rotate_every_days: DEFAULT_ROTATE_EVERY_DAYS,
+            log_level: LogLevel::Info,
         }
     }
 }
@@ -672,8 +707,17 @@ fn read_daemon(r: &mut Reader<'_>, t: &Tbl<'_>) -> DaemonConfig {
             "state_dir",
             "join_token_file",
             "rotate_every_days",
+            "log_level",
         ],
     );
+    let log_level = checked(r, t, "log_level", |text| {
+        LogLevel::ALL
+            .into_iter()
+            .find(|l| l.as_str() == text)
+            .ok_or_else(|| {
+                format!("{text:?} is not a log level; use error, warn, info, debug or trace")
+            })
+    });
     let backend = checked(r, t, "backend", |text| {
         BackendKind::ALL
             .into_iter()
@@ -708,6 +752,7 @@ fn read_daemon(r: &mut Reader<'_>, t: &Tbl<'_>) -> DaemonConfig {
             " days (0 turns scheduled rotation off)",
         )
         .unwrap_or(d.rotate_every_days),
+        log_level: log_level.unwrap_or(d.log_level),
     }
 }
 

@@ -803,6 +803,23 @@ fn dns_metrics_and_integrations_parse() {
 }
 
 #[test]
+fn log_level_from_the_config() {
+    let c = parse(&base(), FILE).expect("default");
+    assert_eq!(c.daemon.log_level, LogLevel::Info);
+    let c = parse(
+        &format!("{}\n[daemon]\nlog_level = \"debug\"\n", base()),
+        FILE,
+    )
+    .expect("debug");
+    assert_eq!(c.daemon.log_level, LogLevel::Debug);
+    refuse(
+        &format!("{}\n[daemon]\nlog_level = \"loud\"\n", base()),
+        "daemon.log_level",
+        "\"loud\" is not a log level; use error, warn, info, debug or trace",
+    );
+}
+
+#[test]
 fn dns_metrics_and_integrations_refusals_name_the_key() {
     refuse(
         &format!("{}\n[dns]\nlisten_port = 0\n", base()),
