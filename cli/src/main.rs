@@ -265,22 +265,48 @@ fn unreachable_reason(socket: &Path, e: &std::io::Error) -> String {
     }
 }
 
+/// How long meshctl waits for meshd's answer.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why no answer came: a timeout says what goes on in meshd meanwhile (a rotation waits for
+/// hosts that are offline), rather than the socket's EAGAIN.
+fn no_reply_reason(req: &Request, e: &std::io::Error) -> String {
+    if !matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    ) {
+        return format!("no reply from meshd: {e}");
+    }
+    let secs = REPLY_TIMEOUT.as_secs();
+    match req {
+        Request::Rotate | Request::RotateHost { .. } => format!(
+            "meshd has not finished the rotation within {secs} s; it goes on in meshd (a \
+             rotation waits for every host to take the new key, and an offline host catches up \
+             when it is back): meshctl status shows where it stands, journalctl -u meshd the steps"
+        ),
+        _ => format!(
+            "meshd has not answered within {secs} s; the request may still be running in meshd \
+             (meshctl status, journalctl -u meshd)"
+        ),
+    }
+}
+
 fn request(socket: &Path, req: &Request) -> Result<Response> {
     let mut stream = match UnixStream::connect(socket) {
         Ok(s) => s,
         Err(e) => bail!("{}", unreachable_reason(socket, &e)),
     };
     stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(REPLY_TIMEOUT))
         .context("cannot set a timeout on the control socket")?;
     let line = req.to_line();
     stream
         .write_all(line.as_bytes())
         .with_context(|| format!("cannot send the request to {}", socket.display()))?;
     let mut reply = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut reply)
-        .with_context(|| format!("no reply from meshd at {}", socket.display()))?;
+    if let Err(e) = BufReader::new(&stream).read_line(&mut reply) {
+        bail!("{}", no_reply_reason(req, &e));
+    }
     if reply.trim().is_empty() {
         bail!(
             "meshd at {} closed the connection without a reply",
@@ -791,6 +817,22 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_slow_answer_says_what_goes_on() {
+        let timeout = std::io::Error::from(std::io::ErrorKind::WouldBlock);
+        let e = no_reply_reason(&Request::Rotate, &timeout);
+        assert!(
+            e.contains("goes on in meshd") && e.contains("offline host"),
+            "{e}"
+        );
+        assert!(
+            !e.contains("temporarily unavailable") && !e.contains("os error"),
+            "{e}"
+        );
+        let e = no_reply_reason(&Request::Status, &timeout);
+        assert!(e.contains("has not answered within 30 s"), "{e}");
     }
 
     #[test]

@@ -331,9 +331,9 @@ fn start_coordinator(
             .await
             {
                 Ok(()) => failures = 0,
-                // Expected until the first pass created the interface: retry quickly, log
-                // once in a while.
-                Err(e) if failures.is_multiple_of(50) => {
+                // Expected until the first pass created the interface: retry quickly, and
+                // warn only when it lasts (50 tries, about 10 s), then once in a while.
+                Err(e) if failures > 0 && failures.is_multiple_of(50) => {
                     failures += 1;
                     tracing::warn!(error = %e, "coordinator API not serving yet; retrying")
                 }
