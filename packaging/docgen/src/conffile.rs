@@ -124,6 +124,43 @@ pub fn conffile() -> String {
 }
 
 /// `meshd.toml(5)` for meshd `version`.
+/// `docs/CONFIGURATION.md`: every table and key (type, default, when required, meaning) as
+/// Markdown, from the same source as the conffile and meshd.toml(5).
+pub fn reference_markdown() -> String {
+    let mut s = String::from(
+        "# Configuration reference\n\n\
+         Every table and key of `/etc/meshd/meshd.toml`. Generated from \
+         `mesh_proto::config::KNOWN_KEYS`, the source of the packaged conffile and of \
+         `meshd.toml(5)`, whose tests hold it to the parser; rewrite this file with \
+         `MESHD_UPDATE_CONFFILE=1 cargo test -p meshd-docgen`. `meshd --check-config` checks a \
+         file against it.\n",
+    );
+    for t in KNOWN_TABLES {
+        s.push_str(&format!("\n## `{}`\n\n{}\n\n", header(t), t.meaning));
+        s.push_str("| key | type | default | meaning |\n|---|---|---|---|\n");
+        for k in keys_of(t.name) {
+            let default = match k.default {
+                KeyDefault::Value(v) => format!("`{v}`"),
+                KeyDefault::Words(w) => w.to_owned(),
+                KeyDefault::None => match k.required {
+                    Some("always") => "required".to_owned(),
+                    Some(when) => format!("required {when}"),
+                    None => "none".to_owned(),
+                },
+            };
+            let cell = |text: &str| text.replace('|', "\\|").replace('\n', " ");
+            s.push_str(&format!(
+                "| `{}` | {} | {} | {} |\n",
+                k.key,
+                cell(k.kind),
+                cell(&default),
+                cell(k.meaning)
+            ));
+        }
+    }
+    s
+}
+
 pub fn man_page(version: &str) -> String {
     let mut out = String::new();
     out.push_str(
@@ -280,6 +317,31 @@ mod tests {
              MESHD_UPDATE_CONFFILE=1 cargo test -p meshd-docgen",
             path.display()
         );
+    }
+
+    #[test]
+    fn the_configuration_reference_is_the_rendered_one() {
+        let want = reference_markdown();
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/CONFIGURATION.md");
+        if std::env::var_os("MESHD_UPDATE_CONFFILE").is_some() {
+            std::fs::write(&path, &want).expect("writing docs/CONFIGURATION.md");
+        }
+        let have = std::fs::read_to_string(&path).expect("reading docs/CONFIGURATION.md");
+        assert!(
+            have == want,
+            "docs/CONFIGURATION.md is not what KNOWN_KEYS renders; rewrite it with \
+             MESHD_UPDATE_CONFFILE=1 cargo test -p meshd-docgen"
+        );
+        // Every key is in it.
+        for k in mesh_proto::config::KNOWN_KEYS {
+            assert!(
+                want.contains(&format!("| `{}` |", k.key)),
+                "{}.{}",
+                k.table,
+                k.key
+            );
+        }
     }
 
     #[test]
