@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use crate::wire::api::{HostInfo, InviteInfo, InviteResponse};
 use crate::wire::control::{
-    endpoint_kind_str, PeerStatus, Status, RECENT_HANDSHAKE_SECS, ROLE_COORDINATOR,
+    endpoint_kind_str, HostState, PeerStatus, Status, RECENT_HANDSHAKE_SECS, ROLE_COORDINATOR,
 };
 
 /// "4s", "1m 5s", "2h 3m", "3d 4h" (a duration, see [`format_age`]).
@@ -186,7 +186,13 @@ pub fn render_peers_table(peers: &[PeerStatus], now_unix: u64) -> String {
 /// The `meshctl status` text: one aligned `label: value` line per field.
 pub fn render_status(status: &Status, now_unix: u64) -> String {
     let fields: Vec<(&str, String)> = vec![
-        ("host", status.host.clone()),
+        (
+            "host",
+            status
+                .host
+                .clone()
+                .unwrap_or_else(|| "- (not joined: meshctl join -)".to_string()),
+        ),
         (
             "interface",
             match status.ifindex {
@@ -195,7 +201,12 @@ pub fn render_status(status: &Status, now_unix: u64) -> String {
             },
         ),
         ("public key", status.public_key.to_string()),
-        ("mesh address", status.mesh_address.to_string()),
+        (
+            "mesh address",
+            status
+                .mesh_address
+                .map_or_else(|| "-".to_string(), |a| a.to_string()),
+        ),
         ("listen port", status.listen_port.to_string()),
         ("backend", status.backend.clone()),
         ("config", status.config_path.clone()),
@@ -237,7 +248,7 @@ pub fn render_status(status: &Status, now_unix: u64) -> String {
             format!(
                 "{p} NOT GRANTED: pending an admin's approval on the coordinator, or revoked \
                  (meshctl routes approve {} {p})",
-                status.host
+                status.host.as_deref().unwrap_or("THIS-HOST")
             ),
         ));
     }
@@ -288,7 +299,10 @@ pub fn integration_cell(i: &crate::handoff::IntegrationStatus, now_unix: u64) ->
 /// "10.99.99.1:51872 UNREACHABLE, last contact 5m 0s ago", or "- (static configuration)".
 fn coordinator_cell(status: &Status, now_unix: u64) -> String {
     let Some(c) = &status.coordinator else {
-        return "- (static configuration)".to_string();
+        return match status.state {
+            HostState::NeedsJoin => "- (not joined yet)".to_string(),
+            _ => "- (static configuration)".to_string(),
+        };
     };
     if c.role == ROLE_COORDINATOR {
         return format!("this host ({})", c.address);

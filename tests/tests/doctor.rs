@@ -743,8 +743,21 @@ fn ping_and_a_bugreport_without_secrets() -> Result<()> {
     lab.write_file(B, "/etc/meshd/meshd.toml", config.as_bytes())?;
     let p = lab.start_meshd_env(B, &[("RUST_LOG", ""), ("MESHD_LOG_FORMAT", "json")])?;
     lab.wait_meshctl(B, p, &["status"], MESH_TIMEOUT)?;
+    // Not joined: typed states in the JSON, plain words in the text, no sentinels.
+    let st: Value = serde_json::from_str(&lab.meshctl(B, &["status", "--json"])?)?;
+    assert_eq!(st["state"], "needs_join", "{st}");
+    assert!(st["host"].is_null() && st["mesh_address"].is_null(), "{st}");
+    let shown = lab.meshctl(B, &["status"])?;
+    assert!(
+        shown.contains("not joined") && !shown.contains("static configuration"),
+        "{shown}"
+    );
+    assert!(!shown.contains("0.0.0.0"), "{shown}");
     let joined_with = lab.invite(B, &[])?;
     lab.join(B, &joined_with)?;
+    let st: Value = serde_json::from_str(&lab.meshctl(B, &["status", "--json"])?)?;
+    assert_eq!(st["state"], "member", "{st}");
+    assert_eq!(st["host"], B, "{st}");
     lab.wait_mesh_pings(&[A, B], MESH_TIMEOUT)?;
 
     let ping = lab.meshctl(B, &["ping", A, "--count", "3"])?;

@@ -4,9 +4,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 
-use ipnet::IpNet;
 use mesh_proto::wire::control::{
-    CoordinatorStatus, PeerStatus, Request, Response, Status, ROLE_COORDINATOR, ROLE_MEMBER,
+    CoordinatorStatus, HostState, PeerStatus, Request, Response, Status, ROLE_COORDINATOR,
+    ROLE_MEMBER,
 };
 
 use crate::agent::{now, Agent, AgentStatus, PeerView};
@@ -52,16 +52,18 @@ pub fn status(st: &AgentStatus, peers: &[PeerStatus], now_unix: u64) -> Status {
         Some(i) => format!("{} (ifindex {i})", st.backend),
         None => format!("{} (interface not up yet)", st.backend),
     };
+    let state = match (st.mesh.api, st.address) {
+        (Some(_), _) if st.mesh.is_coordinator => HostState::Coordinator,
+        (Some(_), _) => HostState::Member,
+        (None, None) => HostState::NeedsJoin,
+        (None, Some(_)) => HostState::Static,
+    };
     Status {
-        host: st
-            .host_name
-            .clone()
-            .unwrap_or_else(|| "(not joined)".to_string()),
+        host: st.host_name.clone(),
+        state,
         interface: st.interface.clone(),
         public_key: st.public_key,
-        mesh_address: st
-            .address
-            .unwrap_or_else(|| IpNet::from(std::net::IpAddr::from([0, 0, 0, 0]))),
+        mesh_address: st.address,
         listen_port: st.listen_port,
         backend,
         config_path: st.config_path.display().to_string(),

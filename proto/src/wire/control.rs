@@ -161,13 +161,34 @@ pub const ROLE_COORDINATOR: &str = "coordinator";
 /// `CoordinatorStatus::role` of every other host of a managed mesh.
 pub const ROLE_MEMBER: &str = "member";
 
+/// Where this host stands, for scripts (`meshctl status --json`'s `state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Installed, not a member yet: `meshctl join` is what is missing.
+    NeedsJoin,
+    /// A member of a managed mesh.
+    Member,
+    /// The coordinator's host.
+    Coordinator,
+    /// Static `[[peer]]` configuration, no coordinator.
+    Static,
+    /// Said by an older meshd that did not report it.
+    #[default]
+    Unknown,
+}
+
 /// What `meshctl status` shows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
-    pub host: String,
+    /// `None` until the host joined (a token brings the name).
+    pub host: Option<String>,
+    #[serde(default)]
+    pub state: HostState,
     pub interface: String,
     pub public_key: PublicKey,
-    pub mesh_address: IpNet,
+    /// `None` until the host joined.
+    pub mesh_address: Option<IpNet>,
     pub listen_port: u16,
     pub backend: String,
     pub config_path: String,
@@ -372,10 +393,11 @@ pub(crate) mod tests {
 
     pub(crate) fn status() -> Status {
         Status {
-            host: "dock-load".into(),
+            host: Some("dock-load".into()),
+            state: HostState::Static,
             interface: "wgmesh0".into(),
             public_key: PublicKey([1; 32]),
-            mesh_address: "10.99.99.1/24".parse().unwrap(),
+            mesh_address: Some("10.99.99.1/24".parse().unwrap()),
             listen_port: 51871,
             backend: "userspace".into(),
             config_path: "/etc/meshd/meshd.toml".into(),
