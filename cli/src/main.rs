@@ -163,11 +163,16 @@ enum Cmd {
     },
     /// Remove everything meshd owns on this host (the interface, its routes, its nftables
     /// table and forwarding settings) and stop meshd. Stopping meshd alone leaves all of it up.
+    /// With meshd not running, runs `meshd --down` instead; nothing left to remove is no
+    /// error. A down lasts until meshd starts again: `meshctl up`, or the next boot.
     Down {
-        /// meshd's configuration (for the offline hint).
+        /// meshd's configuration (for `meshd --down` when meshd is not running).
         #[arg(long, env = "MESHD_CONFIG", default_value = mesh_proto::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Undo `meshctl down`: start meshd again (`systemctl start meshd`) and wait until it
+    /// answers. Nothing to do when it runs.
+    Up,
     /// Print the completion script for SHELL (no daemon needed): e.g. `source <(meshctl
     /// completion bash)`, or save it where the shell looks for completions. The package
     /// installs the same scripts.
@@ -263,6 +268,60 @@ fn unreachable_reason(socket: &Path, e: &std::io::Error) -> String {
             socket.display()
         ),
     }
+}
+
+/// `meshctl down` with meshd not running: `meshd --down` does it (and says "nothing to
+/// remove" when nothing is left, which is success too).
+fn down_offline(config: &Path) -> Result<bool> {
+    let meshd = meshd_command();
+    let st = std::process::Command::new(&meshd)
+        .arg("--down")
+        .arg("--config")
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .status()
+        .with_context(|| {
+            format!(
+                "meshd is not running, and `{} --down` could not be run",
+                meshd.display()
+            )
+        })?;
+    Ok(st.success())
+}
+
+/// `meshctl up`: start meshd through systemd and wait until its control socket answers.
+fn up(socket: &Path) -> Result<bool> {
+    if daemon_up(socket)? {
+        out("meshd is running; nothing to do\n")?;
+        return Ok(true);
+    }
+    if !Path::new("/run/systemd/system").is_dir() {
+        bail!(
+            "meshd is not running and this system is not run by systemd: start meshd yourself \
+             (meshd --config /etc/meshd/meshd.toml)"
+        );
+    }
+    let st = std::process::Command::new("systemctl")
+        .args(["start", "--no-block", "meshd"])
+        .stdin(std::process::Stdio::null())
+        .status()
+        .context("cannot run systemctl")?;
+    if !st.success() {
+        bail!("systemctl start meshd failed ({st}); systemctl status meshd says why");
+    }
+    let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
+    while std::time::Instant::now() < deadline {
+        if daemon_up(socket)? {
+            out("meshd started; the mesh comes up as it reconciles (meshctl status)\n")?;
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!(
+        "meshd did not answer within {} s of systemctl start meshd; systemctl status meshd, \
+         journalctl -u meshd",
+        REPLY_TIMEOUT.as_secs()
+    )
 }
 
 /// How long meshctl waits for meshd's answer.
@@ -446,12 +505,8 @@ fn run(cli: Cli) -> Result<bool> {
             ))?;
             return Ok(true);
         }
-        Cmd::Down { config } if !daemon_up(&cli.socket)? => bail!(
-            "meshd is not running (no answer on {}); to remove everything it owns without it, \
-             run: meshd --down --config {}",
-            cli.socket.display(),
-            config.display()
-        ),
+        Cmd::Down { config } if !daemon_up(&cli.socket)? => return down_offline(config),
+        Cmd::Up => return up(&cli.socket),
         _ => {}
     }
     send(cli).map(|()| true)
@@ -462,6 +517,7 @@ fn send(cli: Cli) -> Result<()> {
         Cmd::Completion { .. } => bail!("meshctl completion needs no daemon"),
         Cmd::Bugreport { .. } => bail!("meshctl bugreport is written by meshctl itself"),
         Cmd::Ping { .. } => bail!("meshctl ping sends its own echo requests"),
+        Cmd::Up => bail!("meshctl up starts meshd itself"),
         Cmd::Doctor { .. } => Request::Doctor,
         Cmd::Down { .. } => Request::Down,
         Cmd::Peers { .. } => Request::Peers,

@@ -293,6 +293,7 @@ fn booted_fleet_forms_from_the_package_and_a_restart_loses_no_ping() -> Result<(
         worst.as_millis()
     );
     journal_is_native(&lab, member, nspawn)?;
+    down_then_up(&lab, "dock-edge", containers["dock-edge"])?;
     remove_then_purge(&lab, "dock-dash", containers["dock-dash"])?;
     // The coordinator runs again for the new install to join.
     lab.container_ok(
@@ -313,6 +314,39 @@ fn booted_fleet_forms_from_the_package_and_a_restart_loses_no_ping() -> Result<(
         containers[COORDINATOR],
         &deb,
     )
+}
+
+/// `meshctl down` under systemd: meshd stops (the unit does not restart it) and takes the
+/// interface with it; a second `meshctl down` has nothing to remove and succeeds; `meshctl
+/// up` starts the unit again and every pair of `host` pings.
+fn down_then_up(lab: &Lab, host: &str, nspawn: meshlab::ProcId) -> Result<()> {
+    lab.container_ok(host, nspawn, &["meshctl", "down"])?;
+    poll_until(
+        Duration::from_secs(15),
+        &format!("meshd on {host} to stop after meshctl down"),
+        || {
+            let out = lab.container_output(host, nspawn, &["systemctl", "is-active", "meshd"])?;
+            Ok(String::from_utf8_lossy(&out.stdout).trim() != "active")
+        },
+    )?;
+    let link = lab.container_output(host, nspawn, &["ip", "link", "show", MESH_IFACE])?;
+    if link.status.success() {
+        bail!("{MESH_IFACE} is still on {host} after meshctl down");
+    }
+    let again = lab.container_ok(host, nspawn, &["meshctl", "down"])?;
+    if !again.contains("nothing to remove") {
+        bail!("a second meshctl down on {host} said: {again}");
+    }
+    let t = std::time::Instant::now();
+    lab.container_ok(host, nspawn, &["meshctl", "up"])?;
+    lab.wait_unit(host, nspawn, "meshd-online.target", TIMEOUT)?;
+    pairs_ping(lab, host, TIMEOUT)?;
+    println!(
+        "meshctl down on {host}: meshd stopped, {MESH_IFACE} gone; again: nothing to remove \
+         (exit 0); meshctl up to all its pairs pinging: {} ms",
+        t.elapsed().as_millis()
+    );
+    Ok(())
 }
 
 /// meshd logs to journald natively under its unit: the coordinator's absence (this boot of
