@@ -320,7 +320,25 @@ fn booted_fleet_forms_from_the_package_and_a_restart_loses_no_ping() -> Result<(
 /// interface with it; a second `meshctl down` has nothing to remove and succeeds; `meshctl
 /// up` starts the unit again and every pair of `host` pings.
 fn down_then_up(lab: &Lab, host: &str, nspawn: meshlab::ProcId) -> Result<()> {
-    lab.container_ok(host, nspawn, &["meshctl", "down"])?;
+    if let Err(e) = lab.container_ok(host, nspawn, &["meshctl", "down"]) {
+        let journal = lab
+            .container_ok(
+                host,
+                nspawn,
+                &[
+                    "journalctl",
+                    "-u",
+                    "meshd",
+                    "-n",
+                    "40",
+                    "--no-pager",
+                    "-o",
+                    "short-precise",
+                ],
+            )
+            .unwrap_or_default();
+        bail!("{e:#}\n{host}'s journal:\n{journal}");
+    }
     poll_until(
         Duration::from_secs(15),
         &format!("meshd on {host} to stop after meshctl down"),

@@ -557,7 +557,11 @@ pub fn teardown(interface: &str, integrations: &IntegrationsConfig) -> (Vec<Stri
             )),
         }
     }
-    if let Some(r) = crate::handoff::resolved::SystemResolvectl::find() {
+    // Split DNS lives on the link: with the interface gone, resolved has dropped it already.
+    let link_exists = std::path::Path::new("/sys/class/net")
+        .join(interface)
+        .exists();
+    if let Some(r) = crate::handoff::resolved::SystemResolvectl::find().filter(|_| link_exists) {
         match crate::handoff::resolved::revert_split_dns(&r, interface) {
             Ok(()) => removed.push(format!("reverted split DNS on {interface}")),
             Err(e) => failed.push(e.to_string()),

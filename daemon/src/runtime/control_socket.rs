@@ -31,6 +31,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Command {
     pub request: Request,
     pub reply: oneshot::Sender<Response>,
+    /// Resolves once the reply is written to the client (or the connection is gone): the
+    /// loop waits on it before meshd exits after `meshctl down`, so the answer is not lost.
+    pub written: oneshot::Receiver<()>,
 }
 
 /// Create the control socket's directory (0755) if missing.
@@ -212,7 +215,16 @@ async fn handle_connection(
             }
         };
         let (reply, rx) = oneshot::channel();
-        if commands.send(Command { request, reply }).await.is_err() {
+        let (written_tx, written) = oneshot::channel();
+        if commands
+            .send(Command {
+                request,
+                reply,
+                written,
+            })
+            .await
+            .is_err()
+        {
             let resp = Response::error("meshd is shutting down");
             return write_response(&mut write, &resp).await;
         }
@@ -220,6 +232,7 @@ async fn handle_connection(
             .await
             .unwrap_or_else(|_| Response::error("meshd is shutting down"));
         write_response(&mut write, &resp).await?;
+        let _ = written_tx.send(());
     }
 }
 

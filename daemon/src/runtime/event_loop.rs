@@ -306,6 +306,8 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                         Err(e) => tracing::error!(error = %e, "down"),
                     }
                     let _ = cmd.reply.send(reply);
+                    // meshd exits next: let the connection write the answer first.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), cmd.written).await;
                     stop = Stop::Down {
                         removed: result.unwrap_or_default(),
                     };
@@ -319,7 +321,7 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                     });
                 } else if is_admin(&cmd.request) {
                     // Admin calls may take a while (the coordinator API): answered from a task.
-                    let Command { request, reply } = cmd;
+                    let Command { request, reply, .. } = cmd;
                     let call = match (&admin, admin_route(&agent)) {
                         (Some(handler), _) => handler(request),
                         (None, Ok(api)) => match agent.signer() {
