@@ -483,6 +483,38 @@ pub fn endpoint_report(
     }
 }
 
+/// Interfaces whose addresses are never endpoint candidates: container, pod and VM networks
+/// and other overlays (flannel's `flannel.1`, K3s's `cni0`, Docker's `docker0` and `br-*`,
+/// `veth*` pairs, libvirt's `virbr*`, Calico, Cilium, Weave, other WireGuard and VPN
+/// interfaces) and loopback. Their addresses are not reachable from other hosts, and a peer
+/// that tries one first (after a restart, before it learns the real one) gets no handshake.
+pub const NOT_UNDERLAY_PREFIXES: &[&str] = &[
+    "lo",
+    "docker",
+    "br-",
+    "veth",
+    "virbr",
+    "cni",
+    "flannel",
+    "cali",
+    "tunl",
+    "vxlan",
+    "kube-",
+    "weave",
+    "cilium",
+    "lxc",
+    "podman",
+    "wg",
+    "tailscale",
+    "zt",
+    "nebula",
+];
+
+/// Whether the addresses of the interface called `name` may be endpoint candidates.
+pub fn underlay_interface(name: &str) -> bool {
+    !NOT_UNDERLAY_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
 fn usable_underlay(a: &IpAddr) -> bool {
     match a {
         IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_link_local() || v4.is_unspecified()),
@@ -530,6 +562,36 @@ impl Backoff {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn overlay_interfaces_offer_no_endpoint() {
+        for name in [
+            "flannel.1",
+            "cni0",
+            "docker0",
+            "br-3f2a",
+            "veth12ab",
+            "virbr0",
+            "cali123",
+            "tunl0",
+            "vxlan.calico",
+            "kube-ipvs0",
+            "cilium_host",
+            "lxc1",
+            "wg0",
+            "flannel-wg",
+            "tailscale0",
+            "lo",
+        ] {
+            assert!(!underlay_interface(name), "{name}");
+        }
+        for name in [
+            "eth0", "enp3s0", "wlan0", "br0", "bond0", "lan0", "ens18", "vmbr0",
+        ] {
+            assert!(underlay_interface(name), "{name}");
+        }
+    }
+
     use super::*;
     use crate::netmap::NetmapPeer;
 

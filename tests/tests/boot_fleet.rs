@@ -293,7 +293,6 @@ fn booted_fleet_forms_from_the_package_and_a_restart_loses_no_ping() -> Result<(
         worst.as_millis()
     );
     journal_is_native(&lab, member, nspawn)?;
-    down_then_up(&lab, "dock-edge", containers["dock-edge"])?;
     remove_then_purge(&lab, "dock-dash", containers["dock-dash"])?;
     // The coordinator runs again for the new install to join.
     lab.container_ok(
@@ -313,14 +312,36 @@ fn booted_fleet_forms_from_the_package_and_a_restart_loses_no_ping() -> Result<(
         containers["dock-dash"],
         containers[COORDINATOR],
         &deb,
-    )
+    )?;
+    down_then_up(&lab, "dock-edge", containers["dock-edge"], &containers)
 }
 
 /// `meshctl down` under systemd: meshd stops (the unit does not restart it) and takes the
 /// interface with it; a second `meshctl down` has nothing to remove and succeeds; `meshctl
 /// up` starts the unit again and every pair of `host` pings.
-fn down_then_up(lab: &Lab, host: &str, nspawn: meshlab::ProcId) -> Result<()> {
-    if let Err(e) = lab.container_ok(host, nspawn, &["meshctl", "down"]) {
+fn down_then_up(
+    lab: &Lab,
+    host: &str,
+    nspawn: meshlab::ProcId,
+    containers: &std::collections::BTreeMap<String, meshlab::ProcId>,
+) -> Result<()> {
+    down_then_up_steps(lab, host, nspawn).map_err(|e| {
+        let peers: String = ["dock-edge", "dock-mirror"]
+            .iter()
+            .map(|h| {
+                let p = lab
+                    .container_ok(h, containers[*h], &["meshctl", "peers"])
+                    .unwrap_or_default();
+                let wg = lab
+                    .command(h, &["wg", "show"])
+                    .ok()
+                    .and_then(|mut c| c.output().ok());
+                let wg = wg
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                format!("{h}: meshctl peers:\n{p}\nwg show:\n{wg}\n")
+            })
+            .collect();
         let journal = lab
             .container_ok(
                 host,
@@ -330,21 +351,26 @@ fn down_then_up(lab: &Lab, host: &str, nspawn: meshlab::ProcId) -> Result<()> {
                     "-u",
                     "meshd",
                     "-n",
-                    "40",
+                    "60",
                     "--no-pager",
                     "-o",
                     "short-precise",
                 ],
             )
             .unwrap_or_default();
-        bail!("{e:#}\n{host}'s journal:\n{journal}");
-    }
+        anyhow::anyhow!("{e:#}\n{host}'s journal:\n{journal}\n{peers}")
+    })
+}
+
+fn down_then_up_steps(lab: &Lab, host: &str, nspawn: meshlab::ProcId) -> Result<()> {
+    let said = lab.container_ok(host, nspawn, &["meshctl", "down"])?;
+    println!("meshctl down on {host}: {}", said.trim());
     poll_until(
         Duration::from_secs(15),
         &format!("meshd on {host} to stop after meshctl down"),
         || {
             let out = lab.container_output(host, nspawn, &["systemctl", "is-active", "meshd"])?;
-            Ok(String::from_utf8_lossy(&out.stdout).trim() != "active")
+            Ok(String::from_utf8_lossy(&out.stdout).trim() == "inactive")
         },
     )?;
     let link = lab.container_output(host, nspawn, &["ip", "link", "show", MESH_IFACE])?;
@@ -358,7 +384,17 @@ fn down_then_up(lab: &Lab, host: &str, nspawn: meshlab::ProcId) -> Result<()> {
     let t = std::time::Instant::now();
     lab.container_ok(host, nspawn, &["meshctl", "up"])?;
     lab.wait_unit(host, nspawn, "meshd-online.target", TIMEOUT)?;
-    pairs_ping(lab, host, TIMEOUT)?;
+    // dock-dash was reinstalled under another name and address just before.
+    let own = lab.mesh_addr(host)?;
+    for other in ["dock-load", "dock-prod", "dock-mirror"] {
+        let addr = lab.mesh_addr(other)?;
+        poll_until(TIMEOUT, &format!("{host} to ping {other}"), || {
+            lab.ping(host, addr)
+        })?;
+        poll_until(TIMEOUT, &format!("{other} to ping {host}"), || {
+            lab.ping(other, own)
+        })?;
+    }
     println!(
         "meshctl down on {host}: meshd stopped, {MESH_IFACE} gone; again: nothing to remove \
          (exit 0); meshctl up to all its pairs pinging: {} ms",

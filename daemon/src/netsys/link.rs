@@ -212,6 +212,23 @@ impl LinkBackend for NetlinkLink {
 
     async fn underlay_addresses(&mut self, exclude: &str) -> Result<Vec<IpAddr>> {
         let skip = self.link(exclude).await.ok().map(|l| l.header.index);
+        // Pod, container and VM networks are no way to reach this host from another
+        // (mesh_proto::member::underlay_interface).
+        let mut overlays = std::collections::HashSet::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(l) = links
+            .try_next()
+            .await
+            .map_err(|e| nl("cannot list links", e))?
+        {
+            let name = l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.as_str()),
+                _ => None,
+            });
+            if name.is_some_and(|n| !mesh_proto::member::underlay_interface(n)) {
+                overlays.insert(l.header.index);
+            }
+        }
         let mut out = Vec::new();
         let mut stream = self.handle.address().get().execute();
         while let Some(msg) = stream
@@ -219,7 +236,7 @@ impl LinkBackend for NetlinkLink {
             .await
             .map_err(|e| nl("cannot list addresses", e))?
         {
-            if Some(msg.header.index) == skip {
+            if Some(msg.header.index) == skip || overlays.contains(&msg.header.index) {
                 continue;
             }
             if let Some(ip) = address_of(&msg) {
