@@ -166,8 +166,44 @@ struct DeviceCollector {
 }
 
 type Labels = Vec<(&'static str, String)>;
-/// A per-peer counter: name (without `_total`), help, value.
-type CounterSpec = (&'static str, &'static str, fn(&PeerSample) -> u64);
+
+/// One counter family (`name` without `_total`), a sample per label set.
+fn counters(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (labels, v) in rows {
+        ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// One gauge family, a sample per label set.
+fn gauges(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, i64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for (labels, v) in rows {
+        ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
 
 impl DeviceCollector {
     fn peer_labels(interface: &str, p: &PeerSample) -> Labels {
@@ -222,113 +258,88 @@ impl Collector for DeviceCollector {
                     ("peer", p.friendly_name.clone()),
                 ]
             };
-            let counters: [CounterSpec; 2] = [
-                (
-                    "meshd_peer_sent_bytes",
-                    "Bytes sent to the peer (by peer name; survives key rotation)",
-                    |p| p.sent,
-                ),
-                (
-                    "meshd_peer_received_bytes",
-                    "Bytes received from the peer (by peer name; survives key rotation)",
-                    |p| p.received,
-                ),
-            ];
-            for (name, help, value) in counters {
-                let mut family = encoder.encode_descriptor(
-                    name,
-                    help,
-                    None,
-                    prometheus_client::metrics::MetricType::Counter,
-                )?;
-                for p in &snap.peers {
-                    ConstCounter::new(value(p)).encode(family.encode_family(&by_name(p))?)?;
-                }
-            }
-            let mut family = encoder.encode_descriptor(
+            let peers = &snap.peers;
+            counters(
+                &mut encoder,
+                "meshd_peer_sent_bytes",
+                "Bytes sent to the peer (by peer name; survives key rotation)",
+                peers.iter().map(|p| (by_name(p), p.sent)),
+            )?;
+            counters(
+                &mut encoder,
+                "meshd_peer_received_bytes",
+                "Bytes received from the peer (by peer name; survives key rotation)",
+                peers.iter().map(|p| (by_name(p), p.received)),
+            )?;
+            gauges(
+                &mut encoder,
                 "meshd_peer_latest_handshake_seconds",
                 "UNIX timestamp of the latest handshake with the peer (0: never)",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
+                peers.iter().map(|p| (by_name(p), p.latest_handshake)),
             )?;
-            for p in &snap.peers {
-                ConstGauge::new(p.latest_handshake).encode(family.encode_family(&by_name(p))?)?;
-            }
-            let mut family = encoder.encode_descriptor(
+            gauges(
+                &mut encoder,
                 "meshd_peer_info",
                 "The peer's current public key and allowed IPs (always 1)",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
+                peers.iter().map(|p| {
+                    let mut labels = by_name(p);
+                    labels.push(("public_key", p.public_key.clone()));
+                    labels.push(("allowed_ips", p.allowed_ips.clone()));
+                    (labels, 1)
+                }),
             )?;
-            for p in &snap.peers {
-                let mut labels = by_name(p);
-                labels.push(("public_key", p.public_key.clone()));
-                labels.push(("allowed_ips", p.allowed_ips.clone()));
-                ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
-            }
-            let mut family = encoder.encode_descriptor(
+            gauges(
+                &mut encoder,
                 "meshd_peer_path",
                 "How traffic to the peer travels (1 for the current path: lan, public, relay, unknown)",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
+                peers.iter().map(|p| {
+                    let mut labels = by_name(p);
+                    labels.push(("path", p.path.as_str().to_owned()));
+                    (labels, 1)
+                }),
             )?;
-            for p in &snap.peers {
-                let mut labels = by_name(p);
-                labels.push(("path", p.path.as_str().to_owned()));
-                ConstGauge::new(1i64).encode(family.encode_family(&labels)?)?;
-            }
-            let counters: [CounterSpec; 2] = [
-                ("wireguard_sent_bytes", "Bytes sent to the peer", |p| p.sent),
-                (
-                    "wireguard_received_bytes",
-                    "Bytes received from the peer",
-                    |p| p.received,
-                ),
-            ];
-            for (name, help, value) in counters {
-                let mut family = encoder.encode_descriptor(
-                    name,
-                    help,
-                    None,
-                    prometheus_client::metrics::MetricType::Counter,
-                )?;
-                for p in &snap.peers {
-                    let labels = Self::peer_labels(iface, p);
-                    ConstCounter::new(value(p)).encode(family.encode_family(&labels)?)?;
-                }
-            }
-            let mut family = encoder.encode_descriptor(
+            // The WireGuard exporter's names and labels.
+            counters(
+                &mut encoder,
+                "wireguard_sent_bytes",
+                "Bytes sent to the peer",
+                peers.iter().map(|p| (Self::peer_labels(iface, p), p.sent)),
+            )?;
+            counters(
+                &mut encoder,
+                "wireguard_received_bytes",
+                "Bytes received from the peer",
+                peers
+                    .iter()
+                    .map(|p| (Self::peer_labels(iface, p), p.received)),
+            )?;
+            gauges(
+                &mut encoder,
                 "wireguard_latest_handshake_seconds",
                 "UNIX timestamp of the latest handshake with the peer (0: never)",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
+                peers
+                    .iter()
+                    .map(|p| (Self::peer_labels(iface, p), p.latest_handshake)),
             )?;
-            for p in &snap.peers {
-                let labels = Self::peer_labels(iface, p);
-                ConstGauge::new(p.latest_handshake).encode(family.encode_family(&labels)?)?;
-            }
         }
         if !snap.integrations.is_empty() {
-            let mut family = encoder.encode_descriptor(
+            let by_name = |name: &String| -> Labels { vec![("integration", name.clone())] };
+            gauges(
+                &mut encoder,
                 "meshd_integration_ok",
                 "1 when the integration's last render, write, check and reload succeeded",
-                None,
-                prometheus_client::metrics::MetricType::Gauge,
+                snap.integrations
+                    .iter()
+                    .map(|(name, ok, _)| (by_name(name), i64::from(*ok))),
             )?;
-            for (name, ok, _) in &snap.integrations {
-                let labels: Labels = vec![("integration", name.clone())];
-                ConstGauge::new(i64::from(*ok)).encode(family.encode_family(&labels)?)?;
-            }
-            let mut family = encoder.encode_descriptor(
+            counters(
+                &mut encoder,
                 "meshd_integration_failures",
                 "Applies of the integration that failed (render, write, check or reload)",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
+                snap.integrations
+                    .iter()
+                    .map(|(name, _, failures)| (by_name(name), *failures)),
             )?;
-            for (name, _, failures) in &snap.integrations {
-                let labels: Labels = vec![("integration", name.clone())];
-                ConstCounter::new(*failures).encode(family.encode_family(&labels)?)?;
-            }
         }
         if let Some(c) = &snap.coordinator {
             let gauges: [(&str, &str, u64); 4] = [
@@ -369,16 +380,14 @@ impl Collector for DeviceCollector {
                 prometheus_client::metrics::MetricType::Counter,
             )?;
             ConstCounter::new(c.joins).encode(family)?;
-            let mut family = encoder.encode_descriptor(
+            counters(
+                &mut encoder,
                 "meshd_coordinator_api_requests",
                 "API requests answered since start, by outcome (ok: status below 400)",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
+                [("ok", c.requests_ok), ("error", c.requests_failed)]
+                    .into_iter()
+                    .map(|(outcome, n)| (vec![("outcome", outcome.to_owned())], n)),
             )?;
-            for (outcome, n) in [("ok", c.requests_ok), ("error", c.requests_failed)] {
-                let labels: Labels = vec![("outcome", outcome.to_owned())];
-                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
-            }
             let family = encoder.encode_descriptor(
                 "meshd_coordinator_api_request_duration_seconds",
                 "Duration of API requests, long-polls for the netmap left out",

@@ -304,12 +304,15 @@ mod tests {
 
     #[test]
     fn the_packaged_conffile_is_the_rendered_one() {
-        let want = conffile();
-        let path = repo_conffile();
+        holds_the_rendered_text(&repo_conffile(), &conffile());
+    }
+
+    /// `path` holds `want`; `MESHD_UPDATE_CONFFILE=1` rewrites it first.
+    fn holds_the_rendered_text(path: &std::path::Path, want: &str) {
         if std::env::var_os("MESHD_UPDATE_CONFFILE").is_some() {
-            std::fs::write(&path, &want).expect("writing the conffile");
+            std::fs::write(path, want).expect("writing the rendered file");
         }
-        let have = std::fs::read_to_string(&path).expect("reading packaging/debian/meshd.toml");
+        let have = std::fs::read_to_string(path).expect("reading the rendered file");
         assert!(
             have == want,
             "{} is not what KNOWN_KEYS renders; edit mesh_proto::config::keys (or \
@@ -322,16 +325,9 @@ mod tests {
     #[test]
     fn the_configuration_reference_is_the_rendered_one() {
         let want = reference_markdown();
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/CONFIGURATION.md");
-        if std::env::var_os("MESHD_UPDATE_CONFFILE").is_some() {
-            std::fs::write(&path, &want).expect("writing docs/CONFIGURATION.md");
-        }
-        let have = std::fs::read_to_string(&path).expect("reading docs/CONFIGURATION.md");
-        assert!(
-            have == want,
-            "docs/CONFIGURATION.md is not what KNOWN_KEYS renders; rewrite it with \
-             MESHD_UPDATE_CONFFILE=1 cargo test -p meshd-docgen"
+        holds_the_rendered_text(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/CONFIGURATION.md"),
+            &want,
         );
         // Every key is in it.
         for k in mesh_proto::config::KNOWN_KEYS {
