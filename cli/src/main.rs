@@ -16,7 +16,7 @@ use mesh_proto::render::{
 };
 use mesh_proto::routes::RouteDecision;
 use mesh_proto::wire::api::InviteRequest;
-use mesh_proto::wire::control::{Request, Response};
+use mesh_proto::wire::control::{Done, Request, Response};
 use mesh_proto::PublicKey;
 
 #[derive(Debug, Parser)]
@@ -44,7 +44,11 @@ enum Cmd {
         json: bool,
     },
     /// Re-read the configuration file (like SIGHUP).
-    Reload,
+    Reload {
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// Join a mesh with an invitation token (from `meshctl invite` on the coordinator). The
     /// token is read from stdin (`meshctl join -`, or `meshctl join` with stdin not a
     /// terminal) or from a file (`--token-file F`: mode 0600, owned by root; removed after a
@@ -56,18 +60,27 @@ enum Cmd {
         /// Read the token from this file (mode 0600, owned by root); removed after the join.
         #[arg(long, alias = "file", value_name = "FILE")]
         token_file: Option<PathBuf>,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Rotate this host's WireGuard key now, through the coordinator (peers switch with it);
     /// with NAME (on the coordinator or an admin host), ask that host to rotate its key.
     Rotate {
         /// The host to ask (default: this host, at once).
         name: Option<String>,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a static peer's current wg-quick configuration (after rotations, to install on
     /// the device; its private key stays a placeholder).
     StaticConfig {
         /// The static peer's name.
         name: String,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Invite a host: prints its one-line token (or, with --static, a wg-quick config).
     Invite {
@@ -99,6 +112,9 @@ enum Cmd {
         /// keepalives.
         #[arg(long, requires = "static_peer", value_name = "HOST")]
         near: Option<String>,
+        /// Print JSON for scripts (name, address, token or wg_quick_config, expires_unix).
+        #[arg(long)]
+        json: bool,
     },
     /// List pending invitations, or revoke one (`invites revoke NAME`).
     Invites {
@@ -109,7 +125,12 @@ enum Cmd {
         action: Option<InvitesCmd>,
     },
     /// Revoke a pending invitation.
-    Revoke { name: String },
+    Revoke {
+        name: String,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the hosts of the mesh (coordinator registry).
     Hosts {
         /// Print JSON for scripts.
@@ -117,7 +138,12 @@ enum Cmd {
         json: bool,
     },
     /// Remove a host from the mesh: out of every netmap, its key refused from then on.
-    Remove { name: String },
+    Remove {
+        name: String,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
     /// The prefixes hosts advertise (routes.advertise) and their state: pending until an admin
     /// approves them; only approved ones reach the netmaps, and each host takes only those
     /// its routes.accept opts in to. Without an action: list them.
@@ -169,6 +195,9 @@ enum Cmd {
         /// meshd's configuration (for `meshd --down` when meshd is not running).
         #[arg(long, env = "MESHD_CONFIG", default_value = mesh_proto::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
     },
     /// Undo `meshctl down`: start meshd again (`systemctl start meshd`) and wait until it
     /// answers. Nothing to do when it runs.
@@ -272,28 +301,30 @@ fn unreachable_reason(socket: &Path, e: &std::io::Error) -> String {
 
 /// `meshctl down` with meshd not running: `meshd --down` does it (and says "nothing to
 /// remove" when nothing is left, which is success too).
-fn down_offline(config: &Path) -> Result<bool> {
+fn down_offline(config: &Path, json: bool) -> Result<Exit> {
     let meshd = meshd_command();
-    let st = std::process::Command::new(&meshd)
-        .arg("--down")
-        .arg("--config")
-        .arg(config)
+    let mut cmd = std::process::Command::new(&meshd);
+    cmd.arg("--down").arg("--config").arg(config);
+    if json {
+        cmd.arg("--json");
+    }
+    let st = cmd
         .stdin(std::process::Stdio::null())
         .status()
-        .with_context(|| {
-            format!(
-                "meshd is not running, and `{} --down` could not be run",
+        .map_err(|e| {
+            NoAnswer(format!(
+                "meshd is not running, and `{} --down` could not be run: {e}",
                 meshd.display()
-            )
+            ))
         })?;
-    Ok(st.success())
+    Ok(if st.success() { Exit::Ok } else { Exit::Failed })
 }
 
 /// `meshctl up`: start meshd through systemd and wait until its control socket answers.
-fn up(socket: &Path) -> Result<bool> {
+fn up(socket: &Path) -> Result<Exit> {
     if daemon_up(socket)? {
         out("meshd is running; nothing to do\n")?;
-        return Ok(true);
+        return Ok(Exit::Ok);
     }
     if !Path::new("/run/systemd/system").is_dir() {
         bail!(
@@ -309,19 +340,22 @@ fn up(socket: &Path) -> Result<bool> {
     if !st.success() {
         bail!("systemctl start meshd failed ({st}); systemctl status meshd says why");
     }
+    let progress = Progress::start("starting meshd: waiting for its control socket");
     let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
     while std::time::Instant::now() < deadline {
         if daemon_up(socket)? {
+            drop(progress);
             out("meshd started; the mesh comes up as it reconciles (meshctl status)\n")?;
-            return Ok(true);
+            return Ok(Exit::Ok);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    bail!(
+    Err(NoAnswer(format!(
         "meshd did not answer within {} s of systemctl start meshd; systemctl status meshd, \
          journalctl -u meshd",
         REPLY_TIMEOUT.as_secs()
-    )
+    ))
+    .into())
 }
 
 /// How long meshctl waits for meshd's answer.
@@ -350,10 +384,86 @@ fn no_reply_reason(req: &Request, e: &std::io::Error) -> String {
     }
 }
 
+/// meshctl's exit status, as meshctl(8) documents it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// Done; `status`: joined and the last pass had no error.
+    Ok = 0,
+    /// The request failed: meshd or the coordinator refused it, a doctor check failed, a ping
+    /// got no answer, or meshctl's own input (the token) was refused.
+    Failed = 1,
+    // 2: a usage error, from clap.
+    /// meshd could not be asked: it is not running, its socket is root's, or it gave no
+    /// answer in time; `doctor`: the checks could not run at all.
+    NoAnswer = 3,
+    /// `status`: the host has not joined a mesh (`meshctl join`).
+    NotJoined = 4,
+    /// `status`: the last reconcile pass had an error (`last_error`).
+    InError = 5,
+}
+
+/// An error meaning meshd could not be asked (exit status 3), not that it refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NoAnswer(String);
+
+/// What `meshctl status` exits with for this status.
+fn status_exit(status: &mesh_proto::wire::control::Status) -> Exit {
+    use mesh_proto::wire::control::HostState;
+    if status.state == HostState::NeedsJoin {
+        Exit::NotJoined
+    } else if status.last_error.is_some() {
+        Exit::InError
+    } else {
+        Exit::Ok
+    }
+}
+
+/// A spinner with the elapsed time on stderr while a long request runs (join, rotation,
+/// doctor), on a terminal only; cleared when dropped.
+struct Progress(indicatif::ProgressBar);
+
+impl Progress {
+    fn start(what: &str) -> Progress {
+        use std::io::IsTerminal as _;
+        let bar = if std::io::stderr().is_terminal() {
+            indicatif::ProgressBar::new_spinner()
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+            bar.set_style(style);
+        }
+        bar.set_message(what.to_string());
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Progress(bar)
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+/// What a request waits for, shown on a terminal while it runs (`None`: it is quick).
+fn progress_label(req: &Request) -> Option<&'static str> {
+    match req {
+        Request::Join { .. } => {
+            Some("joining: meshd registers with the coordinator and waits for its first netmap")
+        }
+        Request::Rotate => {
+            Some("rotating the key: the coordinator and every online peer take the new key")
+        }
+        Request::Doctor => Some("running the checks (the path MTU probes take a few seconds)"),
+        _ => None,
+    }
+}
+
 fn request(socket: &Path, req: &Request) -> Result<Response> {
     let mut stream = match UnixStream::connect(socket) {
         Ok(s) => s,
-        Err(e) => bail!("{}", unreachable_reason(socket, &e)),
+        Err(e) => return Err(NoAnswer(unreachable_reason(socket, &e)).into()),
     };
     stream
         .set_read_timeout(Some(REPLY_TIMEOUT))
@@ -362,15 +472,19 @@ fn request(socket: &Path, req: &Request) -> Result<Response> {
     stream
         .write_all(line.as_bytes())
         .with_context(|| format!("cannot send the request to {}", socket.display()))?;
+    let progress = progress_label(req).map(Progress::start);
     let mut reply = String::new();
-    if let Err(e) = BufReader::new(&stream).read_line(&mut reply) {
-        bail!("{}", no_reply_reason(req, &e));
+    let read = BufReader::new(&stream).read_line(&mut reply);
+    drop(progress);
+    if let Err(e) = read {
+        return Err(NoAnswer(no_reply_reason(req, &e)).into());
     }
     if reply.trim().is_empty() {
-        bail!(
+        return Err(NoAnswer(format!(
             "meshd at {} closed the connection without a reply",
             socket.display()
-        );
+        ))
+        .into());
     }
     Response::from_line(&reply).context("meshd sent a reply this meshctl does not understand")
 }
@@ -388,7 +502,7 @@ fn daemon_up(socket: &Path) -> Result<bool> {
         {
             Ok(false)
         }
-        Err(e) => bail!("cannot reach meshd at {}: {e}", socket.display()),
+        Err(e) => Err(NoAnswer(unreachable_reason(socket, &e)).into()),
     }
 }
 
@@ -401,39 +515,44 @@ fn meshd_command() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("meshd"))
 }
 
-/// `meshctl doctor`: through the daemon, else `meshd --doctor --json`. Returns whether no
-/// check failed.
-fn doctor(socket: &Path, json: bool, config: &Path) -> Result<bool> {
+/// `meshctl doctor`: through the daemon, else `meshd --doctor --json`. Exit 1 if a check
+/// failed, 3 if the checks could not run.
+fn doctor(socket: &Path, json: bool, config: &Path) -> Result<Exit> {
     let report = if daemon_up(socket)? {
         match request(socket, &Request::Doctor)? {
             Response::Doctor(r) => r,
-            Response::Error { message } => bail!("{message}"),
+            Response::Error { message } => return Err(NoAnswer(message).into()),
             other => bail!("unexpected reply from meshd: {other:?}"),
         }
     } else {
         let meshd = meshd_command();
-        let out = std::process::Command::new(&meshd)
+        let progress = Progress::start("running the checks without meshd (meshd --doctor)");
+        let run = std::process::Command::new(&meshd)
             .arg("--doctor")
             .arg("--json")
             .arg("--config")
             .arg(config)
             .stdin(std::process::Stdio::null())
-            .output()
-            .with_context(|| {
-                format!(
-                    "meshd is not running and `{} --doctor` could not be run",
-                    meshd.display()
-                )
-            })?;
+            .output();
+        drop(progress);
+        let out = run.map_err(|e| {
+            NoAnswer(format!(
+                "meshd is not running and `{} --doctor` could not be run: {e}",
+                meshd.display()
+            ))
+        })?;
         let text = String::from_utf8_lossy(&out.stdout);
         match serde_json::from_str::<Report>(&text) {
             Ok(r) => r,
-            Err(_) => bail!(
-                "meshd is not running, and `{} --doctor --config {}` failed: {}",
-                meshd.display(),
-                config.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
+            Err(_) => {
+                return Err(NoAnswer(format!(
+                    "meshd is not running, and `{} --doctor --config {}` failed: {}",
+                    meshd.display(),
+                    config.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+                .into())
+            }
         }
     };
     if json {
@@ -441,7 +560,11 @@ fn doctor(socket: &Path, json: bool, config: &Path) -> Result<bool> {
     } else {
         out(&report.render())?;
     }
-    Ok(!report.failed())
+    Ok(if report.failed() {
+        Exit::Failed
+    } else {
+        Exit::Ok
+    })
 }
 
 /// meshctl(8) less what clap knows (see meshd_docgen::man_page).
@@ -462,14 +585,18 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    match run(cli) {
-        Ok(true) => std::process::ExitCode::SUCCESS,
-        Ok(false) => std::process::ExitCode::FAILURE,
+    let code = match run(cli) {
+        Ok(exit) => exit,
         Err(e) => {
             eprintln!("meshctl: {e:#}");
-            std::process::ExitCode::FAILURE
+            if e.downcast_ref::<NoAnswer>().is_some() {
+                Exit::NoAnswer
+            } else {
+                Exit::Failed
+            }
         }
-    }
+    };
+    std::process::ExitCode::from(code as u8)
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
@@ -493,26 +620,59 @@ fn out_bytes(bytes: &[u8]) -> Result<()> {
     }
 }
 
-fn run(cli: Cli) -> Result<bool> {
+fn run(cli: Cli) -> Result<Exit> {
     match &cli.command {
         Cmd::Doctor { json, config } => return doctor(&cli.socket, *json, config),
-        Cmd::Ping { peer, count } => return ping::run(&cli.socket, peer, *count),
+        Cmd::Ping { peer, count } => {
+            return ping::run(&cli.socket, peer, *count).map(|ok| {
+                if ok {
+                    Exit::Ok
+                } else {
+                    Exit::Failed
+                }
+            })
+        }
         Cmd::Bugreport { output, config } => {
             let path = bugreport::write(&cli.socket, config, output.as_deref())?;
             out(&format!(
                 "wrote {} (secrets removed; look through it before you share it)\n",
                 path.display()
             ))?;
-            return Ok(true);
+            return Ok(Exit::Ok);
         }
-        Cmd::Down { config } if !daemon_up(&cli.socket)? => return down_offline(config),
+        Cmd::Down { config, json } if !daemon_up(&cli.socket)? => {
+            return down_offline(config, *json)
+        }
         Cmd::Up => return up(&cli.socket),
         _ => {}
     }
-    send(cli).map(|()| true)
+    send(cli)
 }
 
-fn send(cli: Cli) -> Result<()> {
+impl Cmd {
+    /// Whether `--json` was asked for.
+    fn json(&self) -> bool {
+        match self {
+            Cmd::Peers { json }
+            | Cmd::Status { json }
+            | Cmd::Reload { json }
+            | Cmd::Join { json, .. }
+            | Cmd::Rotate { json, .. }
+            | Cmd::StaticConfig { json, .. }
+            | Cmd::Invite { json, .. }
+            | Cmd::Invites { json, .. }
+            | Cmd::Revoke { json, .. }
+            | Cmd::Hosts { json }
+            | Cmd::Remove { json, .. }
+            | Cmd::Routes { json, .. }
+            | Cmd::Doctor { json, .. }
+            | Cmd::Down { json, .. } => *json,
+            Cmd::Ping { .. } | Cmd::Bugreport { .. } | Cmd::Up | Cmd::Completion { .. } => false,
+        }
+    }
+}
+
+fn send(cli: Cli) -> Result<Exit> {
     let req = match &cli.command {
         Cmd::Completion { .. } => bail!("meshctl completion needs no daemon"),
         Cmd::Bugreport { .. } => bail!("meshctl bugreport is written by meshctl itself"),
@@ -522,11 +682,15 @@ fn send(cli: Cli) -> Result<()> {
         Cmd::Down { .. } => Request::Down,
         Cmd::Peers { .. } => Request::Peers,
         Cmd::Status { .. } => Request::Status,
-        Cmd::Reload => Request::Reload,
-        Cmd::Rotate { name: None } => Request::Rotate,
-        Cmd::Rotate { name: Some(name) } => Request::RotateHost { name: name.clone() },
-        Cmd::StaticConfig { name } => Request::StaticConfig { name: name.clone() },
-        Cmd::Join { token, token_file } => Request::Join {
+        Cmd::Reload { .. } => Request::Reload,
+        Cmd::Rotate { name: None, .. } => Request::Rotate,
+        Cmd::Rotate {
+            name: Some(name), ..
+        } => Request::RotateHost { name: name.clone() },
+        Cmd::StaticConfig { name, .. } => Request::StaticConfig { name: name.clone() },
+        Cmd::Join {
+            token, token_file, ..
+        } => Request::Join {
             token: join_token(token.as_deref(), token_file.as_deref())?,
         },
         Cmd::Invite {
@@ -538,6 +702,7 @@ fn send(cli: Cli) -> Result<()> {
             public_key,
             endpoint,
             near,
+            ..
         } => Request::Invite(InviteRequest {
             name: name.clone(),
             address: *ip,
@@ -552,10 +717,10 @@ fn send(cli: Cli) -> Result<()> {
             action: Some(InvitesCmd::Revoke { name }),
             ..
         }
-        | Cmd::Revoke { name } => Request::RevokeInvite { name: name.clone() },
+        | Cmd::Revoke { name, .. } => Request::RevokeInvite { name: name.clone() },
         Cmd::Invites { .. } => Request::Invites,
         Cmd::Hosts { .. } => Request::Hosts,
-        Cmd::Remove { name } => Request::Remove { name: name.clone() },
+        Cmd::Remove { name, .. } => Request::Remove { name: name.clone() },
         Cmd::Routes {
             action: None | Some(RoutesCmd::List),
             ..
@@ -594,50 +759,70 @@ fn send(cli: Cli) -> Result<()> {
             );
         }
     }
-    match (cli.command, resp) {
+    render(&cli.command, resp)
+}
+
+/// Print meshd's answer to `cmd` (as JSON with `--json`) and say how meshctl exits.
+fn render(cmd: &Cmd, resp: Response) -> Result<Exit> {
+    let json = cmd.json();
+    match (cmd, resp) {
         (_, Response::Error { message }) => bail!("{message}"),
+        (Cmd::Status { .. }, Response::Status(status)) => {
+            if json {
+                print_json(&status)?;
+            } else {
+                out(&render_status(&status, now()))?;
+            }
+            return Ok(status_exit(&status));
+        }
+        (Cmd::Invite { .. }, Response::Invite(inv)) if json => print_json(&inv)?,
         (Cmd::Invite { .. }, Response::Invite(inv)) => match &inv.token {
             // The token alone on stdout (for scripts); the summary on stderr.
             Some(token) if inv.wg_quick_config.is_none() => {
                 for line in render_invite(&inv).lines().filter(|l| l != token) {
                     eprintln!("{line}");
                 }
-                out(&format!("{token}\n"))
+                out(&format!("{token}\n"))?
             }
-            _ => out(&render_invite(&inv)),
+            _ => out(&render_invite(&inv))?,
         },
-        (Cmd::Invites { json: true, .. }, Response::Invites { invites }) => print_json(&invites),
+        (Cmd::Invites { .. }, Response::Invites { invites }) if json => print_json(&invites)?,
         (Cmd::Invites { .. }, Response::Invites { invites }) => {
-            out(&render_invites(&invites, now()))
+            out(&render_invites(&invites, now()))?
         }
-        (Cmd::Hosts { json: true }, Response::Hosts { hosts }) => print_json(&hosts),
-        (Cmd::Hosts { json: false }, Response::Hosts { hosts }) => {
-            out(&render_hosts(&hosts, now()))
-        }
-        (Cmd::Routes { json: true, .. }, Response::Routes { routes }) => print_json(&routes),
-        (Cmd::Routes { .. }, Response::Routes { routes }) => out(&render_routes(&routes, now())),
+        (Cmd::Hosts { .. }, Response::Hosts { hosts }) if json => print_json(&hosts)?,
+        (Cmd::Hosts { .. }, Response::Hosts { hosts }) => out(&render_hosts(&hosts, now()))?,
+        (Cmd::Routes { .. }, Response::Routes { routes }) if json => print_json(&routes)?,
+        (Cmd::Routes { .. }, Response::Routes { routes }) => out(&render_routes(&routes, now()))?,
+        (Cmd::Peers { .. }, Response::Peers { peers }) if json => print_json(&peers)?,
+        (Cmd::Peers { .. }, Response::Peers { peers }) => out(&render_peers_table(&peers, now()))?,
         (
             Cmd::Join { .. }
             | Cmd::Invites { .. }
             | Cmd::Revoke { .. }
             | Cmd::Remove { .. }
-            | Cmd::Routes { .. },
-            Response::Ok { message },
-        ) => out(&format!("{message}\n")),
-        (Cmd::Peers { json: true }, Response::Peers { peers }) => print_json(&peers),
-        (Cmd::Peers { json: false }, Response::Peers { peers }) => {
-            out(&render_peers_table(&peers, now()))
-        }
-        (Cmd::Status { json: true }, Response::Status(status)) => print_json(&status),
-        (Cmd::Status { json: false }, Response::Status(status)) => {
-            out(&render_status(&status, now()))
-        }
-        (Cmd::StaticConfig { .. }, Response::Ok { message }) => out(&message),
-        (Cmd::Reload | Cmd::Rotate { .. } | Cmd::Down { .. }, Response::Ok { message }) => {
-            out(&format!("{message}\n"))
-        }
+            | Cmd::Routes { .. }
+            | Cmd::StaticConfig { .. }
+            | Cmd::Reload { .. }
+            | Cmd::Rotate { .. }
+            | Cmd::Down { .. },
+            Response::Ok { message, done },
+        ) if json => print_json(&Done::report(&message, done.as_ref()))?,
+        (Cmd::StaticConfig { .. }, Response::Ok { message, .. }) => out(&message)?,
+        (
+            Cmd::Join { .. }
+            | Cmd::Invites { .. }
+            | Cmd::Revoke { .. }
+            | Cmd::Remove { .. }
+            | Cmd::Routes { .. }
+            | Cmd::Reload { .. }
+            | Cmd::Rotate { .. }
+            | Cmd::Down { .. },
+            Response::Ok { message, .. },
+        ) => out(&format!("{message}\n"))?,
         (_, other) => bail!("unexpected reply from meshd: {other:?}"),
     }
+    Ok(Exit::Ok)
 }
 
 /// The join token: from stdin (`-`, or no argument with stdin not a terminal) or from a
@@ -985,16 +1170,23 @@ mod tests {
         ])
         .is_err());
         let cli = Cli::try_parse_from(["meshctl", "rotate"]).expect("parse");
-        assert!(matches!(cli.command, Cmd::Rotate { name: None }));
+        assert!(matches!(
+            cli.command,
+            Cmd::Rotate {
+                name: None,
+                json: false
+            }
+        ));
         let cli = Cli::try_parse_from(["meshctl", "rotate", "dock-prod"]).expect("parse");
-        assert!(matches!(cli.command, Cmd::Rotate { name: Some(ref n) } if n == "dock-prod"));
+        assert!(matches!(cli.command, Cmd::Rotate { name: Some(ref n), .. } if n == "dock-prod"));
         assert!(Cli::try_parse_from(["meshctl", "rotate", "a", "b"]).is_err());
         let cli = Cli::try_parse_from(["meshctl", "join"]).expect("parse");
         assert!(matches!(
             cli.command,
             Cmd::Join {
                 token: None,
-                token_file: None
+                token_file: None,
+                json: false
             }
         ));
         for flag in ["--file", "--token-file"] {
@@ -1015,7 +1207,100 @@ mod tests {
         );
         let cli = Cli::try_parse_from(["meshctl", "down"]).expect("parse");
         assert!(
-            matches!(&cli.command, Cmd::Down { config } if config == Path::new(mesh_proto::DEFAULT_CONFIG_PATH))
+            matches!(&cli.command, Cmd::Down { config, .. } if config == Path::new(mesh_proto::DEFAULT_CONFIG_PATH))
         );
+    }
+
+    /// Every command that reports something takes --json (issue: scripts parse them).
+    #[test]
+    fn every_reporting_command_takes_json() {
+        for args in [
+            &["peers"][..],
+            &["status"],
+            &["reload"],
+            &["join", "-"],
+            &["rotate"],
+            &["rotate", "dock-prod"],
+            &["static-config", "nas"],
+            &["invite", "dock-prod"],
+            &["invites"],
+            &["revoke", "dock-prod"],
+            &["hosts"],
+            &["remove", "dock-prod"],
+            &["routes"],
+            &["doctor"],
+            &["down"],
+        ] {
+            let mut argv = vec!["meshctl"];
+            argv.extend_from_slice(args);
+            argv.push("--json");
+            let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            assert!(cli.command.json(), "{argv:?}");
+            argv.pop();
+            let cli = Cli::try_parse_from(&argv).expect("parse");
+            assert!(!cli.command.json(), "{argv:?}");
+        }
+    }
+
+    fn status_in(state: mesh_proto::wire::control::HostState, error: Option<&str>) -> Response {
+        let line = format!(
+            "{{\"response\":\"status\",\"host\":null,\"state\":\"{}\",\"interface\":\"wgmesh0\",\
+             \"public_key\":\"{}\",\"mesh_address\":null,\"listen_port\":51871,\"backend\":\"kernel\",\
+             \"config_path\":\"/etc/meshd/meshd.toml\",\"peers_total\":0,\"peers_recent_handshake\":0,\
+             \"last_reconcile_unix\":null,\"last_error\":{},\"version\":\"0.1.0\",\"ifindex\":null,\
+             \"netmap_version\":null,\"coordinator\":null}}",
+            serde_json::to_value(state).expect("state").as_str().expect("str"),
+            PublicKey([1; 32]),
+            serde_json::to_string(&error).expect("json"),
+        );
+        Response::from_line(&line).expect("status line")
+    }
+
+    #[test]
+    fn status_exits_distinctly_when_not_joined_or_in_error() {
+        use mesh_proto::wire::control::HostState;
+        let status = Cli::try_parse_from(["meshctl", "status", "--json"]).expect("parse");
+        for (state, error, exit) in [
+            (HostState::Member, None, Exit::Ok),
+            (HostState::Coordinator, None, Exit::Ok),
+            (HostState::Static, None, Exit::Ok),
+            (HostState::NeedsJoin, None, Exit::NotJoined),
+            (HostState::Member, Some("cannot add route"), Exit::InError),
+        ] {
+            let r = render(&status.command, status_in(state, error)).expect("rendered");
+            assert_eq!(r, exit, "{state:?} {error:?}");
+        }
+        assert_eq!(
+            [
+                Exit::Ok,
+                Exit::Failed,
+                Exit::NoAnswer,
+                Exit::NotJoined,
+                Exit::InError
+            ]
+            .map(|e| e as u8),
+            [0, 1, 3, 4, 5],
+            "the codes meshctl(8) documents"
+        );
+    }
+
+    #[test]
+    fn refusals_and_unreachable_meshd_exit_differently() {
+        let cmd = Cli::try_parse_from(["meshctl", "remove", "x"]).expect("parse");
+        let e =
+            render(&cmd.command, Response::error("coordinator: no host x")).expect_err("refused");
+        assert!(
+            e.downcast_ref::<NoAnswer>().is_none(),
+            "a refusal is exit 1"
+        );
+        let dir = std::env::temp_dir().join(format!("meshctl-test-{}", std::process::id()));
+        let e = request(&dir.join("absent.sock"), &Request::Status).expect_err("no socket");
+        assert!(e.downcast_ref::<NoAnswer>().is_some(), "{e:#}");
+        assert!(format!("{e:#}").contains("meshd is not running"), "{e:#}");
+        // No meshd beside the test binary; from PATH, if any, it cannot read the
+        // configuration: either way the checks did not run (exit 3, not "a check failed").
+        let e = doctor(&dir.join("absent.sock"), false, &dir.join("absent.toml"))
+            .expect_err("no checks ran");
+        assert!(e.downcast_ref::<NoAnswer>().is_some(), "{e:#}");
     }
 }

@@ -163,7 +163,7 @@ fn local_users_get_nothing_from_the_control_plane() -> Result<()> {
         let invites = lab.meshctl(COORDINATOR, &["invites", "--json"])?;
         ensure!(!invites.contains("intruder"), "{invites}");
         // The refusals show on the coordinator.
-        let status = lab.meshctl(COORDINATOR, &["status"])?;
+        let status = lab.status(COORDINATOR, &[])?;
         ensure!(status.contains("api refusals:"), "{status}");
         ensure!(status.contains("not signed"), "{status}");
         lab.wait_mesh_pings(&MEMBERS, Duration::from_secs(10))
@@ -295,7 +295,7 @@ http.server.HTTPServer(("{LOAD}", {API_PORT}), H).serve_forever()
                 Duration::from_secs(30),
                 "dock-mirror's status to name the unproven answer",
                 || {
-                    let st = lab.meshctl("dock-mirror", &["status"])?;
+                    let st = lab.status("dock-mirror", &[])?;
                     Ok(st.contains("does not prove the coordinator's key"))
                 },
             )?;
@@ -304,7 +304,7 @@ http.server.HTTPServer(("{LOAD}", {API_PORT}), H).serve_forever()
                 peers_now == peers_before,
                 "dock-mirror's peers changed:\n{peers_before}\n->\n{peers_now}"
             );
-            let st = lab.meshctl("dock-mirror", &["status", "--json"])?;
+            let st = lab.status("dock-mirror", &["--json"])?;
             ensure!(
                 !st.contains("999999"),
                 "dock-mirror took the squatter's netmap: {st}"

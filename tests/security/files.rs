@@ -80,7 +80,7 @@ fn victim(lab: &Lab, host: &str) -> Result<(String, String)> {
 
 /// The prometheus integration in `meshctl status --json` on `host`: (ok, last_error).
 fn prometheus_status(lab: &Lab, host: &str) -> Result<Option<(bool, String)>> {
-    let text = lab.meshctl(host, &["status", "--json"])?;
+    let text = lab.status(host, &["--json"])?;
     let v: Value = serde_json::from_str(&text).with_context(|| text.clone())?;
     let Some(list) = v.get("integrations").and_then(Value::as_array) else {
         return Ok(None);
@@ -289,7 +289,7 @@ fn state_registry_and_tokens_are_private() -> Result<()> {
     eprintln!("meshd's refusal: {line}");
     assert!(line.contains("0644") && line.contains(TOKEN_PATH), "{line}");
     assert!(!line.contains(&token), "the refusal logs the token: {line}");
-    let status = lab.meshctl(DASH, &["status"])?;
+    let status = lab.status(DASH, &[])?;
     assert!(status.contains("not joined"), "{status}");
     let refused = status
         .lines()
@@ -323,7 +323,9 @@ fn state_registry_and_tokens_are_private() -> Result<()> {
     let out = lab.meshctl_output(DASH, &["join", "--token-file", "/etc/meshd/link.token"])?;
     assert!(!out.status.success(), "a symlinked token file was accepted");
     assert!(String::from_utf8_lossy(&out.stderr).contains("symbolic link"));
-    assert!(lab.meshctl(DASH, &["status"])?.contains("not joined"));
+    let out = lab.meshctl_output(DASH, &["status"])?;
+    assert_eq!(out.status.code(), Some(4), "not joined: exit 4");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not joined"));
 
     // Made private: the join works and the file is removed.
     lab.sh(DASH, &format!("chmod 600 {TOKEN_PATH}"))?;

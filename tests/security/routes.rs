@@ -35,7 +35,7 @@ const TAKEN: [&str; 2] = ["8.8.8.8/32", "1.1.1.0/24"];
 const LOOPBACK: &str = "127.0.0.0/8";
 
 fn status_json(lab: &Lab, host: &str) -> Result<Value> {
-    let text = lab.meshctl(host, &["status", "--json"])?;
+    let text = lab.status(host, &["--json"])?;
     serde_json::from_str(&text).with_context(|| format!("[{host}] meshctl status --json: {text}"))
 }
 
@@ -177,7 +177,7 @@ fn routes_are_granted_not_taken() -> Result<()> {
             "{HOSTILE}'s status must list {p} as not granted: {ungranted}"
         );
     }
-    let text = lab.meshctl(HOSTILE, &["status"])?;
+    let text = lab.status(HOSTILE, &[])?;
     assert!(
         text.contains("NOT GRANTED"),
         "{HOSTILE}'s meshctl status:\n{text}"
@@ -266,7 +266,7 @@ fn routes_are_granted_not_taken() -> Result<()> {
             "{h} refuses its netmap: {}",
             st["last_error"]
         );
-        let text = lab.meshctl(h, &["status"])?;
+        let text = lab.status(h, &[])?;
         assert!(
             text.contains("skipped route:") && text.contains("127.0.0.0/8 from dock-dash"),
             "{h}'s meshctl status:\n{text}"

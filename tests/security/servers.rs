@@ -262,7 +262,7 @@ fn half_sent_request_floods_do_not_starve_anyone() -> Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     let fds_during = fd_count(coord.pid);
     let t = Instant::now();
-    lab.meshctl(COORDINATOR, &["status"])
+    lab.status(COORDINATOR, &[])
         .context("meshctl status on the coordinator during the floods")?;
     let status_took = t.elapsed();
     let key = "11".repeat(32);
@@ -372,7 +372,7 @@ fn half_sent_request_floods_do_not_starve_anyone() -> Result<()> {
 
     // Afterwards: everything as before.
     all_pairs_ping(&lab, &["dock-load", "dock-prod", "dock-mirror"])?;
-    lab.meshctl(COORDINATOR, &["status"])?;
+    lab.status(COORDINATOR, &[])?;
     lab.meshctl("dock-prod", &["hosts"])
         .context("meshctl hosts from the admin host after the flood")?;
     let fds_after = fd_count(coord.pid);

@@ -469,7 +469,7 @@ pub fn form_booted_fleet(
             || {
                 Ok(lab
                     .container_output(h, containers[*h], &["meshctl", "status"])
-                    .is_ok_and(|o| o.status.success()))
+                    .is_ok_and(|o| crate::lab::status_answered(&o)))
             },
         )
         .with_context(|| {

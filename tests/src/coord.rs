@@ -16,7 +16,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
 use crate::fleet::{generate_keypair, CONFIG_PATH, KEEPALIVE_SECS, KEY_PATH, RECONCILE_SECS};
-use crate::lab::{check_output, Lab};
+use crate::lab::{check_output, status_answered, Lab};
 use crate::procs::ProcId;
 use crate::topology::{self, MESH_IFACE, MESH_PORT};
 
@@ -262,7 +262,8 @@ impl Lab {
                 );
             }
             let out = self.exec(host, &argv)?;
-            if out.status.success() {
+            // `status` answers with 4 (not joined) or 5 (in error) too.
+            if out.status.success() || (args.first() == Some(&"status") && status_answered(&out)) {
                 return Ok(());
             }
             if Instant::now() >= deadline {

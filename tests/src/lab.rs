@@ -140,6 +140,12 @@ fn random_id() -> Result<String> {
 }
 
 /// Turn a finished command into its stdout, or an error carrying its stderr.
+/// Whether `meshctl status` got an answer from meshd: exit 0, 4 (not joined) or 5 (the last
+/// pass had an error); 3 is "meshd could not be asked" (meshctl(8)).
+pub fn status_answered(out: &Output) -> bool {
+    matches!(out.status.code(), Some(0 | 4 | 5))
+}
+
 pub fn check_output(out: Output, what: &str) -> Result<String> {
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -384,6 +390,19 @@ impl Lab {
             stdin.write_all(input)?;
         }
         Ok(child.wait_with_output()?)
+    }
+
+    /// `meshctl status ARGS` in `host`: its stdout when meshd answered, whatever the host's
+    /// state (exit 0, 4 not joined, 5 in error); an error when meshd could not be asked.
+    pub fn status(&self, host: &str, args: &[&str]) -> Result<String> {
+        let mut argv = vec!["meshctl", "status"];
+        argv.extend_from_slice(args);
+        let out = self.exec(host, &argv)?;
+        if status_answered(&out) {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            check_output(out, &format!("[{host}] {}", argv.join(" ")))
+        }
     }
 
     /// Run `argv` in `host`; its stdout if it succeeded, else an error with its stderr.

@@ -34,7 +34,7 @@ pub mod vm;
 
 pub use coord::{HostEntry, JoinMode, ManagedFleet, COORDINATOR, NAS};
 pub use fleet::{engine_command, generate_keypair, Fleet, FleetHost};
-pub use lab::{bin_dir, check_output, cleanup, one_lab_at_a_time, Lab, LabOpts};
+pub use lab::{bin_dir, check_output, cleanup, one_lab_at_a_time, status_answered, Lab, LabOpts};
 pub use poll::{poll_for, poll_until};
 pub use procs::ProcId;
 pub use root::RootSnapshot;

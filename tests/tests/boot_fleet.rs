@@ -870,7 +870,7 @@ fn reinstall_and_join(
         || {
             Ok(lab
                 .container_output(host, nspawn, &["meshctl", "status"])
-                .is_ok_and(|o| o.status.success()))
+                .is_ok_and(|o| meshlab::status_answered(&o)))
         },
     )?;
     let installed = t.elapsed();

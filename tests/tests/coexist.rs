@@ -258,7 +258,7 @@ fn inner_k3s_libvirt_docker_node_is_untouched() -> Result<()> {
         "{}{}{}",
         String::from_utf8_lossy(&reload.stdout),
         String::from_utf8_lossy(&reload.stderr),
-        lab.meshctl(HOST, &["status"])?
+        lab.status(HOST, &[])?
     );
     assert!(
         said.contains("flannel-wg") && said.contains("10.42.7.0/24"),

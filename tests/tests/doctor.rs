@@ -422,7 +422,7 @@ fn a_taken_listen_port_is_refused_and_named_by_doctor() -> Result<()> {
     lab.wait_exit(meshd, STOP_TIMEOUT)?;
     let meshd = lab.start_meshd(A)?;
     poll_until(MESH_TIMEOUT, "meshd to answer after the restart", || {
-        Ok(meshctl(&lab, A, &["status"])?.status.success())
+        Ok(meshlab::status_answered(&meshctl(&lab, A, &["status"])?))
     })?;
     assert!(
         lab.is_running(meshd),
@@ -547,7 +547,7 @@ fn a_joined_host_is_ready_only_after_its_netmap_is_applied() -> Result<()> {
     let addr = lab.exec_ok(B, &["ip", "-4", "-o", "addr", "show", "dev", MESH_IFACE])?;
     assert!(addr.contains("10.99.99."), "{addr}");
     assert!(!lab.wg_peers(B)?.is_empty(), "no peers at READY");
-    let st: Value = serde_json::from_str(&lab.meshctl(B, &["status", "--json"])?)?;
+    let st: Value = serde_json::from_str(&lab.status(B, &["--json"])?)?;
     assert!(st["netmap_version"].is_u64(), "{st}");
     assert!(
         ready.contains("STATUS=wgmesh0 up with 10.99.99."),
@@ -752,10 +752,10 @@ fn ping_and_a_bugreport_without_secrets() -> Result<()> {
     let p = lab.start_meshd_env(B, &[("RUST_LOG", ""), ("MESHD_LOG_FORMAT", "json")])?;
     lab.wait_meshctl(B, p, &["status"], MESH_TIMEOUT)?;
     // Not joined: typed states in the JSON, plain words in the text, no sentinels.
-    let st: Value = serde_json::from_str(&lab.meshctl(B, &["status", "--json"])?)?;
+    let st: Value = serde_json::from_str(&lab.status(B, &["--json"])?)?;
     assert_eq!(st["state"], "needs_join", "{st}");
     assert!(st["host"].is_null() && st["mesh_address"].is_null(), "{st}");
-    let shown = lab.meshctl(B, &["status"])?;
+    let shown = lab.status(B, &[])?;
     assert!(
         shown.contains("not joined") && !shown.contains("static configuration"),
         "{shown}"
@@ -763,7 +763,7 @@ fn ping_and_a_bugreport_without_secrets() -> Result<()> {
     assert!(!shown.contains("0.0.0.0"), "{shown}");
     let joined_with = lab.invite(B, &[])?;
     lab.join(B, &joined_with)?;
-    let st: Value = serde_json::from_str(&lab.meshctl(B, &["status", "--json"])?)?;
+    let st: Value = serde_json::from_str(&lab.status(B, &["--json"])?)?;
     assert_eq!(st["state"], "member", "{st}");
     assert_eq!(st["host"], B, "{st}");
     lab.wait_mesh_pings(&[A, B], MESH_TIMEOUT)?;
@@ -816,7 +816,7 @@ fn ping_and_a_bugreport_without_secrets() -> Result<()> {
         format!("{config}# for later: {pasted}\n").as_bytes(),
     )?;
     let key = lab.read_file(B, meshlab::fleet::KEY_PATH)?;
-    let public = lab.meshctl(B, &["status", "--json"])?;
+    let public = lab.status(B, &["--json"])?;
     let public: Value = serde_json::from_str(&public)?;
     let public = public["public_key"]
         .as_str()

@@ -213,10 +213,9 @@ fn restart_keeps_interface(signal: i32) -> Result<()> {
                     r.lab.meshd_log(host).display()
                 );
             }
-            Ok(r.lab
-                .exec("dock-prod", &["meshctl", "status"])?
-                .status
-                .success())
+            Ok(meshlab::status_answered(
+                &r.lab.exec("dock-prod", &["meshctl", "status"])?,
+            ))
         },
     )?;
     // Give the daemon a reconcile pass or two to do something wrong, observing all along:

@@ -395,7 +395,7 @@ fn check_drbd(lab: &Lab, host: &str) -> Result<()> {
 
 /// `meshctl status` lists each integration on one line, all ok.
 fn check_status_lines(lab: &Lab, host: &str) -> Result<()> {
-    let st = lab.meshctl(host, &["status"])?;
+    let st = lab.status(host, &[])?;
     let lines: Vec<&str> = st
         .lines()
         .filter(|l| l.starts_with("integration:"))
@@ -671,7 +671,7 @@ fn broken_template_keeps_the_old_file_and_doctor_reports_it() -> Result<()> {
             .any(|l| l.starts_with("FAIL") && l.contains("integration template:peers")),
         "{text}"
     );
-    let st = lab.meshctl(COORDINATOR, &["status"])?;
+    let st = lab.status(COORDINATOR, &[])?;
     assert!(
         st.lines()
             .any(|l| l.contains("template:peers") && l.contains("FAILED")),

@@ -76,7 +76,7 @@ fn require_kernel(lab: &Lab, host: &str) -> Result<()> {
 }
 
 fn status(lab: &Lab, host: &str) -> Result<Value> {
-    serde_json::from_str(&lab.meshctl(host, &["status", "--json"])?).context("status --json")
+    serde_json::from_str(&lab.status(host, &["--json"])?).context("status --json")
 }
 
 fn backend_of(lab: &Lab, host: &str) -> Result<String> {

@@ -90,13 +90,18 @@ fn a_host_running_the_packaged_meshd_joins_with_a_token() -> Result<()> {
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
-            Ok(lab
-                .exec(HOST, &[meshctl.as_str(), "status"])?
-                .status
-                .success())
+            Ok(meshlab::status_answered(
+                &lab.exec(HOST, &[meshctl.as_str(), "status"])?,
+            ))
         },
     )?;
-    let status = lab.exec_ok(HOST, &[meshctl.as_str(), "status"])?;
+    let out = lab.exec(HOST, &[meshctl.as_str(), "status"])?;
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "meshctl status on a host that has not joined exits 4 (meshctl(8)):\n{status}"
+    );
     assert!(
         status.contains("not joined"),
         "as installed, meshd must wait for a join, not form a mesh:\n{status}"

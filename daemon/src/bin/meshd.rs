@@ -9,6 +9,7 @@ use meshd::Settings;
 
 #[derive(Debug, Parser)]
 #[command(name = "meshd", version, about = "WireGuard mesh daemon")]
+#[command(group(clap::ArgGroup::new("oneshot").args(["check_config", "doctor", "down"])))]
 struct Args {
     /// Configuration file.
     #[arg(long, env = "MESHD_CONFIG", default_value = mesh_proto::DEFAULT_CONFIG_PATH)]
@@ -24,8 +25,9 @@ struct Args {
     /// not running); exits 1 if any check fails.
     #[arg(long, conflicts_with_all = ["check_config", "down"])]
     doctor: bool,
-    /// With --doctor: print JSON.
-    #[arg(long, requires = "doctor")]
+    /// With --check-config, --doctor or --down: print the result as JSON on stdout (the
+    /// exit status is the same).
+    #[arg(long, requires = "oneshot")]
     json: bool,
     /// Remove everything meshd owns on this host (interface, routes, nftables table,
     /// forwarding settings) with no daemon running (what `meshctl down` does through one).
@@ -167,7 +169,15 @@ fn stderr_is_the_journal() -> bool {
 /// `Ok(false)`: ran, but the outcome is a failure (a doctor check failed).
 fn real_main(args: Args) -> Result<bool> {
     if args.check_config {
-        return check_config(&args.config);
+        let report = check_config(&args.config);
+        if args.json {
+            print_json(&report)?;
+        } else {
+            let (out, err) = report.render();
+            eprint!("{err}");
+            print!("{out}");
+        }
+        return Ok(report.valid);
     }
     let settings =
         Settings::load(&args.config).context("refusing to start with an invalid configuration")?;
@@ -178,20 +188,28 @@ fn real_main(args: Args) -> Result<bool> {
         .context("cannot start the async runtime")?;
     if args.doctor {
         let report = runtime.block_on(doctor_offline(settings));
-        let text = if args.json {
-            serde_json::to_string_pretty(&report).context("cannot encode the report")? + "\n"
+        if args.json {
+            print_json(&report)?;
         } else {
-            report.render()
-        };
-        print!("{text}");
+            print!("{}", report.render());
+        }
         return Ok(!report.failed());
     }
     if args.down {
         let removed = runtime.block_on(down_offline(&settings))?;
-        if removed.is_empty() {
-            println!("nothing to remove: meshd owns nothing on this host");
+        let message = if removed.is_empty() {
+            "nothing to remove: meshd owns nothing on this host".to_string()
         } else {
-            println!("{}", removed.join(", "));
+            removed.join(", ")
+        };
+        if args.json {
+            let done = mesh_proto::wire::control::Done::Down { removed };
+            print_json(&mesh_proto::wire::control::Done::report(
+                &message,
+                Some(&done),
+            ))?;
+        } else {
+            println!("{message}");
         }
         return Ok(true);
     }
@@ -199,6 +217,13 @@ fn real_main(args: Args) -> Result<bool> {
         .ensure_private()
         .context("preparing the state directory")?;
     runtime.block_on(serve(settings)).map(|()| true)
+}
+
+/// `value` as pretty JSON on stdout, with a final newline.
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).context("cannot encode JSON")?;
+    println!("{text}");
+    Ok(())
 }
 
 #[cfg(test)]

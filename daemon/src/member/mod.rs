@@ -87,10 +87,20 @@ pub fn spawn_follower(
             // current netmap without parking: the answer comes at once, so the loop learns the
             // coordinator is back now, not when a long-poll on an unchanged netmap ends.
             let ask = if reachable == Some(true) { since } else { 0 };
-            let result = match signer.get() {
-                Ok(signer) => client::fetch_netmap(api, &signer, ask).await,
-                Err(e) => Err(e),
+            let (used, result) = match signer.get() {
+                Ok(signer) => (
+                    Some(signer.key()),
+                    client::fetch_netmap(api, &signer, ask).await,
+                ),
+                Err(e) => (None, Err(e)),
             };
+            // Signed with a key that rotated away while the request was parked: the
+            // coordinator now refuses that key, which says nothing about reachability. Ask
+            // again at once with the new key, and report nothing.
+            if result.is_err() && used.is_some() && signer.get().ok().map(|s| s.key()) != used {
+                tracing::debug!("netmap request signed with a key rotated meanwhile; asking again");
+                continue;
+            }
             let ok = result.is_ok();
             let event = match result {
                 Ok(Some(nm)) => {

@@ -70,6 +70,32 @@ impl Outcome {
     pub fn is_done(&self) -> bool {
         matches!(self, Outcome::Rotated { .. })
     }
+
+    /// The outcome typed for `meshctl rotate --json`.
+    pub fn done(&self) -> mesh_proto::wire::control::Done {
+        use mesh_proto::wire::control::Done;
+        match self {
+            Outcome::Rotated {
+                old,
+                new,
+                took,
+                static_peers,
+                switch_error,
+                reply_lost,
+            } => Done::Rotated {
+                old_public_key: *old,
+                new_public_key: *new,
+                took_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+                static_peers: static_peers.clone(),
+                switch_error: switch_error.clone(),
+                reply_lost: reply_lost.clone(),
+            },
+            Outcome::Deferred { step, reason } => Done::RotationDeferred {
+                step: step.to_string(),
+                reason: reason.clone(),
+            },
+        }
+    }
 }
 
 impl std::fmt::Display for Outcome {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 
 use mesh_proto::wire::control::{
-    CoordinatorStatus, HostState, PeerStatus, Request, Response, Status, ROLE_COORDINATOR,
+    CoordinatorStatus, Done, HostState, PeerStatus, Request, Response, Status, ROLE_COORDINATOR,
     ROLE_MEMBER,
 };
 
@@ -131,10 +131,17 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
                     .await;
                 return Answer::Later(Box::pin(async move {
                     match rx.await {
-                        Ok(Ok(m)) => Response::ok(format!(
-                            "joined the mesh {} as {} with address {}",
-                            m.mesh_cidr, m.host_name, m.address
-                        )),
+                        Ok(Ok(m)) => Response::done(
+                            format!(
+                                "joined the mesh {} as {} with address {}",
+                                m.mesh_cidr, m.host_name, m.address
+                            ),
+                            Done::Joined {
+                                mesh: m.mesh_cidr,
+                                host: m.host_name.clone(),
+                                address: m.address,
+                            },
+                        ),
                         Ok(Err(e)) => Response::error(e.message),
                         Err(_) => Response::error("meshd stopped before the join ended"),
                     }
@@ -145,7 +152,7 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
                 member.rotate_now(agent, Some(tx)).await;
                 return Answer::Later(Box::pin(async move {
                     match rx.await {
-                        Ok(Ok(outcome)) => Response::ok(outcome.to_string()),
+                        Ok(Ok(outcome)) => Response::done(outcome.to_string(), outcome.done()),
                         Ok(Err(e)) => Response::error(e.to_string()),
                         Err(_) => Response::error("meshd stopped before the key rotation ended"),
                     }
@@ -196,17 +203,22 @@ pub async fn handle_request<W: WgBackend, L: LinkBackend>(
                     } else {
                         ""
                     };
-                    match report.error {
-                        None => Response::ok(format!(
-                            "reloaded {}: {} ops applied{note}",
-                            agent.config_path().display(),
-                            report.ops.len()
-                        )),
-                        Some(e) => Response::ok(format!(
-                            "reloaded {}, but the pass had errors: {e}{note}",
-                            agent.config_path().display()
-                        )),
-                    }
+                    let config = agent.config_path().display().to_string();
+                    let message = match &report.error {
+                        None => {
+                            format!("reloaded {config}: {} ops applied{note}", report.ops.len())
+                        }
+                        Some(e) => format!("reloaded {config}, but the pass had errors: {e}{note}"),
+                    };
+                    Response::done(
+                        message,
+                        Done::Reloaded {
+                            config,
+                            ops_applied: report.ops.len(),
+                            error: report.error,
+                            advertise_reported: advertise,
+                        },
+                    )
                 }
                 Err(e) => Response::error(format!("{e}")),
             },
@@ -232,6 +244,50 @@ pub fn rotation_asked_message(name: &str) -> String {
         "asked {name} to rotate its key: it rotates as soon as its netmap says so (now, if it \
          is online; otherwise when it comes back)"
     )
+}
+
+/// The replies to admin calls that change something, the same whether the coordinator runs
+/// here or the call was relayed: the message in words and the typed outcome.
+pub mod admin_reply {
+    use mesh_proto::wire::control::{Done, Response};
+
+    pub fn revoked(name: String) -> Response {
+        Response::done(
+            format!("invitation for {name} revoked"),
+            Done::InvitationRevoked { name },
+        )
+    }
+
+    pub fn removed(name: String) -> Response {
+        Response::done(
+            format!("{name} removed from the mesh"),
+            Done::Removed { host: name },
+        )
+    }
+
+    pub fn rotation_asked(name: String) -> Response {
+        Response::done(
+            super::rotation_asked_message(&name),
+            Done::RotationRequested { host: name },
+        )
+    }
+
+    pub fn static_config(name: String, config: String) -> Response {
+        Response::done(
+            config.clone(),
+            Done::StaticConfig {
+                name,
+                wg_quick_config: config,
+            },
+        )
+    }
+
+    pub fn route_decided(route: mesh_proto::routes::RouteInfo) -> Response {
+        Response::done(
+            super::route_decided_message(&route),
+            Done::RouteDecided { route },
+        )
+    }
 }
 
 /// Whether a request is a coordinator admin call.
@@ -296,7 +352,7 @@ pub fn relay_admin(api: SocketAddr, signer: client::Signer, request: Request) ->
             },
             Request::RevokeInvite { name } => match client::revoke_invite(api, signer, &name).await
             {
-                Ok(()) => Response::ok(format!("invitation for {name} revoked")),
+                Ok(()) => admin_reply::revoked(name),
                 Err(e) => refused(e),
             },
             Request::Hosts => match client::hosts(api, signer).await {
@@ -304,18 +360,18 @@ pub fn relay_admin(api: SocketAddr, signer: client::Signer, request: Request) ->
                 Err(e) => refused(e),
             },
             Request::Remove { name } => match client::remove(api, signer, &name).await {
-                Ok(()) => Response::ok(format!("{name} removed from the mesh")),
+                Ok(()) => admin_reply::removed(name),
                 Err(e) => refused(e),
             },
             Request::RotateHost { name } => {
                 match client::request_rotation(api, signer, &name).await {
-                    Ok(()) => Response::ok(rotation_asked_message(&name)),
+                    Ok(()) => admin_reply::rotation_asked(name),
                     Err(e) => refused(e),
                 }
             }
             Request::StaticConfig { name } => match client::static_config(api, signer, &name).await
             {
-                Ok(config) => Response::ok(config),
+                Ok(config) => admin_reply::static_config(name, config),
                 Err(e) => refused(e),
             },
             Request::Routes => match client::routes(api, signer).await {
@@ -329,7 +385,7 @@ pub fn relay_admin(api: SocketAddr, signer: client::Signer, request: Request) ->
             } => {
                 let req = mesh_proto::routes::RouteDecisionRequest { host, prefix };
                 match client::decide_route(api, signer, decision, &req).await {
-                    Ok(info) => Response::ok(route_decided_message(&info)),
+                    Ok(info) => admin_reply::route_decided(info),
                     Err(e) => refused(e),
                 }
             }
@@ -463,12 +519,21 @@ mod tests {
         )
         .await
         {
-            Response::Ok { message } => assert!(
-                message.starts_with(
-                    "192.168.1.20/32 of dock-edge is approved: it is in the netmaps now"
-                ),
-                "{message}"
-            ),
+            Response::Ok { message, done } => {
+                assert!(
+                    message.starts_with(
+                        "192.168.1.20/32 of dock-edge is approved: it is in the netmaps now"
+                    ),
+                    "{message}"
+                );
+                match done {
+                    Some(Done::RouteDecided { route }) => {
+                        assert_eq!(route.prefix.to_string(), "192.168.1.20/32");
+                        assert_eq!(route.host, "dock-edge");
+                    }
+                    other => panic!("no typed outcome: {other:?}"),
+                }
+            }
             other => panic!("unexpected {other:?}"),
         }
         match relay_admin(

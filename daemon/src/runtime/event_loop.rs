@@ -295,10 +295,12 @@ pub async fn run_with<W: WgBackend, L: LinkBackend>(
                     notifier.stopping("meshctl down: removing the interface, routes and firewall table");
                     let result = down(&mut agent, &mut handoff).await;
                     let reply = match &result {
-                        Ok(removed) => Response::ok(format!(
-                            "{}; meshd exits",
-                            removed.join(", ")
-                        )),
+                        Ok(removed) => Response::done(
+                            format!("{}; meshd exits", removed.join(", ")),
+                            mesh_proto::wire::control::Done::Down {
+                                removed: removed.clone(),
+                            },
+                        ),
                         Err(e) => Response::error(format!("{e}; meshd exits")),
                     };
                     match &result {
@@ -526,8 +528,15 @@ mod tests {
                 .await
                 .expect("reply");
             match Response::from_line(&r).expect("decode") {
-                Response::Ok { message } => {
-                    assert!(message.contains("interface wgtest0"), "{message}")
+                Response::Ok { message, done } => {
+                    assert!(message.contains("interface wgtest0"), "{message}");
+                    match done {
+                        Some(mesh_proto::wire::control::Done::Down { removed }) => assert!(
+                            removed.iter().any(|r| r.contains("interface wgtest0")),
+                            "{removed:?}"
+                        ),
+                        other => panic!("down without its typed outcome: {other:?}"),
+                    }
                 }
                 other => panic!("unexpected {other:?}"),
             }
@@ -691,8 +700,15 @@ mod tests {
                 .expect("task")
                 .expect("reply");
             match Response::from_line(&reply).expect("decode") {
-                Response::Ok { message } => {
-                    assert!(message.starts_with("rotation deferred"), "{message}")
+                Response::Ok { message, done } => {
+                    assert!(message.starts_with("rotation deferred"), "{message}");
+                    assert!(
+                        matches!(
+                            done,
+                            Some(mesh_proto::wire::control::Done::RotationDeferred { .. })
+                        ),
+                        "{done:?}"
+                    );
                 }
                 other => panic!("unexpected {other:?}"),
             }

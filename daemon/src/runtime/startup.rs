@@ -17,75 +17,155 @@ use crate::disk::keyfile::{self, KeyFileState};
 use crate::member::MeshEvent;
 use crate::netsys::link::NetlinkLink;
 use crate::runtime::control_socket::{prepare_dir, ControlSocket};
-use crate::runtime::dispatch::AdminCall;
+use crate::runtime::dispatch::{admin_reply, AdminCall};
 use crate::runtime::event_loop::{AdminHandler, MeshWiring};
 use crate::runtime::instance_lock::InstanceLock;
 use crate::wg::select::{default_engine_spec, select};
 use crate::wg::userspace::default_engine_command;
 use crate::{Agent, Settings};
 
+/// What `meshd --check-config` found, as text (errors and warnings to stderr, the summary to
+/// stdout) or as JSON (`--json`).
+#[derive(Debug, serde::Serialize)]
+pub struct CheckReport {
+    pub config: String,
+    /// Whether meshd would start with this file and key.
+    pub valid: bool,
+    /// Every error of the file (`location` is null where the error has no place in it).
+    pub errors: Vec<mesh_proto::config::ConfigError>,
+    /// What an integration needs and does not find: that integration fails at run time, the
+    /// mesh comes up.
+    pub warnings: Vec<mesh_proto::config::ConfigError>,
+    /// The host's name (null until it joins a managed mesh).
+    pub host: Option<String>,
+    /// Static peers configured (null when the file is invalid).
+    pub peers: Option<usize>,
+    /// The private key file (null when the file is invalid).
+    pub private_key: Option<KeyCheck>,
+}
+
+/// The private key file as `--check-config` finds it.
+#[derive(Debug, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum KeyCheck {
+    Valid {
+        file: String,
+        public_key: mesh_proto::PublicKey,
+    },
+    /// Generated at the first start.
+    Missing { file: String },
+    /// Unusable (permissions, not a key): meshd refuses to start.
+    Invalid { file: String, error: String },
+}
+
+impl CheckReport {
+    /// The report as `meshd --check-config` prints it: (stdout, stderr).
+    pub fn render(&self) -> (String, String) {
+        use std::fmt::Write as _;
+        let mut err = String::new();
+        if !self.errors.is_empty() {
+            let all = mesh_proto::config::ConfigErrors {
+                file: self.config.clone(),
+                errors: self.errors.clone(),
+            };
+            let _ = writeln!(err, "{all}");
+        }
+        if !self.warnings.is_empty() {
+            let n = self.warnings.len();
+            let warnings = mesh_proto::config::ConfigErrors {
+                file: self.config.clone(),
+                errors: self.warnings.clone(),
+            };
+            let _ = writeln!(err, "{warnings}");
+            let _ = writeln!(
+                err,
+                "warning: {} is valid, but {n} integration {} will fail when meshd runs it \
+                 (see above)",
+                self.config,
+                if n == 1 { "setting" } else { "settings" }
+            );
+        }
+        let host = self.host.as_deref().unwrap_or("(learned when it joins)");
+        let peers = self.peers.unwrap_or(0);
+        let out = match &self.private_key {
+            Some(KeyCheck::Valid { public_key, .. }) => format!(
+                "{}: ok (host {host}, {peers} peers, public key {public_key})\n",
+                self.config
+            ),
+            Some(KeyCheck::Missing { file }) => format!(
+                "{}: ok (host {host}, {peers} peers; {file} is missing and will be generated at \
+                 start)\n",
+                self.config
+            ),
+            Some(KeyCheck::Invalid { error, .. }) => {
+                let _ = writeln!(err, "{error}");
+                String::new()
+            }
+            None => String::new(),
+        };
+        (out, err)
+    }
+}
+
 /// `meshd --check-config`: validate the configuration, what its integrations need (template
-/// sources, programs) and the key file; print a summary. `Ok(false)`: the configuration is
-/// invalid, its errors printed to stderr (`FILE:LINE:COL: KEY: message` with the source line).
+/// sources, programs) and the key file. Invalid: `valid` is false and `errors` (or
+/// `private_key`) say why (`FILE:LINE:COL: KEY: message` with the source line, as text).
 /// What the integrations need is checked too, and reported as warnings: a missing program or
 /// template fails that hand-off at run time, not the mesh.
-pub fn check_config(path: &Path) -> Result<bool> {
-    let text = std::fs::read_to_string(path).map_err(|e| crate::Error::Config {
-        path: path.to_path_buf(),
-        message: format!("cannot read: {e}"),
-    })?;
+pub fn check_config(path: &Path) -> CheckReport {
     let origin = path.display().to_string();
+    let mut report = CheckReport {
+        config: origin.clone(),
+        valid: false,
+        errors: Vec::new(),
+        warnings: Vec::new(),
+        host: None,
+        peers: None,
+        private_key: None,
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            report.errors.push(mesh_proto::config::ConfigError {
+                file: origin,
+                key: None,
+                message: format!("cannot read: {e}"),
+                location: None,
+            });
+            return report;
+        }
+    };
     let (config, map) = match mesh_proto::config::parse_located(&text, &origin) {
         Ok(parsed) => parsed,
         Err(errors) => {
-            eprintln!("{errors}");
-            return Ok(false);
+            report.errors = errors.errors;
+            return report;
         }
     };
-    // Commands run with meshd's own PATH (under systemd, the unit's).
+    // Commands run with meshd's own PATH (under systemd, the unit's). The configuration
+    // itself is valid and the mesh comes up with it: these only make an integration fail when
+    // meshd runs it (it then reports them in `meshctl status` and `meshctl doctor`). Warnings,
+    // so that the unit's ExecStartPre does not keep the mesh down for a hand-off.
     let search_path = std::env::var("PATH").ok();
-    let problems = crate::handoff::preflight::check(&config, &map, search_path.as_deref());
-    if !problems.is_empty() {
-        // The configuration itself is valid and the mesh comes up with it: these only make
-        // an integration fail when meshd runs it (it then reports them in `meshctl status`
-        // and `meshctl doctor`). Warnings, so that the unit's ExecStartPre does not keep the
-        // mesh down for a hand-off.
-        let n = problems.len();
-        let warnings = mesh_proto::config::ConfigErrors {
-            file: origin.clone(),
-            errors: problems,
-        };
-        eprintln!("{warnings}");
-        eprintln!(
-            "warning: {origin} is valid, but {n} integration {} will fail when meshd runs it \
-             (see above)",
-            if n == 1 { "setting" } else { "settings" }
-        );
-    }
+    report.warnings = crate::handoff::preflight::check(&config, &map, search_path.as_deref());
     let settings = Settings::from_config(config, path);
-    match keyfile::inspect(&settings.private_key_file)? {
-        KeyFileState::Valid(key) => println!(
-            "{}: ok (host {}, {} peers, public key {})",
-            path.display(),
-            settings
-                .host_name
-                .as_deref()
-                .unwrap_or("(learned when it joins)"),
-            settings.peers.len(),
-            key.public_key()
-        ),
-        KeyFileState::Missing => println!(
-            "{}: ok (host {}, {} peers; {} is missing and will be generated at start)",
-            path.display(),
-            settings
-                .host_name
-                .as_deref()
-                .unwrap_or("(learned when it joins)"),
-            settings.peers.len(),
-            settings.private_key_file.display()
-        ),
-    }
-    Ok(true)
+    report.host = settings.host_name.clone();
+    report.peers = Some(settings.peers.len());
+    let file = settings.private_key_file.display().to_string();
+    let key = match keyfile::inspect(&settings.private_key_file) {
+        Ok(KeyFileState::Valid(key)) => KeyCheck::Valid {
+            file,
+            public_key: key.public_key(),
+        },
+        Ok(KeyFileState::Missing) => KeyCheck::Missing { file },
+        Err(e) => KeyCheck::Invalid {
+            file,
+            error: e.to_string(),
+        },
+    };
+    report.valid = !matches!(key, KeyCheck::Invalid { .. });
+    report.private_key = Some(key);
+    report
 }
 
 /// Routes, the nftables table and the forwarding settings meshd made (everything it owns but
@@ -409,15 +489,17 @@ fn admin_handler(coord: Coordinator) -> AdminHandler {
                     .map(|invites| Response::Invites { invites }),
                 Request::RevokeInvite { name } => coord
                     .revoke_invite(&name, now_unix)
-                    .map(|()| Response::ok(format!("invitation for {name} revoked"))),
+                    .map(|()| admin_reply::revoked(name)),
                 Request::Hosts => coord.hosts().map(|hosts| Response::Hosts { hosts }),
                 Request::Remove { name } => coord
                     .remove(&name, now_unix)
-                    .map(|()| Response::ok(format!("{name} removed from the mesh"))),
+                    .map(|()| admin_reply::removed(name)),
                 Request::RotateHost { name } => coord
                     .request_rotation(&name, now_unix)
-                    .map(|_| Response::ok(crate::runtime::dispatch::rotation_asked_message(&name))),
-                Request::StaticConfig { name } => coord.static_config(&name).map(Response::ok),
+                    .map(|_| admin_reply::rotation_asked(name)),
+                Request::StaticConfig { name } => coord
+                    .static_config(&name)
+                    .map(|config| admin_reply::static_config(name, config)),
                 Request::Routes => coord.routes().map(|routes| Response::Routes { routes }),
                 Request::RouteDecision {
                     decision,
@@ -425,9 +507,7 @@ fn admin_handler(coord: Coordinator) -> AdminHandler {
                     prefix,
                 } => coord
                     .decide_route(&host, prefix, decision, now_unix)
-                    .map(|info| {
-                        Response::ok(crate::runtime::dispatch::route_decided_message(&info))
-                    }),
+                    .map(admin_reply::route_decided),
                 _ => Ok(Response::error("not an admin request")),
             })
             .await;
@@ -504,15 +584,31 @@ mod tests {
             format!("{head}\n[integrations.k3s]\nrole = \"server\"\nreload = [\"no-such-program-here\"]\n"),
         )
         .expect("write");
+        let r = check_config(&path);
+        assert!(r.valid, "a missing program is a warning: {r:?}");
+        assert_eq!(r.warnings.len(), 1, "{r:?}");
         assert!(
-            check_config(&path).expect("ran"),
-            "a missing program is a warning"
+            matches!(r.private_key, Some(KeyCheck::Missing { .. })),
+            "{r:?}"
         );
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(json["valid"], true);
+        assert_eq!(json["host"], "dock-load");
+        assert_eq!(json["private_key"]["state"], "missing");
+        assert_eq!(json["warnings"][0]["key"], "integrations.k3s.reload");
         std::fs::write(&path, format!("{head}listen_port = 99999\n")).expect("write");
-        assert!(
-            !check_config(&path).expect("ran"),
-            "a port out of range is an error"
-        );
+        let r = check_config(&path);
+        assert!(!r.valid, "a port out of range is an error");
+        let json = serde_json::to_value(&r).expect("json");
+        assert_eq!(json["errors"][0]["key"], "host.listen_port", "{json}");
+        assert_eq!(json["errors"][0]["location"]["line"], 5, "{json}");
+        assert_eq!(json["private_key"], serde_json::Value::Null);
+        let (out, err) = r.render();
+        assert!(out.is_empty(), "{out}");
+        assert!(err.contains(":5:"), "{err}");
+        let r = check_config(&dir.path().join("absent.toml"));
+        assert!(!r.valid);
+        assert!(r.errors[0].message.starts_with("cannot read"), "{r:?}");
     }
 
     const NOW: u64 = 1_800_000_000;

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 /// Where in the file an error points: 1-based line and column (in characters) and the text of
 /// that line, for the snippet.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Location {
     pub line: usize,
     pub column: usize,
@@ -41,7 +41,7 @@ impl Location {
 
 /// A refused configuration value: which file, where, which key (`peer "nas".endpoint`,
 /// `host.address`; a peer without a valid name is `peer[2]`) and why, in plain words.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ConfigError {
     pub file: String,
     pub key: Option<String>,

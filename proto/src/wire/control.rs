@@ -94,6 +94,9 @@ pub enum Response {
     Status(Status),
     Ok {
         message: String,
+        /// What was done, typed (for `meshctl --json`); absent from an older meshd.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        done: Option<Done>,
     },
     Error {
         message: String,
@@ -109,6 +112,77 @@ pub enum Response {
     Routes {
         routes: Vec<crate::routes::RouteInfo>,
     },
+}
+
+/// What a request that changes something did, for scripts (`meshctl join --json`, ...): the
+/// `message` beside it says the same in words. Tagged by `outcome`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Done {
+    /// `meshctl join`: this host is a member now.
+    Joined {
+        mesh: IpNet,
+        host: String,
+        /// This host's mesh address.
+        address: IpAddr,
+    },
+    /// `meshctl rotate`: the new key is live and the old one gone from disk.
+    Rotated {
+        old_public_key: PublicKey,
+        new_public_key: PublicKey,
+        took_ms: u64,
+        /// Static peers that list the old key by hand (the operator updates them).
+        static_peers: Vec<String>,
+        /// The pass right after the switch had errors; later passes retry.
+        switch_error: Option<String>,
+        /// The commit's reply was lost and the coordinator answered through the new key.
+        reply_lost: Option<String>,
+    },
+    /// `meshctl rotate`: the coordinator did not answer; the key is unchanged and the
+    /// rotation resumes by itself.
+    RotationDeferred { step: String, reason: String },
+    /// `meshctl rotate NAME`: the coordinator asked NAME to rotate.
+    RotationRequested { host: String },
+    /// `meshctl reload`.
+    Reloaded {
+        config: String,
+        ops_applied: usize,
+        /// The pass after the reload had errors (later passes retry).
+        error: Option<String>,
+        /// routes.advertise changed and went to the coordinator.
+        advertise_reported: bool,
+    },
+    /// `meshctl revoke NAME`.
+    InvitationRevoked { name: String },
+    /// `meshctl remove NAME`.
+    Removed { host: String },
+    /// `meshctl static-config NAME`.
+    StaticConfig {
+        name: String,
+        wg_quick_config: String,
+    },
+    /// `meshctl routes approve|revoke`.
+    RouteDecided { route: crate::routes::RouteInfo },
+    /// `meshctl down`: what was removed (empty: nothing was left); meshd exits.
+    Down { removed: Vec<String> },
+}
+
+impl Done {
+    /// What `--json` prints for a request that changed something: the typed outcome with the
+    /// message beside it (`{"outcome":"joined","mesh":...,"message":"joined the mesh ..."}`);
+    /// from a meshd that sends no outcome, `outcome` is null.
+    pub fn report(message: &str, done: Option<&Done>) -> serde_json::Value {
+        let mut v = match done.map(serde_json::to_value) {
+            Some(Ok(serde_json::Value::Object(map))) => map,
+            _ => {
+                let mut map = serde_json::Map::new();
+                map.insert("outcome".into(), serde_json::Value::Null);
+                map
+            }
+        };
+        v.insert("message".into(), serde_json::Value::from(message));
+        serde_json::Value::Object(v)
+    }
 }
 
 /// One peer as `meshctl peers` shows it.
@@ -277,9 +351,19 @@ impl Response {
         decode_line(line)
     }
 
+    /// `ok` with a message alone (nothing typed to report).
     pub fn ok(message: impl Into<String>) -> Self {
         Response::Ok {
             message: message.into(),
+            done: None,
+        }
+    }
+
+    /// `ok` with the message and what was done, typed.
+    pub fn done(message: impl Into<String>, done: Done) -> Self {
+        Response::Ok {
+            message: message.into(),
+            done: Some(done),
         }
     }
 
@@ -530,6 +614,44 @@ pub(crate) mod tests {
         assert_eq!(Response::from_line(&line).unwrap(), peers);
         let v: Response = decode_line(&encode_line(&peers).unwrap()).unwrap();
         assert_eq!(v, peers);
+    }
+
+    #[test]
+    fn typed_outcomes_travel_beside_the_message_and_old_replies_still_decode() {
+        let done = Done::Joined {
+            mesh: "10.99.99.0/24".parse().unwrap(),
+            host: "dock-edge".into(),
+            address: "10.99.99.7".parse().unwrap(),
+        };
+        let r = Response::done("joined the mesh", done.clone());
+        let line = r.to_line();
+        assert!(
+            line.contains("\"done\":{\"outcome\":\"joined\",\"mesh\":\"10.99.99.0/24\""),
+            "{line}"
+        );
+        assert_eq!(Response::from_line(&line).unwrap(), r);
+        // A meshd from before typed outcomes.
+        assert_eq!(
+            Response::from_line("{\"response\":\"ok\",\"message\":\"x\"}").unwrap(),
+            Response::ok("x")
+        );
+        let v = Done::report("joined the mesh", Some(&done));
+        assert_eq!(v["outcome"], "joined");
+        assert_eq!(v["address"], "10.99.99.7");
+        assert_eq!(v["host"], "dock-edge");
+        assert_eq!(v["message"], "joined the mesh");
+        let v = Done::report("x", None);
+        assert!(v["outcome"].is_null() && v["message"] == "x", "{v}");
+        let v = Done::report(
+            "nothing",
+            Some(&Done::Reloaded {
+                config: "/etc/meshd/meshd.toml".into(),
+                ops_applied: 0,
+                error: None,
+                advertise_reported: false,
+            }),
+        );
+        assert!(v["error"].is_null() && v["ops_applied"] == 0, "{v}");
     }
 
     #[test]
