@@ -154,11 +154,19 @@ pub fn spawn_report(
     tx: mpsc::Sender<MeshEvent>,
 ) {
     let work = async move {
-        match signer.get() {
-            Ok(signer) => client::report_endpoints(api, &signer, &report)
-                .await
-                .map(|()| report),
-            Err(e) => Err(e),
+        // A key that rotates away while the report is under way is refused by the
+        // coordinator: report once more with the new key (once: a second refusal is real).
+        let mut again = true;
+        loop {
+            let now = signer.get()?;
+            match client::report_endpoints(api, &now, &report).await {
+                Ok(()) => return Ok(report),
+                Err(e) if again && signer.get().ok().map(|s| s.key()) != Some(now.key()) => {
+                    tracing::debug!(error = %e, "endpoint report signed with a key rotated meanwhile; reporting again");
+                    again = false;
+                }
+                Err(e) => return Err(e),
+            }
         }
     };
     spawn_for_loop(&tx, work, MeshEvent::EndpointsReported);

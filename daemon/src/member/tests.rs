@@ -516,3 +516,57 @@ fn endpoint_reports_leave_out_loopback_link_local_and_the_mesh() {
         ]
     );
 }
+
+/// A netmap long-poll parked when the key rotated comes back refused (the coordinator no
+/// longer knows the key it was signed with): the follower asks again at once with the new
+/// key and reports nothing, rather than calling the coordinator unreachable (status and the
+/// alerting rules would show an error after every rotation).
+#[tokio::test]
+async fn a_poll_refused_because_the_key_rotated_meanwhile_is_asked_again_not_reported() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let api = listener.local_addr().expect("addr");
+    let coordinator = key(100).public_key();
+    let cell = client::SignerCell::default();
+    cell.set(Some(
+        client::Signer::new(&key(1), &coordinator).expect("signer"),
+    ));
+    let (tx, mut rx) = mpsc::channel(8);
+    let follower = spawn_follower(api, cell.clone(), 0, tx);
+    // The first request: the key rotates while it is parked, then the answer is a refusal.
+    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+        .await
+        .expect("first request in time")
+        .expect("accept");
+    let mut buf = [0u8; 4096];
+    let _ = conn.read(&mut buf).await;
+    cell.set(Some(
+        client::Signer::new(&key(2), &coordinator).expect("signer"),
+    ));
+    conn.write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    drop(conn);
+    // Asked again at once (no back-off), and nothing reported meanwhile.
+    let second = tokio::time::timeout(Duration::from_millis(900), listener.accept()).await;
+    assert!(second.is_ok(), "the follower did not ask again at once");
+    assert!(
+        rx.try_recv().is_err(),
+        "a refusal of a rotated-away key was reported"
+    );
+    // A refusal with the current key is real: reported.
+    let (mut conn, _) = second.expect("in time").expect("accept");
+    let _ = conn.read(&mut buf).await;
+    conn.write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    drop(conn);
+    let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("event in time")
+        .expect("event");
+    assert!(matches!(ev, MeshEvent::Unreachable(_)), "{ev:?}");
+    follower.abort();
+}
