@@ -34,6 +34,10 @@ pub enum MeshEvent {
     Reachable,
     /// An API call failed.
     Unreachable(String),
+    /// The coordinator refused the key a netmap request was signed with (HTTP 401 without
+    /// its proof): during a rotation, the moment between the coordinator's commit and our own
+    /// switch to the new key; otherwise the same as [`MeshEvent::Unreachable`].
+    KeyRefused { used: PublicKey, error: String },
     /// An endpoint report finished: what was reported, or why it failed.
     EndpointsReported(Result<EndpointReport, client::CallError>),
     /// A key notice request finished: the coordinator key we knew and its current one.
@@ -115,7 +119,15 @@ pub fn spawn_follower(
                     backoff.reset();
                     MeshEvent::Reachable
                 }
-                Err(e) => MeshEvent::Unreachable(e.to_string()),
+                Err(e) => match (&e, used) {
+                    (client::CallError::Unverified { status: 401, .. }, Some(used)) => {
+                        MeshEvent::KeyRefused {
+                            used,
+                            error: e.to_string(),
+                        }
+                    }
+                    _ => MeshEvent::Unreachable(e.to_string()),
+                },
             };
             if reachable != Some(ok) || !ok {
                 reachable = Some(ok);
@@ -395,7 +407,13 @@ impl MemberRuntime {
                 st.last_contact_unix = Some(now().as_secs());
                 self.policy.handle_reachable(at);
             }
-            MeshEvent::Unreachable(e) => {
+            MeshEvent::KeyRefused { used, error }
+                if self.rotating() || agent.signer().ok().map(|s| s.key()) != Some(used) =>
+            {
+                // Our key is switching (or has): the next poll goes with the new one.
+                tracing::debug!(error = %error, "netmap request refused during our key rotation");
+            }
+            MeshEvent::Unreachable(e) | MeshEvent::KeyRefused { error: e, .. } => {
                 if agent.mesh_state().reachable != Some(false) {
                     tracing::warn!(error = %e, "coordinator unreachable; keeping the last netmap");
                 }

@@ -567,6 +567,35 @@ async fn a_poll_refused_because_the_key_rotated_meanwhile_is_asked_again_not_rep
         .await
         .expect("event in time")
         .expect("event");
-    assert!(matches!(ev, MeshEvent::Unreachable(_)), "{ev:?}");
+    assert!(
+        matches!(ev, MeshEvent::KeyRefused { used, .. } if used == key(2).public_key()),
+        "{ev:?}"
+    );
     follower.abort();
+}
+
+/// The loop's side: a refusal of a key we no longer sign with (the coordinator committed our
+/// rotation before we switched) leaves the coordinator reachable; a refusal of the key we
+/// sign with now is what it says.
+#[tokio::test]
+async fn a_key_refusal_counts_only_for_the_key_signed_with_now() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = StateDir::new(dir.path().join("state"));
+    let mut a = unjoined(dir.path());
+    a.set_membership(Some(membership()));
+    let (tx, _rx) = mpsc::channel(8);
+    let mut rt = MemberRuntime::new(st, tx);
+    rt.on_event(&mut a, MeshEvent::Reachable).await;
+    let (old, new) = (key(61), key(62));
+    a.set_key(new.clone());
+    let refused = |k: &PrivateKey| MeshEvent::KeyRefused {
+        used: k.public_key(),
+        error: "HTTP 401".into(),
+    };
+    rt.on_event(&mut a, refused(&old)).await;
+    assert_eq!(a.mesh_state().reachable, Some(true));
+    assert!(a.mesh_state().last_error.is_none());
+    rt.on_event(&mut a, refused(&new)).await;
+    assert_eq!(a.mesh_state().reachable, Some(false));
+    assert!(a.mesh_state().last_error.is_some());
 }
