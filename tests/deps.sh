@@ -21,6 +21,8 @@ meshd_install_deps() {
     [promtool]=prometheus [drbdadm]=drbd-utils
     # Mesh DNS checks.
     [dig]=dnsutils
+    # The coordinator's online backup (docs/OPERATIONS.md), rehearsed by the coordinator_move test.
+    [sqlite3]=sqlite3
     # The VM lab (tests/vm/prepare.sh, meshlab::vm): qemu, and what builds its initramfs.
     [qemu-system-x86_64]=qemu-system-x86 [modprobe]=kmod [depmod]=kmod [cpio]=cpio
     [flock]=util-linux [xz]=xz-utils [readelf]=binutils

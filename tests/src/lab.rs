@@ -1229,3 +1229,174 @@ pub fn one_lab_at_a_time() -> MutexGuard<'static, ()> {
     static ONE_LAB: Mutex<()> = Mutex::new(());
     lock(&ONE_LAB)
 }
+
+// ------------------------------------------------------- a host that dies and is replaced
+
+impl Lab {
+    /// Take `host` (a public or home host) away as a machine that dies: every process living
+    /// in its network namespace is SIGKILLed (only while that namespace is still the one this
+    /// lab made), then its holder; its registered namespace is deleted and its link to the
+    /// switch removed (the kernel frees the emptied namespace once the killed processes'
+    /// orphaned sockets have timed out). Its state directory is moved aside to
+    /// `<host>.gone[-N]` in the lab directory (removed with the lab), so that
+    /// [`Lab::replace_host`] starts from an empty one. Returns where the old state went.
+    pub fn destroy_host(&self, host: &str) -> Result<PathBuf> {
+        let h = self.host_state(host)?;
+        if !matches!(h.role, Role::Public | Role::Home) {
+            bail!(
+                "only a public or home host can be destroyed, not {host} ({:?})",
+                h.role
+            );
+        }
+        let def = topology::host(host).ok_or_else(|| anyhow!("unknown host {host}"))?;
+        if ns_still_ours(&h) {
+            let victims: Vec<ProcId> = procs::procs_in_netns(&h.net_ns)
+                .into_iter()
+                .filter(|p| p.pid != h.holder.pid)
+                .collect();
+            for p in &victims {
+                p.signal(libc::SIGKILL);
+            }
+            poll_until(
+                Duration::from_secs(5),
+                &format!("the processes of {host} to die"),
+                || Ok(victims.iter().all(|p| !p.is_alive())),
+            )?;
+        }
+        h.holder.signal(libc::SIGKILL);
+        poll_until(
+            Duration::from_secs(5),
+            &format!("the holder of {host} to die"),
+            || Ok(!h.holder.is_alive()),
+        )?;
+        // Reap what of ours has exited (the holder, the host's daemons).
+        lock(&self.holders).retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+        lock(&self.children).retain_mut(|c| !matches!(c.try_wait(), Ok(Some(_))));
+        let registered = Path::new("/run/netns").join(&h.netns);
+        if registered.exists() {
+            run_root(&["ip", "netns", "delete", &h.netns])?;
+        }
+        // The namespace is freed once nothing refers to it any more, which orphaned TCP
+        // sockets of the killed processes may delay for minutes: take the link away now (the
+        // switch's end goes, and with it the host's end), the host is unreachable from here on.
+        let port = self.exec(topology::SWITCH, &["ip", "link", "show", def.port])?;
+        if port.status.success() {
+            self.exec_ok(topology::SWITCH, &["ip", "link", "del", def.port])?;
+        }
+        poll_until(
+            Duration::from_secs(10),
+            &format!("{host}'s link {} to leave the switch", def.port),
+            || {
+                Ok(!self
+                    .exec(topology::SWITCH, &["ip", "link", "show", def.port])?
+                    .status
+                    .success())
+            },
+        )?;
+        let mut gone = self.dir.join(format!("{host}.gone"));
+        let mut n = 1;
+        while gone.exists() {
+            n += 1;
+            gone = self.dir.join(format!("{host}.gone-{n}"));
+        }
+        std::fs::rename(self.host_dir(host), &gone)
+            .with_context(|| format!("moving {host}'s state aside"))?;
+        Ok(gone)
+    }
+
+    /// A new machine where `host` was (after [`Lab::destroy_host`]): a new holder with a fresh
+    /// state directory (empty `/etc/meshd` and `/var/lib/meshd`), plugged into the same bridge
+    /// through the same switch port, with the same underlay address (and, at home, the same
+    /// default route). Waits until the underlay reaches it.
+    pub fn replace_host(&mut self, host: &str) -> Result<()> {
+        let def = topology::host(host).ok_or_else(|| anyhow!("unknown host {host}"))?;
+        let old = self.host_state(host)?;
+        if old.holder.is_alive() {
+            bail!("{host} is still there: destroy_host it first");
+        }
+        if self.host_dir(host).exists() {
+            bail!(
+                "{} exists: destroy_host moves it aside",
+                self.host_dir(host).display()
+            );
+        }
+        let (bridge, prefix) = match def.role {
+            Role::Public => (topology::BRIDGE_INTERNET, topology::INTERNET_PREFIX),
+            Role::Home => (topology::BRIDGE_HOME, topology::HOME_PREFIX),
+            other => bail!("only a public or home host can be replaced, not {host} ({other:?})"),
+        };
+        let addr = def
+            .addr
+            .ok_or_else(|| anyhow!("host {host} has no address"))?;
+        self.start_holders(&[def.name])?;
+        let pid = self.holder_pid(host)?;
+        let eth = topology::HOST_IFACE;
+        let switch = format!(
+            "link add {p} type veth peer name {eth} netns {pid}\nlink set {p} master {bridge} up\n",
+            p = def.port,
+        );
+        check_output(
+            self.exec_input(topology::SWITCH, &["ip", "-batch", "-"], switch.as_bytes())?,
+            "[switch] ip -batch",
+        )?;
+        // The new machine announces its address when its link comes up (a gratuitous ARP, as
+        // many systems send): the neighbours' caches still hold the dead machine's MAC, and
+        // without it each finds out only once its own probes of that MAC fail (a router
+        // forwarding traffic to the old address was seen still probing after 15 s).
+        self.exec_ok(
+            host,
+            &[
+                "sysctl",
+                "-q",
+                "-w",
+                &format!("net.ipv4.conf.{eth}.arp_notify=1"),
+            ],
+        )?;
+        let mut b = format!("addr add {addr}/{prefix} dev {eth}\nlink set {eth} up\n");
+        if def.role == Role::Home {
+            b.push_str(&format!(
+                "route add default via {}\n",
+                topology::ROUTER_LAN_ADDR
+            ));
+        }
+        check_output(
+            self.exec_input(host, &["ip", "-batch", "-"], b.as_bytes())?,
+            &format!("[{host}] ip -batch"),
+        )?;
+        // Reached from the router (when the lab has one) or from another public host.
+        let hosts = self.state().hosts;
+        let (from, to) = if hosts.contains_key(topology::ROUTER) {
+            (topology::ROUTER.to_string(), addr)
+        } else if let Some((other, h)) = hosts
+            .iter()
+            .find(|(n, h)| n.as_str() != host && h.role == Role::Public)
+        {
+            if def.role == Role::Public {
+                (host.to_string(), h.addr.unwrap_or(addr))
+            } else {
+                (other.clone(), addr)
+            }
+        } else {
+            return Ok(());
+        };
+        poll_until(
+            UNDERLAY_TIMEOUT,
+            &format!("{from} to reach {to} on the underlay"),
+            || self.ping(&from, to),
+        )
+        .map_err(|e| {
+            let show = |h: &str, argv: &[&str]| {
+                self.exec_ok(h, argv)
+                    .unwrap_or_else(|e| format!("{e:#}"))
+                    .trim()
+                    .to_owned()
+            };
+            e.context(format!(
+                "[{host}] ip addr:\n{}\n[switch] bridge links:\n{}\n[{from}] ip neigh:\n{}",
+                show(host, &["ip", "-br", "addr"]),
+                show(topology::SWITCH, &["ip", "-br", "link"]),
+                show(&from, &["ip", "neigh"]),
+            ))
+        })
+    }
+}
