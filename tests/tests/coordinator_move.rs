@@ -85,7 +85,7 @@ fn pairs<'a>(hosts: &[&'a str]) -> Vec<(&'a str, &'a str)> {
 
 /// `meshctl status --json` of `host`.
 fn status(lab: &Lab, host: &str) -> Result<Value> {
-    let json = lab.meshctl(host, &["status", "--json"])?;
+    let json = lab.status(host, &["--json"])?;
     serde_json::from_str(&json).with_context(|| format!("[{host}] meshctl status --json: {json}"))
 }
 
