@@ -150,6 +150,13 @@ pub struct Agent<W, L> {
     signer: crate::member::client::SignerCell,
     /// Netmaps refused lately (Unix time, why), newest last, for the status.
     refused: std::collections::VecDeque<(u64, String)>,
+    /// The endpoints that carried recent handshakes, per peer, as kept in the state
+    /// directory (`mesh_proto::learned`).
+    learned: mesh_proto::learned::LearnedEndpoints,
+    /// After a start: the learned endpoints, tried before the netmap's candidates until
+    /// `hints_until`.
+    hints: std::collections::BTreeMap<PublicKey, std::net::SocketAddr>,
+    hints_until: Option<Duration>,
 }
 
 /// A desired state that passed the route check.
@@ -205,6 +212,53 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
             skipped_routes: Vec::new(),
             signer: crate::member::client::SignerCell::default(),
             refused: std::collections::VecDeque::new(),
+            learned: Default::default(),
+            hints: Default::default(),
+            hints_until: None,
+        }
+    }
+
+    /// The endpoints learned before a restart (from the state directory): kept, and tried
+    /// first for each peer for `mesh_proto::learned::HINT_GRACE` from `now`.
+    pub fn set_learned(&mut self, learned: mesh_proto::learned::LearnedEndpoints, now: Duration) {
+        let mesh = self.membership.as_ref().map(|m| m.mesh_cidr);
+        self.hints = learned.hints(now, mesh);
+        self.hints_until = (!self.hints.is_empty()).then(|| now + mesh_proto::learned::HINT_GRACE);
+        if !self.hints.is_empty() {
+            tracing::info!(
+                peers = self.hints.len(),
+                "trying the endpoints learned before the restart first"
+            );
+        }
+        self.learned = learned;
+        self.recompute();
+    }
+
+    /// Keep the endpoints that carry handshakes now (written to the state directory when
+    /// they change), and drop the start's hints once their time is up.
+    fn learn_endpoints(&mut self, peers: &BTreeMap<PublicKey, ObservedPeer>, now: Duration) {
+        if self.hints_until.is_some_and(|t| now >= t) {
+            self.hints.clear();
+            self.hints_until = None;
+            self.recompute();
+        }
+        let Some(m) = &self.membership else {
+            return;
+        };
+        let in_netmap: Vec<PublicKey> = self
+            .netmap
+            .as_ref()
+            .map(|nm| nm.peers.iter().map(|p| p.public_key).collect())
+            .unwrap_or_default();
+        let next = self
+            .learned
+            .learn(peers.values(), &in_netmap, now, Some(m.mesh_cidr));
+        if next != self.learned {
+            let state = crate::disk::state::StateDir::new(&self.settings.state_dir);
+            if let Err(e) = state.save_learned(&next) {
+                tracing::warn!(error = %e, "cannot keep the learned endpoints");
+            }
+            self.learned = next;
         }
     }
 
@@ -422,6 +476,7 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
             &self.key,
             self.membership.as_ref(),
             netmap.as_ref(),
+            &self.hints,
         );
         if conflicts != self.conflicts {
             for c in &conflicts {
@@ -514,6 +569,7 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
         };
 
         self.record_endpoints(&observed.peers);
+        self.learn_endpoints(&observed.peers, now);
 
         let existing = match self.link.system_routes().await {
             Ok(r) => r,

@@ -20,6 +20,7 @@ pub mod device;
 pub mod doctor;
 pub mod handoff;
 pub mod key;
+pub mod learned;
 pub mod member;
 pub mod netmap;
 pub mod plan;

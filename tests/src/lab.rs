@@ -790,7 +790,11 @@ impl Lab {
         let hosts = self.state().hosts;
         let sw = topology::SWITCH;
         let mut batch = String::new();
-        for br in [topology::BRIDGE_INTERNET, topology::BRIDGE_HOME] {
+        for br in [
+            topology::BRIDGE_INTERNET,
+            topology::BRIDGE_HOME,
+            topology::BRIDGE_HOME2,
+        ] {
             batch.push_str(&format!("link add {br} type bridge\nlink set {br} up\n"));
         }
         for (name, h) in &hosts {
@@ -798,7 +802,12 @@ impl Lab {
             let def = topology::host(name).ok_or_else(|| anyhow!("unknown host {name}"))?;
             match h.role {
                 Role::Switch => {}
-                Role::Router => {
+                Role::Router | Role::Router2 => {
+                    let (lan_port, lan_br) = if h.role == Role::Router {
+                        ("h-router", topology::BRIDGE_HOME)
+                    } else {
+                        ("h2-router", topology::BRIDGE_HOME2)
+                    };
                     batch.push_str(&format!(
                         "link add {p} type veth peer name {wan} netns {pid}\nlink set {p} master {br} up\n",
                         p = def.port,
@@ -806,16 +815,15 @@ impl Lab {
                         br = topology::BRIDGE_INTERNET,
                     ));
                     batch.push_str(&format!(
-                        "link add h-router type veth peer name {lan} netns {pid}\nlink set h-router master {br} up\n",
+                        "link add {lan_port} type veth peer name {lan} netns {pid}\nlink set {lan_port} master {lan_br} up\n",
                         lan = topology::ROUTER_LAN,
-                        br = topology::BRIDGE_HOME,
                     ));
                 }
-                Role::Public | Role::Home => {
-                    let br = if h.role == Role::Public {
-                        topology::BRIDGE_INTERNET
-                    } else {
-                        topology::BRIDGE_HOME
+                Role::Public | Role::Home | Role::Home2 => {
+                    let br = match h.role {
+                        Role::Public => topology::BRIDGE_INTERNET,
+                        Role::Home2 => topology::BRIDGE_HOME2,
+                        _ => topology::BRIDGE_HOME,
                     };
                     batch.push_str(&format!(
                         "link add {p} type veth peer name {eth} netns {pid}\nlink set {p} master {br} up\n",
@@ -834,18 +842,21 @@ impl Lab {
             let mut b = String::new();
             match h.role {
                 Role::Switch => continue,
-                Role::Router => {
+                Role::Router | Role::Router2 => {
+                    let (wan_addr, lan_addr) = if h.role == Role::Router {
+                        (topology::ROUTER_WAN_ADDR, topology::ROUTER_LAN_ADDR)
+                    } else {
+                        (topology::ROUTER2_WAN_ADDR, topology::ROUTER2_LAN_ADDR)
+                    };
                     b.push_str(&format!(
-                        "addr add {}/{} dev {wan}\nlink set {wan} up\naddr add {}/{} dev {lan}\nlink set {lan} up\n",
-                        topology::ROUTER_WAN_ADDR,
+                        "addr add {wan_addr}/{} dev {wan}\nlink set {wan} up\naddr add {lan_addr}/{} dev {lan}\nlink set {lan} up\n",
                         topology::INTERNET_PREFIX,
-                        topology::ROUTER_LAN_ADDR,
                         topology::HOME_PREFIX,
                         wan = topology::ROUTER_WAN,
                         lan = topology::ROUTER_LAN,
                     ));
                 }
-                Role::Public | Role::Home => {
+                Role::Public | Role::Home | Role::Home2 => {
                     let addr = h
                         .addr
                         .ok_or_else(|| anyhow!("host {name} has no address"))?;
@@ -858,11 +869,16 @@ impl Lab {
                         "addr add {addr}/{prefix} dev {eth}\nlink set {eth} up\n",
                         eth = topology::HOST_IFACE
                     ));
-                    if h.role == Role::Home {
-                        b.push_str(&format!(
+                    match h.role {
+                        Role::Home => b.push_str(&format!(
                             "route add default via {}\n",
                             topology::ROUTER_LAN_ADDR
-                        ));
+                        )),
+                        Role::Home2 => b.push_str(&format!(
+                            "route add default via {}\n",
+                            topology::ROUTER2_LAN_ADDR
+                        )),
+                        _ => {}
                     }
                 }
             }
@@ -870,22 +886,29 @@ impl Lab {
                 self.exec_input(name, &["ip", "-batch", "-"], b.as_bytes())?,
                 &format!("[{name}] ip -batch"),
             )?;
-            if h.role == Role::Router {
-                self.setup_router(name)?;
+            if h.role.is_router() {
+                self.setup_router(name, h.role == Role::Router2)?;
             }
         }
         Ok(())
     }
 
     /// ip_forward in the router's namespace only, and a consumer router's NAT: masquerade
-    /// LAN -> WAN, answers back in, nothing new from the WAN to the LAN.
-    fn setup_router(&self, router: &str) -> Result<()> {
+    /// LAN -> WAN, answers back in, nothing new from the WAN to the LAN. `symmetric`: every
+    /// new flow gets a random port (`masquerade random`), so each destination sees its own
+    /// mapping (an endpoint-dependent NAT); otherwise the LAN host's port is kept where free.
+    fn setup_router(&self, router: &str, symmetric: bool) -> Result<()> {
         self.exec_ok(router, &["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
+        let masquerade = if symmetric {
+            "masquerade random"
+        } else {
+            "masquerade"
+        };
         let rules = format!(
             r#"table ip meshlab_nat {{
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
-    oifname "{wan}" masquerade
+    oifname "{wan}" {masquerade}
   }}
   chain forward {{
     type filter hook forward priority filter; policy drop;
@@ -908,30 +931,52 @@ impl Lab {
     /// the first host reaches the others).
     fn wait_underlay(&self) -> Result<()> {
         let hosts = self.state().hosts;
-        let (from, targets): (String, Vec<Ipv4Addr>) = if hosts.contains_key(topology::ROUTER) {
-            let t = hosts
-                .iter()
-                .filter(|(_, h)| matches!(h.role, Role::Public | Role::Home))
-                .filter_map(|(_, h)| h.addr)
-                .collect();
-            (topology::ROUTER.to_string(), t)
-        } else {
-            let mut it = hosts.iter().filter(|(_, h)| h.role == Role::Public);
-            let Some((first, _)) = it.next() else {
-                return Ok(());
-            };
-            (first.clone(), it.filter_map(|(_, h)| h.addr).collect())
+        // Each router reaches the public hosts and its own LAN.
+        let routers: Vec<(String, Role)> = hosts
+            .iter()
+            .filter(|(_, h)| h.role.is_router())
+            .map(|(n, h)| (n.clone(), h.role))
+            .collect();
+        if !routers.is_empty() {
+            let mut checks: Vec<(String, Ipv4Addr)> = Vec::new();
+            for (router, role) in &routers {
+                let lan = if *role == Role::Router {
+                    Role::Home
+                } else {
+                    Role::Home2
+                };
+                checks.extend(
+                    hosts
+                        .values()
+                        .filter(|h| h.role == Role::Public || h.role == lan)
+                        .filter_map(|h| h.addr)
+                        .map(|a| (router.clone(), a)),
+                );
+            }
+            return self.wait_pings(&checks);
+        }
+        let mut it = hosts.iter().filter(|(_, h)| h.role == Role::Public);
+        let Some((first, _)) = it.next() else {
+            return Ok(());
         };
+        let checks: Vec<(String, Ipv4Addr)> = it
+            .filter_map(|(_, h)| h.addr)
+            .map(|a| (first.clone(), a))
+            .collect();
+        self.wait_pings(&checks)
+    }
+
+    /// Wait until each (host, address) of `checks` pings on the underlay, all at once.
+    fn wait_pings(&self, checks: &[(String, Ipv4Addr)]) -> Result<()> {
         std::thread::scope(|s| {
-            let handles: Vec<_> = targets
+            let handles: Vec<_> = checks
                 .iter()
-                .map(|&t| {
-                    let from = from.clone();
+                .map(|(from, t)| {
                     s.spawn(move || {
                         poll_until(
                             UNDERLAY_TIMEOUT,
                             &format!("{from} to reach {t} on the underlay"),
-                            || self.ping(&from, t),
+                            || self.ping(from, *t),
                         )
                     })
                 })
@@ -1013,8 +1058,10 @@ fn resolve_hosts(wanted: Option<&[String]>) -> Result<Vec<&'static str>> {
                 topology::all_host_names().join(", ")
             )
         })?;
-        if def.role == Role::Home && !names.contains(&topology::ROUTER) {
-            names.push(topology::ROUTER);
+        if let Some(router) = topology::router_of(def.role) {
+            if !names.contains(&router) {
+                names.push(router);
+            }
         }
         if !names.contains(&def.name) {
             names.push(def.name);

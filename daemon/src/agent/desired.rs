@@ -81,6 +81,7 @@ pub fn desired_device(
     key: &PrivateKey,
     membership: Option<&Membership>,
     netmap: Option<&Netmap>,
+    hints: &std::collections::BTreeMap<mesh_proto::PublicKey, std::net::SocketAddr>,
 ) -> (DeviceSpec, Vec<String>) {
     let mut spec = settings.desired(key);
     let own = key.public_key();
@@ -127,7 +128,11 @@ pub fn desired_device(
                 PeerSpec {
                     public_key: p.public_key,
                     preshared_key: None,
-                    endpoint: p.endpoints.first().map(|c| c.addr),
+                    // The endpoint learned before a restart first (`mesh_proto::learned`).
+                    endpoint: hints
+                        .get(&p.public_key)
+                        .copied()
+                        .or_else(|| p.endpoints.first().map(|c| c.addr)),
                     allowed_ips,
                     persistent_keepalive: p.persistent_keepalive.filter(|k| *k != 0),
                 },

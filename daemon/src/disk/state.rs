@@ -16,6 +16,9 @@ use crate::error::{Error, Result};
 
 pub const MEMBERSHIP_FILE: &str = "membership.json";
 pub const NETMAP_FILE: &str = "netmap.json";
+/// The endpoints WireGuard learned per peer (`mesh_proto::learned`), tried first after a
+/// restart.
+pub const LEARNED_FILE: &str = "endpoints.json";
 
 /// What this host knows about the mesh it joined (written once the join succeeded).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +91,18 @@ impl StateDir {
         write_json(&self.netmap_path(), n)
     }
 
+    pub fn learned_path(&self) -> PathBuf {
+        self.dir.join(LEARNED_FILE)
+    }
+
+    pub fn load_learned(&self) -> Result<Option<mesh_proto::learned::LearnedEndpoints>> {
+        read_json(&self.learned_path())
+    }
+
+    pub fn save_learned(&self, l: &mesh_proto::learned::LearnedEndpoints) -> Result<()> {
+        write_json(&self.learned_path(), l)
+    }
+
     /// Create the state directory 0700, or narrow an existing one to 0700 (an older package
     /// made it 0755): it holds the membership, the registry and its WAL. A symbolic link is
     /// refused.
@@ -125,9 +140,14 @@ impl StateDir {
         Ok(())
     }
 
-    /// Forget the membership and the cached netmap (a failed or undone join).
+    /// Forget the membership, the cached netmap and the learned endpoints (a failed or
+    /// undone join).
     pub fn clear(&self) -> Result<()> {
-        for p in [self.membership_path(), self.netmap_path()] {
+        for p in [
+            self.membership_path(),
+            self.netmap_path(),
+            self.learned_path(),
+        ] {
             match fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -299,6 +299,14 @@ impl MemberRuntime {
                     Ok(Some(nm)) => {
                         tracing::info!(version = nm.version, "restored the cached netmap");
                         agent.set_netmap(nm);
+                        match self.state.load_learned() {
+                            Ok(Some(l)) => agent.set_learned(l, now()),
+                            Ok(None) => {}
+                            // Only hints: a damaged file costs the speed-up, nothing else.
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot read the learned endpoints; ignored")
+                            }
+                        }
                     }
                     Ok(None) => tracing::warn!("no cached netmap; waiting for the coordinator"),
                     Err(e) => tracing::warn!(error = %e, "cannot read the cached netmap"),

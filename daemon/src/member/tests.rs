@@ -87,7 +87,13 @@ fn netmap_and_static_peers_merge_and_the_config_wins() {
     let edge = netmap_peer("dock-edge", 22, "10.99.99.5", "192.168.1.5:51871");
     let me = netmap_peer("dock-mirror", 50, "10.99.99.3", "192.168.1.3:51871");
     let nm = netmap(&own, 4, vec![same_key, overlap, coord, edge, me]);
-    let (spec, conflicts) = desired_device(&s, &own, Some(&membership()), Some(&nm));
+    let (spec, conflicts) = desired_device(
+        &s,
+        &own,
+        Some(&membership()),
+        Some(&nm),
+        &Default::default(),
+    );
     assert_eq!(conflicts.len(), 2, "{conflicts:?}");
     assert!(conflicts[0].contains("dup") && conflicts[1].contains("thief"));
     assert_eq!(spec.private_key, own);
@@ -108,7 +114,7 @@ fn netmap_and_static_peers_merge_and_the_config_wins() {
     );
 
     // Without a netmap the coordinator comes from the membership.
-    let (spec, _) = desired_device(&s, &own, Some(&membership()), None);
+    let (spec, _) = desired_device(&s, &own, Some(&membership()), None, &Default::default());
     assert_eq!(spec.peers.len(), 2);
     let c = &spec.peers[&key(100).public_key()];
     assert_eq!(c.endpoint, Some("192.0.2.1:51871".parse().expect("sa")));
@@ -122,7 +128,7 @@ fn a_peers_next_key_is_accepted_but_routes_nothing() {
     let mut edge = netmap_peer("dock-edge", 22, "10.99.99.5", "192.168.1.5:51871");
     edge.next_public_key = Some(key(23).public_key());
     let nm = netmap(&own, 4, vec![edge.clone()]);
-    let (spec, _) = desired_device(&s, &own, None, Some(&nm));
+    let (spec, _) = desired_device(&s, &own, None, Some(&nm), &Default::default());
     let old = &spec.peers[&key(22).public_key()];
     assert_eq!(
         old.allowed_ips,
@@ -135,7 +141,7 @@ fn a_peers_next_key_is_accepted_but_routes_nothing() {
     edge.public_key = key(23).public_key();
     edge.next_public_key = None;
     let nm = netmap(&own, 5, vec![edge]);
-    let (spec, _) = desired_device(&s, &own, None, Some(&nm));
+    let (spec, _) = desired_device(&s, &own, None, Some(&nm), &Default::default());
     assert_eq!(spec.peers.len(), 1);
     assert!(!spec.peers[&key(23).public_key()].allowed_ips.is_empty());
 }
@@ -598,4 +604,79 @@ async fn a_key_refusal_counts_only_for_the_key_signed_with_now() {
     rt.on_event(&mut a, refused(&new)).await;
     assert_eq!(a.mesh_state().reachable, Some(false));
     assert!(a.mesh_state().last_error.is_some());
+}
+
+/// After a restart the endpoint a peer's handshakes came from before is tried first (the
+/// netmap's observed mapping is good towards the coordinator only behind a symmetric NAT);
+/// once the hints' time is up without a handshake, the netmap's candidate comes back; and the
+/// endpoints that carry handshakes are kept in the state directory for the next restart.
+#[tokio::test]
+async fn a_restart_tries_the_learned_endpoints_first_then_the_netmap() {
+    use mesh_proto::learned::{Learned, LearnedEndpoints, HINT_GRACE};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = StateDir::new(dir.path().join("state"));
+    let own = key(60);
+    st.save_membership(&membership()).expect("save");
+    let nm = netmap(
+        &own,
+        9,
+        vec![netmap_peer(
+            "dock-laptop",
+            22,
+            "10.99.99.6",
+            "192.168.2.10:51871",
+        )],
+    );
+    st.save_netmap(&nm).expect("save");
+    let laptop = key(22).public_key();
+    let learned_at: SocketAddr = "198.51.100.101:40123".parse().expect("sa");
+    let mut kept = LearnedEndpoints::default();
+    kept.peers.insert(
+        laptop,
+        Learned {
+            endpoint: learned_at,
+            seen_unix: now().as_secs() - 60,
+        },
+    );
+    st.save_learned(&kept).expect("save");
+    let mut a = unjoined(dir.path());
+    let (tx, _rx) = mpsc::channel(8);
+    let mut rt = MemberRuntime::new(st.clone(), tx);
+    rt.restore(&mut a).await;
+    let t0 = now();
+    a.reconcile(t0).await;
+    assert_eq!(
+        a.wg.device.peers[&laptop].endpoint,
+        Some(learned_at),
+        "the learned endpoint first"
+    );
+    // No handshake through it within the grace: the netmap's first candidate again.
+    a.reconcile(t0 + HINT_GRACE + Duration::from_secs(1)).await;
+    assert_eq!(
+        a.wg.device.peers[&laptop].endpoint,
+        Some("192.168.2.10:51871".parse().expect("sa"))
+    );
+    // A handshake from where the laptop's NAT maps it towards us now: kept on disk.
+    let roamed: SocketAddr = "198.51.100.101:40999".parse().expect("sa");
+    let t1 = t0 + HINT_GRACE + Duration::from_secs(5);
+    if let Some(p) = a.wg.device.peers.get_mut(&laptop) {
+        p.endpoint = Some(roamed);
+        p.last_handshake = Some(t1 - Duration::from_secs(2));
+    }
+    a.reconcile(t1).await;
+    let on_disk = st.load_learned().expect("read").expect("file");
+    assert_eq!(on_disk.peers[&laptop].endpoint, roamed);
+    assert_eq!(
+        a.wg.device.peers[&laptop].endpoint,
+        Some(roamed),
+        "an endpoint with fresh handshakes stays"
+    );
+    // A damaged file is ignored (hints only), and a failed join's clear() removes it.
+    std::fs::write(st.learned_path(), "{not json").expect("write");
+    let mut b = unjoined(dir.path());
+    let (tx, _rx) = mpsc::channel(8);
+    MemberRuntime::new(st.clone(), tx).restore(&mut b).await;
+    assert!(b.reconcile(now()).await.error.is_none());
+    st.clear().expect("clear");
+    assert!(!st.learned_path().exists());
 }
