@@ -253,7 +253,7 @@ pub const KNOWN_KEYS: &[KnownKey] = &[
         default: KeyDefault::Value("\"/var/lib/meshd\""),
         example: "\"/var/lib/meshd\"",
         required: None,
-        meaning: "Membership and the cached netmap.",
+        meaning: "Membership, the cached netmap and the endpoints learned per peer (tried first after a restart).",
     },
     KnownKey {
         table: "daemon",
