@@ -38,6 +38,10 @@ pub struct PeerFact {
     pub mesh_address: Option<IpAddr>,
     /// Latest handshake, seconds since the epoch (`None`: never). Daemon only.
     pub latest_handshake_unix: Option<u64>,
+    /// Where the device sends to the peer now. Daemon only.
+    pub endpoint: Option<std::net::SocketAddr>,
+    /// The coordinator's view of the peer's address (the netmap's observed candidate).
+    pub observed: Option<std::net::SocketAddr>,
 }
 
 /// What only the running daemon knows.
@@ -81,6 +85,13 @@ pub async fn gather<W: WgBackend, L: LinkBackend>(agent: &mut Agent<W, L>) -> In
                     .as_ref()
                     .and_then(|o| o.last_handshake)
                     .map(|d| d.as_secs()),
+                endpoint: v.observed.as_ref().and_then(|o| o.endpoint),
+                observed: v.netmap.as_ref().and_then(|n| {
+                    n.endpoints
+                        .iter()
+                        .find(|c| c.kind == mesh_proto::netmap::EndpointKind::Observed)
+                        .map(|c| c.addr)
+                }),
             })
             .collect(),
         Err(_) => Vec::new(),
@@ -146,6 +157,8 @@ pub async fn run_offline(settings: Settings) -> Report {
             name: p.name.clone(),
             mesh_address: mesh_address(&p.spec.allowed_ips).map(|n| n.addr()),
             latest_handshake_unix: None,
+            endpoint: None,
+            observed: None,
         })
         .collect();
     if let Some(nm) = &netmap {
@@ -164,6 +177,8 @@ pub async fn run_offline(settings: Settings) -> Report {
                     name: p.name.clone(),
                     mesh_address: Some(p.address),
                     latest_handshake_unix: None,
+                    endpoint: None,
+                    observed: None,
                 });
             }
         }
@@ -300,6 +315,10 @@ pub async fn run(input: Input) -> Report {
         for p in &input.peers {
             let age = p.latest_handshake_unix.map(|t| now_unix.saturating_sub(t));
             checks.push(handshake_check(&p.name, age));
+            let recent = age.is_some_and(|a| a < mesh_proto::wire::control::RECENT_HANDSHAKE_SECS);
+            checks.extend(mesh_proto::doctor::nat_mapping_check(
+                &p.name, p.endpoint, p.observed, recent,
+            ));
         }
     } else if !input.peers.is_empty() {
         checks.push(daemon_not_running("handshakes"));

@@ -295,6 +295,47 @@ pub fn handshake_check(peer: &str, age_secs: Option<u64>) -> Check {
     }
 }
 
+/// What a peer's NAT does, judged from two views of its mapping: `endpoint`, where its packets
+/// reach us now (with a handshake in the last [`RECENT_HANDSHAKE_SECS`] seconds:
+/// `recent`), and `observed`, where the coordinator sees them come from (the netmap's
+/// `Observed` candidate). Same address, another port: the NAT gives each destination its own
+/// port (endpoint-dependent, "symmetric"), so the coordinator's view works towards the
+/// coordinator only, and a host behind another NAT has no way to reach the peer directly.
+/// `None` when there is nothing to say (no NAT, no recent handshake, different addresses).
+///
+/// [`RECENT_HANDSHAKE_SECS`]: crate::wire::control::RECENT_HANDSHAKE_SECS
+pub fn nat_mapping_check(
+    peer: &str,
+    endpoint: Option<std::net::SocketAddr>,
+    observed: Option<std::net::SocketAddr>,
+    recent: bool,
+) -> Option<Check> {
+    let (endpoint, observed) = (endpoint?, observed?);
+    if !recent || endpoint.ip() != observed.ip() {
+        return None;
+    }
+    let name = format!("nat {peer}");
+    Some(if endpoint.port() == observed.port() {
+        Check::ok(
+            name,
+            format!(
+                "behind a NAT that keeps one mapping for every destination ({endpoint}): public \
+                 hosts, and hosts behind NATs of this kind, reach it directly"
+            ),
+        )
+    } else {
+        Check::ok(
+            name,
+            format!(
+                "behind a NAT that maps each destination to its own port (symmetric): it reaches \
+                 us from {endpoint}, the coordinator sees {observed}; hosts behind another NAT \
+                 cannot reach it directly (no relay yet: meshd reaches it from public hosts and \
+                 its own LAN)"
+            ),
+        )
+    })
+}
+
 /// The verdict on the static key's age: `created_unix` from the key file (`None`: unknown),
 /// `every_secs` the rotation period (`None`: scheduled rotation off), `pending_next` when a
 /// next key file exists (an interrupted rotation). Warns once the key is older than the whole
@@ -557,6 +598,50 @@ pub fn ip_forward_check(
                 .join("; ")
         ),
     )
+}
+
+#[cfg(test)]
+mod nat_tests {
+    use super::*;
+
+    #[test]
+    fn a_peers_nat_is_judged_from_its_two_mappings() {
+        let ep = |s: &str| Some(s.parse().unwrap());
+        let sym = nat_mapping_check(
+            "dock-laptop",
+            ep("198.51.100.101:30403"),
+            ep("198.51.100.101:36964"),
+            true,
+        )
+        .expect("said");
+        assert_eq!(sym.name, "nat dock-laptop");
+        assert!(sym.detail.contains("symmetric"), "{}", sym.detail);
+        assert!(
+            sym.detail.contains("198.51.100.101:36964"),
+            "{}",
+            sym.detail
+        );
+        let cone = nat_mapping_check(
+            "dock-edge",
+            ep("198.51.100.100:51871"),
+            ep("198.51.100.100:51871"),
+            true,
+        )
+        .expect("said");
+        assert!(cone.detail.contains("one mapping"), "{}", cone.detail);
+        // Nothing to judge: no handshake lately, the LAN path, no NAT.
+        assert!(
+            nat_mapping_check("x", ep("198.51.100.101:1"), ep("198.51.100.101:2"), false).is_none()
+        );
+        assert!(nat_mapping_check(
+            "x",
+            ep("192.168.1.4:51871"),
+            ep("198.51.100.100:51871"),
+            true
+        )
+        .is_none());
+        assert!(nat_mapping_check("x", ep("198.51.100.2:51871"), None, true).is_none());
+    }
 }
 
 #[cfg(test)]

@@ -163,6 +163,28 @@ fn a_rebooted_member_reaches_its_peers_behind_either_nat_at_once() -> Result<()>
         "home-2's NAT maps each destination anew: {:?} vs {laptop_prod}",
         observed.get(LAPTOP)
     );
+    // meshctl doctor on dock-prod says which peer's NAT is which.
+    let out = lab.meshctl_output(PROD, &["doctor", "--json"])?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("doctor --json: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let detail = |name: &str| -> String {
+        report["checks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["name"] == name)
+            .and_then(|c| c["detail"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (nat_laptop, nat_edge) = (
+        detail(&format!("nat {LAPTOP}")),
+        detail(&format!("nat {EDGE}")),
+    );
+    eprintln!("MEASURED doctor on {PROD}: nat {LAPTOP}: {nat_laptop}; nat {EDGE}: {nat_edge}");
+    assert!(nat_laptop.contains("symmetric"), "{report}");
+    assert!(nat_edge.contains("one mapping"), "{report}");
+
     // dock-prod keeps where dock-laptop's handshakes come from.
     poll_until(
         Duration::from_secs(30),
