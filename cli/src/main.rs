@@ -807,19 +807,16 @@ fn render(cmd: &Cmd, resp: Response) -> Result<Exit> {
             | Cmd::Rotate { .. }
             | Cmd::Down { .. },
             Response::Ok { message, done },
-        ) if json => print_json(&Done::report(&message, done.as_ref()))?,
-        (Cmd::StaticConfig { .. }, Response::Ok { message, .. }) => out(&message)?,
-        (
-            Cmd::Join { .. }
-            | Cmd::Invites { .. }
-            | Cmd::Revoke { .. }
-            | Cmd::Remove { .. }
-            | Cmd::Routes { .. }
-            | Cmd::Reload { .. }
-            | Cmd::Rotate { .. }
-            | Cmd::Down { .. },
-            Response::Ok { message, .. },
-        ) => out(&format!("{message}\n"))?,
+        ) => {
+            if json {
+                print_json(&Done::report(&message, done.as_ref()))?
+            } else if matches!(cmd, Cmd::StaticConfig { .. }) {
+                // A wg-quick file, already ending in a newline.
+                out(&message)?
+            } else {
+                out(&format!("{message}\n"))?
+            }
+        }
         (_, other) => bail!("unexpected reply from meshd: {other:?}"),
     }
     Ok(Exit::Ok)

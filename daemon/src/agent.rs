@@ -245,7 +245,7 @@ impl<W: WgBackend, L: LinkBackend> Agent<W, L> {
         let Some(m) = &self.membership else {
             return;
         };
-        let in_netmap: Vec<PublicKey> = self
+        let in_netmap: std::collections::BTreeSet<PublicKey> = self
             .netmap
             .as_ref()
             .map(|nm| nm.peers.iter().map(|p| p.public_key).collect())

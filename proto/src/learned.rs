@@ -15,7 +15,7 @@
 //!
 //! Policy only: no I/O and no clock (times come in as arguments).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -70,7 +70,7 @@ impl LearnedEndpoints {
     pub fn learn<'a>(
         &self,
         observed: impl IntoIterator<Item = &'a ObservedPeer>,
-        peers_now: &[PublicKey],
+        peers_now: &BTreeSet<PublicKey>,
         now: Duration,
         mesh: Option<IpNet>,
     ) -> LearnedEndpoints {
@@ -150,7 +150,7 @@ mod tests {
 
     #[test]
     fn endpoints_with_recent_handshakes_are_learned_and_the_rest_kept() {
-        let peers = [key(1), key(2), key(3)];
+        let peers = BTreeSet::from([key(1), key(2), key(3)]);
         let l = LearnedEndpoints::default().learn(
             &[
                 seen(1, "198.51.100.101:40001", Some(T - 10)),
@@ -174,13 +174,18 @@ mod tests {
             mesh(),
         );
         assert_eq!(later, l, "a stale observation changes nothing");
-        let gone = l.learn(&[], &[key(2)], Duration::from_secs(T + 1), mesh());
+        let gone = l.learn(
+            &[],
+            &BTreeSet::from([key(2)]),
+            Duration::from_secs(T + 1),
+            mesh(),
+        );
         assert!(gone.peers.is_empty());
     }
 
     #[test]
     fn the_time_is_refreshed_seldom_and_a_new_endpoint_at_once() {
-        let peers = [key(1)];
+        let peers = BTreeSet::from([key(1)]);
         let at = |t: u64, ep: &str, l: &LearnedEndpoints| {
             l.learn(
                 &[seen(1, ep, Some(t - 1))],

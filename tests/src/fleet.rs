@@ -238,6 +238,34 @@ impl Lab {
         self.host_dir(host).join("meshd.log")
     }
 
+    /// The userspace engine processes running in `host`'s network namespace.
+    pub fn engine_processes(&self, host: &str) -> Result<Vec<ProcId>> {
+        let engine = PathBuf::from(engine_command(self.bin_dir()));
+        Ok(crate::procs::procs_running(&self.net_ns(host)?, &engine))
+    }
+
+    /// `host` goes down as in a reboot: meshd (`meshd`, by PID) stops on SIGTERM, its engine
+    /// and interface go away; only the state directory is left.
+    pub fn reboot_down(&self, host: &str, meshd: ProcId) -> Result<()> {
+        if !self.signal(meshd, libc::SIGTERM) {
+            bail!("could not signal meshd (pid {}) on {host}", meshd.pid);
+        }
+        self.wait_exit(meshd, Duration::from_secs(15))?;
+        for e in self.engine_processes(host)? {
+            e.terminate(Duration::from_secs(5));
+        }
+        poll_until(
+            Duration::from_secs(10),
+            &format!("{host}'s {} to disappear", topology::MESH_IFACE),
+            || {
+                Ok(!self
+                    .exec(host, &["ip", "link", "show", topology::MESH_IFACE])?
+                    .status
+                    .success())
+            },
+        )
+    }
+
     /// Start `meshd --config /etc/meshd/meshd.toml` in `host`, logging to `meshd.log`.
     pub fn start_meshd(&self, host: &str) -> Result<ProcId> {
         self.start_meshd_env(host, &[])

@@ -13,8 +13,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 use meshlab::coord::{API_PORT, CLI_TIMEOUT_SECS};
 use meshlab::{
-    poll_for, poll_until, procs, HostEntry, JoinMode, Lab, LabOpts, ProcId, COORDINATOR,
-    MESH_IFACE, MESH_PORT, NAS,
+    poll_for, poll_until, HostEntry, JoinMode, Lab, LabOpts, ProcId, COORDINATOR, MESH_IFACE,
+    MESH_PORT, NAS,
 };
 use serde_json::Value;
 
@@ -77,11 +77,6 @@ fn managed(lab: &Lab, members: &[(&str, JoinMode)]) -> Result<meshlab::ManagedFl
         f.members.push(h.to_string());
     }
     Ok(f)
-}
-
-fn engine_processes(lab: &Lab, host: &str) -> Result<Vec<ProcId>> {
-    let engine = std::path::PathBuf::from(meshlab::engine_command(lab.bin_dir()));
-    Ok(procs::procs_running(&lab.net_ns(host)?, &engine))
 }
 
 fn stop(lab: &Lab, p: ProcId, sig: i32) -> Result<()> {
@@ -514,20 +509,7 @@ fn mesh_survives_the_coordinator_and_restores_from_cache() -> Result<()> {
     // dock-prod reboots while the coordinator is down: meshd stops, its engine and interface
     // go away; meshd comes back with nothing but its state directory.
     let prod = "dock-prod";
-    stop(&lab, f.meshd[prod], libc::SIGTERM)?;
-    for e in engine_processes(&lab, prod)? {
-        e.terminate(Duration::from_secs(5));
-    }
-    poll_until(
-        Duration::from_secs(10),
-        &format!("{prod}'s {MESH_IFACE} to disappear"),
-        || {
-            Ok(!lab
-                .exec(prod, &["ip", "link", "show", MESH_IFACE])?
-                .status
-                .success())
-        },
-    )?;
+    lab.reboot_down(prod, f.meshd[prod])?;
     assert!(
         !lab.ping("dock-mirror", mesh(prod))?,
         "{prod} still answers"

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use meshlab::topology::LAPTOP;
-use meshlab::{poll_until, procs, JoinMode, Lab, LabOpts, ProcId, COORDINATOR, MESH_IFACE};
+use meshlab::{poll_until, JoinMode, Lab, LabOpts, ProcId, COORDINATOR};
 
 const PROD: &str = "dock-prod";
 const EDGE: &str = "dock-edge";
@@ -30,33 +30,6 @@ const LEARNED: &str = "/var/lib/meshd/endpoints.json";
 
 fn mesh(host: &str) -> Ipv4Addr {
     meshlab::topology::mesh_addr(host).unwrap_or(Ipv4Addr::UNSPECIFIED)
-}
-
-fn engine_processes(lab: &Lab, host: &str) -> Result<Vec<ProcId>> {
-    let engine = std::path::PathBuf::from(meshlab::engine_command(lab.bin_dir()));
-    Ok(procs::procs_running(&lab.net_ns(host)?, &engine))
-}
-
-/// `host` goes down as in a reboot: meshd stops, its engine and interface go away; only the
-/// state directory is left.
-fn reboot_down(lab: &Lab, host: &str, meshd: ProcId) -> Result<()> {
-    if !lab.signal(meshd, libc::SIGTERM) {
-        bail!("could not signal meshd on {host}");
-    }
-    lab.wait_exit(meshd, Duration::from_secs(15))?;
-    for e in engine_processes(lab, host)? {
-        e.terminate(Duration::from_secs(5));
-    }
-    poll_until(
-        Duration::from_secs(10),
-        &format!("{host}'s {MESH_IFACE} to disappear"),
-        || {
-            Ok(!lab
-                .exec(host, &["ip", "link", "show", MESH_IFACE])?
-                .status
-                .success())
-        },
-    )
 }
 
 /// The time from `t0` until `from` pings each of `to` over the mesh (all at once, each probed
@@ -197,7 +170,7 @@ fn a_rebooted_member_reaches_its_peers_behind_either_nat_at_once() -> Result<()>
 
     let peers = [COORDINATOR, EDGE, LAPTOP];
     // 1. dock-prod reboots with the coordinator up.
-    reboot_down(&lab, PROD, meshd[PROD])?;
+    lab.reboot_down(PROD, meshd[PROD])?;
     let t0 = Instant::now();
     meshd.insert(PROD.into(), lab.start_meshd(PROD)?);
     let up = times_to_reach(
@@ -218,7 +191,7 @@ fn a_rebooted_member_reaches_its_peers_behind_either_nat_at_once() -> Result<()>
     }
     lab.wait_exit(meshd[COORDINATOR], Duration::from_secs(15))?;
     lab.wait_pair_pings(&[(PROD, LAPTOP), (PROD, EDGE)], Duration::from_secs(10))?;
-    reboot_down(&lab, PROD, meshd[PROD])?;
+    lab.reboot_down(PROD, meshd[PROD])?;
     let t0 = Instant::now();
     meshd.insert(PROD.into(), lab.start_meshd(PROD)?);
     let down = times_to_reach(
@@ -235,7 +208,7 @@ fn a_rebooted_member_reaches_its_peers_behind_either_nat_at_once() -> Result<()>
 
     // 3. dock-laptop (behind the symmetric NAT) reboots, coordinator down.
     lab.wait_pair_pings(&[(LAPTOP, PROD)], Duration::from_secs(30))?;
-    reboot_down(&lab, LAPTOP, meshd[LAPTOP])?;
+    lab.reboot_down(LAPTOP, meshd[LAPTOP])?;
     let t0 = Instant::now();
     meshd.insert(LAPTOP.into(), lab.start_meshd(LAPTOP)?);
     let laptop = times_to_reach(
@@ -253,7 +226,7 @@ fn a_rebooted_member_reaches_its_peers_behind_either_nat_at_once() -> Result<()>
     // 4. The same without the learned endpoints (as before they were kept), for comparison:
     //    measured, not asserted (dock-prod then waits for dock-laptop's next handshake).
     lab.wait_pair_pings(&[(PROD, LAPTOP), (LAPTOP, PROD)], Duration::from_secs(10))?;
-    reboot_down(&lab, PROD, meshd[PROD])?;
+    lab.reboot_down(PROD, meshd[PROD])?;
     lab.exec_ok(PROD, &["rm", "-f", LEARNED])?;
     let t0 = Instant::now();
     meshd.insert(PROD.into(), lab.start_meshd(PROD)?);
